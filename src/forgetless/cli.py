@@ -1,0 +1,98 @@
+"""The `forgetless` command: a thin typer app that parses, calls the library and prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .errors import ForgetlessError
+
+app = typer.Typer(
+    name="forgetless",
+    help="Fine-tune LLMs without catastrophic forgetting: train, measure retention, stay inside a forgetting budget.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+def _models_app() -> typer.Typer:
+    from .models.cli import app as models_app
+
+    return models_app
+
+
+app.add_typer(_models_app(), name="models", help="Catalog of small real models usable offline: list, pull, import.")
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: --set optim.lr=1e-5")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run from its newest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    merge: Annotated[bool, typer.Option(help="Also save the PEFT result merged into the base weights.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Run directory (overrides train.output_dir).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or data report.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+) -> None:
+    """Fine-tune a causal LM as the recipe says; writes a run directory with model, metrics and summary."""
+    from .recipe import load_recipe
+    from .train import train as run_train
+
+    overrides = list(set_ or [])
+    if merge:
+        overrides.append("train.merge=true")
+    if out is not None:
+        overrides.append(f"train.output_dir={out}")
+    r = load_recipe(recipe, overrides)
+    summary = run_train(r, overwrite=overwrite, resume=resume, quiet=quiet or json_out).summary
+    if json_out:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    if not quiet:
+        _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"run {s['name']}", show_header=False)
+    rows = [
+        ("method", s["method"]),
+        ("trainable / total params", f"{s['trainable_parameters']:,} / {s['total_parameters']:,} ({100 * s['trainable_share']:.2f}%)"),
+        ("steps / tokens", f"{s['steps']} / {s['tokens_seen']:,}"),
+        ("wall time", f"{s['wall_time_s']:.1f} s ({s['tokens_per_s']} tok/s)"),
+        ("peak memory", f"{s['peak_memory_mb']:.0f} MiB"),
+        ("final train loss", f"{s['final_train_loss']}"),
+        ("final validation loss", f"{s['final_validation_loss']}"),
+        ("output", f"{s['output']['final']} ({s['output']['kind']})"),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    Console().print(t)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from . import __version__
+
+    print(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except ForgetlessError as e:
+        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        sys.exit(130)

@@ -1,0 +1,259 @@
+"""From records to token ids and labels: the four formats, chat templates, completion-only loss,
+truncation (always counted) and packing."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import DataError
+from ..recipe import DataConfig
+from .loading import Record, load_records
+
+IGNORE = -100
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_target: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    max_tokens: int = 0
+    blocks: int | None = None
+    first_truncated: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _get(rec: Record, cfg: DataConfig, canonical: str, required: bool = True) -> Any:
+    key = cfg.field(canonical)
+    if key not in rec.data or rec.data[key] is None:
+        if required:
+            have = ", ".join(sorted(rec.data)) or "none"
+            hint = f" (mapped from {canonical!r} by data.fields)" if key != canonical else ""
+            raise DataError(f"{rec.where}: missing field {key!r}{hint}; fields present: {have}")
+        return None
+    return rec.data[key]
+
+
+def _text(rec: Record, cfg: DataConfig, canonical: str, required: bool = True) -> str:
+    value = _get(rec, cfg, canonical, required)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{rec.where}: field {cfg.field(canonical)!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def to_messages(rec: Record, cfg: DataConfig) -> list[dict[str, str]]:
+    """The record as a conversation (chat; or instruction / prompt_completion rendered through a template)."""
+    if cfg.format == "chat":
+        raw = _get(rec, cfg, "messages")
+        if not isinstance(raw, list) or not raw:
+            raise DataError(f"{rec.where}: field {cfg.field('messages')!r} must be a non-empty list of messages")
+        role_key, content_key = cfg.field("role"), cfg.field("content")
+        msgs = []
+        for j, m in enumerate(raw):
+            if not isinstance(m, dict) or role_key not in m or content_key not in m:
+                raise DataError(
+                    f"{rec.where}: message {j} needs {role_key!r} and {content_key!r} keys (see data.fields.role/content)"
+                )
+            role = ROLE_ALIASES.get(str(m[role_key]), str(m[role_key]))
+            if role not in ("system", "user", "assistant", "tool"):
+                raise DataError(f"{rec.where}: message {j} has unknown role {m[role_key]!r}")
+            msgs.append({"role": role, "content": str(m[content_key])})
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{rec.where}: conversation has no assistant message to learn from")
+    else:
+        prompt, completion = prompt_completion(rec, cfg)
+        msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if cfg.system_prompt and msgs[0]["role"] != "system":
+        msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return msgs
+
+
+def prompt_completion(rec: Record, cfg: DataConfig, alpaca_template: bool = False) -> tuple[str, str]:
+    if cfg.format == "instruction":
+        instruction = _text(rec, cfg, "instruction")
+        inp = _text(rec, cfg, "input", required=False)
+        output = _text(rec, cfg, "output")
+        if alpaca_template:
+            template = ALPACA_WITH_INPUT if inp.strip() else ALPACA_NO_INPUT
+            return template.format(instruction=instruction, input=inp), output
+        return (f"{instruction}\n\n{inp}" if inp.strip() else instruction), output
+    if cfg.format == "prompt_completion":
+        return _text(rec, cfg, "prompt"), _text(rec, cfg, "completion")
+    raise AssertionError(cfg.format)
+
+
+def uses_chat_template(cfg: DataConfig, tokenizer: Any) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if cfg.format == "chat" or cfg.chat_template:
+        if not has:
+            raise DataError(
+                f"data.format is {cfg.format!r} with a chat template, but the tokenizer "
+                f"({getattr(tokenizer, 'name_or_path', '?')}) has no chat template. Use a chat model, set "
+                "data.chat_template: false with format instruction/prompt_completion, or add a template to the tokenizer."
+            )
+        return True
+    if cfg.format == "text":
+        return False
+    return has if cfg.chat_template is None else False
+
+
+def _chat_ids(tokenizer: Any, msgs: list[dict[str, str]], **kw: Any) -> list[int]:
+    ids = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False, **kw)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def encode_chat(rec: Record, msgs: list[dict[str, str]], tokenizer: Any, completion_only: bool) -> tuple[list[int], list[int]]:
+    ids = _chat_ids(tokenizer, msgs)
+    if not completion_only:
+        return ids, list(ids)
+    labels = [IGNORE] * len(ids)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start = len(_chat_ids(tokenizer, msgs[:i], add_generation_prompt=True))
+        end_ids = _chat_ids(tokenizer, msgs[: i + 1])
+        end = len(end_ids)
+        if end_ids != ids[:end] or start > end:
+            raise DataError(
+                f"{rec.where}: the chat template does not render conversations prefix-consistently, so "
+                "assistant turns cannot be located for completion-only loss; set data.loss_on: all"
+            )
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def encode_plain(tokenizer: Any, prompt: str, completion: str, completion_only: bool) -> tuple[list[int], list[int]]:
+    p = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
+    if not p and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True):
+        p = [tokenizer.bos_token_id]
+    c = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        c.append(tokenizer.eos_token_id)
+    ids = p + c
+    labels = ([IGNORE] * len(p) + c) if completion_only else list(ids)
+    return ids, labels
+
+
+def encode_record(rec: Record, cfg: DataConfig, tokenizer: Any, chat: bool) -> tuple[list[int], list[int]]:
+    if chat:
+        return encode_chat(rec, to_messages(rec, cfg), tokenizer, cfg.completion_only)
+    if cfg.format == "text":
+        return encode_plain(tokenizer, "", _text(rec, cfg, "text"), completion_only=False)
+    prompt, completion = prompt_completion(rec, cfg, alpaca_template=cfg.format == "instruction")
+    return encode_plain(tokenizer, prompt, completion, cfg.completion_only)
+
+
+def build_examples(records: list[Record], cfg: DataConfig, tokenizer: Any) -> tuple[list[dict], DataStats]:
+    """Tokenize records into {"input_ids", "labels"}; truncate or drop over-long ones, counting each."""
+    stats = DataStats(records=len(records))
+    chat = uses_chat_template(cfg, tokenizer)
+    examples = []
+    for rec in records:
+        ids, labels = encode_record(rec, cfg, tokenizer, chat)
+        if len(ids) > cfg.max_length:
+            if cfg.overlong == "drop":
+                stats.dropped_overlong += 1
+                continue
+            stats.truncated += 1
+            if len(stats.first_truncated) < 5:
+                stats.first_truncated.append(f"{rec.where} ({len(ids)} tokens)")
+            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+        n_target = sum(1 for t in labels if t != IGNORE)
+        if n_target == 0:
+            stats.dropped_no_target += 1
+            continue
+        stats.tokens += len(ids)
+        stats.target_tokens += n_target
+        stats.max_tokens = max(stats.max_tokens, len(ids))
+        examples.append({"input_ids": ids, "labels": labels})
+    stats.examples = len(examples)
+    if cfg.packing:
+        examples = pack(examples, cfg.max_length)
+        stats.blocks = len(examples)
+    return examples, stats
+
+
+def pack(examples: list[dict], block: int) -> list[dict]:
+    """Concatenate examples (labels kept as they are) and cut into blocks of `block` tokens."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in examples:
+        ids += ex["input_ids"]
+        labels += ex["labels"]
+    out = []
+    for s in range(0, len(ids), block):
+        chunk_labels = labels[s : s + block]
+        if any(t != IGNORE for t in chunk_labels):
+            out.append({"input_ids": ids[s : s + block], "labels": chunk_labels})
+    return out
+
+
+@dataclass
+class Datasets:
+    train: list[dict]
+    validation: list[dict] | None
+    train_stats: DataStats
+    validation_stats: DataStats | None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "train": self.train_stats.to_dict(),
+            "validation": self.validation_stats.to_dict() if self.validation_stats else None,
+        }
+
+
+def load_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> Datasets:
+    """Read, split, tokenize. Raises DataError before any training if something is wrong."""
+    train_records = load_records(cfg.train, cfg.split)
+    if not train_records:
+        raise DataError(f"data.train ({cfg.train}): the training set is empty")
+    if cfg.limit:
+        train_records = train_records[: cfg.limit]
+    val_records: list[Record] | None = None
+    if cfg.validation:
+        val_records = load_records(cfg.validation, "validation")
+        if not val_records:
+            raise DataError(f"data.validation ({cfg.validation}): the validation set is empty")
+    elif cfg.validation_fraction > 0:
+        rng = random.Random(cfg.shuffle_seed if cfg.shuffle_seed is not None else seed)
+        order = list(range(len(train_records)))
+        rng.shuffle(order)
+        n_val = max(1, round(len(order) * cfg.validation_fraction))
+        if n_val >= len(order):
+            raise DataError(f"data.validation_fraction {cfg.validation_fraction} leaves no training examples")
+        val_idx = set(order[:n_val])
+        val_records = [r for i, r in enumerate(train_records) if i in val_idx]
+        train_records = [r for i, r in enumerate(train_records) if i not in val_idx]
+    train, train_stats = build_examples(train_records, cfg, tokenizer)
+    if not train:
+        raise DataError(
+            f"data.train ({cfg.train}): no usable examples after tokenization "
+            f"({train_stats.dropped_overlong} over max_length {cfg.max_length}, "
+            f"{train_stats.dropped_no_target} with no target tokens left)"
+        )
+    val = val_stats = None
+    if val_records is not None:
+        val, val_stats = build_examples(val_records, cfg.model_copy(update={"packing": False}), tokenizer)
+        if not val:
+            raise DataError("data.validation: no usable examples after tokenization")
+    return Datasets(train, val, train_stats, val_stats)

@@ -1,0 +1,456 @@
+"""The recipe: one YAML file, validated by these pydantic models.
+
+This module is the single source of truth for every option and its default. The CLI, the docs
+(`forgetless recipe-schema`) and the run directory all read it; nothing else re-declares defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RecipeError
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors; values are re-checked on assignment (the --set overrides)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- model
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="HF hub id, local HF directory, or a `forgetless models` alias.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Storage dtype of frozen weights. Trainable weights are always fp32 (master weights). "
+        "auto: fp32 on CPU, bf16 on a GPU that supports it.",
+    )
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code.")
+    allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: safetensors only.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+# ---------------------------------------------------------------- data
+
+DataFormat = Literal["chat", "instruction", "prompt_completion", "text"]
+
+#: The fields each format reads, by canonical name. `data.fields` maps a canonical name to the file's own.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "instruction": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+OPTIONAL_FIELDS = {"input", "role", "content", "system"}
+
+
+class DataConfig(_Strict):
+    train: str | list[str] = Field(description="JSONL/JSON file(s), or an HF dataset id (`hf:owner/name`).")
+    validation: str | list[str] | None = Field(None, description="Validation file(s); else see validation_fraction.")
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this share of train for validation when no file is given."
+    )
+    format: DataFormat = Field("instruction", description="chat | instruction | prompt_completion | text.")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map canonical field names (messages, role, content, instruction, input, output, prompt, "
+        "completion, text) to the names used in the file.",
+    )
+    chat_template: bool | None = Field(
+        None,
+        description="Render examples with the tokenizer's chat template. None: always for chat, and for "
+        "instruction/prompt_completion when the tokenizer has a template.",
+    )
+    system_prompt: str | None = Field(None, description="System message added to every rendered conversation.")
+    max_length: int = Field(1024, gt=0, description="Maximum tokens per example (or per packed block).")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with examples over max_length; the count is always reported."
+    )
+    loss_on: Literal["auto", "completion", "all"] = Field(
+        "auto", description="auto: completions only for chat/instruction/prompt_completion, all tokens for text."
+    )
+    packing: bool = Field(False, description="Concatenate examples into max_length blocks (labels kept).")
+    limit: int | None = Field(None, gt=0, description="Use only the first N training examples.")
+    split: str = Field("train", description="Split name for HF dataset ids.")
+    shuffle_seed: int | None = Field(None, description="Seed of the validation_fraction split (default train.seed).")
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> DataConfig:
+        known = {f for fs in FORMAT_FIELDS.values() for f in fs} | OPTIONAL_FIELDS
+        for key in self.fields:
+            if key not in known:
+                raise ValueError(f"fields: unknown canonical field {key!r}; valid: {', '.join(sorted(known))}")
+        return self
+
+    @property
+    def completion_only(self) -> bool:
+        if self.loss_on == "auto":
+            return self.format != "text"
+        return self.loss_on == "completion"
+
+    def field(self, canonical: str) -> str:
+        return self.fields.get(canonical, canonical)
+
+
+# ---------------------------------------------------------------- methods
+
+
+class _Method(_Strict):
+    default_lr: ClassVar[float] = 2e-5
+    peft: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = True
+
+    def can_merge(self) -> bool:
+        """Whether the trained result can be folded into the base weights as a plain HF model."""
+        return self.mergeable
+
+
+class FullMethod(_Method):
+    """Full-parameter fine-tuning."""
+
+    name: Literal["full"] = "full"
+    peft: ClassVar[bool] = False
+
+
+class LoraMethod(_Method):
+    """LoRA (PEFT). `target_modules: all-linear` adapts every linear layer but the LM head."""
+
+    name: Literal["lora"] = "lora"
+    default_lr: ClassVar[float] = 2e-4
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class DoraMethod(LoraMethod):
+    """DoRA: weight-decomposed LoRA (PEFT `use_dora`)."""
+
+    name: Literal["dora"] = "dora"  # type: ignore[assignment]
+
+
+class QLoraMethod(LoraMethod):
+    """LoRA on a 4-bit base (bitsandbytes; works on CPU; nf4 needs input widths that are multiples of 64)."""
+
+    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+class IA3Method(_Method):
+    """IA3 (PEFT): learned rescaling of keys, values and feed-forward activations."""
+
+    name: Literal["ia3"] = "ia3"
+    default_lr: ClassVar[float] = 3e-3
+    target_modules: list[str] | None = Field(None, description="None: PEFT's default for the architecture.")
+    feedforward_modules: list[str] | None = None
+
+
+class PrefixMethod(_Method):
+    """Prefix tuning (PEFT): trained key/value prefixes in every layer."""
+
+    name: Literal["prefix"] = "prefix"
+    default_lr: ClassVar[float] = 3e-3
+    mergeable: ClassVar[bool] = False
+    num_virtual_tokens: int = Field(20, gt=0)
+    prefix_projection: bool = False
+
+
+class PromptMethod(_Method):
+    """Prompt tuning (PEFT): trained soft-prompt embeddings."""
+
+    name: Literal["prompt"] = "prompt"
+    default_lr: ClassVar[float] = 3e-3
+    mergeable: ClassVar[bool] = False
+    num_virtual_tokens: int = Field(20, gt=0)
+    init_text: str | None = Field(None, description="Initialise the soft prompt from this text's embeddings.")
+
+
+class AdapterMethod(_Method):
+    """Bottleneck adapters (Houlsby) on the output of each attention and MLP block.
+
+    Mergeable only with `activation: identity` (then the adapter is a linear map folded into the output
+    projection).
+    """
+
+    name: Literal["adapter"] = "adapter"
+    default_lr: ClassVar[float] = 1e-3
+    bottleneck: int = Field(64, gt=0, description="Width of the bottleneck.")
+    activation: Literal["relu", "gelu", "silu", "identity"] = "gelu"
+    target_modules: list[str] | None = Field(
+        None, description="Output projections to wrap. None: the attention and MLP output projections."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    def can_merge(self) -> bool:
+        return self.activation == "identity"
+
+
+class FreezeMethod(_Method):
+    """Train only the top k transformer blocks and/or the LM head; everything else frozen."""
+
+    name: Literal["freeze"] = "freeze"
+    peft: ClassVar[bool] = False
+    top_k_blocks: int = Field(2, ge=0, description="Number of top blocks to train.")
+    train_lm_head: bool = Field(False, description="Also train the LM head (tied embeddings train with it).")
+    train_final_norm: bool = True
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> FreezeMethod:
+        if self.top_k_blocks == 0 and not self.train_lm_head:
+            raise ValueError("freeze trains nothing: set top_k_blocks > 0 or train_lm_head: true")
+        return self
+
+
+Method = Annotated[
+    Union[
+        FullMethod,
+        LoraMethod,
+        DoraMethod,
+        QLoraMethod,
+        IA3Method,
+        PrefixMethod,
+        PromptMethod,
+        AdapterMethod,
+        FreezeMethod,
+    ],
+    Field(discriminator="name"),
+]
+METHOD_NAMES = ("full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter", "freeze")
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float | None = Field(None, gt=0, description="Peak learning rate. None: the method's default.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW decay (toward zero, not toward the pretrained weights: see l2sp)."
+    )
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps (exclusive with warmup_ratio).")
+    warmup_ratio: float | None = Field(None, ge=0, lt=1, description="Warmup as a share of all steps. Default 0.03.")
+    schedule: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null disables it.")
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; overrides epochs.")
+    batch_size: int = Field(8, gt=0, description="Examples per device per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    eval_batch_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _warmup(self) -> OptimConfig:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("set warmup_steps or warmup_ratio, not both")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must each be in [0, 1)")
+        return self
+
+
+# ---------------------------------------------------------------- training run
+
+
+class EarlyStopping(_Strict):
+    patience: int = Field(3, gt=0, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest drop in validation loss that counts.")
+
+
+class TrainConfig(_Strict):
+    output_dir: str | None = Field(None, description="Run directory. Default: runs/<recipe name>.")
+    seed: int = 42
+    bf16: Literal["auto"] | bool = Field(
+        "auto", description="bf16 autocast compute with fp32 master weights. auto: on where the device supports it."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice).")
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="Validate every N steps (default: once at the end).")
+    save_steps: int | None = Field(200, gt=0, description="Checkpoint every N steps (null: only at the end).")
+    save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept.")
+    early_stopping: EarlyStopping | None = None
+    report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["none"])
+    gradient_checkpointing: bool = False
+    merge: bool = Field(False, description="Also save a merged model (PEFT methods that allow it).")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _report_to_str(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("report_to"), str):
+            v = {**v, "report_to": [v["report_to"]]}
+        return v
+
+
+# ---------------------------------------------------------------- recipe
+
+
+class Recipe(_Strict):
+    name: str = Field("run", description="Run name; also the default run directory under runs/.")
+    model: ModelConfig
+    data: DataConfig
+    method: Method = Field(default_factory=FullMethod)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("method"), str):
+            v = {**v, "method": {"name": v["method"]}}
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        if self.train.merge and self.method.peft and not self.method.can_merge():
+            why = "its activation is non-linear (use activation: identity)" if self.method.name == "adapter" else (
+                "it adds virtual tokens, not weight deltas"
+            )
+            raise ValueError(f"train.merge: method {self.method.name!r} cannot be merged: {why}")
+        if self.train.early_stopping and not self.train.eval_steps:
+            raise ValueError("train.early_stopping needs train.eval_steps (how often to validate)")
+        return self
+
+    @property
+    def lr(self) -> float:
+        return self.optim.lr if self.optim.lr is not None else self.method.default_lr
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir or f"runs/{self.name}")
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe with every default filled in, as written to the run directory."""
+        out = self.model_dump(mode="json")
+        out["optim"]["lr"] = self.lr
+        return out
+
+
+# ---------------------------------------------------------------- loading and errors
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the YAML node at `loc`, or None when the path is not in the file."""
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+        if node is None:
+            return None
+    return node.start_mark.line + 1 if node is not None else None
+
+
+def format_validation_error(err: ValidationError, source: str = "recipe", root: yaml.Node | None = None) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for e in err.errors():
+        # drop the discriminator tags pydantic inserts into the path (e.g. method.lora.r -> method.r)
+        loc = tuple(p for i, p in enumerate(e["loc"]) if not (i > 0 and e["loc"][i - 1] == "method" and p in METHOD_NAMES))
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + _valid_keys_hint(loc)
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown method {e.get('input', {}).get('name')!r}; valid: {', '.join(METHOD_NAMES)}"
+        line = _line_of(root, loc) if root is not None else None
+        where = f" (line {line})" if line else ""
+        lines.append(f"  {path}{where}: {msg}")
+    return "\n".join(lines)
+
+
+def _valid_keys_hint(loc: tuple[Any, ...]) -> str:
+    model: type[BaseModel] | None = Recipe
+    for key in loc[:-1]:
+        field = model.model_fields.get(str(key)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            args = getattr(ann, "__args__", ())
+            model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    if model is None:
+        return ""
+    return f"; valid keys here: {', '.join(model.model_fields)}"
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {} if node.get(k) is None else ({"name": node[k]} if isinstance(node[k], str) else node[k])
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """`optim.lr=1e-5` -> ("optim.lr", 1e-05); values are parsed as YAML scalars/lists."""
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set optim.lr=1e-5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"--set {item!r}: value is not valid YAML: {e}") from None
+        # YAML 1.1 reads 1e-5 as a string; accept it as a number
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value.lower() for c in ".e") else value
+            except ValueError:
+                pass
+        out.append((key.strip(), value))
+    return out
+
+
+def recipe_from_dict(
+    data: dict[str, Any], overrides: list[str] | None = None, source: str = "recipe", root: yaml.Node | None = None
+) -> Recipe:
+    tree = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides):
+        _set_path(tree, key, value)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, source, root)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a YAML recipe; errors name the file, the key path and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where} not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (model:, data:, method:, ...)")
+    return recipe_from_dict(data, overrides, source=str(path), root=root)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.resolved(), sort_keys=False)

@@ -1,0 +1,294 @@
+"""Loading a causal LM safely and wrapping it for the recipe's method (full, PEFT, adapters, freeze)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ForgetlessError
+from ..recipe import (
+    AdapterMethod,
+    FreezeMethod,
+    IA3Method,
+    LoraMethod,
+    ModelConfig,
+    PrefixMethod,
+    PromptMethod,
+    QLoraMethod,
+)
+from . import adapters
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ForgetlessError("train.device is cuda but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def storage_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "bf16":
+        return torch.bfloat16
+    if dtype == "fp32":
+        return torch.float32
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def load_tokenizer(path: str, cfg: ModelConfig | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=bool(cfg and cfg.trust_remote_code), revision=cfg.revision if cfg else None
+        )
+    except OSError as e:
+        raise ForgetlessError(f"model.name {path!r}: cannot load the tokenizer: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_base_model(
+    path: str, cfg: ModelConfig, device: torch.device, quantization_config: Any = None
+) -> nn.Module:
+    """Load weights from safetensors only (pickle only if the recipe allows it), remote code off by default."""
+    from transformers import AutoModelForCausalLM
+
+    local = Path(path)
+    if local.is_dir() and not cfg.allow_pickle:
+        has_st = any(local.glob("*.safetensors"))
+        has_pickle = any(local.glob("*.bin")) or any(local.glob("*.pt")) or any(local.glob("*.pth"))
+        if has_pickle and not has_st:
+            raise ForgetlessError(
+                f"{path}: only pickle weights (.bin/.pt) found; pickle files can run code when loaded. Convert "
+                "them to safetensors, or set model.allow_pickle: true if you trust this file."
+            )
+    kwargs: dict[str, Any] = {
+        "dtype": storage_dtype(cfg.dtype, device),
+        "trust_remote_code": cfg.trust_remote_code,
+        "revision": cfg.revision,
+    }
+    if not cfg.allow_pickle:
+        kwargs["use_safetensors"] = True
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ForgetlessError(f"model.name {path!r}: cannot load the model: {e}") from None
+    if quantization_config is None:
+        model.to(device)
+    return model
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer's list of decoder blocks (the longest ModuleList)."""
+    best: nn.ModuleList | None = None
+    for _, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and (best is None or len(m) > len(best)):
+            best = m
+    if best is None:
+        raise ForgetlessError("cannot find the model's transformer blocks (no nn.ModuleList)")
+    return best
+
+
+def apply_freeze(model: nn.Module, method: FreezeMethod) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    blocks = find_blocks(model)
+    if method.top_k_blocks > len(blocks):
+        raise ForgetlessError(f"method.top_k_blocks={method.top_k_blocks} but the model has {len(blocks)} blocks")
+    for block in list(blocks)[len(blocks) - method.top_k_blocks :]:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    if method.train_lm_head:
+        head = model.get_output_embeddings()
+        for p in head.parameters():
+            p.requires_grad_(True)
+    if method.train_final_norm:
+        block_params = {id(p) for p in blocks.parameters()}
+        for name, p in model.named_parameters():
+            if "norm" in name.rsplit(".", 2)[-2] and id(p) not in block_params:
+                p.requires_grad_(True)
+
+
+def _lora_config(method: LoraMethod) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=method.target_modules,
+        use_dora=method.name == "dora",
+        use_rslora=method.use_rslora,
+        bias=method.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def peft_config(method: Any, tokenizer_path: str) -> Any:
+    from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
+
+    if isinstance(method, LoraMethod):  # lora, dora, qlora
+        return _lora_config(method)
+    if isinstance(method, IA3Method):
+        return IA3Config(
+            target_modules=method.target_modules,
+            feedforward_modules=method.feedforward_modules,
+            task_type="CAUSAL_LM",
+        )
+    if isinstance(method, PrefixMethod):
+        return PrefixTuningConfig(
+            num_virtual_tokens=method.num_virtual_tokens,
+            prefix_projection=method.prefix_projection,
+            task_type="CAUSAL_LM",
+        )
+    if isinstance(method, PromptMethod):
+        kw: dict[str, Any] = {}
+        if method.init_text:
+            kw = {
+                "prompt_tuning_init": PromptTuningInit.TEXT,
+                "prompt_tuning_init_text": method.init_text,
+                "tokenizer_name_or_path": tokenizer_path,
+            }
+        return PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM", **kw)
+    raise AssertionError(method)
+
+
+def bnb_config(method: QLoraMethod, compute_dtype: torch.dtype) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ForgetlessError("method qlora needs bitsandbytes: pip install 'forgetless[qlora]'") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.quant_type,
+        bnb_4bit_use_double_quant=method.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def prepare_model(
+    path: str,
+    cfg: ModelConfig,
+    method: Any,
+    device: torch.device,
+    compute_dtype: torch.dtype = torch.float32,
+    gradient_checkpointing: bool = False,
+) -> nn.Module:
+    """Load the base model and wrap it for `method`. Trainable weights are always fp32."""
+    quant = bnb_config(method, compute_dtype) if isinstance(method, QLoraMethod) else None
+    model = load_base_model(path, cfg, device, quant)
+    if method.name == "full":
+        model.float()
+    elif isinstance(method, FreezeMethod):
+        apply_freeze(model, method)
+    elif isinstance(method, AdapterMethod):
+        adapters.add_adapters(model, method.bottleneck, method.activation, method.dropout, method.target_modules)
+        model.to(device)
+    else:
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if quant is not None:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = get_peft_model(model, peft_config(method, path))
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_trained(model: nn.Module, tokenizer: Any, out_dir: Path, base_path: str) -> str:
+    """Save a full model, a PEFT adapter or a bottleneck adapter (safetensors) with the tokenizer. Returns the kind."""
+    if adapters.adapter_modules(model):
+        adapters.save_adapters(model, out_dir, base_path)
+        kind = "adapter"
+    elif hasattr(model, "peft_config"):
+        model.save_pretrained(out_dir, safe_serialization=True)
+        kind = "peft"
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        kind = "model"
+    tokenizer.save_pretrained(out_dir)
+    return kind
+
+
+def merge_for_export(model: nn.Module, method: Any, adapter_dir: Path | None = None) -> nn.Module:
+    """A plain HF model with the adapter folded in (LoRA, DoRA, IA3, identity bottleneck adapters).
+
+    QLoRA adapters are merged into the base loaded in full precision (from `adapter_dir`), not into the
+    4-bit weights, which would round the merged result back to 4 bits.
+    """
+    if not method.can_merge():
+        raise ForgetlessError(f"method {method.name!r} cannot be merged into the base weights; keep the adapter")
+    if adapters.adapter_modules(model):
+        return adapters.merge_adapters(model)
+    if isinstance(method, QLoraMethod):
+        if adapter_dir is None:
+            raise ForgetlessError("qlora: merging needs the saved adapter directory")
+        full, _ = load_model(adapter_dir, full_precision_base=True)
+        return full.merge_and_unload()
+    return model.merge_and_unload()
+
+
+QUANT_FILE = "forgetless_quantization.json"
+
+
+def load_model(
+    path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, full_precision_base: bool = False
+) -> tuple[nn.Module, Any]:
+    """Load what `forgetless train` wrote: a run directory, a full model, a PEFT or a bottleneck adapter.
+
+    A QLoRA adapter is put back on the 4-bit base it was trained on, unless `full_precision_base`.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = Path(path)
+    if (path / "summary.json").is_file() or (path / "recipe.yaml").is_file():
+        path = path / "final"
+    if not path.is_dir():
+        raise ForgetlessError(f"{path}: no such model directory")
+    tokenizer = load_tokenizer(str(path))
+    if adapters.is_adapter_dir(path):
+        base = adapters.adapter_config(path)["base_model_name_or_path"]
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True)
+        adapters.load_adapters(model, path)
+    elif (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        kw: dict[str, Any] = {}
+        if (path / QUANT_FILE).is_file() and not full_precision_base:
+            q = json.loads((path / QUANT_FILE).read_text())
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=q["quant_type"],
+                bnb_4bit_use_double_quant=q["double_quant"],
+                bnb_4bit_compute_dtype=getattr(torch, q.get("compute_dtype", "float32")),
+            )
+            kw["device_map"] = {"": device}
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, **kw)
+        model = PeftModel.from_pretrained(model, str(path))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    if not getattr(model, "is_loaded_in_4bit", False):
+        model = model.to(device)
+    return model.eval(), tokenizer

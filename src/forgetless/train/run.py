@@ -1,0 +1,295 @@
+"""`forgetless train`: one run, top to bottom.
+
+recipe -> run directory -> model + tokenizer -> data -> method -> Trainer -> final model + summary.json
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import load_datasets
+from ..errors import ForgetlessError
+from ..io import atomic_dir, atomic_write_json, atomic_write_text
+from ..recipe import QLoraMethod, Recipe, dump_recipe, load_recipe
+from .callbacks import CheckpointMarker, EarlyStopping, MetricsLogger, RichProgress, latest_complete_checkpoint
+from .model import QUANT_FILE, count_parameters, load_tokenizer, merge_for_export, pick_device, prepare_model, save_trained
+
+
+def setup_torch(threads: int | None = None) -> None:
+    """fp32 math stalls on denormals on many CPUs (3-7x slower): flush them to zero. Also silence the
+    Hugging Face libraries' own tqdm bars; forgetless shows rich progress instead."""
+    torch.set_flush_denormal(True)
+    if threads:
+        torch.set_num_threads(threads)
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
+def use_bf16(setting: Any, device: torch.device) -> bool:
+    if setting == "auto":
+        if device.type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return True  # CPU autocast to bf16 is supported by torch on every x86/ARM build
+    return bool(setting)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
+    run_dir = recipe.output_dir
+    if resume:
+        if not (run_dir / "recipe.yaml").is_file():
+            raise ForgetlessError(f"--resume: {run_dir} holds no run to resume (no recipe.yaml)")
+        saved = load_recipe(run_dir / "recipe.yaml")
+        if saved.resolved() != recipe.resolved():
+            raise ForgetlessError(
+                f"--resume: the recipe differs from the one {run_dir} was started with ({run_dir / 'recipe.yaml'}); "
+                "resume with the same recipe, or start a new run (--overwrite replaces this one)"
+            )
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise ForgetlessError(
+                f"run directory {run_dir} already exists; pass --overwrite to replace it, --resume to continue it, "
+                "or set train.output_dir"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def training_args(recipe: Recipe, ckpt_dir: Path, device: torch.device, bf16: bool, has_eval: bool) -> Any:
+    from transformers import TrainingArguments
+
+    o, t = recipe.optim, recipe.train
+    warmup = o.warmup_steps if o.warmup_steps is not None else (o.warmup_ratio if o.warmup_ratio is not None else 0.03)
+    return TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=o.batch_size,
+        per_device_eval_batch_size=o.eval_batch_size or o.batch_size,
+        gradient_accumulation_steps=o.grad_accum,
+        learning_rate=recipe.lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.betas[0],
+        adam_beta2=o.betas[1],
+        adam_epsilon=o.eps,
+        optim="adamw_torch",
+        lr_scheduler_type=o.schedule,
+        warmup_steps=warmup,
+        max_grad_norm=o.max_grad_norm or 0.0,
+        num_train_epochs=o.epochs,
+        max_steps=o.max_steps or -1,
+        bf16=bf16,
+        use_cpu=device.type == "cpu",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+
+
+def _trim_metrics(path: Path, up_to_step: int) -> None:
+    """On resume, drop metric lines logged after the checkpoint we restart from."""
+    if not path.is_file():
+        return
+    import json
+
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= up_to_step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the summary (as in summary.json), the trained model in memory, its tokenizer."""
+
+    summary: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    run_dir: Path
+
+
+def _initial_validation_loss(trainer: Any, metrics_path: Path, resuming: bool) -> float | None:
+    """The validation loss before any update (step 0), logged once and reused on resume."""
+    import json
+
+    if resuming and metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("step") == 0 and "eval_loss" in rec:
+                return rec["eval_loss"]
+    loss = trainer.evaluate()["eval_loss"]
+    from ..io import append_jsonl
+
+    append_jsonl(metrics_path, {"step": 0, "epoch": 0.0, "eval_loss": loss})
+    return loss
+
+
+def train(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    quiet: bool = False,
+) -> TrainResult:
+    """Fine-tune per `recipe`. The summary is also written to <run>/summary.json."""
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, set_seed
+
+    setup_torch(recipe.train.threads)
+    run_dir = prepare_run_dir(recipe, overwrite, resume)
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = latest_complete_checkpoint(ckpt_root) if resume else None
+    device = pick_device(recipe.train.device)
+    bf16 = use_bf16(recipe.train.bf16, device)
+    set_seed(recipe.train.seed)
+
+    # Model reference: aliases from `forgetless models` resolve to a local directory.
+    from ..models import resolve_model
+
+    resolved = resolve_model(recipe.model.name)
+    model_path = resolved.path
+
+    # Everything that can fail on bad input fails here, before training starts.
+    tokenizer = load_tokenizer(model_path, recipe.model)
+    data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
+    if recipe.train.early_stopping and not data.validation:
+        raise ForgetlessError("train.early_stopping needs validation data (data.validation or data.validation_fraction)")
+    model = prepare_model(
+        model_path,
+        recipe.model,
+        recipe.method,
+        device,
+        compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+    )
+    trainable, total = count_parameters(model)
+
+    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+    atomic_write_json(run_dir / "data_stats.json", data.summary())
+    if resume_from is not None:
+        _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
+    if not quiet:
+        _report_data(data)
+
+    metrics = MetricsLogger(run_dir / "metrics.jsonl")
+    callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet), CheckpointMarker()]
+    early = None
+    if recipe.train.early_stopping:
+        early = EarlyStopping(recipe.train.early_stopping.patience, recipe.train.early_stopping.min_delta)
+        callbacks.append(early)
+
+    from .trainer import ForgetlessTrainer
+
+    trainer = ForgetlessTrainer(
+        model=model,
+        args=training_args(recipe, ckpt_root, device, bf16, data.validation is not None),
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+
+    initial_loss = _initial_validation_loss(trainer, run_dir / "metrics.jsonl", resume_from is not None) if data.validation else None
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    train_time = time.perf_counter() - t0
+    final_eval = trainer.evaluate() if data.validation is not None else {}
+    if final_eval:
+        metrics.on_log(trainer.args, trainer.state, trainer.control, logs=final_eval)
+
+    with atomic_dir(run_dir / "final", overwrite=True) as tmp:
+        kind = save_trained(trainer.model, tokenizer, tmp, model_path)
+        if isinstance(recipe.method, QLoraMethod):
+            atomic_write_json(tmp / QUANT_FILE, {
+                "quant_type": recipe.method.quant_type,
+                "double_quant": recipe.method.double_quant,
+                "compute_dtype": "bfloat16" if bf16 else "float32",
+            })
+    if recipe.train.merge and kind != "model":
+        with atomic_dir(run_dir / "merged", overwrite=True) as tmp:
+            merged = merge_for_export(trainer.model, recipe.method, run_dir / "final")
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+    state = trainer.state
+    summary = {
+        "name": recipe.name,
+        "method": recipe.method.name,
+        "model": {"name": recipe.model.name, "path": model_path, "provenance": resolved.provenance},
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "trainable_share": trainable / total if total else 0.0,
+        "steps": state.global_step,
+        "epochs": state.epoch,
+        "tokens_seen": state.num_input_tokens_seen,
+        "wall_time_s": round(train_time, 2),
+        "tokens_per_s": round((state.num_input_tokens_seen - (trainer._initial_num_input_tokens_seen or 0)) / train_time, 1)
+        if train_time > 0
+        else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "device": device.type,
+        "bf16_compute": bf16,
+        "lr": recipe.lr,
+        "final_train_loss": metrics.last.get("loss"),
+        "mean_train_loss": out.training_loss,
+        "initial_validation_loss": initial_loss,
+        "final_validation_loss": final_eval.get("eval_loss"),
+        "early_stopped_at": early.stopped_at if early else None,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "data": data.summary(),
+        "output": {"final": str(run_dir / "final"), "kind": kind, "merged": str(run_dir / "merged") if recipe.train.merge and kind != "model" else None},
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "pid": os.getpid(),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    # accelerate patched forward() with bf16 autocast for training; hand back the plain model
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    return TrainResult(summary, model, tokenizer, run_dir)
+
+
+def _report_data(data: Any) -> None:
+    from rich.console import Console
+
+    s = data.train_stats
+    console = Console(stderr=True)
+    msg = f"data: {s.examples} training examples ({s.tokens} tokens, {s.target_tokens} in the loss)"
+    if data.validation_stats:
+        msg += f", {data.validation_stats.examples} validation"
+    console.print(msg)
+    if s.truncated:
+        console.print(
+            f"[yellow]{s.truncated} example(s) over data.max_length were truncated (first: {', '.join(s.first_truncated)}); "
+            "set data.overlong: drop to drop them instead"
+        )
+    if s.dropped_overlong:
+        console.print(f"[yellow]{s.dropped_overlong} example(s) over data.max_length were dropped")
+    if s.dropped_no_target:
+        console.print(f"[yellow]{s.dropped_no_target} example(s) had no target tokens left after truncation and were dropped")
