@@ -23,7 +23,7 @@ def _cfg(**kw) -> DataConfig:
 
 
 def _decode_target(tok, ex) -> str:
-    return tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE])
+    return tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != IGNORE])
 
 
 def test_chat_labels_cover_exactly_the_assistant_turns(tok):

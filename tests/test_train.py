@@ -78,7 +78,7 @@ def test_one_step_at_lr_1e5_changes_the_weights(tiny_model, toy_data, tmp_path):
     res = train(r)
     assert res.summary["bf16_compute"] is True
     changed = total = 0
-    for (name, p0), p1 in zip(base.named_parameters(), res.model.parameters()):
+    for (name, p0), p1 in zip(base.named_parameters(), res.model.parameters(), strict=True):
         assert p1.dtype == torch.float32, name
         changed += (p0.detach() != p1.detach()).sum().item()
         total += p0.numel()

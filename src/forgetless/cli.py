@@ -80,6 +80,21 @@ def _print_summary(s: dict) -> None:
 
 
 @app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes its runs.")] = Path("runs/demo"),
+    tiny: Annotated[bool, typer.Option(help="Same code path on a tiny local model, in seconds.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+) -> None:
+    """Pull the default model offline, fine-tune it on a generated task with several recipes, compare."""
+    from .demo import run_demo
+
+    result = run_demo(out, tiny=tiny, quiet=quiet or json_out)
+    if json_out:
+        print(json.dumps(result, indent=2))
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     from . import __version__
@@ -88,10 +103,13 @@ def version() -> None:
 
 
 def main() -> None:
+    import torch
+
+    torch.set_flush_denormal(True)  # fp32 stalls on denormals on many CPUs
     try:
         app()
     except ForgetlessError as e:
-        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -217,17 +217,7 @@ class FreezeMethod(_Method):
 
 
 Method = Annotated[
-    Union[
-        FullMethod,
-        LoraMethod,
-        DoraMethod,
-        QLoraMethod,
-        IA3Method,
-        PrefixMethod,
-        PromptMethod,
-        AdapterMethod,
-        FreezeMethod,
-    ],
+    FullMethod | LoraMethod | DoraMethod | QLoraMethod | IA3Method | PrefixMethod | PromptMethod | AdapterMethod | FreezeMethod,
     Field(discriminator="name"),
 ]
 METHOD_NAMES = ("full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter", "freeze")

@@ -20,8 +20,22 @@ from ..data import load_datasets
 from ..errors import ForgetlessError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from ..recipe import QLoraMethod, Recipe, dump_recipe, load_recipe
-from .callbacks import CheckpointMarker, EarlyStopping, MetricsLogger, RichProgress, latest_complete_checkpoint
-from .model import QUANT_FILE, count_parameters, load_tokenizer, merge_for_export, pick_device, prepare_model, save_trained
+from .callbacks import (
+    CheckpointMarker,
+    EarlyStopping,
+    MetricsLogger,
+    RichProgress,
+    latest_complete_checkpoint,
+)
+from .model import (
+    QUANT_FILE,
+    count_parameters,
+    load_tokenizer,
+    merge_for_export,
+    pick_device,
+    prepare_model,
+    save_trained,
+)
 
 
 def setup_torch(threads: int | None = None) -> None:

@@ -1,0 +1,56 @@
+"""The `forgetless` command as a user types it: train with overrides, errors with exit code 2, demo --tiny."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import yaml
+from conftest import tiny_recipe
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "forgetless", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_with_overrides_and_json_summary(tiny_model, toy_data, tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(tiny_recipe(tiny_model, toy_data, tmp_path / "ignored")))
+    out = tmp_path / "run"
+    res = _run("train", str(p), "--set", "optim.max_steps=3", "--set", "method=lora", "--out", str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["steps"] == 3 and summary["method"] == "lora"
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["optim"]["max_steps"] == 3
+
+
+def test_bad_recipe_exits_2_with_the_key_and_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("model: m\ndata:\n  train: t.jsonl\noptim:\n  lr: -1\n")
+    res = _run("train", str(p))
+    assert res.returncode == 2
+    assert "optim.lr (line 5)" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_malformed_data_exits_2_naming_file_and_line(tiny_model, toy_data, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n')
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(tiny_recipe(tiny_model, toy_data, tmp_path / "run", data__train=str(bad))))
+    res = _run("train", str(p))
+    assert res.returncode == 2 and f"{bad}:2: malformed JSON line" in res.stderr
+
+
+def test_missing_recipe_file(tmp_path):
+    res = _run("train", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and "recipe file not found" in res.stderr
+
+
+def test_demo_tiny_runs_end_to_end(tmp_path):
+    res = _run("demo", "--tiny", "--out", str(tmp_path / "demo"), "--json", timeout=120)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert [r["recipe"] for r in result["runs"]] == ["full-high-lr", "lora"]
+    for r in result["runs"]:
+        assert r["val_loss_after"] < r["val_loss_before"]
