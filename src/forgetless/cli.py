@@ -79,6 +79,37 @@ def _print_summary(s: dict) -> None:
     Console().print(t)
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model directory, catalog alias, hub id, or a run directory.")],
+    suite: Annotated[str, typer.Option(help="Built-in suite (general, self) or a suite YAML file.")] = "general",
+    baseline: Annotated[str, typer.Option(help="auto (a run's base model), base, none, or a model path/alias.")] = "auto",
+    limit: Annotated[int | None, typer.Option(help="At most N items per task (quick look).")] = None,
+    task: Annotated[list[str] | None, typer.Option(help="Only these tasks of the suite (repeatable).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder the suite's data paths are relative to ($FORGETLESS_DATA).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON report here (flipped items beside it).")] = None,
+    fp32: Annotated[bool, typer.Option(help="fp32 compute instead of bf16 autocast.")] = False,
+    max_length: Annotated[int | None, typer.Option(help="Cap on the scoring window (tokens).")] = None,
+    refresh_baseline: Annotated[bool, typer.Option(help="Re-evaluate the baseline instead of using its cache.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Score a model on a retention suite; against a baseline, show what was forgotten and whether it is noise."""
+    from .retention.api import eval_model
+    from .retention.report import print_report
+
+    report = eval_model(
+        model, suite, baseline=baseline, limit=limit, tasks=task, data_root=data_root, bf16=not fp32,
+        max_length=max_length, out=out, progress=not (quiet or json_out), refresh_baseline=refresh_baseline,
+    )
+    if json_out:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    print_report(report)
+    if out:
+        console.print(f"report: {out}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its runs.")] = Path("runs/demo"),

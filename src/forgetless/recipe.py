@@ -348,19 +348,30 @@ def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
     return node.start_mark.line + 1 if node is not None else None
 
 
-def format_validation_error(err: ValidationError, source: str = "recipe", root: yaml.Node | None = None) -> str:
-    lines = [f"{source}: invalid recipe"]
+def format_validation_error(
+    err: ValidationError,
+    source: str = "recipe",
+    root: yaml.Node | None = None,
+    what: str = "recipe",
+    tags: tuple[str, ...] = METHOD_NAMES,
+) -> str:
+    """One line per problem: key path, YAML line, and what is valid. `tags` are discriminator values that
+    pydantic inserts into error paths (method.lora.r); they are dropped so the path matches the file."""
+    lines = [f"{source}: invalid {what}"]
     for e in err.errors():
-        # drop the discriminator tags pydantic inserts into the path (e.g. method.lora.r -> method.r)
-        loc = tuple(p for i, p in enumerate(e["loc"]) if not (i > 0 and e["loc"][i - 1] == "method" and p in METHOD_NAMES))
+        loc = tuple(p for p in e["loc"] if p not in tags)
         path = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key" + _valid_keys_hint(loc)
+            msg = "unknown key" + (_valid_keys_hint(loc) if what == "recipe" else "")
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif e["type"] == "union_tag_invalid":
-            msg = f"unknown method {e.get('input', {}).get('name')!r}; valid: {', '.join(METHOD_NAMES)}"
+            ctx = e.get("ctx", {})
+            noun = loc[-1] if loc and isinstance(loc[-1], str) else str(ctx.get("discriminator", "value")).strip("'")
+            msg = f"unknown {noun} {ctx.get('tag')!r}; valid: {ctx.get('expected_tags')}"
+        elif e["type"] == "union_tag_not_found":
+            msg = f"needs a {e.get('ctx', {}).get('discriminator', 'tag')} key"
         line = _line_of(root, loc) if root is not None else None
         where = f" (line {line})" if line else ""
         lines.append(f"  {path}{where}: {msg}")

@@ -57,7 +57,12 @@ def context_window(model: nn.Module, default: int = 2048) -> int:
 
 
 def _lm_parts(model: nn.Module):
-    """(decoder, head, softcap): run the decoder for hidden states, the head only where needed."""
+    """(decoder, head, softcap): run the decoder for hidden states, the head only where needed.
+    None where that is not possible (prompt-learning PEFT models add virtual tokens)."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
+            return None
+        model = model.get_base_model()
     decoder = getattr(model, "model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if decoder is None or head is None or not isinstance(head, nn.Module):
@@ -135,9 +140,11 @@ def score_requests(
     max_len: int | None = None,
     stats: EngineStats | None = None,
     progress=None,
+    row_hook=None,
 ) -> list[list[Score]]:
     """Log-likelihood of every continuation of every request. Contexts longer than the window are cut from
-    the left (counted in `stats.left_truncated`)."""
+    the left (counted in `stats.left_truncated`). `row_hook(request_index, choice_index, logprob_rows)`, if
+    given, sees the full-vocabulary log-probabilities [n_tokens, vocab] of each continuation."""
     stats = stats if stats is not None else EngineStats()
     max_len = max_len or context_window(model)
     device = next(model.parameters()).device
@@ -145,15 +152,17 @@ def score_requests(
         share_context = _supports_tree_mask(model)
     if not share_context:
         flat = [Request(r.context, [c]) for r in requests for c in r.continuations]
-        scores = _score_tree(model, flat, batch_tokens, bf16, max_len, device, stats, progress, tree=False)
+        flat_owner = [(i, k) for i, r in enumerate(requests) for k in range(len(r.continuations))]
+        hook = (lambda j, _k, rows: row_hook(*flat_owner[j], rows)) if row_hook else None
+        scores = _score_tree(model, flat, batch_tokens, bf16, max_len, device, stats, progress, False, hook)
         out, it = [], iter(scores)
         for r in requests:
             out.append([next(it)[0] for _ in r.continuations])
         return out
-    return _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, progress, tree=True)
+    return _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, progress, True, row_hook)
 
 
-def _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, progress, tree: bool) -> list[list[Score]]:
+def _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, progress, tree, row_hook) -> list[list[Score]]:
     packed = [_tree(r, max_len) for r in requests]
     stats.items += len(requests)
     stats.left_truncated += sum(p[4] for p in packed)
@@ -190,14 +199,17 @@ def _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, pro
                     logits = torch.tanh(logits / parts[2]) * parts[2]
             else:
                 out = model(input_ids=ids, attention_mask=attn2d.to(device))
-                logits = out.logits[rows_t, cols_t]
+                shift = out.logits.shape[1] - ids.shape[1]  # prompt tuning prepends virtual tokens
+                logits = out.logits[rows_t, cols_t + shift]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         offset = 0
         for i in batch:
             item = []
-            for pred, targets in packed[i][3]:
+            for k, (pred, targets) in enumerate(packed[i][3]):
                 n = len(pred)
                 lp = logprobs[offset : offset + n]
+                if row_hook is not None:
+                    row_hook(i, k, lp)
                 tgt = torch.tensor(targets, device=device)
                 item.append(Score(float(lp.gather(1, tgt[:, None]).sum()), n, bool((lp.argmax(-1) == tgt).all())))
                 offset += n

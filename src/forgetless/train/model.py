@@ -265,7 +265,10 @@ def load_model(
     if (path / "summary.json").is_file() or (path / "recipe.yaml").is_file():
         path = path / "final"
     if not path.is_dir():
-        raise ForgetlessError(f"{path}: no such model directory")
+        if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+            raise ForgetlessError(f"{path}: no such model directory")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # a hub id
+        return model.to(device).eval(), load_tokenizer(str(path))
     tokenizer = load_tokenizer(str(path))
     if adapters.is_adapter_dir(path):
         base = adapters.adapter_config(path)["base_model_name_or_path"]

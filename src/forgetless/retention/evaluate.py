@@ -1,0 +1,204 @@
+"""Run a suite on a model, compare with a baseline, and say what was forgotten (with noise accounted for).
+
+The baseline's results are cached by model fingerprint + suite fingerprint, so the base model is
+evaluated once however many candidates are compared with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..io import atomic_write_json
+from . import metrics as M
+from .kinds import generate, lm_eval, multiple_choice, perplexity, self_reference
+from .kinds.base import EvalContext
+from .suite import Suite
+from .tasks import TaskResult, resolve_data_root
+
+KINDS = {
+    "multiple_choice": multiple_choice,
+    "perplexity": perplexity,
+    "generate": generate,
+    "self_reference": self_reference,
+    "lm_eval": lm_eval,
+}
+ENGINE_VERSION = "1"  # bump when scoring changes, to invalidate cached baselines
+
+
+def result_from_cache(d: dict[str, Any], task: Any) -> TaskResult:
+    cols = {k: np.asarray(v, dtype=np.float64) for k, v in d["columns"].items()}
+    metrics = KINDS[d["kind"]].metrics(cols, task)
+    return TaskResult(d["task"], d["kind"], cols, metrics, d["main"], d["item_ids"], d["details"], d["info"])
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """Hash of every parameter and buffer (bit-exact), for in-memory models."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = t.detach().cpu().contiguous()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def fingerprint_dir(path: str | Path) -> str:
+    """Hash of a model directory's weight and config files (contents)."""
+    h = hashlib.sha256()
+    for p in sorted(Path(path).iterdir()):
+        if p.suffix in (".safetensors", ".json", ".bin", ".model") and p.is_file():
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:20]
+
+
+def cache_root() -> Path:
+    from ..models.catalog import cache_dir
+
+    return cache_dir().parent / "eval_cache"
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass
+class SuiteResult:
+    suite: str
+    tasks: dict[str, TaskResult]
+    seconds: dict[str, float] = field(default_factory=dict)
+    model: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        out = {}
+        for name, r in self.tasks.items():
+            out[name] = {
+                "kind": r.kind,
+                "n": r.n,
+                "main": r.main,
+                "metrics": {m.name: M.value(m, r.columns) for m in r.metrics},
+                "ci": {m.name: M.bootstrap_ci(m, r.columns) for m in r.metrics},
+                "higher_is_better": {m.name: m.higher_is_better for m in r.metrics},
+                "seconds": round(self.seconds.get(name, 0.0), 2),
+                "info": r.info,
+            }
+        return out
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    suite: Suite,
+    *,
+    data_root: str | Path | None = None,
+    bf16: bool = True,
+    batch_tokens: int = 4096,
+    max_length: int | None = None,
+    reference: Callable[[], tuple[nn.Module, Any]] | None = None,
+    reference_fingerprint: str | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> SuiteResult:
+    """Score `model` on every task of `suite`. `reference` loads the base model for self-reference tasks
+    (default: the model itself)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    torch.set_flush_denormal(True)
+    root = resolve_data_root(data_root)
+    model.eval()
+    prog = Progress(TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True, disable=not progress)
+    ctx = EvalContext(
+        model=model, tokenizer=tokenizer, data_root=root, batch_tokens=batch_tokens, bf16=bf16, max_length=max_length,
+        reference=reference, reference_fingerprint=reference_fingerprint or fingerprint_model(model),
+        cache_dir=cache_dir or cache_root(), progress=prog,
+    )
+    results, seconds = {}, {}
+    with prog:
+        for task in suite.tasks:
+            t0 = time.perf_counter()
+            results[task.name] = KINDS[task.kind].run(task, ctx)
+            seconds[task.name] = time.perf_counter() - t0
+            results[task.name].info["seconds"] = round(seconds[task.name], 2)
+    return SuiteResult(suite.name, results, seconds, model_name)
+
+
+def evaluate_cached(
+    key_parts: dict[str, Any], suite: Suite, run: Callable[[], SuiteResult], cache_dir: Path | None = None, refresh: bool = False
+) -> tuple[SuiteResult, bool]:
+    """`run()` once per (model fingerprint, suite fingerprint, settings); later calls read the cache."""
+    key = hashlib.sha256(json.dumps({**key_parts, "engine": ENGINE_VERSION}, sort_keys=True).encode()).hexdigest()[:24]
+    path = (cache_dir or cache_root()) / "baselines" / f"{key}.json"
+    if path.is_file() and not refresh:
+        d = json.loads(path.read_text())
+        by_name = {t.name: t for t in suite.tasks}
+        tasks = {n: result_from_cache(r, by_name[n]) for n, r in d["tasks"].items()}
+        return SuiteResult(d["suite"], tasks, d.get("seconds", {}), d.get("model")), True
+    res = run()
+    atomic_write_json(path, {"suite": res.suite, "model": res.model, "seconds": res.seconds, "key": key_parts,
+                             "tasks": {n: r.to_cache() for n, r in res.tasks.items()}})
+    return res, False
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def compare(base: SuiteResult, cand: SuiteResult, weights: dict[str, float] | None = None, max_flips: int = 20) -> dict[str, Any]:
+    """Per task: every metric's change with a paired interval and significance; the retention score."""
+    tasks: dict[str, Any] = {}
+    retention_inputs = []
+    for name, c in cand.tasks.items():
+        b = base.tasks.get(name)
+        if b is None:
+            continue
+        if b.item_ids != c.item_ids:
+            raise ValueError(f"task {name}: base and candidate were scored on different items; re-run both")
+        comps = {m.name: M.paired_test(m, b.columns, c.columns) for m in c.metrics}
+        main = c.main_metric
+        flips = []
+        if b.details and c.details and "correct" in b.details[0]:
+            for bd, cd in zip(b.details, c.details, strict=True):
+                if bd["correct"] and not cd["correct"]:
+                    flips.append({**cd, "base_prediction": bd["prediction"]})
+        main_cmp = comps[main.name]
+        tasks[name] = {
+            "kind": c.kind,
+            "n": c.n,
+            "main": main.name,
+            "higher_is_better": main.higher_is_better,
+            "base": main_cmp.base,
+            "candidate": main_cmp.candidate,
+            "delta": main_cmp.delta,
+            "ci": main_cmp.ci,
+            "relative": main_cmp.relative,
+            "p_value": main_cmp.p_value,
+            "significant": main_cmp.significant,
+            "significant_drop": main_cmp.significant_drop,
+            "retention": M.retention_ratio(main, main_cmp.base, main_cmp.candidate),
+            "metrics": {k: v.__dict__ for k, v in comps.items()},
+            "flipped": len(flips),
+            "flipped_examples": flips[:max_flips],
+        }
+        retention_inputs.append((main, b.columns, c.columns, (weights or {}).get(name, 1.0)))
+    score, ci = M.retention_score(retention_inputs) if retention_inputs else (float("nan"), (float("nan"), float("nan")))
+    return {
+        "tasks": tasks,
+        "retention_score": score,
+        "retention_ci": ci,
+        "retention_drop": 1 - score,
+        "significant_drops": [n for n, t in tasks.items() if t["significant_drop"]],
+    }

@@ -1,0 +1,71 @@
+"""lm_eval: any lm-evaluation-harness task, run on the in-memory model (extra: forgetless[lmeval]).
+
+Offline, point `include_path` at a folder of local lm-eval YAML tasks (`dataset_path: json` with
+`data_files`). Per-sample metrics come back from lm-eval's logged samples, so intervals and paired tests
+work as for the native kinds.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from ...errors import ForgetlessError
+from ..metrics import mean_of
+from ..tasks import TaskBase, TaskResult, as_array
+from .base import EvalContext
+
+
+class LmEvalTask(TaskBase):
+    kind: Literal["lm_eval"] = "lm_eval"
+    task: str = Field(description="lm-eval task name.")
+    include_path: str | None = Field(None, description="Folder of extra lm-eval task YAMLs (local tasks offline).")
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    main_metric: str = "acc"
+    lower_is_better: list[str] = Field(default_factory=lambda: ["perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"])
+
+
+def metrics(cols, task: LmEvalTask) -> list:
+    return [mean_of(m, higher_is_better=m not in task.lower_is_better) for m in cols]
+
+
+def run(task: LmEvalTask, ctx: EvalContext) -> TaskResult:
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ForgetlessError("task kind lm_eval needs lm-evaluation-harness: pip install 'forgetless[lmeval]'") from None
+    include = task.include_path
+    if include and ctx.data_root and not include.startswith("/"):
+        include = str(ctx.data_root / include)
+    lm = HFLM(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=task.batch_size)
+    out = simple_evaluate(
+        model=lm,
+        tasks=[task.task],
+        num_fewshot=task.num_fewshot if task.num_fewshot is not None else (task.shots or None),
+        limit=task.limit,
+        log_samples=True,
+        bootstrap_iters=0,
+        task_manager=TaskManager(include_path=include) if include else TaskManager(),
+    )
+    samples = out["samples"][task.task]
+    if not samples:
+        raise ForgetlessError(f"task {task.name}: lm-eval returned no samples for {task.task}")
+    first = samples[0]
+    metric_names = [m for m in first.get("metrics", []) if isinstance(first.get(m), (int, float, bool, np.floating))]
+    if task.main_metric not in metric_names:
+        raise ForgetlessError(f"task {task.name}: lm-eval task {task.task} has no per-sample metric {task.main_metric!r}; has {metric_names}")
+    cols = {m: as_array([float(s[m]) for s in samples]) for m in metric_names}
+    return TaskResult(
+        task=task.name,
+        kind=task.kind,
+        columns=cols,
+        metrics=metrics(cols, task),
+        main=task.main_metric,
+        item_ids=[str(s["doc_id"]) for s in samples],
+        info={"lm_eval_results": {k: v for k, v in out["results"][task.task].items() if isinstance(v, (int, float, str))}},
+    )

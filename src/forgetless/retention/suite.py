@@ -1,0 +1,114 @@
+"""Retention suites: a YAML list of tasks (built-in `general` and `self`, or any file)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ForgetlessError
+from ..recipe import format_validation_error
+from .kinds.generate import GenerateTask
+from .kinds.lm_eval import LmEvalTask
+from .kinds.multiple_choice import MultipleChoiceTask
+from .kinds.perplexity import PerplexityTask
+from .kinds.self_reference import SelfReferenceTask
+
+BUILTIN_DIR = Path(__file__).resolve().parent / "suites"
+KIND_NAMES = ("multiple_choice", "perplexity", "generate", "self_reference", "lm_eval")
+
+Task = Annotated[
+    MultipleChoiceTask | PerplexityTask | GenerateTask | SelfReferenceTask | LmEvalTask,
+    Field(discriminator="kind"),
+]
+
+
+class Suite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    tasks: list[Task]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, v: Any) -> Any:
+        """`- lm_eval:arc_easy` is short for an lm_eval task of that name."""
+        if isinstance(v, dict) and isinstance(v.get("tasks"), list):
+            tasks = []
+            for t in v["tasks"]:
+                if isinstance(t, str) and t.startswith("lm_eval:"):
+                    t = {"name": t.split(":", 1)[1], "kind": "lm_eval", "task": t.split(":", 1)[1]}
+                tasks.append(t)
+            v = {**v, "tasks": tasks}
+        return v
+
+    @model_validator(mode="after")
+    def _unique(self) -> Suite:
+        names = [t.name for t in self.tasks]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(sorted(dup))}")
+        if not self.tasks:
+            raise ValueError("a suite needs at least one task")
+        return self
+
+    def with_limit(self, limit: int | None) -> Suite:
+        """Cap every task's item count (a quick look; the fixed-seed sample stays a prefix-stable choice)."""
+        if limit is None:
+            return self
+        tasks = [t.model_copy(update={"limit": min(limit, t.limit or limit)}) for t in self.tasks]
+        return self.model_copy(update={"tasks": tasks})
+
+    def only(self, names: list[str] | None) -> Suite:
+        if not names:
+            return self
+        unknown = set(names) - {t.name for t in self.tasks}
+        if unknown:
+            raise ForgetlessError(f"suite {self.name}: no task named {', '.join(sorted(unknown))}; has {', '.join(t.name for t in self.tasks)}")
+        return self.model_copy(update={"tasks": [t for t in self.tasks if t.name in names]})
+
+    def fingerprint(self, data_root: Path | None) -> str:
+        """Hash of the suite definition and of the data files it reads (by path, size and mtime)."""
+        spec: dict[str, Any] = {"suite": self.model_dump(mode="json"), "files": {}}
+        for t in self.tasks:
+            for rel in ([t.data.path, t.data.labels_path] if t.data else []):
+                if not rel:
+                    continue
+                p = Path(rel) if Path(rel).is_absolute() or data_root is None else data_root / rel
+                if p.is_file():
+                    st = p.stat()
+                    spec["files"][rel] = [st.st_size, int(st.st_mtime)]
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def builtin_suites() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """A built-in suite by name (`general`, `self`) or a suite YAML file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
+        if not builtin.is_file():
+            raise ForgetlessError(
+                f"unknown suite {name_or_path!r}: not a file and not a built-in suite ({', '.join(builtin_suites())})"
+            )
+        path = builtin
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        raise ForgetlessError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ForgetlessError(f"{path}: a suite is a YAML mapping with name: and tasks:")
+    try:
+        return Suite.model_validate(data)
+    except ValidationError as e:
+        raise ForgetlessError(format_validation_error(e, str(path), root, what="suite", tags=KIND_NAMES)) from None

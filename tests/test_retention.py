@@ -1,0 +1,209 @@
+"""Retention tasks on a tiny model: numbers against direct computation, self-reference drift, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from forgetless.errors import DataError, ForgetlessError
+from forgetless.retention.evaluate import compare, evaluate, evaluate_cached, fingerprint_model
+from forgetless.retention.kinds.generate import parse_number, score_prediction, token_f1
+from forgetless.retention.suite import Suite, load_suite
+from forgetless.train.model import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_model):
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval(), load_tokenizer(str(tiny_model))
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _suite(tasks):
+    return Suite.model_validate({"name": "t", "tasks": tasks})
+
+
+def _eval(mt, tasks, tmp_path, **kw):
+    m, tok = mt
+    return evaluate(m, tok, _suite(tasks), data_root=tmp_path, bf16=False, progress=False, cache_dir=tmp_path / "cache", **kw)
+
+
+def _direct_loglik(model, tok, context: str, cont: str) -> float:
+    """Independent reference: one plain forward of context+continuation (no batching, no tree mask)."""
+    ctx = tok(context, add_special_tokens=False)["input_ids"]
+    whole = tok(context + cont, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+    return sum(lp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+
+
+MC_ROWS = [
+    {"id": "q1", "question": "red cat", "choices": ["sun", "moon tree", "blue bird fish"], "gold": 1},
+    {"id": "q2", "question": "one two", "choices": ["three", "four five"], "gold": 0},
+    {"id": "q3", "question": "apple", "choices": ["bread water", "fire", "wind king queen", "dog"], "gold": 3},
+]
+
+
+def test_multiple_choice_metrics_match_direct_computation(model_tok, tmp_path):
+    _jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    task = {"name": "mc", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "prompt": "Q: {{question}}\nA:"}
+    r = _eval(model_tok, [task], tmp_path).tasks["mc"]
+    model, tok = model_tok
+    acc, acc_norm, pgold = [], [], []
+    for row in MC_ROWS:
+        ll = np.array([_direct_loglik(model, tok, f"Q: {row['question']}\nA:", " " + c) for c in row["choices"]])
+        norm = ll / np.array([len(c) for c in row["choices"]])
+        p = np.exp(ll - ll.max())
+        p /= p.sum()
+        acc.append(float(ll.argmax() == row["gold"]))
+        acc_norm.append(float(norm.argmax() == row["gold"]))
+        pgold.append(p[row["gold"]])
+    assert r.columns["acc"].tolist() == acc
+    assert r.columns["acc_norm"].tolist() == acc_norm
+    np.testing.assert_allclose(r.columns["pgold"], pgold, rtol=1e-4)
+    assert r.item_ids == ["q1", "q2", "q3"]
+
+
+def test_perplexity_matches_direct_computation(model_tok, tmp_path):
+    docs = [{"text": "red cat sun moon tree river"}, {"text": "one two three four five six seven"}]
+    _jsonl(tmp_path / "docs.jsonl", docs)
+    r = _eval(model_tok, [{"name": "ppl", "kind": "perplexity", "data": {"path": "docs.jsonl"}}], tmp_path).tasks["ppl"]
+    model, tok = model_tok
+    total_nll, total_tok = 0.0, 0
+    for d in docs:
+        ids = tok(d["text"], add_special_tokens=False)["input_ids"]
+        full = torch.tensor([[tok.bos_token_id] + ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=full).logits.float(), -1)[0]
+        total_nll -= sum(lp[i, full[0, i + 1]].item() for i in range(len(ids)))
+        total_tok += len(ids)
+    ppl = r.metric("perplexity")
+    assert math.isclose(ppl.fn(r.columns), math.exp(total_nll / total_tok), rel_tol=1e-4)
+    n_bytes = sum(len(d["text"].encode()) for d in docs)
+    assert math.isclose(r.metric("bits_per_byte").fn(r.columns), total_nll / n_bytes / math.log(2), rel_tol=1e-4)
+
+
+def test_long_documents_roll_over_several_windows(model_tok, tmp_path):
+    words = " ".join(["red cat sun moon"] * 120)  # several windows of 64 tokens
+    _jsonl(tmp_path / "long.jsonl", [{"text": words}])
+    task = {"name": "ppl", "kind": "perplexity", "data": {"path": "long.jsonl"}}
+    short = _eval(model_tok, [task], tmp_path, max_length=64).tasks["ppl"]
+    assert short.info["windows"] > 3
+    assert short.columns["tokens"][0] == len(model_tok[1](words, add_special_tokens=False)["input_ids"])
+
+
+def test_left_truncation_is_counted(model_tok, tmp_path):
+    rows = [{"id": "long", "question": " ".join(["red"] * 200), "choices": ["cat", "dog"], "gold": 0}]
+    _jsonl(tmp_path / "mc.jsonl", rows)
+    task = {"name": "mc", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}}
+    r = _eval(model_tok, [task], tmp_path, max_length=32).tasks["mc"]
+    assert r.info["left_truncated"] == 1
+
+
+def test_generate_scorers_by_hand():
+    assert score_prediction("The Eiffel Tower!", ["eiffel tower"], "aliases")["exact_match"] == 1.0
+    assert score_prediction("It is in Paris, France", ["Paris"], "aliases")["contains"] == 1.0
+    assert math.isclose(token_f1("red big cat", "the red cat"), 2 * (2 / 3) * 1.0 / (2 / 3 + 1.0))
+    assert parse_number("so the answer is 1,234.") == 1234.0
+    assert parse_number("blah\n#### 42") == 42.0
+    assert score_prediction("Total: 18 dollars", ["... #### 18"], "numeric")["numeric"] == 1.0
+    assert score_prediction("Total: 17", ["#### 18"], "numeric")["numeric"] == 0.0
+
+
+def test_generate_task_runs_and_scores(model_tok, tmp_path):
+    _jsonl(tmp_path / "qa.jsonl", [{"question": "copy: red", "answer": ["red"]}, {"question": "copy: sun", "answer": "sun"}])
+    task = {"name": "qa", "kind": "generate", "data": {"path": "qa.jsonl"}, "max_new_tokens": 4}
+    r = _eval(model_tok, [task], tmp_path).tasks["qa"]
+    assert set(r.columns) == {"exact_match", "contains", "f1"} and r.n == 2
+    assert all("prediction" in d for d in r.details)
+
+
+def test_self_reference_is_zero_for_the_base_and_grows_when_perturbed(model_tok, tmp_path):
+    model, tok = model_tok
+    task = {"name": "self", "kind": "self_reference", "limit": 8, "max_new_tokens": 12}
+    base_fp = fingerprint_model(model)
+    base = _eval(model_tok, [task], tmp_path, reference_fingerprint=base_fp)
+    again = _eval(model_tok, [task], tmp_path, reference_fingerprint=base_fp)
+    assert base.tasks["self"].metric("kl").fn(base.tasks["self"].columns) < 1e-6
+    assert np.allclose(base.tasks["self"].columns["nll"], again.tasks["self"].columns["nll"])
+    perturbed = AutoModelForCausalLM.from_pretrained(tok.name_or_path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cand = evaluate(perturbed, tok, _suite([task]), bf16=False, progress=False, cache_dir=tmp_path / "cache",
+                    reference=lambda: (model, tok), reference_fingerprint=base_fp)
+    kl = cand.tasks["self"].metric("kl").fn(cand.tasks["self"].columns)
+    assert kl > 0.01
+    report = compare(base, cand)
+    t = report["tasks"]["self"]
+    assert t["main"] == "ce" and t["delta"] > 0 and t["significant_drop"]
+    assert report["retention_score"] < 1.0
+
+
+def test_baseline_is_cached_by_fingerprint(model_tok, tmp_path):
+    _jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    suite = _suite([{"name": "mc", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "prompt": "{{question}}"}])
+    m, tok = model_tok
+    calls = []
+
+    def run():
+        calls.append(1)
+        return evaluate(m, tok, suite, data_root=tmp_path, bf16=False, progress=False)
+
+    key = {"model": fingerprint_model(m), "suite": suite.fingerprint(tmp_path)}
+    first, hit1 = evaluate_cached(key, suite, run, cache_dir=tmp_path / "c")
+    second, hit2 = evaluate_cached(key, suite, run, cache_dir=tmp_path / "c")
+    assert (hit1, hit2) == (False, True) and len(calls) == 1
+    assert second.tasks["mc"].columns["acc"].tolist() == first.tasks["mc"].columns["acc"].tolist()
+    assert compare(first, second)["tasks"]["mc"]["delta"] == 0.0
+
+
+def test_builtin_suites_load():
+    g = load_suite("general")
+    assert [t.name for t in g.tasks] == ["arc_easy", "hellaswag", "piqa", "wikitext", "self_reference"]
+    assert [t.kind for t in load_suite("self").tasks] == ["self_reference"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_mapped_field_names_file_and_line(model_tok, tmp_path):
+    _jsonl(tmp_path / "mc.jsonl", [MC_ROWS[0], {"id": "x", "choices": ["a", "b"], "gold": 0}])
+    task = {"name": "mc", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "prompt": "{{question}}"}
+    with pytest.raises(DataError, match=r"mc.jsonl:2: task mc: prompt template .*'question' is undefined"):
+        _eval(model_tok, [task], tmp_path)
+
+
+def test_label_out_of_range(model_tok, tmp_path):
+    _jsonl(tmp_path / "mc.jsonl", [{"question": "q", "choices": ["a", "b"], "gold": 5}])
+    task = {"name": "mc", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}}
+    with pytest.raises(DataError, match=r"mc.jsonl:1: task mc: gold index 5 out of range for 2 choices"):
+        _eval(model_tok, [task], tmp_path)
+
+
+def test_empty_task_and_missing_file(model_tok, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="task mc: the data source is empty"):
+        _eval(model_tok, [{"name": "mc", "kind": "multiple_choice", "data": {"path": "empty.jsonl"}}], tmp_path)
+    with pytest.raises(DataError, match="data file .*nope.jsonl not found"):
+        _eval(model_tok, [{"name": "mc", "kind": "multiple_choice", "data": {"path": "nope.jsonl"}}], tmp_path)
+
+
+def test_unknown_task_kind_in_a_suite_file(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump({"name": "s", "tasks": [{"name": "x", "kind": "multiple_choise"}]}))
+    with pytest.raises(ForgetlessError, match=r"tasks.0 \(line 3\): unknown .*'multiple_choise'; valid: .*multiple_choice"):
+        load_suite(p)
+    with pytest.raises(ForgetlessError, match="unknown suite 'nope'"):
+        load_suite("nope")
