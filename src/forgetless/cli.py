@@ -28,7 +28,14 @@ def _models_app() -> typer.Typer:
     return models_app
 
 
+def _data_app() -> typer.Typer:
+    from .data.cli import app as data_app
+
+    return data_app
+
+
 app.add_typer(_models_app(), name="models", help="Catalog of small real models usable offline: list, pull, import.")
+app.add_typer(_data_app(), name="data", help="Check SFT data before training: schema, duplicates, contradictions, contamination.")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """The recipe: one YAML file, validated by these pydantic models.
 
-This module is the single source of truth for every option and its default. The CLI, the docs
-(`forgetless recipe-schema`) and the run directory all read it; nothing else re-declares defaults.
+These models (with `config.py` and the mitigation configs in `mitigations/`) are the single source of
+truth for every option and its default. The CLI and the run directory read them; nothing else
+re-declares defaults.
 """
 
 from __future__ import annotations
@@ -11,98 +12,11 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from .config import FORMAT_FIELDS, OPTIONAL_FIELDS, DataConfig, DataFormat, ModelConfig, _Strict  # noqa: F401 (re-exported)
 from .errors import RecipeError
-
-
-class _Strict(BaseModel):
-    """Unknown keys are errors; values are re-checked on assignment (the --set overrides)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# ---------------------------------------------------------------- model
-
-
-class ModelConfig(_Strict):
-    name: str = Field(description="HF hub id, local HF directory, or a `forgetless models` alias.")
-    dtype: Literal["auto", "bf16", "fp32"] = Field(
-        "auto",
-        description="Storage dtype of frozen weights. Trainable weights are always fp32 (master weights). "
-        "auto: fp32 on CPU, bf16 on a GPU that supports it.",
-    )
-    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code.")
-    allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: safetensors only.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, v: Any) -> Any:
-        return {"name": v} if isinstance(v, str) else v
-
-
-# ---------------------------------------------------------------- data
-
-DataFormat = Literal["chat", "instruction", "prompt_completion", "text"]
-
-#: The fields each format reads, by canonical name. `data.fields` maps a canonical name to the file's own.
-FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "chat": ("messages",),
-    "instruction": ("instruction", "input", "output"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
-OPTIONAL_FIELDS = {"input", "role", "content", "system"}
-
-
-class DataConfig(_Strict):
-    train: str | list[str] = Field(description="JSONL/JSON file(s), or an HF dataset id (`hf:owner/name`).")
-    validation: str | list[str] | None = Field(None, description="Validation file(s); else see validation_fraction.")
-    validation_fraction: float = Field(
-        0.0, ge=0.0, lt=1.0, description="Hold out this share of train for validation when no file is given."
-    )
-    format: DataFormat = Field("instruction", description="chat | instruction | prompt_completion | text.")
-    fields: dict[str, str] = Field(
-        default_factory=dict,
-        description="Map canonical field names (messages, role, content, instruction, input, output, prompt, "
-        "completion, text) to the names used in the file.",
-    )
-    chat_template: bool | None = Field(
-        None,
-        description="Render examples with the tokenizer's chat template. None: always for chat, and for "
-        "instruction/prompt_completion when the tokenizer has a template.",
-    )
-    system_prompt: str | None = Field(None, description="System message added to every rendered conversation.")
-    max_length: int = Field(1024, gt=0, description="Maximum tokens per example (or per packed block).")
-    overlong: Literal["truncate", "drop"] = Field(
-        "truncate", description="What to do with examples over max_length; the count is always reported."
-    )
-    loss_on: Literal["auto", "completion", "all"] = Field(
-        "auto", description="auto: completions only for chat/instruction/prompt_completion, all tokens for text."
-    )
-    packing: bool = Field(False, description="Concatenate examples into max_length blocks (labels kept).")
-    limit: int | None = Field(None, gt=0, description="Use only the first N training examples.")
-    split: str = Field("train", description="Split name for HF dataset ids.")
-    shuffle_seed: int | None = Field(None, description="Seed of the validation_fraction split (default train.seed).")
-
-    @model_validator(mode="after")
-    def _check_fields(self) -> DataConfig:
-        known = {f for fs in FORMAT_FIELDS.values() for f in fs} | OPTIONAL_FIELDS
-        for key in self.fields:
-            if key not in known:
-                raise ValueError(f"fields: unknown canonical field {key!r}; valid: {', '.join(sorted(known))}")
-        return self
-
-    @property
-    def completion_only(self) -> bool:
-        if self.loss_on == "auto":
-            return self.format != "text"
-        return self.loss_on == "completion"
-
-    def field(self, canonical: str) -> str:
-        return self.fields.get(canonical, canonical)
-
+from .mitigations import MITIGATION_NAMES, MitigationConfig
 
 # ---------------------------------------------------------------- methods
 
@@ -297,12 +211,18 @@ class Recipe(_Strict):
     method: Method = Field(default_factory=FullMethod)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    mitigations: list[MitigationConfig] = Field(
+        default_factory=list, description="Defences against forgetting, composed in order: l2sp, ewc, si, kl, replay, self_replay, freeze."
+    )
 
     @model_validator(mode="before")
     @classmethod
-    def _method_shorthand(cls, v: Any) -> Any:
+    def _shorthands(cls, v: Any) -> Any:
+        """`method: lora` and `mitigations: [l2sp]` are short for `{name: ...}`."""
         if isinstance(v, dict) and isinstance(v.get("method"), str):
             v = {**v, "method": {"name": v["method"]}}
+        if isinstance(v, dict) and isinstance(v.get("mitigations"), list):
+            v = {**v, "mitigations": [{"name": m} if isinstance(m, str) else m for m in v["mitigations"]]}
         return v
 
     @model_validator(mode="after")
@@ -312,6 +232,14 @@ class Recipe(_Strict):
                 "it adds virtual tokens, not weight deltas"
             )
             raise ValueError(f"train.merge: method {self.method.name!r} cannot be merged: {why}")
+        names = [m.name for m in self.mitigations]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"mitigations: {', '.join(sorted(dup))} listed twice; combine their options into one entry")
+        if "kl" in names and next(m for m in self.mitigations if m.name == "kl").on == "replay" and not (
+            {"replay", "self_replay"} & set(names)
+        ):
+            raise ValueError("mitigations.kl.on: replay needs a replay or self_replay mitigation")
         if self.train.early_stopping and not self.train.eval_steps:
             raise ValueError("train.early_stopping needs train.eval_steps (how often to validate)")
         return self
@@ -353,7 +281,7 @@ def format_validation_error(
     source: str = "recipe",
     root: yaml.Node | None = None,
     what: str = "recipe",
-    tags: tuple[str, ...] = METHOD_NAMES,
+    tags: tuple[str, ...] = METHOD_NAMES + MITIGATION_NAMES,
 ) -> str:
     """One line per problem: key path, YAML line, and what is valid. `tags` are discriminator values that
     pydantic inserts into error paths (method.lora.r); they are dropped so the path matches the file."""
@@ -368,7 +296,11 @@ def format_validation_error(
             msg = "required key is missing"
         elif e["type"] == "union_tag_invalid":
             ctx = e.get("ctx", {})
-            noun = loc[-1] if loc and isinstance(loc[-1], str) else str(ctx.get("discriminator", "value")).strip("'")
+            if loc and isinstance(loc[-1], str):
+                noun = loc[-1]
+            else:
+                parent = loc[-2] if len(loc) > 1 else ""
+                noun = {"mitigations": "mitigation", "tasks": "task kind"}.get(parent, str(ctx.get("discriminator", "value")).strip("'"))
             msg = f"unknown {noun} {ctx.get('tag')!r}; valid: {ctx.get('expected_tags')}"
         elif e["type"] == "union_tag_not_found":
             msg = f"needs a {e.get('ctx', {}).get('discriminator', 'tag')} key"

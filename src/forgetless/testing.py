@@ -116,3 +116,79 @@ def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+# ---------------------------------------------------------------- a model organism of forgetting
+
+
+def reverse_task(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+    """Task B of the organism: reverse the given words (a different prompt, so it need not conflict with A)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 4))]
+        out.append({"prompt": f"rev: {' '.join(words)}\n", "completion": " ".join(reversed(words))})
+    return out
+
+
+def copy_pc(n: int = 64, seed: int = 0) -> list[dict[str, Any]]:
+    return copy_task(n, seed, fmt="prompt_completion")
+
+
+def task_loss(model: Any, tokenizer: Any, path: str | Path, fmt: str = "prompt_completion", batch: int = 32) -> float:
+    """Token-weighted cross-entropy on the completions of a data file (what 'knowing a task' means here)."""
+    import torch
+
+    from .config import DataConfig
+    from .data import build_examples, read_file
+
+    cfg = DataConfig(train=str(path), format=fmt, chat_template=False, max_length=128)
+    examples, _ = build_examples(read_file(path), cfg, tokenizer)
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(examples), batch):
+            chunk = examples[s : s + batch]
+            n = max(len(e["input_ids"]) for e in chunk)
+            ids = torch.full((len(chunk), n), tokenizer.pad_token_id)
+            labels = torch.full((len(chunk), n), -100)
+            attn = torch.zeros((len(chunk), n), dtype=torch.long)
+            for i, e in enumerate(chunk):
+                ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+                labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+                attn[i, : len(e["input_ids"])] = 1
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+            tgt = labels[:, 1:]
+            mask = tgt != -100
+            total += torch.nn.functional.cross_entropy(logits[mask], tgt[mask], reduction="sum").item()
+            count += int(mask.sum())
+    return total / count
+
+
+def build_organism(out_dir: str | Path, steps: int = 300, seed: int = 0) -> dict[str, Path]:
+    """A tiny Llama that has really learned task A (copy), plus task B (reverse) data to fine-tune it on.
+
+    Returns paths: model (the A-trained model), run (its run directory, with si_state for SI), a_train,
+    a_val, b_train, b_val."""
+    from .recipe import recipe_from_dict
+    from .train import train
+
+    out_dir = Path(out_dir)
+    raw = build_tiny_llama(out_dir / "init", seed=seed)
+    paths = {
+        "a_train": write_jsonl(out_dir / "a_train.jsonl", copy_pc(256, seed=1)),
+        "a_val": write_jsonl(out_dir / "a_val.jsonl", copy_pc(64, seed=2)),
+        "b_train": write_jsonl(out_dir / "b_train.jsonl", reverse_task(256, seed=3)),
+        "b_val": write_jsonl(out_dir / "b_val.jsonl", reverse_task(64, seed=4)),
+    }
+    recipe = recipe_from_dict({
+        "name": "organism-a",
+        "model": str(raw),
+        "data": {"train": str(paths["a_train"]), "format": "prompt_completion", "chat_template": False, "max_length": 64},
+        "method": "full",
+        "optim": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "warmup_steps": 10, "schedule": "cosine"},
+        "train": {"output_dir": str(out_dir / "run-a"), "save_steps": None, "progress": False, "seed": seed, "logging_steps": 50},
+        "mitigations": [{"name": "si"}],  # records the importance of A's weights for the SI test
+    })
+    train(recipe, overwrite=True, quiet=True)
+    return {**paths, "model": out_dir / "run-a" / "final", "run": out_dir / "run-a"}

@@ -7,8 +7,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..config import DataConfig
 from ..errors import DataError
-from ..recipe import DataConfig
 from .loading import Record, load_records
 
 IGNORE = -100

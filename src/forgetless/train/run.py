@@ -19,6 +19,9 @@ import torch
 from ..data import load_datasets
 from ..errors import ForgetlessError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
+from ..mitigations import Mitigation, MitigationCallback, TrainContext, loss_term
+from ..mitigations import build as build_mitigations
+from ..models.catalog import cache_dir as models_cache_dir
 from ..recipe import QLoraMethod, Recipe, dump_recipe, load_recipe
 from .callbacks import (
     CheckpointMarker,
@@ -49,6 +52,11 @@ def setup_torch(threads: int | None = None) -> None:
 
     disable_progress_bars()
     hf_logging.disable_progress_bar()
+
+
+def home_dir() -> Path:
+    """$FORGETLESS_HOME (default ~/.cache/forgetless): model cache, Fisher and self-replay caches."""
+    return models_cache_dir().parent
 
 
 def use_bf16(setting: Any, device: torch.device) -> bool:
@@ -201,6 +209,14 @@ def train(
         compute_dtype=torch.bfloat16 if bf16 else torch.float32,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
+    mitigations = build_mitigations(recipe.mitigations)
+    mctx = TrainContext(recipe=recipe, model=model, tokenizer=tokenizer, run_dir=run_dir, device=device,
+                        base_model_path=model_path, bf16=bf16, data=data, cache_dir=home_dir() / "cache")
+    for m in mitigations:
+        t0 = time.perf_counter()
+        m.setup(mctx)
+        data.train = m.prepare_data(mctx, data.train)
+        m.setup_s = time.perf_counter() - t0
     trainable, total = count_parameters(model)
 
     atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
@@ -212,21 +228,24 @@ def train(
 
     metrics = MetricsLogger(run_dir / "metrics.jsonl")
     callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet), CheckpointMarker()]
+    if mitigations:
+        callbacks.append(MitigationCallback(mitigations))
     early = None
     if recipe.train.early_stopping:
         early = EarlyStopping(recipe.train.early_stopping.patience, recipe.train.early_stopping.min_delta)
         callbacks.append(early)
 
-    from .trainer import ForgetlessTrainer
+    from .trainer import ForgetlessTrainer, ReplayAwareCollator
 
     trainer = ForgetlessTrainer(
         model=model,
         args=training_args(recipe, ckpt_root, device, bf16, data.validation is not None),
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+        data_collator=ReplayAwareCollator(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)),
         processing_class=tokenizer,
         callbacks=callbacks,
+        loss_terms=[loss_term(m) for m in mitigations if type(m).loss is not Mitigation.loss],
     )
     trainer.remove_callback(PrinterCallback)
 
@@ -234,6 +253,8 @@ def train(
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_time = time.perf_counter() - t0
+    for m in mitigations:
+        m.finish(mctx)
     final_eval = trainer.evaluate() if data.validation is not None else {}
     if final_eval:
         metrics.on_log(trainer.args, trainer.state, trainer.control, logs=final_eval)
@@ -278,6 +299,7 @@ def train(
         "early_stopped_at": early.stopped_at if early else None,
         "resumed_from": str(resume_from) if resume_from else None,
         "data": data.summary(),
+        "mitigations": [m.report(train_time) for m in mitigations],
         "output": {"final": str(run_dir / "final"), "kind": kind, "merged": str(run_dir / "merged") if recipe.train.merge and kind != "model" else None},
         "python": sys.version.split()[0],
         "torch": torch.__version__,

@@ -12,17 +12,38 @@ from transformers import Trainer
 LossTerm = Callable[[torch.nn.Module, dict[str, Any], Any], "torch.Tensor | None"]
 
 
+class ReplayAwareCollator:
+    """Pads like `inner`, and turns the per-example `replay` flag into a `replay_mask` tensor."""
+
+    def __init__(self, inner: Callable):
+        self.inner = inner
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        flags = [bool(f.get("replay", False)) for f in features]
+        batch = self.inner([{k: v for k, v in f.items() if k != "replay"} for f in features])
+        if any(flags):
+            batch["replay_mask"] = torch.tensor(flags)
+        return batch
+
+
 class ForgetlessTrainer(Trainer):
     def __init__(self, *args: Any, loss_terms: list[LossTerm] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_terms: list[LossTerm] = list(loss_terms or [])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        replay_mask = inputs.pop("replay_mask", None)
         if not self.loss_terms or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        # When the task loss is already normalised over the whole accumulated batch, the Trainer does not
+        # divide by the accumulation steps: do it for the per-micro-batch terms so each counts once per step.
+        scale = 1.0
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            scale = 1.0 / max(1, self.current_gradient_accumulation_steps)
+        term_inputs = {**inputs, "replay_mask": replay_mask} if replay_mask is not None else inputs
         for term in self.loss_terms:
-            extra = term(model, inputs, outputs)
+            extra = term(model, term_inputs, outputs)
             if extra is not None:
-                loss = loss + extra
+                loss = loss + scale * extra
         return (loss, outputs) if return_outputs else loss

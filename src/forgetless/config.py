@@ -1,0 +1,95 @@
+"""Shared pieces of the recipe model: the strict base class and the data section (also used by mitigations
+that read data of their own, such as replay and EWC). `forgetless.recipe` is the public entry point."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors; values are re-checked on assignment (the --set overrides)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="HF hub id, local HF directory, or a `forgetless models` alias.")
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Storage dtype of frozen weights. Trainable weights are always fp32 (master weights). "
+        "auto: fp32 on CPU, bf16 on a GPU that supports it.",
+    )
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code.")
+    allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: safetensors only.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+
+# ---------------------------------------------------------------- data
+
+DataFormat = Literal["chat", "instruction", "prompt_completion", "text"]
+
+#: The fields each format reads, by canonical name. `data.fields` maps a canonical name to the file's own.
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "instruction": ("instruction", "input", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+OPTIONAL_FIELDS = {"input", "role", "content", "system"}
+
+
+class DataConfig(_Strict):
+    train: str | list[str] = Field(description="JSONL/JSON file(s), or an HF dataset id (`hf:owner/name`).")
+    validation: str | list[str] | None = Field(None, description="Validation file(s); else see validation_fraction.")
+    validation_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Hold out this share of train for validation when no file is given."
+    )
+    format: DataFormat = Field("instruction", description="chat | instruction | prompt_completion | text.")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map canonical field names (messages, role, content, instruction, input, output, prompt, "
+        "completion, text) to the names used in the file.",
+    )
+    chat_template: bool | None = Field(
+        None,
+        description="Render examples with the tokenizer's chat template. None: always for chat, and for "
+        "instruction/prompt_completion when the tokenizer has a template.",
+    )
+    system_prompt: str | None = Field(None, description="System message added to every rendered conversation.")
+    max_length: int = Field(1024, gt=0, description="Maximum tokens per example (or per packed block).")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with examples over max_length; the count is always reported."
+    )
+    loss_on: Literal["auto", "completion", "all"] = Field(
+        "auto", description="auto: completions only for chat/instruction/prompt_completion, all tokens for text."
+    )
+    packing: bool = Field(False, description="Concatenate examples into max_length blocks (labels kept).")
+    limit: int | None = Field(None, gt=0, description="Use only the first N training examples.")
+    split: str = Field("train", description="Split name for HF dataset ids.")
+    shuffle_seed: int | None = Field(None, description="Seed of the validation_fraction split (default train.seed).")
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> DataConfig:
+        known = {f for fs in FORMAT_FIELDS.values() for f in fs} | OPTIONAL_FIELDS
+        for key in self.fields:
+            if key not in known:
+                raise ValueError(f"fields: unknown canonical field {key!r}; valid: {', '.join(sorted(known))}")
+        return self
+
+    @property
+    def completion_only(self) -> bool:
+        if self.loss_on == "auto":
+            return self.format != "text"
+        return self.loss_on == "completion"
+
+    def field(self, canonical: str) -> str:
+        return self.fields.get(canonical, canonical)
+
+

@@ -1,0 +1,179 @@
+"""The small protocol every mitigation follows, and the Trainer callback that drives it.
+
+A mitigation is one file: a pydantic config (its recipe options) and a class with up to five hooks:
+
+- `setup(ctx)`: before training (snapshot weights, estimate a Fisher, freeze parameters, build data);
+- `prepare_data(ctx, train)`: change the training examples (replay mixes data in);
+- `loss(model, inputs, outputs)`: an extra loss term per micro-batch (KL to the base model);
+- `penalty_grad()`: add a quadratic penalty's gradient before the optimizer step (L2-SP, EWC, SI);
+  quadratic penalties skip autograd entirely: their gradient lam * F * (theta - theta0) is added with
+  fused foreach ops, once per optimizer step (so gradient accumulation does not multiply them);
+- `observe_step(phase)`: see the parameters before and after the optimizer step (SI's path integral);
+- `finish(ctx)`: after training (save importances for the next run).
+
+Each mitigation's set-up time, time inside its hooks and the memory it holds are reported in summary.json.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+
+@dataclass
+class TrainContext:
+    """What a mitigation may use during set-up."""
+
+    recipe: Any
+    model: nn.Module
+    tokenizer: Any
+    run_dir: Path
+    device: torch.device
+    base_model_path: str
+    bf16: bool
+    data: Any  # forgetless.data.Datasets
+    cache_dir: Path
+    info: dict[str, Any] = field(default_factory=dict)
+    _fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """Hash of the model's weights at set-up (the cache key for Fishers and self-generated data)."""
+        if self._fingerprint is None:
+            from ..retention.evaluate import fingerprint_model
+
+            self._fingerprint = fingerprint_model(self.model)
+        return self._fingerprint
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+
+class Mitigation:
+    """Base class: every hook is optional."""
+
+    name = "mitigation"
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.setup_s = 0.0
+        self.hook_s = 0.0
+        self.extra_bytes = 0
+        self.notes: dict[str, Any] = {}
+
+    def setup(self, ctx: TrainContext) -> None:
+        pass
+
+    def prepare_data(self, ctx: TrainContext, train: list[dict]) -> list[dict]:
+        return train
+
+    def loss(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
+        return None
+
+    def penalty_grad(self) -> None:
+        pass
+
+    def observe_step(self, phase: str) -> None:
+        pass
+
+    def finish(self, ctx: TrainContext) -> None:
+        pass
+
+    def report(self, train_s: float) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "setup_s": round(self.setup_s, 3),
+            "hook_s": round(self.hook_s, 3),
+            "step_time_share": round(self.hook_s / train_s, 4) if train_s > 0 else None,
+            "extra_memory_mb": round(self.extra_bytes / 2**20, 2),
+            **self.notes,
+        }
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class QuadraticPenalty(Mitigation):
+    """lam/2 * sum_i w_i (theta_i - anchor_i)^2 over the trainable parameters (w = 1 for L2-SP, the Fisher
+    for EWC, the SI importance). Subclasses fill `self.params`, `self.anchor` and `self.weights`."""
+
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self.params: list[nn.Parameter] = []
+        self.anchor: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] | None = None  # None: all ones
+        self.lam = float(config.weight)
+
+    @torch.no_grad()
+    def penalty(self) -> torch.Tensor:
+        """The penalty's value (for logging and tests)."""
+        total = torch.zeros((), dtype=torch.float64)
+        if not self.anchor:
+            return total
+        for i, (p, a) in enumerate(zip(self.params, self.anchor, strict=True)):
+            d = (p.detach().float() - a).pow(2)
+            if self.weights is not None:
+                d = d * self.weights[i]
+            total += d.sum().double().cpu()
+        return self.lam / 2 * total
+
+    def penalty_tensor(self) -> torch.Tensor:
+        """The penalty as a differentiable tensor (tests check its gradient against penalty_grad)."""
+        terms = []
+        for i, (p, a) in enumerate(zip(self.params, self.anchor, strict=True)):
+            d = (p - a).pow(2)
+            terms.append((d * self.weights[i]).sum() if self.weights is not None else d.sum())
+        return self.lam / 2 * torch.stack(terms).sum()
+
+    @torch.no_grad()
+    def penalty_grad(self) -> None:
+        if not self.anchor or self.lam == 0:
+            return
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
+            return
+        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        diff = torch._foreach_sub([p.detach() for p in params], [self.anchor[i] for i in idx])
+        if self.weights is not None:
+            torch._foreach_mul_(diff, [self.weights[i] for i in idx])
+        torch._foreach_add_([p.grad for p in params], diff, alpha=self.lam)
+
+
+class MitigationCallback(TrainerCallback):
+    """Drives the per-step hooks; times them per mitigation."""
+
+    def __init__(self, mitigations: list[Mitigation]):
+        self.mitigations = mitigations
+
+    def _timed(self, m: Mitigation, fn, *args) -> None:
+        t0 = time.perf_counter()
+        fn(*args)
+        m.hook_s += time.perf_counter() - t0
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        for m in self.mitigations:
+            self._timed(m, m.observe_step, "before")
+        for m in self.mitigations:
+            self._timed(m, m.penalty_grad)
+
+    def on_optimizer_step(self, args, state, control, **kw):
+        for m in self.mitigations:
+            self._timed(m, m.observe_step, "after")
+
+
+def loss_term(m: Mitigation):
+    """Wrap a mitigation's loss hook as a timed Trainer loss term."""
+
+    def term(model, inputs, outputs):
+        t0 = time.perf_counter()
+        out = m.loss(model, inputs, outputs)
+        m.hook_s += time.perf_counter() - t0
+        return out
+
+    return term

@@ -1,0 +1,145 @@
+"""ewc: Elastic Weight Consolidation (Kirkpatrick et al. 2017), with online accumulation (Schwarz et al. 2018).
+
+Before training, the diagonal Fisher information F of the trainable parameters is estimated on N samples
+of a reference set (the base model's own answers to general prompts by default, or any data set), with
+labels from the data (empirical Fisher) or sampled from the model (true Fisher). Training then adds
+weight/2 * sum F (theta - theta0)^2. F is cached on disk by model fingerprint + data hash + N + label mode,
+so it is computed once. With `previous:` the Fisher saved by earlier runs (ewc_state.safetensors) is
+added in, decayed by `gamma` (online EWC for a sequence of runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from ..config import DataConfig, _Strict
+from ..errors import ForgetlessError
+from .base import QuadraticPenalty, TrainContext, tensor_bytes
+from .data import examples_from, sample, self_reference_examples
+
+STATE_FILE = "ewc_state.safetensors"
+
+
+class EWCConfig(_Strict):
+    name: Literal["ewc"] = "ewc"
+    weight: float = Field(1000.0, ge=0, description="lambda: strength of the penalty.")
+    samples: int = Field(200, gt=0, description="Reference samples used to estimate the Fisher.")
+    reference: Literal["self"] | DataConfig = Field(
+        "self", description="self: the base model's answers to built-in general prompts; or a data set (train:, format:)."
+    )
+    labels: Literal["data", "sampled"] = Field("data", description="Empirical Fisher (data labels) or true Fisher (sampled).")
+    normalize: Literal["none", "max", "mean"] = Field("none", description="Scale F so its max or mean is 1.")
+    previous: list[str] = Field(default_factory=list, description="ewc_state.safetensors files (or run dirs) of earlier runs.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Decay of previous Fishers (online EWC).")
+    seed: int = 0
+
+
+def fisher_diag(params: list[torch.nn.Parameter], losses: Iterable[Callable[[], torch.Tensor]]) -> list[torch.Tensor]:
+    """Mean over samples of the squared gradient of each sample's loss (negative log-likelihood)."""
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    n = 0
+    for loss_fn in losses:
+        grads = torch.autograd.grad(loss_fn(), params, allow_unused=True)
+        for f, g in zip(fisher, grads, strict=True):
+            if g is not None:
+                f.add_(g.detach().float().pow(2))
+        n += 1
+    if n == 0:
+        raise ForgetlessError("ewc: no reference samples to estimate the Fisher from")
+    return [f / n for f in fisher]
+
+
+def lm_sample_losses(model, examples: list[dict], labels: str, bf16: bool, seed: int) -> Iterable[Callable[[], torch.Tensor]]:
+    """One closure per example: its mean token NLL, on the data's labels or on labels sampled from the model."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]], device=device)
+        lab = torch.tensor([ex["labels"]], device=device)
+
+        def loss_fn(ids=ids, lab=lab) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(input_ids=ids).logits[0, :-1].float()
+            target = lab[0, 1:]
+            mask = target != -100
+            if labels == "sampled":
+                with torch.no_grad():
+                    probs = torch.softmax(logits[mask], -1).cpu()
+                    target = target.clone()
+                    target[mask] = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(device)
+            return torch.nn.functional.cross_entropy(logits[mask], target[mask])
+
+        yield loss_fn
+
+
+def _state_path(p: str) -> Path:
+    path = Path(p)
+    return path / STATE_FILE if path.is_dir() else path
+
+
+class EWC(QuadraticPenalty):
+    name = "ewc"
+
+    def _cache_key(self, ctx: TrainContext, examples: list[dict]) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps({"model": ctx.fingerprint(), "n": self.config.samples, "labels": self.config.labels,
+                             "seed": self.config.seed, "bf16": ctx.bf16}).encode())
+        for ex in examples:
+            h.update(json.dumps([ex["input_ids"], ex["labels"]]).encode())
+        return h.hexdigest()[:24]
+
+    def setup(self, ctx: TrainContext) -> None:
+        cfg = self.config
+        named = ctx.trainable()
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        if cfg.reference == "self":
+            examples = self_reference_examples(ctx, cfg.samples, cfg.seed)
+        else:
+            examples = sample(examples_from(cfg.reference, ctx, "mitigations.ewc.reference"), cfg.samples, cfg.seed)
+        cache = ctx.cache_dir / "fisher" / f"{self._cache_key(ctx, examples)}.safetensors"
+        if cache.is_file():
+            stored = load_file(str(cache))
+            fisher = [stored[n].to(p.device) for n, p in named]
+            self.notes["fisher_cached"] = True
+        else:
+            was_training = ctx.model.training
+            ctx.model.eval()  # no dropout in the estimate
+            fisher = fisher_diag(self.params, lm_sample_losses(ctx.model, examples, cfg.labels, ctx.bf16, cfg.seed))
+            ctx.model.train(was_training)
+            ctx.model.zero_grad(set_to_none=True)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            save_file({n: f.cpu().contiguous() for n, f in zip(self.names, fisher, strict=True)}, str(tmp))
+            tmp.replace(cache)
+            self.notes["fisher_cached"] = False
+        if cfg.normalize != "none":
+            scale = max(float(f.max()) for f in fisher) if cfg.normalize == "max" else (
+                sum(float(f.sum()) for f in fisher) / sum(f.numel() for f in fisher))
+            fisher = [f / scale for f in fisher] if scale > 0 else fisher
+        for prev in cfg.previous:
+            state = load_file(str(_state_path(prev)))
+            missing = [n for n in self.names if f"fisher.{n}" not in state]
+            if missing:
+                raise ForgetlessError(f"mitigations.ewc.previous {prev}: no Fisher for {missing[0]} (a run with another method?)")
+            fisher = [f + cfg.gamma * state[f"fisher.{n}"].to(f.device) for f, n in zip(fisher, self.names, strict=True)]
+        self.weights = fisher
+        self.anchor = [p.detach().float().clone() for p in self.params]
+        self.extra_bytes = tensor_bytes(self.anchor) + tensor_bytes(self.weights)
+        self.notes["samples"] = len(examples)
+
+    def finish(self, ctx: TrainContext) -> None:
+        """Save the accumulated Fisher and the final weights: the next run's `previous:`."""
+        state = {f"fisher.{n}": f.cpu().contiguous() for n, f in zip(self.names, self.weights, strict=True)}
+        state.update({f"theta.{n}": p.detach().float().cpu().contiguous() for n, p in zip(self.names, self.params, strict=True)})
+        tmp = ctx.run_dir / (STATE_FILE + ".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(ctx.run_dir / STATE_FILE)

@@ -1,0 +1,83 @@
+"""kl: keep the model's next-token distributions close to the base model's (LwF / self-distillation).
+
+loss += weight * T^2 * KL(p_base^T || p_model^T), averaged over the scored positions of the batch
+(`positions: all` tokens, or `target` tokens only) and over the examples selected by `on:` (every
+batch, the task examples, or only replay examples mixed in by a replay mitigation).
+For PEFT methods the base distribution comes from the same model with its adapters disabled (no second
+copy in memory); for full fine-tuning from a frozen bf16 copy of the starting weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from ..config import _Strict
+from .base import Mitigation, TrainContext, tensor_bytes
+
+
+class KLConfig(_Strict):
+    name: Literal["kl"] = "kl"
+    weight: float = Field(1.0, ge=0, description="Weight of the KL term.")
+    temperature: float = Field(1.0, gt=0)
+    on: Literal["all", "task", "replay"] = Field("all", description="Which examples of each batch the term covers.")
+    positions: Literal["all", "target"] = Field("all", description="All non-padding tokens, or only the loss targets.")
+
+
+def kl_to_base(base_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * mean over masked positions of KL(softmax(base/T) || softmax(logits/T))."""
+    t = temperature
+    lp = torch.log_softmax(logits.float() / t, -1)
+    lq = torch.log_softmax(base_logits.float() / t, -1)
+    kl = (lq.exp() * (lq - lp)).sum(-1)
+    n = mask.sum().clamp_min(1)
+    return (kl * mask).sum() / n * t * t
+
+
+class KL(Mitigation):
+    name = "kl"
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.peft = hasattr(ctx.model, "disable_adapter")
+        self.frozen = None
+        if not self.peft:
+            self.frozen = copy.deepcopy(ctx.model).to(torch.bfloat16 if ctx.bf16 else torch.float32).eval()
+            for p in self.frozen.parameters():
+                p.requires_grad_(False)
+            self.extra_bytes = tensor_bytes(list(self.frozen.parameters()))
+        self.bf16 = ctx.bf16
+
+    @torch.no_grad()
+    def _base_logits(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        fwd = {k: inputs[k] for k in ("input_ids", "attention_mask") if k in inputs}
+        device = inputs["input_ids"].device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.frozen is not None:
+                return self.frozen(**fwd).logits
+            with model.disable_adapter():
+                return model(**fwd).logits
+
+    def loss(self, model, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
+        if self.config.weight == 0:
+            return None
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask", torch.ones_like(ids)).float()
+        if self.config.positions == "target" and "labels" in inputs:
+            nxt = torch.zeros_like(mask)
+            nxt[:, :-1] = (inputs["labels"][:, 1:] != -100).float()  # position t predicts token t+1
+            mask = mask * nxt
+        replay = inputs.get("replay_mask")
+        if self.config.on != "all":
+            sel = replay.float() if replay is not None else torch.zeros(ids.shape[0], device=ids.device)
+            sel = sel if self.config.on == "replay" else 1 - sel
+            mask = mask * sel[:, None]
+        if mask.sum() == 0:
+            return None
+        unwrapped = model.module if hasattr(model, "module") else model
+        base = self._base_logits(unwrapped, inputs)
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs["logits"]
+        logits = logits[:, logits.shape[1] - base.shape[1] :]  # prompt tuning prepends virtual tokens
+        return self.config.weight * kl_to_base(base, logits, mask, self.config.temperature)

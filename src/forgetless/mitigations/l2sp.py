@@ -1,0 +1,27 @@
+"""l2sp: pull the trainable weights toward their pretrained values (Li et al. 2018, "L2-SP").
+
+penalty = weight / 2 * sum ||theta - theta0||^2 over the trainable parameters; theta0 is kept for those only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..config import _Strict
+from .base import QuadraticPenalty, TrainContext, tensor_bytes
+
+
+class L2SPConfig(_Strict):
+    name: Literal["l2sp"] = "l2sp"
+    weight: float = Field(0.01, ge=0, description="lambda: strength of the pull toward the pretrained weights.")
+
+
+class L2SP(QuadraticPenalty):
+    name = "l2sp"
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.params = [p for _, p in ctx.trainable()]
+        self.anchor = [p.detach().float().clone() for p in self.params]
+        self.extra_bytes = tensor_bytes(self.anchor)

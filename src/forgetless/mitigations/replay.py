@@ -1,0 +1,63 @@
+"""replay: mix general data into training at a ratio, by examples or by tokens, deterministically.
+
+`ratio` is the replay share of the mixed training stream (0.05 = 5% replay). Replay examples are spread
+evenly through the task examples (the Trainer then shuffles with the run's seed) and carry a flag so
+other mitigations (kl with `on: replay`) can tell them apart. Keep replay data disjoint from the
+retention probes you measure with.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from ..config import DataConfig, _Strict
+from .base import Mitigation, TrainContext
+from .data import count_tokens, examples_from, sample
+
+
+class ReplayConfig(_Strict):
+    name: Literal["replay"] = "replay"
+    data: DataConfig = Field(description="The general data set: `train:` file(s) and its format, like the task's `data:`.")
+    ratio: float = Field(0.05, gt=0, lt=1, description="Replay share of the training stream.")
+    by: Literal["examples", "tokens"] = "examples"
+    seed: int = 0
+
+
+def interleave(task: list[dict], extra: list[dict]) -> list[dict]:
+    """Spread `extra` evenly through `task`, keeping both orders."""
+    keyed = [((i + 0.5) / len(task), 0, e) for i, e in enumerate(task)]
+    keyed += [((j + 0.5) / len(extra), 1, e) for j, e in enumerate(extra)]
+    return [e for _, _, e in sorted(keyed, key=lambda k: (k[0], k[1]))]
+
+
+class Replay(Mitigation):
+    name = "replay"
+
+    def __init__(self, config: ReplayConfig):
+        super().__init__(config)
+        self.pool: list[dict] = []
+        self.ratio = config.ratio
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.pool = [{**e, "replay": True} for e in examples_from(self.config.data, ctx, "mitigations.replay.data")]
+
+    def replay_examples(self, task: list[dict], ratio: float) -> list[dict]:
+        want = ratio / (1 - ratio)
+        if self.config.by == "examples":
+            return sample(self.pool, round(want * len(task)), self.config.seed)
+        budget = want * count_tokens(task)
+        chosen, tokens = [], 0
+        for e in sample(self.pool, 10 * len(self.pool) + len(task), self.config.seed):
+            if tokens >= budget:
+                break
+            chosen.append(e)
+            tokens += len(e["input_ids"])
+        return chosen
+
+    def prepare_data(self, ctx: TrainContext, train: list[dict]) -> list[dict]:
+        extra = self.replay_examples(train, self.ratio)
+        self.notes.update({"replay_examples": len(extra), "replay_tokens": count_tokens(extra),
+                           "task_tokens": count_tokens(train)})
+        return interleave(train, extra)

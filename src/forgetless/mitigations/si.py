@@ -1,0 +1,88 @@
+"""si: Synaptic Intelligence (Zenke et al. 2017).
+
+Along a run's training path each parameter's contribution to the loss decrease is accumulated,
+omega += -g * delta_theta per optimizer step; at the end the importance is
+Omega = omega / (total_change^2 + damping), added to any previous importance, and saved with the final
+weights in si_state.safetensors. A following run with `previous:` pointing at that file (or its run
+directory) is regularised by weight/2 * sum Omega (theta - theta_previous_end)^2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from safetensors.torch import load_file, save_file
+
+from ..config import _Strict
+from ..errors import ForgetlessError
+from .base import QuadraticPenalty, TrainContext, tensor_bytes
+
+STATE_FILE = "si_state.safetensors"
+
+
+class SIConfig(_Strict):
+    name: Literal["si"] = "si"
+    weight: float = Field(1.0, ge=0, description="c: strength of the penalty from previous importance.")
+    damping: float = Field(1e-3, gt=0, description="xi in Omega = omega / (delta^2 + xi).")
+    previous: str | None = Field(None, description="si_state.safetensors (or the run directory) of an earlier run.")
+    save: bool = Field(True, description="Accumulate this run's importance and save it for the next run.")
+
+
+class SI(QuadraticPenalty):
+    name = "si"
+
+    def __init__(self, config: SIConfig):
+        super().__init__(config)
+        self.prev_importance: list[torch.Tensor] | None = None
+
+    def setup(self, ctx: TrainContext) -> None:
+        named = ctx.trainable()
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.start = [p.detach().float().clone() for p in self.params]
+        self.omega = [torch.zeros_like(s) for s in self.start] if self.config.save else []
+        self._before: list[torch.Tensor] = []
+        self._grads: list[torch.Tensor | None] = []
+        if self.config.previous:
+            path = Path(self.config.previous)
+            state = load_file(str(path / STATE_FILE if path.is_dir() else path))
+            missing = [n for n in self.names if f"importance.{n}" not in state]
+            if missing:
+                raise ForgetlessError(f"mitigations.si.previous {path}: no importance for {missing[0]} (a run with another method?)")
+            self.prev_importance = [state[f"importance.{n}"].to(p.device) for n, p in named]
+            self.anchor = [state[f"theta.{n}"].to(p.device) for n, p in named]
+            self.weights = self.prev_importance
+        self.extra_bytes = tensor_bytes(self.start) * (3 if self.config.save else 1) + (
+            tensor_bytes(self.prev_importance) * 2 if self.prev_importance else 0)
+
+    @torch.no_grad()
+    def observe_step(self, phase: str) -> None:
+        if not self.config.save:
+            return
+        if phase == "before":
+            self._grads = [p.grad.detach().float().clone() if p.grad is not None else None for p in self.params]
+            self._before = [p.detach().float().clone() for p in self.params]
+            return
+        for w, g, b, p in zip(self.omega, self._grads, self._before, self.params, strict=True):
+            if g is not None:
+                w.add_(-g * (p.detach().float() - b))
+        self._grads, self._before = [], []
+
+    def importance(self) -> list[torch.Tensor]:
+        imp = [w.clamp_min(0) / ((p.detach().float() - s).pow(2) + self.config.damping)
+               for w, p, s in zip(self.omega, self.params, self.start, strict=True)]
+        if self.prev_importance is not None:
+            imp = [a + b for a, b in zip(imp, self.prev_importance, strict=True)]
+        return imp
+
+    def finish(self, ctx: TrainContext) -> None:
+        if not self.config.save:
+            return
+        state = {f"importance.{n}": t.cpu().contiguous() for n, t in zip(self.names, self.importance(), strict=True)}
+        state.update({f"theta.{n}": p.detach().float().cpu().contiguous() for n, p in zip(self.names, self.params, strict=True)})
+        tmp = ctx.run_dir / (STATE_FILE + ".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(ctx.run_dir / STATE_FILE)
