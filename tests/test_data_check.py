@@ -447,3 +447,24 @@ def test_report_is_a_dataclass_with_counts(planted):
     assert report.total_problems == sum(report.problems.values()) == 11
     quiet = check_data(str(planted["path"]), _cfg(), max_examples=0)
     assert quiet.problems == report.problems and len(report_problems(quiet)) == 4
+
+
+def test_against_a_retention_suite_lists_contamination_per_task(tmp_path):
+    from conftest import SHARED
+
+    from forgetless.data.check import load_against
+
+    data_root = SHARED / "data"
+    if not (data_root / "commonsense_mc" / "arc_easy_test.jsonl").is_file():
+        pytest.skip(f"../shared is absent ({data_root}): the general suite's data files are needed")
+    sets = load_against(["general"], data_root)
+    assert {"general/arc_easy", "general/piqa", "general/self_reference"} <= set(sets)
+    first_arc = json.loads((data_root / "commonsense_mc" / "arc_easy_test.jsonl").read_text().splitlines()[0])
+    f = tmp_path / "train.jsonl"
+    f.write_text(json.dumps({"instruction": "q", "input": "", "output": first_arc["question"] + " " + first_arc["choices"][0]}) + "\n"
+                 + json.dumps({"instruction": "hi", "input": "", "output": "hello there my good friend"}) + "\n")
+    report = check_data(str(f), DataConfig(train=str(f), format="instruction"), against=sets)
+    hits = report.to_dict()["contamination"]
+    assert hits["contaminated"] == 1
+    assert hits["tasks"]["general/arc_easy"]["contaminated_examples"] == 1
+    assert hits["tasks"]["general/piqa"]["contaminated_examples"] == 0

@@ -144,3 +144,17 @@ def test_pickle_only_model_is_refused(tiny_model, toy_data, tmp_path):
     r = recipe_from_dict(tiny_recipe(d, toy_data, tmp_path / "run"))
     with pytest.raises(ForgetlessError, match="only pickle weights"):
         train(r)
+
+
+def test_train_runs_the_cheap_data_checks_and_strict_makes_them_errors(tiny_model, toy_data, tmp_path):
+    rows = [json.loads(x) for x in toy_data["chat"].read_text().splitlines()][:20]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:3]))
+    r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "warn", data__train=str(dup), optim__max_steps=2))
+    train(r)
+    stats = json.loads((tmp_path / "warn" / "data_stats.json").read_text())
+    assert any("duplicate" in line for line in stats["check"])
+    strict = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "strict", data__train=str(dup), data__check="strict"))
+    with pytest.raises(DataError, match="data.check is strict"):
+        train(strict)
+    assert not (tmp_path / "strict" / "checkpoints").exists()

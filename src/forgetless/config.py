@@ -74,6 +74,10 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, gt=0, description="Use only the first N training examples.")
     split: str = Field("train", description="Split name for HF dataset ids.")
     shuffle_seed: int | None = Field(None, description="Seed of the validation_fraction split (default train.seed).")
+    check: Literal["off", "warn", "strict"] = Field(
+        "warn", description="Cheap data checks before training (schema, empty/degenerate answers, exact duplicates, "
+        "truncation): warn reports them, strict makes them errors."
+    )
 
     @model_validator(mode="after")
     def _check_fields(self) -> DataConfig:

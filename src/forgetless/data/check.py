@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from ..config import DataConfig
 from ..errors import DataError
 from ..io import atomic_write_text
-from ..recipe import DataConfig
 from .examples import _text, encode_record, prompt_completion, to_messages, uses_chat_template
-from .loading import Record, is_hf_id, read_hf
+from .loading import Record, is_hf_id, read_file, read_hf
 
 #: Case-insensitive phrases that mark an answer as refusal / assistant boilerplate (apostrophes normalised).
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -1069,11 +1069,40 @@ def resolve_against(spec: str) -> tuple[str, list[str]]:
     return _task_name(path), _against_file(path)
 
 
-def load_against(specs: list[str]) -> dict[str, list[str]]:
+def suite_against(spec: str, data_root: str | Path | None = None) -> dict[str, list[str]] | None:
+    """A retention suite (built-in name or YAML file) as eval sets, one per task; None if `spec` is no suite.
+    Every record of each task's data counts (not only the evaluated sample); self-reference tasks
+    contribute their prompts."""
+    from ..retention.kinds.self_reference import BUILTIN_PROMPTS
+    from ..retention.suite import BUILTIN_DIR, load_suite
+    from ..retention.tasks import load_rows, resolve_data_root
+
+    if not ((BUILTIN_DIR / f"{spec}.yaml").is_file() or (spec.endswith((".yaml", ".yml")) and Path(spec).is_file())):
+        return None
+    suite = load_suite(spec)
+    root = resolve_data_root(data_root)
+    out: dict[str, list[str]] = {}
+    for task in suite.tasks:
+        if task.kind == "self_reference" and getattr(task, "prompts", "") == "builtin":
+            rows = read_file(BUILTIN_PROMPTS)
+        elif task.data is not None and (task.data.path or task.data.hf):
+            rows = load_rows(task, root)
+        else:
+            continue
+        out[f"{suite.name}/{task.name}"] = [t for t in ("\n".join(_strings(r.data)) for r in rows) if t.strip()]
+    return out
+
+
+def load_against(specs: list[str], data_root: str | Path | None = None) -> dict[str, list[str]]:
     """Eval sets to check for contamination: task name -> item texts (every string field of a record joined,
-    strings inside lists such as `choices` included). Same-named tasks get a numeric suffix."""
+    strings inside lists such as `choices` included). A spec may be a retention suite (`general`, or a suite
+    YAML), which expands to one set per task. Same-named tasks get a numeric suffix."""
     out: dict[str, list[str]] = {}
     for spec in specs:
+        suite_sets = suite_against(spec, data_root)
+        if suite_sets is not None:
+            out.update(suite_sets)
+            continue
         name, texts = resolve_against(spec)
         key, k = name, 2
         while key in out:

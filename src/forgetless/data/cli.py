@@ -172,8 +172,9 @@ def check_cmd(
     fmt: Annotated[str, typer.Option("--format", help="chat | instruction | prompt_completion | text.")] = "instruction",
     field: Annotated[list[str] | None, typer.Option("--field", help="Map a canonical field to the file's name: "
                                                     "--field output=response (repeatable).")] = None,
-    against: Annotated[list[str] | None, typer.Option("--against", help="Eval set (JSONL/JSON, or name=path) "
-                                                      "to check for n-gram contamination (repeatable).")] = None,
+    against: Annotated[list[str] | None, typer.Option("--against", help="Retention suite (general, a suite YAML) or eval "
+                                                      "set (JSONL/JSON, or name=path) to check for n-gram contamination (repeatable).")] = None,
+    data_root: Annotated[Path | None, typer.Option("--data-root", help="Where a suite's data paths are relative to.")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="Token budget per example "
                                                    "(needs --tokenizer; default 1024).")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Model path, hub id or alias whose "
@@ -203,7 +204,7 @@ def check_cmd(
             raise DataError("--max-length needs --tokenizer (lengths are counted in tokens of the model)")
         cfg = _data_config(files, fmt, field or [], max_length, system_prompt)
         tok = _load_tokenizer(tokenizer) if tokenizer else None
-        evals = load_against(against) if against else None
+        evals = load_against(against, data_root) if against else None
         report = check_data(files, cfg, tokenizer=tok, against=evals, near_dup_threshold=threshold, ngram=ngram,
                             max_examples=examples)
         fixed = fix_data(files, cfg, fix, report, overwrite=overwrite) if fix is not None else None

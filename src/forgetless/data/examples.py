@@ -214,6 +214,7 @@ class Datasets:
     validation: list[dict] | None
     train_stats: DataStats
     validation_stats: DataStats | None
+    train_records: list[Record] = field(default_factory=list)  # as read, for the data checks
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -256,4 +257,4 @@ def load_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> Datasets:
         val, val_stats = build_examples(val_records, cfg.model_copy(update={"packing": False}), tokenizer)
         if not val:
             raise DataError("data.validation: no usable examples after tokenization")
-    return Datasets(train, val, train_stats, val_stats)
+    return Datasets(train, val, train_stats, val_stats, train_records)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..data import load_datasets
-from ..errors import ForgetlessError
+from ..errors import DataError, ForgetlessError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from ..mitigations import Mitigation, MitigationCallback, TrainContext, loss_term
 from ..mitigations import build as build_mitigations
@@ -199,6 +199,7 @@ def train(
     # Everything that can fail on bad input fails here, before training starts.
     tokenizer = load_tokenizer(model_path, recipe.model)
     data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
+    data_problems = check_training_data(recipe, data)
     if recipe.train.early_stopping and not data.validation:
         raise ForgetlessError("train.early_stopping needs validation data (data.validation or data.validation_fraction)")
     model = prepare_model(
@@ -220,11 +221,11 @@ def train(
     trainable, total = count_parameters(model)
 
     atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    atomic_write_json(run_dir / "data_stats.json", data.summary())
+    atomic_write_json(run_dir / "data_stats.json", {**data.summary(), "check": data_problems})
     if resume_from is not None:
         _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
     if not quiet:
-        _report_data(data)
+        _report_data(data, data_problems)
 
     metrics = MetricsLogger(run_dir / "metrics.jsonl")
     callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet), CheckpointMarker()]
@@ -311,7 +312,23 @@ def train(
     return TrainResult(summary, model, tokenizer, run_dir)
 
 
-def _report_data(data: Any) -> None:
+def check_training_data(recipe: Recipe, data: Any) -> list[str]:
+    """The cheap checks of `forgetless data check` on the training set; errors under data.check: strict."""
+    if recipe.data.check == "off":
+        return []
+    from ..data.check import cheap_checks, report_problems
+
+    problems = report_problems(cheap_checks(data.train_records, recipe.data))
+    s = data.train_stats
+    if s.truncated or s.dropped_overlong:
+        problems.append(f"length: {s.truncated} truncated and {s.dropped_overlong} dropped over data.max_length {recipe.data.max_length}")
+    if problems and recipe.data.check == "strict":
+        raise DataError("data.check is strict and the training data has problems (see `forgetless data check`):\n  "
+                        + "\n  ".join(problems))
+    return problems
+
+
+def _report_data(data: Any, problems: list[str]) -> None:
     from rich.console import Console
 
     s = data.train_stats
@@ -320,6 +337,9 @@ def _report_data(data: Any) -> None:
     if data.validation_stats:
         msg += f", {data.validation_stats.examples} validation"
     console.print(msg)
+    for line in problems:
+        if not line.startswith("length:"):
+            console.print(f"[yellow]data check: {line}")
     if s.truncated:
         console.print(
             f"[yellow]{s.truncated} example(s) over data.max_length were truncated (first: {', '.join(s.first_truncated)}); "
