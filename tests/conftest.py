@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from forgetless.testing import build_tiny_llama, copy_task, write_jsonl
+from forgetless.testing import build_organism, build_tiny_llama, copy_task, task_loss, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FORGETLESS_SHARED", REPO.parent / "shared"))
@@ -60,3 +60,15 @@ def tiny_recipe(model: Path, data: dict[str, Path], out: Path, fmt: str = "chat"
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return r
+
+
+@pytest.fixture(scope="session")
+def organism(tmp_path_factory):
+    """A tiny Llama that really learned task A (copy), with task B (reverse) data: see forgetless.testing."""
+    from forgetless.train import load_model
+
+    org = build_organism(tmp_path_factory.mktemp("organism"))
+    model, tok = load_model(org["model"])
+    org["a0"] = task_loss(model, tok, org["a_val"])
+    org["b0"] = task_loss(model, tok, org["b_val"])
+    return org

@@ -21,8 +21,8 @@ from forgetless.mitigations.l2sp import L2SP, L2SPConfig
 from forgetless.mitigations.replay import interleave
 from forgetless.mitigations.si import SI, SIConfig
 from forgetless.recipe import recipe_from_dict
-from forgetless.testing import build_organism, task_loss
-from forgetless.train import load_model, train
+from forgetless.testing import task_loss
+from forgetless.train import train
 
 # ---------------------------------------------------------------- math
 
@@ -128,15 +128,6 @@ def test_interleave_spreads_replay_evenly_and_keeps_orders():
 
 
 # ---------------------------------------------------------------- the model organism
-
-
-@pytest.fixture(scope="session")
-def organism(tmp_path_factory):
-    org = build_organism(tmp_path_factory.mktemp("organism"))
-    model, tok = load_model(org["model"])
-    org["a0"] = task_loss(model, tok, org["a_val"])
-    org["b0"] = task_loss(model, tok, org["b_val"])
-    return org
 
 
 def _finetune_b(org, tmp_path, mitigations, name):

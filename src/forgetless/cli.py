@@ -117,6 +117,61 @@ def eval_cmd(
         console.print(f"report: {out}")
 
 
+def parse_budget(text: str) -> float:
+    """'1%' -> 0.01; '0.01' -> 0.01."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: write a budget as 1% or 0.01") from None
+
+
+@app.command()
+def merge(
+    base: Annotated[str, typer.Option(help="Base model (path, alias).")],
+    tuned: Annotated[str, typer.Option(help="Fine-tuned model, adapter or run directory.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    alpha: Annotated[str, typer.Option(help="Weight of the tuned model in [0, 1], or auto.")] = "auto",
+    budget: Annotated[str, typer.Option(help="With --alpha auto: largest retention drop allowed, e.g. 1%.")] = "1%",
+    task_suite: Annotated[str | None, typer.Option(help="With --alpha auto: suite scoring the new task.")] = None,
+    retention_suite: Annotated[str, typer.Option(help="With --alpha auto: suite scoring retention.")] = "self",
+    data_root: Annotated[Path | None, typer.Option(help="Where the suites' data paths are relative to.")] = None,
+    full: Annotated[bool, typer.Option(help="Write a full model even for a LoRA adapter.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Interpolate base and fine-tuned weights (WiSE-FT); --alpha auto finds the best alpha within a budget."""
+    from . import merge as merge_lib
+
+    if alpha == "auto":
+        if not task_suite:
+            raise typer.BadParameter("--alpha auto needs --task-suite (a suite scoring the new task)")
+        result = merge_lib.auto_alpha(base, tuned, budget=parse_budget(budget), task_suite=task_suite,
+                                      retention_suite=retention_suite, data_root=data_root, out=out, overwrite=overwrite,
+                                      progress=not json_out)
+    else:
+        try:
+            a = float(alpha)
+        except ValueError:
+            raise typer.BadParameter(f"--alpha {alpha!r}: a number in [0, 1] or auto") from None
+        result = merge_lib.merge(base, tuned, a, out, overwrite=overwrite, full=full)
+    if json_out:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    if "curve" in result:
+        from rich.table import Table
+
+        t = Table(title=f"interpolation curve (budget {parse_budget(budget):.1%} retention drop)")
+        for col in ("alpha", "task score", "retention", "within budget"):
+            t.add_column(col, justify="right")
+        for c in result["curve"]:
+            mark = "[bold]*[/bold] " if c is result["chosen"] or c == result["chosen"] else ""
+            t.add_row(f"{mark}{c['alpha']}", f"{c['task_score']:.4f}", f"{c['retention']:.4f}", "yes" if c["within_budget"] else "no")
+        console.print(t)
+        console.print(f"chosen alpha {result['chosen']['alpha']}; saved to {out} (curve: {out / 'alpha_curve.png'})")
+    else:
+        console.print(f"wrote {result['kind']} with alpha {result['alpha']} to {out}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its runs.")] = Path("runs/demo"),

@@ -13,3 +13,7 @@ class DataError(ForgetlessError):
 
 class RecipeError(ForgetlessError):
     """An invalid recipe: the message names the key path and what is valid."""
+
+
+class OutputExistsError(ForgetlessError, FileExistsError):
+    """An output would replace an existing file or directory without an explicit overwrite flag."""

@@ -1,0 +1,181 @@
+"""`forgetless merge`: interpolate between the base and the fine-tuned weights (WiSE-FT, Wortsman et al. 2022).
+
+theta(alpha) = (1 - alpha) * theta_base + alpha * theta_tuned. For a LoRA adapter this is the adapter
+scaled by alpha (W + alpha * B A), written as a scaled adapter. With `alpha="auto"` the interpolation
+curve is measured on a task suite and a retention suite, and the chosen alpha is the one with the best
+task score whose retention drop stays within the budget: a forgetting budget met after training, at no
+training cost, which is the bar every other mitigation must beat.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ForgetlessError
+from .io import atomic_dir, atomic_write_json
+
+
+@dataclass
+class Endpoints:
+    """The two ends of the interpolation, as plain full models with identical parameter names."""
+
+    base: nn.Module
+    tuned: nn.Module
+    tokenizer: Any
+    lora_dir: Path | None  # set when `tuned` came from a LoRA adapter (then a scaled adapter can be saved)
+
+
+def load_endpoints(base: str, tuned: str) -> Endpoints:
+    from .retention.api import is_run_dir, merge_for_eval
+    from .train.model import load_model
+
+    tuned_path = Path(tuned) / "final" if is_run_dir(tuned) else Path(tuned)
+    lora_dir = None
+    if (tuned_path / "adapter_config.json").is_file():
+        cfg = json.loads((tuned_path / "adapter_config.json").read_text())
+        lora_dir = tuned_path if cfg.get("peft_type") == "LORA" and not cfg.get("use_dora") else None
+    t_model, tok = load_model(tuned_path)
+    t_model = merge_for_eval(t_model)
+    if hasattr(t_model, "peft_config"):
+        raise ForgetlessError(f"{tuned}: this adapter kind (prompt or prefix tuning) has no weights to interpolate")
+    b_model, _ = load_model(base)
+    b_state, t_state = b_model.state_dict(), t_model.state_dict()
+    if set(b_state) != set(t_state) or any(b_state[k].shape != t_state[k].shape for k in b_state):
+        raise ForgetlessError(f"{base} and {tuned} do not have the same parameters; merge needs the tuned model's own base")
+    return Endpoints(b_model.eval(), t_model.eval(), tok, lora_dir)
+
+
+@torch.no_grad()
+def interpolate(ends: Endpoints, alpha: float, into: nn.Module | None = None) -> nn.Module:
+    """A model with (1 - alpha) * base + alpha * tuned (floating tensors; others from the tuned model)."""
+    import copy
+
+    out = into if into is not None else copy.deepcopy(ends.tuned)
+    b, t = ends.base.state_dict(), ends.tuned.state_dict()
+    for name, tensor in out.state_dict().items():
+        if tensor.is_floating_point():
+            tensor.copy_(torch.lerp(b[name].float(), t[name].float(), alpha).to(tensor.dtype))
+        else:
+            tensor.copy_(t[name])
+    return out
+
+
+def save_model(model: nn.Module, tokenizer: Any, out: Path, overwrite: bool) -> None:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def save_scaled_lora(lora_dir: Path, alpha: float, out: Path, overwrite: bool) -> None:
+    """The adapter scaled by alpha: lora_B * alpha (so W + alpha * B A)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for f in lora_dir.iterdir():
+            if f.is_file() and f.name != "adapter_model.safetensors":
+                shutil.copy2(f, tmp / f.name)
+        state = load_file(str(lora_dir / "adapter_model.safetensors"))
+        save_file({k: (v * alpha if ".lora_B." in k else v) for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+
+
+def merge(base: str, tuned: str, alpha: float, out: str | Path, overwrite: bool = False, full: bool = False) -> dict[str, Any]:
+    """Write theta(alpha). A LoRA adapter is written as a scaled adapter unless `full`."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ForgetlessError(f"--alpha must be in [0, 1], got {alpha}")
+    ends = load_endpoints(base, tuned)
+    out = Path(out)
+    if ends.lora_dir is not None and not full:
+        save_scaled_lora(ends.lora_dir, alpha, out, overwrite)
+        kind = "lora adapter (scaled)"
+    else:
+        save_model(interpolate(ends, alpha), ends.tokenizer, out, overwrite)
+        kind = "model"
+    info = {"base": base, "tuned": tuned, "alpha": alpha, "output": str(out), "kind": kind}
+    atomic_write_json(out / "forgetless_merge.json", info)
+    return info
+
+
+def auto_alpha(
+    base: str,
+    tuned: str,
+    *,
+    budget: float,
+    task_suite: Any,
+    retention_suite: Any,
+    alphas: list[float] | None = None,
+    data_root: str | Path | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure the interpolation curve and keep the best task score whose retention drop is within `budget`
+    (a fraction: 0.01 = 1%). Task score: the task suite's retention score against the base (>1 = gained)."""
+    from .retention.evaluate import compare, evaluate, fingerprint_model
+    from .retention.suite import load_suite
+
+    ts = load_suite(task_suite) if isinstance(task_suite, (str, Path)) else task_suite
+    rs = load_suite(retention_suite) if isinstance(retention_suite, (str, Path)) else retention_suite
+    ends = load_endpoints(base, tuned)
+    alphas = alphas or [round(0.1 * i, 2) for i in range(11)]
+    ref_fp = fingerprint_model(ends.base)
+
+    def run(model, suite):
+        return evaluate(model, ends.tokenizer, suite, data_root=data_root, reference=lambda: (ends.base, ends.tokenizer),
+                        reference_fingerprint=ref_fp, progress=progress)
+
+    base_task, base_ret = run(ends.base, ts), run(ends.base, rs)
+    work = interpolate(ends, 0.0)
+    curve = []
+    for a in alphas:
+        interpolate(ends, a, into=work)
+        task_cmp = compare(base_task, run(work, ts))
+        ret_cmp = compare(base_ret, run(work, rs))
+        curve.append({
+            "alpha": a,
+            "task_score": task_cmp["retention_score"],
+            "retention": ret_cmp["retention_score"],
+            "retention_drop": ret_cmp["retention_drop"],
+            "within_budget": ret_cmp["retention_drop"] <= budget,
+        })
+    ok = [c for c in curve if c["within_budget"]]
+    if not ok:
+        raise ForgetlessError(f"no alpha keeps the retention drop within {budget:.2%}; not even alpha=0?")
+    best = max(ok, key=lambda c: (c["task_score"], -c["alpha"]))
+    result: dict[str, Any] = {"base": base, "tuned": tuned, "budget": budget, "curve": curve, "chosen": best}
+    if out is not None:
+        out = Path(out)
+        result["saved"] = merge(base, tuned, best["alpha"], out, overwrite=overwrite)
+        atomic_write_json(out / "alpha_curve.json", result)
+        plot_curve(curve, best, budget, out / "alpha_curve.png")
+    return result
+
+
+def plot_curve(curve: list[dict[str, Any]], best: dict[str, Any], budget: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = [c["alpha"] for c in curve]
+    fig, ax1 = plt.subplots(figsize=(6, 4), dpi=100)
+    ax1.plot(a, [c["task_score"] for c in curve], "o-", color="tab:blue", label="task score (vs base)")
+    ax1.set_xlabel("alpha (0 = base, 1 = fine-tuned)")
+    ax1.set_ylabel("task score", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(a, [c["retention"] for c in curve], "s-", color="tab:red", label="retention")
+    ax2.axhline(1 - budget, color="tab:red", ls="--", lw=1, label=f"budget ({budget:.1%} drop)")
+    ax2.set_ylabel("retention score", color="tab:red")
+    ax1.axvline(best["alpha"], color="k", ls=":", lw=1)
+    ax1.set_title(f"WiSE-FT interpolation: chosen alpha = {best['alpha']}")
+    fig.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

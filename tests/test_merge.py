@@ -1,0 +1,86 @@
+"""forgetless merge (WiSE-FT): the ends reproduce base and tuned exactly; auto-alpha meets the budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from forgetless.merge import auto_alpha, merge
+from forgetless.recipe import recipe_from_dict
+from forgetless.retention.suite import Suite
+from forgetless.train import load_model, train
+
+
+def _finetune(org, out, method="full", lr=3e-3, steps=80):
+    r = recipe_from_dict({
+        "name": "b",
+        "model": str(org["model"]),
+        "data": {"train": str(org["b_train"]), "format": "prompt_completion", "chat_template": False, "max_length": 64},
+        "method": method,
+        "optim": {"lr": lr, "max_steps": steps, "batch_size": 16, "warmup_steps": 5, "schedule": "constant"},
+        "train": {"output_dir": str(out), "save_steps": None, "progress": False, "seed": 0},
+    })
+    return train(r, quiet=True).run_dir
+
+
+@pytest.fixture(scope="module")
+def tuned_full(organism, tmp_path_factory):
+    return _finetune(organism, tmp_path_factory.mktemp("wise") / "full")
+
+
+def _logits(path, ids):
+    m, _ = load_model(path)
+    with torch.no_grad():
+        return m(input_ids=ids).logits
+
+
+IDS = torch.tensor([[1, 40, 41, 42, 43, 44]])
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_alpha_0_is_the_base_and_alpha_1_the_tuned_model(method, organism, tuned_full, tmp_path):
+    tuned = tuned_full if method == "full" else _finetune(organism, tmp_path / "lora", {"name": "lora", "r": 4}, lr=1e-2, steps=20)
+    base = _logits(organism["model"], IDS)
+    tuned_logits = _logits(tuned, IDS)
+    assert not torch.allclose(base, tuned_logits, atol=1e-3)
+    info0 = merge(str(organism["model"]), str(tuned), 0.0, tmp_path / "a0")
+    info1 = merge(str(organism["model"]), str(tuned), 1.0, tmp_path / "a1")
+    assert info0["kind"] == ("model" if method == "full" else "lora adapter (scaled)")
+    assert torch.equal(_logits(tmp_path / "a0", IDS), base) if method == "full" else torch.allclose(_logits(tmp_path / "a0", IDS), base, atol=1e-6)
+    assert torch.allclose(_logits(tmp_path / "a1", IDS), tuned_logits, atol=1e-6)
+    assert info1["alpha"] == 1.0
+
+
+def _ppl_suite(name, path):
+    return Suite.model_validate({"name": name, "tasks": [
+        {"name": name, "kind": "perplexity", "data": {"path": str(path)}, "text": "{{prompt}}{{completion}}"}]})
+
+
+def test_auto_alpha_meets_the_budget_and_picks_the_best_task_score(organism, tuned_full, tmp_path):
+    budget = 0.05
+    result = auto_alpha(str(organism["model"]), str(tuned_full), budget=budget,
+                        task_suite=_ppl_suite("task_b", organism["b_val"]),
+                        retention_suite=_ppl_suite("retain_a", organism["a_val"]),
+                        alphas=[0.0, 0.25, 0.5, 0.75, 1.0], out=tmp_path / "auto", progress=False)
+    curve = {c["alpha"]: c for c in result["curve"]}
+    assert curve[0.0]["retention"] == pytest.approx(1.0) and curve[0.0]["task_score"] == pytest.approx(1.0)
+    assert not curve[1.0]["within_budget"], "plain fine-tuning should break a 5% budget on the organism"
+    chosen = result["chosen"]
+    assert chosen["retention_drop"] <= budget
+    assert chosen["task_score"] == max(c["task_score"] for c in result["curve"] if c["within_budget"])
+    assert chosen["task_score"] > 1.0  # it kept some of the gain
+    assert (tmp_path / "auto" / "alpha_curve.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "auto" / "forgetless_merge.json").read_text())
+    assert saved["alpha"] == chosen["alpha"]
+
+
+def test_merge_cli_refuses_to_overwrite(organism, tuned_full, tmp_path):
+    cmd = [sys.executable, "-m", "forgetless", "merge", "--base", str(organism["model"]), "--tuned", str(tuned_full),
+           "--alpha", "0.5", "--out", str(tmp_path / "m")]
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr and "Traceback" not in again.stderr
