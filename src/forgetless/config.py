@@ -97,3 +97,32 @@ class DataConfig(_Strict):
         return self.fields.get(canonical, canonical)
 
 
+
+
+class MonitorConfig(_Strict):
+    suite: str = Field("self", description="Probe suite: a built-in name or a suite YAML file.")
+    tasks: list[str] | None = Field(None, description="Only these tasks of the suite.")
+    limit: int | None = Field(50, gt=0, description="Items per task (keep the probe fast).")
+    every: int = Field(100, gt=0, description="Probe every N optimizer steps.")
+    data_root: str | None = None
+    max_new_tokens: int | None = Field(64, gt=0, description="Self-reference answer length (shorter is faster).")
+
+
+class GuardConfig(_Strict):
+    budget: float = Field(0.01, gt=0, lt=1, description="Largest relative drop of the retention score (0.01 = 1%).")
+    per_task: dict[str, float] = Field(default_factory=dict, description="Budgets for single tasks' relative change.")
+    require_significant: bool = Field(True, description="Act only on drops the paired test marks significant.")
+    actions: list[Literal["lower_lr", "more_replay", "rollback", "stop"]] = Field(
+        default_factory=lambda: ["lower_lr", "rollback", "stop"], description="Taken in order, one per breach."
+    )
+    lr_factor: float = Field(0.5, gt=0, lt=1, description="lower_lr multiplies the learning rate by this.")
+    replay_factor: float = Field(2.0, gt=1, description="more_replay multiplies the replay ratio by this.")
+    select: Literal["best_within_budget", "last"] = Field(
+        "best_within_budget", description="Final model: the best validation loss within budget, or the last state."
+    )
+
+    @model_validator(mode="after")
+    def _actions(self) -> GuardConfig:
+        if not self.actions:
+            raise ValueError("guard.actions needs at least one action")
+        return self

@@ -14,7 +14,16 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from .config import FORMAT_FIELDS, OPTIONAL_FIELDS, DataConfig, DataFormat, ModelConfig, _Strict  # noqa: F401 (re-exported)
+from .config import (  # noqa: F401 (re-exported)
+    FORMAT_FIELDS,
+    OPTIONAL_FIELDS,
+    DataConfig,
+    DataFormat,
+    GuardConfig,
+    ModelConfig,
+    MonitorConfig,
+    _Strict,
+)
 from .errors import RecipeError
 from .mitigations import MITIGATION_NAMES, MitigationConfig
 
@@ -214,6 +223,8 @@ class Recipe(_Strict):
     mitigations: list[MitigationConfig] = Field(
         default_factory=list, description="Defences against forgetting, composed in order: l2sp, ewc, si, kl, replay, self_replay, freeze."
     )
+    monitor: MonitorConfig | None = Field(None, description="Probe retention during training (see guard).")
+    guard: GuardConfig | None = Field(None, description="Keep training inside a forgetting budget (implies monitor).")
 
     @model_validator(mode="before")
     @classmethod
@@ -240,6 +251,10 @@ class Recipe(_Strict):
             {"replay", "self_replay"} & set(names)
         ):
             raise ValueError("mitigations.kl.on: replay needs a replay or self_replay mitigation")
+        if self.guard is not None and self.monitor is None:
+            self.monitor = MonitorConfig()
+        if self.guard and "more_replay" in self.guard.actions and not ({"replay", "self_replay"} & set(names)):
+            raise ValueError("guard.actions: more_replay needs a replay or self_replay mitigation")
         if self.train.early_stopping and not self.train.eval_steps:
             raise ValueError("train.early_stopping needs train.eval_steps (how often to validate)")
         return self

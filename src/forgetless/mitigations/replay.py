@@ -61,3 +61,19 @@ class Replay(Mitigation):
         self.notes.update({"replay_examples": len(extra), "replay_tokens": count_tokens(extra),
                            "task_tokens": count_tokens(train)})
         return interleave(train, extra)
+
+    def raise_ratio(self, dataset: list[dict], factor: float) -> float:
+        """Raise the replay share mid-run (the guard's more_replay) by swapping task examples for replay ones
+        in place: the dataset keeps its length, so the Trainer's sampler stays valid. Returns the new ratio."""
+        import random
+
+        new = min(0.5, self.ratio * factor)
+        task_idx = [i for i, e in enumerate(dataset) if not e.get("replay")]
+        want = round(new * len(dataset)) - (len(dataset) - len(task_idx))
+        rng = random.Random(self.config.seed + 1)
+        swap = rng.sample(task_idx, max(0, min(want, len(task_idx))))
+        for i, e in zip(swap, sample(self.pool, len(swap), self.config.seed + 2), strict=True):
+            dataset[i] = e
+        self.ratio = new
+        self.notes["ratio_raised_to"] = new
+        return new

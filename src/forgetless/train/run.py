@@ -231,6 +231,13 @@ def train(
     callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet), CheckpointMarker()]
     if mitigations:
         callbacks.append(MitigationCallback(mitigations))
+    monitor = None
+    if recipe.monitor is not None:
+        from ..guard import MonitorCallback
+
+        monitor = MonitorCallback(recipe.monitor, recipe.guard, tokenizer, metrics, run_dir / "metrics.jsonl", bf16,
+                                  mitigations, data.validation is not None)
+        callbacks.append(monitor)
     early = None
     if recipe.train.early_stopping:
         early = EarlyStopping(recipe.train.early_stopping.patience, recipe.train.early_stopping.min_delta)
@@ -249,6 +256,8 @@ def train(
         loss_terms=[loss_term(m) for m in mitigations if type(m).loss is not Mitigation.loss],
     )
     trainer.remove_callback(PrinterCallback)
+    if monitor is not None:
+        monitor.trainer = trainer
 
     initial_loss = _initial_validation_loss(trainer, run_dir / "metrics.jsonl", resume_from is not None) if data.validation else None
     t0 = time.perf_counter()
@@ -256,6 +265,14 @@ def train(
     train_time = time.perf_counter() - t0
     for m in mitigations:
         m.finish(mctx)
+    selection = None
+    if monitor is not None:
+        within, val_loss = monitor.final_probe(trainer.model, trainer.state)
+        selection = monitor.select_final(within, val_loss, trainer.state.global_step)
+        if selection.get("warning") and not quiet:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[bold red]guard: {selection['why']}")
     final_eval = trainer.evaluate() if data.validation is not None else {}
     if final_eval:
         metrics.on_log(trainer.args, trainer.state, trainer.control, logs=final_eval)
@@ -301,6 +318,12 @@ def train(
         "resumed_from": str(resume_from) if resume_from else None,
         "data": data.summary(),
         "mitigations": [m.report(train_time) for m in mitigations],
+        "monitor": {
+            "probes": monitor.state.probes,
+            "probe_s": round(monitor.state.probe_s, 2),
+            "probe_share": round(monitor.state.probe_s / train_time, 4) if train_time else None,
+        } if monitor else None,
+        "guard": {"events": monitor.state.events, "selection": selection} if monitor and recipe.guard else None,
         "output": {"final": str(run_dir / "final"), "kind": kind, "merged": str(run_dir / "merged") if recipe.train.merge and kind != "model" else None},
         "python": sys.version.split()[0],
         "torch": torch.__version__,

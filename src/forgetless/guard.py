@@ -1,0 +1,244 @@
+"""The forgetting budget during training: a retention monitor, a guard that acts on breaches, and the
+selection of the final model among the states that stayed within budget.
+
+monitor: every N steps the current weights are scored on a fast probe suite (default: `self`, the
+  base model's own answers) against the base model measured at step 0; the retention score, its
+  interval and per-task significance go to metrics.jsonl and the progress bar.
+guard: when the retention drop exceeds the budget (and, by default, is significant, so noise does not
+  trigger it) the next action of an ordered list is taken: lower_lr, more_replay, rollback (restore the
+  last state within budget, then take the next action), stop. Every breach and action is logged.
+selection: at the end the final model is the state with the best validation loss among those within
+  budget (the base model if none was, said loudly); summary.json records why.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .config import GuardConfig, MonitorConfig
+from .io import append_jsonl
+
+
+class _NoControl:
+    should_training_stop = False
+
+
+@dataclass
+class Snapshot:
+    step: int
+    weights: list[torch.Tensor]
+    optimizer: dict[str, Any] | None
+    val_loss: float | None = None
+
+
+def snapshot(params: list[torch.nn.Parameter], step: int, optimizer=None, val_loss: float | None = None) -> Snapshot:
+    import copy
+
+    opt = None
+    if optimizer is not None:
+        opt = copy.deepcopy({k: v for k, v in optimizer.state_dict().items()})
+    return Snapshot(step, [p.detach().to("cpu", copy=True) for p in params], opt, val_loss)
+
+
+@torch.no_grad()
+def restore(params: list[torch.nn.Parameter], snap: Snapshot, optimizer=None) -> None:
+    for p, w in zip(params, snap.weights, strict=True):
+        p.copy_(w.to(p.device))
+    if optimizer is not None and snap.optimizer is not None:
+        optimizer.load_state_dict(snap.optimizer)
+
+
+@dataclass
+class GuardState:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    probes: list[dict[str, Any]] = field(default_factory=list)
+    probe_s: float = 0.0
+    next_action: int = 0
+    last_ok: Snapshot | None = None
+    best_ok: Snapshot | None = None
+    base: Snapshot | None = None
+    selection: dict[str, Any] = field(default_factory=dict)
+
+
+class MonitorCallback(TrainerCallback):
+    """Probes retention every `every` steps; with a guard, acts on breaches and keeps the states to select from."""
+
+    def __init__(self, monitor: MonitorConfig, guard: GuardConfig | None, tokenizer, metrics, metrics_path: Path,
+                 bf16: bool, mitigations: list, has_validation: bool):
+        self.monitor, self.guard = monitor, guard
+        self.tokenizer, self.metrics, self.metrics_path = tokenizer, metrics, metrics_path
+        self.bf16, self.mitigations, self.has_validation = bf16, mitigations, has_validation
+        self.state = GuardState()
+        self.trainer = None  # set by the run: lower_lr and rollback need the optimizer and scheduler
+        self._suite = None
+        self._base_result = None
+        self._ref_fp = None
+        self._last_breaches: list[str] = []
+        self.params: list[torch.nn.Parameter] = []
+
+    # ------------------------------------------------------------ probe
+
+    def _probe_suite(self):
+        from .retention.suite import load_suite
+
+        s = load_suite(self.monitor.suite).only(self.monitor.tasks).with_limit(self.monitor.limit)
+        if self.monitor.max_new_tokens:
+            s = s.model_copy(update={"tasks": [
+                t.model_copy(update={"max_new_tokens": self.monitor.max_new_tokens}) if t.kind == "self_reference" else t
+                for t in s.tasks]})
+        return s
+
+    def _evaluate(self, model):
+        from .retention.evaluate import evaluate
+
+        was_training = model.training
+        try:
+            return evaluate(model, self.tokenizer, self._suite, data_root=self.monitor.data_root, bf16=self.bf16,
+                            reference_fingerprint=self._ref_fp, progress=False)
+        finally:
+            model.train(was_training)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        from .retention.evaluate import fingerprint_model
+
+        t0 = time.perf_counter()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._suite = self._probe_suite()
+        self._ref_fp = fingerprint_model(model) if state.global_step == 0 else f"resumed-{id(self)}"
+        # step 0 (or the resume point) is the reference: the base model's own behaviour
+        self._base_result = self._evaluate(model)
+        self.state.base = snapshot(self.params, state.global_step)
+        self.state.last_ok = self.state.base
+        self.state.probe_s += time.perf_counter() - t0
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, force: bool = False, **kw):
+        if state.global_step % self.monitor.every != 0 and not force:
+            return
+        t0 = time.perf_counter()
+        from .retention.evaluate import compare
+
+        report = compare(self._base_result, self._evaluate(model))
+        val_loss = None
+        if self.has_validation and self.trainer is not None:
+            val_loss = self.trainer.evaluate()["eval_loss"]
+        probe = {
+            "step": state.global_step,
+            "fl_retention": report["retention_score"],
+            "fl_retention_lo": report["retention_ci"][0],
+            "fl_retention_hi": report["retention_ci"][1],
+            "fl_significant_drops": report["significant_drops"],
+            **{f"fl_{n}_delta": t["delta"] for n, t in report["tasks"].items()},
+        }
+        if val_loss is not None:
+            probe["eval_loss"] = val_loss
+        self.state.probes.append(probe)
+        append_jsonl(self.metrics_path, {**probe, "epoch": round(state.epoch or 0, 4)})
+        self.metrics.last.update(probe)
+        if self.guard is not None:
+            if force:  # the final probe only records whether the end state is within budget
+                self._last_breaches = self.breaches(report)
+            else:
+                self._guard(report, state, control, val_loss)
+        self.state.probe_s += time.perf_counter() - t0
+
+    def final_probe(self, model, state) -> tuple[bool, float | None]:
+        """Probe the final weights unless the last step was just probed: (within budget?, validation loss)."""
+        last = self.state.probes[-1] if self.state.probes else None
+        if last is None or last["step"] != state.global_step:
+            self.on_step_end(None, state, _NoControl(), model=model, force=True)
+        last = self.state.probes[-1]
+        within = self.guard is None or not self._last_breaches
+        return within, last.get("eval_loss")
+
+    # ------------------------------------------------------------ guard
+
+    def breaches(self, report: dict[str, Any]) -> list[str]:
+        g = self.guard
+        out = []
+        drop = report["retention_drop"]
+        significant = report["retention_ci"][1] < 1.0
+        if drop > g.budget and (significant or not g.require_significant):
+            out.append(f"retention drop {drop:.2%} > budget {g.budget:.2%}")
+        for name, budget in g.per_task.items():
+            t = report["tasks"].get(name)
+            if t is None:
+                continue
+            rel = 1 - t["retention"]
+            if rel > budget and (t["significant_drop"] or not g.require_significant):
+                out.append(f"{name} dropped {rel:.2%} > {budget:.2%}")
+        return out
+
+    def _guard(self, report, state, control, val_loss) -> None:
+        why = self.breaches(report)
+        self._last_breaches = why
+        if not why:
+            snap = snapshot(self.params, state.global_step, self.trainer.optimizer if self.trainer else None, val_loss)
+            self.state.last_ok = snap
+            if self.state.best_ok is None or (val_loss is not None and (self.state.best_ok.val_loss is None or val_loss <= self.state.best_ok.val_loss)):
+                self.state.best_ok = snap
+            return
+        self._event(state.global_step, "breach", {"reasons": why, "retention": report["retention_score"]})
+        self._act(state, control)
+
+    def _act(self, state, control) -> None:
+        actions = self.guard.actions
+        if self.state.next_action >= len(actions):
+            self._event(state.global_step, "stop", {"why": "no actions left"})
+            control.should_training_stop = True
+            return
+        action = actions[self.state.next_action]
+        self.state.next_action += 1
+        if action == "lower_lr":
+            opt, sched = self.trainer.optimizer, self.trainer.lr_scheduler
+            for group in opt.param_groups:
+                group["lr"] *= self.guard.lr_factor
+            if hasattr(sched, "base_lrs"):
+                sched.base_lrs = [lr * self.guard.lr_factor for lr in sched.base_lrs]
+            self._event(state.global_step, "lower_lr", {"factor": self.guard.lr_factor, "lr": opt.param_groups[0]["lr"]})
+        elif action == "more_replay":
+            replay = next((m for m in self.mitigations if hasattr(m, "raise_ratio")), None)
+            if replay is None:
+                self._event(state.global_step, "more_replay", {"skipped": "no replay mitigation in the recipe"})
+                return self._act(state, control)
+            new = replay.raise_ratio(self.trainer.train_dataset, self.guard.replay_factor)
+            self._event(state.global_step, "more_replay", {"ratio": new})
+        elif action == "rollback":
+            snap = self.state.last_ok
+            restore(self.params, snap, self.trainer.optimizer if snap.optimizer is not None else None)
+            self._event(state.global_step, "rollback", {"to_step": snap.step})
+            return self._act(state, control)  # and continue with the next action
+        elif action == "stop":
+            control.should_training_stop = True
+            self._event(state.global_step, "stop", {})
+
+    def _event(self, step: int, kind: str, info: dict[str, Any]) -> None:
+        ev = {"step": step, "guard": kind, **info}
+        self.state.events.append(ev)
+        append_jsonl(self.metrics_path, ev)
+
+    # ------------------------------------------------------------ selection
+
+    def select_final(self, final_within_budget: bool, final_val_loss: float | None, step: int) -> dict[str, Any]:
+        """Restore the chosen state into the model; returns why it was chosen."""
+        g = self.guard
+        if g is None or g.select == "last":
+            sel = {"chosen_step": step, "why": "last state (guard.select: last)" if g else "no guard"}
+        elif final_within_budget and (self.state.best_ok is None or final_val_loss is None
+                                      or self.state.best_ok.val_loss is None or final_val_loss <= self.state.best_ok.val_loss):
+            sel = {"chosen_step": step, "why": "the final state is within budget and has the best validation loss"}
+        elif self.state.best_ok is not None and self.state.best_ok.step != self.state.base.step:
+            restore(self.params, self.state.best_ok)
+            sel = {"chosen_step": self.state.best_ok.step, "why": "best validation loss among the states within budget",
+                   "val_loss": self.state.best_ok.val_loss}
+        else:
+            restore(self.params, self.state.base)
+            sel = {"chosen_step": self.state.base.step, "why": "NO STATE STAYED WITHIN BUDGET: the final model is the base model",
+                   "warning": True}
+        self.state.selection = sel
+        return sel

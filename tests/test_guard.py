@@ -1,0 +1,95 @@
+"""The forgetting budget on the model organism: monitor probes, guard actions, rollback, selection."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from forgetless.recipe import recipe_from_dict
+from forgetless.testing import task_loss
+from forgetless.train import load_model, train
+
+
+@pytest.fixture(scope="module")
+def probe_suite(organism, tmp_path_factory):
+    """Retention probe: perplexity of the organism's task A (what fine-tuning on B makes it forget)."""
+    p = tmp_path_factory.mktemp("probe") / "probe.yaml"
+    p.write_text(yaml.safe_dump({"name": "probe", "tasks": [
+        {"name": "task_a", "kind": "perplexity", "data": {"path": str(organism["a_val"])}, "text": "{{prompt}}{{completion}}"}]}))
+    return str(p)
+
+
+def _run(org, out, probe, guard=None, every=10, steps=80):
+    spec = {
+        "name": out.name,
+        "model": str(org["model"]),
+        "data": {"train": str(org["b_train"]), "validation": str(org["b_val"]), "format": "prompt_completion",
+                 "chat_template": False, "max_length": 64},
+        "method": "full",
+        "optim": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "warmup_steps": 5, "schedule": "constant"},
+        "train": {"output_dir": str(out), "save_steps": None, "progress": False, "seed": 0},
+        "monitor": {"suite": probe, "every": every, "limit": None},
+    }
+    if guard:
+        spec["guard"] = guard
+    return train(recipe_from_dict(spec), quiet=True)
+
+
+def _drop(res) -> float:
+    probes = res.summary["monitor"]["probes"]
+    return 1 - probes[-1]["fl_retention"]
+
+
+def test_guard_keeps_retention_within_budget_where_plain_fine_tuning_breaks_it(organism, probe_suite, tmp_path):
+    budget = 0.05
+    plain = _run(organism, tmp_path / "plain", probe_suite)
+    assert _drop(plain) > budget, "plain fine-tuning should break the budget on the organism"
+    assert plain.summary["guard"] is None and len(plain.summary["monitor"]["probes"]) >= 8
+
+    guarded = _run(organism, tmp_path / "guarded", probe_suite,
+                   guard={"budget": budget, "actions": ["lower_lr", "rollback", "stop"]})
+    g = guarded.summary["guard"]
+    kinds = [e["guard"] for e in g["events"]]
+    assert "breach" in kinds and "lower_lr" in kinds
+    # what the run hands back (the selected state) is within budget on task A
+    m, tok = guarded.model, guarded.tokenizer
+    base_model, _ = load_model(organism["model"])
+    a_base = task_loss(base_model, tok, organism["a_val"])
+    a_final = task_loss(m, tok, organism["a_val"])
+    assert a_final - a_base < task_loss(plain.model, tok, organism["a_val"]) - a_base
+    assert g["selection"]["chosen_step"] is not None and g["selection"]["why"]
+    # every guard event is in metrics.jsonl with its step
+    lines = [json.loads(x) for x in (tmp_path / "guarded" / "metrics.jsonl").read_text().splitlines()]
+    logged = [x for x in lines if "guard" in x]
+    assert [x["guard"] for x in logged] == kinds and all("step" in x for x in logged)
+    assert any("fl_retention" in x for x in lines)
+    assert guarded.summary["monitor"]["probe_share"] is not None
+
+
+def test_rollback_restores_exact_weights(organism, probe_suite, tmp_path):
+    res = _run(organism, tmp_path / "rb", probe_suite, every=10, steps=40,
+               guard={"budget": 0.001, "require_significant": False, "actions": ["rollback", "stop"], "select": "last"})
+    kinds = [e["guard"] for e in res.summary["guard"]["events"]]
+    assert kinds[:3] == ["breach", "rollback", "stop"]
+    to_step = res.summary["guard"]["events"][1]["to_step"]
+    breach_step = res.summary["guard"]["events"][0]["step"]
+    assert to_step < breach_step
+    # the same run stopped at `to_step` (training is deterministic on CPU) has exactly the restored weights
+    if to_step == 0:
+        ref, _ = load_model(organism["model"])
+    else:
+        ref = _run(organism, tmp_path / "ref", probe_suite, every=10, steps=to_step).model
+    for (name, p0), p1 in zip(ref.named_parameters(), res.model.parameters(), strict=True):
+        assert torch.equal(p0.detach().cpu(), p1.detach().cpu()), name
+
+
+def test_guard_needs_a_replay_mitigation_for_more_replay(organism):
+    from forgetless.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="more_replay needs a replay"):
+        recipe_from_dict({"model": "m", "data": {"train": "t"}, "guard": {"actions": ["more_replay"]}})
+    r = recipe_from_dict({"model": "m", "data": {"train": "t"}, "guard": {"budget": 0.02}})
+    assert r.monitor is not None and r.monitor.suite == "self"
