@@ -95,7 +95,7 @@ def eval_cmd(
     task: Annotated[list[str] | None, typer.Option(help="Only these tasks of the suite (repeatable).")] = None,
     data_root: Annotated[Path | None, typer.Option(help="Folder the suite's data paths are relative to ($FORGETLESS_DATA).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON report here (flipped items beside it).")] = None,
-    fp32: Annotated[bool, typer.Option(help="fp32 compute instead of bf16 autocast.")] = False,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast compute (slightly faster, flips near-ties; default fp32).")] = False,
     max_length: Annotated[int | None, typer.Option(help="Cap on the scoring window (tokens).")] = None,
     refresh_baseline: Annotated[bool, typer.Option(help="Re-evaluate the baseline instead of using its cache.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -106,7 +106,7 @@ def eval_cmd(
     from .retention.report import print_report
 
     report = eval_model(
-        model, suite, baseline=baseline, limit=limit, tasks=task, data_root=data_root, bf16=not fp32,
+        model, suite, baseline=baseline, limit=limit, tasks=task, data_root=data_root, bf16=bf16,
         max_length=max_length, out=out, progress=not (quiet or json_out), refresh_baseline=refresh_baseline,
     )
     if json_out:
