@@ -77,9 +77,22 @@ def read_file(path: str | Path) -> list[Record]:
     return records
 
 
+def require_hub(spec: str) -> None:
+    """Fail at once, not after the datasets library's retries, when the hub cannot be reached."""
+    from ..models.pull import hub_unreachable_reason
+
+    reason = hub_unreachable_reason(timeout=3.0)
+    if reason:
+        raise DataError(
+            f"{spec}: could not load the HF dataset: the hub is unreachable ({reason}). "
+            "Offline? Download it once elsewhere and point the recipe at a local .jsonl file."
+        )
+
+
 def read_hf(spec: str, split: str) -> list[Record]:
     """Load an HF dataset id (needs the hub); fails fast with a clear message when offline."""
     name = spec[3:] if spec.startswith("hf:") else spec
+    require_hub(spec)
     try:
         import datasets
 

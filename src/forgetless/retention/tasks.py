@@ -121,6 +121,9 @@ def load_rows(task: TaskBase, data_root: Path | None) -> list[Record]:
     if src is None:
         raise ForgetlessError(f"task {task.name}: no data source (data.path or data.hf)")
     if src.hf:
+        from ..data.loading import require_hub
+
+        require_hub(f"task {task.name}: hf:{src.hf}")
         try:
             import datasets
 
