@@ -16,13 +16,14 @@ from .kinds.generate import GenerateTask
 from .kinds.lm_eval import LmEvalTask
 from .kinds.multiple_choice import MultipleChoiceTask
 from .kinds.perplexity import PerplexityTask
+from .kinds.reference_likelihood import ReferenceLikelihoodTask
 from .kinds.self_reference import SelfReferenceTask
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "suites"
-KIND_NAMES = ("multiple_choice", "perplexity", "generate", "self_reference", "lm_eval")
+KIND_NAMES = ("multiple_choice", "perplexity", "generate", "self_reference", "lm_eval", "reference_likelihood")
 
 Task = Annotated[
-    MultipleChoiceTask | PerplexityTask | GenerateTask | SelfReferenceTask | LmEvalTask,
+    MultipleChoiceTask | PerplexityTask | GenerateTask | SelfReferenceTask | LmEvalTask | ReferenceLikelihoodTask,
     Field(discriminator="kind"),
 ]
 
