@@ -202,6 +202,7 @@ def _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, pro
                 shift = out.logits.shape[1] - ids.shape[1]  # prompt tuning prepends virtual tokens
                 logits = out.logits[rows_t, cols_t + shift]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
+        argmax = logprobs.argmax(-1)  # once per batch, not once per choice
         offset = 0
         for i in batch:
             item = []
@@ -211,7 +212,7 @@ def _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, pro
                 if row_hook is not None:
                     row_hook(i, k, lp)
                 tgt = torch.tensor(targets, device=device)
-                item.append(Score(float(lp.gather(1, tgt[:, None]).sum()), n, bool((lp.argmax(-1) == tgt).all())))
+                item.append(Score(float(lp.gather(1, tgt[:, None]).sum()), n, bool((argmax[offset : offset + n] == tgt).all())))
                 offset += n
             results[i] = item
         if progress is not None:

@@ -49,14 +49,18 @@ def prefix_token(tokenizer: Any) -> int:
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's pair encoding: trailing spaces move to the continuation, and the continuation's tokens are
-    those of context+continuation after the context's tokens."""
+    """lm-eval's pair encoding: trailing spaces move to the continuation, the context keeps the tokenizer's
+    special tokens (BOS), and the continuation's tokens are those of context+continuation after the
+    context's tokens."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = encode(tokenizer, context + continuation)
-    ctx = encode(tokenizer, context)
-    if not ctx:
-        return [prefix_token(tokenizer)], whole
+    if not context:
+        return [prefix_token(tokenizer)], encode(tokenizer, continuation)
+    # the tokenizer's own special tokens (a BOS for Llama/Gemma/Mistral tokenizers), as lm-eval keeps them
+    whole = list(tokenizer(context + continuation)["input_ids"])
+    ctx = list(tokenizer(context)["input_ids"])
+    if tokenizer.eos_token_id is not None and ctx and ctx[-1] == tokenizer.eos_token_id and whole[-1] == ctx[-1]:
+        ctx, whole = ctx[:-1], whole[:-1]  # tokenizers that append EOS: not part of the scored text
     return ctx, whole[len(ctx) :]
