@@ -8,7 +8,6 @@ reported with the file:line it came from. See docs/data-check.md for the definit
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 import math
@@ -27,7 +26,7 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..io import atomic_write_text
 from .examples import _text, encode_record, prompt_completion, to_messages, uses_chat_template
-from .loading import Record, is_hf_id, read_file, read_hf
+from .loading import Record, is_hf_id, open_text, read_file, read_hf
 
 #: Case-insensitive phrases that mark an answer as refusal / assistant boilerplate (apostrophes normalised).
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -76,12 +75,6 @@ class BadLine:
     kind: str = "malformed_json"  # or "schema" (valid JSON, but not an object)
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
 def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]]:
     """Yield (line, value, None) per JSON value, or (line, None, BadLine) per malformed line; never stops early.
 
@@ -93,7 +86,7 @@ def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]
         raise DataError(f"{path}: data file not found")
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     if name.endswith((".jsonl", ".ndjson")):
-        with _open_text(path) as f:
+        with open_text(path) as f:
             for i, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -103,7 +96,7 @@ def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]
                     raw = line.rstrip("\n")
                     yield i, None, BadLine(f"{path}:{i}", f"malformed JSON line ({e.msg} at column {e.colno})", raw)
     elif name.endswith(".json"):
-        with _open_text(path) as f:
+        with open_text(path) as f:
             text = f.read()
         try:
             obj = json.loads(text)

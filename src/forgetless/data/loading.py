@@ -24,7 +24,8 @@ class Record:
         return f"{self.source}:{self.line}"
 
 
-def _open_text(path: Path):
+def open_text(path: Path):
+    """Open a text file for reading, gunzipping .gz files."""
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
@@ -46,7 +47,7 @@ def read_file(path: str | Path) -> list[Record]:
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     records: list[Record] = []
     if name.endswith(".jsonl") or name.endswith(".ndjson"):
-        with _open_text(path) as f:
+        with open_text(path) as f:
             for i, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -58,7 +59,7 @@ def read_file(path: str | Path) -> list[Record]:
                     raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
                 records.append(Record(obj, str(path), i))
     elif name.endswith(".json"):
-        with _open_text(path) as f:
+        with open_text(path) as f:
             text = f.read()
         try:
             obj = json.loads(text)

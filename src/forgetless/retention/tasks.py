@@ -7,7 +7,6 @@ self_reference, lm_eval) is a small module under `kinds/` with its own options.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -225,7 +224,3 @@ def pick_shots(pool: list[Record], k: int, seed: int, exclude: Record | None = N
 
 def as_array(values: list[float]) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
-
-
-def dump_details(details: list[dict[str, Any]]) -> str:
-    return json.dumps(details)
