@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/forgetless demo
+	$(VENV)/bin/forgetless demo --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from conftest import tiny_recipe
@@ -50,8 +51,15 @@ def test_missing_recipe_file(tmp_path):
 def test_demo_tiny_runs_end_to_end(tmp_path):
     res = _run("demo", "--tiny", "--out", str(tmp_path / "demo"), "--json", timeout=120)
     assert res.returncode == 0, res.stderr
-    result = json.loads(res.stdout)
-    assert [r["recipe"] for r in result["runs"]] == ["full-high-lr", "lora", "full-high-lr+kl"]
-    for r in result["runs"]:
+    state = json.loads(res.stdout)
+    assert [r["run"] for r in state["runs"]] == ["full-high-lr", "lora", "full-high-lr+kl+guard"]
+    for r in state["runs"]:
         assert r["val_loss_after"] < r["val_loss_before"]
-        assert 0 < r["retention_score"] < 2 and len(r["self_reference_ce_change_ci"]) == 2
+        assert r["task"]["task"] == "capitals_ce" and r["task"]["gain"] > 0  # held-out answers became likelier
+        assert len(r["retention"]["ci"]) == 2 and "self_reference" in r["retention"]["tasks"]
+    rec = state["recommended"]
+    assert rec is None or -next(r for r in state["runs"] if r["run"] == rec)["retention"]["change"] <= state["budget"]
+    assert Path(state["report"]).is_file() and "forgetting frontier" in Path(state["report"]).read_text().lower()
+    # the demo never overwrites a previous demo without being told to
+    again = _run("demo", "--tiny", "--out", str(tmp_path / "demo"), "--quiet")
+    assert again.returncode == 2 and "--overwrite" in again.stderr

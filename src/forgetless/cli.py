@@ -119,10 +119,12 @@ def eval_cmd(
 
 def parse_budget(text: str) -> float:
     """'1%' -> 0.01; '0.01' -> 0.01."""
+    from .config import parse_budget as parse
+
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: write a budget as 1% or 0.01") from None
+        return parse(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @app.command()
@@ -173,18 +175,73 @@ def merge(
 
 
 @app.command()
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="Sweep YAML: a base recipe plus runs: and/or grid:.")],
+    jobs: Annotated[int, typer.Option(min=1, help="Train this many runs at once (processes share the CPU threads).")] = 1,
+    budget: Annotated[str | None, typer.Option(help="Forgetting budget, e.g. 1%: marks the recommended run.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Sweep directory (overrides output_dir).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start again, replacing an existing sweep directory.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print sweep.json on stdout.")] = False,
+) -> None:
+    """Run recipe variants, score each on the task and on retention, and recommend one within a budget.
+
+    Re-running the same command resumes: finished runs are skipped."""
+    from .sweep import run_sweep, sweep_table
+
+    state = run_sweep(sweep_file, jobs=jobs, budget=parse_budget(budget) if budget else None, output_dir=out,
+                      overwrite=overwrite, quiet=quiet or json_out)
+    if json_out:
+        print(json.dumps(state, indent=2))
+        return
+    if not quiet:
+        _table_console().print(sweep_table(state))
+        if state.get("budget") is not None:
+            rec = state.get("recommended")
+            console.print(f"recommended: {rec}" if rec else "[red]no run stays within the budget[/red]")
+        console.print(f"sweep.json and report: {state['dir']}")
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="A run directory or a sweep directory.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write the HTML (default: PATH/report.html).")] = None,
+    drift: Annotated[bool, typer.Option(help="Compute the layer-wise drift chart (loads base and tuned weights).")] = True,
+) -> None:
+    """Write one self-contained report.html: frontier, training curves, retention table, flips, layer drift."""
+    from .report import write_report
+
+    print(write_report(path, out, drift=drift))
+
+
+def _table_console() -> Console:
+    import sys
+
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its runs.")] = Path("runs/demo"),
     tiny: Annotated[bool, typer.Option(help="Same code path on a tiny local model, in seconds.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing demo directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
 ) -> None:
     """Pull the default model offline, fine-tune it on a generated task with several recipes, compare."""
     from .demo import run_demo
+    from .sweep import sweep_table
 
-    result = run_demo(out, tiny=tiny, quiet=quiet or json_out)
+    state = run_demo(out, tiny=tiny, quiet=quiet or json_out, overwrite=overwrite)
     if json_out:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(state, indent=2))
+        return
+    if not quiet:
+        _table_console().print(sweep_table(state))
+        rec = state.get("recommended")
+        console.print(f"recommended within the {100 * state['budget']:.3g}% budget: {rec}" if rec else
+                      f"[red]no recipe stays within the {100 * state['budget']:.3g}% budget[/red]")
+        console.print(f"report: {state['report']}")
 
 
 @app.command()

@@ -8,6 +8,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+def parse_budget(value: Any) -> float:
+    """A forgetting budget: '1%' -> 0.01; '0.01' or 0.01 -> 0.01."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise ValueError(f"{value!r}: write a budget as 1% or 0.01") from None
+    return float(value)
+
+
 class _Strict(BaseModel):
     """Unknown keys are errors; values are re-checked on assignment (the --set overrides)."""
 

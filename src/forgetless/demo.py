@@ -1,10 +1,11 @@
 """`forgetless demo`: the main job end to end on the embedded default, with no ../shared and no hub.
 
 It pulls smollm2-135m-instruct through the offline pack, builds a small knowledge-injection task of its
-own (capitals of invented countries, which the base model cannot know), fine-tunes it with three recipes
-(full fine-tuning at a high learning rate, LoRA, and full fine-tuning with KL to the base model) and
-prints what each learned on held-out questions against how far it drifted from the base model's own
-behaviour (the `self` retention suite, with paired confidence intervals). `--tiny` runs the same code path on a tiny
+own (capitals of invented countries, which the base model cannot know), and runs a sweep of three recipes
+(full fine-tuning at a high learning rate, LoRA, and a guarded full fine-tuning with KL to the base model):
+what each learned on held-out questions against what it lost (the `self` retention suite, plus the
+`general` suite at a reduced size when its data files are found), with paired confidence intervals, a
+recommended recipe within a 5% budget, and report.html. `--tiny` runs the same code path on a tiny
 locally built model in seconds (used by the test suite).
 """
 
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_write_json
-from .recipe import recipe_from_dict
+import yaml
+
+from .errors import ForgetlessError
+from .sweep import SweepConfig, Variant
 
 SYLLABLES = ["zor", "va", "nia", "quel", "port", "tam", "bri", "ka", "lun", "dor", "mes", "ti", "ra", "sel", "gon", "fi"]
 
@@ -45,38 +49,65 @@ def capitals_task(n: int = 96, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def demo_recipes(model: str, train_file: Path, val_file: Path, out_dir: Path, tiny: bool) -> list[dict[str, Any]]:
+def task_suite_yaml(heldout: Path) -> str:
+    """The demo's target task: held-out capitals, scored by answer likelihood (first: the sweep's task gain)
+    and by whether greedy answers contain the right capital."""
+    return yaml.safe_dump({
+        "name": "capitals",
+        "description": "capitals of invented countries, held out from training",
+        "tasks": [
+            {"name": "capitals_ce", "kind": "reference_likelihood", "data": {"path": str(heldout.resolve())},
+             "prompt": "{{question}}", "reference": "{{answer}}", "chat": "auto", "sample": "first"},
+            {"name": "capitals_answer", "kind": "generate", "data": {"path": str(heldout.resolve())},
+             "prompt": "{{question}}", "answers": "capital", "scorer": "qa", "main_metric": "contains", "chat": "auto",
+             "max_new_tokens": 24, "sample": "first"},
+        ],
+    }, sort_keys=False)
+
+
+def demo_sweep(model: str, train_file: Path, val_file: Path, task_suite: Path, out_dir: Path, tiny: bool,
+               general: bool) -> SweepConfig:
+    """Three recipes: full fine-tuning at a high learning rate, LoRA, and a guarded full fine-tuning with KL
+    to the base model whose guard keeps the self-reference drift inside a budget."""
     steps = 20 if tiny else 60
-    common = {
+    lr_full, lr_lora = (3e-3, 1e-2) if tiny else (1e-4, 5e-4)
+    budget = 0.05
+    base = {
         "model": model,
         "data": {"train": str(train_file), "validation": str(val_file), "format": "chat", "max_length": 128},
-        "optim": {"max_steps": steps, "batch_size": 8, "warmup_ratio": 0.05, "schedule": "cosine"},
+        "optim": {"max_steps": steps, "batch_size": 8, "warmup_ratio": 0.05, "schedule": "cosine", "lr": lr_full},
         "train": {"save_steps": None, "logging_steps": 5, "seed": 0},
     }
-    variants = [
-        ("full-high-lr", {"name": "full"}, 1e-4 if not tiny else 3e-3, []),
-        ("lora", {"name": "lora", "r": 16}, 5e-4 if not tiny else 1e-2, []),
-        ("full-high-lr+kl", {"name": "full"}, 1e-4 if not tiny else 3e-3, [{"name": "kl", "weight": 1.0}]),
-    ]
-    out = []
-    for name, method, lr, mitigations in variants:
-        r = json.loads(json.dumps(common))
-        r.update({"name": name, "method": method, "mitigations": mitigations})
-        r["optim"]["lr"] = lr
-        r["train"]["output_dir"] = str(out_dir / name)
-        out.append(r)
-    return out
+    guarded = {
+        "mitigations": [{"name": "kl", "weight": 1.0}],
+        "monitor": {"suite": "self", "limit": 4 if tiny else 16, "every": 5 if tiny else 15, "max_new_tokens": 16 if tiny else 32},
+        "guard": {"budget": budget, "actions": ["lower_lr", "rollback", "stop"]},
+    }
+    return SweepConfig(
+        name="demo", base=base, budget=budget, task_suite=str(task_suite),
+        retention_suite="general" if general else "self",
+        limit=8 if tiny else (40 if general else 60), eval_bf16=not tiny, output_dir=str(out_dir),
+        runs=[
+            Variant(name="full-high-lr", set={"method": "full"}),
+            Variant(name="lora", set={"method": {"name": "lora", "r": 16}, "optim.lr": lr_lora}),
+            Variant(name="full-high-lr+kl+guard", set=guarded),
+        ],
+    )
 
 
-def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: bool = True, quiet: bool = False) -> dict:
+def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
     from rich.console import Console
-    from rich.table import Table
 
-    from .train import train
+    from .retention.tasks import resolve_data_root
+    from .sweep import run_sweep
 
     console = Console(stderr=True, quiet=quiet)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ForgetlessError(f"{out_dir} exists; pass --overwrite or choose another --out")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
     if tiny:
         from .testing import build_tiny_llama
 
@@ -88,51 +119,21 @@ def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: b
         model = resolve_model("smollm2-135m-instruct").path
     data = capitals_task(64 if tiny else 160)
     n_val = len(data) // 5
-    train_file, val_file = out_dir / "capitals_train.jsonl", out_dir / "capitals_val.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in data[n_val:]))
-    val_file.write_text("".join(json.dumps(r) + "\n" for r in data[:n_val]))
-    console.print(f"[bold]2/3[/bold] task: capitals of {len(data)} invented countries ({len(data) - n_val} train / {n_val} held out)")
-    from .retention.api import eval_model
-    from .retention.suite import load_suite
+    files = {k: out_dir / f"capitals_{k}.jsonl" for k in ("train", "val", "heldout")}
+    files["train"].write_text("".join(json.dumps(r) + "\n" for r in data[n_val:]))
+    files["val"].write_text("".join(json.dumps(r) + "\n" for r in data[:n_val]))
+    files["heldout"].write_text("".join(json.dumps(_qa(r)) + "\n" for r in data[:n_val]))
+    suite = out_dir / "capitals_suite.yaml"
+    suite.write_text(task_suite_yaml(files["heldout"]))
+    root = resolve_data_root(None)
+    general = not tiny and root is not None and (root / "commonsense_mc" / "arc_easy_test.jsonl").is_file()
+    console.print(f"[bold]2/3[/bold] task: capitals of {len(data)} invented countries ({len(data) - n_val} train / {n_val} held out); "
+                  f"retention suite: {'general (data found in ' + str(root) + ')' if general else 'self (no data files needed)'}")
+    cfg = demo_sweep(model, files["train"], files["val"], suite, out_dir / "sweep", tiny, general)
+    console.print("[bold]3/3[/bold] sweep: full FT at a high learning rate, LoRA, and guarded full FT with KL to the base")
+    return run_sweep(cfg, folder=out_dir, quiet=quiet)
 
-    probe = load_suite("self")
-    probe = probe.model_copy(update={"tasks": [probe.tasks[0].model_copy(update={
-        "limit": 8 if tiny else 40, "max_new_tokens": 16 if tiny else 64})]})
-    rows = []
-    for spec in demo_recipes(model, train_file, val_file, out_dir, tiny):
-        mits = ", ".join(m["name"] for m in spec["mitigations"]) or "none"
-        console.print(f"[bold]3/3[/bold] recipe {spec['name']}: method {spec['method']['name']}, lr {spec['optim']['lr']}, mitigations {mits}")
-        s = train(recipe_from_dict(spec), overwrite=overwrite, quiet=quiet).summary
-        ev = eval_model(spec["train"]["output_dir"], probe, progress=not quiet)["comparison"]
-        ref = ev["tasks"]["self_reference"]
-        rows.append({
-            "retention_score": ev["retention_score"],
-            "retention_ci": ev["retention_ci"],
-            "self_reference_ce_change": ref["delta"],
-            "self_reference_ce_change_ci": ref["ci"],
-            "significant_drop": ref["significant_drop"],
-            "recipe": spec["name"],
-            "method": s["method"],
-            "val_loss_before": s["initial_validation_loss"],
-            "val_loss_after": s["final_validation_loss"],
-            "trainable_share": s["trainable_share"],
-            "wall_time_s": s["wall_time_s"],
-            "tokens_per_s": s["tokens_per_s"],
-        })
-    result = {"model": model, "tiny": tiny, "runs": rows}
-    atomic_write_json(out_dir / "demo.json", result)
-    t = Table(title="forgetless demo: task gain (held-out loss) vs drift from the base model (self-reference)")
-    for col in ("recipe", "method", "task val loss", "self-ref CE change [95% CI]", "retention", "trainable", "wall s"):
-        t.add_column(col)
-    for r in rows:
-        lo, hi = r["self_reference_ce_change_ci"]
-        flag = " [red]significant[/red]" if r["significant_drop"] else ""
-        t.add_row(r["recipe"], r["method"], f"{r['val_loss_before']:.3f} -> {r['val_loss_after']:.3f}",
-                  f"{r['self_reference_ce_change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{flag}", f"{r['retention_score']:.3f}",
-                  f"{100 * r['trainable_share']:.2f}%", f"{r['wall_time_s']:.0f}")
-    if not quiet:
-        import sys
 
-        Console(width=None if sys.stdout.isatty() else 150).print(t)
-        console.print(f"results: {out_dir / 'demo.json'}")
-    return result
+def _qa(record: dict[str, Any]) -> dict[str, Any]:
+    question, answer = (m["content"] for m in record["messages"])
+    return {"question": question, "answer": answer, "capital": answer.rsplit(" is ", 1)[1].rstrip(".")}

@@ -1,0 +1,396 @@
+"""`forgetless sweep`: run several recipes, score each on the target task and on retention, and say which
+one gives the most task gain within a forgetting budget.
+
+A sweep file is a base recipe plus variations:
+
+    name: lr-and-methods
+    base: recipe.yaml            # or an inline recipe mapping
+    runs:                        # explicit variants: dotted recipe keys, like `forgetless train --set`
+      - {name: full-1e-4, set: {optim.lr: 1e-4}}
+      - {name: lora, set: {method: lora, optim.lr: 3e-4}}
+    grid:                        # and/or a grid: every combination becomes a run
+      optim.lr: [1e-5, 1e-4]
+    task_suite: auto             # a suite (file or built-in); auto: reference likelihood of the validation data
+    retention_suite: self        # what must not be forgotten
+    budget: 1%                   # recommend the largest task gain whose retention drop is within this
+
+Each run goes to <sweep>/runs/<name>/ (a normal run directory) with its two evaluations beside it
+(eval-task.json, eval-retention.json). The base model is evaluated once (and cached by fingerprint).
+`sweep.json` is rewritten atomically after every run; re-running the same command resumes: finished runs
+are skipped, an interrupted one continues from its newest checkpoint.
+
+Task gain: the change of the task suite's first task's main metric, oriented so that positive is better
+(for a cross-entropy: base minus candidate), with its paired 95% interval. Retention change: the retention
+suite's score minus 1 (0 = nothing lost; -0.01 = 1% lost), with its paired interval.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .config import _Strict, parse_budget
+from .errors import ForgetlessError, RecipeError
+from .io import atomic_write_json, atomic_write_text
+from .recipe import Recipe, format_validation_error, recipe_from_dict
+
+
+class Variant(_Strict):
+    name: str = Field(description="Run name (its directory under runs/).")
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted recipe keys and their values.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*", v):
+            raise ValueError(f"{v!r}: a run name is letters, digits and . _ + = , - (it names a directory)")
+        return v
+
+
+class SweepConfig(_Strict):
+    name: str = "sweep"
+    base: dict[str, Any] | str = Field(description="The base recipe: a mapping, or a recipe YAML path (relative to the sweep file).")
+    runs: list[Variant] = Field(default_factory=list)
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted recipe key -> values; every combination is a run.")
+    task_suite: str = Field("auto", description="Suite scoring the target task; auto: reference likelihood of data.validation (chat format).")
+    retention_suite: str = Field("self", description="Suite of what must not be forgotten (built-in name or YAML file).")
+    limit: int | None = Field(None, gt=0, description="At most this many items per evaluation task.")
+    data_root: str | None = Field(None, description="Folder the suites' data paths are relative to.")
+    budget: float | None = Field(None, gt=0, lt=1, description="Forgetting budget (1% or 0.01): marks the recommended run.")
+    eval_bf16: bool = Field(False, description="bf16 evaluation compute (faster; default fp32).")
+    output_dir: str | None = Field(None, description="Sweep directory. Default: sweeps/<name>.")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> Any:
+        return None if v is None else parse_budget(v)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> SweepConfig:
+        names = [v.name for v in self.variants()]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"run names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+    def variants(self) -> list[Variant]:
+        out = list(self.runs)
+        if self.grid:
+            keys = list(self.grid)
+            for values in itertools.product(*(self.grid[k] for k in keys)):
+                name = ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in zip(keys, values, strict=True))
+                out.append(Variant(name=name, set=dict(zip(keys, values, strict=True))))
+        return out or [Variant(name="base")]
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, dict):
+        return str(v.get("name", "x"))
+    if isinstance(v, list):
+        return "+".join(_short(x) for x in v) or "none"
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(v))
+
+
+def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
+    """Read and validate a sweep file; errors name the file, key and line. Returns (config, its folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: sweep file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data, root = yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a sweep is a YAML mapping with base: and runs: or grid:")
+    try:
+        return SweepConfig.model_validate(data), path.parent
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, str(path), root, what="sweep")) from None
+
+
+def base_recipe_dict(cfg: SweepConfig, folder: Path) -> tuple[dict[str, Any], str]:
+    if isinstance(cfg.base, dict):
+        return copy.deepcopy(cfg.base), "sweep base"
+    p = Path(cfg.base)
+    p = p if p.is_absolute() else folder / p
+    if not p.is_file():
+        raise RecipeError(f"sweep base: recipe file {p} not found")
+    data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe is a YAML mapping")
+    return data, str(p)
+
+
+def variant_recipe(base: dict[str, Any], variant: Variant, run_dir: Path, source: str) -> Recipe:
+    overrides = [f"{k}={json.dumps(v)}" for k, v in variant.set.items()]
+    tree = copy.deepcopy(base)
+    tree["name"] = variant.name
+    tree.setdefault("train", {})
+    tree["train"] = {**tree["train"], "output_dir": str(run_dir)}
+    return recipe_from_dict(tree, overrides, source=f"sweep run {variant.name} (base: {source})")
+
+
+# ---------------------------------------------------------------- task suite
+
+
+def auto_task_suite(recipe: Recipe) -> Any:
+    """The target task, scored as the reference likelihood of the recipe's held-out answers."""
+    from .retention.kinds.reference_likelihood import ReferenceLikelihoodTask
+    from .retention.suite import Suite
+    from .retention.tasks import DataSource
+
+    d = recipe.data
+    if not d.validation:
+        raise ForgetlessError("sweep task_suite: auto needs data.validation in the base recipe (or name a task suite)")
+    val = d.validation if isinstance(d.validation, str) else None
+    if val is None or val.startswith("hf:"):
+        raise ForgetlessError("sweep task_suite: auto reads a local data.validation file; name a task suite instead")
+    if d.format == "chat":
+        m = d.field("messages")
+        prompt, reference, chat = f"{{{{ ({m} | selectattr('role', 'equalto', 'user') | list)[-1].content }}}}", \
+            f"{{{{ ({m} | selectattr('role', 'equalto', 'assistant') | list)[-1].content }}}}", True
+    elif d.format == "prompt_completion":
+        prompt, reference, chat = f"{{{{ {d.field('prompt')} }}}}", f"{{{{ {d.field('completion')} }}}}", False
+    else:
+        raise ForgetlessError(
+            f"sweep task_suite: auto handles chat and prompt_completion data; data.format is {d.format}: name a task suite"
+        )
+    task = ReferenceLikelihoodTask(
+        name="task_heldout", data=DataSource(path=str(Path(val).resolve())), prompt=prompt, reference=reference,
+        chat=chat, sample="first", target_delimiter="" if d.format == "prompt_completion" else " ",
+    )
+    return Suite(name="task", description="held-out answers of the training task (reference likelihood)", tasks=[task])
+
+
+def load_any_suite(name: str) -> Any:
+    from .retention.suite import load_suite
+
+    return load_suite(name)
+
+
+# ---------------------------------------------------------------- one run
+
+
+def task_gain(cmp: dict[str, Any]) -> dict[str, Any]:
+    """The first task's change oriented so that positive is better, with its paired interval."""
+    name, t = next(iter(cmp["tasks"].items()))
+    sign = 1.0 if t["higher_is_better"] else -1.0
+    lo, hi = (sign * t["ci"][0], sign * t["ci"][1])
+    return {
+        "task": name, "metric": t["main"], "base": t["base"], "candidate": t["candidate"],
+        "gain": sign * t["delta"], "ci": [min(lo, hi), max(lo, hi)], "significant": t["significant"],
+    }
+
+
+def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepConfig, progress: bool) -> dict[str, Any]:
+    from .retention.api import eval_model
+
+    kw = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root, "bf16": cfg.eval_bf16, "progress": progress}
+    task = eval_model(str(run_dir), task_suite, out=run_dir / "eval-task.json", **kw)
+    ret = eval_model(str(run_dir), retention_suite, out=run_dir / "eval-retention.json", **kw)
+    rc = ret["comparison"]
+    return {
+        "task": task_gain(task["comparison"]),
+        "task_tasks": {k: {x: v[x] for x in ("base", "candidate", "delta", "ci", "significant")} for k, v in task["comparison"]["tasks"].items()},
+        "retention": {
+            "score": rc["retention_score"], "change": rc["retention_score"] - 1,
+            "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
+            "significant_drops": rc["significant_drops"],
+            "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant", "significant_drop", "flipped")}
+                      for k, v in rc["tasks"].items()},
+        },
+    }
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) one variant and score it. Module-level so `--jobs` worker processes can run it."""
+    from .train import train
+
+    if spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    recipe = Recipe.model_validate(spec["recipe"])
+    run_dir = recipe.output_dir
+    cfg = SweepConfig.model_validate(spec["config"])
+    t0 = time.perf_counter()
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+    else:
+        resume = (run_dir / "recipe.yaml").is_file() and (run_dir / "checkpoints").is_dir()
+        summary = train(recipe, resume=resume, overwrite=not resume, quiet=spec["quiet"]).summary
+    scores = score_run(run_dir, spec["task_suite"], spec["retention_suite"], cfg, progress=not spec["quiet"])
+    guard = summary.get("guard") or {}
+    return {
+        "run": recipe.name,
+        "dir": str(run_dir),
+        "method": summary["method"],
+        "set": spec["set"],
+        **scores,
+        "wall_time_s": summary["wall_time_s"],
+        "tokens_per_s": summary["tokens_per_s"],
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "trainable_parameters": summary["trainable_parameters"],
+        "trainable_share": summary["trainable_share"],
+        "val_loss_before": summary.get("initial_validation_loss"),
+        "val_loss_after": summary.get("final_validation_loss"),
+        "guard_events": len(guard.get("events") or []),
+        "sweep_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def recommend(rows: list[dict[str, Any]], budget: float | None) -> str | None:
+    """The run with the largest task gain whose retention drop (point estimate) is within the budget."""
+    if budget is None:
+        return None
+    ok = [r for r in rows if -r["retention"]["change"] <= budget]
+    return max(ok, key=lambda r: r["task"]["gain"])["run"] if ok else None
+
+
+def run_sweep(
+    path_or_config: str | Path | SweepConfig,
+    *,
+    folder: Path | None = None,
+    jobs: int = 1,
+    budget: float | None = None,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns the content of sweep.json."""
+    from rich.console import Console
+
+    if isinstance(path_or_config, SweepConfig):
+        cfg, folder = path_or_config, folder or Path.cwd()
+    else:
+        cfg, folder = load_sweep(path_or_config)
+    if budget is not None:
+        cfg = cfg.model_copy(update={"budget": budget})
+    console = Console(stderr=True, quiet=quiet)
+    out = Path(output_dir or cfg.output_dir or f"sweeps/{cfg.name}")
+    state_path = out / "sweep.json"
+    base, source = base_recipe_dict(cfg, folder)
+    variants = cfg.variants()
+    recipes = {v.name: variant_recipe(base, v, out / "runs" / v.name, source) for v in variants}  # all errors up front
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            import shutil
+
+            shutil.rmtree(out)
+        elif not state_path.is_file():
+            raise ForgetlessError(f"{out} exists and is not a sweep directory; pass --overwrite or choose another output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    prior = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    done = {r["run"]: r for r in prior.get("runs", [])}
+    for name, r in recipes.items():
+        saved = out / "runs" / name / "recipe.yaml"
+        if saved.is_file():
+            from .recipe import load_recipe
+
+            if load_recipe(saved).resolved() != r.resolved():
+                raise ForgetlessError(
+                    f"sweep run {name}: its recipe changed since {saved} was written; pass --overwrite to start the sweep again"
+                )
+    atomic_write_text(out / "sweep.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    first = next(iter(recipes.values()))
+    task_suite = auto_task_suite(first) if cfg.task_suite == "auto" else load_any_suite(cfg.task_suite)
+    retention_suite = load_any_suite(cfg.retention_suite)
+    todo = [v for v in variants if v.name not in done]
+    console.print(f"[bold]sweep {cfg.name}[/bold]: {len(variants)} runs ({len(variants) - len(todo)} finished), "
+                  f"task suite {task_suite.name}, retention suite {retention_suite.name} -> {out}")
+    state: dict[str, Any] = {
+        "name": cfg.name, "dir": str(out), "budget": cfg.budget, "task_suite": task_suite.name,
+        "retention_suite": retention_suite.name, "base_model": first.model.name,
+        "runs": [done[v.name] for v in variants if v.name in done], "recommended": None,
+    }
+
+    def save() -> None:
+        order = {v.name: i for i, v in enumerate(variants)}
+        state["runs"].sort(key=lambda r: order.get(r["run"], 1 << 30))
+        state["recommended"] = recommend(state["runs"], cfg.budget)
+        atomic_write_json(state_path, state)
+
+    save()
+    specs = [{
+        "recipe": recipes[v.name].model_dump(mode="json"), "config": cfg.model_dump(mode="json"), "set": v.set,
+        "task_suite": task_suite, "retention_suite": retention_suite, "quiet": quiet,
+        "threads": max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None,
+    } for v in todo]
+    if jobs > 1 and len(specs) > 1:
+        _prime_base(first, task_suite, retention_suite, cfg, quiet)
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(run_one, s): s for s in specs}
+            for f in as_completed(futures):
+                state["runs"].append(f.result())
+                save()
+                console.print(f"finished {state['runs'][-1]['run']}")
+    else:
+        for i, s in enumerate(specs, 1):
+            console.print(f"[bold]run {i}/{len(specs)}[/bold]: {s['recipe']['name']} {json.dumps(s['set']) if s['set'] else ''}")
+            state["runs"].append(run_one(s))
+            save()
+    if report:
+        from .report import write_report
+
+        state["report"] = str(write_report(out))
+        atomic_write_json(state_path, state)
+    return state
+
+
+def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: SweepConfig, quiet: bool) -> None:
+    """Evaluate the base model once before parallel workers start (they then read the cache)."""
+    from .models import resolve_model
+    from .retention.api import eval_model
+
+    path = resolve_model(recipe.model.name).path
+    for s in (task_suite, retention_suite):
+        eval_model(path, s, baseline=path, limit=cfg.limit, data_root=cfg.data_root, bf16=cfg.eval_bf16, progress=not quiet)
+
+
+# ---------------------------------------------------------------- table
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.2f}%"
+
+
+def sweep_table(state: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"sweep {state['name']}: task gain vs retention change"
+              + (f" (budget {100 * state['budget']:.3g}%)" if state.get("budget") else ""))
+    for col in ("run", "method", "task gain [95% CI]", "retention change [95% CI]", "significant drops",
+                "wall s", "tok/s", "peak MB", "trainable"):
+        t.add_column(col, justify="left" if col in ("run", "method", "significant drops") else "right")
+    for r in state["runs"]:
+        g, ret = r["task"], r["retention"]
+        mark = " [bold green]<- recommended[/bold green]" if r["run"] == state.get("recommended") else ""
+        over = state.get("budget") is not None and -ret["change"] > state["budget"]
+        t.add_row(
+            r["run"] + mark, r["method"],
+            f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]{' *' if g['significant'] else ''}",
+            ("[red]" if over else "") + f"{_pct(ret['change'])} [{_pct(ret['ci'][0])}, {_pct(ret['ci'][1])}]" + ("[/red]" if over else ""),
+            ", ".join(ret["significant_drops"]) or "none",
+            f"{r['wall_time_s']:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_memory_mb']:.0f}",
+            f"{r['trainable_parameters']:,} ({100 * r['trainable_share']:.2f}%)",
+        )
+    return t

@@ -1,0 +1,223 @@
+"""`forgetless sweep` and `forgetless report` end to end on the tiny model: every run in the table, the
+recommendation honours the budget, an interrupted sweep resumes without redoing finished runs, the report
+has every section, and it renders in a real headless Chromium without console errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, tiny_recipe
+
+import forgetless.sweep as sweep_mod
+from forgetless.errors import ForgetlessError, RecipeError
+from forgetless.report import build_report, pareto, write_report
+from forgetless.sweep import load_sweep, recommend, run_sweep
+
+
+def _sweep_file(tmp_path: Path, tiny_model: Path, toy_data: dict, **extra) -> Path:
+    base = tiny_recipe(tiny_model, toy_data, tmp_path / "unused")
+    base["train"].pop("output_dir")
+    spec = {
+        "name": "tiny",
+        "base": base,
+        "runs": [
+            {"name": "low-lr", "set": {"optim.lr": 3e-4}},
+            {"name": "high-lr", "set": {"optim.lr": 3e-3}},
+            {"name": "guarded", "set": {
+                "optim.lr": 3e-3,
+                "monitor": {"suite": "self", "limit": 4, "every": 5, "max_new_tokens": 8},
+                "guard": {"budget": 0.001, "require_significant": False, "actions": ["lower_lr", "stop"]},
+            }},
+        ],
+        "task_suite": "auto",
+        "retention_suite": "self",
+        "limit": 6,
+        "budget": "5%",
+        "output_dir": str(tmp_path / "sweep"),
+        **extra,
+    }
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return p
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, tiny_model, toy_data):
+    """A 3-run sweep that was interrupted after its first run, then resumed."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = _sweep_file(tmp, tiny_model, toy_data)
+    real = sweep_mod.run_one
+    calls: list[str] = []
+
+    def failing(spec):
+        if spec["recipe"]["name"] == "high-lr":
+            raise KeyboardInterrupt("simulated interruption")
+        calls.append(spec["recipe"]["name"])
+        return real(spec)
+
+    sweep_mod.run_one = failing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(path, quiet=True)
+    finally:
+        sweep_mod.run_one = real
+    partial = json.loads((tmp / "sweep" / "sweep.json").read_text())
+    first_summary = (tmp / "sweep" / "runs" / "low-lr" / "summary.json").read_text()
+    calls2: list[str] = []
+
+    def counting(spec):
+        calls2.append(spec["recipe"]["name"])
+        return real(spec)
+
+    sweep_mod.run_one = counting
+    try:
+        state = run_sweep(path, quiet=True)
+    finally:
+        sweep_mod.run_one = real
+    return {"dir": tmp / "sweep", "state": state, "partial": partial, "calls": calls, "calls2": calls2,
+            "first_summary": first_summary, "path": path}
+
+
+def test_sweep_table_has_every_run_and_resume_skips_finished(finished_sweep):
+    f = finished_sweep
+    assert [r["run"] for r in f["partial"]["runs"]] == ["low-lr"]
+    assert f["calls"] == ["low-lr"] and f["calls2"] == ["high-lr", "guarded"]  # low-lr not redone
+    assert (f["dir"] / "runs" / "low-lr" / "summary.json").read_text() == f["first_summary"]
+    state = json.loads((f["dir"] / "sweep.json").read_text())
+    assert [r["run"] for r in state["runs"]] == ["low-lr", "high-lr", "guarded"]
+    for r in state["runs"]:
+        lo, hi = r["task"]["ci"]
+        assert lo <= r["task"]["gain"] <= hi
+        lo, hi = r["retention"]["ci"]
+        assert lo <= r["retention"]["change"] <= hi
+        assert r["trainable_parameters"] > 0 and r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0
+        assert (Path(r["dir"]) / "eval-task.json").is_file() and (Path(r["dir"]) / "eval-retention.json").is_file()
+    # every run learned the task: held-out answer cross-entropy fell significantly
+    assert all(r["task"]["gain"] > 0 and r["task"]["significant"] for r in state["runs"])
+    # the high learning rate learned more than the low one
+    gains = {r["run"]: r["task"]["gain"] for r in state["runs"]}
+    assert gains["high-lr"] > gains["low-lr"]
+    # a third invocation has nothing left to do
+    again = run_sweep(f["path"], quiet=True, report=False)
+    assert [r["run"] for r in again["runs"]] == ["low-lr", "high-lr", "guarded"]
+
+
+def test_recommended_run_honours_the_budget(finished_sweep):
+    rows = finished_sweep["state"]["runs"]
+    drops = sorted(-r["retention"]["change"] for r in rows)
+    for budget in (*[d + 1e-9 for d in drops], 0.05):
+        name = recommend(rows, budget)
+        within = [r for r in rows if -r["retention"]["change"] <= budget]
+        if not within:
+            assert name is None
+            continue
+        chosen = next(r for r in rows if r["run"] == name)
+        assert -chosen["retention"]["change"] <= budget
+        assert chosen["task"]["gain"] == max(r["task"]["gain"] for r in within)
+
+
+def test_recommend_on_hand_made_rows():
+    rows = [
+        {"run": "a", "task": {"gain": 1.0}, "retention": {"change": -0.03}},
+        {"run": "b", "task": {"gain": 0.8}, "retention": {"change": -0.009}},
+        {"run": "c", "task": {"gain": 0.5}, "retention": {"change": 0.002}},
+    ]
+    assert recommend(rows, 0.01) == "b"
+    assert recommend(rows, 0.05) == "a"
+    assert recommend(rows, 0.001) == "c"
+    assert recommend(rows, None) is None
+    assert recommend([rows[0]], 0.01) is None
+
+
+def test_pareto_front():
+    pts = [(0.0, 0.0, "base"), (-1.0, 2.0, "a"), (-2.0, 1.5, "b"), (-0.5, 1.0, "c")]
+    assert [p[2] for p in pareto(pts)] == ["a", "c", "base"]
+
+
+def test_report_has_every_section(finished_sweep):
+    html = build_report(finished_sweep["dir"])
+    for anchor in ('id="frontier-plot"', 'id="runs-table"', 'id="training"', 'class="retention-table"', 'id="drift"'):
+        assert anchor in html, anchor
+    assert html.count('class="plot curves"') == 3
+    assert html.count('class="plot drift"') == 3
+    assert "(recommended)" in html or "No run stays within the budget" in html
+    # monitor probes and guard events of the guarded run are in its metrics and shown
+    recs = [json.loads(x) for x in (finished_sweep["dir"] / "runs" / "guarded" / "metrics.jsonl").read_text().splitlines()]
+    assert any("fl_retention" in r for r in recs)
+    assert ('class="guard-events"' in html) == any("guard" in r for r in recs)
+    drift = json.loads((finished_sweep["dir"] / "runs" / "high-lr" / "drift.json").read_text())
+    assert drift["blocks"][0] == "embeddings" and all(v > 0 for v in drift["relative_change"])
+    assert (finished_sweep["dir"] / "report.html").is_file()  # the sweep wrote it at the end
+
+
+def test_report_for_a_lone_run_without_evaluation(tmp_path, tiny_model, toy_data):
+    from forgetless.recipe import recipe_from_dict
+    from forgetless.train import train
+
+    train(recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", optim__max_steps=5)), quiet=True)
+    out = write_report(tmp_path / "run")
+    html = out.read_text()
+    assert "No evaluation found" in html and 'class="plot curves"' in html and 'class="plot drift"' in html
+    with pytest.raises(ForgetlessError, match="neither a run directory"):
+        build_report(tmp_path)
+
+
+def test_sweep_file_errors_name_the_key(tmp_path, tiny_model, toy_data):
+    p = _sweep_file(tmp_path, tiny_model, toy_data, budget="lots")
+    with pytest.raises(RecipeError, match=r"budget.*line \d+.*1%"):
+        load_sweep(p)
+    p = _sweep_file(tmp_path, tiny_model, toy_data)
+    spec = yaml.safe_load(p.read_text())
+    spec["runs"][1]["set"] = {"optim.lr": "fast"}
+    p.write_text(yaml.safe_dump(spec))
+    with pytest.raises(RecipeError, match=r"(?s)sweep run high-lr.*optim.lr: Input should be a valid number"):
+        run_sweep(p, quiet=True)
+    assert not (tmp_path / "sweep").exists()  # bad input fails before anything is written
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium binary (.ci/run installs the Debian package `chromium`)")
+def test_report_renders_in_headless_chromium(finished_sweep):
+    import base64
+    import re
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
+    report = finished_sweep["dir"] / "report.html"
+    html = report.read_text()
+    expected = [_png_size(base64.b64decode(m)) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+    assert len(expected) >= 7  # frontier + 3 curves + 3 drift charts
+    artifacts = Path(os.environ.get("FORGETLESS_TEST_ARTIFACTS", REPO / "tests" / "artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(report.resolve().as_uri(), wait_until="load")
+        sizes = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        shown = page.evaluate("Array.from(document.images).map(i => i.getBoundingClientRect().width)")
+        page.screenshot(path=str(artifacts / "report.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert [tuple(s[1:]) for s in sizes] == [tuple(e) for e in expected]
+    assert all(s[0] and s[1] > 100 and s[2] > 100 for s in sizes)
+    assert all(w > 100 for w in shown)
+    assert (artifacts / "report.png").stat().st_size > 10_000
