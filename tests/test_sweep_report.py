@@ -221,3 +221,12 @@ def test_report_renders_in_headless_chromium(finished_sweep):
     assert all(s[0] and s[1] > 100 and s[2] > 100 for s in sizes)
     assert all(w > 100 for w in shown)
     assert (artifacts / "report.png").stat().st_size > 10_000
+
+
+def test_sweep_jobs_runs_in_worker_processes(tmp_path, tiny_model, toy_data):
+    path = _sweep_file(tmp_path, tiny_model, toy_data, runs=[], grid={"optim.lr": [3e-4, 3e-3]}, limit=4)
+    state = run_sweep(path, jobs=2, quiet=True, report=False)
+    assert sorted(r["run"] for r in state["runs"]) == ["lr=0.0003", "lr=0.003"]
+    pids = {json.loads((Path(r["dir"]) / "summary.json").read_text())["pid"] for r in state["runs"]}
+    assert os.getpid() not in pids
+    assert all(r["task"]["gain"] > 0 for r in state["runs"])

@@ -139,6 +139,7 @@ def merge(
     data_root: Annotated[Path | None, typer.Option(help="Where the suites' data paths are relative to.")] = None,
     full: Annotated[bool, typer.Option(help="Write a full model even for a LoRA adapter.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Interpolate base and fine-tuned weights (WiSE-FT); --alpha auto finds the best alpha within a budget."""
@@ -149,7 +150,7 @@ def merge(
             raise typer.BadParameter("--alpha auto needs --task-suite (a suite scoring the new task)")
         result = merge_lib.auto_alpha(base, tuned, budget=parse_budget(budget), task_suite=task_suite,
                                       retention_suite=retention_suite, data_root=data_root, out=out, overwrite=overwrite,
-                                      progress=not json_out)
+                                      progress=not (json_out or quiet))
     else:
         try:
             a = float(alpha)
@@ -158,6 +159,8 @@ def merge(
         result = merge_lib.merge(base, tuned, a, out, overwrite=overwrite, full=full)
     if json_out:
         print(json.dumps(result, indent=2, default=str))
+        return
+    if quiet:
         return
     if "curve" in result:
         from rich.table import Table

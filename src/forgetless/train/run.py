@@ -330,6 +330,10 @@ def train(
         "pid": os.getpid(),
     }
     atomic_write_json(run_dir / "summary.json", summary)
+    if recipe.train.report:
+        from ..report import write_report
+
+        write_report(run_dir)
     # accelerate patched forward() with bf16 autocast for training; hand back the plain model
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return TrainResult(summary, model, tokenizer, run_dir)
