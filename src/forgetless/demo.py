@@ -86,7 +86,7 @@ def demo_sweep(model: str, train_file: Path, val_file: Path, task_suite: Path, o
     return SweepConfig(
         name="demo", base=base, budget=budget, task_suite=str(task_suite),
         retention_suite="general" if general else "self",
-        limit=8 if tiny else (40 if general else 60), eval_bf16=not tiny, output_dir=str(out_dir),
+        limit=8 if tiny else (40 if general else 60), output_dir=str(out_dir),
         runs=[
             Variant(name="full-high-lr", set={"method": "full"}),
             Variant(name="lora", set={"method": {"name": "lora", "r": 16}, "optim.lr": lr_lora}),

@@ -73,7 +73,7 @@ def eval_model(
     limit: int | None = None,
     tasks: list[str] | None = None,
     data_root: str | Path | None = None,
-    bf16: bool = False,
+    bf16: bool = True,
     max_length: int | None = None,
     out: str | Path | None = None,
     progress: bool = True,

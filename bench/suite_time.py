@@ -1,0 +1,86 @@
+"""Wall time of a built-in retention suite on a real model: bf16 (the default) and fp32 side by side.
+
+Target (issue: measure forgetting): the `general` suite takes at most 3 minutes on smollm2-135m-instruct
+on this 2-core machine. Self-reference scores the candidate on the base model's own greedy answers, which
+are generated once per base model and cached; the script times a cold start (answers generated) once and
+the warm evaluation (what every later evaluation of the same base, or of any candidate against it, costs)
+in bf16 (the default; --fp32 adds fp32). Per-task seconds and the load average go to
+bench/results/suite_time.json and .md.
+
+    python bench/suite_time.py                         # general suite, smollm2-135m-instruct
+    python bench/suite_time.py --suite self --model stories260k
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from forgetless.io import atomic_write_json, atomic_write_text
+from forgetless.models import resolve_model
+from forgetless.retention.evaluate import evaluate
+from forgetless.retention.suite import load_suite
+from forgetless.train.model import load_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BUDGET_S = 180.0
+
+
+def timed(model, tok, suite, bf16: bool, cache: Path) -> dict:
+    t0 = time.perf_counter()
+    res = evaluate(model, tok, suite, bf16=bf16, cache_dir=cache, progress=False)
+    wall = time.perf_counter() - t0
+    return {"wall_s": round(wall, 1), "tasks_s": {k: round(v, 1) for k, v in res.seconds.items()},
+            "scores": {k: v["metrics"][v["main"]] for k, v in res.summary().items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--suite", default="general")
+    ap.add_argument("--fp32", action="store_true", help="also time fp32 compute (cold and warm: the answers are keyed by precision)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "suite_time.json")
+    args = ap.parse_args()
+    torch.set_flush_denormal(True)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    model, tok = load_model(resolve_model(args.model).path)
+    load_s = time.perf_counter() - t0
+    suite = load_suite(args.suite)
+    cache = Path(tempfile.mkdtemp(prefix="fl-suite-time-"))  # a cold cache: the answers are generated here
+    runs = {"cold bf16": timed(model.eval(), tok, suite, True, cache)}
+    runs["warm bf16"] = timed(model, tok, suite, True, cache)
+    if args.fp32:
+        runs["cold fp32"] = timed(model, tok, suite, False, cache)
+        runs["warm fp32"] = timed(model, tok, suite, False, cache)
+    load1 = os.getloadavg()[0]
+    ratio = runs["warm fp32"]["wall_s"] / runs["warm bf16"]["wall_s"] if args.fp32 else None
+    result = {
+        "bench": "suite_time", "model": args.model, "suite": args.suite, "model_load_s": round(load_s, 1),
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "loadavg_start": load0, "loadavg_end": load1},
+        "budget_s": BUDGET_S, "runs": runs, "fp32_over_bf16": round(ratio, 2),
+        "verdict": {k: ("PASS" if v["wall_s"] <= BUDGET_S else "FAIL") for k, v in runs.items()},
+    }
+    atomic_write_json(args.out, result)
+    tasks = list(runs["warm bf16"]["tasks_s"])
+    lines = [f"# suite_time: `{args.suite}` suite on {args.model}", "",
+             f"{platform.platform()}, {torch.get_num_threads()} torch threads, load average {load0:.1f} at start, {load1:.1f} at end. "
+             f"Model load {load_s:.1f} s (not counted). Target: <= {BUDGET_S:.0f} s.", "",
+             "| run | wall s | verdict | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
+    for k, v in runs.items():
+        lines.append(f"| {k} | {v['wall_s']} | {result['verdict'][k]} | " + " | ".join(str(v['tasks_s'].get(t, '-')) for t in tasks) + " |")
+    lines += ["", (f"fp32 / bf16 wall time (warm): {ratio:.2f}x. " if ratio else "")
+              + "Cold: the self-reference answers of the base model are generated (once per base model and precision; cached "
+              "afterwards). Warm: every later evaluation against the same base."]
+    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
