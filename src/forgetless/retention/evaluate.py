@@ -117,7 +117,7 @@ def evaluate(
     """Score `model` on every task of `suite`. `reference` loads the base model for self-reference tasks
     (default: the model itself). bf16 autocast by default: about 2x faster than fp32 on CPU; it flips
     near-tied multiple-choice items (within 0.6 points of lm-eval at 500 items, bench/results/eval_speed.md),
-    while fp32 (bf16=False) reproduces lm-eval exactly.
+    while fp32 (bf16=False) reproduces lm-eval exactly."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     torch.set_flush_denormal(True)
