@@ -11,16 +11,18 @@ from .ewc import EWC, EWCConfig
 from .freeze import Freeze, FreezeConfig
 from .kl import KL, KLConfig
 from .l2sp import L2SP, L2SPConfig
+from .olora import OLoRA, OLoRAConfig
 from .replay import Replay, ReplayConfig
 from .self_replay import SelfReplay, SelfReplayConfig
 from .si import SI, SIConfig
 
 MitigationConfig = Annotated[
-    L2SPConfig | EWCConfig | SIConfig | KLConfig | ReplayConfig | SelfReplayConfig | FreezeConfig,
+    L2SPConfig | EWCConfig | SIConfig | KLConfig | ReplayConfig | SelfReplayConfig | FreezeConfig | OLoRAConfig,
     Field(discriminator="name"),
 ]
 MITIGATIONS: dict[str, type[Mitigation]] = {
     "l2sp": L2SP, "ewc": EWC, "si": SI, "kl": KL, "replay": Replay, "self_replay": SelfReplay, "freeze": Freeze,
+    "olora": OLoRA,
 }
 MITIGATION_NAMES = tuple(MITIGATIONS)
 

@@ -20,6 +20,10 @@ from .data import count_tokens, examples_from, sample
 class ReplayConfig(_Strict):
     name: Literal["replay"] = "replay"
     data: DataConfig = Field(description="The general data set: `train:` file(s) and its format, like the task's `data:`.")
+    extra_data: list[DataConfig] = Field(
+        default_factory=list, description="More data sets, each with its own format, replayed from the same pool "
+        "(`forgetless continual` replays every earlier task this way)."
+    )
     ratio: float = Field(0.05, gt=0, lt=1, description="Replay share of the training stream.")
     by: Literal["examples", "tokens"] = "examples"
     seed: int = 0
@@ -41,7 +45,9 @@ class Replay(Mitigation):
         self.ratio = config.ratio
 
     def setup(self, ctx: TrainContext) -> None:
-        self.pool = [{**e, "replay": True} for e in examples_from(self.config.data, ctx, "mitigations.replay.data")]
+        sets = [(self.config.data, "mitigations.replay.data")]
+        sets += [(d, f"mitigations.replay.extra_data[{i}]") for i, d in enumerate(self.config.extra_data)]
+        self.pool = [{**e, "replay": True} for d, where in sets for e in examples_from(d, ctx, where)]
 
     def replay_examples(self, task: list[dict], ratio: float) -> list[dict]:
         want = ratio / (1 - ratio)

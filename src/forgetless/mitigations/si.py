@@ -4,7 +4,8 @@ Along a run's training path each parameter's contribution to the loss decrease i
 omega += -g * delta_theta per optimizer step; at the end the importance is
 Omega = omega / (total_change^2 + damping), added to any previous importance, and saved with the final
 weights in si_state.safetensors. A following run with `previous:` pointing at that file (or its run
-directory) is regularised by weight/2 * sum Omega (theta - theta_previous_end)^2.
+directory) is regularised by weight/2 * sum Omega (theta - theta_previous_end)^2 (`anchor: start`: toward
+this run's starting weights instead).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class SIConfig(_Strict):
     damping: float = Field(1e-3, gt=0, description="xi in Omega = omega / (delta^2 + xi).")
     previous: str | None = Field(None, description="si_state.safetensors (or the run directory) of an earlier run.")
     save: bool = Field(True, description="Accumulate this run's importance and save it for the next run.")
+    anchor: Literal["previous", "start"] = Field(
+        "previous",
+        description="Where the penalty pulls toward: the weights saved with the previous importance (the earlier run's end), "
+        "or this run's starting weights. The same when a run starts from the earlier run's model; `start` is the right "
+        "anchor when each run trains a fresh adapter on merged weights (forgetless continual with LoRA).",
+    )
 
 
 class SI(QuadraticPenalty):
@@ -53,7 +60,8 @@ class SI(QuadraticPenalty):
             if missing:
                 raise ForgetlessError(f"mitigations.si.previous {path}: no importance for {missing[0]} (a run with another method?)")
             self.prev_importance = [state[f"importance.{n}"].to(p.device) for n, p in named]
-            self.anchor = [state[f"theta.{n}"].to(p.device) for n, p in named]
+            self.anchor = ([t.clone() for t in self.start] if self.config.anchor == "start"
+                           else [state[f"theta.{n}"].to(p.device) for n, p in named])
             self.weights = self.prev_importance
         self.extra_bytes = tensor_bytes(self.start) * (3 if self.config.save else 1) + (
             tensor_bytes(self.prev_importance) * 2 if self.prev_importance else 0)
