@@ -1,0 +1,823 @@
+"""`forgetless continual`: fine-tune on a sequence of tasks, one after another, and measure what each step
+cost every earlier task and the base model's abilities.
+
+A sequence file is a base recipe plus an ordered list of tasks:
+
+    name: support-abc
+    base: recipe.yaml              # a recipe file (relative to this file) or an inline mapping
+    tasks:
+      - name: product-a
+        data: {train: a_train.jsonl, validation: a_val.jsonl}     # over the base recipe's data: options
+      - name: product-b
+        data: {train: b_train.jsonl, validation: b_val.jsonl}
+        set: {optim.lr: 1.0e-4}    # per-step recipe overrides (dotted keys, as with --set)
+        eval: auto                 # auto: reference likelihood of data.validation; or a suite (file or built-in)
+    retention_suite: self          # the base abilities, evaluated after every step (null: none)
+    limit: 200                     # items per evaluation task
+    carry:                         # mitigations handed from step to step
+      ewc: {weight: 1000, samples: 200, gamma: 1.0}   # online EWC: Fisher of each finished task, accumulated
+      si: {weight: 1.0}                               # Synaptic Intelligence importance, accumulated
+      replay: {policy: quota, per_task: 50, ratio: 0.2}   # a buffer of earlier tasks' examples
+      kl: {weight: 1.0}                               # KL to the previous step's model
+      olora: {weight: 0.5}                            # LoRA: new adapter orthogonal to earlier ones (O-LoRA)
+
+Step i trains task i starting from step i-1's model (full weights; a LoRA-type adapter is merged into the
+weights the next step starts from, its own adapter kept in the step's final/). After every step the model
+is scored on every task's held-out evaluation and on the retention suite. The score R[i][j] of task j after
+step i is the evaluation task's main metric oriented so that higher is better: minus the held-out answer
+cross-entropy (nats per token) for `eval: auto`, the accuracy for a multiple-choice task. Row 0 is the base
+model (zero-shot). From R: average accuracy (mean of the last row), backward transfer
+BWT = mean over j < T of (R[T][j] - R[j][j]), forward transfer FWT = mean over j >= 2 of (R[j-1][j] - R[0][j])
+and forgetting (mean over j < T of the largest earlier score minus the last), each with a 95% bootstrap
+interval over the evaluation items (resampled per task, paired across steps).
+
+Layout of the sequence directory:
+
+    continual/<name>/
+      sequence.yaml         the sequence as run
+      continual.json        matrix, metrics with intervals, retention trajectory (rewritten after every step)
+      matrix.png            heat-map of R (colour: change from the base model)
+      trajectory.png        every task's score and the retention score after each step
+      report.html           all of it in one page, with each step's training curves and retention tables
+      base/                 the base model's evaluation (row 0)
+      steps/<i>-<task>/     a normal run directory, plus eval-task.json (+ .items.json) and eval-retention.json
+      replay/step-<i>/      the replay buffer step i trained with (one JSONL per earlier task)
+
+Re-running the same command resumes: finished steps are skipped, an interrupted step continues from its
+newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .config import DataConfig, _Strict
+from .errors import ForgetlessError, RecipeError
+from .io import atomic_write_json, atomic_write_text
+from .recipe import Recipe, format_validation_error, recipe_from_dict
+
+N_BOOT = 1000
+LORA_TYPES = ("lora", "dora", "qlora")
+
+# ---------------------------------------------------------------- the sequence file
+
+
+class TaskSpec(_Strict):
+    name: str = Field(description="Task name (its step directory is steps/<i>-<name>).")
+    data: dict[str, Any] = Field(description="The task's data: train, validation and any data option, over the base recipe's data:.")
+    set: dict[str, Any] = Field(default_factory=dict, description="Recipe overrides for this step (dotted keys).")
+    eval: str = Field("auto", description="auto: reference likelihood of data.validation; or a suite (file or built-in name).")
+    eval_task: str | None = Field(None, description="Which task of the eval suite (default: its first).")
+    metric: str | None = Field(None, description="Which metric of the eval task is the score (default: its main metric).")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*", v):
+            raise ValueError(f"{v!r}: a task name is letters, digits and . _ + = , - (it names a directory)")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _data_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(DataConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown data key(s) {', '.join(unknown)}; valid: {', '.join(DataConfig.model_fields)}")
+        if "train" not in v:
+            raise ValueError("needs train: (the task's training data)")
+        return v
+
+
+class EWCCarry(_Strict):
+    weight: float = Field(1000.0, ge=0)
+    samples: int = Field(200, gt=0, description="Examples of the finished task the Fisher is estimated on.")
+    labels: Literal["data", "sampled"] = "data"
+    gamma: float = Field(1.0, ge=0, le=1, description="Decay of earlier tasks' Fisher (online EWC).")
+    normalize: Literal["none", "max", "mean"] = "none"
+    seed: int = 0
+
+
+class SICarry(_Strict):
+    weight: float = Field(1.0, ge=0)
+    damping: float = Field(1e-3, gt=0)
+
+
+class KLCarry(_Strict):
+    weight: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    on: Literal["all", "task", "replay"] = "all"
+    positions: Literal["all", "target"] = "all"
+
+
+class ReplayCarry(_Strict):
+    policy: Literal["quota", "reservoir"] = Field(
+        "quota", description="quota: per_task examples of every earlier task; reservoir: one buffer of `size` over all of them."
+    )
+    per_task: int = Field(50, gt=0, description="quota: examples kept from each earlier task.")
+    size: int = Field(200, gt=0, description="reservoir: examples in the buffer.")
+    ratio: float = Field(0.2, gt=0, lt=1, description="Replay share of each step's training stream.")
+    by: Literal["examples", "tokens"] = "examples"
+    seed: int = 0
+
+
+class OLoRACarry(_Strict):
+    weight: float = Field(0.5, ge=0, description="Orthogonality penalty (lambda_1).")
+    l2: float = Field(0.0, ge=0, description="L2 on the new adapter (lambda_2).")
+
+
+class Carry(_Strict):
+    ewc: EWCCarry | None = None
+    si: SICarry | None = None
+    kl: KLCarry | None = None
+    replay: ReplayCarry | None = None
+    olora: OLoRACarry | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, v: Any) -> Any:
+        """`carry: [ewc, replay]` and `ewc: true` / `ewc: {}` mean the defaults."""
+        if isinstance(v, list):
+            v = {name: {} for name in v}
+        if isinstance(v, dict):
+            v = {k: ({} if x is True else (None if x is False else x)) for k, x in v.items()}
+        return v
+
+    def names(self) -> list[str]:
+        return [n for n in ("ewc", "si", "kl", "replay", "olora") if getattr(self, n) is not None]
+
+
+class ContinualConfig(_Strict):
+    name: str = "continual"
+    base: dict[str, Any] | str = Field(description="The base recipe: a mapping, or a recipe YAML path (relative to the sequence file).")
+    tasks: list[TaskSpec] = Field(min_length=1, description="The tasks, in training order.")
+    carry: Carry = Field(default_factory=Carry)
+    retention_suite: str | None = Field("self", description="What must not be forgotten (built-in name or suite file); null: none.")
+    limit: int | None = Field(None, gt=0, description="At most this many items per evaluation task.")
+    data_root: str | None = Field(None, description="Folder the suites' data paths are relative to.")
+    eval_bf16: bool = Field(True, description="bf16 evaluation compute (about 2x faster on CPU); false: fp32, which reproduces lm-eval exactly.")
+    output_dir: str | None = Field(None, description="Sequence directory. Default: continual/<name>.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ContinualConfig:
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"task names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+
+def load_continual(path: str | Path) -> tuple[ContinualConfig, Path]:
+    """Read and validate a sequence file; errors name the file, key and line. Returns (config, its folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: sequence file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data, root = yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a sequence is a YAML mapping with base: and tasks:")
+    try:
+        return ContinualConfig.model_validate(data), path.parent
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, str(path), root, what="sequence", tags=())) from None
+
+
+# ---------------------------------------------------------------- the plan: one recipe per step
+
+
+@dataclass
+class Step:
+    index: int  # 1-based
+    task: TaskSpec
+    recipe: Recipe
+    dir: Path
+    replay: list[tuple[str, Path, list[dict[str, Any]]]] = field(default_factory=list)  # (task, buffer file, records)
+
+    @property
+    def model_dir(self) -> Path:
+        """The model the next step starts from: the weights, or the adapter merged into them."""
+        return self.dir / ("merged" if self.recipe.method.peft and self.recipe.train.merge else "final")
+
+
+def _resolve(p: str, folder: Path) -> str:
+    q = Path(p)
+    return str(folder / q) if not q.is_absolute() and (folder / q).is_file() else p
+
+
+def _base_recipe(cfg: ContinualConfig, folder: Path, where: str) -> tuple[dict[str, Any], str]:
+    if isinstance(cfg.base, dict):
+        return copy.deepcopy(cfg.base), f"{where} base"
+    p = Path(_resolve(cfg.base, folder))
+    if not p.is_file():
+        raise RecipeError(f"{where}: base: recipe file {p} not found")
+    data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe is a YAML mapping")
+    return data, str(p)
+
+
+def select_buffer(sizes: list[int], policy: str, per_task: int, size: int, seed: int) -> list[list[int]]:
+    """Which examples of each earlier task the replay buffer keeps (indices, per task).
+
+    quota: min(per_task, n) of each task, a fixed-seed sample per task (a task's share never changes as more
+    tasks arrive). reservoir: reservoir sampling (algorithm R) of `size` over the stream of all earlier
+    tasks' examples in order, so every example seen so far is equally likely to be kept."""
+    if policy == "quota":
+        return [sorted(random.Random(seed * 1_000_003 + k).sample(range(n), min(per_task, n))) for k, n in enumerate(sizes)]
+    rng = random.Random(seed)
+    buf: list[tuple[int, int]] = []
+    seen = 0
+    for k, n in enumerate(sizes):
+        for i in range(n):
+            if len(buf) < size:
+                buf.append((k, i))
+            else:
+                r = rng.randrange(seen + 1)
+                if r < size:
+                    buf[r] = (k, i)
+            seen += 1
+    return [sorted(i for kk, i in buf if kk == k) for k in range(len(sizes))]
+
+
+def _train_records(recipe: Recipe) -> list[dict[str, Any]]:
+    from .data import load_records
+
+    recs = load_records(recipe.data.train, recipe.data.split)
+    recs = recs[: recipe.data.limit] if recipe.data.limit else recs
+    return [r.data for r in recs]
+
+
+def _carry_mitigations(cfg: ContinualConfig, i: int, prev: list[Step], buffer: list[tuple[str, Path, dict]]) -> list[dict[str, Any]]:
+    c, out = cfg.carry, []
+    if c.ewc and i >= 2:
+        ref = prev[-1].recipe.data.model_dump(mode="json")
+        ref.update({"validation": None, "validation_fraction": 0.0})
+        out.append({"name": "ewc", **c.ewc.model_dump(), "reference": ref,
+                    "previous": [str(prev[-1].dir)] if i >= 3 else []})  # step i-1's Fisher: tasks 1..i-2, accumulated
+    if c.si:
+        # anchored at the step's start: the previous model (full weights), or "no change" for a fresh adapter on merged weights
+        out.append({"name": "si", **c.si.model_dump(), "previous": str(prev[-1].dir) if i >= 2 else None, "anchor": "start"})
+    if c.kl and not (c.kl.on == "replay" and not (c.replay and i >= 2)):
+        out.append({"name": "kl", **c.kl.model_dump()})
+    if c.replay and i >= 2 and buffer:
+        out.append({"name": "replay", "ratio": c.replay.ratio, "by": c.replay.by, "seed": c.replay.seed,
+                    "data": buffer[0][2], "extra_data": [d for _, _, d in buffer[1:]]})
+    if c.olora and i >= 2:
+        out.append({"name": "olora", **c.olora.model_dump(), "previous": [str(s.dir) for s in prev]})
+    return out
+
+
+def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence") -> list[Step]:
+    """Every step's recipe, validated up front (data files are read for the replay buffer)."""
+    base, source = _base_recipe(cfg, folder, where)
+    clash = sorted({m if isinstance(m, str) else m.get("name") for m in base.get("mitigations") or []} & set(cfg.carry.names()))
+    if clash:
+        raise RecipeError(f"{where}: carry.{clash[0]} and a {clash[0]} mitigation in the base recipe: keep one (carry: hands it "
+                          "from step to step)")
+    steps: list[Step] = []
+    records: list[list[dict[str, Any]]] = []
+    for i, task in enumerate(cfg.tasks, 1):
+        label = f"{where} tasks[{i - 1}] ({task.name})"
+        run_dir = out / "steps" / f"{i}-{task.name}"
+        tree = copy.deepcopy(base)
+        data = {k: v for k, v in (tree.get("data") or {}).items() if k not in ("train", "validation", "validation_fraction")}
+        tree["data"] = {**data, **task.data}
+        if steps:
+            model = tree.get("model")
+            tree["model"] = {**(model if isinstance(model, dict) else {}), "name": str(steps[-1].model_dir.resolve())}
+        tree["name"] = f"{i}-{task.name}"
+        tree["train"] = {**(tree.get("train") or {}), "output_dir": str(run_dir)}
+        overrides = [f"{k}={json.dumps(v)}" for k, v in task.set.items()]
+        probe = recipe_from_dict(tree, overrides, source=label)
+        method = probe.method
+        if method.peft and method.can_merge():
+            tree["train"]["merge"] = True  # the next step starts from the merged weights; this step's adapter stays in final/
+        elif method.peft and i < len(cfg.tasks):
+            raise RecipeError(f"{label}: method {method.name!r} cannot be merged into the weights, so the next step cannot "
+                              "start from it; use full, freeze, lora, dora, qlora, ia3 or adapter with activation: identity")
+        if cfg.carry.olora and method.name not in LORA_TYPES:
+            raise RecipeError(f"{where}: carry.olora needs a LoRA-type method ({', '.join(LORA_TYPES)}); "
+                              f"tasks[{i - 1}] ({task.name}) uses {method.name!r}")
+        buffer: list[tuple[str, Path, dict]] = []
+        keep: list[tuple[str, Path, list[dict[str, Any]]]] = []
+        if cfg.carry.replay and i >= 2:
+            r = cfg.carry.replay
+            chosen = select_buffer([len(x) for x in records], r.policy, r.per_task, r.size, r.seed)
+            for prev, recs, idx in zip(steps, records, chosen, strict=True):
+                if not idx:
+                    continue
+                path = (out / "replay" / f"step-{i}" / f"{prev.index}-{prev.task.name}.jsonl").resolve()
+                d = prev.recipe.data.model_dump(mode="json")
+                d.update({"train": str(path), "validation": None, "validation_fraction": 0.0, "limit": None, "split": "train"})
+                buffer.append((prev.task.name, path, d))
+                keep.append((prev.task.name, path, [recs[k] for k in idx]))
+        tree["mitigations"] = list(tree.get("mitigations") or []) + _carry_mitigations(cfg, i, steps, buffer)
+        recipe = recipe_from_dict(tree, overrides, source=label)
+        steps.append(Step(i, task, recipe, run_dir, keep))
+        if cfg.carry.replay and i < len(cfg.tasks):
+            records.append(_train_records(recipe))
+    return steps
+
+
+# ---------------------------------------------------------------- what is scored
+
+
+def task_suite(cfg: ContinualConfig, steps: list[Step], folder: Path) -> Any:
+    """One suite with every task's evaluation, each renamed after its sequence task."""
+    from .retention.suite import Suite, load_suite
+    from .sweep import auto_task_suite
+
+    tasks = []
+    for k, step in enumerate(steps):
+        where = f"tasks[{k}] ({step.task.name}).eval"
+        if step.task.eval == "auto":
+            d = step.recipe.data
+            if not d.validation or not isinstance(d.validation, str) or d.validation.startswith("hf:"):
+                raise ForgetlessError(f"{where}: auto scores the held-out answers of a local data.validation file; add one to "
+                                      "the task's data: or name an eval suite")
+            if d.format not in ("chat", "prompt_completion"):
+                raise ForgetlessError(f"{where}: auto handles chat and prompt_completion data (data.format is {d.format}); "
+                                      "name an eval suite")
+            t = auto_task_suite(step.recipe).tasks[0]
+        else:
+            s = load_suite(_resolve(step.task.eval, folder))
+            t = s.only([step.task.eval_task]).tasks[0] if step.task.eval_task else s.tasks[0]
+        tasks.append(t.model_copy(update={"name": step.task.name}))
+    suite = Suite(name=f"{cfg.name}-tasks", description="each task's held-out evaluation", tasks=tasks)
+    return suite.with_limit(cfg.limit)
+
+
+def _metric_of(result: Any, spec: TaskSpec) -> tuple[Any, float]:
+    name = spec.metric or result.main
+    names = [m.name for m in result.metrics]
+    if name not in names:
+        raise ForgetlessError(f"task {spec.name}: metric {name!r} is not reported by its eval task (kind {result.kind}); "
+                              f"valid: {', '.join(names)}")
+    m = result.metric(name)
+    return m, 1.0 if m.higher_is_better else -1.0
+
+
+# ---------------------------------------------------------------- the accuracy matrix and transfer metrics
+
+
+def sequence_metrics(R: np.ndarray, t: int | None = None) -> dict[str, np.ndarray | None]:
+    """Continual-learning metrics from a score matrix R[..., i, j] (row 0: the base model; row i: after step i,
+    which trained task i (column i - 1); higher is better), after step t (default: the last row).
+
+    average_accuracy = mean_{j <= t} R[t][j]; bwt = mean_{j < t} (R[t][j] - R[j][j]);
+    fwt = mean_{2 <= j <= t} (R[j-1][j] - R[0][j]); forgetting = mean_{j < t} (max_{j <= l < t} R[l][j] - R[t][j])
+    (tasks 1-based). Leading dimensions (bootstrap resamples) are kept."""
+    t = R.shape[-2] - 1 if t is None else t
+    out: dict[str, np.ndarray | None] = {"average_accuracy": None, "bwt": None, "fwt": None, "forgetting": None}
+    if t >= 1:
+        out["average_accuracy"] = R[..., t, :t].mean(-1)
+    if t >= 2:
+        j = np.arange(t - 1)  # 0-based columns of the tasks trained before step t
+        out["bwt"] = (R[..., t, j] - R[..., j + 1, j]).mean(-1)
+        k = np.arange(1, t)
+        out["fwt"] = (R[..., k, k] - R[..., 0, k]).mean(-1)
+        out["forgetting"] = np.stack([R[..., c + 1 : t, c].max(-1) - R[..., t, c] for c in j], -1).mean(-1)
+    return out
+
+
+def score_matrix(rows: list[dict[str, Any]], specs: list[TaskSpec], n_boot: int = N_BOOT, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """R[i][j] and its bootstrap resamples B[b][i][j] from per-item results (rows[i][task] = TaskResult).
+    Items are resampled once per task and the same resample is used in every row (paired across steps)."""
+    R = np.full((len(rows), len(specs)), np.nan)
+    B = np.full((n_boot, len(rows), len(specs)), np.nan)
+    for j, spec in enumerate(specs):
+        first = rows[0][spec.name]
+        idx = np.random.default_rng(seed + j).integers(0, first.n, size=(n_boot, first.n))
+        for i, row in enumerate(rows):
+            r = row[spec.name]
+            if r.item_ids != first.item_ids:
+                raise ForgetlessError(f"task {spec.name}: step {i} was scored on other items than the base model; "
+                                      "the evaluation data changed: run again with --overwrite")
+            m, sign = _metric_of(r, spec)
+            R[i, j] = sign * float(m.fn(r.columns))
+            B[:, i, j] = sign * m.fn({c: v[idx] for c, v in r.columns.items()})
+    return R, B
+
+
+def _ci(dist: np.ndarray) -> list[float]:
+    return [float(np.nanquantile(dist, 0.025)), float(np.nanquantile(dist, 0.975))]
+
+
+def summarize(R: np.ndarray, B: np.ndarray) -> dict[str, Any]:
+    """Matrix with intervals, final metrics and their trajectory over steps, as JSON-ready values."""
+    def with_ci(point: dict, dist: dict) -> dict:
+        return {k: (None if v is None else {"value": float(v), "ci": _ci(dist[k])}) for k, v in point.items()}
+
+    traj = [{"step": t, **with_ci(sequence_metrics(R, t), sequence_metrics(B, t))} for t in range(R.shape[0])]
+    return {
+        "score": R.tolist(),
+        "ci": [[_ci(B[:, i, j]) for j in range(R.shape[1])] for i in range(R.shape[0])],
+        "metrics": {k: v for k, v in traj[-1].items() if k != "step"},
+        "trajectory": traj,
+    }
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _save_items(path: Path, res: Any) -> None:
+    atomic_write_json(path, {"suite": res.suite, "model": res.model, "seconds": res.seconds,
+                             "tasks": {n: r.to_cache() for n, r in res.tasks.items()}})
+
+
+def _load_items(path: Path, suite: Any) -> dict[str, Any]:
+    from .retention.evaluate import result_from_cache
+
+    d = json.loads(path.read_text())
+    by_name = {t.name: t for t in suite.tasks}
+    missing = set(by_name) - set(d["tasks"])
+    if missing:
+        raise ForgetlessError(f"{path}: no scores for task(s) {', '.join(sorted(missing))}; run again with --overwrite")
+    return {n: result_from_cache(d["tasks"][n], by_name[n]) for n in by_name}
+
+
+class _Evaluator:
+    """Scores models on the task suite (per-item results kept) and on the retention suite (eval_model)."""
+
+    def __init__(self, cfg: ContinualConfig, suite: Any, retention: Any, base_path: str, quiet: bool):
+        from .retention.evaluate import fingerprint_dir
+
+        self.cfg, self.suite, self.retention, self.base_path, self.quiet = cfg, suite, retention, base_path, quiet
+        self.base_fp = fingerprint_dir(base_path) if Path(base_path).is_dir() else base_path
+        self._base: Any = None
+
+    def load_base(self) -> Any:
+        if self._base is None:
+            from .train.model import load_model
+
+            m, t = load_model(self.base_path)
+            self._base = (m.eval(), t)
+        return self._base
+
+    def _run(self, model_dir: str) -> Any:
+        from .retention.api import load_for_eval
+        from .retention.evaluate import evaluate
+
+        model, tok, path = load_for_eval(model_dir)
+        return evaluate(model, tok, self.suite, data_root=self.cfg.data_root, bf16=self.cfg.eval_bf16, reference=self.load_base,
+                        reference_fingerprint=self.base_fp, progress=not self.quiet, model_name=path)
+
+    def base_row(self, out: Path) -> Any:
+        from .retention.evaluate import evaluate_cached
+        from .retention.tasks import resolve_data_root
+
+        key = {"model": self.base_fp, "bf16": self.cfg.eval_bf16, "max_length": None,
+               "suite": self.suite.fingerprint(resolve_data_root(self.cfg.data_root))}
+        res, _ = evaluate_cached(key, self.suite, lambda: self._run(self.base_path))
+        _save_items(out / "base" / "eval-task.items.json", res)
+        return res
+
+    def step(self, step: Step, base_res: Any) -> tuple[Any, dict[str, Any] | None]:
+        """Task scores (SuiteResult) and the retention report of one step's model; both written to its directory."""
+        from .retention.api import eval_model
+        from .retention.evaluate import compare
+
+        res = self._run(str(step.dir))
+        _save_items(step.dir / "eval-task.items.json", res)
+        atomic_write_json(step.dir / "eval-task.json", {
+            "model": str(step.model_dir), "baseline": self.base_path, "suite": self.suite.name,
+            "settings": {"bf16": self.cfg.eval_bf16, "limit": self.cfg.limit},
+            "candidate": res.summary(), "base": base_res.summary(),
+            "comparison": compare(base_res, res, {t.name: t.weight for t in self.suite.tasks}),
+        })
+        ret = None
+        if self.retention is not None:
+            ret = eval_model(str(step.dir), self.retention, baseline=self.base_path, limit=self.cfg.limit,
+                             data_root=self.cfg.data_root, bf16=self.cfg.eval_bf16, out=step.dir / "eval-retention.json",
+                             progress=not self.quiet)
+        return res, ret
+
+
+def _retention_entry(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not report or not report.get("comparison"):
+        return None
+    rc = report["comparison"]
+    return {
+        "score": rc["retention_score"], "change": rc["retention_score"] - 1,
+        "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
+        "significant_drops": rc["significant_drops"],
+        "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant_drop")} for k, v in rc["tasks"].items()},
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _train_step(step: Step, quiet: bool) -> dict[str, Any]:
+    from .train import train
+
+    summary_path = step.dir / "summary.json"
+    if summary_path.is_file():
+        return json.loads(summary_path.read_text())
+    for _, path, recs in step.replay:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
+    resume = (step.dir / "recipe.yaml").is_file() and (step.dir / "checkpoints").is_dir()
+    return train(step.recipe, resume=resume, overwrite=not resume, quiet=quiet).summary
+
+
+def _step_entry(step: Step, summary: dict[str, Any], retention: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+    return {
+        "step": step.index, "task": step.task.name, "dir": str(step.dir), "model": str(step.model_dir),
+        "method": summary["method"], "complete": True,
+        "train": {k: summary.get(k) for k in ("steps", "wall_time_s", "tokens_per_s", "peak_memory_mb", "trainable_parameters",
+                                              "initial_validation_loss", "final_validation_loss")},
+        "mitigations": summary.get("mitigations", []),
+        "replay_buffer": {task: len(recs) for task, _, recs in step.replay},
+        "retention": retention,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _fmt(m: dict[str, Any] | None, pct: bool = False) -> str:
+    if not m:
+        return "-"
+    f = (lambda x: f"{100 * x:+.2f}%") if pct else (lambda x: f"{x:+.3f}")
+    return f"{f(m['value'])} [{f(m['ci'][0])}, {f(m['ci'][1])}]"
+
+
+def run_continual(
+    path_or_config: str | Path | ContinualConfig,
+    *,
+    folder: Path | None = None,
+    output_dir: str | Path | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) a task sequence; returns the content of continual.json."""
+    from rich.console import Console
+
+    from .models import resolve_model
+    from .recipe import load_recipe
+    from .retention.suite import load_suite
+
+    if isinstance(path_or_config, ContinualConfig):
+        cfg, folder, where = path_or_config, folder or Path.cwd(), "sequence"
+    else:
+        cfg, folder = load_continual(path_or_config)
+        where = str(path_or_config)
+    console = Console(stderr=True, quiet=quiet)
+    out = Path(output_dir or cfg.output_dir or f"continual/{cfg.name}")
+    state_path = out / "continual.json"
+    steps = plan(cfg, folder, out, where)  # every recipe validated, every data file read, before anything is written
+    suite = task_suite(cfg, steps, folder)
+    retention = load_suite(_resolve(cfg.retention_suite, folder)) if cfg.retention_suite else None
+
+    seq_dump = cfg.model_dump(mode="json", exclude={"output_dir"})
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif not state_path.is_file():
+            raise ForgetlessError(f"{out} exists and is not a continual directory; pass --overwrite or choose another output_dir")
+        else:
+            saved = yaml.safe_load((out / "sequence.yaml").read_text()) if (out / "sequence.yaml").is_file() else None
+            if saved is not None and {k: v for k, v in saved.items() if k != "output_dir"} != seq_dump:
+                raise ForgetlessError(f"{where}: the sequence changed since {out / 'sequence.yaml'} was written; "
+                                      "pass --overwrite to start again (or choose another output_dir)")
+            for s in steps:
+                saved_recipe = s.dir / "recipe.yaml"
+                if saved_recipe.is_file() and load_recipe(saved_recipe).resolved() != s.recipe.resolved():
+                    raise ForgetlessError(f"step {s.index} ({s.task.name}): its recipe changed since {saved_recipe} was "
+                                          "written; pass --overwrite to start the sequence again")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "sequence.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+    base_path = resolve_model(steps[0].recipe.model.name).path
+    evaluator = _Evaluator(cfg, suite, retention, base_path, quiet)
+    prior = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    done = {e["step"]: e for e in prior.get("steps", []) if e.get("complete")}
+    T = len(steps)
+    console.print(f"[bold]continual {cfg.name}[/bold]: {T} tasks ({len(done)} done), method {steps[0].recipe.method.name}, "
+                  f"carry {', '.join(cfg.carry.names()) or 'nothing'}, retention suite {retention.name if retention else 'none'} -> {out}")
+    base_res = evaluator.base_row(out)
+    rows = [base_res.tasks]
+    specs = [s.task for s in steps]
+    for s in specs:
+        _metric_of(base_res.tasks[s.name], s)  # an unknown metric fails before any training
+    state: dict[str, Any] = {
+        "name": cfg.name, "dir": str(out), "base_model": base_path, "method": steps[0].recipe.method.name,
+        "carry": cfg.carry.model_dump(exclude_none=True), "retention_suite": retention.name if retention else None,
+        "tasks": [], "steps": [], "matrix": None, "metrics": None, "trajectory": None, "complete": False,
+    }
+    for s in specs:
+        m, sign = _metric_of(base_res.tasks[s.name], s)
+        state["tasks"].append({"name": s.name, "metric": m.name, "higher_is_better": m.higher_is_better,
+                               "score": m.name if sign > 0 else f"-{m.name}", "n": base_res.tasks[s.name].n})
+
+    def save() -> dict[str, Any]:
+        R, B = score_matrix(rows, specs)
+        summ = summarize(R, B)
+        state["matrix"] = {"rows": ["base"] + [f"{e['step']}-{e['task']}" for e in state["steps"]],
+                           "columns": [s.name for s in specs], "score": summ["score"], "ci": summ["ci"]}
+        state["metrics"] = summ["metrics"]
+        for t, entry in enumerate(summ["trajectory"]):
+            ret = state["steps"][t - 1]["retention"] if t else (
+                {"score": 1.0, "change": 0.0, "ci": [0.0, 0.0], "significant_drops": []} if retention else None)
+            entry["after"] = "base" if t == 0 else state["steps"][t - 1]["task"]
+            entry["retention"] = None if ret is None else {k: ret[k] for k in ("score", "change", "ci", "significant_drops")}
+        state["trajectory"] = summ["trajectory"]
+        state["complete"] = len(state["steps"]) == T
+        atomic_write_json(state_path, state)
+        return summ
+
+    for step in steps:
+        t0 = time.perf_counter()
+        prev = done.get(step.index)
+        items = step.dir / "eval-task.items.json"
+        if prev and items.is_file() and (retention is None or (step.dir / "eval-retention.json").is_file()):
+            rows.append(_load_items(items, suite))
+            state["steps"].append(prev)
+            console.print(f"step {step.index}/{T} {step.task.name}: done earlier, skipped")
+            continue
+        console.print(f"[bold]step {step.index}/{T}[/bold] {step.task.name}: training"
+                      + (f" from {steps[step.index - 2].task.name}'s model" if step.index > 1 else " from the base model")
+                      + (f", replaying {sum(len(r) for _, _, r in step.replay)} earlier examples" if step.replay else ""))
+        summary = _train_step(step, quiet)
+        res, ret = evaluator.step(step, base_res)
+        if step.recipe.train.report:
+            from .report import write_report
+
+            write_report(step.dir)  # now with the step's evaluations
+        rows.append(res.tasks)
+        state["steps"].append(_step_entry(step, summary, _retention_entry(ret), time.perf_counter() - t0))
+        summ = save()
+        i, j = step.index, step.index - 1
+        m = summ["metrics"]
+        r = state["steps"][-1]["retention"]
+        console.print(
+            f"step {i}/{T} {step.task.name}: {summary['steps']} steps in {summary['wall_time_s']:.0f}s; "
+            f"score {summ['score'][i][j]:+.3f} (base {summ['score'][0][j]:+.3f}); average {_fmt(m['average_accuracy'])}, "
+            f"BWT {_fmt(m['bwt'])}; retention "
+            + (f"{100 * r['change']:+.2f}% [{100 * r['ci'][0]:+.2f}%, {100 * r['ci'][1]:+.2f}%]" if r else "-")
+        )
+    save()
+    state["plots"] = write_plots(state, out)
+    if report:
+        state["report"] = str(write_continual_report(out, state))
+    atomic_write_json(state_path, state)
+    return state
+
+
+# ---------------------------------------------------------------- plots, report, table
+
+
+def matrix_plot(state: dict[str, Any]) -> Any:
+    from .report import _plt
+
+    plt = _plt()
+    R = np.asarray(state["matrix"]["score"], dtype=float)
+    gain = R - R[0]
+    rows, cols = state["matrix"]["rows"], state["matrix"]["columns"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2.5, 0.6 * len(rows) + 1.8))
+    lim = float(np.nanmax(np.abs(gain))) or 1.0
+    im = ax.imshow(gain, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            lo, hi = state["matrix"]["ci"][i][j]
+            ax.text(j, i, f"{R[i, j]:.3f}\n[{lo:.3f}, {hi:.3f}]", ha="center", va="center", fontsize=7,
+                    fontweight="bold" if i == j + 1 else "normal")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), ["base" if r == "base" else f"after {r}" for r in rows])
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("model")
+    fig.colorbar(im, ax=ax, label="change from the base model (higher is better)")
+    scores = {t["score"] for t in state["tasks"]}
+    ax.set_title(f"Accuracy matrix R[i][j] ({', '.join(sorted(scores))}; 95% CI); bold: the task just trained")
+    return fig
+
+
+def trajectory_plot(state: dict[str, Any]) -> Any:
+    from .report import _plt
+
+    plt = _plt()
+    R = np.asarray(state["matrix"]["score"], dtype=float)
+    ci = np.asarray(state["matrix"]["ci"], dtype=float)
+    xs = list(range(R.shape[0]))
+    labels = state["matrix"]["rows"]
+    has_ret = any(e.get("retention") for e in state["trajectory"][1:])
+    fig, axes = plt.subplots(1, 2 if has_ret else 1, figsize=(12 if has_ret else 7, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for j, name in enumerate(state["matrix"]["columns"]):
+        ax.errorbar(xs, R[:, j], yerr=[R[:, j] - ci[:, j, 0], ci[:, j, 1] - R[:, j]], fmt="o-", capsize=3, label=name)
+    acc = [(e["step"], e["average_accuracy"]["value"]) for e in state["trajectory"] if e["average_accuracy"]]
+    if acc:
+        ax.plot(*zip(*acc, strict=True), "k--", lw=2, label="average (tasks trained so far)")
+    ax.set_xticks(xs, labels, rotation=30, ha="right")
+    ax.set_ylabel("score (higher is better)")
+    ax.set_title("Every task's score after each step (95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if has_ret:
+        ax2 = axes[0][1]
+        pts = [(e["step"], 100 * e["retention"]["change"], 100 * e["retention"]["ci"][0], 100 * e["retention"]["ci"][1])
+               for e in state["trajectory"] if e.get("retention")]
+        s, v, lo, hi = zip(*pts, strict=True)
+        ax2.plot(s, v, "s-", color="tab:green", label=f"retention ({state['retention_suite']})")
+        ax2.fill_between(s, lo, hi, color="tab:green", alpha=0.2)
+        ax2.axhline(0, color="black", lw=0.8)
+        ax2.set_xticks(xs, labels, rotation=30, ha="right")
+        ax2.set_ylabel("retention change, % (0 = base)")
+        ax2.set_title("Base abilities after each step (paired 95% CI)")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
+    return fig
+
+
+def write_plots(state: dict[str, Any], out: Path) -> dict[str, str]:
+    """matrix.png and trajectory.png beside continual.json (written atomically)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    for name, make in (("matrix", matrix_plot), ("trajectory", trajectory_plot)):
+        fig = make(state)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        target = out / f"{name}.png"
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(target)
+        paths[name] = str(target)
+    return paths
+
+
+def write_continual_report(path: str | Path, state: dict[str, Any] | None = None) -> Path:
+    """report.html for a sequence directory: metrics, heat-map, trajectories, per-step curves and tables."""
+    import base64
+
+    import jinja2
+
+    from .report import curves_plot, retention_tables
+
+    path = Path(path)
+    state = state or json.loads((path / "continual.json").read_text())
+    if not (path / "matrix.png").is_file():
+        write_plots(state, path)
+    img = {n: base64.b64encode((path / f"{n}.png").read_bytes()).decode() for n in ("matrix", "trajectory")}
+    dirs = [Path(e["dir"]) for e in state["steps"]]
+    steps = [{**e, "curves": curves_plot(d, d.name), "has_report": (d / "report.html").is_file(),
+              "report_rel": f"steps/{d.name}/report.html"} for e, d in zip(state["steps"], dirs, strict=True)]
+    env = jinja2.Environment(loader=jinja2.PackageLoader("forgetless", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
+    env.filters["pct"] = lambda x: "-" if x is None else f"{100 * x:+.2f}%"
+    env.filters["num"] = lambda x: "-" if x is None else f"{x:+.4f}"
+    html = env.get_template("continual.html.j2").render(
+        state=state, img=img, steps=steps, tables=retention_tables(dirs), metric_names=METRIC_NAMES)
+    target = path / "report.html"
+    atomic_write_text(target, html)
+    return target
+
+
+METRIC_NAMES = {
+    "average_accuracy": "average accuracy (mean score over all tasks after the last step)",
+    "bwt": "backward transfer BWT (negative: earlier tasks forgotten)",
+    "fwt": "forward transfer FWT (score before a task's own training minus the base model's)",
+    "forgetting": "forgetting (best earlier score minus the last, averaged)",
+}
+
+
+def continual_table(state: dict[str, Any]) -> Any:
+    """The accuracy matrix as a rich table (rows: models; columns: tasks), with the metrics in its caption."""
+    from rich.table import Table
+
+    scores = ", ".join(sorted({t["score"] for t in state["tasks"]}))
+    t = Table(title=f"continual {state['name']}: score R[i][j] ({scores}, higher is better) [95% CI]")
+    t.add_column("after step")
+    for c in state["matrix"]["columns"]:
+        t.add_column(c, justify="right")
+    t.add_column("retention change", justify="right")
+    for i, name in enumerate(state["matrix"]["rows"]):
+        cells = []
+        for j in range(len(state["matrix"]["columns"])):
+            v, (lo, hi) = state["matrix"]["score"][i][j], state["matrix"]["ci"][i][j]
+            text = f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+            cells.append(f"[bold]{text}[/bold]" if i == j + 1 else text)
+        ret = state["trajectory"][i].get("retention")
+        cells.append(f"{100 * ret['change']:+.2f}% [{100 * ret['ci'][0]:+.2f}%, {100 * ret['ci'][1]:+.2f}%]" if ret and i else "-")
+        t.add_row(name, *cells)
+    m = state["metrics"]
+    t.caption = (f"average {_fmt(m['average_accuracy'])}   BWT {_fmt(m['bwt'])}   FWT {_fmt(m['fwt'])}   "
+                 f"forgetting {_fmt(m['forgetting'])}")
+    return t
