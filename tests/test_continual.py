@@ -268,6 +268,25 @@ def test_resume_skips_finished_steps(plain):
     assert plain["again"]["matrix"] == plain["state"]["matrix"]
 
 
+def test_a_crash_in_the_first_step_resumes_too(world, monkeypatch):
+    spec = _sequence(world, "early", tasks=("copy",), retention_suite=None)
+    spec["tasks"][0]["set"] = {"optim.max_steps": 5}
+    path = _write(world, spec)
+
+    def crash(recipe, **kw):
+        raise KeyboardInterrupt("simulated crash")
+
+    real = train_mod.train
+    monkeypatch.setattr(train_mod, "train", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_continual(path, quiet=True, report=False)
+    state = json.loads((world["dir"] / "early" / "continual.json").read_text())
+    assert state["steps"] == [] and not state["complete"] and state["matrix"]["rows"] == ["base"]
+    monkeypatch.setattr(train_mod, "train", real)
+    state = run_continual(path, quiet=True, report=False)
+    assert state["complete"] and state["metrics"]["bwt"] is None and state["metrics"]["average_accuracy"]["value"] < 0
+
+
 def test_changed_sequence_or_foreign_directory_is_refused(plain, world):
     spec = yaml.safe_load(plain["path"].read_text())
     spec["tasks"][1]["set"] = {"optim.lr": 1e-3}

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import re
 import shutil
@@ -640,6 +641,7 @@ def run_continual(
         atomic_write_json(state_path, state)
         return summ
 
+    save()  # from here on the directory is a sequence directory: a crash in step 1 resumes too
     for step in steps:
         t0 = time.perf_counter()
         prev = done.get(step.index)
@@ -763,8 +765,8 @@ def write_plots(state: dict[str, Any], out: Path) -> dict[str, str]:
     return paths
 
 
-def write_continual_report(path: str | Path, state: dict[str, Any] | None = None) -> Path:
-    """report.html for a sequence directory: metrics, heat-map, trajectories, per-step curves and tables."""
+def write_continual_report(path: str | Path, state: dict[str, Any] | None = None, out: str | Path | None = None) -> Path:
+    """report.html for a sequence directory (or `out`): metrics, heat-map, trajectories, per-step curves and tables."""
     import base64
 
     import jinja2
@@ -776,16 +778,17 @@ def write_continual_report(path: str | Path, state: dict[str, Any] | None = None
     if not (path / "matrix.png").is_file():
         write_plots(state, path)
     img = {n: base64.b64encode((path / f"{n}.png").read_bytes()).decode() for n in ("matrix", "trajectory")}
+    target = Path(out) if out else path / "report.html"
     dirs = [Path(e["dir"]) for e in state["steps"]]
     steps = [{**e, "curves": curves_plot(d, d.name), "has_report": (d / "report.html").is_file(),
-              "report_rel": f"steps/{d.name}/report.html"} for e, d in zip(state["steps"], dirs, strict=True)]
+              "report_rel": os.path.relpath(d / "report.html", target.resolve().parent)}
+             for e, d in zip(state["steps"], dirs, strict=True)]
     env = jinja2.Environment(loader=jinja2.PackageLoader("forgetless", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
     env.filters["pct"] = lambda x: "-" if x is None else f"{100 * x:+.2f}%"
     env.filters["num"] = lambda x: "-" if x is None else f"{x:+.4f}"
     html = env.get_template("continual.html.j2").render(
         state=state, img=img, steps=steps, tables=retention_tables(dirs), metric_names=METRIC_NAMES)
-    target = path / "report.html"
     atomic_write_text(target, html)
     return target
 
