@@ -103,6 +103,34 @@ def test_matrix_scores_are_minus_ce_and_bwt_interval_is_paired():
     assert [e["step"] for e in s["trajectory"]] == [0, 1, 2] and s["trajectory"][1]["bwt"] is None
 
 
+def test_olora_penalty_gradient_matches_autograd_and_vanishes_when_orthogonal():
+    import torch
+
+    from forgetless.mitigations.olora import OLoRA, OLoRAConfig
+
+    torch.manual_seed(0)
+    pen = OLoRA(OLoRAConfig(weight=0.7, l2=0.1))
+    a_new = torch.nn.Parameter(torch.randn(3, 8))
+    other = torch.nn.Parameter(torch.randn(8, 3))  # e.g. a lora_B: only the l2 term touches it
+    prev = torch.randn(5, 8)
+    pen.a_params, pen.a_prev, pen.all_params = [a_new], [prev], [a_new, other]
+    auto = torch.autograd.grad(pen.penalty_tensor(), [a_new, other])
+    for p in (a_new, other):
+        p.grad = torch.zeros_like(p)
+    pen.penalty_grad()
+    torch.testing.assert_close(a_new.grad, auto[0])
+    torch.testing.assert_close(a_new.grad, 0.7 * (a_new.detach() @ prev.T) @ prev + 0.1 * a_new.detach())
+    torch.testing.assert_close(other.grad, auto[1])
+    assert pen.penalty().item() == pytest.approx(pen.penalty_tensor().item(), rel=1e-5)
+    # rows orthogonal to every earlier row: no orthogonality penalty at all
+    q, _ = torch.linalg.qr(torch.randn(8, 8))
+    pen = OLoRA(OLoRAConfig(weight=1.0))
+    pen.a_params, pen.a_prev, pen.all_params = [torch.nn.Parameter(q[:3].clone())], [q[3:].clone()], []
+    assert pen.penalty().item() == pytest.approx(0.0, abs=1e-10)
+    assert subspace_overlap({"m": q[:3]}, [{"m": q[3:]}]) == pytest.approx(0.0, abs=1e-6)
+    assert subspace_overlap({"m": q[:3]}, [{"m": q[:2]}]) > 0.5
+
+
 # ---------------------------------------------------------------- replay buffer selection
 
 
