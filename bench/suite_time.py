@@ -36,6 +36,7 @@ def timed(model, tok, suite, bf16: bool, cache: Path) -> dict:
     t0 = time.perf_counter()
     res = evaluate(model, tok, suite, bf16=bf16, cache_dir=cache, progress=False)
     wall = time.perf_counter() - t0
+    print(f"{'bf16' if bf16 else 'fp32'}: {wall:.1f} s {dict(res.seconds)}", flush=True)
     return {"wall_s": round(wall, 1), "tasks_s": {k: round(v, 1) for k, v in res.seconds.items()},
             "scores": {k: v["metrics"][v["main"]] for k, v in res.summary().items()}}
 
@@ -64,7 +65,7 @@ def main() -> None:
     result = {
         "bench": "suite_time", "model": args.model, "suite": args.suite, "model_load_s": round(load_s, 1),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "loadavg_start": load0, "loadavg_end": load1},
-        "budget_s": BUDGET_S, "runs": runs, "fp32_over_bf16": round(ratio, 2),
+        "budget_s": BUDGET_S, "runs": runs, "fp32_over_bf16": round(ratio, 2) if ratio else None,
         "verdict": {k: ("PASS" if v["wall_s"] <= BUDGET_S else "FAIL") for k, v in runs.items()},
     }
     atomic_write_json(args.out, result)

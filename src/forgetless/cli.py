@@ -206,8 +206,31 @@ def sweep(
 
 
 @app.command()
+def continual(
+    sequence_file: Annotated[Path, typer.Argument(help="Sequence YAML: a base recipe plus an ordered list of tasks.")],
+    out: Annotated[Path | None, typer.Option(help="Sequence directory (overrides output_dir).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start again, replacing an existing sequence directory.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print continual.json on stdout.")] = False,
+) -> None:
+    """Fine-tune on tasks one after another; score every task after every step (accuracy matrix, BWT, FWT)
+    and the retention suite.
+
+    Re-running the same command resumes: finished steps are skipped."""
+    from .continual import continual_table, run_continual
+
+    state = run_continual(sequence_file, output_dir=out, overwrite=overwrite, quiet=quiet or json_out)
+    if json_out:
+        print(json.dumps(state, indent=2))
+        return
+    if not quiet:
+        _table_console().print(continual_table(state))
+        console.print(f"continual.json, matrix.png, trajectory.png and report.html: {state['dir']}")
+
+
+@app.command()
 def report(
-    path: Annotated[Path, typer.Argument(help="A run directory or a sweep directory.")],
+    path: Annotated[Path, typer.Argument(help="A run, sweep or continual-sequence directory.")],
     out: Annotated[Path | None, typer.Option(help="Where to write the HTML (default: PATH/report.html).")] = None,
     drift: Annotated[bool, typer.Option(help="Compute the layer-wise drift chart (loads base and tuned weights).")] = True,
 ) -> None:

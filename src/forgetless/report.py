@@ -302,7 +302,11 @@ def build_report(path: str | Path, drift: bool = True) -> str:
 
 
 def write_report(path: str | Path, out: str | Path | None = None, drift: bool = True) -> Path:
-    """Write report.html into the run or sweep directory (or `out`); returns its path."""
+    """Write report.html into the run, sweep or sequence directory (or `out`); returns its path."""
+    if (Path(path) / "continual.json").is_file():
+        from .continual import write_continual_report
+
+        return write_continual_report(path, out=out)
     target = Path(out) if out else Path(path) / "report.html"
     atomic_write_text(target, build_report(path, drift=drift))
     return target

@@ -363,11 +363,13 @@ def run_sweep(
 def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: SweepConfig, quiet: bool) -> None:
     """Evaluate the base model once before parallel workers start (they then read the cache)."""
     from .models import resolve_model
-    from .retention.api import eval_model
+    from .retention.api import baseline_result
+    from .retention.tasks import resolve_data_root
 
     path = resolve_model(recipe.model.name).path
+    root = resolve_data_root(cfg.data_root)
     for s in (task_suite, retention_suite):
-        eval_model(path, s, baseline=path, limit=cfg.limit, data_root=cfg.data_root, bf16=cfg.eval_bf16, progress=not quiet)
+        baseline_result(path, s.with_limit(cfg.limit), root, bf16=cfg.eval_bf16, progress=not quiet)
 
 
 # ---------------------------------------------------------------- table

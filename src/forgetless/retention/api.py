@@ -65,6 +65,39 @@ def _fingerprint(path: str) -> str:
     return fingerprint_dir(path) if Path(path).is_dir() else path
 
 
+def _base_loader(base_path: str | None):
+    """Load the base model once, on first use."""
+    cache: dict[str, Any] = {}
+
+    def load_base():
+        if "m" not in cache:
+            from ..train.model import load_model
+
+            m, t = load_model(base_path)
+            cache["m"] = (m.eval(), t)
+        return cache["m"]
+
+    return load_base
+
+
+def baseline_result(
+    base_path: str, suite: Suite, data_root: Path | None, *, bf16: bool = True, max_length: int | None = None,
+    progress: bool = True, refresh: bool = False, loader=None,
+) -> tuple[SuiteResult, bool]:
+    """The base model's results on `suite`, from the cache (keyed by model fingerprint, suite hash and settings)
+    or evaluated once and cached. Returns (result, was_cached)."""
+    load_base = loader or _base_loader(base_path)
+    ref_fp = _fingerprint(base_path)
+    settings = {"bf16": bf16, "max_length": max_length, "suite": suite.fingerprint(data_root)}
+    return evaluate_cached(
+        {"model": ref_fp, **settings},
+        suite,
+        lambda: evaluate(*load_base(), suite, data_root=data_root, bf16=bf16, max_length=max_length, reference=load_base,
+                         reference_fingerprint=ref_fp, progress=progress, model_name=base_path),
+        refresh=refresh,
+    )
+
+
 def eval_model(
     model: str,
     suite: str | Suite = "general",
@@ -99,28 +132,13 @@ def eval_model(
         base_path = resolve_model(baseline).path
 
     cand_model, tok, cand_path = load_for_eval(model)
-    base_cache: dict[str, Any] = {}
-
-    def load_base():
-        if "m" not in base_cache:
-            from ..train.model import load_model
-
-            m, t = load_model(base_path)
-            base_cache["m"] = (m.eval(), t)
-        return base_cache["m"]
-
-    settings = {"bf16": bf16, "max_length": max_length, "suite": s.fingerprint(root)}
+    load_base = _base_loader(base_path)
     ref_fp = _fingerprint(base_path) if base_path else None
     base_res: SuiteResult | None = None
     cached = False
     if base_path:
-        base_res, cached = evaluate_cached(
-            {"model": ref_fp, **settings},
-            s,
-            lambda: evaluate(*load_base(), s, data_root=root, bf16=bf16, max_length=max_length, reference=load_base,
-                             reference_fingerprint=ref_fp, progress=progress, model_name=base_path),
-            refresh=refresh_baseline,
-        )
+        base_res, cached = baseline_result(base_path, s, root, bf16=bf16, max_length=max_length, progress=progress,
+                                           refresh=refresh_baseline, loader=load_base)
     cand_res = evaluate(
         cand_model, tok, s, data_root=root, bf16=bf16, max_length=max_length,
         reference=load_base if base_path else None, reference_fingerprint=ref_fp or _fingerprint(cand_path),

@@ -1,0 +1,316 @@
+"""The forgetting frontier: every recipe under bench/recipes/ on a real model, scored on the target task and
+on retention with paired intervals, with the time and memory each one cost, side by side in one sweep.
+
+    python bench/forgetting.py --scenario math --scale quick           # smollm2-135m-instruct, this CPU
+    python bench/forgetting.py --scenario med --recipes full-lr1e-4,lora-r16
+    python bench/forgetting.py --scenario math --scale full --device cuda
+    python bench/forgetting.py --scenario med --prepare-only           # only write bench/data/med/
+
+Scenarios (data from ../shared/data, or --data-root):
+- med: MedMCQA validation, a fixed shuffled split (train / test), chat-formatted as the question with its
+  four options and the answer "X. option text". Target: test cross-entropy of the reference answers. Letter
+  accuracy is not a valid target here (the letter prior alone moves it), so it is not reported.
+- math: GSM8K train; target: cross-entropy of the reference solutions on GSM8K test (primary) and the
+  exact-match accuracy of greedy answers (the number after ####) on a fixed subset.
+Retention: the `general` suite (quick: its built-in sizes; full: every ARC-Easy test and PIQA item, 2,000
+HellaSwag items), the base model evaluated once and cached.
+
+Every recipe is a complete YAML file that `forgetless train` runs as it is (data paths point at
+bench/data/med/, written by this script; `--set data.train=bench/data/math/train.jsonl --set
+data.validation=bench/data/math/val.jsonl` switches scenario). The bench applies the scale's steps and
+batch to all recipes alike. Headline recipes run with a second training seed. After the sweep, WiSE-FT of
+full-lr1e-4 with auto alpha at a 1% budget is added as one more row.
+
+Writes bench/results/forgetting-<scenario>-<scale>.json, .md and .png (the frontier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "bench" / "recipes"
+DATA = ROOT / "bench" / "data"
+RESULTS = ROOT / "bench" / "results"
+HEADLINE = ("full-lr1e-4", "lora-r16")
+BASELINES = ("full-lr1e-4", "full-lr2e-5", "lora-r16")  # what forgetless's recipes are measured against
+BUDGET = 0.01
+
+SCALES: dict[str, dict[str, Any]] = {
+    # quick: one scenario, all recipes, <= 90 minutes on 2 CPU cores (bf16 compute, fp32 master weights)
+    "quick": {"steps": 60, "batch": 8, "max_length": 256, "n_test": 300, "n_exact": 40, "seeds": 2,
+              "retention_limits": {}, "wise_alphas": [0.25, 0.5, 0.75]},
+    "full": {"steps": 600, "batch": 16, "max_length": 512, "n_test": 1000, "n_exact": 300, "seeds": 2,
+             "retention_limits": {"arc_easy": None, "piqa": None, "hellaswag": 2000}, "wise_alphas": None},
+}
+
+
+# ---------------------------------------------------------------- data
+
+
+def _chat(user: str, assistant: str, **extra: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], **extra}
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: pass --data-root (the folder with domain_sft/ and math/)")
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def prepare_med(root: Path, n_test: int) -> dict[str, Path]:
+    rows = _read_jsonl(root / "domain_sft" / "medmcqa_validation.jsonl")
+    random.Random(0).shuffle(rows)
+    out = []
+    for r in rows:
+        opts = [r["opa"], r["opb"], r["opc"], r["opd"]]
+        letter = "ABCD"[r["cop"]]
+        q = r["question"].strip() + "\n" + "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(opts))
+        out.append(_chat(q, f"{letter}. {opts[r['cop']]}", id=r["id"], prompt=q, reference=f"{letter}. {opts[r['cop']]}"))
+    test, val, train = out[:n_test], out[n_test : n_test + 200], out[n_test + 200 :]
+    d = DATA / "med"
+    return {"train": _write(d / "train.jsonl", train), "val": _write(d / "val.jsonl", val), "test": _write(d / "test.jsonl", test)}
+
+
+def prepare_math(root: Path, n_test: int) -> dict[str, Path]:
+    train = _read_jsonl(root / "math" / "gsm8k_train.jsonl")
+    test = _read_jsonl(root / "math" / "gsm8k_test.jsonl")
+    random.Random(0).shuffle(train)
+
+    def conv(r: dict[str, Any], i: int) -> dict[str, Any]:
+        return _chat(r["question"], r["answer"], id=f"gsm8k-{i}", prompt=r["question"], reference=r["answer"],
+                     number=r["answer"].rsplit("####", 1)[1].strip())
+
+    val, tr = train[:200], train[200:]
+    d = DATA / "math"
+    return {"train": _write(d / "train.jsonl", [conv(r, i) for i, r in enumerate(tr)]),
+            "val": _write(d / "val.jsonl", [conv(r, i) for i, r in enumerate(val)]),
+            "test": _write(d / "test.jsonl", [conv(r, i) for i, r in enumerate(test[:n_test])])}
+
+
+def task_suite(scenario: str, files: dict[str, Path], n_exact: int) -> Path:
+    tasks: list[dict[str, Any]] = [{
+        "name": f"{scenario}_answer_ce", "kind": "reference_likelihood", "data": {"path": str(files["test"])},
+        "prompt": "{{prompt}}", "reference": "{{reference}}", "chat": "auto", "sample": "first",
+    }]
+    if scenario == "math":
+        tasks.append({"name": "gsm8k_exact", "kind": "generate", "data": {"path": str(files["test"])},
+                      "prompt": "{{prompt}}", "answers": "number", "answer_type": "numeric", "chat": "auto",
+                      "limit": n_exact, "sample": "first", "max_new_tokens": 256, "stop": []})
+    path = DATA / scenario / "task_suite.yaml"
+    path.write_text(yaml.safe_dump({"name": f"{scenario}-target", "tasks": tasks}, sort_keys=False))
+    return path
+
+
+def retention_suite(scenario: str, limits: dict[str, int | None]) -> str:
+    if not limits:
+        return "general"
+    from forgetless.retention.suite import BUILTIN_DIR
+
+    spec = yaml.safe_load((BUILTIN_DIR / "general.yaml").read_text())
+    spec["name"] = "general-benchmark"
+    for t in spec["tasks"]:
+        if t["name"] in limits:
+            t["limit"] = limits[t["name"]]
+            if t["limit"] is None:
+                del t["limit"]
+    path = DATA / scenario / "retention_suite.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def load_recipes(names: list[str] | None) -> dict[str, dict[str, Any]]:
+    found = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(RECIPES.glob("*.yaml"))}
+    if names:
+        unknown = sorted(set(names) - set(found))
+        if unknown:
+            raise SystemExit(f"unknown recipes {unknown}; bench/recipes/ has {sorted(found)}")
+        found = {n: found[n] for n in names}
+    return found
+
+
+def sweep_config(scenario: str, scale: dict[str, Any], recipes: dict[str, dict[str, Any]], files: dict[str, Path],
+                 tsuite: Path, rsuite: str, model: str, device: str, out: Path, data_root: Path) -> Any:
+    from forgetless.sweep import SweepConfig, Variant
+
+    first = next(iter(recipes.values()))
+    base = json.loads(json.dumps(first))
+    base["model"] = model
+    common = {
+        "data.train": str(files["train"]), "data.validation": str(files["val"]), "data.max_length": scale["max_length"],
+        "optim.max_steps": scale["steps"], "optim.batch_size": scale["batch"], "train.device": device,
+        "train.save_steps": None, "train.progress": True,
+    }
+    runs = []
+    for name, r in recipes.items():
+        own = {k: r[k] for k in ("method", "optim", "mitigations", "monitor", "guard") if k in r}
+        for k in ("mitigations", "monitor", "guard"):
+            own.setdefault(k, [] if k == "mitigations" else None)
+        runs.append(Variant(name=name, set={**own, **common}))
+        if name in HEADLINE or name == best_candidate(recipes):
+            for seed in range(1, scale["seeds"]):
+                runs.append(Variant(name=f"{name}-seed{seed}", set={**own, **common, "train.seed": 42 + seed}))
+    return SweepConfig(name=f"forgetting-{scenario}", base=base, runs=runs, task_suite=str(tsuite), retention_suite=rsuite,
+                       budget=BUDGET, output_dir=str(out), data_root=str(data_root))
+
+
+def best_candidate(recipes: dict[str, Any]) -> str | None:
+    """The forgetless recipe run with a second seed (the one the README's headline is about)."""
+    return "full-replay5" if "full-replay5" in recipes else None
+
+
+def wise_row(state: dict[str, Any], cfg: Any, tsuite: Path, rsuite: str, alphas: list[float] | None, out: Path) -> dict | None:
+    """WiSE-FT of full-lr1e-4 with auto alpha at the budget, scored like a sweep run."""
+    from forgetless.merge import auto_alpha
+    from forgetless.models import resolve_model
+    from forgetless.retention.api import eval_model
+    from forgetless.sweep import task_gain
+
+    src = next((r for r in state["runs"] if r["run"] == "full-lr1e-4"), None)
+    if src is None:
+        return None
+    base = resolve_model(state["base_model"]).path
+    t0 = time.perf_counter()
+    res = auto_alpha(base, src["dir"], budget=BUDGET, task_suite=str(tsuite), retention_suite=rsuite,
+                     alphas=[0.0, *(alphas or [round(0.1 * i, 1) for i in range(1, 10)]), 1.0], data_root=cfg.data_root,
+                     out=out / "wise-ft", overwrite=True)
+    task = eval_model(str(out / "wise-ft"), str(tsuite), baseline=base, data_root=cfg.data_root)["comparison"]
+    ret = eval_model(str(out / "wise-ft"), rsuite, baseline=base, data_root=cfg.data_root)["comparison"]
+    return {
+        "run": f"wise-ft(full-lr1e-4, alpha {res['chosen']['alpha']})", "dir": str(out / "wise-ft"), "method": "full+wise-ft",
+        "task": task_gain(task),
+        "retention": {"score": ret["retention_score"], "change": ret["retention_score"] - 1,
+                      "ci": [ret["retention_ci"][0] - 1, ret["retention_ci"][1] - 1], "significant_drops": ret["significant_drops"],
+                      "tasks": ret["tasks"]},
+        "wall_time_s": src["wall_time_s"] + (time.perf_counter() - t0), "tokens_per_s": src["tokens_per_s"],
+        "peak_memory_mb": src["peak_memory_mb"], "trainable_parameters": src["trainable_parameters"],
+        "trainable_share": src["trainable_share"], "curve": res["curve"],
+    }
+
+
+# ---------------------------------------------------------------- output
+
+
+def verdict(rows: list[dict[str, Any]]) -> list[str]:
+    by = {r["run"]: r for r in rows}
+    full = [by[n] for n in ("full-lr1e-4", "full-lr2e-5") if n in by]
+    lora = by.get("lora-r16")
+    cands = [r for r in rows if r["run"] not in BASELINES and "-seed" not in r["run"] and -r["retention"]["change"] <= BUDGET]
+    lines = []
+    if not full or not cands:
+        return ["Not enough runs for the headline comparison (needs full FT and a forgetless recipe within budget)."]
+    best_full = max(full, key=lambda r: r["task"]["gain"])
+    best = max(cands, key=lambda r: r["task"]["gain"])
+    share = best["task"]["gain"] / best_full["task"]["gain"] if best_full["task"]["gain"] else float("nan")
+    lines.append(f"Best forgetless recipe within a {100 * BUDGET:.0f}% retention budget: **{best['run']}**, task gain "
+                 f"{best['task']['gain']:+.3f} = {100 * share:.0f}% of the best full-FT gain ({best_full['run']}: "
+                 f"{best_full['task']['gain']:+.3f}), retention change {100 * best['retention']['change']:+.2f}%.")
+    if lora:
+        lines.append(f"LoRA r16: task gain {lora['task']['gain']:+.3f}, retention change {100 * lora['retention']['change']:+.2f}%; "
+                     f"the best recipe's drop is {'<=' if best['retention']['change'] >= lora['retention']['change'] else '>'} LoRA's.")
+    goal = share >= 1.0 and (lora is None or best["retention"]["change"] >= lora["retention"]["change"])
+    lines.append(f"Goal (>= 100% of full FT's gain at <= 1% drop and <= LoRA's drop): {'MET' if goal else 'NOT MET'}.")
+    return lines
+
+
+def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, scale: dict[str, Any], wall: float) -> None:
+    import base64
+
+    from forgetless.report import frontier_plot
+
+    stem = RESULTS / f"forgetting-{args.scenario}-{args.scale}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png = frontier_plot(rows, BUDGET, None)
+    if png:
+        stem.with_suffix(".png").write_bytes(base64.b64decode(png))
+    tasks = list(next(iter(rows))["retention"]["tasks"]) if rows else []
+    machine = f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}"
+    out = {"bench": "forgetting", "scenario": args.scenario, "scale": args.scale, "model": args.model, "machine": machine,
+           "settings": scale, "budget": BUDGET, "wall_s": round(wall, 1), "rows": rows, "verdict": verdict(rows)}
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    lines = [f"# forgetting frontier: {args.scenario}, {args.scale} scale, {args.model}", "",
+             f"Machine: {machine}. {scale['steps']} steps of {scale['batch']} examples (max {scale['max_length']} tokens), "
+             f"bf16 compute with fp32 master weights; whole bench {wall / 60:.0f} min. Task gain: {rows[0]['task']['task'] if rows else ''} "
+             "(positive is better), paired 95% CI. Retention: change of each task's main metric (paired 95% CI, * = significant) "
+             "and the mean retention score.", "", *verdict(rows), "",
+             "| run | task gain [95% CI] | " + " | ".join(tasks) + " | retention score | wall s | tok/s | peak MB | trainable |",
+             "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
+    for r in rows:
+        t = r["retention"]["tasks"]
+        cells = []
+        for name in tasks:
+            x = t.get(name)
+            cells.append("-" if x is None else f"{x['delta']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]{' *' if x['significant'] else ''}")
+        g = r["task"]
+        lines.append(f"| {r['run']} | {g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] | " + " | ".join(cells)
+                     + f" | {r['retention']['score']:.4f} | {r['wall_time_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} | "
+                     f"{r['trainable_parameters']:,} |")
+    lines += ["", f"Frontier plot: `{stem.with_suffix('.png').name}`. Sweep directory: `{state['dir']}`."]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenario", choices=["med", "math"], required=True)
+    ap.add_argument("--scale", choices=list(SCALES), default="quick")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--recipes", default=None, help="comma-separated names from bench/recipes/ (default: all)")
+    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--steps", type=int, default=None, help="override the scale's steps (smoke tests)")
+    ap.add_argument("--out", type=Path, default=None, help="sweep directory (default: runs/bench-forgetting-<scenario>-<scale>)")
+    ap.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT row")
+    ap.add_argument("--prepare-only", action="store_true")
+    args = ap.parse_args()
+    os.chdir(ROOT)  # the recipes' data paths are relative to the repository root
+    scale = dict(SCALES[args.scale])
+    if args.steps:
+        scale["steps"] = args.steps
+    files = (prepare_med if args.scenario == "med" else prepare_math)(args.data_root, scale["n_test"])
+    tsuite = task_suite(args.scenario, files, scale["n_exact"])
+    rsuite = retention_suite(args.scenario, scale["retention_limits"])
+    if args.prepare_only:
+        print(json.dumps({k: str(v) for k, v in files.items()} | {"task_suite": str(tsuite), "retention_suite": rsuite}, indent=2))
+        return
+    from forgetless.sweep import run_sweep, sweep_table
+
+    recipes = load_recipes(args.recipes.split(",") if args.recipes else None)
+    out = args.out or ROOT / "runs" / f"bench-forgetting-{args.scenario}-{args.scale}"
+    cfg = sweep_config(args.scenario, scale, recipes, files, tsuite, rsuite, args.model, args.device, out, args.data_root)
+    t0 = time.perf_counter()
+    state = run_sweep(cfg, folder=ROOT)  # resumable: re-running skips finished recipes
+    rows = list(state["runs"])
+    if not args.no_wise:
+        w = wise_row(state, cfg, tsuite, rsuite, scale["wise_alphas"], out)
+        if w:
+            rows.append(w)
+    from rich.console import Console
+
+    Console(stderr=True, width=200).print(sweep_table(state))
+    write_results(state, rows, args, scale, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
