@@ -184,6 +184,173 @@ class EarlyStopping(_Strict):
     min_delta: float = Field(0.0, ge=0, description="Smallest drop in validation loss that counts.")
 
 
+class FsdpOptions(_Strict):
+    """FSDP2 through the Trainer's own `fsdp` / `fsdp_config` options (CUDA GPUs). The final model is always
+    saved whole (FULL_STATE_DICT), as an HF model or adapter like a single-process run."""
+
+    version: Literal[2] = Field(2, description="FSDP2 (fully_shard); FSDP1 is deprecated in transformers.")
+    reshard_after_forward: bool = Field(
+        True, description="true: full shard (parameters too, like ZeRO-3); false: gradients and optimizer state only (like ZeRO-2)."
+    )
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
+    transformer_layer_cls_to_wrap: list[str] | None = Field(
+        None, description="Block classes sharded one by one (e.g. [LlamaDecoderLayer]). None: the model's _no_split_modules."
+    )
+    min_num_params: int = Field(0, ge=0, description="SIZE_BASED_WRAP: wrap modules with at least this many parameters.")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state in CPU memory.")
+    activation_checkpointing: bool = Field(False, description="FSDP's activation checkpointing (prefer it to train.gradient_checkpointing).")
+
+    @model_validator(mode="after")
+    def _policy(self) -> FsdpOptions:
+        if self.transformer_layer_cls_to_wrap and self.auto_wrap_policy != "TRANSFORMER_BASED_WRAP":
+            raise ValueError("transformer_layer_cls_to_wrap needs auto_wrap_policy: TRANSFORMER_BASED_WRAP")
+        if self.auto_wrap_policy == "SIZE_BASED_WRAP" and self.min_num_params == 0:
+            raise ValueError("auto_wrap_policy: SIZE_BASED_WRAP needs min_num_params > 0")
+        if self.min_num_params and self.auto_wrap_policy != "SIZE_BASED_WRAP":
+            raise ValueError("min_num_params needs auto_wrap_policy: SIZE_BASED_WRAP")
+        return self
+
+    def trainer_config(self) -> dict[str, Any]:
+        """TrainingArguments.fsdp_config."""
+        out: dict[str, Any] = {
+            "version": self.version,
+            "reshard_after_forward": self.reshard_after_forward,
+            "auto_wrap_policy": self.auto_wrap_policy,
+            "cpu_offload": self.cpu_offload,
+            "activation_checkpointing": self.activation_checkpointing,
+            "state_dict_type": "FULL_STATE_DICT",
+        }
+        if self.transformer_layer_cls_to_wrap:
+            out["transformer_layer_cls_to_wrap"] = list(self.transformer_layer_cls_to_wrap)
+        if self.min_num_params:
+            out["min_num_params"] = self.min_num_params
+        return out
+
+
+class DeepSpeedOptions(_Strict):
+    """DeepSpeed ZeRO through the Trainer's own `deepspeed` option (CUDA GPUs, `pip install deepspeed`).
+    Batch size, accumulation, clipping and precision come from the recipe (the config's "auto" values)."""
+
+    stage: Literal[2, 3] = Field(2, description="ZeRO-2 shards optimizer state and gradients; ZeRO-3 also the parameters.")
+    offload_optimizer: bool = Field(False, description="Optimizer state in CPU memory.")
+    offload_params: bool = Field(False, description="ZeRO-3 only: parameters in CPU memory.")
+    config: str | None = Field(None, description="A DeepSpeed JSON file used as is instead of the options above.")
+
+    @model_validator(mode="after")
+    def _options(self) -> DeepSpeedOptions:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage: 3 (ZeRO-2 does not shard parameters)")
+        if self.config is not None:
+            others = sorted(self.model_fields_set - {"config"})
+            if others:
+                raise ValueError(f"config: a DeepSpeed JSON file replaces {', '.join(others)}; set one or the other")
+            path = Path(self.config)
+            if not path.is_file():
+                raise ValueError(f"config: DeepSpeed config file {path} not found")
+            import json
+
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ValueError(f"config: {path} is not valid JSON: {e}") from None
+        return self
+
+    def trainer_config(self) -> dict[str, Any] | str:
+        """TrainingArguments.deepspeed: the JSON file, or a ZeRO config whose "auto" values the Trainer fills."""
+        if self.config is not None:
+            return self.config
+        zero: dict[str, Any] = {"stage": self.stage, "overlap_comm": True, "contiguous_gradients": True}
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if self.stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True  # final/ holds whole weights
+            if self.offload_params:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        return {
+            "zero_optimization": zero,
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "zero_allow_untested_optimizer": True,  # the Trainer's own AdamW
+        }
+
+
+_ENGINE_SHORTHANDS: dict[str, dict[str, Any]] = {
+    "ddp": {"engine": "ddp"},
+    "fsdp": {"engine": "fsdp"},
+    "deepspeed": {"engine": "deepspeed"},
+    "zero2": {"engine": "deepspeed", "deepspeed": {"stage": 2}},
+    "zero3": {"engine": "deepspeed", "deepspeed": {"stage": 3}},
+}
+
+
+class DistributedConfig(_Strict):
+    """Multi-process training, used when the run is launched with `torchrun --nproc_per_node N` or `accelerate
+    launch` (a single process ignores it). `distributed: fsdp | zero2 | zero3 | ddp | path/to/accelerate.yaml`
+    is short for the engine (or the accelerate config) alone."""
+
+    engine: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp: data parallel, a whole model per process (CPU or GPU); fsdp / deepspeed: sharded (GPUs)."
+    )
+    accelerate_config: str | None = Field(
+        None, description="An accelerate config file (from `accelerate config`): its distributed_type and fsdp/deepspeed "
+        "settings choose the engine and its options."
+    )
+    fsdp: FsdpOptions | None = Field(None, description="FSDP options (engine: fsdp; defaults when absent).")
+    deepspeed: DeepSpeedOptions | None = Field(None, description="DeepSpeed ZeRO options (engine: deepspeed; ZeRO-2 when absent).")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Process-group backend. auto: nccl on GPUs, gloo on CPUs.")
+    find_unused_parameters: bool | None = Field(
+        None, description="DDP's find_unused_parameters. None: the Trainer's choice (off with gradient checkpointing)."
+    )
+    timeout_s: int | None = Field(None, gt=0, description="Collective timeout (the Trainer's ddp_timeout, default 1800 s).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if v in _ENGINE_SHORTHANDS:
+                return dict(_ENGINE_SHORTHANDS[v])
+            if v.endswith((".yaml", ".yml", ".json")):
+                return {"accelerate_config": v}
+            raise ValueError(f"{v!r}: write one of {', '.join(_ENGINE_SHORTHANDS)}, an accelerate config file (.yaml), "
+                             "or a mapping (engine:, fsdp:, deepspeed:, ...)")
+        if isinstance(v, dict) and "engine" not in v:
+            if v.get("fsdp") is not None and v.get("deepspeed") is None:
+                v = {**v, "engine": "fsdp"}
+            elif v.get("deepspeed") is not None and v.get("fsdp") is None:
+                v = {**v, "engine": "deepspeed"}
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedConfig:
+        if self.fsdp is not None and self.deepspeed is not None:
+            raise ValueError("fsdp and deepspeed options both set; pick one engine")
+        if self.fsdp is not None and self.engine != "fsdp":
+            raise ValueError(f"fsdp: FSDP options, but engine is {self.engine}; set engine: fsdp or drop them")
+        if self.deepspeed is not None and self.engine != "deepspeed":
+            raise ValueError(f"deepspeed: DeepSpeed options, but engine is {self.engine}; set engine: deepspeed or drop them")
+        if self.accelerate_config is not None:
+            from .distributed import read_accelerate_config
+
+            opts = read_accelerate_config(self.accelerate_config)  # ValueError names the file and the setting
+            try:
+                found = DistributedConfig.model_validate(opts)
+            except ValidationError as e:
+                problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"accelerate_config {self.accelerate_config}: {problems}") from None
+            # The file decides; options written beside it must say the same (as in a saved recipe.yaml).
+            for key in ("engine", "fsdp", "deepspeed"):
+                mine, theirs = getattr(self, key), getattr(found, key)
+                if key in self.model_fields_set and mine != theirs:
+                    raise ValueError(f"accelerate_config decides the engine and its options, and {self.accelerate_config} "
+                                     f"says {key}: {theirs!r}, not {mine!r}; drop {key} (or drop accelerate_config)")
+                self.__dict__[key] = theirs  # filled in (no re-validation): recipe.yaml records what ran
+        return self
+
+
 class TrainConfig(_Strict):
     output_dir: str | None = Field(None, description="Run directory. Default: runs/<recipe name>.")
     seed: int = 42
@@ -202,6 +369,9 @@ class TrainConfig(_Strict):
     merge: bool = Field(False, description="Also save a merged model (PEFT methods that allow it).")
     progress: bool = Field(True, description="Show a progress bar.")
     report: bool = Field(True, description="Write report.html at the end (training curves, layer drift; see `forgetless report`).")
+    distributed: DistributedConfig | None = Field(
+        None, description="Multi-process options (torchrun / accelerate launch): engine ddp, fsdp or deepspeed, or an accelerate config."
+    )
 
     @model_validator(mode="before")
     @classmethod
