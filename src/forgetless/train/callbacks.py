@@ -8,13 +8,15 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ..distributed import is_main
 from ..io import append_jsonl
 
 COMPLETE_MARKER = "FORGETLESS_COMPLETE"
 
 
 class MetricsLogger(TrainerCallback):
-    """Appends one JSON line per log event: step, loss, lr, grad norm, tokens/s (and eval results)."""
+    """Appends one JSON line per log event: step, loss, lr, grad norm, tokens/s (and eval results).
+    With several processes the Trainer logs numbers gathered over all of them; only rank 0 writes."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -43,7 +45,8 @@ class MetricsLogger(TrainerCallback):
             if k.startswith("eval_") or k.startswith("fl_"):
                 rec[k] = v
         if len(rec) > 2:
-            append_jsonl(self.path, rec)
+            if is_main():  # every rank logs the same (gathered) numbers; rank 0 writes them
+                append_jsonl(self.path, rec)
             self.last.update(rec)
 
 

@@ -5,6 +5,7 @@ recipe -> run directory -> model + tokenizer -> data -> method -> Trainer -> fin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
+from .. import distributed as dist
 from ..data import load_datasets
 from ..errors import DataError, ForgetlessError
-from ..io import atomic_dir, atomic_write_json, atomic_write_text
+from ..io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
 from ..mitigations import Mitigation, MitigationCallback, TrainContext, loss_term
 from ..mitigations import build as build_mitigations
 from ..models.catalog import cache_dir as models_cache_dir
@@ -74,6 +77,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
+    """Check, create or replace the run directory. With several processes only rank 0 touches it, and every
+    rank gets its answer (or raises its error)."""
+    return dist.on_main(lambda: _prepare_run_dir(recipe, overwrite, resume))
+
+
+def _prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
     run_dir = recipe.output_dir
     if resume:
         if not (run_dir / "recipe.yaml").is_file():
@@ -133,6 +142,7 @@ def training_args(recipe: Recipe, ckpt_dir: Path, device: torch.device, bf16: bo
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        **dist.trainer_options(recipe),  # train.distributed: fsdp / deepspeed / ddp_* (nothing when absent)
     )
 
 
@@ -156,20 +166,49 @@ class TrainResult:
     run_dir: Path
 
 
-def _initial_validation_loss(trainer: Any, metrics_path: Path, resuming: bool) -> float | None:
-    """The validation loss before any update (step 0), logged once and reused on resume."""
+def _logged_initial_loss(metrics_path: Path) -> float | None:
     import json
 
-    if resuming and metrics_path.is_file():
+    if metrics_path.is_file():
         for line in metrics_path.read_text().splitlines():
             rec = json.loads(line)
             if rec.get("step") == 0 and "eval_loss" in rec:
                 return rec["eval_loss"]
-    loss = trainer.evaluate()["eval_loss"]
-    from ..io import append_jsonl
+    return None
 
-    append_jsonl(metrics_path, {"step": 0, "epoch": 0.0, "eval_loss": loss})
+
+def _initial_validation_loss(trainer: Any, metrics_path: Path, resuming: bool) -> float | None:
+    """The validation loss before any update (step 0), logged once and reused on resume. Every rank evaluates
+    (the Trainer shards the validation set and gathers the losses); rank 0 logs."""
+    logged = dist.on_main(lambda: _logged_initial_loss(metrics_path)) if resuming else None
+    if logged is not None:
+        return logged
+    loss = trainer.evaluate()["eval_loss"]
+    if dist.is_main():
+        append_jsonl(metrics_path, {"step": 0, "epoch": 0.0, "eval_loss": loss})
     return loss
+
+
+class StepZeroValidation(TrainerCallback):
+    """With several processes, the step-0 validation runs at the start of `train()`, once the Trainer has
+    wrapped the model in DDP: a `Trainer.evaluate()` before `train()` marks the bare model as prepared, and the
+    Trainer would then train it without DDP, i.e. without averaging gradients across processes."""
+
+    def __init__(self, measure):
+        self.measure = measure
+        self.loss: float | None = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.loss = self.measure()
+
+
+def _digest_examples(examples: list[dict]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(repr((e["input_ids"], e.get("labels"), bool(e.get("replay")))).encode())
+    return h.hexdigest()[:16]
 
 
 def train(
@@ -183,10 +222,15 @@ def train(
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, set_seed
 
     setup_torch(recipe.train.threads)
+    engine = dist.check_recipe(recipe)  # what FSDP / DeepSpeed cannot run fails here, naming the recipe key
+    device = pick_device(recipe.train.device)
+    # under torchrun / accelerate launch: start the process group now (rank 0 alone writes the run directory)
+    dist.init(cpu=device.type == "cpu", use_deepspeed=engine == "deepspeed")
+    device = dist.device(device)
+    main = dist.is_main()
     run_dir = prepare_run_dir(recipe, overwrite, resume)
     ckpt_root = run_dir / "checkpoints"
     resume_from = latest_complete_checkpoint(ckpt_root) if resume else None
-    device = pick_device(recipe.train.device)
     bf16 = use_bf16(recipe.train.bf16, device)
     set_seed(recipe.train.seed)
 
@@ -215,20 +259,29 @@ def train(
                         base_model_path=model_path, bf16=bf16, data=data, cache_dir=home_dir() / "cache")
     for m in mitigations:
         t0 = time.perf_counter()
-        m.setup(mctx)
-        data.train = m.prepare_data(mctx, data.train)
+        # Rank 0 first (it fills the on-disk caches the others then read), unless the set-up shares work
+        # across ranks through collectives (EWC's Fisher), which needs every rank at once.
+        with contextlib.nullcontext() if getattr(m, "collective_setup", False) else dist.main_first():
+            m.setup(mctx)
+            data.train = m.prepare_data(mctx, data.train)
         m.setup_s = time.perf_counter() - t0
+    if dist.world_size() > 1:
+        # Every rank must build the same mixed stream (task + replay): the sampler then gives each example to one rank.
+        dist.check_same(_digest_examples(data.train), "the training data (after mitigations)")
     trainable, total = count_parameters(model)
 
-    atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    atomic_write_json(run_dir / "data_stats.json", {**data.summary(), "check": data_problems})
-    if resume_from is not None:
-        _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
-    if not quiet:
-        _report_data(data, data_problems)
+    if main:
+        atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        atomic_write_json(run_dir / "data_stats.json", {**data.summary(), "check": data_problems})
+        if resume_from is not None:
+            _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
+        if not quiet:
+            _report_data(data, data_problems)
+            _report_distributed(recipe, engine, len(data.train))
 
     metrics = MetricsLogger(run_dir / "metrics.jsonl")
-    callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet), CheckpointMarker()]
+    callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet and main),
+                            CheckpointMarker()]
     if mitigations:
         callbacks.append(MitigationCallback(mitigations))
     monitor = None
@@ -259,17 +312,26 @@ def train(
     if monitor is not None:
         monitor.trainer = trainer
 
-    initial_loss = _initial_validation_loss(trainer, run_dir / "metrics.jsonl", resume_from is not None) if data.validation else None
+    initial_loss = None
+    step_zero = None
+    if data.validation and dist.world_size() == 1:
+        initial_loss = _initial_validation_loss(trainer, run_dir / "metrics.jsonl", resume_from is not None)
+    elif data.validation:
+        step_zero = StepZeroValidation(lambda: _initial_validation_loss(trainer, run_dir / "metrics.jsonl", resume_from is not None))
+        trainer.add_callback(step_zero)
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_time = time.perf_counter() - t0
-    for m in mitigations:
-        m.finish(mctx)
+    if step_zero is not None:
+        initial_loss = step_zero.loss
+    if main:  # finish() saves state files (ewc_state, si_state) into the run directory
+        for m in mitigations:
+            m.finish(mctx)
     selection = None
     if monitor is not None:
         within, val_loss = monitor.final_probe(trainer.model, trainer.state)
         selection = monitor.select_final(within, val_loss, trainer.state.global_step)
-        if selection.get("warning") and not quiet:
+        if selection.get("warning") and not quiet and main:
             from rich.console import Console
 
             Console(stderr=True).print(f"[bold red]guard: {selection['why']}")
@@ -277,19 +339,10 @@ def train(
     if final_eval:
         metrics.on_log(trainer.args, trainer.state, trainer.control, logs=final_eval)
 
-    with atomic_dir(run_dir / "final", overwrite=True) as tmp:
-        kind = save_trained(trainer.model, tokenizer, tmp, model_path)
-        if isinstance(recipe.method, QLoraMethod):
-            atomic_write_json(tmp / QUANT_FILE, {
-                "quant_type": recipe.method.quant_type,
-                "double_quant": recipe.method.double_quant,
-                "compute_dtype": "bfloat16" if bf16 else "float32",
-            })
-    if recipe.train.merge and kind != "model":
-        with atomic_dir(run_dir / "merged", overwrite=True) as tmp:
-            merged = merge_for_export(trainer.model, recipe.method, run_dir / "final")
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+    if engine == "ddp":  # every rank holds the whole model: rank 0 saves it
+        kind = dist.on_main(lambda: _save_final(recipe, trainer, tokenizer, run_dir, model_path, bf16))
+    else:  # sharded: every rank takes part in gathering the weights, rank 0 writes them
+        kind = _save_final_sharded(trainer, tokenizer, run_dir)
 
     state = trainer.state
     summary = {
@@ -329,14 +382,83 @@ def train(
         "torch": torch.__version__,
         "pid": os.getpid(),
     }
-    atomic_write_json(run_dir / "summary.json", summary)
-    if recipe.train.report:
-        from ..report import write_report
+    if dist.world_size() > 1:
+        summary["distributed"] = {
+            "engine": engine,
+            "world_size": dist.world_size(),
+            "backend": torch.distributed.get_backend(),
+            "global_batch": recipe.optim.batch_size * recipe.optim.grad_accum * dist.world_size(),
+            "epoch_padding": _epoch_padding(len(data.train), recipe.optim.batch_size),
+        }
+    if main:
+        atomic_write_json(run_dir / "summary.json", summary)
+        if recipe.train.report:
+            from ..report import write_report
 
-        write_report(run_dir)
+            write_report(run_dir)
+    dist.barrier()  # every rank returns once the run directory is complete
     # accelerate patched forward() with bf16 autocast for training; hand back the plain model
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return TrainResult(summary, model, tokenizer, run_dir)
+
+
+def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, model_path: str, bf16: bool) -> str:
+    with atomic_dir(run_dir / "final", overwrite=True) as tmp:
+        kind = save_trained(trainer.model, tokenizer, tmp, model_path)
+        if isinstance(recipe.method, QLoraMethod):
+            atomic_write_json(tmp / QUANT_FILE, {
+                "quant_type": recipe.method.quant_type,
+                "double_quant": recipe.method.double_quant,
+                "compute_dtype": "bfloat16" if bf16 else "float32",
+            })
+    if recipe.train.merge and kind != "model":
+        with atomic_dir(run_dir / "merged", overwrite=True) as tmp:
+            merged = merge_for_export(trainer.model, recipe.method, run_dir / "final")
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    return kind
+
+
+def _save_final_sharded(trainer: Any, tokenizer: Any, run_dir: Path) -> str:
+    """FSDP / DeepSpeed: the Trainer's save_model gathers the whole weights (FULL_STATE_DICT, or ZeRO-3's
+    16-bit gather) from every rank and rank 0 writes an HF model or PEFT adapter; then rank 0 renames it into place."""
+    import tempfile
+
+    tmp = Path(dist.on_main(lambda: tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=run_dir)))
+    trainer.save_model(str(tmp))
+    dist.barrier()
+
+    def publish() -> str:
+        tokenizer.save_pretrained(tmp)
+        final = run_dir / "final"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return "peft" if (final / "adapter_config.json").is_file() else "model"
+
+    return dist.on_main(publish)
+
+
+def _epoch_padding(examples: int, batch_size: int) -> int:
+    """Examples accelerate repeats at the end of each epoch so every rank gets a full last batch (even_batches):
+    0 when the training set is a multiple of batch_size x processes."""
+    return -examples % (batch_size * dist.world_size())
+
+
+def _report_distributed(recipe: Recipe, engine: str, examples: int) -> None:
+    n = dist.world_size()
+    if n == 1:
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    o = recipe.optim
+    console.print(f"distributed: {n} processes ({engine}, {torch.distributed.get_backend()}), global batch "
+                  f"{o.batch_size} x {o.grad_accum} x {n} = {o.batch_size * o.grad_accum * n}")
+    pad = _epoch_padding(examples, o.batch_size)
+    if pad:
+        console.print(f"[yellow]{examples} training examples are not a multiple of batch_size x processes "
+                      f"({o.batch_size} x {n}): the last batch of each epoch repeats {pad} example(s) from its start")
 
 
 def check_training_data(recipe: Recipe, data: Any) -> list[str]:

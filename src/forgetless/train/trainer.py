@@ -13,7 +13,10 @@ LossTerm = Callable[[torch.nn.Module, dict[str, Any], Any], "torch.Tensor | None
 
 
 class ReplayAwareCollator:
-    """Pads like `inner`, and turns the per-example `replay` flag into a `replay_mask` tensor."""
+    """Pads like `inner`, and turns the per-example `replay` flag into a `replay_mask` tensor.
+
+    It sees only this process's share of each global batch (the sampler splits the batch across ranks
+    before collation), so the mask always lines up with the rows this rank's loss terms score."""
 
     def __init__(self, inner: Callable):
         self.inner = inner
