@@ -6,6 +6,12 @@ labels from the data (empirical Fisher) or sampled from the model (true Fisher).
 weight/2 * sum F (theta - theta0)^2. F is cached on disk by model fingerprint + data hash + N + label mode,
 so it is computed once. With `previous:` the Fisher saved by earlier runs (ewc_state.safetensors) is
 added in, decayed by `gamma` (online EWC for a sequence of runs).
+
+With several processes (DDP) the N samples are split across the ranks (every world_size-th one each), each
+rank sums its squared gradients, and the sums are all-reduced: every rank holds the same Fisher, equal to
+the single-process estimate on the same samples up to float summation order. With `labels: sampled` rank 0
+computes it alone (the label draws are one random stream) and broadcasts it. Rank 0 picks the samples,
+reads or writes the cache, and writes ewc_state.safetensors.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
+from .. import distributed as dist
 from ..config import DataConfig, _Strict
 from ..errors import ForgetlessError
 from .base import QuadraticPenalty, TrainContext, tensor_bytes
@@ -42,8 +49,13 @@ class EWCConfig(_Strict):
     seed: int = 0
 
 
-def fisher_diag(params: list[torch.nn.Parameter], losses: Iterable[Callable[[], torch.Tensor]]) -> list[torch.Tensor]:
-    """Mean over samples of the squared gradient of each sample's loss (negative log-likelihood)."""
+def fisher_diag(
+    params: list[torch.nn.Parameter], losses: Iterable[Callable[[], torch.Tensor]], all_reduce: bool = False
+) -> list[torch.Tensor]:
+    """Mean over samples of the squared gradient of each sample's loss (negative log-likelihood).
+
+    all_reduce: `losses` are this rank's share of the samples; the sums and the sample count are added up
+    over all ranks before dividing, so every rank returns the mean over all samples (a no-op in one process)."""
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     n = 0
     for loss_fn in losses:
@@ -52,6 +64,8 @@ def fisher_diag(params: list[torch.nn.Parameter], losses: Iterable[Callable[[], 
             if g is not None:
                 f.add_(g.detach().float().pow(2))
         n += 1
+    if all_reduce:
+        n = dist.all_reduce_sum_(fisher, n)
     if n == 0:
         raise ForgetlessError("ewc: no reference samples to estimate the Fisher from")
     return [f / n for f in fisher]
@@ -87,6 +101,7 @@ def _state_path(p: str) -> Path:
 
 class EWC(QuadraticPenalty):
     name = "ewc"
+    collective_setup = True  # set-up runs on every rank at once (the Fisher is shared out and all-reduced)
 
     def _cache_key(self, ctx: TrainContext, examples: list[dict]) -> str:
         h = hashlib.sha256()
@@ -101,25 +116,35 @@ class EWC(QuadraticPenalty):
         named = ctx.trainable()
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        if cfg.reference == "self":
-            examples = self_reference_examples(ctx, cfg.samples, cfg.seed)
-        else:
-            examples = sample(examples_from(cfg.reference, ctx, "mitigations.ewc.reference"), cfg.samples, cfg.seed)
-        cache = ctx.cache_dir / "fisher" / f"{self._cache_key(ctx, examples)}.safetensors"
-        if cache.is_file():
-            stored = load_file(str(cache))
-            fisher = [stored[n].to(p.device) for n, p in named]
+
+        def pick() -> tuple[list[dict], Path, bool]:
+            if cfg.reference == "self":
+                examples = self_reference_examples(ctx, cfg.samples, cfg.seed)
+            else:
+                examples = sample(examples_from(cfg.reference, ctx, "mitigations.ewc.reference"), cfg.samples, cfg.seed)
+            cache = ctx.cache_dir / "fisher" / f"{self._cache_key(ctx, examples)}.safetensors"
+            return examples, cache, cache.is_file()
+
+        # rank 0 chooses (and, for reference: self, generates) the samples and looks for a cached Fisher
+        examples, cache, cached = dist.on_main(pick)
+        if cached:
+            fisher = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+            if dist.is_main():
+                stored = load_file(str(cache))
+                fisher = [stored[n].to(p.device) for n, p in named]
+            dist.broadcast_tensors_(fisher)
             self.notes["fisher_cached"] = True
         else:
             was_training = ctx.model.training
             ctx.model.eval()  # no dropout in the estimate
-            fisher = fisher_diag(self.params, lm_sample_losses(ctx.model, examples, cfg.labels, ctx.bf16, cfg.seed))
+            fisher = self._estimate(ctx, examples)
             ctx.model.train(was_training)
             ctx.model.zero_grad(set_to_none=True)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            save_file({n: f.cpu().contiguous() for n, f in zip(self.names, fisher, strict=True)}, str(tmp))
-            tmp.replace(cache)
+            if dist.is_main():
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_suffix(".tmp")
+                save_file({n: f.cpu().contiguous() for n, f in zip(self.names, fisher, strict=True)}, str(tmp))
+                tmp.replace(cache)
             self.notes["fisher_cached"] = False
         if cfg.normalize != "none":
             scale = max(float(f.max()) for f in fisher) if cfg.normalize == "max" else (
@@ -135,6 +160,20 @@ class EWC(QuadraticPenalty):
         self.anchor = [p.detach().float().clone() for p in self.params]
         self.extra_bytes = tensor_bytes(self.anchor) + tensor_bytes(self.weights)
         self.notes["samples"] = len(examples)
+
+    def _estimate(self, ctx: TrainContext, examples: list[dict]) -> list[torch.Tensor]:
+        cfg = self.config
+        if dist.world_size() == 1:
+            return fisher_diag(self.params, lm_sample_losses(ctx.model, examples, cfg.labels, ctx.bf16, cfg.seed))
+        if cfg.labels == "data":  # each rank its share of the samples; the sums all-reduced
+            mine = dist.shard(examples)
+            self.notes["fisher_samples_per_rank"] = len(mine)
+            return fisher_diag(self.params, lm_sample_losses(ctx.model, mine, cfg.labels, ctx.bf16, cfg.seed), all_reduce=True)
+        # sampled labels are one random stream over the samples in order: rank 0 draws them all, as one process would
+        fisher = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        if dist.is_main():
+            fisher = fisher_diag(self.params, lm_sample_losses(ctx.model, examples, cfg.labels, ctx.bf16, cfg.seed))
+        return dist.broadcast_tensors_(fisher)
 
     def finish(self, ctx: TrainContext) -> None:
         """Save the accumulated Fisher and the final weights: the next run's `previous:`."""
