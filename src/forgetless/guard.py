@@ -9,6 +9,12 @@ guard: when the retention drop exceeds the budget (and, by default, is significa
   last state within budget, then take the next action), stop. Every breach and action is logged.
 selection: at the end the final model is the state with the best validation loss among those within
   budget (the base model if none was, said loudly); summary.json records why.
+
+With several processes (DDP) every rank holds the same weights, so the retention probe runs once, on rank 0,
+while the others wait; rank 0 broadcasts the probe and its breaches, and every rank then takes the same
+action at the same step (lower_lr on its optimizer, more_replay on its copy of the data, rollback to its
+identical snapshot, stop). The validation loss is measured by all ranks together (the Trainer shards it).
+Only rank 0 writes metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from . import distributed as dist
 from .config import GuardConfig, MonitorConfig
 from .io import append_jsonl
 
@@ -110,9 +117,10 @@ class MonitorCallback(TrainerCallback):
         t0 = time.perf_counter()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._suite = self._probe_suite()
-        self._ref_fp = fingerprint_model(model) if state.global_step == 0 else f"resumed-{id(self)}"
-        # step 0 (or the resume point) is the reference: the base model's own behaviour
-        self._base_result = self._evaluate(model)
+        if dist.is_main():  # the probe runs on rank 0 only (every rank holds the same weights)
+            self._ref_fp = fingerprint_model(model) if state.global_step == 0 else f"resumed-{id(self)}"
+            # step 0 (or the resume point) is the reference: the base model's own behaviour
+            self._base_result = self._evaluate(model)
         self.state.base = snapshot(self.params, state.global_step)
         self.state.last_ok = self.state.base
         self.state.probe_s += time.perf_counter() - t0
@@ -123,28 +131,34 @@ class MonitorCallback(TrainerCallback):
         t0 = time.perf_counter()
         from .retention.evaluate import compare
 
-        report = compare(self._base_result, self._evaluate(model))
+        report = compare(self._base_result, self._evaluate(model)) if dist.is_main() else None
         val_loss = None
         if self.has_validation and self.trainer is not None:
-            val_loss = self.trainer.evaluate()["eval_loss"]
-        probe = {
-            "step": state.global_step,
-            "fl_retention": report["retention_score"],
-            "fl_retention_lo": report["retention_ci"][0],
-            "fl_retention_hi": report["retention_ci"][1],
-            "fl_significant_drops": report["significant_drops"],
-            **{f"fl_{n}_delta": t["delta"] for n, t in report["tasks"].items()},
-        }
-        if val_loss is not None:
-            probe["eval_loss"] = val_loss
+            val_loss = self.trainer.evaluate()["eval_loss"]  # every rank: the Trainer shards and gathers it
+        probe, why = None, []
+        if report is not None:
+            probe = {
+                "step": state.global_step,
+                "fl_retention": report["retention_score"],
+                "fl_retention_lo": report["retention_ci"][0],
+                "fl_retention_hi": report["retention_ci"][1],
+                "fl_significant_drops": report["significant_drops"],
+                **{f"fl_{n}_delta": t["delta"] for n, t in report["tasks"].items()},
+            }
+            if val_loss is not None:
+                probe["eval_loss"] = val_loss
+            why = self.breaches(report) if self.guard is not None else []
+        # rank 0's probe and verdict, on every rank: all of them act on the same decision at this step
+        probe, why = dist.broadcast_object((probe, why))
         self.state.probes.append(probe)
-        append_jsonl(self.metrics_path, {**probe, "epoch": round(state.epoch or 0, 4)})
+        if dist.is_main():
+            append_jsonl(self.metrics_path, {**probe, "epoch": round(state.epoch or 0, 4)})
         self.metrics.last.update(probe)
         if self.guard is not None:
             if force:  # the final probe only records whether the end state is within budget
-                self._last_breaches = self.breaches(report)
+                self._last_breaches = why
             else:
-                self._guard(report, state, control, val_loss)
+                self._guard(why, probe["fl_retention"], state, control, val_loss)
         self.state.probe_s += time.perf_counter() - t0
 
     def final_probe(self, model, state) -> tuple[bool, float | None]:
@@ -174,8 +188,7 @@ class MonitorCallback(TrainerCallback):
                 out.append(f"{name} dropped {rel:.2%} > {budget:.2%}")
         return out
 
-    def _guard(self, report, state, control, val_loss) -> None:
-        why = self.breaches(report)
+    def _guard(self, why: list[str], retention: float, state, control, val_loss) -> None:
         self._last_breaches = why
         if not why:
             snap = snapshot(self.params, state.global_step, self.trainer.optimizer if self.trainer else None, val_loss)
@@ -183,7 +196,7 @@ class MonitorCallback(TrainerCallback):
             if self.state.best_ok is None or (val_loss is not None and (self.state.best_ok.val_loss is None or val_loss <= self.state.best_ok.val_loss)):
                 self.state.best_ok = snap
             return
-        self._event(state.global_step, "breach", {"reasons": why, "retention": report["retention_score"]})
+        self._event(state.global_step, "breach", {"reasons": why, "retention": retention})
         self._act(state, control)
 
     def _act(self, state, control) -> None:
@@ -220,7 +233,8 @@ class MonitorCallback(TrainerCallback):
     def _event(self, step: int, kind: str, info: dict[str, Any]) -> None:
         ev = {"step": step, "guard": kind, **info}
         self.state.events.append(ev)
-        append_jsonl(self.metrics_path, ev)
+        if dist.is_main():
+            append_jsonl(self.metrics_path, ev)
 
     # ------------------------------------------------------------ selection
 
