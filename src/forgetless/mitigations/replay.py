@@ -4,6 +4,11 @@
 evenly through the task examples (the Trainer then shuffles with the run's seed) and carry a flag so
 other mitigations (kl with `on: replay`) can tell them apart. Keep replay data disjoint from the
 retention probes you measure with.
+
+With several processes every rank builds the same mixed stream (the same seeded draws, checked by a
+digest before training) and the Trainer's distributed sampler gives each position of it to exactly one
+rank per epoch: nothing is replayed twice or lost across ranks. `raise_ratio` is deterministic too, so the
+guard's more_replay, taken by every rank at the same step, swaps the same positions everywhere.
 """
 
 from __future__ import annotations
