@@ -458,8 +458,38 @@ def _helpers_worker(rank: int, port: int, out: str) -> None:
     mine = dist.shard(list(range(5)))
     f = fisher_diag([w], [lambda x=xs[i]: (w * x).sum() ** 2 for i in mine], all_reduce=True)
     res["fisher"] = f[0].tolist()
+    # EWC's own estimate on a small Llama, both label modes (data: shared out + all-reduced; sampled: rank 0 + broadcast)
+    model, examples = _small_lm()
+    for labels in ("data", "sampled"):
+        res[f"ewc_{labels}"] = _ewc_estimate(model, examples, labels)
     Path(out, f"{rank}.json").write_text(json.dumps(res))
     torch.distributed.destroy_process_group()
+
+
+def _small_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    examples = []
+    for _ in range(7):
+        ids = torch.randint(0, 40, (9,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return model, examples
+
+
+def _ewc_estimate(model, examples, labels: str) -> list[float]:
+    from types import SimpleNamespace
+
+    from forgetless.mitigations.ewc import EWC, EWCConfig
+
+    ewc = EWC(EWCConfig(labels=labels, samples=len(examples)))
+    ewc.params = [p for p in model.parameters() if p.requires_grad]
+    fisher = ewc._estimate(SimpleNamespace(model=model, bf16=False), examples)
+    return torch.cat([f.flatten() for f in fisher]).tolist()
 
 
 def test_helpers_agree_across_two_gloo_processes(tmp_path):
@@ -478,6 +508,15 @@ def test_helpers_agree_across_two_gloo_processes(tmp_path):
     xs = [torch.tensor([float(i), 1.0]) for i in range(5)]
     single = fisher_diag([w], [lambda x=x: (w * x).sum() ** 2 for x in xs])[0].tolist()
     assert res[0]["fisher"] == res[1]["fisher"] == pytest.approx(single, rel=1e-6)
+    model, examples = _small_lm()
+    for labels in ("data", "sampled"):
+        alone = torch.tensor(_ewc_estimate(model, examples, labels))
+        assert res[0][f"ewc_{labels}"] == res[1][f"ewc_{labels}"], labels
+        got = torch.tensor(res[0][f"ewc_{labels}"])
+        if labels == "sampled":  # one random stream, drawn by rank 0 as one process draws it: bitwise equal
+            assert torch.equal(got, alone)
+        else:
+            assert torch.allclose(got, alone, rtol=FISHER_RTOL, atol=1e-12) and not torch.equal(got, torch.zeros_like(got))
     # and in one process every helper is the identity / a no-op
     from forgetless import distributed as dist
 
