@@ -60,6 +60,10 @@ def train(
         overrides.append(f"train.output_dir={out}")
     r = load_recipe(recipe, overrides)
     summary = run_train(r, overwrite=overwrite, resume=resume, quiet=quiet or json_out).summary
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun / accelerate launch only rank 0 reports
+        return
     if json_out:
         print(json.dumps(summary, indent=2, default=str))
         return

@@ -41,7 +41,7 @@ class SelfReferenceTask(TaskBase):
     chat: bool | None = Field(None, description="Use the chat template (default: when the tokenizer has one).")
     max_new_tokens: int = Field(128, gt=0)
     topk: int = Field(32, gt=0, description="Base distribution kept per position for the KL.")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(32, gt=0, description="Prompts generated at once (larger is faster on CPU: per-step overhead dominates).")
     main_metric: Literal["ce", "kl"] = "ce"
 
 
