@@ -69,3 +69,13 @@ def test_retention_score_by_hand():
     assert lo <= score <= hi
     weighted, _ = M.retention_score([(acc, b1, c1, 3.0), (ppl, b2, b2, 1.0)])
     assert math.isclose(weighted, (3 * 0.5 + 1 * 1.0) / 4)
+
+
+def test_retention_score_leaves_out_tasks_the_base_scores_zero_on():
+    acc = M.mean_of("acc")
+    b1, c1 = {"acc": np.array([1.0, 1.0, 0.0, 0.0] * 10)}, {"acc": np.array([1.0, 0.0, 0.0, 0.0] * 10)}  # ratio 0.5
+    zero, some = {"acc": np.zeros(40)}, {"acc": np.array([1.0, 0.0] * 20)}  # base 0: no ratio
+    score, (lo, hi) = M.retention_score([(acc, b1, c1, 1.0), (acc, zero, some, 1.0)])
+    assert math.isclose(score, 0.5) and lo <= 0.5 <= hi
+    score, (lo, hi) = M.retention_score([(acc, zero, some, 1.0)])
+    assert math.isnan(score) and math.isnan(lo) and math.isnan(hi)

@@ -81,7 +81,9 @@ def demo_sweep(model: str, train_file: Path, val_file: Path, task_suite: Path, o
     guarded = {
         "mitigations": [{"name": "kl", "weight": 1.0}],
         "monitor": {"suite": "self", "limit": 4 if tiny else 16, "every": 5 if tiny else 15, "max_new_tokens": 16 if tiny else 32},
-        "guard": {"budget": budget, "actions": ["lower_lr", "rollback", "stop"]},
+        # the probe is self-reference alone, the most sensitive signal (it moves 10-30% where the general
+        # suite moves a few %): its budget is wider than the sweep's budget on the whole retention suite
+        "guard": {"budget": 0.15, "actions": ["lower_lr", "rollback", "stop"]},
     }
     return SweepConfig(
         name="demo", base=base, budget=budget, task_suite=str(task_suite),

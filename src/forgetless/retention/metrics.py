@@ -120,7 +120,7 @@ def retention_score(
     """Weighted mean over tasks of the retention ratio of each task's main metric, with a bootstrap interval
     (items resampled within each task, paired between base and candidate).
 
-    `tasks`: (metric, base columns, candidate columns, weight)."""
+    `tasks`: (metric, base columns, candidate columns, weight). Tasks with no ratio (base score 0) are left out."""
     point = []
     dists = []
     weights = []
@@ -133,8 +133,14 @@ def retention_score(
         dists.append(np.where(np.isfinite(ratio), ratio, np.nan))  # a resample with base 0 has no ratio
         point.append(retention_ratio(metric, value(metric, base), value(metric, cand)))
         weights.append(weight)
-    w = np.asarray(weights, dtype=float) / sum(weights)
-    score = float(np.dot(w, point))
-    dist = (w[:, None] * np.stack(dists)).sum(axis=0)
+    # a task whose base score is 0 (for example an exact-match task the base model cannot do at all) has no
+    # ratio: it is left out of the score rather than turning it into NaN
+    keep = [i for i, p in enumerate(point) if np.isfinite(p)]
+    if not keep:
+        return float("nan"), (float("nan"), float("nan"))
+    w = np.asarray([weights[i] for i in keep], dtype=float)
+    w = w / w.sum()
+    score = float(np.dot(w, [point[i] for i in keep]))
+    dist = (w[:, None] * np.stack([dists[i] for i in keep])).sum(axis=0)
     a = (1 - level) / 2
     return score, (float(np.nanquantile(dist, a)), float(np.nanquantile(dist, 1 - a)))
