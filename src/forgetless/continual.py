@@ -62,12 +62,12 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .config import DataConfig, _Strict
 from .errors import ForgetlessError, RecipeError
 from .io import atomic_write_json, atomic_write_text
-from .recipe import Recipe, format_validation_error, recipe_from_dict
+from .recipe import Recipe, load_config_file, recipe_from_dict
 
 N_BOOT = 1000
 LORA_TYPES = ("lora", "dora", "qlora")
@@ -181,20 +181,8 @@ class ContinualConfig(_Strict):
 
 def load_continual(path: str | Path) -> tuple[ContinualConfig, Path]:
     """Read and validate a sequence file; errors name the file, key and line. Returns (config, its folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: sequence file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data, root = yaml.safe_load(text), yaml.compose(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a sequence is a YAML mapping with base: and tasks:")
-    try:
-        return ContinualConfig.model_validate(data), path.parent
-    except ValidationError as e:
-        raise RecipeError(format_validation_error(e, str(path), root, what="sequence", tags=())) from None
+    cfg = load_config_file(path, ContinualConfig, "sequence", "a YAML mapping with base: and tasks:", tags=())
+    return cfg, Path(path).parent
 
 
 # ---------------------------------------------------------------- the plan: one recipe per step

@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .config import _Strict, parse_budget
 from .errors import ForgetlessError, RecipeError
 from .io import atomic_write_json, atomic_write_text
-from .recipe import Recipe, format_validation_error, recipe_from_dict
+from .recipe import Recipe, load_config_file, recipe_from_dict
 
 
 class Variant(_Strict):
@@ -102,20 +102,8 @@ def _short(v: Any) -> str:
 
 def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
     """Read and validate a sweep file; errors name the file, key and line. Returns (config, its folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: sweep file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data, root = yaml.safe_load(text), yaml.compose(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a sweep is a YAML mapping with base: and runs: or grid:")
-    try:
-        return SweepConfig.model_validate(data), path.parent
-    except ValidationError as e:
-        raise RecipeError(format_validation_error(e, str(path), root, what="sweep")) from None
+    cfg = load_config_file(path, SweepConfig, "sweep", "a YAML mapping with base: and runs: or grid:")
+    return cfg, Path(path).parent
 
 
 def base_recipe_dict(cfg: SweepConfig, folder: Path) -> tuple[dict[str, Any], str]:
