@@ -575,21 +575,24 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.resolved(), sort_keys=False)
 
 
-def load_config_file(path: str | Path, model: type[Any], what: str, shape: str, tags: tuple[str, ...] | None = None) -> Any:
-    """Read a YAML file into a pydantic model (sweep and sequence files); errors name the file, key and line.
-    `shape` says what the top level should be (for the error when it is not a mapping)."""
+def load_config_file(
+    path: str | Path, model: type[Any], what: str, shape: str, tags: tuple[str, ...] | None = None,
+    error: type[Exception] = RecipeError,
+) -> Any:
+    """Read a YAML file into a pydantic model (sweep, sequence and suite files); errors (of class `error`) name
+    the file, key and line. `shape` says what the top level should be (for the error when it is not a mapping)."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"{path}: {what} file not found")
+        raise error(f"{path}: {what} file not found")
     text = path.read_text(encoding="utf-8")
     try:
         data, root = yaml.safe_load(text), yaml.compose(text)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        raise error(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a {what} is {shape}")
+        raise error(f"{path}: a {what} is {shape}")
     try:
         return model.model_validate(data)
     except ValidationError as e:
         kw = {} if tags is None else {"tags": tags}
-        raise RecipeError(format_validation_error(e, str(path), root, what=what, **kw)) from None
+        raise error(format_validation_error(e, str(path), root, what=what, **kw)) from None

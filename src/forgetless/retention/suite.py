@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ForgetlessError
-from ..recipe import format_validation_error
+from ..recipe import load_config_file
 from .kinds.generate import GenerateTask
 from .kinds.lm_eval import LmEvalTask
 from .kinds.multiple_choice import MultipleChoiceTask
@@ -101,15 +100,4 @@ def load_suite(name_or_path: str | Path) -> Suite:
                 f"unknown suite {name_or_path!r}: not a file and not a built-in suite ({', '.join(builtin_suites())})"
             )
         path = builtin
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as e:
-        raise ForgetlessError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ForgetlessError(f"{path}: a suite is a YAML mapping with name: and tasks:")
-    try:
-        return Suite.model_validate(data)
-    except ValidationError as e:
-        raise ForgetlessError(format_validation_error(e, str(path), root, what="suite", tags=KIND_NAMES)) from None
+    return load_config_file(path, Suite, "suite", "a YAML mapping with name: and tasks:", tags=KIND_NAMES, error=ForgetlessError)
