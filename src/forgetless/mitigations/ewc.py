@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from .. import distributed as dist
 from ..config import DataConfig, _Strict
 from ..errors import ForgetlessError
-from .base import QuadraticPenalty, TrainContext, tensor_bytes
+from .base import QuadraticPenalty, TrainContext, file_backed, tensor_bytes
 from .data import examples_from, sample, self_reference_examples
 
 STATE_FILE = "ewc_state.safetensors"
@@ -156,8 +156,8 @@ class EWC(QuadraticPenalty):
             if missing:
                 raise ForgetlessError(f"mitigations.ewc.previous {prev}: no Fisher for {missing[0]} (a run with another method?)")
             fisher = [f + cfg.gamma * state[f"fisher.{n}"].to(f.device) for f, n in zip(fisher, self.names, strict=True)]
-        self.weights = fisher
-        self.anchor = [p.detach().float().clone() for p in self.params]
+        self.weights = file_backed(fisher, ctx.mmap_dir)
+        self.anchor = file_backed([p.detach().float() for p in self.params], ctx.mmap_dir)
         self.extra_bytes = tensor_bytes(self.anchor) + tensor_bytes(self.weights)
         self.notes["samples"] = len(examples)
 

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from ..config import _Strict
-from .base import QuadraticPenalty, TrainContext, tensor_bytes
+from .base import QuadraticPenalty, TrainContext, file_backed, tensor_bytes
 
 
 class L2SPConfig(_Strict):
@@ -23,5 +23,5 @@ class L2SP(QuadraticPenalty):
 
     def setup(self, ctx: TrainContext) -> None:
         self.params = [p for _, p in ctx.trainable()]
-        self.anchor = [p.detach().float().clone() for p in self.params]
+        self.anchor = file_backed([p.detach().float() for p in self.params], ctx.mmap_dir)
         self.extra_bytes = tensor_bytes(self.anchor)

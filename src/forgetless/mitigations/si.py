@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import _Strict
 from ..errors import ForgetlessError
-from .base import QuadraticPenalty, TrainContext, tensor_bytes
+from .base import QuadraticPenalty, TrainContext, file_backed, tensor_bytes
 
 STATE_FILE = "si_state.safetensors"
 
@@ -49,35 +49,44 @@ class SI(QuadraticPenalty):
         named = ctx.trainable()
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        self.start = [p.detach().float().clone() for p in self.params]
+        mapped = ctx.mmap_dir
+        self.start = file_backed([p.detach().float() for p in self.params], mapped)
         self.omega = [torch.zeros_like(s) for s in self.start] if self.config.save else []
-        self._before: list[torch.Tensor] = []
-        self._grads: list[torch.Tensor | None] = []
+        # per-step scratch (the gradient and the weights before the optimizer step), allocated once
+        self._before = [torch.empty_like(s) for s in self.start] if self.config.save else []
+        self._grads = [torch.empty_like(s) for s in self.start] if self.config.save else []
+        self._has_grad: list[bool] = []
         if self.config.previous:
             path = Path(self.config.previous)
             state = load_file(str(path / STATE_FILE if path.is_dir() else path))
             missing = [n for n in self.names if f"importance.{n}" not in state]
             if missing:
                 raise ForgetlessError(f"mitigations.si.previous {path}: no importance for {missing[0]} (a run with another method?)")
-            self.prev_importance = [state[f"importance.{n}"].to(p.device) for n, p in named]
-            self.anchor = ([t.clone() for t in self.start] if self.config.anchor == "start"
-                           else [state[f"theta.{n}"].to(p.device) for n, p in named])
+            self.prev_importance = file_backed([state[f"importance.{n}"].to(p.device) for n, p in named], mapped)
+            self.anchor = (self.start if self.config.anchor == "start"
+                           else file_backed([state[f"theta.{n}"].to(p.device) for n, p in named], mapped))
             self.weights = self.prev_importance
-        self.extra_bytes = tensor_bytes(self.start) * (3 if self.config.save else 1) + (
-            tensor_bytes(self.prev_importance) * 2 if self.prev_importance else 0)
+        # start, and with save: the path integral and the two scratch buffers; a previous run's importance and end weights
+        self.extra_bytes = tensor_bytes(self.start) * (4 if self.config.save else 1) + (
+            tensor_bytes(self.prev_importance) * (1 if self.config.anchor == "start" else 2) if self.prev_importance else 0)
 
     @torch.no_grad()
     def observe_step(self, phase: str) -> None:
         if not self.config.save:
             return
         if phase == "before":
-            self._grads = [p.grad.detach().float().clone() if p.grad is not None else None for p in self.params]
-            self._before = [p.detach().float().clone() for p in self.params]
+            self._has_grad = [p.grad is not None for p in self.params]
+            for g, b, p in zip(self._grads, self._before, self.params, strict=True):
+                if p.grad is not None:
+                    g.copy_(p.grad.detach())
+                b.copy_(p.detach())
             return
-        for w, g, b, p in zip(self.omega, self._grads, self._before, self.params, strict=True):
-            if g is not None:
-                w.add_(-g * (p.detach().float() - b))
-        self._grads, self._before = [], []
+        # omega -= g * (theta_after - theta_before), in place: before <- before - after, omega += g * before
+        for w, g, b, p, has in zip(self.omega, self._grads, self._before, self.params, self._has_grad, strict=True):
+            if has:
+                b.sub_(p.detach())
+                w.addcmul_(g, b)
+        self._has_grad = []
 
     def importance(self) -> list[torch.Tensor]:
         imp = [w.clamp_min(0) / ((p.detach().float() - s).pow(2) + self.config.damping)
