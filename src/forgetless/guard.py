@@ -134,7 +134,9 @@ class MonitorCallback(TrainerCallback):
         report = compare(self._base_result, self._evaluate(model)) if dist.is_main() else None
         val_loss = None
         if self.has_validation and self.trainer is not None:
+            should_log = control.should_log  # evaluate() logs, and logging resets the flag: keep this step's loss line
             val_loss = self.trainer.evaluate()["eval_loss"]  # every rank: the Trainer shards and gathers it
+            control.should_log = should_log
         probe, why = None, []
         if report is not None:
             probe = {

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from ..distributed import is_main
 from ..io import append_jsonl
@@ -95,8 +97,12 @@ class RichProgress(TrainerCallback):
             self.progress = None
 
 
-class EarlyStopping(TrainerCallback):
-    """Stop when the validation loss has not improved by `min_delta` for `patience` evaluations."""
+class EarlyStopping(TrainerCallback, ExportableState):
+    """Stop when the validation loss has not improved by `min_delta` for `patience` evaluations.
+
+    Its counter and best loss are saved in every checkpoint's trainer_state.json (the Trainer's
+    `stateful_callbacks`) and restored by `restore()` on resume, so a resumed run stops where the
+    uninterrupted run would have."""
 
     def __init__(self, patience: int, min_delta: float = 0.0):
         self.patience = patience
@@ -104,6 +110,22 @@ class EarlyStopping(TrainerCallback):
         self.best: float | None = None
         self.bad = 0
         self.stopped_at: int | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"patience": self.patience, "min_delta": self.min_delta},
+                "attributes": {"best": self.best, "bad": self.bad}}
+
+    def restore(self, checkpoint: Path) -> None:
+        """Take the counter and best loss saved in `checkpoint`/trainer_state.json, if there are any."""
+        path = Path(checkpoint) / "trainer_state.json"
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text()).get("stateful_callbacks", {}).get(type(self).__name__)
+        if isinstance(saved, list):  # the Trainer stores a list when several callbacks share a class name
+            saved = saved[0]
+        for k, v in (saved or {}).get("attributes", {}).items():
+            if k in ("best", "bad"):
+                setattr(self, k, v)
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         loss = (metrics or {}).get("eval_loss")

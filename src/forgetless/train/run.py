@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from .. import distributed as dist
 from ..data import load_datasets
 from ..errors import DataError, ForgetlessError
-from ..io import append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
+from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from ..mitigations import Mitigation, MitigationCallback, TrainContext, loss_term
 from ..mitigations import build as build_mitigations
 from ..models.catalog import cache_dir as models_cache_dir
@@ -183,10 +183,7 @@ def _initial_validation_loss(trainer: Any, metrics_path: Path, resuming: bool) -
     logged = dist.on_main(lambda: _logged_initial_loss(metrics_path)) if resuming else None
     if logged is not None:
         return logged
-    loss = trainer.evaluate()["eval_loss"]
-    if dist.is_main():
-        append_jsonl(metrics_path, {"step": 0, "epoch": 0.0, "eval_loss": loss})
-    return loss
+    return trainer.evaluate()["eval_loss"]  # the metrics logger writes it (step 0) from the Trainer's log event
 
 
 class StepZeroValidation(TrainerCallback):
@@ -294,6 +291,8 @@ def train(
     early = None
     if recipe.train.early_stopping:
         early = EarlyStopping(recipe.train.early_stopping.patience, recipe.train.early_stopping.min_delta)
+        if resume_from is not None:
+            early.restore(resume_from)
         callbacks.append(early)
 
     from .trainer import ForgetlessTrainer, ReplayAwareCollator

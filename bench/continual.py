@@ -1,0 +1,168 @@
+"""Continual fine-tuning on a real model: three tasks in a row (medical QA, math word problems, code), the
+same sequence run with each way of carrying knowledge across steps, side by side.
+
+    python bench/continual.py                                   # smollm2-135m-instruct, this CPU (about 40 min)
+    python bench/continual.py --strategies plain,replay --steps 10
+    python bench/continual.py --prepare-only                    # only write bench/data/{med,math,code}/
+
+Strategies (one `forgetless continual` sequence each, the same tasks, steps, batch and schedule):
+- plain: full fine-tuning, nothing carried (the forgetting reference);
+- replay: full fine-tuning + a quota replay buffer of the earlier tasks' training examples;
+- ewc: full fine-tuning + online EWC (the Fisher of each finished task, accumulated). Weight 1e4: on
+  smollm2 the empirical Fisher's mean is ~1e-6 (median ~2e-8), so the default 1000 pulls about as hard as
+  L2-SP at 0.001; 1e4 makes the pull on the top 1% of weights comparable to the task gradient (~1e-4 per
+  weight) once they have moved by 1e-3;
+- lora: LoRA r 16 on all linear layers, a fresh adapter per step merged into the next step's start;
+- olora: LoRA as above + O-LoRA (each new adapter pushed orthogonal to the earlier ones' subspaces).
+
+Each task is scored by the cross-entropy of held-out reference answers (`eval: auto`, score = -CE, higher is
+better); retention is the `self` suite (the base model's own answers to 100 instructions). Data come from
+../shared/data (or --data-root): MedMCQA validation, GSM8K train, Code Alpaca; fixed splits, chat format.
+
+Writes bench/results/continual.json and continual.md (per strategy: average accuracy, BWT, FWT, forgetting
+with 95% bootstrap intervals, the retention change after the last step, wall time) and keeps each sequence
+directory (matrix.png, trajectory.png, report.html) under runs/bench-continual/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from forgetting import DATA, RESULTS, ROOT, _chat, _write, prepare_math, prepare_med
+
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "plain": {"method": "full", "lr": 1e-4, "carry": {}},
+    "replay": {"method": "full", "lr": 1e-4, "carry": {"replay": {"policy": "quota", "per_task": 64, "ratio": 0.25}}},
+    "ewc": {"method": "full", "lr": 1e-4, "carry": {"ewc": {"weight": 1.0e4, "samples": 64}}},
+    "lora": {"method": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}, "lr": 3e-4, "carry": {}},
+    "olora": {"method": {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}, "lr": 3e-4,
+              "carry": {"olora": {"weight": 0.5}}},
+}
+
+
+def prepare_code(root: Path, n_test: int) -> dict[str, Path]:
+    path = root / "domain_sft" / "code_alpaca_2k.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: pass --data-root (the folder with domain_sft/ and math/)")
+    rows = json.loads(path.read_text())  # one JSON array
+    random.Random(0).shuffle(rows)
+    out = []
+    for i, r in enumerate(rows):
+        q = r["instruction"].strip() + (("\n\n" + r["input"].strip()) if r.get("input", "").strip() else "")
+        out.append(_chat(q, r["output"].strip(), id=f"code-{i}", prompt=q, reference=r["output"].strip()))
+    test, train = out[:n_test], out[n_test:]
+    d = DATA / "code"
+    return {"train": _write(d / "train.jsonl", train), "test": _write(d / "test.jsonl", test)}
+
+
+def sequence(name: str, strategy: dict[str, Any], files: dict[str, dict[str, Path]], args: Any, out: Path) -> dict[str, Any]:
+    base = {
+        "name": name, "model": args.model, "method": strategy["method"],
+        "data": {"format": "chat", "max_length": args.max_length},
+        "optim": {"lr": strategy["lr"], "max_steps": args.steps, "batch_size": args.batch, "warmup_ratio": 0.1,
+                  "schedule": "cosine", "weight_decay": 0.0},
+        "train": {"save_steps": None, "seed": 42, "device": args.device, "progress": False},
+    }
+    tasks = [{"name": t, "data": {"train": str(f["train"]), "validation": str(f["test"])}} for t, f in files.items()]
+    return {"name": name, "base": base, "tasks": tasks, "carry": strategy["carry"], "retention_suite": "self",
+            "limit": args.limit, "data_root": str(args.data_root), "output_dir": str(out / name)}
+
+
+def row(name: str, state: dict[str, Any], wall: float) -> dict[str, Any]:
+    m = state["metrics"]
+    R = state["matrix"]["score"]
+    ret = state["steps"][-1]["retention"]
+    return {
+        "strategy": name, "method": state["method"], "carry": state["carry"], "dir": state["dir"],
+        "average": m["average_accuracy"], "bwt": m["bwt"], "fwt": m["fwt"], "forgetting": m["forgetting"],
+        "diagonal": [R[i + 1][i] for i in range(len(R) - 1)], "base": R[0], "final": R[-1],
+        "retention": None if ret is None else {k: ret[k] for k in ("score", "change", "ci", "significant_drops")},
+        "train_s": round(sum(s["train"]["wall_time_s"] or 0 for s in state["steps"]), 1), "wall_s": round(wall, 1),
+        "peak_memory_mb": max(s["train"]["peak_memory_mb"] or 0 for s in state["steps"]),
+        "trainable_parameters": state["steps"][0]["train"]["trainable_parameters"],
+    }
+
+
+def _ci(x: dict[str, Any] | None) -> str:
+    return "-" if x is None else f"{x['value']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]"
+
+
+def write_results(rows: list[dict[str, Any]], tasks: list[str], args: Any, wall: float) -> None:
+    machine = f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("model", "steps", "batch", "max_length", "limit", "n_test")}
+    (RESULTS / "continual.json").write_text(json.dumps({"bench": "continual", "machine": machine, "tasks": tasks,
+                                                        "settings": settings, "wall_s": round(wall, 1), "rows": rows},
+                                                       indent=2, default=str) + "\n")
+    lines = [f"# continual fine-tuning: {' -> '.join(tasks)}, {args.model}", "",
+             f"Machine: {machine}. Each step {args.steps} steps of {args.batch} chat examples (max {args.max_length} "
+             f"tokens), bf16 compute with fp32 master weights; whole bench {wall / 60:.0f} min. Scores: minus the "
+             f"cross-entropy (nats per answer token) of {args.limit} held-out reference answers per task, higher is "
+             "better; 95% paired bootstrap intervals over the items (evaluation noise, one training seed). Retention: "
+             "the `self` suite (the base model's own answers) after the last step, change against the base model.", "",
+             "| strategy | average | BWT | FWT | forgetting | R[j][j] (just trained) | retention change | train s | peak MB | trainable |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ret = r["retention"]
+        rc = "-" if ret is None else (f"{100 * ret['change']:+.1f}% [{100 * ret['ci'][0]:+.1f}, {100 * ret['ci'][1]:+.1f}]"
+                                      + (" *" if ret["significant_drops"] else ""))
+        lines.append(f"| {r['strategy']} | {_ci(r['average'])} | {_ci(r['bwt'])} | {_ci(r['fwt'])} | {_ci(r['forgetting'])} | "
+                     + ", ".join(f"{x:+.2f}" for x in r["diagonal"]) + f" | {rc} | {r['train_s']:.0f} | {r['peak_memory_mb']:.0f} | "
+                     f"{r['trainable_parameters']:,} |")
+    lines += ["", "Score of every task after the last step (and the base model's):", "",
+              "| strategy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines.append("| base model | " + " | ".join(f"{x:+.3f}" for x in rows[0]["base"]) + " |")
+    for r in rows:
+        lines.append(f"| {r['strategy']} | " + " | ".join(f"{x:+.3f}" for x in r["final"]) + " |")
+    lines += ["", "Each sequence's heat-map, trajectory and report: `runs/bench-continual/<strategy>/`."]
+    (RESULTS / "continual.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--steps", type=int, default=25, help="training steps per task")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--limit", type=int, default=100, help="evaluation items per task")
+    ap.add_argument("--n-test", type=int, default=200, help="held-out items per task (the first --limit are scored)")
+    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-continual")
+    ap.add_argument("--prepare-only", action="store_true")
+    args = ap.parse_args()
+    os.chdir(ROOT)
+    args.data_root = args.data_root.resolve()
+    med, math = prepare_med(args.data_root, args.n_test), prepare_math(args.data_root, args.n_test)
+    files = {"med": med, "math": math, "code": prepare_code(args.data_root, args.n_test)}
+    if args.prepare_only:
+        print(json.dumps({t: {k: str(v) for k, v in f.items()} for t, f in files.items()}, indent=2))
+        return
+    from forgetless.continual import ContinualConfig, run_continual
+
+    names = args.strategies.split(",")
+    unknown = sorted(set(names) - set(STRATEGIES))
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; known: {sorted(STRATEGIES)}")
+    rows, t_all = [], time.perf_counter()
+    for name in names:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        cfg = ContinualConfig.model_validate(sequence(name, STRATEGIES[name], files, args, args.out))
+        state = run_continual(cfg, folder=ROOT)  # resumable: a finished sequence is skipped
+        rows.append(row(name, state, time.perf_counter() - t0))
+    write_results(rows, list(files), args, time.perf_counter() - t_all)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
