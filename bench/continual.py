@@ -3,7 +3,7 @@ same sequence run with each way of carrying knowledge across steps, side by side
 
     python bench/continual.py                                   # smollm2-135m-instruct, this CPU (about 40 min)
     python bench/continual.py --strategies plain,replay --steps 10
-    python bench/continual.py --prepare-only                    # only write bench/data/{med,math,code}/
+    python bench/continual.py --prepare-only                    # only write bench/data/continual/{med,math,code}/
 
 Strategies (one `forgetless continual` sequence each, the same tasks, steps, batch and schedule):
 - plain: full fine-tuning, nothing carried (the forgetting reference);
@@ -59,7 +59,7 @@ def prepare_code(root: Path, n_test: int) -> dict[str, Path]:
         q = r["instruction"].strip() + (("\n\n" + r["input"].strip()) if r.get("input", "").strip() else "")
         out.append(_chat(q, r["output"].strip(), id=f"code-{i}", prompt=q, reference=r["output"].strip()))
     test, train = out[:n_test], out[n_test:]
-    d = DATA / "code"
+    d = DATA / "continual" / "code"
     return {"train": _write(d / "train.jsonl", train), "test": _write(d / "test.jsonl", test)}
 
 
@@ -131,11 +131,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
-    ap.add_argument("--steps", type=int, default=25, help="training steps per task")
+    ap.add_argument("--steps", type=int, default=20, help="training steps per task")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--limit", type=int, default=100, help="evaluation items per task")
-    ap.add_argument("--n-test", type=int, default=200, help="held-out items per task (the first --limit are scored)")
+    ap.add_argument("--n-test", type=int, default=100, help="held-out items per task (validation loss and score; the first --limit are scored)")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-continual")
@@ -143,8 +143,9 @@ def main() -> None:
     args = ap.parse_args()
     os.chdir(ROOT)
     args.data_root = args.data_root.resolve()
-    med, math = prepare_med(args.data_root, args.n_test), prepare_math(args.data_root, args.n_test)
-    files = {"med": med, "math": math, "code": prepare_code(args.data_root, args.n_test)}
+    d = DATA / "continual"
+    files = {"med": prepare_med(args.data_root, args.n_test, d / "med"), "math": prepare_math(args.data_root, args.n_test, d / "math"),
+             "code": prepare_code(args.data_root, args.n_test)}
     if args.prepare_only:
         print(json.dumps({t: {k: str(v) for k, v in f.items()} for t, f in files.items()}, indent=2))
         return

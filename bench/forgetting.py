@@ -76,7 +76,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def prepare_med(root: Path, n_test: int) -> dict[str, Path]:
+def prepare_med(root: Path, n_test: int, d: Path = DATA / "med") -> dict[str, Path]:
     rows = _read_jsonl(root / "domain_sft" / "medmcqa_validation.jsonl")
     random.Random(0).shuffle(rows)
     out = []
@@ -86,11 +86,10 @@ def prepare_med(root: Path, n_test: int) -> dict[str, Path]:
         q = r["question"].strip() + "\n" + "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(opts))
         out.append(_chat(q, f"{letter}. {opts[r['cop']]}", id=r["id"], prompt=q, reference=f"{letter}. {opts[r['cop']]}"))
     test, val, train = out[:n_test], out[n_test : n_test + 200], out[n_test + 200 :]
-    d = DATA / "med"
     return {"train": _write(d / "train.jsonl", train), "val": _write(d / "val.jsonl", val), "test": _write(d / "test.jsonl", test)}
 
 
-def prepare_math(root: Path, n_test: int) -> dict[str, Path]:
+def prepare_math(root: Path, n_test: int, d: Path = DATA / "math") -> dict[str, Path]:
     train = _read_jsonl(root / "math" / "gsm8k_train.jsonl")
     test = _read_jsonl(root / "math" / "gsm8k_test.jsonl")
     random.Random(0).shuffle(train)
@@ -100,7 +99,6 @@ def prepare_math(root: Path, n_test: int) -> dict[str, Path]:
                      number=r["answer"].rsplit("####", 1)[1].strip())
 
     val, tr = train[:200], train[200:]
-    d = DATA / "math"
     return {"train": _write(d / "train.jsonl", [conv(r, i) for i, r in enumerate(tr)]),
             "val": _write(d / "val.jsonl", [conv(r, i) for i, r in enumerate(val)]),
             "test": _write(d / "test.jsonl", [conv(r, i) for i, r in enumerate(test[:n_test])])}

@@ -49,7 +49,7 @@ def test_guard_keeps_retention_within_budget_where_plain_fine_tuning_breaks_it(o
     assert _drop(plain) > budget, "plain fine-tuning should break the budget on the organism"
     lines = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
     # the monitor's validation at a probe step keeps that step's training-loss line (logging and probes every 10 steps)
-    assert [x["step"] for x in lines if "loss" in x] == list(range(10, 81, 10))
+    assert [x["step"] for x in lines if "loss" in x] == [1, *range(10, 81, 10)]  # and the first step
     assert sum(1 for x in lines if x["step"] == 0 and "eval_loss" in x) == 1  # step 0's validation loss, once
     assert plain.summary["guard"] is None and len(plain.summary["monitor"]["probes"]) >= 8
 

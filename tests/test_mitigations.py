@@ -9,12 +9,13 @@ keep at least half of plain fine-tuning's gain on B.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 from torch import nn
 
-from forgetless.mitigations.base import TrainContext
+from forgetless.mitigations.base import TrainContext, file_backed
 from forgetless.mitigations.ewc import EWC, EWCConfig, fisher_diag
 from forgetless.mitigations.kl import kl_to_base
 from forgetless.mitigations.l2sp import L2SP, L2SPConfig
@@ -87,6 +88,28 @@ def test_quadratic_penalties_are_zero_at_theta0_and_have_the_closed_form_gradien
         torch.testing.assert_close(p.grad, a)
         torch.testing.assert_close(p.grad, 0.7 * w * (p.detach() - a0))
     assert math.isclose(pen.penalty().item(), pen.penalty_tensor().item(), rel_tol=1e-5)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's memory map (Linux /proc)")
+def test_file_backed_state_is_an_exact_copy_in_an_unlinked_file_mapping(tmp_path):
+    torch.manual_seed(0)
+    src = [torch.randn(3, 5), torch.randn(7), torch.randn(2, 2, 2)]
+    mapped = file_backed(src, tmp_path / "mmap")
+    for a, b in zip(src, mapped, strict=True):
+        assert b.shape == a.shape and b.dtype == torch.float32 and torch.equal(a, b)
+        assert b.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()  # a copy, not a view
+    assert list((tmp_path / "mmap").iterdir()) == []  # nothing left on disk
+    # the memory is a mapping of the (deleted) file, not anonymous memory
+    ptr = mapped[0].untyped_storage().data_ptr()
+    spans = [line.split() for line in open("/proc/self/maps")]
+    owner = next(x for x in spans if int(x[0].split("-")[0], 16) <= ptr < int(x[0].split("-")[1], 16))
+    assert "penalty-" in owner[-2] and owner[-1] == "(deleted)", owner
+    mapped[1].add_(1.0)  # copy-on-write: writable, and the source is untouched
+    assert torch.equal(mapped[1], src[1] + 1.0)
+    # other dtypes (and devices) get plain copies, never the tensors themselves (callers pass live parameters)
+    half = [torch.ones(4, dtype=torch.bfloat16)]
+    copy = file_backed(half, tmp_path / "mmap")
+    assert torch.equal(copy[0], half[0]) and copy[0].untyped_storage().data_ptr() != half[0].untyped_storage().data_ptr()
 
 
 def test_si_path_integral_by_hand():

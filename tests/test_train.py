@@ -139,15 +139,14 @@ def test_early_stopping_counter_survives_a_resume(tiny_model, toy_data, tmp_path
         tiny_model, toy_data, tmp_path / "run", optim__lr=1e-9, optim__max_steps=40, train__eval_steps=2,
         train__save_steps=2, train__early_stopping={"patience": 3, "min_delta": 0.01},
     ))
-    first = train(r).summary  # flat loss: best at step 2, then 3 evaluations without improvement
-    assert first["early_stopped_at"] == 8
-    # as if the run had been killed right after checkpoint-4 (best at 2, one evaluation without improvement)
-    for later in ("checkpoint-6", "checkpoint-8"):
-        shutil.rmtree(tmp_path / "run" / "checkpoints" / later)
+    first = train(r).summary  # flat loss: best at step 0 (the initial validation), no improvement at 2, 4, 6
+    assert first["early_stopped_at"] == 6
+    # as if the run had been killed right after checkpoint-4 (two evaluations without improvement so far)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-6")
     (tmp_path / "run" / "summary.json").unlink()
     again = train(r, resume=True).summary
     assert again["resumed_from"].endswith("checkpoint-4")
-    assert again["early_stopped_at"] == 8  # a fresh counter would only stop at 12
+    assert again["early_stopped_at"] == 6  # a fresh counter would only stop at 12
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(1 for x in lines if x["step"] == 0 and "eval_loss" in x) == 1  # step 0's validation loss, logged once
 

@@ -67,7 +67,7 @@ from pydantic import Field, field_validator, model_validator
 from .config import DataConfig, _Strict
 from .errors import ForgetlessError, RecipeError
 from .io import atomic_write_json, atomic_write_text
-from .recipe import Recipe, load_config_file, recipe_from_dict
+from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 
 N_BOOT = 1000
 LORA_TYPES = ("lora", "dora", "qlora")
@@ -207,18 +207,6 @@ def _resolve(p: str, folder: Path) -> str:
     return str(folder / q) if not q.is_absolute() and (folder / q).is_file() else p
 
 
-def _base_recipe(cfg: ContinualConfig, folder: Path, where: str) -> tuple[dict[str, Any], str]:
-    if isinstance(cfg.base, dict):
-        return copy.deepcopy(cfg.base), f"{where} base"
-    p = Path(_resolve(cfg.base, folder))
-    if not p.is_file():
-        raise RecipeError(f"{where}: base: recipe file {p} not found")
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise RecipeError(f"{p}: a recipe is a YAML mapping")
-    return data, str(p)
-
-
 def select_buffer(sizes: list[int], policy: str, per_task: int, size: int, seed: int) -> list[list[int]]:
     """Which examples of each earlier task the replay buffer keeps (indices, per task).
 
@@ -272,7 +260,7 @@ def _carry_mitigations(cfg: ContinualConfig, i: int, prev: list[Step], buffer: l
 
 def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence") -> list[Step]:
     """Every step's recipe, validated up front (data files are read for the replay buffer)."""
-    base, source = _base_recipe(cfg, folder, where)
+    base, source = base_recipe_tree(cfg.base if isinstance(cfg.base, dict) else _resolve(cfg.base, folder), f"{where}: base")
     clash = sorted({m if isinstance(m, str) else m.get("name") for m in base.get("mitigations") or []} & set(cfg.carry.names()))
     if clash:
         raise RecipeError(f"{where}: carry.{clash[0]} and a {clash[0]} mitigation in the base recipe: keep one (carry: hands it "

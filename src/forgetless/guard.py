@@ -34,6 +34,7 @@ from .io import append_jsonl
 
 class _NoControl:
     should_training_stop = False
+    should_log = False
 
 
 @dataclass

@@ -571,6 +571,23 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe_from_dict(data, overrides, source=str(path), root=root)
 
 
+def base_recipe_tree(base: dict[str, Any] | str | Path, label: str) -> tuple[dict[str, Any], str]:
+    """The raw mapping of a `base:` recipe (sweep and sequence files), given inline or as a file path already
+    resolved against its folder, and the name errors of the recipes built from it should give."""
+    if isinstance(base, dict):
+        return copy.deepcopy(base), label
+    path = Path(base)
+    if not path.is_file():
+        raise RecipeError(f"{label}: recipe file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping")
+    return data, str(path)
+
+
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.resolved(), sort_keys=False)
 

@@ -39,9 +39,9 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from .config import _Strict, parse_budget
-from .errors import ForgetlessError, RecipeError
+from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
-from .recipe import Recipe, load_config_file, recipe_from_dict
+from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 
 
 class Variant(_Strict):
@@ -107,16 +107,8 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Path]:
 
 
 def base_recipe_dict(cfg: SweepConfig, folder: Path) -> tuple[dict[str, Any], str]:
-    if isinstance(cfg.base, dict):
-        return copy.deepcopy(cfg.base), "sweep base"
-    p = Path(cfg.base)
-    p = p if p.is_absolute() else folder / p
-    if not p.is_file():
-        raise RecipeError(f"sweep base: recipe file {p} not found")
-    data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise RecipeError(f"{p}: a recipe is a YAML mapping")
-    return data, str(p)
+    base = cfg.base if isinstance(cfg.base, dict) or Path(cfg.base).is_absolute() else folder / cfg.base
+    return base_recipe_tree(base, "sweep base")
 
 
 def variant_recipe(base: dict[str, Any], variant: Variant, run_dir: Path, source: str) -> Recipe:

@@ -115,11 +115,12 @@ def file_backed(tensors: list[torch.Tensor], folder: Path | None) -> list[torch.
     of page faults, each one dearer), the same bytes in a file mapping did not. The file is written back at
     once (fsync: left to the kernel's flusher, the writeback lands in the first ~30 s of training and slows
     those steps) and unlinked as soon as it is mapped, so nothing is left on disk; the pages belong to the
-    page cache. The mapping is copy-on-write: a write never reaches the file. Other devices and dtypes are
-    returned unchanged. `folder` None: the system's temporary folder.
+    page cache. The mapping is copy-on-write: a write never reaches the file. Other devices and dtypes get
+    plain copies (callers pass live parameters: the result must never alias them). `folder` None: the
+    system's temporary folder.
     """
     if not tensors or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return tensors
+        return [t.detach().clone() for t in tensors]
     import numpy as np
 
     if folder is not None:
