@@ -198,6 +198,7 @@ def wise_row(state: dict[str, Any], cfg: Any, tsuite: Path, rsuite: str, alphas:
     return {
         "run": f"wise-ft(full-lr1e-4, alpha {res['chosen']['alpha']})", "dir": str(out / "wise-ft"), "method": "full+wise-ft",
         "task": task_gain(task),
+        "task_tasks": {k: {x: v[x] for x in ("base", "candidate", "delta", "ci", "significant")} for k, v in task["tasks"].items()},
         "retention": {"score": ret["retention_score"], "change": ret["retention_score"] - 1,
                       "ci": [ret["retention_ci"][0] - 1, ret["retention_ci"][1] - 1], "significant_drops": ret["significant_drops"],
                       "tasks": ret["tasks"]},
@@ -232,6 +233,21 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def seed_spread(rows: list[dict[str, Any]]) -> list[str]:
+    """Run-to-run spread of the recipes trained with a second seed: both seeds' task gain and retention change."""
+    by = {r["run"]: r for r in rows}
+    pairs = [(n, [by[n], *[by[m] for m in sorted(by) if m.startswith(n + "-seed")]]) for n in by if "-seed" not in n]
+    pairs = [(n, rs) for n, rs in pairs if len(rs) > 1]
+    if not pairs:
+        return []
+    out = ["", "Run-to-run spread (the same recipe, training seeds 42 and 43; the intervals above are evaluation noise only):", "",
+           "| recipe | task gain per seed | retention change per seed |", "|---|---|---|"]
+    for n, rs in pairs:
+        out.append(f"| {n} | " + ", ".join(f"{r['task']['gain']:+.3f}" for r in rs) + " | "
+                   + ", ".join(f"{100 * r['retention']['change']:+.2f}%" for r in rs) + " |")
+    return out
+
+
 def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, scale: dict[str, Any], wall: float) -> None:
     import base64
 
@@ -243,6 +259,7 @@ def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, 
     if png:
         stem.with_suffix(".png").write_bytes(base64.b64decode(png))
     tasks = list(next(iter(rows))["retention"]["tasks"]) if rows else []
+    extra = list(rows[0].get("task_tasks", {}))[1:] if rows else []  # secondary target metrics (math: exact match)
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}"
     out = {"bench": "forgetting", "scenario": args.scenario, "scale": args.scale, "model": args.model, "machine": machine,
            "settings": scale, "budget": BUDGET, "wall_s": round(wall, 1), "rows": rows, "verdict": verdict(rows)}
@@ -252,18 +269,20 @@ def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, 
              f"bf16 compute with fp32 master weights; whole bench {wall / 60:.0f} min. Task gain: {rows[0]['task']['task'] if rows else ''} "
              "(positive is better), paired 95% CI. Retention: change of each task's main metric (paired 95% CI, * = significant) "
              "and the mean retention score.", "", *verdict(rows), "",
-             "| run | task gain [95% CI] | " + " | ".join(tasks) + " | retention score | wall s | tok/s | peak MB | trainable |",
-             "|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|"]
+             "| run | task gain [95% CI] | " + "".join(f"{e} change | " for e in extra) + " | ".join(tasks)
+             + " | retention score | wall s | tok/s | peak MB | trainable |",
+             "|---|---|" + "---|" * (len(extra) + len(tasks)) + "---|---|---|---|---|"]
+
+    def cell(x: dict[str, Any] | None) -> str:
+        return "-" if x is None else f"{x['delta']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]{' *' if x['significant'] else ''}"
+
     for r in rows:
-        t = r["retention"]["tasks"]
-        cells = []
-        for name in tasks:
-            x = t.get(name)
-            cells.append("-" if x is None else f"{x['delta']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]{' *' if x['significant'] else ''}")
+        cells = [cell(r.get("task_tasks", {}).get(e)) for e in extra] + [cell(r["retention"]["tasks"].get(n)) for n in tasks]
         g = r["task"]
         lines.append(f"| {r['run']} | {g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] | " + " | ".join(cells)
                      + f" | {r['retention']['score']:.4f} | {r['wall_time_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} | "
                      f"{r['trainable_parameters']:,} |")
+    lines += seed_spread(rows)
     lines += ["", f"Frontier plot: `{stem.with_suffix('.png').name}`. Sweep directory: `{state['dir']}`."]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -9,6 +9,10 @@ runs converge; a 10-step run is all transient, which is why the default is 30 st
 time of plain full FT, kl on a PEFT method <= 1.6x of plain LoRA, replay at ratio r costs no more than
 its extra tokens (time ratio <= 1 / (1 - r), i.e. tokens/s within noise).
 
+The last two configurations rerun plain full FT and l2sp with `train.cpu_allocator: system` (glibc's own
+malloc settings instead of forgetless's default `cached`): the plain one against the default plain run
+(what the default buys), l2sp against the plain system-malloc run (the overhead as it was before).
+
     python bench/overhead.py                      # smollm2-135m-instruct, 8 x 128 tokens, 30 steps
     python bench/overhead.py --model stories260k --steps 40
 """
@@ -42,6 +46,7 @@ def write_data(d: Path, n: int) -> dict[str, Path]:
     return out
 
 
+SYSTEM = " (system malloc)"  # the same run with train.cpu_allocator: system (glibc's defaults)
 CONFIGS = {
     "full": ("full", []),
     "full+l2sp": ("full", [{"name": "l2sp", "weight": 0.01}]),
@@ -51,7 +56,18 @@ CONFIGS = {
     "full+replay10%": ("full", [{"name": "replay", "ratio": 0.1, "data": "GENERAL"}]),
     "lora": ("lora", []),
     "lora+kl": ("lora", [{"name": "kl", "weight": 1.0}]),
+    "full" + SYSTEM: ("full", []),
+    "full+l2sp" + SYSTEM: ("full", [{"name": "l2sp", "weight": 0.01}]),
 }
+
+
+def baseline(name: str) -> str:
+    """What a configuration's ratios are against: plain full FT or plain LoRA under the same allocator,
+    except the plain system-malloc run, which is measured against the default (cached) plain run."""
+    if name == "full" + SYSTEM:
+        return "full"
+    base = "lora" if CONFIGS[name][0] == "lora" else "full"
+    return base + SYSTEM if name.endswith(SYSTEM) else base
 
 
 def recipe(name: str, model: str, data: dict[str, Path], out: Path, steps: int, batch: int, seq: int) -> dict:
@@ -59,13 +75,14 @@ def recipe(name: str, model: str, data: dict[str, Path], out: Path, steps: int, 
     general = {"train": str(data["general"]), "format": "text", "max_length": seq}
     mits = [{k: (general if v == "GENERAL" else v) for k, v in m.items()} for m in mitigations]
     return {
-        "name": name,
+        "name": name.replace(SYSTEM, "-system-malloc"),
         "model": model,
         "data": {"train": str(data["task"]), "format": "text", "max_length": seq, "packing": True, "check": "off"},
         "method": {"name": method, **({"r": 16} if method == "lora" else {})},
         "optim": {"lr": 2e-5 if method == "full" else 2e-4, "max_steps": steps, "batch_size": batch, "warmup_steps": 0},
-        "train": {"output_dir": str(out / name), "save_steps": None, "progress": False, "bf16": True, "logging_steps": 1,
-                  "report": False},
+        "train": {"output_dir": str(out / name.replace(SYSTEM, "-system-malloc")), "save_steps": None, "progress": False,
+                  "bf16": True, "logging_steps": 1, "report": False,
+                  "cpu_allocator": "system" if name.endswith(SYSTEM) else "cached"},
         "mitigations": mits,
     }
 
@@ -106,7 +123,7 @@ def main() -> None:
     data = write_data(tmp, args.steps * args.batch * 2)
     names = args.configs.split(",")
     results: dict[str, list[dict]] = {}
-    baseline_of = {n: ("lora" if CONFIGS[n][0] == "lora" else "full") for n in names}
+    baseline_of = {n: baseline(n) for n in names}
     order = []
     for n in names:  # plain baseline re-run before every mitigation: drift shows up in the baseline spread
         if n not in ("full", "lora"):
@@ -141,11 +158,11 @@ def main() -> None:
         }
         table.append(row)
     print(f"\nmitigation overhead, {args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, bf16 compute + fp32 masters")
-    print(f"{'config':<16}{'tok/s':>9}{'base tok/s':>12}{'step time x':>13}{'steady x':>10}{'tokens x':>10}{'peak MiB':>10}"
+    print(f"{'config':<28}{'vs':<22}{'tok/s':>9}{'base tok/s':>12}{'step time x':>13}{'steady x':>10}{'tokens x':>10}{'peak MiB':>10}"
           f"{'base MiB':>10}{'hook share':>12}")
     for r in table:
         share = sum(m["step_time_share"] or 0 for m in r["mitigations"])
-        print(f"{r['config']:<16}{r['tokens_per_s']:>9.1f}{r['baseline_tokens_per_s']:>12.1f}{r['step_time_ratio']:>13.3f}"
+        print(f"{r['config']:<28}{r['baseline']:<22}{r['tokens_per_s']:>9.1f}{r['baseline_tokens_per_s']:>12.1f}{r['step_time_ratio']:>13.3f}"
               f"{r['steady_step_time_ratio']:>10.3f}{r['token_ratio']:>10.3f}{r['peak_memory_mb']:>10}{r['baseline_peak_memory_mb']:>10}"
               f"{100 * share:>11.1f}%")
     args.out.parent.mkdir(parents=True, exist_ok=True)
