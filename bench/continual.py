@@ -166,4 +166,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from forgetless.allocator import reexec
+
+    reexec()  # train under the caching allocator, as the forgetless command does
     sys.exit(main())

@@ -260,7 +260,9 @@ def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, 
         stem.with_suffix(".png").write_bytes(base64.b64decode(png))
     tasks = list(next(iter(rows))["retention"]["tasks"]) if rows else []
     extra = list(rows[0].get("task_tasks", {}))[1:] if rows else []  # secondary target metrics (math: exact match)
-    machine = f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}"
+    from forgetless.allocator import loaded_allocator
+
+    machine = f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}, allocator {loaded_allocator()}"
     out = {"bench": "forgetting", "scenario": args.scenario, "scale": args.scale, "model": args.model, "machine": machine,
            "settings": scale, "budget": BUDGET, "wall_s": round(wall, 1), "rows": rows, "verdict": verdict(rows)}
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=str) + "\n")
@@ -330,4 +332,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from forgetless.allocator import reexec
+
+    reexec()  # train under the caching allocator, as the forgetless command does
     sys.exit(main())

@@ -9,18 +9,21 @@ runs converge; a 10-step run is all transient, which is why the default is 30 st
 time of plain full FT, kl on a PEFT method <= 1.6x of plain LoRA, replay at ratio r costs no more than
 its extra tokens (time ratio <= 1 / (1 - r), i.e. tokens/s within noise).
 
-The last two configurations rerun plain full FT and l2sp with `train.cpu_allocator: system` (glibc's own
-malloc settings instead of forgetless's default `cached`): the plain one against the default plain run
-(what the default buys), l2sp against the plain system-malloc run (the overhead as it was before).
+Each run is a `forgetless train` command, so it runs under the caching allocator the command picks
+(forgetless/allocator.py: tcmalloc, mimalloc or jemalloc when installed). The last two configurations rerun
+plain full FT and l2sp with FORGETLESS_MALLOC=system (glibc's malloc): the plain one against the default
+plain run (what the allocator buys), l2sp against the plain system-malloc run (the overhead without it).
 
     python bench/overhead.py                      # smollm2-135m-instruct, 8 x 128 tokens, 30 steps
     python bench/overhead.py --model stories260k --steps 40
+    python bench/overhead.py --configs full+l2sp,full+ewc --repeats 3 --out bench/results/overhead-penalties.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import subprocess
@@ -81,23 +84,24 @@ def recipe(name: str, model: str, data: dict[str, Path], out: Path, steps: int, 
         "method": {"name": method, **({"r": 16} if method == "lora" else {})},
         "optim": {"lr": 2e-5 if method == "full" else 2e-4, "max_steps": steps, "batch_size": batch, "warmup_steps": 0},
         "train": {"output_dir": str(out / name.replace(SYSTEM, "-system-malloc")), "save_steps": None, "progress": False,
-                  "bf16": True, "logging_steps": 1, "report": False,
-                  "cpu_allocator": "system" if name.endswith(SYSTEM) else "cached"},
+                  "bf16": True, "logging_steps": 1, "report": False},
         "mitigations": mits,
     }
 
 
-def run_one(spec: dict, tmp: Path) -> dict:
+def run_one(spec: dict, tmp: Path, system_malloc: bool) -> dict:
     path = tmp / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "FORGETLESS_MALLOC_REEXEC")}
+    env["FORGETLESS_MALLOC"] = "system" if system_malloc else env.get("FORGETLESS_MALLOC", "auto")
     out = subprocess.run([sys.executable, "-m", "forgetless", "train", str(path), "--json", "--overwrite"],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{spec['name']} failed:\n{out.stderr[-3000:]}")
     s = json.loads(out.stdout)
     log = [json.loads(x) for x in (Path(spec["train"]["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     per_step = [r["tokens_per_s"] for r in log if r.get("tokens_per_s")]
-    return {"tokens_per_s": s["tokens_per_s"], "wall_time_s": s["wall_time_s"], "tokens": s["tokens_seen"],
+    return {"allocator": s["allocator"], "tokens_per_s": s["tokens_per_s"], "wall_time_s": s["wall_time_s"], "tokens": s["tokens_seen"],
             "steps": s["steps"], "peak_memory_mb": s["peak_memory_mb"], "mitigations": s["mitigations"],
             "step_tokens_per_s": per_step}
 
@@ -108,6 +112,12 @@ def steady_step_time(runs: list[dict]) -> float:
     return sum(times) / len(times)
 
 
+def median_step_s(run: dict) -> float:
+    """Median seconds per step after the first third of the run (robust to a slow step or two)."""
+    times = sorted(1 / t for t in run["step_tokens_per_s"][len(run["step_tokens_per_s"]) // 3:])
+    return times[len(times) // 2] * run["tokens"] / run["steps"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -115,6 +125,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the whole sequence this many times (each mitigation paired with the plain run just before it)")
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     args = ap.parse_args()
 
@@ -129,9 +141,14 @@ def main() -> None:
         if n not in ("full", "lora"):
             order.append(baseline_of[n])
         order.append(n)
-    for n in order:
-        print(f"running {n} ...", file=sys.stderr, flush=True)
-        results.setdefault(n, []).append(run_one(recipe(n, model, data, tmp, args.steps, args.batch, args.seq), tmp))
+    pair_ratios: dict[str, list[float]] = {}  # each run's median step time over the plain run just before it
+    for rep in range(args.repeats):
+        for n in order:
+            print(f"[{rep + 1}/{args.repeats}] running {n} ...", file=sys.stderr, flush=True)
+            run = run_one(recipe(n, model, data, tmp, args.steps, args.batch, args.seq), tmp, n.endswith(SYSTEM))
+            if n != baseline_of[n]:
+                pair_ratios.setdefault(n, []).append(round(median_step_s(run) / median_step_s(results[baseline_of[n]][-1]), 3))
+            results.setdefault(n, []).append(run)
 
     def mean(rows, key):
         return sum(r[key] for r in rows) / len(rows)
@@ -146,31 +163,38 @@ def main() -> None:
         row = {
             "config": n,
             "baseline": base,
+            "allocator": results[n][-1]["allocator"],
             "tokens_per_s": round(tps, 1),
             "baseline_tokens_per_s": round(base_tps, 1),
             "step_time_ratio": round(step_ratio, 3),
             "steady_step_time_ratio": round(steady_step_time(results[n]) / steady_step_time(results[base]), 3),
             "token_ratio": round(extra_tokens, 3),
+            "paired_median_step_ratios": pair_ratios.get(n, []),
+            "paired_median_step_ratio": sorted(pair_ratios[n])[len(pair_ratios[n]) // 2] if pair_ratios.get(n) else 1.0,
             "peak_memory_mb": round(mean(results[n], "peak_memory_mb")),
             "baseline_peak_memory_mb": round(mean(results[base], "peak_memory_mb")),
             "baseline_runs_tokens_per_s": [r["tokens_per_s"] for r in results[base]],
             "mitigations": results[n][-1]["mitigations"],
         }
         table.append(row)
-    print(f"\nmitigation overhead, {args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, bf16 compute + fp32 masters")
+    print(f"\nmitigation overhead, {args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, bf16 compute + fp32 masters, "
+          f"allocator {table[0]['allocator']}, {args.repeats} repeat(s)")
     print(f"{'config':<28}{'vs':<22}{'tok/s':>9}{'base tok/s':>12}{'step time x':>13}{'steady x':>10}{'tokens x':>10}{'peak MiB':>10}"
-          f"{'base MiB':>10}{'hook share':>12}")
+          f"{'base MiB':>10}{'hook share':>12}  paired median x (each repeat)")
     for r in table:
         share = sum(m["step_time_share"] or 0 for m in r["mitigations"])
         print(f"{r['config']:<28}{r['baseline']:<22}{r['tokens_per_s']:>9.1f}{r['baseline_tokens_per_s']:>12.1f}{r['step_time_ratio']:>13.3f}"
               f"{r['steady_step_time_ratio']:>10.3f}{r['token_ratio']:>10.3f}{r['peak_memory_mb']:>10}{r['baseline_peak_memory_mb']:>10}"
-              f"{100 * share:>11.1f}%")
+              f"{100 * share:>11.1f}%  {r['paired_median_step_ratio']:.3f} ({', '.join(f'{x:.3f}' for x in r['paired_median_step_ratios'])})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "bench": "overhead", "model": args.model, "steps": args.steps, "batch": args.batch, "seq": args.seq,
-        "machine": {"platform": platform.platform()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "targets": {"full+l2sp": "<= 1.10x", "full+ewc": "<= 1.10x", "lora+kl": "<= 1.6x", "full+replay10%": "time <= tokens ratio"},
-        "note": "step_time_ratio: whole run (train() wall time per step); steady_step_time_ratio: steps after the first third",
+        "repeats": args.repeats,
+        "note": "step_time_ratio: whole run (train() wall time per step); steady_step_time_ratio: steps after the first third, "
+                "pooled; paired_median_step_ratio: median over repeats of (median step time after the first third) / (the same "
+                "of the plain run just before it)",
         "rows": table, "runs": results,
     }, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -104,7 +102,7 @@ def test_run_directory_contents(tiny_model, toy_data, tmp_path):
                 "final_train_loss", "final_validation_loss"):
         assert s[key] is not None, key
     assert s["tokens_seen"] > 0 and s["steps"] == 20
-    assert s["cpu_allocator"] == ("cached" if platform.libc_ver()[0] == "glibc" else "system")
+    assert s["allocator"] == ("glibc" if platform.libc_ver()[0] == "glibc" else "system")  # in-process: no re-exec
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-20"]
 
 
@@ -182,35 +180,3 @@ def test_train_runs_the_cheap_data_checks_and_strict_makes_them_errors(tiny_mode
         train(strict)
     assert not (tmp_path / "strict" / "checkpoints").exists()
 
-
-FAULTS_PER_ALLOCATION = """
-import resource, sys, torch
-from forgetless.train.malloc import set_cpu_allocator
-applied = set_cpu_allocator(sys.argv[1])
-faults = []
-for _ in range(10):
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, above glibc's largest mmap threshold
-    del x
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(applied, *faults)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="train.cpu_allocator acts on glibc's malloc only")
-def test_cached_cpu_allocator_stops_refaulting_freed_blocks():
-    """A 64 MiB tensor allocated, filled and freed ten times: with the C library's defaults every round maps
-    and faults in its 16,384 pages again; with `cached` the heap settles within a few rounds (a freed block
-    is reused once it has merged with a neighbour large enough for the aligned request) and later rounds
-    fault in nothing."""
-
-    def run(mode: str) -> tuple[str, list[int]]:
-        out = subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION, mode], capture_output=True, text=True, check=True)
-        applied, *faults = out.stdout.split()
-        return applied, [int(f) for f in faults]
-
-    pages = 64 * 2**20 // 4096
-    applied, system = run("system")
-    assert applied == "False" and min(system) > 0.9 * pages  # the mechanism the option exists for
-    applied, cached = run("cached")
-    assert applied == "True" and max(cached[-4:]) < 0.02 * pages and sum(cached) < 0.7 * sum(system)

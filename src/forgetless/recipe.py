@@ -359,12 +359,6 @@ class TrainConfig(_Strict):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice).")
-    cpu_allocator: Literal["cached", "system"] = Field(
-        "cached",
-        description="CPU runs on glibc: cached keeps the memory each step frees inside the process (no mmap/munmap "
-        "of large blocks, no trimming), so the next step does not fault it in again; system: the C library's "
-        "defaults. Process-wide, stays for the rest of the process.",
-    )
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="Validate every N steps (default: once at the end).")
     save_steps: int | None = Field(200, gt=0, description="Checkpoint every N steps (null: only at the end).")

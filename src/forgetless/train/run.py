@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from .. import distributed as dist
+from ..allocator import loaded_allocator
 from ..data import load_datasets
 from ..errors import DataError, ForgetlessError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
@@ -33,7 +34,6 @@ from .callbacks import (
     RichProgress,
     latest_complete_checkpoint,
 )
-from .malloc import cpu_allocator_state, set_cpu_allocator
 from .model import (
     QUANT_FILE,
     count_parameters,
@@ -222,8 +222,6 @@ def train(
     setup_torch(recipe.train.threads)
     engine = dist.check_recipe(recipe)  # what FSDP / DeepSpeed cannot run fails here, naming the recipe key
     device = pick_device(recipe.train.device)
-    if device.type == "cpu":  # before the model is loaded: its blocks come from the heap too
-        set_cpu_allocator(recipe.train.cpu_allocator)
     # under torchrun / accelerate launch: start the process group now (rank 0 alone writes the run directory)
     dist.init(cpu=device.type == "cpu", use_deepspeed=engine == "deepspeed")
     device = dist.device(device)
@@ -363,7 +361,7 @@ def train(
         else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "device": device.type,
-        **({"cpu_allocator": cpu_allocator_state()} if device.type == "cpu" else {}),
+        "allocator": loaded_allocator(),
         "bf16_compute": bf16,
         "lr": recipe.lr,
         "final_train_loss": metrics.last.get("loss"),
