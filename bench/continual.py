@@ -144,7 +144,7 @@ def main() -> None:
     os.chdir(ROOT)
     args.data_root = args.data_root.resolve()
     d = DATA / "continual"
-    files = {"med": prepare_med(args.data_root, args.n_test, d / "med"), "math": prepare_math(args.data_root, args.n_test, d / "math"),
+    files = {"med": prepare_med(args.data_root, args.n_test, d=d / "med"), "math": prepare_math(args.data_root, args.n_test, d=d / "math"),
              "code": prepare_code(args.data_root, args.n_test)}
     if args.prepare_only:
         print(json.dumps({t: {k: str(v) for k, v in f.items()} for t, f in files.items()}, indent=2))

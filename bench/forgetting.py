@@ -48,9 +48,14 @@ BUDGET = 0.01
 
 SCALES: dict[str, dict[str, Any]] = {
     # quick: one scenario, all recipes, <= 90 minutes on 2 CPU cores (bf16 compute, fp32 master weights)
-    "quick": {"steps": 60, "batch": 8, "max_length": 256, "n_test": 300, "n_exact": 40, "seeds": 2,
-              "retention_limits": {}, "wise_alphas": [0.25, 0.5, 0.75]},
-    "full": {"steps": 600, "batch": 16, "max_length": 512, "n_test": 1000, "n_exact": 300, "seeds": 2,
+    # (12 trainings with their evaluations, WiSE-FT's 3 alphas, the base once; see bench/results/forgetting-*-quick.md).
+    # Its retention suite is `general` at half its built-in sizes, except self_reference (all 100 prompts: the
+    # metric that moves most); the intervals in its table are correspondingly wider.
+    "quick": {"steps": 40, "batch": 8, "max_length": 256, "n_test": 300, "n_val": 100, "n_exact": 40, "seeds": 2,
+              "retention_limits": {"arc_easy": 250, "hellaswag": 250, "piqa": 250, "wikitext": 20, "scitldr": 50,
+                                   "flores_en_de": 50},
+              "wise_alphas": [0.25, 0.5, 0.75]},
+    "full": {"steps": 600, "batch": 16, "max_length": 512, "n_test": 1000, "n_val": 200, "n_exact": 300, "seeds": 2,
              "retention_limits": {"arc_easy": None, "piqa": None, "hellaswag": 2000}, "wise_alphas": None},
 }
 
@@ -76,7 +81,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def prepare_med(root: Path, n_test: int, d: Path = DATA / "med") -> dict[str, Path]:
+def prepare_med(root: Path, n_test: int, n_val: int = 200, d: Path = DATA / "med") -> dict[str, Path]:
     rows = _read_jsonl(root / "domain_sft" / "medmcqa_validation.jsonl")
     random.Random(0).shuffle(rows)
     out = []
@@ -85,11 +90,12 @@ def prepare_med(root: Path, n_test: int, d: Path = DATA / "med") -> dict[str, Pa
         letter = "ABCD"[r["cop"]]
         q = r["question"].strip() + "\n" + "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(opts))
         out.append(_chat(q, f"{letter}. {opts[r['cop']]}", id=r["id"], prompt=q, reference=f"{letter}. {opts[r['cop']]}"))
-    test, val, train = out[:n_test], out[n_test : n_test + 200], out[n_test + 200 :]
+    # the validation block is 200 long whatever n_val is, so the training split stays the same at every scale
+    test, val, train = out[:n_test], out[n_test : n_test + n_val], out[n_test + 200 :]
     return {"train": _write(d / "train.jsonl", train), "val": _write(d / "val.jsonl", val), "test": _write(d / "test.jsonl", test)}
 
 
-def prepare_math(root: Path, n_test: int, d: Path = DATA / "math") -> dict[str, Path]:
+def prepare_math(root: Path, n_test: int, n_val: int = 200, d: Path = DATA / "math") -> dict[str, Path]:
     train = _read_jsonl(root / "math" / "gsm8k_train.jsonl")
     test = _read_jsonl(root / "math" / "gsm8k_test.jsonl")
     random.Random(0).shuffle(train)
@@ -98,7 +104,7 @@ def prepare_math(root: Path, n_test: int, d: Path = DATA / "math") -> dict[str, 
         return _chat(r["question"], r["answer"], id=f"gsm8k-{i}", prompt=r["question"], reference=r["answer"],
                      number=r["answer"].rsplit("####", 1)[1].strip())
 
-    val, tr = train[:200], train[200:]
+    val, tr = train[:n_val], train[200:]
     return {"train": _write(d / "train.jsonl", [conv(r, i) for i, r in enumerate(tr)]),
             "val": _write(d / "val.jsonl", [conv(r, i) for i, r in enumerate(val)]),
             "test": _write(d / "test.jsonl", [conv(r, i) for i, r in enumerate(test[:n_test])])}
@@ -124,7 +130,7 @@ def retention_suite(scenario: str, limits: dict[str, int | None]) -> str:
     from forgetless.retention.suite import BUILTIN_DIR
 
     spec = yaml.safe_load((BUILTIN_DIR / "general.yaml").read_text())
-    spec["name"] = "general-benchmark"
+    spec["name"] = f"general-{scenario}-bench"
     for t in spec["tasks"]:
         if t["name"] in limits:
             t["limit"] = limits[t["name"]]
@@ -188,11 +194,18 @@ def wise_row(state: dict[str, Any], cfg: Any, tsuite: Path, rsuite: str, alphas:
     src = next((r for r in state["runs"] if r["run"] == "full-lr1e-4"), None)
     if src is None:
         return None
+    from forgetless.errors import ForgetlessError
+
     base = resolve_model(state["base_model"]).path
     t0 = time.perf_counter()
-    res = auto_alpha(base, src["dir"], budget=BUDGET, task_suite=str(tsuite), retention_suite=rsuite,
-                     alphas=[0.0, *(alphas or [round(0.1 * i, 1) for i in range(1, 10)]), 1.0], data_root=cfg.data_root,
-                     out=out / "wise-ft", overwrite=True)
+    # alpha 0 is the base (no drop) and 1 the run itself (already scored): the full grid includes them, quick does not
+    grid = alphas or [round(0.1 * i, 1) for i in range(11)]
+    try:
+        res = auto_alpha(base, src["dir"], budget=BUDGET, task_suite=str(tsuite), retention_suite=rsuite, alphas=grid,
+                         data_root=cfg.data_root, out=out / "wise-ft", overwrite=True)
+    except ForgetlessError as e:
+        print(f"WiSE-FT row left out: {e} (alphas {grid})", file=sys.stderr)
+        return None
     task = eval_model(str(out / "wise-ft"), str(tsuite), baseline=base, data_root=cfg.data_root)["comparison"]
     ret = eval_model(str(out / "wise-ft"), rsuite, baseline=base, data_root=cfg.data_root)["comparison"]
     return {
@@ -307,7 +320,7 @@ def main() -> None:
     scale = dict(SCALES[args.scale])
     if args.steps:
         scale["steps"] = args.steps
-    files = (prepare_med if args.scenario == "med" else prepare_math)(args.data_root, scale["n_test"])
+    files = (prepare_med if args.scenario == "med" else prepare_math)(args.data_root, scale["n_test"], scale["n_val"])
     tsuite = task_suite(args.scenario, files, scale["n_exact"])
     rsuite = retention_suite(args.scenario, scale["retention_limits"])
     if args.prepare_only:
