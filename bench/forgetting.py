@@ -281,7 +281,7 @@ def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, 
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     lines = [f"# forgetting frontier: {args.scenario}, {args.scale} scale, {args.model}", "",
              f"Machine: {machine}. {scale['steps']} steps of {scale['batch']} examples (max {scale['max_length']} tokens), "
-             f"bf16 compute with fp32 master weights; whole bench {wall / 60:.0f} min. Task gain: {rows[0]['task']['task'] if rows else ''} "
+             f"bf16 compute with fp32 master weights; whole bench {wall / 60:.0f} min (sum of its runs' times). Task gain: {rows[0]['task']['task'] if rows else ''} "
              "(positive is better), paired 95% CI. Retention: change of each task's main metric (paired 95% CI, * = significant) "
              "and the mean retention score.", "", *verdict(rows), "",
              "| run | task gain [95% CI] | " + "".join(f"{e} change | " for e in extra) + " | ".join(tasks)
@@ -331,17 +331,21 @@ def main() -> None:
     recipes = load_recipes(args.recipes.split(",") if args.recipes else None)
     out = args.out or ROOT / "runs" / f"bench-forgetting-{args.scenario}-{args.scale}"
     cfg = sweep_config(args.scenario, scale, recipes, files, tsuite, rsuite, args.model, args.device, out, args.data_root)
-    t0 = time.perf_counter()
     state = run_sweep(cfg, folder=ROOT)  # resumable: re-running skips finished recipes
     rows = list(state["runs"])
+    # the bench's cost is the sum of its runs' own times (each includes its evaluation, the first also the base
+    # model's), so a bench resumed after an interruption still reports what one uninterrupted pass costs
+    wall = sum(r["sweep_seconds"] for r in rows)
     if not args.no_wise:
+        t0 = time.perf_counter()
         w = wise_row(state, cfg, tsuite, rsuite, scale["wise_alphas"], out)
+        wall += time.perf_counter() - t0
         if w:
             rows.append(w)
     from rich.console import Console
 
     Console(stderr=True, width=200).print(sweep_table(state))
-    write_results(state, rows, args, scale, time.perf_counter() - t0)
+    write_results(state, rows, args, scale, wall)
 
 
 if __name__ == "__main__":
