@@ -236,8 +236,10 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     best = max(cands, key=lambda r: r["task"]["gain"])
     share = best["task"]["gain"] / best_full["task"]["gain"] if best_full["task"]["gain"] else float("nan")
     lines.append(f"Best forgetless recipe within a {100 * BUDGET:.0f}% retention budget: **{best['run']}**, task gain "
-                 f"{best['task']['gain']:+.3f} = {100 * share:.0f}% of the best full-FT gain ({best_full['run']}: "
-                 f"{best_full['task']['gain']:+.3f}), retention change {100 * best['retention']['change']:+.2f}%.")
+                 f"{best['task']['gain']:+.3f} = {100 * share:.1f}% of the best full-FT gain ({best_full['run']}: "
+                 f"{best_full['task']['gain']:+.3f}), retention change {100 * best['retention']['change']:+.2f}%"
+                 + ("." if any(n.startswith(best["run"] + "-seed") for n in by) else
+                    f" (one training seed; the recipe chosen in advance for a second seed is {best_candidate(by) or 'none'})."))
     if lora:
         lines.append(f"LoRA r16: task gain {lora['task']['gain']:+.3f}, retention change {100 * lora['retention']['change']:+.2f}%; "
                      f"the best recipe's drop is {'<=' if best['retention']['change'] >= lora['retention']['change'] else '>'} LoRA's.")
@@ -261,7 +263,10 @@ def seed_spread(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, scale: dict[str, Any], wall: float) -> None:
+def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, scale: dict[str, Any], wall: float,
+                  machine: str | None = None, notes: tuple[str, ...] = ()) -> None:
+    """Write forgetting-<scenario>-<scale>.json/.md/.png. `machine` and `notes` let a saved result be re-rendered
+    (its own machine line kept) with remarks on it."""
     import base64
 
     from forgetless.report import frontier_plot
@@ -275,15 +280,16 @@ def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, 
     extra = list(rows[0].get("task_tasks", {}))[1:] if rows else []  # secondary target metrics (math: exact match)
     from forgetless.allocator import loaded_allocator
 
-    machine = f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}, allocator {loaded_allocator()}"
+    machine = machine or f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}, allocator {loaded_allocator()}"
     out = {"bench": "forgetting", "scenario": args.scenario, "scale": args.scale, "model": args.model, "machine": machine,
-           "settings": scale, "budget": BUDGET, "wall_s": round(wall, 1), "rows": rows, "verdict": verdict(rows)}
+           "settings": scale, "budget": BUDGET, "wall_s": round(wall, 1), "rows": rows, "verdict": verdict(rows),
+           "notes": list(notes)}
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     lines = [f"# forgetting frontier: {args.scenario}, {args.scale} scale, {args.model}", "",
              f"Machine: {machine}. {scale['steps']} steps of {scale['batch']} examples (max {scale['max_length']} tokens), "
              f"bf16 compute with fp32 master weights; whole bench {wall / 60:.0f} min (sum of its runs' times). Task gain: {rows[0]['task']['task'] if rows else ''} "
              "(positive is better), paired 95% CI. Retention: change of each task's main metric (paired 95% CI, * = significant) "
-             "and the mean retention score.", "", *verdict(rows), "",
+             "and the mean retention score.", "", *verdict(rows), *(["", *notes] if notes else []), "",
              "| run | task gain [95% CI] | " + "".join(f"{e} change | " for e in extra) + " | ".join(tasks)
              + " | retention score | wall s | tok/s | peak MB | trainable |",
              "|---|---|" + "---|" * (len(extra) + len(tasks)) + "---|---|---|---|---|"]
@@ -295,7 +301,8 @@ def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, 
         cells = [cell(r.get("task_tasks", {}).get(e)) for e in extra] + [cell(r["retention"]["tasks"].get(n)) for n in tasks]
         g = r["task"]
         lines.append(f"| {r['run']} | {g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] | " + " | ".join(cells)
-                     + f" | {r['retention']['score']:.4f} | {r['wall_time_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_memory_mb']:.0f} | "
+                     + f" | {r['retention']['score']:.4f} | {r['wall_time_s']:.0f} | {r['tokens_per_s']:.0f} | "
+                     + ("-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}") + " | "
                      f"{r['trainable_parameters']:,} |")
     lines += seed_spread(rows)
     lines += ["", f"Frontier plot: `{stem.with_suffix('.png').name}`. Sweep directory: `{state['dir']}`."]

@@ -98,3 +98,36 @@ def test_the_allocator_stops_refaulting_freed_blocks(name):
     assert loaded == "glibc" and min(system) > 0.9 * pages
     loaded, cached = run(allocator.preload_env(name, lib, _env()))
     assert loaded == name and max(cached[-5:]) < 0.02 * pages
+
+
+PEAK = """
+import torch
+from forgetless.allocator import loaded_allocator
+from forgetless.train.run import peak_memory_mb, reset_peak_memory
+cpu = torch.device("cpu")
+reset_peak_memory(cpu)
+x = torch.ones(2**27)  # 512 MiB, touched
+high = peak_memory_mb(cpu)
+del x  # the caching allocator keeps its pages; glibc returns them
+reset_peak_memory(cpu)  # what the next run in this process does first
+print(loaded_allocator(), high, peak_memory_mb(cpu))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.parametrize("name", ["system", *allocator.ORDER])
+def test_each_run_in_one_process_reports_its_own_peak_memory(name):
+    """Runs trained one after another in one process (sweep, continual, benches) each report their own peak:
+    a 512 MiB block freed before the next run starts is neither in its high-water mark nor kept as the caching
+    allocator's free pages."""
+    lib = allocator.find(name) if name != "system" else None
+    if name != "system" and lib is None:
+        pytest.skip(f"{name} is not installed")
+    if name == "mimalloc":
+        pytest.skip("mimalloc under MIMALLOC_PURGE_DELAY=-1 keeps its free pages even through mi_collect(true): "
+                    "there a run's peak includes what the run before it freed")
+    env = allocator.preload_env(name, lib, _env()) if lib else _env()
+    loaded, high, after = subprocess.run([sys.executable, "-c", PEAK], env=env, capture_output=True, text=True,
+                                         check=True).stdout.split()
+    assert loaded == (name if lib else "glibc")
+    assert float(after) < float(high) - 400, (high, after)

@@ -153,6 +153,23 @@ def test_early_stopping_counter_survives_a_resume(tiny_model, toy_data, tmp_path
     assert sum(1 for x in lines if x["step"] == 0 and "eval_loss" in x) == 1  # step 0's validation loss, logged once
 
 
+def test_resume_before_the_first_checkpoint_starts_the_metric_lines_again(tiny_model, toy_data, tmp_path):
+    import shutil
+
+    r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", optim__max_steps=6, train__save_steps=None))
+    train(r)
+    # as if the run had been killed before any checkpoint: recipe.yaml and metrics.jsonl written, nothing to restart from
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "summary.json").unlink()
+    again = train(r, resume=True).summary
+    assert again["resumed_from"] is None and again["steps"] == 6
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x["step"] for x in lines if "eval_loss" in x]
+    assert evals == [0, 6]  # step 0 and the final validation, each once (not again from the killed attempt)
+    assert len([x for x in lines if "loss" in x]) == len({x["step"] for x in lines if "loss" in x})
+
+
 def test_pickle_only_model_is_refused(tiny_model, toy_data, tmp_path):
     import shutil
 
@@ -179,4 +196,5 @@ def test_train_runs_the_cheap_data_checks_and_strict_makes_them_errors(tiny_mode
     with pytest.raises(DataError, match="data.check is strict"):
         train(strict)
     assert not (tmp_path / "strict" / "checkpoints").exists()
+
 

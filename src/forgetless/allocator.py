@@ -103,6 +103,30 @@ def loaded_allocator() -> str:
     return "glibc" if platform.libc_ver()[0] == "glibc" else "system"
 
 
+def release_free_memory() -> bool:
+    """Hand the allocator's cached free pages back to the kernel; True when it was asked. Runs trained one after
+    another in one process (a sweep, a continual sequence) call it at start, so that each one's peak memory is
+    its own rather than inflated by what the caching allocator kept from the run before."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    name = loaded_allocator()
+    try:
+        libc = ctypes.CDLL(None)  # the preloaded allocator's symbols are in the global namespace
+        if name == "tcmalloc":
+            libc.MallocExtension_ReleaseFreeMemory()
+        elif name == "jemalloc":  # MALLCTL_ARENAS_ALL = 4096
+            libc.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))
+        elif name == "glibc":
+            libc.malloc_trim(ctypes.c_size_t(0))
+        else:  # mimalloc with purge_delay -1 keeps its pages even through mi_collect(true) and option changes
+            return False
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def preload_env(name: str, lib: str, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment that preloads `lib` (the user's own settings win)."""
     env = dict(os.environ if env is None else env)

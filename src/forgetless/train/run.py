@@ -71,9 +71,33 @@ def use_bf16(setting: Any, device: torch.device) -> bool:
     return bool(setting)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak-memory count, so that runs trained one after another in one process (a sweep, a
+    continual sequence, a bench) each report their own peak rather than the process's so far. CPU (Linux): the
+    allocator's cached free pages go back to the kernel, then writing 5 to /proc/self/clear_refs resets the
+    resident-set high-water mark (VmHWM) to the current size."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    from ..allocator import release_free_memory
+
+    release_free_memory()  # what a caching allocator kept from the run before is not this run's
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux, or not allowed: the peak stays the process's (ru_maxrss)
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since `reset_peak_memory`: CUDA allocated bytes, or on CPU the resident-set high-water mark."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
@@ -225,6 +249,7 @@ def train(
     # under torchrun / accelerate launch: start the process group now (rank 0 alone writes the run directory)
     dist.init(cpu=device.type == "cpu", use_deepspeed=engine == "deepspeed")
     device = dist.device(device)
+    reset_peak_memory(device)
     main = dist.is_main()
     run_dir = prepare_run_dir(recipe, overwrite, resume)
     ckpt_root = run_dir / "checkpoints"
@@ -271,8 +296,8 @@ def train(
     if main:
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         atomic_write_json(run_dir / "data_stats.json", {**data.summary(), "check": data_problems})
-        if resume_from is not None:
-            _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
+        if resume:  # killed before its first complete checkpoint: the run starts again, so do its metric lines
+            _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else -1)
         if not quiet:
             _report_data(data, data_problems)
             _report_distributed(recipe, engine, len(data.train))
@@ -335,9 +360,7 @@ def train(
             from rich.console import Console
 
             Console(stderr=True).print(f"[bold red]guard: {selection['why']}")
-    final_eval = trainer.evaluate() if data.validation is not None else {}
-    if final_eval:
-        metrics.on_log(trainer.args, trainer.state, trainer.control, logs=final_eval)
+    final_eval = trainer.evaluate() if data.validation is not None else {}  # logged by the Trainer's log event
 
     if engine == "ddp":  # every rank holds the whole model: rank 0 saves it
         kind = dist.on_main(lambda: _save_final(recipe, trainer, tokenizer, run_dir, model_path, bf16))
