@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -135,7 +136,7 @@ def main() -> None:
     data = write_data(tmp, args.steps * args.batch * 2)
     names = args.configs.split(",")
     results: dict[str, list[dict]] = {}
-    baseline_of = {n: baseline(n) for n in names}
+    baseline_of = {n: baseline(n) for n in {*names, *map(baseline, names)}}  # --configs may leave the baselines out
     order = []
     for n in names:  # plain baseline re-run before every mitigation: drift shows up in the baseline spread
         if n not in ("full", "lora"):
@@ -170,7 +171,7 @@ def main() -> None:
             "steady_step_time_ratio": round(steady_step_time(results[n]) / steady_step_time(results[base]), 3),
             "token_ratio": round(extra_tokens, 3),
             "paired_median_step_ratios": pair_ratios.get(n, []),
-            "paired_median_step_ratio": sorted(pair_ratios[n])[len(pair_ratios[n]) // 2] if pair_ratios.get(n) else 1.0,
+            "paired_median_step_ratio": round(statistics.median(pair_ratios[n]), 3) if pair_ratios.get(n) else 1.0,
             "peak_memory_mb": round(mean(results[n], "peak_memory_mb")),
             "baseline_peak_memory_mb": round(mean(results[base], "peak_memory_mb")),
             "baseline_runs_tokens_per_s": [r["tokens_per_s"] for r in results[base]],

@@ -196,5 +196,3 @@ def test_train_runs_the_cheap_data_checks_and_strict_makes_them_errors(tiny_mode
     with pytest.raises(DataError, match="data.check is strict"):
         train(strict)
     assert not (tmp_path / "strict" / "checkpoints").exists()
-
-
