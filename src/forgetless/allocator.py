@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
@@ -107,7 +108,6 @@ def release_free_memory() -> bool:
     """Hand the allocator's cached free pages back to the kernel; True when it was asked. Runs trained one after
     another in one process (a sweep, a continual sequence) call it at start, so that each one's peak memory is
     its own rather than inflated by what the caching allocator kept from the run before."""
-    import ctypes
     import gc
 
     gc.collect()
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     name, lib = chosen
     if "--export" in argv:
         env = preload_env(name, lib)
-        print("export " + " ".join(f"{k}={env[k]}" for k in ("LD_PRELOAD", *_SETTINGS[name])))
+        print("export " + " ".join(f"{k}={shlex.quote(env[k])}" for k in ("LD_PRELOAD", *_SETTINGS[name])))
     else:
         print(f"{name}\t{lib}")
     return 0
