@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from .. import distributed as dist
-from ..allocator import loaded_allocator
+from ..allocator import loaded_allocator, release_free_memory
 from ..data import load_datasets
 from ..errors import DataError, ForgetlessError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
@@ -79,8 +79,6 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return
-    from ..allocator import release_free_memory
-
     release_free_memory()  # what a caching allocator kept from the run before is not this run's
     try:
         Path("/proc/self/clear_refs").write_text("5")
