@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from forgetless.errors import ForgetlessError
 from forgetless.merge import auto_alpha, merge
 from forgetless.recipe import recipe_from_dict
 from forgetless.retention.suite import Suite
@@ -76,6 +77,29 @@ def test_auto_alpha_meets_the_budget_and_picks_the_best_task_score(organism, tun
     assert (tmp_path / "auto" / "alpha_curve.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "auto" / "forgetless_merge.json").read_text())
     assert saved["alpha"] == chosen["alpha"]
+
+
+def test_descending_search_stops_at_the_largest_alpha_within_budget_and_reuses_the_cached_base(
+        organism, tuned_full, tmp_path, monkeypatch):
+    import forgetless.retention.api as api
+
+    suites = {"task_suite": _ppl_suite("task_b", organism["b_val"]), "retention_suite": _ppl_suite("retain_a", organism["a_val"])}
+    alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    grid = auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=alphas, progress=False, **suites)
+    base_evals = []
+    real = api.evaluate
+    monkeypatch.setattr(api, "evaluate", lambda *a, **k: base_evals.append(1) or real(*a, **k))
+    desc = auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=alphas, progress=False,
+                      search="descending", **suites)
+    assert base_evals == [], "the base model's results should come from the cache the first call filled"
+    largest_ok = max(c["alpha"] for c in grid["curve"] if c["within_budget"])
+    assert largest_ok < 1.0 and desc["chosen"]["alpha"] == largest_ok
+    assert [c["alpha"] for c in desc["curve"]] == [a for a in alphas if a >= largest_ok]  # scored 1.0 down to it, no lower
+    by_alpha = {c["alpha"]: c for c in grid["curve"]}
+    for c in desc["curve"]:
+        assert c["retention"] == pytest.approx(by_alpha[c["alpha"]]["retention"], abs=1e-9)
+    with pytest.raises(ForgetlessError, match="search must be"):
+        auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=alphas, search="bisect", **suites)
 
 
 def test_merge_cli_refuses_to_overwrite(organism, tuned_full, tmp_path):

@@ -141,6 +141,8 @@ def merge(
     task_suite: Annotated[str | None, typer.Option(help="With --alpha auto: suite scoring the new task.")] = None,
     retention_suite: Annotated[str, typer.Option(help="With --alpha auto: suite scoring retention.")] = "self",
     data_root: Annotated[Path | None, typer.Option(help="Where the suites' data paths are relative to.")] = None,
+    search: Annotated[str, typer.Option(help="With --alpha auto: grid (score every alpha) or descending (from 1.0 "
+                                                "down, stop at the first within the budget).")] = "grid",
     full: Annotated[bool, typer.Option(help="Write a full model even for a LoRA adapter.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -154,7 +156,7 @@ def merge(
             raise typer.BadParameter("--alpha auto needs --task-suite (a suite scoring the new task)")
         result = merge_lib.auto_alpha(base, tuned, budget=parse_budget(budget), task_suite=task_suite,
                                       retention_suite=retention_suite, data_root=data_root, out=out, overwrite=overwrite,
-                                      progress=not (json_out or quiet))
+                                      progress=not (json_out or quiet), search=search)
     else:
         try:
             a = float(alpha)

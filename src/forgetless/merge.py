@@ -115,29 +115,49 @@ def auto_alpha(
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    search: str = "grid",
 ) -> dict[str, Any]:
     """Measure the interpolation curve and keep the best task score whose retention drop is within `budget`
-    (a fraction: 0.01 = 1%). Task score: the task suite's retention score against the base (>1 = gained)."""
-    from .retention.evaluate import compare, evaluate, fingerprint_model
-    from .retention.suite import load_suite
+    (a fraction: 0.01 = 1%). Task score: the task suite's retention score against the base (>1 = gained).
 
+    search: "grid" scores every alpha; "descending" scores them from the largest down and stops at the first
+    within the budget (the largest alpha that meets it: right when retention falls as alpha grows, WiSE-FT's
+    usual curve; the returned curve then holds only the alphas scored). The base model's results come from the
+    evaluation cache, like `forgetless eval`'s baseline."""
+    from .retention.api import _fingerprint, baseline_result
+    from .retention.evaluate import compare, evaluate
+    from .retention.suite import load_suite
+    from .retention.tasks import resolve_data_root
+
+    if search not in ("grid", "descending"):
+        raise ForgetlessError(f"search must be 'grid' or 'descending', got {search!r}")
     ts = load_suite(task_suite) if isinstance(task_suite, (str, Path)) else task_suite
     rs = load_suite(retention_suite) if isinstance(retention_suite, (str, Path)) else retention_suite
     ends = load_endpoints(base, tuned)
     alphas = alphas or [round(0.1 * i, 2) for i in range(11)]
-    ref_fp = fingerprint_model(ends.base)
+    if search == "descending":
+        alphas = sorted(alphas, reverse=True)
+    base_path = base if Path(base).is_dir() else _resolved(base)
+    ref_fp = _fingerprint(base_path)
+    root = resolve_data_root(data_root)
+
+    def reference():
+        return ends.base, ends.tokenizer
 
     def run(model, suite):
-        return evaluate(model, ends.tokenizer, suite, data_root=data_root, reference=lambda: (ends.base, ends.tokenizer),
-                        reference_fingerprint=ref_fp, progress=progress)
+        return evaluate(model, ends.tokenizer, suite, data_root=root, reference=reference, reference_fingerprint=ref_fp,
+                        progress=progress)
 
-    base_task, base_ret = run(ends.base, ts), run(ends.base, rs)
+    base_task, base_ret = (baseline_result(base_path, s, root, progress=progress, loader=reference)[0] for s in (ts, rs))
     work = interpolate(ends, 0.0)
-    curve = []
+    curve, comparisons = [], {}
     for a in alphas:
+        if search == "descending" and any(c["within_budget"] for c in curve):
+            break
         interpolate(ends, a, into=work)
         task_cmp = compare(base_task, run(work, ts))
         ret_cmp = compare(base_ret, run(work, rs))
+        comparisons[a] = {"task": task_cmp, "retention": ret_cmp}
         curve.append({
             "alpha": a,
             "task_score": task_cmp["retention_score"],
@@ -145,17 +165,26 @@ def auto_alpha(
             "retention_drop": ret_cmp["retention_drop"],
             "within_budget": ret_cmp["retention_drop"] <= budget,
         })
+    curve.sort(key=lambda c: c["alpha"])
     ok = [c for c in curve if c["within_budget"]]
     if not ok:
         raise ForgetlessError(f"no alpha keeps the retention drop within {budget:.2%}; not even alpha=0?")
     best = max(ok, key=lambda c: (c["task_score"], -c["alpha"]))
-    result: dict[str, Any] = {"base": base, "tuned": tuned, "budget": budget, "curve": curve, "chosen": best}
+    # the chosen alpha's full comparisons (every task's change with its interval), so no one re-scores it
+    result: dict[str, Any] = {"base": base, "tuned": tuned, "budget": budget, "search": search, "curve": curve,
+                              "chosen": best, "comparison": comparisons[best["alpha"]]}
     if out is not None:
         out = Path(out)
         result["saved"] = merge(base, tuned, best["alpha"], out, overwrite=overwrite)
         atomic_write_json(out / "alpha_curve.json", result)
         plot_curve(curve, best, budget, out / "alpha_curve.png")
     return result
+
+
+def _resolved(base: str) -> str:
+    from .models import resolve_model
+
+    return str(resolve_model(base).path)
 
 
 def plot_curve(curve: list[dict[str, Any]], best: dict[str, Any], budget: float, path: Path) -> None:
