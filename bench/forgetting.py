@@ -47,17 +47,26 @@ BASELINES = ("full-lr1e-4", "full-lr2e-5", "lora-r16")  # what forgetless's reci
 BUDGET = 0.01
 
 SCALES: dict[str, dict[str, Any]] = {
-    # quick: one scenario, all recipes, <= 90 minutes on 2 CPU cores (bf16 compute, fp32 master weights)
-    # (12 trainings with their evaluations, WiSE-FT's 3 alphas, the base once; see bench/results/forgetting-*-quick.md).
-    # Its retention suite is `general` at half its built-in sizes, except self_reference (all 100 prompts: the
-    # metric that moves most); the intervals in its table are correspondingly wider.
-    "quick": {"steps": 40, "batch": 8, "max_length": 256, "n_test": 300, "n_val": 100, "n_exact": 40, "seeds": 2,
-              "retention_limits": {"arc_easy": 250, "hellaswag": 250, "piqa": 250, "wikitext": 20, "scitldr": 50,
-                                   "flores_en_de": 50},
-              "wise_alphas": [0.25, 0.5, 0.75]},
+    # quick: one scenario, all recipes, <= 90 minutes on 2 CPU cores (bf16 compute, fp32 master weights): 12
+    # trainings with their scorings, the base model's once, WiSE-FT's alphas. Every run trains on about 30k tokens
+    # (GSM8K examples are twice MedMCQA's length, so math takes half the steps). Scoring is most of the cost, so
+    # its sizes are small: the retention suite is `general` with 120-200 items per multiple-choice task (they move
+    # within their noise at this budget anyway) and all 100 self-reference prompts (the metric that moves most),
+    # and the intervals in its table are correspondingly wide. Values given per scenario are {"med": .., "math": ..}.
+    "quick": {"steps": {"med": 40, "math": 20}, "batch": 8, "max_length": 256, "n_test": {"med": 300, "math": 150},
+              "n_val": 40, "n_exact": 24, "seeds": 2,
+              "retention_limits": {"arc_easy": 200, "hellaswag": 120, "piqa": 200, "wikitext": 12, "scitldr": 40,
+                                   "flores_en_de": 40},
+              "wise_alphas": [0.25, 0.5, 0.75], "wise_search": "descending"},
     "full": {"steps": 600, "batch": 16, "max_length": 512, "n_test": 1000, "n_val": 200, "n_exact": 300, "seeds": 2,
-             "retention_limits": {"arc_easy": None, "piqa": None, "hellaswag": 2000}, "wise_alphas": None},
+             "retention_limits": {"arc_easy": None, "piqa": None, "hellaswag": 2000}, "wise_alphas": None,
+             "wise_search": "grid"},
 }
+
+
+def scale_for(name: str, scenario: str) -> dict[str, Any]:
+    """The scale's settings with per-scenario values resolved for `scenario`."""
+    return {k: v[scenario] if isinstance(v, dict) and set(v) == {"med", "math"} else v for k, v in SCALES[name].items()}
 
 
 # ---------------------------------------------------------------- data
@@ -166,6 +175,10 @@ def sweep_config(scenario: str, scale: dict[str, Any], recipes: dict[str, dict[s
         "optim.max_steps": scale["steps"], "optim.batch_size": scale["batch"], "train.device": device,
         "train.save_steps": None, "train.progress": True,
     }
+    if scenario == "math":
+        # GSM8K: 24% of the training solutions exceed 256 tokens; truncating them would teach answers that stop
+        # before "#### N", so examples over max_length are dropped (the test set is scored whole either way)
+        common["data.overlong"] = "drop"
     runs = []
     for name, r in recipes.items():
         own = {k: r[k] for k in ("method", "optim", "mitigations", "monitor", "guard") if k in r}
@@ -184,11 +197,11 @@ def best_candidate(recipes: dict[str, Any]) -> str | None:
     return "full-replay5" if "full-replay5" in recipes else None
 
 
-def wise_row(state: dict[str, Any], cfg: Any, tsuite: Path, rsuite: str, alphas: list[float] | None, out: Path) -> dict | None:
+def wise_row(state: dict[str, Any], cfg: Any, tsuite: Path, rsuite: str, alphas: list[float] | None, out: Path,
+             search: str = "grid") -> dict | None:
     """WiSE-FT of full-lr1e-4 with auto alpha at the budget, scored like a sweep run."""
     from forgetless.merge import auto_alpha
     from forgetless.models import resolve_model
-    from forgetless.retention.api import eval_model
     from forgetless.sweep import task_gain
 
     src = next((r for r in state["runs"] if r["run"] == "full-lr1e-4"), None)
@@ -202,12 +215,11 @@ def wise_row(state: dict[str, Any], cfg: Any, tsuite: Path, rsuite: str, alphas:
     grid = alphas or [round(0.1 * i, 1) for i in range(11)]
     try:
         res = auto_alpha(base, src["dir"], budget=BUDGET, task_suite=str(tsuite), retention_suite=rsuite, alphas=grid,
-                         data_root=cfg.data_root, out=out / "wise-ft", overwrite=True)
+                         data_root=cfg.data_root, out=out / "wise-ft", overwrite=True, search=search)
     except ForgetlessError as e:
         print(f"WiSE-FT row left out: {e} (alphas {grid})", file=sys.stderr)
         return None
-    task = eval_model(str(out / "wise-ft"), str(tsuite), baseline=base, data_root=cfg.data_root)["comparison"]
-    ret = eval_model(str(out / "wise-ft"), rsuite, baseline=base, data_root=cfg.data_root)["comparison"]
+    task, ret = res["comparison"]["task"], res["comparison"]["retention"]  # the chosen alpha, as auto_alpha scored it
     return {
         "run": f"wise-ft(full-lr1e-4, alpha {res['chosen']['alpha']})", "dir": str(out / "wise-ft"), "method": "full+wise-ft",
         "task": task_gain(task),
@@ -324,7 +336,7 @@ def main() -> None:
     ap.add_argument("--prepare-only", action="store_true")
     args = ap.parse_args()
     os.chdir(ROOT)  # the recipes' data paths are relative to the repository root
-    scale = dict(SCALES[args.scale])
+    scale = scale_for(args.scale, args.scenario)
     if args.steps:
         scale["steps"] = args.steps
     files = (prepare_med if args.scenario == "med" else prepare_math)(args.data_root, scale["n_test"], scale["n_val"])
@@ -345,7 +357,7 @@ def main() -> None:
     wall = sum(r["sweep_seconds"] for r in rows)
     if not args.no_wise:
         t0 = time.perf_counter()
-        w = wise_row(state, cfg, tsuite, rsuite, scale["wise_alphas"], out)
+        w = wise_row(state, cfg, tsuite, rsuite, scale["wise_alphas"], out, scale["wise_search"])
         wall += time.perf_counter() - t0
         if w:
             rows.append(w)
