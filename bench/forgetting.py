@@ -12,14 +12,16 @@ Scenarios (data from ../shared/data, or --data-root):
   accuracy is not a valid target here (the letter prior alone moves it), so it is not reported.
 - math: GSM8K train; target: cross-entropy of the reference solutions on GSM8K test (primary) and the
   exact-match accuracy of greedy answers (the number after ####) on a fixed subset.
-Retention: the `general` suite (quick: its built-in sizes; full: every ARC-Easy test and PIQA item, 2,000
-HellaSwag items), the base model evaluated once and cached.
+  GSM8K solutions over max_length are dropped from training (truncating them would cut off "#### N").
+Retention: the `general` suite (quick: 120-200 items per multiple-choice task, see SCALES; full: every
+ARC-Easy test and PIQA item, 2,000 HellaSwag items), the base model evaluated once and cached.
 
 Every recipe is a complete YAML file that `forgetless train` runs as it is (data paths point at
 bench/data/med/, written by this script; `--set data.train=bench/data/math/train.jsonl --set
 data.validation=bench/data/math/val.jsonl` switches scenario). The bench applies the scale's steps and
 batch to all recipes alike. Headline recipes run with a second training seed. After the sweep, WiSE-FT of
-full-lr1e-4 with auto alpha at a 1% budget is added as one more row.
+full-lr1e-4 with auto alpha at a 1% budget is added as one more row (quick: alphas 0.75, 0.5, 0.25 from the
+top down, stopping at the first within budget; full: the whole grid 0-1).
 
 Writes bench/results/forgetting-<scenario>-<scale>.json, .md and .png (the frontier).
 """
