@@ -137,7 +137,12 @@ def auto_alpha(
     alphas = alphas or [round(0.1 * i, 2) for i in range(11)]
     if search == "descending":
         alphas = sorted(alphas, reverse=True)
-    base_path = base if Path(base).is_dir() else _resolved(base)
+    if Path(base).is_dir():
+        base_path = base
+    else:
+        from .models import resolve_model
+
+        base_path = str(resolve_model(base).path)
     ref_fp = _fingerprint(base_path)
     root = resolve_data_root(data_root)
 
@@ -179,12 +184,6 @@ def auto_alpha(
         atomic_write_json(out / "alpha_curve.json", result)
         plot_curve(curve, best, budget, out / "alpha_curve.png")
     return result
-
-
-def _resolved(base: str) -> str:
-    from .models import resolve_model
-
-    return str(resolve_model(base).path)
 
 
 def plot_curve(curve: list[dict[str, Any]], best: dict[str, Any], budget: float, path: Path) -> None:
