@@ -90,7 +90,12 @@ def merge(base: str, tuned: str, alpha: float, out: str | Path, overwrite: bool 
     """Write theta(alpha). A LoRA adapter is written as a scaled adapter unless `full`."""
     if not 0.0 <= alpha <= 1.0:
         raise ForgetlessError(f"--alpha must be in [0, 1], got {alpha}")
-    ends = load_endpoints(base, tuned)
+    return write_merged(load_endpoints(base, tuned), base, tuned, alpha, out, overwrite, full)
+
+
+def write_merged(ends: Endpoints, base: str, tuned: str, alpha: float, out: str | Path, overwrite: bool = False,
+                 full: bool = False) -> dict[str, Any]:
+    """`merge` from endpoints already loaded."""
     out = Path(out)
     if ends.lora_dir is not None and not full:
         save_scaled_lora(ends.lora_dir, alpha, out, overwrite)
@@ -180,7 +185,7 @@ def auto_alpha(
                               "chosen": best, "comparison": comparisons[best["alpha"]]}
     if out is not None:
         out = Path(out)
-        result["saved"] = merge(base, tuned, best["alpha"], out, overwrite=overwrite)
+        result["saved"] = write_merged(ends, base, tuned, best["alpha"], out, overwrite=overwrite)  # the models loaded above
         atomic_write_json(out / "alpha_curve.json", result)
         plot_curve(curve, best, budget, out / "alpha_curve.png")
     return result
