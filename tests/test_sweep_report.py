@@ -230,3 +230,28 @@ def test_sweep_jobs_runs_in_worker_processes(tmp_path, tiny_model, toy_data):
     pids = {json.loads((Path(r["dir"]) / "summary.json").read_text())["pid"] for r in state["runs"]}
     assert os.getpid() not in pids
     assert all(r["task"]["gain"] > 0 for r in state["runs"])
+
+
+def test_frontier_labels_of_a_tight_cluster_do_not_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from forgetless.report import place_labels
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    pts = [(-0.3 + 0.01 * i, 0.5 + 0.002 * i, f"full-recipe-{i}") for i in range(7)] + [(-2.0, 0.1, "lora"), (0.0, 0.0, "base")]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o")
+    anns = place_labels(ax, pts)
+    from matplotlib.text import Text
+
+    fig.canvas.draw()  # as saving does: puts every label where it is drawn
+    r = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(a, r) for a in anns]  # the text alone (an Annotation's own extent adds its line)
+    assert [a.get_text() for a in anns] and sorted(a.get_text() for a in anns) == sorted(p[2] for p in pts)
+    overlapping = [(anns[i].get_text(), anns[j].get_text()) for i in range(len(boxes)) for j in range(i)
+                   if boxes[i].overlaps(boxes[j])]
+    assert not overlapping
+    assert any(a.arrow_patch is not None for a in anns)  # labels pushed away from a crowded point get a leader line
+    plt.close(fig)

@@ -161,19 +161,19 @@ def frontier_plot(rows: list[dict[str, Any]], budget: float | None, recommended:
     if not rows:
         return None
     plt = _plt()
+    from matplotlib.colors import to_rgba
+
     fig, ax = plt.subplots(figsize=(7.5, 5))
     pts = [(0.0, 0.0, "base")]
     for r in rows:
+        color = "tab:green" if r["run"] == recommended else "tab:blue"
         x, y = 100 * r["retention"]["change"], r["task"]["gain"]
         xl, xh = 100 * r["retention"]["ci"][0], 100 * r["retention"]["ci"][1]
         yl, yh = r["task"]["ci"]
         ax.errorbar([x], [y], xerr=[[max(0, x - xl)], [max(0, xh - x)]], yerr=[[max(0, y - yl)], [max(0, yh - y)]],
-                    fmt="o", capsize=3, color="tab:green" if r["run"] == recommended else "tab:blue")
-        ax.annotate(r["run"] + (" (recommended)" if r["run"] == recommended else ""), (x, y),
-                    textcoords="offset points", xytext=(6, 6), fontsize=8)
+                    fmt="o", capsize=3, color=color, ecolor=to_rgba(color, 0.45), elinewidth=1)
         pts.append((x, y, r["run"]))
     ax.plot([0], [0], "s", color="black")
-    ax.annotate("base", (0, 0), textcoords="offset points", xytext=(6, -12), fontsize=8)
     front = pareto(pts)
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:orange", label="frontier")
     if budget:
@@ -184,7 +184,62 @@ def frontier_plot(rows: list[dict[str, Any]], budget: float | None, recommended:
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     ax.set_title("Forgetting frontier: task gain vs retention change (95% intervals)")
+    place_labels(ax, [(x, y, name + (" (recommended)" if name == recommended else "")) for x, y, name in pts])
     return _png(fig)
+
+
+def place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: float = 8) -> list[Any]:
+    """Label each (x, y, text) point where its text overlaps no label placed before it, no other point and
+    stays inside the axes: positions are tried on rings of growing radius around the point, and a label set
+    away from its point gets a thin leader line. Where no position is free, the least-overlapping one is used.
+    Call after the axes' limits are final (labels are laid out in display coordinates)."""
+    import math
+
+    fig = ax.figure
+    fig.canvas.draw()  # settles the autoscaled limits the layout below depends on
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    marks = [ax.transData.transform((x, y)) for x, y, _ in points]
+    r_mark = 4.0 * fig.dpi / 72  # a marker's half width, in pixels
+    placed: list[Any] = []
+    anns = []
+
+    def overlap(bb: Any) -> float:
+        area = sum(max(0.0, min(bb.x1, o.x1) - max(bb.x0, o.x0)) * max(0.0, min(bb.y1, o.y1) - max(bb.y0, o.y0)) for o in placed)
+        for mx, my in marks:
+            area += max(0.0, min(bb.x1, mx + r_mark) - max(bb.x0, mx - r_mark)) * max(0.0, min(bb.y1, my + r_mark) - max(bb.y0, my - r_mark))
+        outside = bb.width * bb.height - max(0.0, min(bb.x1, inside.x1) - max(bb.x0, inside.x0)) * max(
+            0.0, min(bb.y1, inside.y1) - max(bb.y0, inside.y0))
+        return area + 10 * outside
+
+    candidates = [(r * math.cos(math.radians(a)), r * math.sin(math.radians(a)))
+                  for r in (7, 14, 24, 36, 50, 66) for a in (30, -30, 150, -150, 0, 180, 90, -90, 60, -60, 120, -120)]
+    order = sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0]))  # top to bottom
+    for i in order:
+        x, y, text = points[i]
+        best = None
+        for dx, dy in candidates:
+            ha = "left" if dx > 1e-9 else "right" if dx < -1e-9 else "center"
+            va = "bottom" if dy > 1e-9 else "top" if dy < -1e-9 else "center"
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, ha=ha, va=va)
+            bb = ann.get_window_extent(renderer)
+            cost = overlap(bb)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, bb, math.hypot(dx, dy))
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        _, ann, bb, dist = best
+        if dist > 10:
+            ann.remove()
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=ann.xyann, fontsize=fontsize,
+                              ha=ann.get_ha(), va=ann.get_va(), arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
+        placed.append(bb)
+        anns.append(ann)
+    return anns
 
 
 def curves_plot(run_dir: Path, name: str) -> str | None:
