@@ -196,3 +196,22 @@ def test_train_runs_the_cheap_data_checks_and_strict_makes_them_errors(tiny_mode
     with pytest.raises(DataError, match="data.check is strict"):
         train(strict)
     assert not (tmp_path / "strict" / "checkpoints").exists()
+
+
+def test_progress_bar_names_the_step_of_a_stale_validation_loss(tmp_path):
+    from types import SimpleNamespace
+
+    from forgetless.train.callbacks import MetricsLogger, progress_info
+
+    log = MetricsLogger(tmp_path / "metrics.jsonl")
+    state = SimpleNamespace(global_step=0, epoch=0.0, num_input_tokens_seen=0)
+    log.on_train_begin(None, state, None)
+    log.on_log(None, state, None, logs={"eval_loss": 1.5})
+    assert progress_info(log.last, log.eval_step, 0) == "val 1.5000"  # measured at this step: no label
+    state.global_step, state.num_input_tokens_seen = 10, 800
+    log.on_log(None, state, None, logs={"loss": 0.75, "learning_rate": 1e-4, "grad_norm": 1.0})
+    info = progress_info(log.last, log.eval_step, 10)
+    assert info.startswith("loss 0.7500  ") and info.endswith("tok/s  val 1.5000 (step 0)")
+    log.on_log(None, state, None, logs={"eval_loss": 0.5})
+    assert progress_info(log.last, log.eval_step, 10).endswith("val 0.5000")
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 10, 10]

@@ -25,6 +25,7 @@ class MetricsLogger(TrainerCallback):
         self._t = time.perf_counter()
         self._tokens = None
         self.last: dict[str, Any] = {}
+        self.eval_step: int | None = None  # the step of the validation loss in `last`
 
     def on_train_begin(self, args, state, control, **kw):
         self._t = time.perf_counter()
@@ -46,10 +47,26 @@ class MetricsLogger(TrainerCallback):
         for k, v in logs.items():
             if k.startswith("eval_") or k.startswith("fl_"):
                 rec[k] = v
+        if "eval_loss" in logs:
+            self.eval_step = state.global_step
         if len(rec) > 2:
             if is_main():  # every rank logs the same (gathered) numbers; rank 0 writes them
                 append_jsonl(self.path, rec)
             self.last.update(rec)
+
+
+def progress_info(last: dict[str, Any], eval_step: int | None, step: int) -> str:
+    """The progress bar's text: the latest loss and tokens/s, and the latest validation loss with the step it
+    was measured at when that is not the current step (the final validation runs after the bar closes)."""
+    parts = []
+    if "loss" in last:
+        parts.append(f"loss {last['loss']:.4f}")
+    if "tokens_per_s" in last:
+        parts.append(f"{last['tokens_per_s']:.0f} tok/s")
+    if "eval_loss" in last:
+        at = f" (step {eval_step})" if eval_step is not None and eval_step != step else ""
+        parts.append(f"val {last['eval_loss']:.4f}{at}")
+    return "  ".join(parts)
 
 
 class RichProgress(TrainerCallback):
@@ -80,15 +97,8 @@ class RichProgress(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if self.progress is None:
             return
-        last = self.metrics.last
-        parts = []
-        if "loss" in last:
-            parts.append(f"loss {last['loss']:.4f}")
-        if "tokens_per_s" in last:
-            parts.append(f"{last['tokens_per_s']:.0f} tok/s")
-        if "eval_loss" in last:
-            parts.append(f"val {last['eval_loss']:.4f}")
-        self.progress.update(self.task, completed=state.global_step, info="  ".join(parts))
+        info = progress_info(self.metrics.last, self.metrics.eval_step, state.global_step)
+        self.progress.update(self.task, completed=state.global_step, info=info)
 
     def on_train_end(self, args, state, control, **kw):
         if self.progress is not None:
