@@ -79,9 +79,17 @@ def _chat(user: str, assistant: str, **extra: Any) -> dict[str, Any]:
 
 
 def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    return _write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _write_text(path: Path, text: str) -> Path:
+    """Write `path` atomically, leaving it untouched when it already holds `text`: the base model's cached
+    scores are keyed on the data files' mtimes, so rewriting a test set unchanged would re-score the base."""
+    if path.is_file() and path.read_text() == text:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text(text)
     tmp.replace(path)
     return path
 
@@ -131,8 +139,7 @@ def task_suite(scenario: str, files: dict[str, Path], n_exact: int) -> Path:
                       "prompt": "{{prompt}}", "answers": "number", "answer_type": "numeric", "chat": "auto",
                       "limit": n_exact, "sample": "first", "max_new_tokens": 256, "stop": []})
     path = DATA / scenario / "task_suite.yaml"
-    path.write_text(yaml.safe_dump({"name": f"{scenario}-target", "tasks": tasks}, sort_keys=False))
-    return path
+    return _write_text(path, yaml.safe_dump({"name": f"{scenario}-target", "tasks": tasks}, sort_keys=False))
 
 
 def retention_suite(scenario: str, limits: dict[str, int | None]) -> str:
@@ -148,8 +155,7 @@ def retention_suite(scenario: str, limits: dict[str, int | None]) -> str:
             if t["limit"] is None:
                 del t["limit"]
     path = DATA / scenario / "retention_suite.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return str(path)
+    return str(_write_text(path, yaml.safe_dump(spec, sort_keys=False)))
 
 
 # ---------------------------------------------------------------- the sweep
@@ -303,7 +309,7 @@ def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, 
              f"Machine: {machine}. {scale['steps']} steps of {scale['batch']} examples (max {scale['max_length']} tokens), "
              f"bf16 compute with fp32 master weights; whole bench {wall / 60:.0f} min (sum of its runs' times). Task gain: {rows[0]['task']['task'] if rows else ''} "
              "(positive is better), paired 95% CI. Retention: change of each task's main metric (paired 95% CI, * = significant) "
-             "and the mean retention score.", "", *verdict(rows), *(["", *notes] if notes else []), "",
+             "and the mean retention score.", "", *verdict(rows), *(x for n in notes for x in ("", n)), "",
              "| run | task gain [95% CI] | " + "".join(f"{e} change | " for e in extra) + " | ".join(tasks)
              + " | retention score | wall s | tok/s | peak MB | trainable |",
              "|---|---|" + "---|" * (len(extra) + len(tasks)) + "---|---|---|---|---|"]
