@@ -139,3 +139,32 @@ def test_json_array_files_and_validation_fraction(tmp_path, tok):
 def test_hf_id_offline_fails_fast_with_a_clear_message(tok):
     with pytest.raises(DataError, match="could not load the HF dataset"):
         load_datasets(DataConfig(train="hf:nobody/no-such-dataset"), tok, 0)
+
+
+def test_a_sweeps_second_tokenization_is_served_from_memory_as_a_copy(tiny_model, toy_data):
+    from forgetless.data import examples as E
+
+    records = read_file(toy_data["chat"])
+    cfg = _cfg(format="chat")
+    first, stats = build_examples(records, cfg, load_tokenizer(str(tiny_model)))
+    again = load_tokenizer(str(tiny_model))  # a fresh tokenizer, as the next run of a sweep loads
+    calls = []
+    real = again.apply_chat_template
+    again.apply_chat_template = lambda *a, **k: calls.append(1) or real(*a, **k)
+    second, stats2 = build_examples(records, cfg, again)
+    assert calls == [] and second == first and stats2 == stats
+    second[0]["input_ids"].append(0)  # the caller's copy: the memo and the next caller are unaffected
+    third, _ = build_examples(records, cfg, again)
+    assert third == first and calls == []
+    changed = [Record({**records[0].data, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+                      records[0].source, records[0].line)] + records[1:]
+    fourth, _ = build_examples(changed, cfg, again)  # other content, other settings, other template: tokenized anew
+    assert calls and fourth[1:] == first[1:] and fourth[0] != first[0]
+    calls.clear()
+    build_examples(records, _cfg(format="chat", max_length=cfg.max_length - 1), again)
+    assert calls
+    calls.clear()
+    again.chat_template = again.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    changed_template, _ = build_examples(records, cfg, again)
+    assert calls and changed_template != first
+    assert len(E._MEMO) <= E._MEMO_SIZE
