@@ -197,14 +197,17 @@ def build_examples(records: list[Record], cfg: DataConfig, tokenizer: Any) -> tu
         key = h.hexdigest()
         if key in _MEMO:
             _MEMO.move_to_end(key)
-            examples, stats = _MEMO[key]
-            return [{k: list(v) for k, v in ex.items()} for ex in examples], copy.deepcopy(stats)
+            return _copy(*_MEMO[key])
     examples, stats = _build_examples(records, cfg, tokenizer)
     if key is not None:
-        _MEMO[key] = ([{k: list(v) for k, v in ex.items()} for ex in examples], copy.deepcopy(stats))
+        _MEMO[key] = _copy(examples, stats)
         while len(_MEMO) > _MEMO_SIZE:
             _MEMO.popitem(last=False)
     return examples, stats
+
+
+def _copy(examples: list[dict], stats: DataStats) -> tuple[list[dict], DataStats]:
+    return [{k: list(v) for k, v in ex.items()} for ex in examples], copy.deepcopy(stats)
 
 
 def _build_examples(records: list[Record], cfg: DataConfig, tokenizer: Any) -> tuple[list[dict], DataStats]:
