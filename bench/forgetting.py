@@ -85,12 +85,10 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
 def _write_text(path: Path, text: str) -> Path:
     """Write `path` atomically, leaving it untouched when it already holds `text`: the base model's cached
     scores are keyed on the data files' mtimes, so rewriting a test set unchanged would re-score the base."""
-    if path.is_file() and path.read_text() == text:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from forgetless.io import atomic_write_text
+
+    if not (path.is_file() and path.read_text() == text):
+        atomic_write_text(path, text)
     return path
 
 
