@@ -199,18 +199,21 @@ def place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: floa
     fig.canvas.draw()  # settles the autoscaled limits the layout below depends on
     renderer = fig.canvas.get_renderer()
     inside = ax.get_window_extent(renderer)
-    marks = [ax.transData.transform((x, y)) for x, y, _ in points]
+    from matplotlib.transforms import Bbox
+
     r_mark = 4.0 * fig.dpi / 72  # a marker's half width, in pixels
+    marks = [Bbox.from_extents(mx - r_mark, my - r_mark, mx + r_mark, my + r_mark)
+             for mx, my in (ax.transData.transform((x, y)) for x, y, _ in points)]
     placed: list[Any] = []
     anns = []
 
+    def shared(a: Any, b: Any) -> float:
+        both = Bbox.intersection(a, b)
+        return 0.0 if both is None else both.width * both.height
+
     def overlap(bb: Any) -> float:
-        area = sum(max(0.0, min(bb.x1, o.x1) - max(bb.x0, o.x0)) * max(0.0, min(bb.y1, o.y1) - max(bb.y0, o.y0)) for o in placed)
-        for mx, my in marks:
-            area += max(0.0, min(bb.x1, mx + r_mark) - max(bb.x0, mx - r_mark)) * max(0.0, min(bb.y1, my + r_mark) - max(bb.y0, my - r_mark))
-        outside = bb.width * bb.height - max(0.0, min(bb.x1, inside.x1) - max(bb.x0, inside.x0)) * max(
-            0.0, min(bb.y1, inside.y1) - max(bb.y0, inside.y0))
-        return area + 10 * outside
+        outside = bb.width * bb.height - shared(bb, inside)
+        return sum(shared(bb, o) for o in placed + marks) + 10 * outside
 
     candidates = [(r * math.cos(math.radians(a)), r * math.sin(math.radians(a)))
                   for r in (7, 14, 24, 36, 50, 66) for a in (30, -30, 150, -150, 0, 180, 90, -90, 60, -60, 120, -120)]
