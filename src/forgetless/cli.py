@@ -283,9 +283,12 @@ def demo(
         return
     if not quiet:
         _table_console().print(sweep_table(state))
+        from .demo import headline
+
         rec = state.get("recommended")
         console.print(f"recommended within the {100 * state['budget']:.3g}% budget: {rec}" if rec else
                       f"[red]no recipe stays within the {100 * state['budget']:.3g}% budget[/red]")
+        console.print(f"[bold]{headline(state)}[/bold]", highlight=False)
         console.print(f"report: {state['report']}")
 
 

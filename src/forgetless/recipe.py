@@ -359,7 +359,8 @@ class TrainConfig(_Strict):
         "faster on this device (a timed probe on CPU, cached; bf16 support on CUDA), else fp32. true on a CPU "
         "without native bf16 runs (far slower) and warns.",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: CUDA, else Apple MPS (untested here), else the CPU.")
     threads: int | None = Field(None, gt=0, description="CPU threads for torch (default: torch's choice).")
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="Validate every N steps (default: once at the end).")
