@@ -21,7 +21,10 @@ better); retention is the `self` suite (the base model's own answers to 100 inst
 
 Writes bench/results/continual.json and continual.md (per strategy: average accuracy, BWT, FWT, forgetting
 with 95% bootstrap intervals, the retention change after the last step, wall time) and keeps each sequence
-directory (matrix.png, trajectory.png, report.html) under runs/bench-continual/.
+directory (matrix.png, trajectory.png, report.html) under runs/bench-continual/. The JSON's `provenance` block
+(forgetless.provenance) names the commit, versions, CPU and the precision path the steps took; the provenance of
+each sequence's start is saved beside its directory (runs/bench-continual/<strategy>.provenance.json), and
+resuming a sequence on another CPU or precision path is refused (`--overwrite` starts the named strategies afresh).
 """
 
 from __future__ import annotations
@@ -36,7 +39,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forgetting import DATA, RESULTS, ROOT, _chat, _write, prepare_math, prepare_med
+from forgetting import (
+    DATA,
+    RESULTS,
+    ROOT,
+    _chat,
+    _write,
+    bench_precision,
+    observed_precision,
+    prepare_math,
+    prepare_med,
+    resume_guard,
+    started,
+)
 
 STRATEGIES: dict[str, dict[str, Any]] = {
     "plain": {"method": "full", "lr": 1e-4, "carry": {}},
@@ -95,19 +110,25 @@ def _ci(x: dict[str, Any] | None) -> str:
     return "-" if x is None else f"{x['value']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]"
 
 
-def write_results(rows: list[dict[str, Any]], tasks: list[str], args: Any, wall: float) -> None:
+def write_results(rows: list[dict[str, Any]], tasks: list[str], args: Any, wall: float,
+                  provenance: dict[str, Any] | None = None) -> None:
+    from forgetless.provenance import machine_line
+
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "steps", "batch", "max_length", "limit", "n_test")}
-    (RESULTS / "continual.json").write_text(json.dumps({"bench": "continual", "machine": machine, "tasks": tasks,
-                                                        "settings": settings, "wall_s": round(wall, 1), "rows": rows},
-                                                       indent=2, default=str) + "\n")
+    result = {"bench": "continual", "machine": machine, "tasks": tasks, "settings": settings, "wall_s": round(wall, 1), "rows": rows}
+    if provenance is not None:
+        result["provenance"] = provenance
+    (RESULTS / "continual.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    compute = ((provenance or {}).get("precision") or {}).get("dtype", "bf16")
     lines = [f"# continual fine-tuning: {' -> '.join(tasks)}, {args.model}", "",
              f"Machine: {machine}. Each step {args.steps} steps of {args.batch} chat examples (max {args.max_length} "
-             f"tokens), bf16 compute with fp32 master weights; whole bench {wall / 60:.0f} min. Scores: minus the "
+             f"tokens), {compute} compute with fp32 master weights; whole bench {wall / 60:.0f} min. Scores: minus the "
              f"cross-entropy (nats per answer token) of {args.limit} held-out reference answers per task, higher is "
              "better; 95% paired bootstrap intervals over the items (evaluation noise, one training seed). Retention: "
-             "the `self` suite (the base model's own answers) after the last step, change against the base model.", "",
+             "the `self` suite (the base model's own answers) after the last step, change against the base model.",
+             *([] if provenance is None else ["", f"Provenance: {machine_line(provenance)}."]), "",
              "| strategy | average | BWT | FWT | forgetting | R[j][j] (just trained) | retention change | train s | peak MB | trainable |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -140,6 +161,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-continual")
     ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="start the named strategies' sequences afresh")
     args = ap.parse_args()
     os.chdir(ROOT)
     args.data_root = args.data_root.resolve()
@@ -149,20 +171,36 @@ def main() -> None:
     if args.prepare_only:
         print(json.dumps({t: {k: str(v) for k, v in f.items()} for t, f in files.items()}, indent=2))
         return
+    from forgetless import provenance
     from forgetless.continual import ContinualConfig, run_continual
+    from forgetless.models import resolve_model
 
     names = args.strategies.split(",")
     unknown = sorted(set(names) - set(STRATEGIES))
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; known: {sorted(STRATEGIES)}")
-    rows, t_all = [], time.perf_counter()
+    prec = bench_precision(resolve_model(args.model).path, args.device)
+    prov = provenance.collect(prec, device=prec["device"])
+    out = Path(args.out)
+    starts = {}  # each sequence's start saved beside its directory; all checked before anything trains
+    for n in names:
+        start = resume_guard(out / f"{n}.provenance.json", prov, f"continual sequence {out / n}",
+                             resuming=not args.overwrite and (out / n / "continual.json").is_file())
+        if start:
+            starts[n] = started(start)
+    rows, t_all, states = [], time.perf_counter(), []
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         cfg = ContinualConfig.model_validate(sequence(name, STRATEGIES[name], files, args, args.out))
-        state = run_continual(cfg, folder=ROOT)  # resumable: a finished sequence is skipped
+        state = run_continual(cfg, folder=ROOT, overwrite=args.overwrite)  # resumable: a finished sequence is skipped
+        states.append(state)
         rows.append(row(name, state, time.perf_counter() - t0))
-    write_results(rows, list(files), args, time.perf_counter() - t_all)
+    prov = provenance.finish(prov)
+    prov["precision"] = {**prov["precision"], "observed": observed_precision([s["dir"] for st in states for s in st["steps"]])}
+    if starts:
+        prov["started"] = starts
+    write_results(rows, list(files), args, time.perf_counter() - t_all, provenance=prov)
 
 
 if __name__ == "__main__":

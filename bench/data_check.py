@@ -5,7 +5,8 @@ of a few thousand pseudo-words (so near-duplicate LSH has shared phrases to sift
 numbers of exact duplicates, one-word-edit near-duplicates, contradictions, degenerate answers and
 copies of eval items, then times `check_data` without a tokenizer and without contamination (target:
 <= 60 s for 100k records on 2 CPU cores), and once more with a contamination eval set.
-Prints a table and writes bench/results/data_check.json.
+Prints a table and writes bench/results/data_check.json, with a `provenance` block (forgetless.provenance:
+commit, versions, CPU, allocator; no model runs here, so its precision is "n/a").
 
     python bench/data_check.py                 # 100,000 records
     python bench/data_check.py --n 20000 --no-contamination
@@ -23,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from forgetless import provenance
 from forgetless.data.check import check_data
 from forgetless.io import atomic_write_json
 from forgetless.recipe import DataConfig
@@ -155,6 +157,7 @@ def main() -> None:
     ap.add_argument("--no-contamination", action="store_true", help="skip the second run with an eval set")
     ap.add_argument("--out", type=Path, default=RESULTS / "data_check.json")
     args = ap.parse_args()
+    prov = provenance.collect({"dtype": "n/a", "reason": "no model compute: text checks without a tokenizer"}, device="cpu")
 
     t0 = time.perf_counter()
     records, evals, planted = build(args.n, args.seed, args.eval_items)
@@ -216,6 +219,7 @@ def main() -> None:
         "settings": report.settings,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "provenance": provenance.finish(prov),
     }
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")

@@ -19,6 +19,9 @@ per-choice |log-likelihood difference| come from lm-eval's logged samples and fo
 
     python bench/eval_speed.py                                   # 500 items per task, writes bench/results/
     python bench/eval_speed.py --limit 20 --tasks piqa --out /tmp/x.json   # a quick look
+
+The JSON's `provenance` block (forgetless.provenance) names the commit, versions, CPU, allocator and the precision
+paths measured (the headline forgetless mode as `dtype`, every mode under `modes`, and what `auto` resolves to).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from forgetless import precision, provenance  # noqa: E402
 from forgetless.models import resolve_model  # noqa: E402
 from forgetless.retention.evaluate import evaluate  # noqa: E402
 from forgetless.retention.kinds import multiple_choice as mc  # noqa: E402
@@ -307,6 +311,12 @@ def main() -> None:
     mach = machine()
 
     path = resolve_model(args.model).path
+    auto = precision.resolve("auto", "cpu", widths=precision.config_widths(path))
+    fl_first = "bf16" if "bf16" in fl_modes else fl_modes[0]
+    prov = provenance.collect({
+        "dtype": fl_first, "reason": f"set by the bench: forgetless {', '.join(fl_modes)} and lm-eval {', '.join(lm_modes)} "
+        f"measured side by side, headline forgetless {fl_first}; auto here: {auto.dtype} ({auto.reason})",
+        "modes": {"forgetless": fl_modes, "lm_eval": lm_modes}, "auto": auto.dtype}, device="cpu")
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     bf16w_model = copy.deepcopy(model).to(torch.bfloat16).eval() if "bf16w" in lm_modes else None
@@ -340,7 +350,8 @@ def main() -> None:
         batch = min(calibration, key=calibration.get)
         if args.calibrate_only:
             out = {"bench": "eval_speed_calibration", "model": args.model, "tasks": names, "items_per_task": min(args.calib_limit, args.limit),
-                   "machine": {**mach, "loadavg_end": list(os.getloadavg())}, "lm_eval_fp32_seconds": runs_by_b, "fastest": batch}
+                   "machine": {**mach, "loadavg_end": list(os.getloadavg())}, "lm_eval_fp32_seconds": runs_by_b, "fastest": batch,
+                   "provenance": provenance.finish(prov)}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(out, indent=2) + "\n")
             print(json.dumps(out, indent=2))
@@ -425,6 +436,7 @@ def main() -> None:
         "worst_acc_diff_pts": worst,
         "speed": speed,
         "rows": rows,
+        "provenance": provenance.finish(prov),
     }
 
     if args.note:
@@ -448,6 +460,8 @@ def render_md(result: dict[str, Any]) -> str:
              f"(calibration, seconds: {lm_l['batch_calibration_s'] or 'n/a'}). forgetless: `evaluate(..., bf16=...)`, batch_tokens "
              f"{result['settings']['forgetless']['batch_tokens']}. Wall time of the whole call; one run each, interleaved per task "
              f"(order in the JSON). Headline: forgetless {fl_head} vs lm-eval {lm_head}.", ""]
+    if result.get("provenance"):
+        lines += [f"Provenance: {provenance.machine_line(result['provenance'])}.", ""]
     if result.get("note"):
         lines += [f"Note: {result['note']}", ""]
     lines += ["## verdict", ""]

@@ -23,12 +23,16 @@ batch to all recipes alike. Headline recipes run with a second training seed. Af
 full-lr1e-4 with auto alpha at a 1% budget is added as one more row (quick: alphas 0.75, 0.5, 0.25 from the
 top down, stopping at the first within budget; full: the whole grid 0-1).
 
-Writes bench/results/forgetting-<scenario>-<scale>.json, .md and .png (the frontier).
+Writes bench/results/forgetting-<scenario>-<scale>.json, .md and .png (the frontier). The JSON's `provenance`
+block (forgetless.provenance) names the commit, versions, CPU and the precision path the runs took; the provenance
+of the sweep's start is saved beside its directory (<out>.provenance.json), and resuming the sweep on another CPU
+or precision path is refused (`--overwrite` starts it afresh).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -203,6 +207,73 @@ def best_candidate(recipes: dict[str, Any]) -> str | None:
     return "full-replay5" if "full-replay5" in recipes else None
 
 
+def bench_precision(model_path: str, device: str) -> dict[str, Any]:
+    """The precision path a sweep or sequence of this model takes here: training (the recipes leave
+    `train.bf16` at auto) and evaluation (`eval_precision: auto`), resolved as forgetless resolves them."""
+    from forgetless import precision
+    from forgetless.retention.api import eval_precision
+    from forgetless.train.model import pick_device
+
+    dev = pick_device(device)
+    train = precision.resolve("auto", dev, widths=precision.config_widths(model_path))
+    ev = eval_precision("auto", model_path)
+    dtype = train.dtype if train.dtype == ev.dtype else f"train {train.dtype} / eval {ev.dtype}"
+    return {"dtype": dtype, "reason": f"train: {train.reason}; eval: {ev.reason}", "device": dev.type,
+            "train": {"dtype": train.dtype, "reason": train.reason}, "eval": {"dtype": ev.dtype, "reason": ev.reason}}
+
+
+def observed_precision(dirs: list[str | Path]) -> dict[str, dict[str, int]]:
+    """The precision each run directory actually ran at: training from its summary.json `precision` (older
+    runs: `bf16_compute`), evaluation from its eval JSONs' `settings.precision` (older: `settings.bf16`)."""
+    seen: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
+
+    def note(kind: str, value: Any) -> None:
+        if value is not None:
+            value = value if isinstance(value, str) else ("bf16" if value else "fp32")
+            seen[kind][value] = seen[kind].get(value, 0) + 1
+
+    for d in dirs:
+        d = Path(d)
+        with contextlib.suppress(OSError, ValueError):
+            s = json.loads((d / "summary.json").read_text())
+            note("train", (s.get("precision") or {}).get("dtype", s.get("bf16_compute")))
+        for name in ("eval-task.json", "eval-retention.json"):
+            with contextlib.suppress(OSError, ValueError):
+                st = json.loads((d / name).read_text()).get("settings") or {}
+                note("eval", st.get("precision", st.get("bf16")))
+    return seen
+
+
+def resume_guard(path: Path, current: dict[str, Any], what: str, resuming: bool) -> dict[str, Any] | None:
+    """Before resuming `what`: the provenance saved at its start (`path`) must name the CPU (model and flags)
+    and precision path of `current` (forgetless.provenance.check_same_machine), else exit with an error naming
+    both. A fresh start saves `current` there. Returns the start's provenance when resuming (None otherwise)."""
+    from forgetless.errors import ForgetlessError
+    from forgetless.io import atomic_write_json
+    from forgetless.provenance import check_same_machine
+
+    if not resuming:
+        atomic_write_json(path, current)
+        return None
+    if not path.is_file():  # started before the benches recorded provenance: nothing to check against
+        print(f"warning: {what} has no saved provenance ({path}): cannot check it was started on this CPU and precision "
+              "path; recording this machine's", file=sys.stderr)
+        atomic_write_json(path, current)
+        return None
+    saved = json.loads(path.read_text())
+    try:
+        check_same_machine(saved, current, what=what)
+    except ForgetlessError as e:
+        raise SystemExit(f"error: {e}\n(the start's provenance: {path}; pass --overwrite to start afresh, or --out for "
+                         "another directory)") from None
+    return saved
+
+
+def started(saved: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a resumed result's provenance says about its start."""
+    return None if saved is None else {k: saved.get(k) for k in ("commit", "dirty", "date", "command")}
+
+
 def wise_row(state: dict[str, Any], cfg: Any, tsuite: Path, rsuite: str, alphas: list[float] | None, out: Path,
              search: str = "grid") -> dict | None:
     """WiSE-FT of full-lr1e-4 with auto alpha at the budget, scored like a sweep run."""
@@ -282,11 +353,12 @@ def seed_spread(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, scale: dict[str, Any], wall: float,
-                  machine: str | None = None, notes: tuple[str, ...] = ()) -> None:
+                  machine: str | None = None, notes: tuple[str, ...] = (), provenance: dict[str, Any] | None = None) -> None:
     """Write forgetting-<scenario>-<scale>.json/.md/.png. `machine` and `notes` let a saved result be re-rendered
-    (its own machine line kept) with remarks on it."""
+    (its own machine line kept) with remarks on it; `provenance`: the block from forgetless.provenance."""
     import base64
 
+    from forgetless.provenance import machine_line
     from forgetless.report import frontier_plot
 
     stem = RESULTS / f"forgetting-{args.scenario}-{args.scale}"
@@ -302,12 +374,16 @@ def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, 
     out = {"bench": "forgetting", "scenario": args.scenario, "scale": args.scale, "model": args.model, "machine": machine,
            "settings": scale, "budget": BUDGET, "wall_s": round(wall, 1), "rows": rows, "verdict": verdict(rows),
            "notes": list(notes)}
+    if provenance is not None:
+        out["provenance"] = provenance
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     lines = [f"# forgetting frontier: {args.scenario}, {args.scale} scale, {args.model}", "",
              f"Machine: {machine}. {scale['steps']} steps of {scale['batch']} examples (max {scale['max_length']} tokens), "
-             f"bf16 compute with fp32 master weights; whole bench {wall / 60:.0f} min (sum of its runs' times). Task gain: {rows[0]['task']['task'] if rows else ''} "
+             f"{((provenance or {}).get('precision') or {}).get('dtype', 'bf16')} compute with fp32 master weights; "
+             f"whole bench {wall / 60:.0f} min (sum of its runs' times). Task gain: {rows[0]['task']['task'] if rows else ''} "
              "(positive is better), paired 95% CI. Retention: change of each task's main metric (paired 95% CI, * = significant) "
-             "and the mean retention score.", "", *verdict(rows), *(x for n in notes for x in ("", n)), "",
+             "and the mean retention score.", *([] if provenance is None else ["", f"Provenance: {machine_line(provenance)}."]),
+             "", *verdict(rows), *(x for n in notes for x in ("", n)), "",
              "| run | task gain [95% CI] | " + "".join(f"{e} change | " for e in extra) + " | ".join(tasks)
              + " | retention score | wall s | tok/s | peak MB | trainable |",
              "|---|---|" + "---|" * (len(extra) + len(tasks)) + "---|---|---|---|---|"]
@@ -340,6 +416,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="sweep directory (default: runs/bench-forgetting-<scenario>-<scale>)")
     ap.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT row")
     ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--overwrite", action="store_true", help="start the sweep afresh (its directory is removed)")
     args = ap.parse_args()
     os.chdir(ROOT)  # the recipes' data paths are relative to the repository root
     scale = scale_for(args.scale, args.scenario)
@@ -351,12 +428,19 @@ def main() -> None:
     if args.prepare_only:
         print(json.dumps({k: str(v) for k, v in files.items()} | {"task_suite": str(tsuite), "retention_suite": rsuite}, indent=2))
         return
+    from forgetless import provenance
+    from forgetless.models import resolve_model
     from forgetless.sweep import run_sweep, sweep_table
 
     recipes = load_recipes(args.recipes.split(",") if args.recipes else None)
     out = args.out or ROOT / "runs" / f"bench-forgetting-{args.scenario}-{args.scale}"
     cfg = sweep_config(args.scenario, scale, recipes, files, tsuite, rsuite, args.model, args.device, out, args.data_root)
-    state = run_sweep(cfg, folder=ROOT)  # resumable: re-running skips finished recipes
+    prec = bench_precision(resolve_model(args.model).path, args.device)
+    prov = provenance.collect(prec, device=prec["device"])
+    # saved beside the sweep directory (run_sweep wants that directory to itself); a resume must match it
+    start = resume_guard(out.with_name(out.name + ".provenance.json"), prov, f"sweep {out}",
+                         resuming=(out / "sweep.json").is_file() and not args.overwrite)
+    state = run_sweep(cfg, folder=ROOT, overwrite=args.overwrite)  # resumable: re-running skips finished recipes
     rows = list(state["runs"])
     # the bench's cost is the sum of its runs' own times (each includes its evaluation, the first also the base
     # model's), so a bench resumed after an interruption still reports what one uninterrupted pass costs
@@ -370,7 +454,11 @@ def main() -> None:
     from rich.console import Console
 
     Console(stderr=True, width=200).print(sweep_table(state))
-    write_results(state, rows, args, scale, wall)
+    prov = provenance.finish(prov)
+    prov["precision"] = {**prov["precision"], "observed": observed_precision([r["dir"] for r in state["runs"]])}
+    if start:
+        prov["started"] = started(start)
+    write_results(state, rows, args, scale, wall, provenance=prov)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ smollm2-135m-instruct with the same data, steps and seed, each in a fresh subpro
 monitored second, then plain again (the machine's drift shows in the two plain runs). Reported: the
 monitor's own time as a share of training time (from the run's summary: probe_s / wall_time_s, which
 includes the one-off generation of the base model's answers and the step-0 probe) and the wall-time ratio
-against the mean of the plain runs. Writes bench/results/monitor_cost.json and .md.
+against the mean of the plain runs. Writes bench/results/monitor_cost.json and .md, with a `provenance` block
+(forgetless.provenance: commit, versions, CPU, allocator, and the precision path the runs took: each recipe sets
+train.bf16: true, and each run's summary.json `precision` is kept in `runs`).
 
     python bench/monitor_cost.py                        # 200 steps of 8 x 128 tokens (2 probes + the reference)
     python bench/monitor_cost.py --steps 300 --seq 256
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from forgetless import precision, provenance
 from forgetless.io import atomic_write_json, atomic_write_text
 from forgetless.models import resolve_model
 
@@ -59,7 +62,7 @@ def run(spec: dict, tmp: Path) -> dict:
         raise SystemExit(f"{spec['name']} failed:\n{out.stderr[-3000:]}")
     s = json.loads(out.stdout)
     return {"wall_time_s": s["wall_time_s"], "steps": s["steps"], "tokens_per_s": s["tokens_per_s"],
-            "monitor": s.get("monitor")}
+            "monitor": s.get("monitor"), "precision": s.get("precision")}
 
 
 def main() -> None:
@@ -71,6 +74,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "monitor_cost.json")
     args = ap.parse_args()
     model = resolve_model(args.model).path
+    # both runs train with train.bf16: true (see recipe()): that is the path measured
+    prov = provenance.collect(precision.resolve("bf16", "cpu", widths=precision.config_widths(model)), device="cpu")
     tmp = Path(tempfile.mkdtemp(prefix="fl-monitor-"))
     data = write_data(tmp, args.steps * args.batch)["task"]
     load0 = os.getloadavg()[0]
@@ -89,11 +94,15 @@ def main() -> None:
         "runs": runs, "probe_share": round(share, 4), "wall_ratio_vs_plain": round(m["wall_time_s"] / plain, 3),
         "probes": len(m["monitor"]["probes"]), "target_share": TARGET, "verdict": "PASS" if share < TARGET else "FAIL",
     }
+    prov = provenance.finish(prov)
+    prov["precision"] = {**prov["precision"], "observed": sorted({(r.get("precision") or {}).get("dtype") for r in runs.values()} - {None})}
+    result["provenance"] = prov
     atomic_write_json(args.out, result)
     lines = [
         f"# monitor_cost: {args.model}, {args.steps} steps of {args.batch} x {args.seq} tokens, full FT, bf16 compute", "",
         f"{platform.platform()}; load average {load0:.1f} at start, {load1:.1f} at end. Monitor at its defaults "
         "(self suite, 50 items, every 100 steps, 64-token answers).", "",
+        f"Provenance: {provenance.machine_line(prov)}.", "",
         "| run | wall s | tokens/s | monitor s | monitor share |", "|---|---|---|---|---|",
     ]
     for k, v in runs.items():

@@ -17,6 +17,9 @@ plain run (what the allocator buys), l2sp against the plain system-malloc run (t
     python bench/overhead.py                      # smollm2-135m-instruct, 8 x 128 tokens, 30 steps
     python bench/overhead.py --model stories260k --steps 40
     python bench/overhead.py --configs full+l2sp,full+ewc --repeats 3 --out bench/results/overhead-penalties.json
+
+The JSON's `provenance` block (forgetless.provenance) names the commit, versions, CPU, allocator and the precision
+path the runs took (every recipe sets train.bf16: true; each run's summary.json `precision` is kept in `runs`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from forgetless import precision, provenance
 from forgetless.models import resolve_model
 from forgetless.testing import WORDS
 
@@ -104,7 +108,7 @@ def run_one(spec: dict, tmp: Path, system_malloc: bool) -> dict:
     per_step = [r["tokens_per_s"] for r in log if r.get("tokens_per_s")]
     return {"allocator": s["allocator"], "tokens_per_s": s["tokens_per_s"], "wall_time_s": s["wall_time_s"], "tokens": s["tokens_seen"],
             "steps": s["steps"], "peak_memory_mb": s["peak_memory_mb"], "mitigations": s["mitigations"],
-            "step_tokens_per_s": per_step}
+            "step_tokens_per_s": per_step, "precision": s.get("precision")}
 
 
 def steady_step_time(runs: list[dict]) -> float:
@@ -132,6 +136,8 @@ def main() -> None:
     args = ap.parse_args()
 
     model = resolve_model(args.model).path
+    # every configuration trains with train.bf16: true (see recipe()): that is the path measured
+    prov = provenance.collect(precision.resolve("bf16", "cpu", widths=precision.config_widths(model)), device="cpu")
     tmp = Path(tempfile.mkdtemp(prefix="fl-overhead-"))
     data = write_data(tmp, args.steps * args.batch * 2)
     names = args.configs.split(",")
@@ -187,6 +193,9 @@ def main() -> None:
         print(f"{r['config']:<28}{r['baseline']:<22}{r['tokens_per_s']:>9.1f}{r['baseline_tokens_per_s']:>12.1f}{r['step_time_ratio']:>13.3f}"
               f"{r['steady_step_time_ratio']:>10.3f}{r['token_ratio']:>10.3f}{r['peak_memory_mb']:>10}{r['baseline_peak_memory_mb']:>10}"
               f"{100 * share:>11.1f}%  {r['paired_median_step_ratio']:.3f} ({', '.join(f'{x:.3f}' for x in r['paired_median_step_ratios'])})")
+    prov = provenance.finish(prov)
+    prov["precision"] = {**prov["precision"], "observed": sorted(
+        {(r.get("precision") or {}).get("dtype") for rs in results.values() for r in rs} - {None})}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "bench": "overhead", "model": args.model, "steps": args.steps, "batch": args.batch, "seq": args.seq,
@@ -196,7 +205,7 @@ def main() -> None:
         "note": "step_time_ratio: whole run (train() wall time per step); steady_step_time_ratio: steps after the first third, "
                 "pooled; paired_median_step_ratio: median over repeats of (median step time after the first third) / (the same "
                 "of the plain run just before it)",
-        "rows": table, "runs": results,
+        "rows": table, "runs": results, "provenance": prov,
     }, indent=2) + "\n")
     print(f"wrote {args.out}")
 

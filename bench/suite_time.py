@@ -4,8 +4,9 @@ Target (issue: measure forgetting): the `general` suite takes at most 3 minutes 
 on this 2-core machine. Self-reference scores the candidate on the base model's own greedy answers, which
 are generated once per base model and cached; the script times a cold start (answers generated) once and
 the warm evaluation (what every later evaluation of the same base, or of any candidate against it, costs)
-in bf16 (the default; --fp32 adds fp32). Per-task seconds and the load average go to
-bench/results/suite_time.json and .md.
+in bf16 (--fp32 adds fp32). Per-task seconds and the load average go to bench/results/suite_time.json and .md,
+with a `provenance` block (forgetless.provenance: commit, versions, CPU, allocator, the precision paths timed and
+what `auto`, the evaluation default, resolves to here).
 
     python bench/suite_time.py                         # general suite, smollm2-135m-instruct
     python bench/suite_time.py --suite self --model stories260k
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from forgetless import precision, provenance
 from forgetless.io import atomic_write_json, atomic_write_text
 from forgetless.models import resolve_model
 from forgetless.retention.evaluate import evaluate
@@ -49,9 +51,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "suite_time.json")
     args = ap.parse_args()
     torch.set_flush_denormal(True)
+    path = resolve_model(args.model).path
+    auto = precision.resolve("auto", "cpu", widths=precision.config_widths(path))
+    prov = provenance.collect({"dtype": "bf16", "reason": "set by the bench: evaluate(bf16=True)" + (", then fp32" if args.fp32 else "")
+                               + f"; auto here: {auto.dtype} ({auto.reason})", "timed": ["bf16", "fp32"] if args.fp32 else ["bf16"],
+                               "auto": auto.dtype}, device="cpu")
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    model, tok = load_model(resolve_model(args.model).path)
+    model, tok = load_model(path)
     load_s = time.perf_counter() - t0
     suite = load_suite(args.suite)
     cache = Path(tempfile.mkdtemp(prefix="fl-suite-time-"))  # a cold cache: the answers are generated here
@@ -67,12 +74,14 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "loadavg_start": load0, "loadavg_end": load1},
         "budget_s": BUDGET_S, "runs": runs, "fp32_over_bf16": round(ratio, 2) if ratio else None,
         "verdict": {k: ("PASS" if v["wall_s"] <= BUDGET_S else "FAIL") for k, v in runs.items()},
+        "provenance": provenance.finish(prov),
     }
     atomic_write_json(args.out, result)
     tasks = list(runs["warm bf16"]["tasks_s"])
     lines = [f"# suite_time: `{args.suite}` suite on {args.model}", "",
              f"{platform.platform()}, {torch.get_num_threads()} torch threads, load average {load0:.1f} at start, {load1:.1f} at end. "
              f"Model load {load_s:.1f} s (not counted). Target: <= {BUDGET_S:.0f} s.", "",
+             f"Provenance: {provenance.machine_line(result['provenance'])}.", "",
              "| run | wall s | verdict | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
     for k, v in runs.items():
         lines.append(f"| {k} | {v['wall_s']} | {result['verdict'][k]} | " + " | ".join(str(v['tasks_s'].get(t, '-')) for t in tasks) + " |")

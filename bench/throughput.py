@@ -2,7 +2,8 @@
 
 Same model, same packed token blocks, same steps, same optimizer (AdamW, fp32 master weights) and the
 same bf16 autocast compute, for full fine-tuning and LoRA. Prints tokens/s of both and the ratio, and
-writes bench/results/throughput.json. Target: forgetless >= 0.95x the bare loop.
+writes bench/results/throughput.json (with a `provenance` block: commit, versions, CPU, the precision path
+both loops ran at, allocator). Target: forgetless >= 0.95x the bare loop.
 
     python bench/throughput.py                       # smollm2-135m-instruct, 8 x 256 tokens, 12 steps
     python bench/throughput.py --model stories260k --steps 50
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from forgetless import precision, provenance
 from forgetless.data import build_examples
 from forgetless.data.loading import Record
 from forgetless.models import resolve_model
@@ -72,7 +74,8 @@ def forgetless_run(model_path: str, method: dict, data_file: Path, steps: int, b
         "train": {"output_dir": str(out), "save_steps": None, "logging_steps": max(1, steps // 4), "progress": False, "bf16": True},
     })
     s = train(r, overwrite=True, quiet=True).summary
-    return {"tokens": s["tokens_seen"], "seconds": s["wall_time_s"], "tokens_per_s": s["tokens_per_s"], "final_loss": s["final_train_loss"]}
+    return {"tokens": s["tokens_seen"], "seconds": s["wall_time_s"], "tokens_per_s": s["tokens_per_s"], "final_loss": s["final_train_loss"],
+            "precision": s.get("precision")}
 
 
 def main() -> None:
@@ -88,6 +91,10 @@ def main() -> None:
 
     setup_torch()
     resolved = resolve_model(args.model)
+    # both loops force bf16 autocast (the bare loop by hand, forgetless with train.bf16: true): that is the path
+    # measured; resolve() adds the probe's ratio to the reason (and warns where bf16 is emulated)
+    prec = precision.resolve("bf16", "cpu", widths=precision.config_widths(resolved.path))
+    prov = provenance.collect(prec, device="cpu")
     tok = load_tokenizer(resolved.path)
     tmp = Path(tempfile.mkdtemp(prefix="fl-bench-"))
     docs = make_text(args.steps * args.batch)
@@ -128,6 +135,10 @@ def main() -> None:
         "target": "forgetless >= 0.95x bare loop",
         "rows": rows,
     }
+    prov = provenance.finish(prov)
+    seen = sorted({(r.get("precision") or {}).get("dtype") for row in rows for r in row["forgetless_runs"]} - {None})
+    prov["precision"] = {**prov["precision"], "observed": {"bare loop": "bf16 autocast", "forgetless train (summary.json)": seen}}
+    result["provenance"] = prov
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,0 +1,148 @@
+"""Provenance of bench results (forgetless.provenance, issue 21): what collect() records, the check that refuses
+to resume a bench on another CPU or precision path, and the bench scripts' use of both."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from forgetless import provenance
+from forgetless.errors import ForgetlessError
+from forgetless.precision import Precision
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+SCRIPTS = ("throughput", "overhead", "eval_speed", "monitor_cost", "continual", "forgetting", "data_check", "suite_time",
+           "precision")
+
+
+def _cpuinfo() -> tuple[str | None, str | None]:
+    model = flags = None
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None, None
+    for line in lines:
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and flags is None:
+            flags = value.strip()
+    return model, flags
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_collect_records_commit_versions_cpu_and_precision():
+    prec = Precision("bf16", "measured: bf16 2.10x fp32 at widths 576x1536")
+    prov = provenance.collect(prec, device="cpu", argv=["bench/throughput.py", "--steps", "3"])
+    if (REPO / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        assert prov["commit"] == head and re.fullmatch(r"[0-9a-f]{40}", prov["commit"])
+        assert isinstance(prov["dirty"], bool)
+    assert datetime.fromisoformat(prov["date"]).tzinfo is not None
+    assert prov["command"].endswith("bench/throughput.py --steps 3")
+    v = prov["versions"]
+    import peft
+    import transformers
+
+    assert v["torch"] == torch.__version__ and v["python"] == platform.python_version()
+    assert v["transformers"] == transformers.__version__ and v["peft"] == peft.__version__ and v["forgetless"]
+    m = prov["machine"]
+    model, flags = _cpuinfo()
+    if model is not None:
+        assert m["cpu"] == model
+    if flags is not None:
+        assert m["flags"] == flags
+        assert m["flags_sha"] == hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
+    assert m["threads"] == torch.get_num_threads() and m["cpus"] == os.cpu_count() and m["device"] == "cpu"
+    assert m["capability"] and "mkldnn_bf16" in m
+    assert prov["precision"] == {"dtype": "bf16", "reason": prec.reason}
+    assert "allocator" in prov and "loadavg_start" in prov
+    done = provenance.finish(prov)
+    assert done["date"] == prov["date"] and datetime.fromisoformat(done["finished"]) >= datetime.fromisoformat(prov["date"])
+    assert "loadavg_end" in done
+    line = provenance.machine_line(done)
+    assert m["cpu"] in line and "precision bf16" in line and torch.__version__ in line
+
+
+def _prov(cpu: str = "AMD EPYC", flags_sha: str = "6a93d771884c", dtype: str = "bf16") -> dict:
+    return {"commit": "0" * 40, "machine": {"cpu": cpu, "flags_sha": flags_sha, "threads": 2},
+            "precision": {"dtype": dtype, "reason": "measured"}}
+
+
+def test_check_same_machine_accepts_the_same_cpu_and_precision():
+    assert provenance.check_same_machine(_prov(), _prov(), what="sweep runs/x") is True
+    assert provenance.check_same_machine(None, _prov(), what="sweep runs/x") is True  # nothing saved: a fresh start
+
+
+@pytest.mark.parametrize("other, words", [
+    (_prov(flags_sha="0123456789ab"), ["6a93d771884c", "0123456789ab"]),  # same model name, other flags (a VM)
+    (_prov(cpu="Intel Xeon"), ["AMD EPYC", "Intel Xeon"]),
+    (_prov(dtype="fp32"), ["precision bf16 vs fp32"]),
+])
+def test_check_same_machine_refuses_another_cpu_or_precision(other, words):
+    with pytest.raises(ForgetlessError) as e:
+        provenance.check_same_machine(_prov(), other, what="sweep runs/x")
+    msg = str(e.value)
+    assert "sweep runs/x" in msg and all(w in msg for w in words)
+    assert provenance.check_same_machine(_prov(), other, what="sweep runs/x", allow_mixed=True) is False
+
+
+def test_bench_resume_guard_saves_the_start_and_refuses_a_mixed_resume(tmp_path, capsys):
+    fg = _bench_module("forgetting")
+    path = tmp_path / "sweep.provenance.json"
+    assert fg.resume_guard(path, _prov(), "sweep runs/x", resuming=False) is None  # a fresh start saves its own
+    assert json.loads(path.read_text()) == _prov()
+    assert fg.resume_guard(path, _prov(), "sweep runs/x", resuming=True) == _prov()
+    for other in (_prov(flags_sha="0123456789ab"), _prov(dtype="fp32")):
+        with pytest.raises(SystemExit) as e:
+            fg.resume_guard(path, other, "sweep runs/x", resuming=True)
+        assert "another machine or precision path" in str(e.value) and str(path) in str(e.value)
+    assert json.loads(path.read_text()) == _prov()  # the start's provenance is kept
+    path.unlink()  # a result started before provenance was recorded: warned, then this machine's is saved
+    assert fg.resume_guard(path, _prov(dtype="fp32"), "sweep runs/x", resuming=True) is None
+    assert "no saved provenance" in capsys.readouterr().err and json.loads(path.read_text())["precision"]["dtype"] == "fp32"
+
+
+def test_observed_precision_reads_summaries_and_eval_settings(tmp_path):
+    fg = _bench_module("forgetting")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "summary.json").write_text(json.dumps({"precision": {"dtype": "bf16", "reason": "measured"}}))
+    (a / "eval-task.json").write_text(json.dumps({"settings": {"precision": "bf16"}}))
+    (b / "summary.json").write_text(json.dumps({"bf16_compute": False}))  # a summary from before `precision`
+    (b / "eval-retention.json").write_text(json.dumps({"settings": {"bf16": False}}))
+    assert fg.observed_precision([a, b, tmp_path / "missing"]) == {"train": {"bf16": 1, "fp32": 1},
+                                                                   "eval": {"bf16": 1, "fp32": 1}}
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_bench_records_provenance(name):
+    text = (BENCH / f"{name}.py").read_text()
+    assert "provenance.collect(" in text and "provenance.finish(" in text, f"bench/{name}.py records no provenance"
+
+
+def test_precision_md_is_rendered_from_its_json():
+    saved = BENCH / "results" / "precision.json"
+    if not saved.is_file():
+        pytest.skip("bench/results/precision.json not committed yet")
+    mod = _bench_module("precision")
+    assert mod.render_md(json.loads(saved.read_text())) == saved.with_suffix(".md").read_text()
