@@ -20,8 +20,10 @@ from forgetless.train import train
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
-    """Each test its own precision cache: a stubbed probe's answer must not reach other tests."""
+    """Each test its own precision cache: a stubbed probe's answer must not reach other tests. oneDNN's
+    capability check reports native bf16 (as on this machine), so the probe decides, on any CPU."""
     monkeypatch.setenv("FORGETLESS_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(P, "_mkldnn_bf16", lambda: True)
 
 
 def _stub(speedup: float, calls: list):
@@ -41,6 +43,19 @@ def test_auto_picks_bf16_only_where_the_probe_measures_it_faster(monkeypatch, sp
     assert calls == [(576, 1536)]
     assert f"{speedup:.2f}x" in got.reason and got.reason.startswith("measured")
     assert P.resolve("fp32", "cpu").dtype == "fp32" and P.resolve(False, "cpu").reason == "requested"
+
+
+def test_a_cpu_without_native_bf16_gets_fp32_without_a_probe_and_explicit_bf16_warns(monkeypatch, capsys):
+    calls: list = []
+    monkeypatch.setattr(P, "probe", _stub(1 / 68, calls))
+    monkeypatch.setattr(P, "_mkldnn_bf16", lambda: False)
+    monkeypatch.setattr(P, "_warned", set())
+    got = P.resolve("auto", "cpu", widths=(576, 1536))
+    assert got.dtype == "fp32" and "no native bf16" in got.reason and calls == []
+    forced = P.resolve("bf16", "cpu", widths=(576, 1536))  # runs, but measured and warned about
+    assert forced.dtype == "bf16" and calls == [(576, 1536)]
+    err = capsys.readouterr().err
+    assert "68.0x slower than fp32" in err and "native bf16: False" in err
 
 
 def test_the_choice_is_cached_and_keyed_by_cpu_torch_threads_and_widths(monkeypatch):
@@ -75,8 +90,10 @@ def test_explicit_bf16_where_it_is_slow_runs_but_warns_once_with_the_ratio(monke
 
 
 def test_the_real_probe_is_quick_and_sane():
+    threads = torch.get_num_threads()
     res = P.measure(torch.device("cpu"), (64, 128), budget_s=0.02)
-    assert res["fp32_gflops"] > 0 and res["bf16_gflops"] > 0 and res["probe_s"] < 1.0
+    assert res["fp32_gflops"] > 0 and res["bf16_gflops"] > 0 and res["probe_s"] < 1.0 and res["calls"] >= 5
+    assert torch.get_num_threads() == threads  # the probe's one thread is given back
     assert res["bf16_speedup"] == pytest.approx(res["bf16_gflops"] / res["fp32_gflops"], rel=0.01)
 
 

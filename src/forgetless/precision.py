@@ -5,8 +5,10 @@ x86, BF16 on recent ARM) run it fast; elsewhere torch's matmul takes a reference
 slower than fp32 (AMD EPYC with AVX2 only: 1.2 against 81.6 GFLOP/s). So `auto` decides by:
 
 - CUDA: `torch.cuda.is_bf16_supported()` (Ampere and newer run bf16 at full speed).
-- CPU and Apple MPS: a short timed probe, a few matmuls at the model's own widths under bf16 autocast
-  against fp32, well under a second; bf16 is chosen when it is at least `MIN_SPEEDUP` times faster. The
+- CPU: where oneDNN finds no bf16 instructions (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`), fp32 at
+  once. Otherwise, and on Apple MPS, a short timed probe: a few matmuls at the model's own widths under bf16
+  autocast against fp32, well under a second, timed in the probing thread's CPU time so that a busy machine
+  cannot skew it; bf16 is chosen when it is at least `MIN_SPEEDUP` times faster (at tiny widths it is not). The
   result is cached in `$FORGETLESS_HOME/cache/precision.json` under a key of CPU model, a hash of the CPU
   flags (VMs can hide different flags behind one model name), torch version, thread count and widths.
   MPS is untested here: no Apple machine was at hand.
@@ -164,36 +166,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _gflops(device: torch.device, widths: tuple[int, int], bf16: bool, budget_s: float) -> float:
-    """GFLOP/s of the two matmul shapes a transformer block runs (hidden->MLP and back), fp32 inputs, under
-    bf16 autocast or not: what a training or scoring step pays, casts included."""
+def _block(device: torch.device, widths: tuple[int, int]):
+    """The two matmul shapes a transformer block runs (hidden->MLP and back) on PROBE_TOKENS rows, fp32 inputs."""
     h, m = widths
     g = torch.Generator().manual_seed(0)
     x = torch.randn(PROBE_TOKENS, h, generator=g).to(device)
     w1 = torch.randn(h, m, generator=g).to(device)
     w2 = torch.randn(m, h, generator=g).to(device)
-    flops = 2 * PROBE_TOKENS * h * m * 2
+    return (lambda: (x @ w1) @ w2), 2 * PROBE_TOKENS * h * m * 2
+
+
+def _call_s(fn, device: torch.device, bf16: bool) -> float:
+    """Seconds of one call: on CPU the calling thread's CPU time (torch runs it on that one thread here), which
+    a busy machine cannot inflate by descheduling the probe; wall time on an accelerator."""
+    clock = time.thread_time if device.type == "cpu" else time.perf_counter
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        (x @ w1) @ w2  # warm-up: kernel selection, oneDNN primitive creation
+        t0 = clock()
+        fn()
         _sync(device)
-        n, t0 = 0, time.perf_counter()
-        while True:
-            (x @ w1) @ w2
-            n += 1
-            _sync(device)
-            elapsed = time.perf_counter() - t0
-            if elapsed >= budget_s or n >= 50:
-                break
-    return flops * n / elapsed / 1e9
+        return max(clock() - t0, 1e-9)
 
 
-def measure(device: torch.device, widths: tuple[int, int] = DEFAULT_WIDTHS, budget_s: float = 0.1) -> dict[str, Any]:
-    """The timed probe: fp32 and bf16-autocast GFLOP/s at `widths`, and their ratio."""
+def measure(device: torch.device, widths: tuple[int, int] = DEFAULT_WIDTHS, budget_s: float = 0.3) -> dict[str, Any]:
+    """The timed probe: fp32 and bf16-autocast GFLOP/s at `widths` (casts included, as a training or scoring
+    step pays them), and their ratio. On one thread and in that thread's CPU time, the modes alternating call
+    by call, each keeping its fastest call: on a busy machine wall time (or two threads waiting on each other)
+    measures the scheduler, not the kernels (a bench under load 7 on 2 cores read anything from 0.5x to 5.7x
+    in wall time). Runs until `budget_s` has passed and each mode had 5 calls (at most 200)."""
     t0 = time.perf_counter()
-    fp32 = _gflops(device, widths, False, budget_s)
-    bf16 = _gflops(device, widths, True, budget_s)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn, flops = _block(device, widths)
+        best = {False: float("inf"), True: float("inf")}
+        for bf16 in (False, True):  # warm-up: kernel selection, oneDNN primitive creation
+            _call_s(fn, device, bf16)
+        calls = 0
+        while calls < 5 or (time.perf_counter() - t0 < budget_s and calls < 200):
+            for bf16 in (False, True):
+                best[bf16] = min(best[bf16], _call_s(fn, device, bf16))
+            calls += 1
+    finally:
+        torch.set_num_threads(threads)
+    fp32, bf16 = flops / best[False] / 1e9, flops / best[True] / 1e9
     return {"fp32_gflops": round(fp32, 2), "bf16_gflops": round(bf16, 2), "bf16_speedup": round(bf16 / fp32, 3),
-            "widths": list(widths), "probe_s": round(time.perf_counter() - t0, 3)}
+            "widths": list(widths), "calls": calls, "threads": 1, "probe_s": round(time.perf_counter() - t0, 3)}
 
 
 # The probe, replaceable in tests (a stub that reports bf16 slower or faster).
@@ -245,6 +262,9 @@ def resolve(setting: Any = "auto", device: torch.device | str = "cpu", model: An
     if device.type not in ("cpu", "mps"):
         return Precision("bf16" if requested == "bf16" else "fp32", "requested" if requested == "bf16"
                          else f"no bf16 probe for {device.type}", requested, device.type)
+    if device.type == "cpu" and requested == "auto" and _mkldnn_bf16() is False:
+        # oneDNN finds no bf16 instructions: torch would take its reference path (68x slower measured)
+        return Precision("fp32", "no native bf16 on this CPU (oneDNN); bf16 would be emulated", requested, device.type)
     p = _cached_probe(device, widths)
     fast = p["bf16_speedup"] >= MIN_SPEEDUP
     measured = f"bf16 {p['bf16_speedup']:.2f}x fp32 at widths {widths[0]}x{widths[1]}"
@@ -263,6 +283,7 @@ def _warn_once(device: torch.device, p: dict[str, Any]) -> None:
         return
     _warned.add(key)
     print(f"warning: bf16 compute was requested, but on this {device.type} it ran {1 / p['bf16_speedup']:.1f}x "
-          f"slower than fp32 in a timed probe ({p['bf16_gflops']:.1f} vs {p['fp32_gflops']:.1f} GFLOP/s; "
-          "this CPU has no native bf16). precision: auto (or fp32) would pick fp32.", file=sys.stderr)
+          f"slower than fp32 in a timed probe ({p['bf16_gflops']:.1f} vs {p['fp32_gflops']:.1f} GFLOP/s at widths "
+          f"{p['widths'][0]}x{p['widths'][1]}; oneDNN reports native bf16: {_mkldnn_bf16()}). precision: auto (or "
+          "fp32) would pick fp32.", file=sys.stderr)
 
