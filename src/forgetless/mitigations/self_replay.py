@@ -88,8 +88,9 @@ class SelfReplay(Replay):
         device = next(model.parameters()).device
         for s in range(0, n, 16):
             b = min(16, n - s)
-            gen = model.generate(input_ids=torch.tensor([ids] * b, device=device), do_sample=True, top_p=0.95, temperature=1.0,
-                                 max_new_tokens=48, pad_token_id=pad)
+            batch = torch.tensor([ids] * b, device=device)  # the same prompt in every row: no padding to mask
+            gen = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True, top_p=0.95,
+                                 temperature=1.0, max_new_tokens=48, pad_token_id=pad)
             out += [tok.decode(g[len(ids):], skip_special_tokens=True).strip().split("\n")[0].strip() for g in gen]
         return out
 
