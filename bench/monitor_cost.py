@@ -8,7 +8,7 @@ monitor's own time as a share of training time (from the run's summary: probe_s 
 includes the one-off generation of the base model's answers and the step-0 probe) and the wall-time ratio
 against the mean of the plain runs. Writes bench/results/monitor_cost.json and .md, with a `provenance` block
 (forgetless.provenance: commit, versions, CPU, allocator, and the precision path the runs took: each recipe sets
-train.bf16: true, and each run's summary.json `precision` is kept in `runs`).
+train.bf16 to the resolved --precision (default auto), and each run's summary.json `precision` is kept in `runs`).
 
     python bench/monitor_cost.py                        # 200 steps of 8 x 128 tokens (2 probes + the reference)
     python bench/monitor_cost.py --steps 300 --seq 256
@@ -38,13 +38,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.15
 
 
-def recipe(name: str, model: str, data: Path, out: Path, steps: int, batch: int, seq: int, monitor: bool) -> dict:
+def recipe(name: str, model: str, data: Path, out: Path, steps: int, batch: int, seq: int, monitor: bool,
+           bf16: bool) -> dict:
     r = {
         "name": name, "model": model,
         "data": {"train": str(data), "format": "text", "max_length": seq, "packing": True, "check": "off"},
         "method": "full",
         "optim": {"lr": 2e-5, "max_steps": steps, "batch_size": batch, "warmup_steps": 0},
-        "train": {"output_dir": str(out / name), "save_steps": None, "progress": False, "bf16": True, "logging_steps": 10,
+        "train": {"output_dir": str(out / name), "save_steps": None, "progress": False, "bf16": bf16, "logging_steps": 10,
                   "report": False},
     }
     if monitor:
@@ -72,17 +73,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--out", type=Path, default=RESULTS / "monitor_cost.json")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="compute of both runs (auto: bf16 only where this CPU runs it fast)")
     args = ap.parse_args()
     model = resolve_model(args.model).path
-    # both runs train with train.bf16: true (see recipe()): that is the path measured
-    prov = provenance.collect(precision.resolve("bf16", "cpu", widths=precision.config_widths(model)), device="cpu")
+    # both runs train at the resolved precision (recipe(): train.bf16): that is the path measured
+    prec = precision.resolve(args.precision, "cpu", widths=precision.config_widths(model))
+    prov = provenance.collect(prec, device="cpu")
     tmp = Path(tempfile.mkdtemp(prefix="fl-monitor-"))
     data = write_data(tmp, args.steps * args.batch)["task"]
     load0 = os.getloadavg()[0]
     runs = {}
     for name, mon in (("plain", False), ("monitored", True), ("plain-again", False)):
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        runs[name] = run(recipe(name, model, data, tmp, args.steps, args.batch, args.seq, mon), tmp)
+        runs[name] = run(recipe(name, model, data, tmp, args.steps, args.batch, args.seq, mon, prec.bf16), tmp)
     load1 = os.getloadavg()[0]
     plain = (runs["plain"]["wall_time_s"] + runs["plain-again"]["wall_time_s"]) / 2
     m = runs["monitored"]
@@ -99,7 +103,7 @@ def main() -> None:
     result["provenance"] = prov
     atomic_write_json(args.out, result)
     lines = [
-        f"# monitor_cost: {args.model}, {args.steps} steps of {args.batch} x {args.seq} tokens, full FT, bf16 compute", "",
+        f"# monitor_cost: {args.model}, {args.steps} steps of {args.batch} x {args.seq} tokens, full FT, {prec.dtype} compute", "",
         f"{platform.platform()}; load average {load0:.1f} at start, {load1:.1f} at end. Monitor at its defaults "
         "(self suite, 50 items, every 100 steps, 64-token answers).", "",
         f"Provenance: {provenance.machine_line(prov)}.", "",

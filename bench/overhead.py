@@ -19,7 +19,7 @@ plain run (what the allocator buys), l2sp against the plain system-malloc run (t
     python bench/overhead.py --configs full+l2sp,full+ewc --repeats 3 --out bench/results/overhead-penalties.json
 
 The JSON's `provenance` block (forgetless.provenance) names the commit, versions, CPU, allocator and the precision
-path the runs took (every recipe sets train.bf16: true; each run's summary.json `precision` is kept in `runs`).
+path the runs took (every recipe sets train.bf16 to the resolved --precision, default auto; each run's summary.json `precision` is kept in `runs`).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def baseline(name: str) -> str:
     return base + SYSTEM if name.endswith(SYSTEM) else base
 
 
-def recipe(name: str, model: str, data: dict[str, Path], out: Path, steps: int, batch: int, seq: int) -> dict:
+def recipe(name: str, model: str, data: dict[str, Path], out: Path, steps: int, batch: int, seq: int, bf16: bool) -> dict:
     method, mitigations = CONFIGS[name]
     general = {"train": str(data["general"]), "format": "text", "max_length": seq}
     mits = [{k: (general if v == "GENERAL" else v) for k, v in m.items()} for m in mitigations]
@@ -89,7 +89,7 @@ def recipe(name: str, model: str, data: dict[str, Path], out: Path, steps: int, 
         "method": {"name": method, **({"r": 16} if method == "lora" else {})},
         "optim": {"lr": 2e-5 if method == "full" else 2e-4, "max_steps": steps, "batch_size": batch, "warmup_steps": 0},
         "train": {"output_dir": str(out / name.replace(SYSTEM, "-system-malloc")), "save_steps": None, "progress": False,
-                  "bf16": True, "logging_steps": 1, "report": False},
+                  "bf16": bf16, "logging_steps": 1, "report": False},
         "mitigations": mits,
     }
 
@@ -133,11 +133,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="run the whole sequence this many times (each mitigation paired with the plain run just before it)")
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="compute of every run (auto: bf16 only where this CPU runs it fast)")
     args = ap.parse_args()
 
     model = resolve_model(args.model).path
-    # every configuration trains with train.bf16: true (see recipe()): that is the path measured
-    prov = provenance.collect(precision.resolve("bf16", "cpu", widths=precision.config_widths(model)), device="cpu")
+    # every configuration trains at the resolved precision (recipe(): train.bf16): that is the path measured
+    prec = precision.resolve(args.precision, "cpu", widths=precision.config_widths(model))
+    prov = provenance.collect(prec, device="cpu")
     tmp = Path(tempfile.mkdtemp(prefix="fl-overhead-"))
     data = write_data(tmp, args.steps * args.batch * 2)
     names = args.configs.split(",")
@@ -152,7 +155,7 @@ def main() -> None:
     for rep in range(args.repeats):
         for n in order:
             print(f"[{rep + 1}/{args.repeats}] running {n} ...", file=sys.stderr, flush=True)
-            run = run_one(recipe(n, model, data, tmp, args.steps, args.batch, args.seq), tmp, n.endswith(SYSTEM))
+            run = run_one(recipe(n, model, data, tmp, args.steps, args.batch, args.seq, prec.bf16), tmp, n.endswith(SYSTEM))
             if n != baseline_of[n]:
                 pair_ratios.setdefault(n, []).append(round(median_step_s(run) / median_step_s(results[baseline_of[n]][-1]), 3))
             results.setdefault(n, []).append(run)
@@ -184,7 +187,7 @@ def main() -> None:
             "mitigations": results[n][-1]["mitigations"],
         }
         table.append(row)
-    print(f"\nmitigation overhead, {args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, bf16 compute + fp32 masters, "
+    print(f"\nmitigation overhead, {args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, {prec.dtype} compute + fp32 masters, "
           f"allocator {table[0]['allocator']}, {args.repeats} repeat(s)")
     print(f"{'config':<28}{'vs':<22}{'tok/s':>9}{'base tok/s':>12}{'step time x':>13}{'steady x':>10}{'tokens x':>10}{'peak MiB':>10}"
           f"{'base MiB':>10}{'hook share':>12}  paired median x (each repeat)")

@@ -1,7 +1,7 @@
 """Training throughput: `forgetless train` against a bare PyTorch loop, side by side in one process.
 
 Same model, same packed token blocks, same steps, same optimizer (AdamW, fp32 master weights) and the
-same bf16 autocast compute, for full fine-tuning and LoRA. Prints tokens/s of both and the ratio, and
+same compute (bf16 autocast where this CPU runs it fast, else fp32; --precision), for full fine-tuning and LoRA. Prints tokens/s of both and the ratio, and
 writes bench/results/throughput.json (with a `provenance` block: commit, versions, CPU, the precision path
 both loops ran at, allocator). Target: forgetless >= 0.95x the bare loop.
 
@@ -40,7 +40,7 @@ def make_text(n_docs: int, seed: int = 0) -> list[dict]:
     return [{"text": " ".join(rng.choice(WORDS) for _ in range(300))} for _ in range(n_docs)]
 
 
-def bare_loop(model_path: str, method: dict, blocks: list[dict], steps: int, batch: int, lr: float) -> dict:
+def bare_loop(model_path: str, method: dict, blocks: list[dict], steps: int, batch: int, lr: float, bf16: bool) -> dict:
     """The baseline: a hand-written loop with the same model preparation, optimizer and autocast."""
     r = recipe_from_dict({"model": model_path, "data": {"train": "unused"}, "method": method})
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def bare_loop(model_path: str, method: dict, blocks: list[dict], steps: int, bat
     for step in range(steps):
         chunk = blocks[(step * batch) % len(blocks) : (step * batch) % len(blocks) + batch]
         ids = torch.tensor([b["input_ids"] for b in chunk])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -64,14 +64,15 @@ def bare_loop(model_path: str, method: dict, blocks: list[dict], steps: int, bat
     return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "final_loss": loss.item()}
 
 
-def forgetless_run(model_path: str, method: dict, data_file: Path, steps: int, batch: int, seq: int, lr: float, out: Path) -> dict:
+def forgetless_run(model_path: str, method: dict, data_file: Path, steps: int, batch: int, seq: int, lr: float, out: Path,
+                   bf16: bool) -> dict:
     r = recipe_from_dict({
         "name": "throughput",
         "model": model_path,
         "data": {"train": str(data_file), "format": "text", "max_length": seq, "packing": True},
         "method": method,
         "optim": {"lr": lr, "max_steps": steps, "batch_size": batch, "warmup_steps": 0, "schedule": "constant"},
-        "train": {"output_dir": str(out), "save_steps": None, "logging_steps": max(1, steps // 4), "progress": False, "bf16": True},
+        "train": {"output_dir": str(out), "save_steps": None, "logging_steps": max(1, steps // 4), "progress": False, "bf16": bf16},
     })
     s = train(r, overwrite=True, quiet=True).summary
     return {"tokens": s["tokens_seen"], "seconds": s["wall_time_s"], "tokens_per_s": s["tokens_per_s"], "final_loss": s["final_train_loss"],
@@ -87,13 +88,14 @@ def main() -> None:
     ap.add_argument("--methods", default="full,lora")
     ap.add_argument("--repeats", type=int, default=2, help="alternate bare/forgetless runs this many times each")
     ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="compute of both loops (auto: bf16 only where this CPU runs it fast)")
     args = ap.parse_args()
 
     setup_torch()
     resolved = resolve_model(args.model)
-    # both loops force bf16 autocast (the bare loop by hand, forgetless with train.bf16: true): that is the path
-    # measured; resolve() adds the probe's ratio to the reason (and warns where bf16 is emulated)
-    prec = precision.resolve("bf16", "cpu", widths=precision.config_widths(resolved.path))
+    # both loops run the resolved compute (the bare loop's autocast by hand, forgetless with train.bf16 set to it)
+    prec = precision.resolve(args.precision, "cpu", widths=precision.config_widths(resolved.path))
     prov = provenance.collect(prec, device="cpu")
     tok = load_tokenizer(resolved.path)
     tmp = Path(tempfile.mkdtemp(prefix="fl-bench-"))
@@ -111,15 +113,16 @@ def main() -> None:
         bare, ours = [], []
         for i in range(args.repeats):
             print(f"[{name}] repeat {i + 1}/{args.repeats}: bare loop ...", file=sys.stderr, flush=True)
-            bare.append(bare_loop(resolved.path, method, blocks, args.steps, args.batch, lr))
+            bare.append(bare_loop(resolved.path, method, blocks, args.steps, args.batch, lr, prec.bf16))
             print(f"[{name}] repeat {i + 1}/{args.repeats}: forgetless train ...", file=sys.stderr, flush=True)
-            ours.append(forgetless_run(resolved.path, method, data_file, args.steps, args.batch, args.seq, lr, tmp / f"run-{name}"))
+            ours.append(forgetless_run(resolved.path, method, data_file, args.steps, args.batch, args.seq, lr, tmp / f"run-{name}",
+                                       prec.bf16))
         b = sum(x["tokens_per_s"] for x in bare) / len(bare)
         f = sum(x["tokens_per_s"] for x in ours) / len(ours)
         rows.append({"method": name, "bare_tokens_per_s": round(b, 1), "forgetless_tokens_per_s": round(f, 1),
                      "ratio": round(f / b, 3), "bare_runs": bare, "forgetless_runs": ours})
 
-    print(f"\nthroughput, {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, bf16 autocast + fp32 master weights")
+    print(f"\nthroughput, {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, {prec.dtype} compute + fp32 master weights")
     print(f"{'method':<8}{'bare tok/s':>12}{'forgetless tok/s':>18}{'ratio':>8}")
     for r in rows:
         print(f"{r['method']:<8}{r['bare_tokens_per_s']:>12.1f}{r['forgetless_tokens_per_s']:>18.1f}{r['ratio']:>8.3f}")
@@ -137,7 +140,7 @@ def main() -> None:
     }
     prov = provenance.finish(prov)
     seen = sorted({(r.get("precision") or {}).get("dtype") for row in rows for r in row["forgetless_runs"]} - {None})
-    prov["precision"] = {**prov["precision"], "observed": {"bare loop": "bf16 autocast", "forgetless train (summary.json)": seen}}
+    prov["precision"] = {**prov["precision"], "observed": {"bare loop": f"{prec.dtype} (autocast enabled={prec.bf16})", "forgetless train (summary.json)": seen}}
     result["provenance"] = prov
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
