@@ -10,6 +10,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .. import faults
 from ..distributed import is_main
 from ..io import append_jsonl
 
@@ -158,6 +159,18 @@ class CheckpointMarker(TrainerCallback):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+
+
+class FaultPoints(TrainerCallback):
+    """The training loop's named points for forgetless.faults (no-ops unless $FORGETLESS_FAULT is set):
+    `step@N` once optimizer step N is done, before it is logged or checkpointed; `checkpoint@N` once
+    checkpoint-N is written and marked complete."""
+
+    def on_step_end(self, args, state, control, **kw):
+        faults.point(f"step@{state.global_step}")
+
+    def on_save(self, args, state, control, **kw):
+        faults.point(f"checkpoint@{state.global_step}")
 
 
 def latest_complete_checkpoint(ckpt_root: Path) -> Path | None:

@@ -11,6 +11,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ import torch
 from transformers import TrainerCallback
 
 from .. import distributed as dist
+from .. import faults
 from ..allocator import loaded_allocator, release_free_memory
 from ..data import load_datasets
 from ..errors import DataError, ForgetlessError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
+from ..lock import DirLock
 from ..mitigations import Mitigation, MitigationCallback, TrainContext, loss_term
 from ..mitigations import build as build_mitigations
 from ..models.catalog import cache_dir as models_cache_dir
@@ -30,6 +33,7 @@ from ..recipe import QLoraMethod, Recipe, dump_recipe, load_recipe
 from .callbacks import (
     CheckpointMarker,
     EarlyStopping,
+    FaultPoints,
     MetricsLogger,
     RichProgress,
     latest_complete_checkpoint,
@@ -99,15 +103,26 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
-    """Check, create or replace the run directory. With several processes only rank 0 touches it, and every
-    rank gets its answer (or raises its error)."""
-    return dist.on_main(lambda: _prepare_run_dir(recipe, overwrite, resume))
+def run_lock(recipe: Recipe, break_lock: bool = False) -> DirLock:
+    return DirLock(recipe.output_dir, "run directory", break_lock=break_lock)
+
+
+def prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool, lock: Callable[[], Any] | None = None) -> Path:
+    """Lock (`lock()`), then check, create or replace the run directory. With several processes only rank 0
+    touches it (and holds the lock), and every rank gets its answer (or raises its error)."""
+    def main() -> Path:
+        if lock is not None:
+            lock()
+        return _prepare_run_dir(recipe, overwrite, resume)
+
+    return dist.on_main(main)
 
 
 def _prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
     run_dir = recipe.output_dir
     if resume:
+        for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.old-*")]:  # of a process killed mid-write
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
         if not (run_dir / "recipe.yaml").is_file():
             raise ForgetlessError(f"--resume: {run_dir} holds no run to resume (no recipe.yaml)")
         saved = load_recipe(run_dir / "recipe.yaml")
@@ -237,8 +252,17 @@ def train(
     overwrite: bool = False,
     resume: bool = False,
     quiet: bool = False,
+    break_lock: bool = False,
 ) -> TrainResult:
-    """Fine-tune per `recipe`. The summary is also written to <run>/summary.json."""
+    """Fine-tune per `recipe`. The summary is also written to <run>/summary.json.
+
+    The run directory is locked for the whole run (forgetless.lock): a second writer is refused."""
+    with contextlib.ExitStack() as locks:
+        return _train(recipe, overwrite=overwrite, resume=resume, quiet=quiet, break_lock=break_lock, locks=locks)
+
+
+def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_lock: bool,
+           locks: contextlib.ExitStack) -> TrainResult:
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, set_seed
 
     setup_torch(recipe.train.threads)
@@ -249,7 +273,7 @@ def train(
     device = dist.device(device)
     reset_peak_memory(device)
     main = dist.is_main()
-    run_dir = prepare_run_dir(recipe, overwrite, resume)
+    run_dir = prepare_run_dir(recipe, overwrite, resume, lambda: locks.enter_context(run_lock(recipe, break_lock)))
     ckpt_root = run_dir / "checkpoints"
     resume_from = latest_complete_checkpoint(ckpt_root) if resume else None
     bf16 = use_bf16(recipe.train.bf16, device)
@@ -302,7 +326,7 @@ def train(
 
     metrics = MetricsLogger(run_dir / "metrics.jsonl")
     callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet and main),
-                            CheckpointMarker()]
+                            CheckpointMarker(), FaultPoints()]
     if mitigations:
         callbacks.append(MitigationCallback(mitigations))
     monitor = None
@@ -413,6 +437,7 @@ def train(
             "epoch_padding": _epoch_padding(len(data.train), recipe.optim.batch_size),
         }
     if main:
+        faults.point("summary")
         atomic_write_json(run_dir / "summary.json", summary)
         if recipe.train.report:
             from ..report import write_report
@@ -427,6 +452,7 @@ def train(
 def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, model_path: str, bf16: bool) -> str:
     with atomic_dir(run_dir / "final", overwrite=True) as tmp:
         kind = save_trained(trainer.model, tokenizer, tmp, model_path)
+        faults.point("final_save")
         if isinstance(recipe.method, QLoraMethod):
             atomic_write_json(tmp / QUANT_FILE, {
                 "quant_type": recipe.method.quant_type,

@@ -34,6 +34,15 @@ class ForgetlessTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.loss_terms: list[LossTerm] = list(loss_terms or [])
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # Resumed from the checkpoint of the last step (killed during the final evaluation or save), the
+        # Trainer would still start the epoch the step budget ends in and take one optimizer step more than
+        # max_steps: nothing is left to train, so no epoch starts.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         replay_mask = inputs.pop("replay_mask", None)
         if not self.loss_terms or not model.training:
