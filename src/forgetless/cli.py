@@ -194,6 +194,7 @@ def sweep(
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing an existing sweep directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print sweep.json on stdout.")] = False,
+    break_lock: Annotated[bool, typer.Option(help="Take over the sweep directory's lock held by a process on another host.")] = False,
 ) -> None:
     """Run recipe variants, score each on the task and on retention, and recommend one within a budget.
 
@@ -201,7 +202,7 @@ def sweep(
     from .sweep import run_sweep, sweep_table
 
     state = run_sweep(sweep_file, jobs=jobs, budget=parse_budget(budget) if budget else None, output_dir=out,
-                      overwrite=overwrite, quiet=quiet or json_out)
+                      overwrite=overwrite, quiet=quiet or json_out, break_lock=break_lock)
     if json_out:
         print(json.dumps(state, indent=2))
         return
@@ -220,6 +221,7 @@ def continual(
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing an existing sequence directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print continual.json on stdout.")] = False,
+    break_lock: Annotated[bool, typer.Option(help="Take over the sequence directory's lock held by a process on another host.")] = False,
 ) -> None:
     """Fine-tune on tasks one after another; score every task after every step (accuracy matrix, BWT, FWT)
     and the retention suite.
@@ -227,7 +229,8 @@ def continual(
     Re-running the same command resumes: finished steps are skipped."""
     from .continual import continual_table, run_continual
 
-    state = run_continual(sequence_file, output_dir=out, overwrite=overwrite, quiet=quiet or json_out)
+    state = run_continual(sequence_file, output_dir=out, overwrite=overwrite, quiet=quiet or json_out,
+                          break_lock=break_lock)
     if json_out:
         print(json.dumps(state, indent=2))
         return

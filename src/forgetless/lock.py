@@ -115,10 +115,10 @@ class DirLock:
             host = socket.gethostname()
             if info.get("pid") is not None:
                 if info.get("host") not in (None, host) and not self.break_lock:
+                    how = f"remove {self.path}" if self.wait else f"{break_lock_command()}  (lock file: {self.path})"
                     raise LockedError(
                         f"{self.what} {self.target} is locked by {_describe(info)}. From here it cannot be told "
-                        f"whether that process still runs. If it does not, break the lock: {break_lock_command()}  "
-                        f"(lock file: {self.path})"
+                        f"whether that process still runs. If it does not, break the lock: {how}"
                     )
                 why = "--break-lock" if self.break_lock else "no longer running"
                 self._say(f"taking over the stale lock on {self.target}: {_describe(info)} ({why})")
