@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,14 +19,15 @@ import pytest
 import yaml
 from conftest import tiny_recipe
 
-from forgetless.lock import lock_path
+from forgetless.lock import DirLock, lock_path
 from forgetless.testing import ForkedCli
-from forgetless.train.callbacks import COMPLETE_MARKER
+from forgetless.train.callbacks import COMPLETE_MARKER, DIVERGED_MARKER
 
 
 def _recipe(tmp_path: Path, name: str, tiny_model, toy_data, **over) -> Path:
-    r = tiny_recipe(tiny_model, toy_data, tmp_path / name, optim__max_steps=10, train__save_steps=5,
-                    train__save_total_limit=None, train__threads=1, **over)
+    over = {"optim__max_steps": 10, "train__save_steps": 5, "train__save_total_limit": None, "train__threads": 1,
+            **over}
+    r = tiny_recipe(tiny_model, toy_data, tmp_path / name, **over)
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(r))
     return p
@@ -129,3 +132,194 @@ def test_killed_at_every_boundary_resumes_to_identical_weights(forked, tiny_mode
     steps = _steps(run_dir)
     assert steps == sorted(set(steps)) and max(steps) == 10
     _assert_same_weights(run_dir, tmp_path / "ref")
+
+
+def test_disk_full_during_the_final_save_names_the_path_and_keeps_the_run(capsys, tiny_model, toy_data, tmp_path,
+                                                                         monkeypatch):
+    r = _recipe(tmp_path, "run", tiny_model, toy_data)
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("FORGETLESS_FAULT", "enospc:final")
+    code, err = cli(capsys, "train", str(r), "--quiet")
+    assert code == 2 and f"disk full while writing {run_dir / 'final'}" in err, err
+    # the previous checkpoint and the run files are intact; no half-written final model is left behind
+    assert (run_dir / "checkpoints" / "checkpoint-10" / COMPLETE_MARKER).is_file()
+    assert (run_dir / "recipe.yaml").is_file() and json.loads((run_dir / "data_stats.json").read_text())
+    assert max(_steps(run_dir)) == 10
+    assert not (run_dir / "final").exists() and not list(run_dir.glob(".final*"))
+    assert not lock_path(run_dir).exists()  # released on the error
+    monkeypatch.delenv("FORGETLESS_FAULT")
+    code, err = cli(capsys, "train", str(r), "--quiet", "--resume")  # space freed: --resume finishes the run
+    assert code == 0, err
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 10 and (run_dir / "final").is_dir()
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def test_divergence_stops_with_exit_2_and_keeps_the_last_good_checkpoint(capsys, tiny_model, toy_data, tmp_path):
+    """lr 3 after a warm-up: the loss climbs, then passes 10x the first logged loss; the run stops there."""
+    r = _recipe(tmp_path, "run", tiny_model, toy_data, optim__lr=3.0, optim__schedule="constant_with_warmup",
+                optim__warmup_steps=8, train__save_steps=2, train__logging_steps=1)
+    run_dir = tmp_path / "run"
+    code, err = cli(capsys, "train", str(r), "--quiet")
+    assert code == 2 and "training diverged at step" in err, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ev = summary["diverged"]
+    assert summary["status"] == "diverged" and summary["output"]["final"] is None
+    assert not (run_dir / "final").exists() and not (run_dir / "report.html").exists()  # never a diverged model
+    # measured: every step before it was under 10x the first logged loss, the diverged step above
+    logged = {x["step"]: x["loss"] for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in x}
+    limit = 10 * max(logged[1], 1.0)
+    assert logged[ev["step"]] > limit and all(v <= limit for st, v in logged.items() if st < ev["step"]), logged
+    assert max(logged) == ev["step"] < 10
+    # checkpoints whose weights produced the divergence are unmarked; the newest before them is kept, named
+    ckpts = {int(p.name.split("-")[1]): p for p in (run_dir / "checkpoints").glob("checkpoint-*")}
+    complete = sorted(st for st, p in ckpts.items() if (p / COMPLETE_MARKER).is_file())
+    assert complete and all(st < ev["step"] - 1 for st in complete)
+    assert any((p / DIVERGED_MARKER).is_file() for p in ckpts.values())
+    assert ev["last_good_checkpoint"] == str(ckpts[complete[-1]]) and ev["last_good_checkpoint"] in err
+
+
+def test_divergence_factor_is_a_recipe_option(capsys, tiny_model, toy_data, tmp_path):
+    """lr 0.3 without clipping: the loss rises for a few steps, under the default 10x, so the run completes;
+    with train.divergence_factor 1.5 the same rise stops it."""
+    over = {"optim__lr": 0.3, "optim__max_grad_norm": None, "train__save_steps": None, "train__logging_steps": 1,
+            "train__report": False}
+    code, err = cli(capsys, "train", str(_recipe(tmp_path, "default", tiny_model, toy_data, **over)), "--quiet")
+    assert code == 0, err
+    logged = [x["loss"] for x in map(json.loads, (tmp_path / "default" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in x]
+    assert max(logged) > 1.5 * logged[0]
+    r = _recipe(tmp_path, "strict", tiny_model, toy_data, train__divergence_factor=1.5, **over)
+    code, err = cli(capsys, "train", str(r), "--quiet")
+    ev = json.loads((tmp_path / "strict" / "summary.json").read_text())["diverged"]
+    assert code == 2 and "train.divergence_factor" in err, err
+    assert ev["factor"] == 1.5 and ev["loss"] > 1.5 * ev["first_logged_loss"]
+
+
+# ---------------------------------------------------------------- one writer per directory
+
+
+def _hold(target: Path, host: str | None = None, pid: int | None = None) -> subprocess.Popen | None:
+    """A live holder (a process that took the lock and sleeps), or a lock file left by `pid` on `host`."""
+    if host is None:
+        code = ("import sys, time; from forgetless.lock import DirLock; DirLock(sys.argv[1]).acquire(); "
+                "print('locked', flush=True); time.sleep(120)")
+        proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+    lock_path(target).parent.mkdir(parents=True, exist_ok=True)
+    lock_path(target).write_text(json.dumps({"pid": pid, "host": host, "command": "forgetless train x.yaml"}))
+    return None
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_second_writer_is_refused_and_a_stale_lock_taken_over(capsys, tiny_model, toy_data, tmp_path):
+    r = _recipe(tmp_path, "run", tiny_model, toy_data, optim__max_steps=2, train__save_steps=None,
+                train__report=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "precious.txt").write_text("the first run's")
+    holder = _hold(run_dir)
+    try:
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            code, err = cli(capsys, "train", str(r), "--quiet", *extra)
+            assert code == 2 and f"run directory {run_dir} is in use by another forgetless process: pid {holder.pid}" \
+                in err, (extra, err)
+        assert (run_dir / "precious.txt").read_text() == "the first run's"  # --overwrite did not touch it
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: the lock is stale, taken over with a message
+    code, err = cli(capsys, "train", str(r), "--quiet", "--overwrite")
+    assert code == 0 and f"taking over the stale lock on {run_dir}: pid {holder.pid}" in err, err
+    assert (run_dir / "summary.json").is_file() and not lock_path(run_dir).exists()
+
+
+def test_lock_of_another_host_is_refused_with_the_command_that_breaks_it(capsys, tiny_model, toy_data, tmp_path):
+    r = _recipe(tmp_path, "run", tiny_model, toy_data, optim__max_steps=2, train__save_steps=None,
+                train__report=False)
+    run_dir = tmp_path / "run"
+    _hold(run_dir, host="gpu-node-7", pid=_dead_pid())
+    code, err = cli(capsys, "train", str(r), "--quiet")
+    assert code == 2 and "gpu-node-7" in err and "--break-lock" in err, err
+    assert not run_dir.exists()
+    code, err = cli(capsys, "train", str(r), "--quiet", "--break-lock")
+    assert code == 0 and "taking over the stale lock" in err, err
+
+
+def test_same_host_lock_of_a_dead_process_is_taken_over(tmp_path):
+    target = tmp_path / "cache-entry"
+    _hold(target, host=socket.gethostname(), pid=_dead_pid())
+    with DirLock(target, quiet=True) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not lock.path.exists()
+
+
+def test_sweep_continual_and_models_pull_refuse_a_second_writer(capsys, tiny_model, toy_data, tmp_path):
+    from forgetless.models.catalog import entry_dir
+
+    base = tiny_recipe(tiny_model, toy_data, tmp_path / "unused", fmt="prompt_completion", data__chat_template=False)
+    base["train"].pop("output_dir")
+    sweep_dir, seq_dir = tmp_path / "sweep", tmp_path / "seq"
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "base": base, "output_dir": str(sweep_dir),
+                                                     "runs": [{"name": "a"}]}))
+    task = {"train": str(toy_data["prompt_completion"]), "validation": str(toy_data["prompt_completion_val"])}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"name": "c", "base": base, "output_dir": str(seq_dir),
+                                                     "tasks": [{"name": "copy", "data": task}],
+                                                     "retention_suite": None}))
+    holders = [_hold(sweep_dir), _hold(seq_dir), _hold(entry_dir("stories260k"))]
+    try:
+        code, err = cli(capsys, "sweep", str(tmp_path / "s.yaml"), "--overwrite")
+        assert code == 2 and f"sweep directory {sweep_dir} is in use" in err, err
+        code, err = cli(capsys, "continual", str(tmp_path / "c.yaml"), "--overwrite")
+        assert code == 2 and f"continual directory {seq_dir} is in use" in err, err
+        code, err = cli(capsys, "models", "pull", "stories260k")
+        assert code == 2 and f"model cache entry {entry_dir('stories260k')} is in use" in err, err
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
+    assert not sweep_dir.exists() and not seq_dir.exists()
+
+
+def test_evaluation_cache_entry_has_one_writer(tmp_path):
+    """A process that finds another evaluating the same baseline waits for it, then reads its result."""
+    import threading
+    import time
+
+    from forgetless.retention.evaluate import SuiteResult, evaluate_cached
+    from forgetless.retention.suite import Suite
+
+    suite = Suite.model_construct(name="s", tasks=[])
+    evaluated = []
+
+    def run():
+        evaluated.append(True)
+        return SuiteResult("s", {}, {}, "second")
+
+    evaluate_cached({"model": "probe"}, suite, run, cache_dir=tmp_path)  # learn the entry's file name
+    entry = next((tmp_path / "baselines").glob("*.json"))
+    entry.unlink()
+    evaluated.clear()
+    holder = _hold(entry)  # the first writer, busy evaluating
+
+    def first_writer_finishes():
+        time.sleep(1.0)
+        entry.write_text(json.dumps({"suite": "s", "model": "first", "seconds": {}, "tasks": {}}))
+        holder.kill()
+
+    t = threading.Thread(target=first_writer_finishes)
+    t.start()
+    t0 = time.perf_counter()
+    res, was_cached = evaluate_cached({"model": "probe"}, suite, run, cache_dir=tmp_path)
+    waited = time.perf_counter() - t0
+    t.join()
+    holder.wait()
+    assert was_cached and res.model == "first" and not evaluated and waited >= 0.9

@@ -32,10 +32,12 @@ from ..models.catalog import cache_dir as models_cache_dir
 from ..recipe import QLoraMethod, Recipe, dump_recipe, load_recipe
 from .callbacks import (
     CheckpointMarker,
+    DivergenceGuard,
     EarlyStopping,
     FaultPoints,
     MetricsLogger,
     RichProgress,
+    first_logged_loss,
     latest_complete_checkpoint,
 )
 from .model import (
@@ -170,6 +172,7 @@ def training_args(recipe: Recipe, ckpt_dir: Path, device: torch.device, bf16: bo
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a non-finite loss is logged as it is (and stops the run: DivergenceGuard)
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no",
@@ -327,6 +330,9 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
     metrics = MetricsLogger(run_dir / "metrics.jsonl")
     callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet and main),
                             CheckpointMarker(), FaultPoints()]
+    divergence = DivergenceGuard(recipe.train.divergence_factor,
+                                 dist.on_main(lambda: first_logged_loss(run_dir / "metrics.jsonl")) if resume_from else None)
+    callbacks.append(divergence)
     if mitigations:
         callbacks.append(MitigationCallback(mitigations))
     monitor = None
@@ -356,6 +362,7 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         loss_terms=[loss_term(m) for m in mitigations if type(m).loss is not Mitigation.loss],
     )
     trainer.remove_callback(PrinterCallback)
+    divergence.trainer = trainer
     if monitor is not None:
         monitor.trainer = trainer
 
@@ -371,6 +378,14 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
     train_time = time.perf_counter() - t0
     if step_zero is not None:
         initial_loss = step_zero.loss
+    diverged = divergence.event
+    if diverged is not None:  # the weights in memory are diverged: never the final model
+        divergence.invalidate(ckpt_root)
+        last_good = dist.on_main(lambda: latest_complete_checkpoint(ckpt_root))
+        diverged["last_good_checkpoint"] = str(last_good) if last_good else None
+        if monitor is None or recipe.guard is None:
+            _stop_diverged(recipe, run_dir, diverged, trainer.state, metrics.last, resume_from)
+        diverged["rolled_back_to_step"] = monitor.rollback_before(diverged["step"] - 1)
     if main:  # finish() saves state files (ewc_state, si_state) into the run directory
         for m in mitigations:
             m.finish(mctx)
@@ -410,11 +425,13 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         "bf16_compute": bf16,
         "lr": recipe.lr,
         "final_train_loss": metrics.last.get("loss"),
-        "mean_train_loss": out.training_loss,
+        "mean_train_loss": out.training_loss if state.global_step > trainer._initial_global_step else None,
         "initial_validation_loss": initial_loss,
         "final_validation_loss": final_eval.get("eval_loss"),
         "early_stopped_at": early.stopped_at if early else None,
         "resumed_from": str(resume_from) if resume_from else None,
+        "status": "diverged" if diverged else "complete",
+        "diverged": diverged,
         "data": data.summary(),
         "mitigations": [m.report(train_time) for m in mitigations],
         "monitor": {
@@ -444,9 +461,43 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
 
             write_report(run_dir)
     dist.barrier()  # every rank returns once the run directory is complete
+    if diverged is not None:
+        raise ForgetlessError(
+            f"training diverged at step {diverged['step']}: {diverged['why']}. The guard rolled the weights back to "
+            f"step {diverged['rolled_back_to_step']} and stopped; the final model ({run_dir / 'final'}) is that "
+            f"state. Details in {run_dir / 'summary.json'}. {_DIVERGED_HINT}"
+        )
     # accelerate patched forward() with bf16 autocast for training; hand back the plain model
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return TrainResult(summary, model, tokenizer, run_dir)
+
+
+_DIVERGED_HINT = "Lower optim.lr, set optim.max_grad_norm, or raise train.divergence_factor (docs/reliability.md)."
+
+
+def _stop_diverged(recipe: Recipe, run_dir: Path, event: dict[str, Any], state: Any, last_log: dict[str, Any],
+                   resume_from: Path | None) -> None:
+    """No guard to roll back with: record what happened in summary.json and stop with exit code 2. No final
+    model is written; the newest complete checkpoint is the last good one."""
+    good = event["last_good_checkpoint"]
+    if dist.is_main():
+        atomic_write_json(run_dir / "summary.json", {
+            "name": recipe.name,
+            "method": recipe.method.name,
+            "status": "diverged",
+            "diverged": event,
+            "steps": state.global_step,
+            "final_train_loss": last_log.get("loss"),
+            "resumed_from": str(resume_from) if resume_from else None,
+            "output": {"final": None, "last_good_checkpoint": good},
+            "pid": os.getpid(),
+        })
+    dist.barrier()
+    kept = f"the last good checkpoint is {good}" if good else "no checkpoint from before the divergence was written"
+    raise ForgetlessError(
+        f"training diverged at step {event['step']}: {event['why']}. The run stopped without a final model; {kept}. "
+        f"Details in {run_dir / 'summary.json'}. {_DIVERGED_HINT}"
+    )
 
 
 def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, model_path: str, bf16: bool) -> str:
