@@ -47,8 +47,9 @@ def _train_proc(forked: ForkedCli, recipe: Path, *extra: str, fault: str | None 
     return forked.run("train", str(recipe), "--quiet", *extra, env=env, out=recipe.with_suffix(".log"))
 
 
-def cli(capsys, *args: str) -> tuple[int, str]:
-    """Run `forgetless ARGS` in this process as the command does; returns (exit code, stderr)."""
+def cli_out(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `forgetless ARGS` in this process as the command does; returns (exit code, stdout, stderr), the
+    outputs with whitespace runs joined (rich wraps long lines). A traceback fails the test."""
     from forgetless.cli import main
 
     argv = sys.argv
@@ -61,9 +62,14 @@ def cli(capsys, *args: str) -> tuple[int, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = argv
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "Traceback" not in err, err
-    return code, " ".join(err.split())  # rich wraps long lines
+    return code, " ".join(out.split()), " ".join(err.split())
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    code, _, err = cli_out(capsys, *args)
+    return code, err
 
 
 def _weights(run_dir: Path) -> dict:
@@ -323,3 +329,100 @@ def test_evaluation_cache_entry_has_one_writer(tmp_path):
     t.join()
     holder.wait()
     assert was_cached and res.model == "first" and not evaluated and waited >= 0.9
+
+
+# ---------------------------------------------------------------- bad inputs: a clear error, or handled
+
+
+def _chat(*turns: tuple[str, object]) -> dict:
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+def _jsonl(path: Path, records: list, bom: bool = False) -> Path:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    return path
+
+
+def _train_on(tmp_path: Path, tiny_model, toy_data, data: Path, name: str = "run") -> Path:
+    return _recipe(tmp_path, name, tiny_model, toy_data, data__train=str(data), data__validation=None,
+                   optim__max_steps=1, train__save_steps=None, train__report=False)
+
+
+def test_bom_content_parts_and_a_json_array_in_jsonl_are_accepted(capsys, tiny_model, toy_data, tmp_path):
+    from forgetless.data import build_examples, load_records
+    from forgetless.recipe import DataConfig
+    from forgetless.train import load_model
+
+    plain = [_chat(("user", f"copy {w}"), ("assistant", f"{w} {w}")) for w in ("red cat", "blue dog", "sun")]
+    parts = [_chat(("user", [{"type": "text", "text": "copy "}, {"type": "text", "text": w}]),
+                   ("assistant", [{"type": "text", "text": f"{w} {w}"}])) for w in ("red cat", "blue dog", "sun")]
+    files = {
+        "bom": _jsonl(tmp_path / "bom.jsonl", plain, bom=True),  # as Windows tools write it
+        "parts": _jsonl(tmp_path / "parts.jsonl", parts),  # OpenAI content parts
+    }
+    files["array"] = tmp_path / "array.jsonl"  # a JSON array saved under a .jsonl name
+    files["array"].write_text(json.dumps(plain, indent=1))
+    for name, path in files.items():
+        code, err = cli(capsys, "train", str(_train_on(tmp_path, tiny_model, toy_data, path, name)), "--quiet")
+        assert code == 0, (name, err)
+        assert json.loads((tmp_path / name / "data_stats.json").read_text())["train"]["examples"] == 3
+    # the same conversations, token for token: parts joined in order, the BOM dropped
+    _, tok = load_model(tiny_model)
+    cfg = DataConfig(train=str(files["bom"]), format="chat")
+    ids = {name: [e["input_ids"] for e in build_examples(load_records(str(p)), cfg, tok)[0]] for name, p in files.items()}
+    assert ids["bom"] == ids["parts"] == ids["array"]
+
+
+@pytest.mark.parametrize("records, message", [
+    ([_chat(("user", "a"), ("assistant", None))], ":1: message 1 (assistant) has 'content' null"),
+    ([_chat(("user", "a"), ("assistant", "b")), _chat(("user", ["a"]), ("assistant", "b"))],
+     ":2: message 0 (user): 'content' is a list of strings"),
+    ([_chat(("user", [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x.png"}}]),
+            ("assistant", "b"))], ":1: message 0 (user): content part 1 is of type 'image_url'"),
+    ([_chat(("user", "a"), ("assistant", "b")), _chat(("system", "s"), ("assistant", "b"), ("user", "c"))],
+     ":2: the conversation starts with an assistant message (message 1)"),
+    ([_chat(("user", "a"), ("assistant", "")), _chat(("user", "b"), ("assistant", " "))],
+     "all 2 answers are empty (first: {path}:1, {path}:2)"),
+])
+def test_bad_chat_records_are_errors_naming_the_line(capsys, tiny_model, toy_data, tmp_path, records, message):
+    data = _jsonl(tmp_path / "bad.jsonl", records)
+    code, err = cli(capsys, "train", str(_train_on(tmp_path, tiny_model, toy_data, data)), "--quiet")
+    expected = message.format(path=data) if "{path}" in message else f"{data}{message}"
+    assert code == 2 and expected in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_some_empty_answers_are_a_warning_with_the_count(capsys, tiny_model, toy_data, tmp_path):
+    records = [_chat(("user", f"q{i}"), ("assistant", "" if i in (2, 5) else f"a{i}")) for i in range(8)]
+    data = _jsonl(tmp_path / "some.jsonl", records)
+    code, err = cli(capsys, "train", str(_train_on(tmp_path, tiny_model, toy_data, data)))
+    assert code == 0, err
+    assert f"2 of 8 training example(s) have an empty answer (first: {data}:3, {data}:6)" in err
+    assert json.loads((tmp_path / "run" / "data_stats.json").read_text())["train"]["empty_answers"] == 2
+
+
+def test_empty_and_binary_files(capsys, tiny_model, toy_data, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    binary = tmp_path / "model.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)  # e.g. weights saved under the wrong name
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps(_chat(("user", "a"), ("assistant", "b"))).encode() + b"\n"
+                       + '{"messages": [{"role": "user", "content": "caf\u00e9"}]}\n'.encode("latin-1"))
+    code, out, err = cli_out(capsys, "data", "check", str(empty), "--format", "chat")
+    assert code == 0 and "no problems found" not in out and f"{empty}:1: the file is empty (no records)" in out, out
+    code, out, err = cli_out(capsys, "data", "check", str(binary), "--format", "chat")
+    assert code == 0 and f"{binary}:1: this is a binary file" in out, out
+    code, out, err = cli_out(capsys, "data", "check", str(latin1), "--format", "chat")
+    assert code == 0 and f"{latin1}:2: not UTF-8 text" in out, out
+    for path in (binary, latin1):
+        code, err = cli(capsys, "train", str(_train_on(tmp_path, tiny_model, toy_data, path)), "--quiet")
+        assert code == 2 and str(path) in err and "UTF-8" in err, err
+    code, err = cli(capsys, "train", str(_train_on(tmp_path, tiny_model, toy_data, empty)), "--quiet")
+    assert code == 2 and "the training set is empty" in err, err
+
+
+def test_eval_limit_below_one_is_an_error(capsys, tiny_model):
+    code, err = cli(capsys, "eval", "--model", str(tiny_model), "--limit", "-3", "--baseline", "none")
+    assert code == 2 and "--limit -3: the number of items per task must be a whole number of at least 1" in err, err

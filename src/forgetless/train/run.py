@@ -597,3 +597,6 @@ def _report_data(data: Any, problems: list[str]) -> None:
         console.print(f"[yellow]{s.dropped_overlong} example(s) over data.max_length were dropped")
     if s.dropped_no_target:
         console.print(f"[yellow]{s.dropped_no_target} example(s) had no target tokens left after truncation and were dropped")
+    if s.empty_answers:
+        console.print(f"[yellow]{s.empty_answers} of {s.records} training example(s) have an empty answer (first: "
+                      f"{', '.join(s.first_empty[:3])}): they teach the model to answer nothing")
