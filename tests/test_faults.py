@@ -187,6 +187,44 @@ def test_divergence_stops_with_exit_2_and_keeps_the_last_good_checkpoint(capsys,
     assert ev["last_good_checkpoint"] == str(ckpts[complete[-1]]) and ev["last_good_checkpoint"] in err
 
 
+def test_divergence_with_a_guard_rolls_back_to_its_last_state_within_budget(capsys, tiny_model, toy_data, tmp_path):
+    """The same divergence with a guard configured: the weights are rolled back to the guard's last state within
+    budget from before the divergence, and that state (not the diverged one) is the final model."""
+    r = _recipe(tmp_path, "run", tiny_model, toy_data, optim__lr=3.0, optim__schedule="constant_with_warmup",
+                optim__warmup_steps=8, train__save_steps=2, train__logging_steps=1, train__report=False,
+                monitor={"suite": "self", "every": 4, "limit": 4, "max_new_tokens": 4},
+                guard={"budget": 0.99, "require_significant": False, "actions": ["stop"], "select": "last"})
+    run_dir = tmp_path / "run"
+    code, err = cli(capsys, "train", str(r), "--quiet")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ev = summary["diverged"]
+    assert code == 2 and f"rolled the weights back to step {ev['rolled_back_to_step']}" in err, err
+    assert summary["status"] == "diverged" and 0 < ev["rolled_back_to_step"] < ev["step"] - 1
+    assert {"step": ev["step"] - 1, "guard": "rollback", "to_step": ev["rolled_back_to_step"],
+            "why": "divergence"} in summary["guard"]["events"]
+    # the final model is the state of that step, bit for bit (its checkpoint holds the same weights)
+    import torch
+    from safetensors.torch import load_file
+
+    final = _weights(run_dir)
+    ckpt = load_file(run_dir / "checkpoints" / f"checkpoint-{ev['rolled_back_to_step']}" / "model.safetensors")
+    assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
+
+
+def test_a_non_finite_gradient_stops_the_run_even_without_the_loss_factor(capsys, tiny_model, toy_data, tmp_path):
+    """lr 1e30: after one step the weights are absurd and the next gradient is not finite (the loss, saturated,
+    still is). train.divergence_factor null leaves only the non-finite check, which stops the run there."""
+    r = _recipe(tmp_path, "run", tiny_model, toy_data, optim__lr=1e30, train__divergence_factor=None,
+                train__save_steps=1, train__logging_steps=1)
+    code, err = cli(capsys, "train", str(r), "--quiet")
+    ev = json.loads((tmp_path / "run" / "summary.json").read_text())["diverged"]
+    assert code == 2 and f"training diverged at step {ev['step']}: the gradient norm is nan" in err, err
+    logged = [x for x in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+    assert logged[-1]["step"] == ev["step"] and logged[-1]["grad_norm"] != logged[-1]["grad_norm"]  # NaN, as logged
+    assert all(x["grad_norm"] == x["grad_norm"] for x in logged[:-1])
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_divergence_factor_is_a_recipe_option(capsys, tiny_model, toy_data, tmp_path):
     """lr 0.3 without clipping: the loss rises for a few steps, under the default 10x, so the run completes;
     with train.divergence_factor 1.5 the same rise stops it."""
