@@ -50,9 +50,11 @@ def _train_proc(forked: ForkedCli, recipe: Path, *extra: str, fault: str | None 
 def cli_out(capsys, *args: str) -> tuple[int, str, str]:
     """Run `forgetless ARGS` in this process as the command does; returns (exit code, stdout, stderr), the
     outputs with whitespace runs joined (rich wraps long lines). A traceback fails the test."""
+    import torch
+
     from forgetless.cli import main
 
-    argv = sys.argv
+    argv, threads = sys.argv, torch.get_num_threads()
     sys.argv = ["forgetless-test", *args]
     capsys.readouterr()
     try:
@@ -62,6 +64,7 @@ def cli_out(capsys, *args: str) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = argv
+        torch.set_num_threads(threads)  # the recipes' train.threads: 1 must not slow the rest of the session
     out, err = capsys.readouterr()
     assert "Traceback" not in err, err
     return code, " ".join(out.split()), " ".join(err.split())
@@ -223,6 +226,20 @@ def test_a_non_finite_gradient_stops_the_run_even_without_the_loss_factor(capsys
     assert logged[-1]["step"] == ev["step"] and logged[-1]["grad_norm"] != logged[-1]["grad_norm"]  # NaN, as logged
     assert all(x["grad_norm"] == x["grad_norm"] for x in logged[:-1])
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_sweep_stops_on_a_diverged_run_and_never_scores_it(capsys, tiny_model, toy_data, tmp_path):
+    base = tiny_recipe(tiny_model, toy_data, tmp_path / "unused", optim__lr=30.0, optim__max_grad_norm=None,
+                       optim__max_steps=5, train__report=False)
+    base["train"].pop("output_dir")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(yaml.safe_dump({"name": "s", "base": base, "output_dir": str(tmp_path / "sweep"),
+                                    "runs": [{"name": "hot"}], "retention_suite": "self", "limit": 2}))
+    code, err = cli(capsys, "sweep", str(spec), "--quiet")
+    assert code == 2 and "training diverged at step" in err, err
+    code, err = cli(capsys, "sweep", str(spec), "--quiet")  # run again: the diverged run is not a finished one
+    assert code == 2 and "sweep run hot diverged at step" in err and "--overwrite" in err, err
+    assert not (tmp_path / "sweep" / "runs" / "hot" / "final").exists()
 
 
 def test_divergence_factor_is_a_recipe_option(capsys, tiny_model, toy_data, tmp_path):

@@ -521,10 +521,13 @@ def _retention_entry(report: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _train_step(step: Step, quiet: bool) -> dict[str, Any]:
     from .train import train
+    from .train.run import refuse_diverged
 
     summary_path = step.dir / "summary.json"
     if summary_path.is_file():
-        return json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text())
+        refuse_diverged(summary, summary_path, f"step {step.index} ({step.task.name})")
+        return summary
     for _, path, recs in step.replay:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
     resume = (step.dir / "recipe.yaml").is_file() and (step.dir / "checkpoints").is_dir()

@@ -213,6 +213,7 @@ def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepCo
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one variant and score it. Module-level so `--jobs` worker processes can run it."""
     from .train import train
+    from .train.run import refuse_diverged
 
     if spec.get("threads"):
         import torch
@@ -225,6 +226,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
+        refuse_diverged(summary, summary_path, f"sweep run {recipe.name}")
     else:
         resume = (run_dir / "recipe.yaml").is_file() and (run_dir / "checkpoints").is_dir()
         summary = train(recipe, resume=resume, overwrite=not resume, quiet=spec["quiet"]).summary

@@ -500,6 +500,15 @@ def _stop_diverged(recipe: Recipe, run_dir: Path, event: dict[str, Any], state: 
     )
 
 
+def refuse_diverged(summary: dict[str, Any], path: Path, what: str) -> None:
+    """A sweep or sequence meets a run whose summary.json says it diverged without a final model: an error, not
+    a finished run to score."""
+    if summary.get("status") == "diverged" and not (summary.get("output") or {}).get("final"):
+        ev = summary.get("diverged") or {}
+        raise ForgetlessError(f"{what} diverged at step {ev.get('step')} ({ev.get('why')}; see {path}); change its "
+                              "recipe and start again with --overwrite. " + _DIVERGED_HINT)
+
+
 def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, model_path: str, bf16: bool) -> str:
     with atomic_dir(run_dir / "final", overwrite=True) as tmp:
         kind = save_trained(trainer.model, tokenizer, tmp, model_path)
