@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run directory (overrides train.output_dir).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or data report.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
+    break_lock: Annotated[bool, typer.Option(help="Take over the run directory's lock held by a process on another host.")] = False,
 ) -> None:
     """Fine-tune a causal LM as the recipe says; writes a run directory with model, metrics and summary."""
     from .recipe import load_recipe
@@ -59,7 +61,7 @@ def train(
     if out is not None:
         overrides.append(f"train.output_dir={out}")
     r = load_recipe(recipe, overrides)
-    summary = run_train(r, overwrite=overwrite, resume=resume, quiet=quiet or json_out).summary
+    summary = run_train(r, overwrite=overwrite, resume=resume, quiet=quiet or json_out, break_lock=break_lock).summary
     from .distributed import is_main
 
     if not is_main():  # under torchrun / accelerate launch only rank 0 reports
@@ -205,6 +207,7 @@ def sweep(
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing an existing sweep directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print sweep.json on stdout.")] = False,
+    break_lock: Annotated[bool, typer.Option(help="Take over the sweep directory's lock held by a process on another host.")] = False,
 ) -> None:
     """Run recipe variants, score each on the task and on retention, and recommend one within a budget.
 
@@ -212,7 +215,7 @@ def sweep(
     from .sweep import run_sweep, sweep_table
 
     state = run_sweep(sweep_file, jobs=jobs, budget=parse_budget(budget) if budget else None, output_dir=out,
-                      overwrite=overwrite, quiet=quiet or json_out)
+                      overwrite=overwrite, quiet=quiet or json_out, break_lock=break_lock)
     if json_out:
         print(json.dumps(state, indent=2))
         return
@@ -231,6 +234,7 @@ def continual(
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing an existing sequence directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print continual.json on stdout.")] = False,
+    break_lock: Annotated[bool, typer.Option(help="Take over the sequence directory's lock held by a process on another host.")] = False,
 ) -> None:
     """Fine-tune on tasks one after another; score every task after every step (accuracy matrix, BWT, FWT)
     and the retention suite.
@@ -238,7 +242,8 @@ def continual(
     Re-running the same command resumes: finished steps are skipped."""
     from .continual import continual_table, run_continual
 
-    state = run_continual(sequence_file, output_dir=out, overwrite=overwrite, quiet=quiet or json_out)
+    state = run_continual(sequence_file, output_dir=out, overwrite=overwrite, quiet=quiet or json_out,
+                          break_lock=break_lock)
     if json_out:
         print(json.dumps(state, indent=2))
         return
@@ -312,6 +317,15 @@ def main() -> None:
         app()
     except ForgetlessError as e:
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = e.filename or "the output directory"
+        console.print(f"[red]error:[/red] disk full while writing {where} ({e.strerror}). Files written before "
+                      "are intact (every file is written to a temporary name and renamed into place); free some "
+                      "space and run the command again (a training run: with --resume).",
+                      markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

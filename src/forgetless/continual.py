@@ -49,6 +49,7 @@ newest complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -56,6 +57,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +69,7 @@ from pydantic import Field, field_validator, model_validator
 from .config import DataConfig, _Strict
 from .errors import ForgetlessError, RecipeError
 from .io import atomic_write_json, atomic_write_text
+from .lock import DirLock
 from .precision import combine
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 
@@ -518,10 +521,13 @@ def _retention_entry(report: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _train_step(step: Step, quiet: bool) -> dict[str, Any]:
     from .train import train
+    from .train.run import refuse_diverged
 
     summary_path = step.dir / "summary.json"
     if summary_path.is_file():
-        return json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text())
+        refuse_diverged(summary, summary_path, f"step {step.index} ({step.task.name})")
+        return summary
     for _, path, recs in step.replay:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
     resume = (step.dir / "recipe.yaml").is_file() and (step.dir / "checkpoints").is_dir()
@@ -556,8 +562,19 @@ def run_continual(
     overwrite: bool = False,
     quiet: bool = False,
     report: bool = True,
+    break_lock: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) a task sequence; returns the content of continual.json."""
+    """Run (or resume) a task sequence; returns the content of continual.json. The sequence directory is locked
+    while it runs (forgetless.lock): a second run on it is refused."""
+    with contextlib.ExitStack() as locks:
+        return _run_continual(path_or_config, folder=folder, output_dir=output_dir, overwrite=overwrite, quiet=quiet,
+                              report=report, lock=lambda out: locks.enter_context(
+                                  DirLock(out, "continual directory", break_lock=break_lock)))
+
+
+def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path | None,
+                   output_dir: str | Path | None, overwrite: bool, quiet: bool, report: bool,
+                   lock: Callable[[Path], Any]) -> dict[str, Any]:
     from rich.console import Console
 
     from .models import resolve_model
@@ -577,6 +594,7 @@ def run_continual(
     retention = load_suite(_resolve(cfg.retention_suite, folder)) if cfg.retention_suite else None
 
     seq_dump = cfg.model_dump(mode="json", exclude={"output_dir"})
+    lock(out)
     if out.exists() and any(out.iterdir()):
         if overwrite:
             shutil.rmtree(out)

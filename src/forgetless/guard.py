@@ -233,6 +233,18 @@ class MonitorCallback(TrainerCallback):
             control.should_training_stop = True
             self._event(state.global_step, "stop", {})
 
+    def rollback_before(self, step: int) -> int:
+        """The run diverged from `step` on: restore the newest kept state from before it (the last within budget,
+        else the start) and never select a later one. Returns the step restored."""
+        ok = self.state.last_ok
+        snap = ok if ok is not None and ok.step < step else self.state.base
+        restore(self.params, snap)
+        if self.state.best_ok is not None and self.state.best_ok.step >= step:
+            self.state.best_ok = snap
+        self.state.last_ok = snap
+        self._event(step, "rollback", {"to_step": snap.step, "why": "divergence"})
+        return snap.step
+
     def _event(self, step: int, kind: str, info: dict[str, Any]) -> None:
         ev = {"step": step, "guard": kind, **info}
         self.state.events.append(ev)

@@ -372,6 +372,10 @@ class TrainConfig(_Strict):
     merge: bool = Field(False, description="Also save a merged model (PEFT methods that allow it).")
     progress: bool = Field(True, description="Show a progress bar.")
     report: bool = Field(True, description="Write report.html at the end (training curves, layer drift; see `forgetless report`).")
+    divergence_factor: float | None = Field(
+        10.0, gt=1, description="Stop the run (exit code 2, last good checkpoint kept) when a step's training loss is "
+        "above this multiple of the first logged training loss (taken as at least 1.0); a non-finite loss or gradient "
+        "always stops it. null: only the non-finite check. See docs/reliability.md.")
     distributed: DistributedConfig | None = Field(
         None, description="Multi-process options (torchrun / accelerate launch): engine ddp, fsdp or deepspeed, or an accelerate config."
     )

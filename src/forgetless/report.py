@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
 
@@ -372,5 +373,7 @@ def write_report(path: str | Path, out: str | Path | None = None, drift: bool = 
 
         return write_continual_report(path, out=out)
     target = Path(out) if out else Path(path) / "report.html"
-    atomic_write_text(target, build_report(path, drift=drift))
+    html = build_report(path, drift=drift)
+    faults.point("report")
+    atomic_write_text(target, html)
     return target

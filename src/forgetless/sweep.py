@@ -26,12 +26,14 @@ suite's score minus 1 (0 = nothing lost; -0.01 = 1% lost), with its paired inter
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +43,7 @@ from pydantic import Field, field_validator, model_validator
 from .config import _Strict, parse_budget
 from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
+from .lock import DirLock
 from .precision import combine
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 
@@ -210,6 +213,7 @@ def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepCo
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one variant and score it. Module-level so `--jobs` worker processes can run it."""
     from .train import train
+    from .train.run import refuse_diverged
 
     if spec.get("threads"):
         import torch
@@ -222,6 +226,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
+        refuse_diverged(summary, summary_path, f"sweep run {recipe.name}")
     else:
         resume = (run_dir / "recipe.yaml").is_file() and (run_dir / "checkpoints").is_dir()
         summary = train(recipe, resume=resume, overwrite=not resume, quiet=spec["quiet"]).summary
@@ -271,8 +276,19 @@ def run_sweep(
     overwrite: bool = False,
     quiet: bool = False,
     report: bool = True,
+    break_lock: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) a sweep; returns the content of sweep.json."""
+    """Run (or resume) a sweep; returns the content of sweep.json. The sweep directory is locked while it runs
+    (forgetless.lock): a second sweep on it is refused."""
+    with contextlib.ExitStack() as locks:
+        return _run_sweep(path_or_config, folder=folder, jobs=jobs, budget=budget, output_dir=output_dir,
+                          overwrite=overwrite, quiet=quiet, report=report,
+                          lock=lambda out: locks.enter_context(DirLock(out, "sweep directory", break_lock=break_lock)))
+
+
+def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None, jobs: int, budget: float | None,
+               output_dir: str | Path | None, overwrite: bool, quiet: bool, report: bool,
+               lock: Callable[[Path], Any]) -> dict[str, Any]:
     from rich.console import Console
 
     if isinstance(path_or_config, SweepConfig):
@@ -287,6 +303,7 @@ def run_sweep(
     base, source = base_recipe_dict(cfg, folder)
     variants = cfg.variants()
     recipes = {v.name: variant_recipe(base, v, out / "runs" / v.name, source) for v in variants}  # all errors up front
+    lock(out)
     if out.exists() and any(out.iterdir()):
         if overwrite:
             import shutil

@@ -193,3 +193,43 @@ def build_organism(out_dir: str | Path, steps: int = 300, seed: int = 0) -> dict
     })
     train(recipe, overwrite=True, quiet=True)
     return {**paths, "model": out_dir / "run-a" / "final", "run": out_dir / "run-a"}
+
+
+class ForkedCli:
+    """Runs `forgetless ARGS` in processes forked from a server that imported forgetless once (multiprocessing's
+    forkserver): each run is a process of its own, which a fault can SIGKILL, without the ~10 s import of
+    torch, transformers and peft a fresh `python -m forgetless` pays. For the fault-injection tests."""
+
+    def __init__(self) -> None:
+        import multiprocessing as mp
+
+        self.ctx = mp.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["forgetless.cli", "forgetless.train.run"])
+
+    def run(self, *args: str, env: dict[str, str] | None = None, out: str | Path, timeout: float = 300) -> tuple[int, str]:
+        """(exit code, stdout and stderr); the exit code is -9 for a process killed with SIGKILL."""
+        import os
+
+        p = self.ctx.Process(target=_cli_child, args=(list(args), dict(os.environ if env is None else env), str(out)))
+        p.start()
+        p.join(timeout)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+            raise TimeoutError(f"forgetless {' '.join(args)} ran over {timeout} s")
+        return p.exitcode, Path(out).read_text(errors="replace")
+
+
+def _cli_child(argv: list[str], env: dict[str, str], out: str) -> None:
+    import os
+    import sys
+
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = ["forgetless-forked", *argv]  # not "forgetless": no re-exec under another allocator
+    from .cli import main
+
+    main()

@@ -26,7 +26,16 @@ from ..config import DataConfig
 from ..errors import DataError
 from ..io import atomic_write_text
 from .examples import _text, encode_record, prompt_completion, to_messages, uses_chat_template
-from .loading import Record, is_hf_id, open_text, read_file, read_hf
+from .loading import (
+    Record,
+    file_problem,
+    is_hf_id,
+    iter_lines,
+    json_array_text,
+    open_text,
+    read_file,
+    read_hf,
+)
 
 #: Case-insensitive phrases that mark an answer as refusal / assistant boilerplate (apostrophes normalised).
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -85,19 +94,33 @@ def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if not name.endswith((".jsonl", ".ndjson", ".json")):
+        raise DataError(f"{path}: unsupported data file type; use .jsonl, .json (optionally .gz), or hf:<dataset id>")
+    problem = file_problem(path)
+    if problem:  # empty, binary or not UTF-8: one finding for the whole file
+        yield 1, None, BadLine(f"{path}:1", problem, kind="schema" if problem.startswith("the file is empty") else "malformed_json")
+        return
+    if name.endswith((".jsonl", ".ndjson")) and json_array_text(path) is not None:
+        name = name + ".json"  # one JSON array under a .jsonl name: read as a .json file is
     if name.endswith((".jsonl", ".ndjson")):
-        with open_text(path) as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield i, json.loads(line), None
-                except json.JSONDecodeError as e:
-                    raw = line.rstrip("\n")
-                    yield i, None, BadLine(f"{path}:{i}", f"malformed JSON line ({e.msg} at column {e.colno})", raw)
-    elif name.endswith(".json"):
-        with open_text(path) as f:
-            text = f.read()
+        for i, line, bad in iter_lines(path):
+            if bad:
+                yield i, None, BadLine(f"{path}:{i}", bad)
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line), None
+            except json.JSONDecodeError as e:
+                raw = line.rstrip("\n")
+                yield i, None, BadLine(f"{path}:{i}", f"malformed JSON line ({e.msg} at column {e.colno})", raw)
+    else:
+        try:
+            with open_text(path) as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            yield 1, None, BadLine(f"{path}:1", f"not UTF-8 text (byte {e.start}); save the file as UTF-8")
+            return
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -111,8 +134,6 @@ def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]
             return
         for i, item in enumerate(obj, start=1):
             yield i, item, None
-    else:
-        raise DataError(f"{path}: unsupported data file type; use .jsonl, .json (optionally .gz), or hf:<dataset id>")
 
 
 def read_records_tolerant(specs: str | list[str], split: str = "train") -> tuple[list[Record], list[BadLine]]:

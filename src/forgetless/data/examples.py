@@ -40,6 +40,8 @@ class DataStats:
     max_tokens: int = 0
     blocks: int | None = None
     first_truncated: list[str] = field(default_factory=list)
+    empty_answers: int = 0  # records whose answer is blank (an error when all are)
+    first_empty: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,6 +49,8 @@ class DataStats:
 
 def _get(rec: Record, cfg: DataConfig, canonical: str, required: bool = True) -> Any:
     key = cfg.field(canonical)
+    if required and key in rec.data and rec.data[key] is None:
+        raise DataError(f"{rec.where}: field {key!r} is null; give a string (\"\" for an empty one)")
     if key not in rec.data or rec.data[key] is None:
         if required:
             have = ", ".join(sorted(rec.data)) or "none"
@@ -81,15 +85,53 @@ def to_messages(rec: Record, cfg: DataConfig) -> list[dict[str, str]]:
             role = ROLE_ALIASES.get(str(m[role_key]), str(m[role_key]))
             if role not in ("system", "user", "assistant", "tool"):
                 raise DataError(f"{rec.where}: message {j} has unknown role {m[role_key]!r}")
-            msgs.append({"role": role, "content": str(m[content_key])})
+            msgs.append({"role": role, "content": message_content(rec, j, role, m[content_key], content_key)})
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{rec.where}: conversation has no assistant message to learn from")
+        first = next((j for j, m in enumerate(msgs) if m["role"] != "system"), None)
+        if first is not None and msgs[first]["role"] == "assistant":
+            raise DataError(f"{rec.where}: the conversation starts with an assistant message (message {first}); "
+                            "an assistant turn answers a user message: start with a user (or system) message")
     else:
         prompt, completion = prompt_completion(rec, cfg)
         msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     if cfg.system_prompt and msgs[0]["role"] != "system":
         msgs.insert(0, {"role": "system", "content": cfg.system_prompt})
     return msgs
+
+
+def message_content(rec: Record, j: int, role: str, content: Any, key: str = "content") -> str:
+    """A message's text: a string, or OpenAI content parts [{"type": "text", "text": ...}, ...] joined in order
+    with nothing between them (as chat templates render parts). Anything else is an error naming the line: null,
+    a part that is not text (image, audio: nothing to train a text model on), and a list of plain strings
+    (ambiguous: joined with spaces, newlines or nothing? Write one string, or text parts)."""
+    if isinstance(content, str):
+        return content
+    where = f"{rec.where}: message {j} ({role})"
+    if content is None:
+        raise DataError(f"{where} has {key!r} null; give a string (\"\" for an empty one)")
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if isinstance(part, str):
+                raise DataError(f"{where}: {key!r} is a list of strings; write one string, or OpenAI content parts "
+                                '[{"type": "text", "text": ...}]')
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise DataError(f"{where}: content part {k} is of type {kind!r}; only text parts "
+                                '({"type": "text", "text": ...}) can be trained on')
+            texts.append(part["text"])
+        return "".join(texts)
+    raise DataError(f"{where}: {key!r} must be a string or a list of content parts, got {type(content).__name__}")
+
+
+def answer_is_empty(rec: Record, cfg: DataConfig) -> bool:
+    """Whether the record's answer (every assistant message; the completion, output or text) is blank."""
+    if cfg.format == "chat":
+        return all(not m["content"].strip() for m in to_messages(rec, cfg) if m["role"] == "assistant")
+    if cfg.format == "text":
+        return not _text(rec, cfg, "text").strip()
+    return not prompt_completion(rec, cfg)[1].strip()
 
 
 def prompt_completion(rec: Record, cfg: DataConfig, alpaca_template: bool = False) -> tuple[str, str]:
@@ -216,6 +258,10 @@ def _build_examples(records: list[Record], cfg: DataConfig, tokenizer: Any) -> t
     examples = []
     for rec in records:
         ids, labels = encode_record(rec, cfg, tokenizer, chat)
+        if answer_is_empty(rec, cfg):
+            stats.empty_answers += 1
+            if len(stats.first_empty) < 5:
+                stats.first_empty.append(rec.where)
         if len(ids) > cfg.max_length:
             if cfg.overlong == "drop":
                 stats.dropped_overlong += 1
@@ -292,6 +338,12 @@ def load_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> Datasets:
         val_records = [r for i, r in enumerate(train_records) if i in val_idx]
         train_records = [r for i, r in enumerate(train_records) if i not in val_idx]
     train, train_stats = build_examples(train_records, cfg, tokenizer)
+    if train_stats.empty_answers and train_stats.empty_answers == train_stats.records:
+        raise DataError(
+            f"data.train ({cfg.train}): all {train_stats.empty_answers} answers are empty (first: "
+            f"{', '.join(train_stats.first_empty[:3])}): there is nothing to learn. Is the answer under another "
+            "field name (data.fields) or another format (data.format)?"
+        )
     if not train:
         raise DataError(
             f"data.train ({cfg.train}): no usable examples after tokenization "

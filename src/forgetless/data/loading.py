@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,63 @@ class Record:
 
 
 def open_text(path: Path):
-    """Open a text file for reading, gunzipping .gz files."""
+    """Open a text file for reading, gunzipping .gz files; a UTF-8 byte-order mark (Windows tools write one) is
+    dropped."""
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` holds no readable records at all, or None: empty, binary, or not UTF-8 text."""
+    try:
+        with _open_bytes(path) as f:
+            head = f.read(8192)
+    except (OSError, EOFError) as e:  # a .gz that is not gzip
+        return f"cannot be read: {e}"
+    if not head.strip() or head.strip() == b"\xef\xbb\xbf":
+        return "the file is empty (no records)"
+    if b"\x00" in head:
+        return "this is a binary file, not UTF-8 JSON text (it has NUL bytes)"
+    first = head.split(b"\n", 1)[0]  # a bad byte further on is reported with its line
+    try:
+        first.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(first) - 3 or b"\n" in head:  # not just a character cut at the end of the sample
+            return f"this is not UTF-8 text (byte {e.start} is {first[e.start:e.start + 1]!r}); save it as UTF-8"
+    return None
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, None) per line, or (line number, None, why) for a line that is not UTF-8; a
+    byte-order mark at the start is dropped."""
+    with _open_bytes(path) as f:
+        for i, raw in enumerate(f, start=1):
+            if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield i, raw.decode("utf-8"), None
+            except UnicodeDecodeError as e:
+                yield i, None, f"not UTF-8 text (byte {e.start} of the line is {raw[e.start:e.start + 1]!r}); save the file as UTF-8"
+
+
+def json_array_text(path: Path) -> list[Any] | None:
+    """A .jsonl file that holds one JSON array instead of one object per line (a .json saved under the wrong
+    name): its items, or None when the file is not that."""
+    with _open_bytes(path) as f:
+        start = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not start.startswith(b"["):
+        return None
+    try:
+        with open_text(path) as f:
+            obj = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return obj if isinstance(obj, list) else None
 
 
 def is_hf_id(spec: str) -> bool:
@@ -40,27 +94,40 @@ def is_hf_id(spec: str) -> bool:
 
 
 def read_file(path: str | Path) -> list[Record]:
-    """Read a .jsonl / .json (array of objects, or {"data": [...]}) file, optionally gzipped."""
+    """Read a .jsonl / .json (array of objects, or {"data": [...]}) file, optionally gzipped. A UTF-8 byte-order
+    mark is accepted; so is a .jsonl file holding one JSON array. A binary or non-UTF-8 file is an error naming
+    the file (and line)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    if not name.endswith((".jsonl", ".ndjson", ".json")):
+        raise DataError(f"{path}: unsupported data file type; use .jsonl, .json (optionally .gz), or hf:<dataset id>")
+    problem = file_problem(path)
+    if problem and not problem.startswith("the file is empty"):
+        raise DataError(f"{path}: {problem}")
     records: list[Record] = []
+    if name.endswith((".jsonl", ".ndjson")) and json_array_text(path) is not None:
+        name = name + ".json"  # one JSON array: read as a .json file is
     if name.endswith(".jsonl") or name.endswith(".ndjson"):
-        with open_text(path) as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-                records.append(Record(obj, str(path), i))
-    elif name.endswith(".json"):
-        with open_text(path) as f:
-            text = f.read()
+        for i, line, bad in iter_lines(path):
+            if bad:
+                raise DataError(f"{path}:{i}: {bad}")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+            records.append(Record(obj, str(path), i))
+    else:
+        try:
+            with open_text(path) as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
@@ -73,8 +140,6 @@ def read_file(path: str | Path) -> list[Record]:
             if not isinstance(item, dict):
                 raise DataError(f"{path}: item {i}: expected a JSON object, got {type(item).__name__}")
             records.append(Record(item, str(path), i))
-    else:
-        raise DataError(f"{path}: unsupported data file type; use .jsonl, .json (optionally .gz), or hf:<dataset id>")
     return records
 
 

@@ -27,6 +27,7 @@ from unittest import mock
 
 from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir
+from forgetless.lock import DirLock
 from forgetless.models.catalog import (
     CatalogEntry,
     console,
@@ -365,6 +366,7 @@ def pull(
     accept_license: bool = False,
     force: bool = False,
     quiet: bool = False,
+    break_lock: bool = False,
 ) -> Path:
     """Fetch a catalog entry into the cache and return its dir; a sound cached entry is reused unless `force`.
 
@@ -376,37 +378,39 @@ def pull(
         raise ForgetlessError(f"{entry.alias} has no source {source!r}; its sources are: {', '.join(entry.sources)}")
     ui = UI(quiet)
     dest = entry_dir(entry.alias)
-    if dest.is_dir() and not force:
-        problems = verify_entry(dest)
-        if not problems:
-            ui.say(f"{entry.alias} is already cached at {dest}")
+    # one writer per cache entry: a second pull of it, meanwhile, is refused (forgetless.lock)
+    with DirLock(dest, "model cache entry", break_lock=break_lock):
+        if dest.is_dir() and not force:
+            problems = verify_entry(dest)
+            if not problems:
+                ui.say(f"{entry.alias} is already cached at {dest}")
+                return dest
+            console.print(f"[yellow]cache entry {dest} is corrupt ({'; '.join(problems)}); pulling it again[/yellow]")
+        if entry.license_requires_acceptance:
+            console.print(f"{entry.alias} is provided under and subject to the {entry.license}: {entry.license_url}")
+            if not accept_license:
+                raise ForgetlessError(
+                    f"{entry.alias} is only pulled once you accept the {entry.license}: read them at "
+                    f"{entry.license_url}, then pass --accept-license (accept_license=True)"
+                )
+        _remove_stale_temp_dirs(dest)
+        failures = []
+        for name in [source] if source else entry.sources:
+            try:
+                with atomic_dir(dest, overwrite=True) as tmp:
+                    info = BUILDERS[name](entry, tmp, ui)
+                    meta = {"alias": entry.alias, "source": name, "license": entry.license}
+                    if entry.license_requires_acceptance:
+                        meta["license_accepted"] = True
+                    write_provenance(tmp, {**meta, **info})
+            except (SourceFailed, ForgetlessError) as e:
+                failures.append(f"  - {name}: {e}")
+                ui.say(f"[yellow]{entry.alias}: source {name} failed: {e}[/yellow]")
+                continue
+            ui.say(f"[green]{entry.alias}[/green] pulled from {name} into {dest}")
             return dest
-        console.print(f"[yellow]cache entry {dest} is corrupt ({'; '.join(problems)}); pulling it again[/yellow]")
-    if entry.license_requires_acceptance:
-        console.print(f"{entry.alias} is provided under and subject to the {entry.license}: {entry.license_url}")
-        if not accept_license:
-            raise ForgetlessError(
-                f"{entry.alias} is only pulled once you accept the {entry.license}: read them at "
-                f"{entry.license_url}, then pass --accept-license (accept_license=True)"
-            )
-    _remove_stale_temp_dirs(dest)
-    failures = []
-    for name in [source] if source else entry.sources:
-        try:
-            with atomic_dir(dest, overwrite=True) as tmp:
-                info = BUILDERS[name](entry, tmp, ui)
-                meta = {"alias": entry.alias, "source": name, "license": entry.license}
-                if entry.license_requires_acceptance:
-                    meta["license_accepted"] = True
-                write_provenance(tmp, {**meta, **info})
-        except (SourceFailed, ForgetlessError) as e:
-            failures.append(f"  - {name}: {e}")
-            ui.say(f"[yellow]{entry.alias}: source {name} failed: {e}[/yellow]")
-            continue
-        ui.say(f"[green]{entry.alias}[/green] pulled from {name} into {dest}")
-        return dest
-    raise ForgetlessError(
-        f"could not pull {entry.alias}; every source failed:\n" + "\n".join(failures) + "\n"
-        "Give a local path instead: any local HF model dir (config.json + weights) works wherever a model name "
-        "does, and `forgetless models import-llama2c BIN TOKENIZER OUT` converts a llama2.c checkpoint."
-    )
+        raise ForgetlessError(
+            f"could not pull {entry.alias}; every source failed:\n" + "\n".join(failures) + "\n"
+            "Give a local path instead: any local HF model dir (config.json + weights) works wherever a model name "
+            "does, and `forgetless models import-llama2c BIN TOKENIZER OUT` converts a llama2.c checkpoint."
+        )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_json
+from ..lock import DirLock
 from ..precision import resolve as resolve_precision
 from ..progress import bar
 from . import metrics as M
@@ -154,14 +155,23 @@ def evaluate_cached(
     """`run()` once per (model fingerprint, suite fingerprint, settings); later calls read the cache."""
     key = hashlib.sha256(json.dumps({**key_parts, "engine": ENGINE_VERSION}, sort_keys=True).encode()).hexdigest()[:24]
     path = (cache_dir or cache_root()) / "baselines" / f"{key}.json"
-    if path.is_file() and not refresh:
+
+    def cached() -> tuple[SuiteResult, bool]:
         d = json.loads(path.read_text())
         by_name = {t.name: t for t in suite.tasks}
         tasks = {n: result_from_cache(r, by_name[n]) for n, r in d["tasks"].items()}
         return SuiteResult(d["suite"], tasks, d.get("seconds", {}), d.get("model")), True
-    res = run()
-    atomic_write_json(path, {"suite": res.suite, "model": res.model, "seconds": res.seconds, "key": key_parts,
-                             "tasks": {n: r.to_cache() for n, r in res.tasks.items()}})
+
+    if path.is_file() and not refresh:
+        return cached()
+    # One writer per entry: a process that finds another evaluating the same baseline waits for it, then reads
+    # its result (the runs of a sweep or a continual sequence share baselines).
+    with DirLock(path, "evaluation cache entry", wait=True):
+        if path.is_file() and not refresh:
+            return cached()
+        res = run()
+        atomic_write_json(path, {"suite": res.suite, "model": res.model, "seconds": res.seconds, "key": key_parts,
+                                 "tasks": {n: r.to_cache() for n, r in res.tasks.items()}})
     return res, False
 
 

@@ -61,6 +61,8 @@ class Suite(BaseModel):
         """Cap every task's item count (a quick look; the fixed-seed sample stays a prefix-stable choice)."""
         if limit is None:
             return self
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ForgetlessError(f"--limit {limit}: the number of items per task must be a whole number of at least 1")
         tasks = [t.model_copy(update={"limit": min(limit, t.limit or limit)}) for t in self.tasks]
         return self.model_copy(update={"tasks": tasks})
 

@@ -1,8 +1,10 @@
-"""Trainer callbacks: metrics.jsonl, the rich progress bar, early stopping, complete-checkpoint markers."""
+"""Trainer callbacks: metrics.jsonl, the rich progress bar, early stopping, complete-checkpoint markers, the
+divergence guard, fault-injection points."""
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -10,10 +12,13 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .. import distributed as dist
+from .. import faults
 from ..distributed import is_main
 from ..io import append_jsonl
 
 COMPLETE_MARKER = "FORGETLESS_COMPLETE"
+DIVERGED_MARKER = "FORGETLESS_DIVERGED"
 
 
 class MetricsLogger(TrainerCallback):
@@ -161,6 +166,93 @@ class CheckpointMarker(TrainerCallback):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops the run at the end of the first optimizer step whose loss or gradient norm is not finite, or whose
+    loss is above `factor` x the first logged training loss (that loss taken as at least 1.0, so a run that starts
+    near zero is not stopped by an ordinary noisy batch). That step is logged, but neither evaluated nor
+    checkpointed; checkpoints whose weights produced it (the previous step's and later) lose their complete
+    marker (`invalidate`), so the newest complete checkpoint is the last good one.
+
+    Every step, not only the logged ones: the Trainer's logged loss averages over `logging_steps` and would
+    hide a divergence long enough for a bad checkpoint to be written. With several processes the ranks agree
+    (one all-reduce of a flag per step) so that all stop at the same step."""
+
+    def __init__(self, factor: float | None, reference: float | None = None):
+        self.factor = factor
+        self.reference = reference  # the first logged training loss (restored from metrics.jsonl on resume)
+        self.trainer = None  # set by the run: the step's loss and gradient norm live on the trainer
+        self.event: dict[str, Any] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        loss = (logs or {}).get("loss")
+        if self.reference is None and loss is not None and math.isfinite(loss):
+            self.reference = float(loss)
+
+    def on_step_end(self, args, state, control, **kw):
+        t = self.trainer
+        if t is None:
+            return
+        loss, norm = t.step_loss, t.step_grad_norm
+        t.step_loss, t.step_grad_norm = None, None
+        loss_v = float(loss) if loss is not None else None
+        norm_v = float(norm) if norm is not None else None
+        why = None
+        if loss_v is not None and not math.isfinite(loss_v):
+            why = f"the training loss is {loss_v}"
+        elif norm_v is not None and not math.isfinite(norm_v):
+            why = f"the gradient norm is {norm_v}"
+        elif self.factor and self.reference is not None and loss_v is not None \
+                and loss_v > self.factor * max(self.reference, 1.0):
+            why = (f"the training loss {loss_v:.6g} is above {self.factor:g} x the first logged training loss "
+                   f"{self.reference:.6g} (train.divergence_factor)")
+        if dist.world_size() > 1:
+            import torch
+
+            flag = torch.tensor([0.0 if why is None else 1.0], device=loss.device if loss is not None else None)
+            dist.all_reduce_sum_([flag])
+            if flag.item() and why is None:
+                why = "another process diverged"
+        if why is None:
+            return
+        self.event = {"step": state.global_step, "why": why, "loss": loss_v, "grad_norm": norm_v,
+                      "first_logged_loss": self.reference, "factor": self.factor}
+        control.should_training_stop = True
+        control.should_save = False
+        control.should_evaluate = False
+        control.should_log = True
+
+    def invalidate(self, ckpt_root: Path) -> None:
+        """Unmark the checkpoints from the step before the divergence on: their weights produced it."""
+        if self.event is None or not is_main():
+            return
+        for p in ckpt_root.glob("checkpoint-*"):
+            if int(p.name.split("-")[-1]) >= self.event["step"] - 1 and (p / COMPLETE_MARKER).is_file():
+                (p / DIVERGED_MARKER).write_text(json.dumps(self.event))
+                (p / COMPLETE_MARKER).unlink()
+
+
+def first_logged_loss(metrics_path: Path) -> float | None:
+    """The first training loss in metrics.jsonl (the divergence guard's reference), if any."""
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec and rec["loss"] is not None and math.isfinite(rec["loss"]):
+                return float(rec["loss"])
+    return None
+
+
+class FaultPoints(TrainerCallback):
+    """The training loop's named points for forgetless.faults (no-ops unless $FORGETLESS_FAULT is set):
+    `step@N` once optimizer step N is done, before it is logged or checkpointed; `checkpoint@N` once
+    checkpoint-N is written and marked complete."""
+
+    def on_step_end(self, args, state, control, **kw):
+        faults.point(f"step@{state.global_step}")
+
+    def on_save(self, args, state, control, **kw):
+        faults.point(f"checkpoint@{state.global_step}")
 
 
 def latest_complete_checkpoint(ckpt_root: Path) -> Path | None:

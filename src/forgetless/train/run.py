@@ -11,6 +11,7 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,20 +20,25 @@ import torch
 from transformers import TrainerCallback
 
 from .. import distributed as dist
+from .. import faults
 from .. import precision as precisions
 from ..allocator import loaded_allocator, release_free_memory
 from ..data import load_datasets
 from ..errors import DataError, ForgetlessError
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
+from ..lock import DirLock
 from ..mitigations import Mitigation, MitigationCallback, TrainContext, loss_term
 from ..mitigations import build as build_mitigations
 from ..models.catalog import cache_dir as models_cache_dir
 from ..recipe import QLoraMethod, Recipe, dump_recipe, load_recipe
 from .callbacks import (
     CheckpointMarker,
+    DivergenceGuard,
     EarlyStopping,
+    FaultPoints,
     MetricsLogger,
     RichProgress,
+    first_logged_loss,
     latest_complete_checkpoint,
 )
 from .model import (
@@ -92,15 +98,26 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
-    """Check, create or replace the run directory. With several processes only rank 0 touches it, and every
-    rank gets its answer (or raises its error)."""
-    return dist.on_main(lambda: _prepare_run_dir(recipe, overwrite, resume))
+def run_lock(recipe: Recipe, break_lock: bool = False) -> DirLock:
+    return DirLock(recipe.output_dir, "run directory", break_lock=break_lock)
+
+
+def prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool, lock: Callable[[], Any] | None = None) -> Path:
+    """Lock (`lock()`), then check, create or replace the run directory. With several processes only rank 0
+    touches it (and holds the lock), and every rank gets its answer (or raises its error)."""
+    def main() -> Path:
+        if lock is not None:
+            lock()
+        return _prepare_run_dir(recipe, overwrite, resume)
+
+    return dist.on_main(main)
 
 
 def _prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
     run_dir = recipe.output_dir
     if resume:
+        for tmp in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.old-*")]:  # of a process killed mid-write
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
         if not (run_dir / "recipe.yaml").is_file():
             raise ForgetlessError(f"--resume: {run_dir} holds no run to resume (no recipe.yaml)")
         saved = load_recipe(run_dir / "recipe.yaml")
@@ -148,6 +165,7 @@ def training_args(recipe: Recipe, ckpt_dir: Path, device: torch.device, bf16: bo
         data_seed=t.seed,
         logging_steps=t.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a non-finite loss is logged as it is (and stops the run: DivergenceGuard)
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no",
         eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no",
@@ -230,8 +248,17 @@ def train(
     overwrite: bool = False,
     resume: bool = False,
     quiet: bool = False,
+    break_lock: bool = False,
 ) -> TrainResult:
-    """Fine-tune per `recipe`. The summary is also written to <run>/summary.json."""
+    """Fine-tune per `recipe`. The summary is also written to <run>/summary.json.
+
+    The run directory is locked for the whole run (forgetless.lock): a second writer is refused."""
+    with contextlib.ExitStack() as locks:
+        return _train(recipe, overwrite=overwrite, resume=resume, quiet=quiet, break_lock=break_lock, locks=locks)
+
+
+def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_lock: bool,
+           locks: contextlib.ExitStack) -> TrainResult:
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, set_seed
 
     setup_torch(recipe.train.threads)
@@ -242,7 +269,7 @@ def train(
     device = dist.device(device)
     reset_peak_memory(device)
     main = dist.is_main()
-    run_dir = prepare_run_dir(recipe, overwrite, resume)
+    run_dir = prepare_run_dir(recipe, overwrite, resume, lambda: locks.enter_context(run_lock(recipe, break_lock)))
     ckpt_root = run_dir / "checkpoints"
     resume_from = latest_complete_checkpoint(ckpt_root) if resume else None
     set_seed(recipe.train.seed)
@@ -301,7 +328,10 @@ def train(
 
     metrics = MetricsLogger(run_dir / "metrics.jsonl")
     callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet and main),
-                            CheckpointMarker()]
+                            CheckpointMarker(), FaultPoints()]
+    divergence = DivergenceGuard(recipe.train.divergence_factor,
+                                 dist.on_main(lambda: first_logged_loss(run_dir / "metrics.jsonl")) if resume_from else None)
+    callbacks.append(divergence)
     if mitigations:
         callbacks.append(MitigationCallback(mitigations))
     monitor = None
@@ -331,6 +361,7 @@ def train(
         loss_terms=[loss_term(m) for m in mitigations if type(m).loss is not Mitigation.loss],
     )
     trainer.remove_callback(PrinterCallback)
+    divergence.trainer = trainer
     if monitor is not None:
         monitor.trainer = trainer
 
@@ -346,6 +377,14 @@ def train(
     train_time = time.perf_counter() - t0
     if step_zero is not None:
         initial_loss = step_zero.loss
+    diverged = divergence.event
+    if diverged is not None:  # the weights in memory are diverged: never the final model
+        divergence.invalidate(ckpt_root)
+        last_good = dist.on_main(lambda: latest_complete_checkpoint(ckpt_root))
+        diverged["last_good_checkpoint"] = str(last_good) if last_good else None
+        if monitor is None or recipe.guard is None:
+            _stop_diverged(recipe, run_dir, diverged, trainer.state, metrics.last, resume_from)
+        diverged["rolled_back_to_step"] = monitor.rollback_before(diverged["step"] - 1)
     if main:  # finish() saves state files (ewc_state, si_state) into the run directory
         for m in mitigations:
             m.finish(mctx)
@@ -386,11 +425,13 @@ def train(
         "precision": prec.as_dict(),
         "lr": recipe.lr,
         "final_train_loss": metrics.last.get("loss"),
-        "mean_train_loss": out.training_loss,
+        "mean_train_loss": out.training_loss if state.global_step > trainer._initial_global_step else None,
         "initial_validation_loss": initial_loss,
         "final_validation_loss": final_eval.get("eval_loss"),
         "early_stopped_at": early.stopped_at if early else None,
         "resumed_from": str(resume_from) if resume_from else None,
+        "status": "diverged" if diverged else "complete",
+        "diverged": diverged,
         "data": data.summary(),
         "mitigations": [m.report(train_time) for m in mitigations],
         "monitor": {
@@ -413,20 +454,65 @@ def train(
             "epoch_padding": _epoch_padding(len(data.train), recipe.optim.batch_size),
         }
     if main:
+        faults.point("summary")
         atomic_write_json(run_dir / "summary.json", summary)
         if recipe.train.report:
             from ..report import write_report
 
             write_report(run_dir)
     dist.barrier()  # every rank returns once the run directory is complete
+    if diverged is not None:
+        raise ForgetlessError(
+            f"training diverged at step {diverged['step']}: {diverged['why']}. The guard rolled the weights back to "
+            f"step {diverged['rolled_back_to_step']} and stopped; the final model ({run_dir / 'final'}) is that "
+            f"state. Details in {run_dir / 'summary.json'}. {_DIVERGED_HINT}"
+        )
     # accelerate patched forward() with bf16 autocast for training; hand back the plain model
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     return TrainResult(summary, model, tokenizer, run_dir)
 
 
+_DIVERGED_HINT = "Lower optim.lr, set optim.max_grad_norm, or raise train.divergence_factor (docs/reliability.md)."
+
+
+def _stop_diverged(recipe: Recipe, run_dir: Path, event: dict[str, Any], state: Any, last_log: dict[str, Any],
+                   resume_from: Path | None) -> None:
+    """No guard to roll back with: record what happened in summary.json and stop with exit code 2. No final
+    model is written; the newest complete checkpoint is the last good one."""
+    good = event["last_good_checkpoint"]
+    if dist.is_main():
+        atomic_write_json(run_dir / "summary.json", {
+            "name": recipe.name,
+            "method": recipe.method.name,
+            "status": "diverged",
+            "diverged": event,
+            "steps": state.global_step,
+            "final_train_loss": last_log.get("loss"),
+            "resumed_from": str(resume_from) if resume_from else None,
+            "output": {"final": None, "last_good_checkpoint": good},
+            "pid": os.getpid(),
+        })
+    dist.barrier()
+    kept = f"the last good checkpoint is {good}" if good else "no checkpoint from before the divergence was written"
+    raise ForgetlessError(
+        f"training diverged at step {event['step']}: {event['why']}. The run stopped without a final model; {kept}. "
+        f"Details in {run_dir / 'summary.json'}. {_DIVERGED_HINT}"
+    )
+
+
+def refuse_diverged(summary: dict[str, Any], path: Path, what: str) -> None:
+    """A sweep or sequence meets a run whose summary.json says it diverged without a final model: an error, not
+    a finished run to score."""
+    if summary.get("status") == "diverged" and not (summary.get("output") or {}).get("final"):
+        ev = summary.get("diverged") or {}
+        raise ForgetlessError(f"{what} diverged at step {ev.get('step')} ({ev.get('why')}; see {path}); change its "
+                              "recipe and start again with --overwrite. " + _DIVERGED_HINT)
+
+
 def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, model_path: str, bf16: bool) -> str:
     with atomic_dir(run_dir / "final", overwrite=True) as tmp:
         kind = save_trained(trainer.model, tokenizer, tmp, model_path)
+        faults.point("final_save")
         if isinstance(recipe.method, QLoraMethod):
             atomic_write_json(tmp / QUANT_FILE, {
                 "quant_type": recipe.method.quant_type,
@@ -520,3 +606,6 @@ def _report_data(data: Any, problems: list[str]) -> None:
         console.print(f"[yellow]{s.dropped_overlong} example(s) over data.max_length were dropped")
     if s.dropped_no_target:
         console.print(f"[yellow]{s.dropped_no_target} example(s) had no target tokens left after truncation and were dropped")
+    if s.empty_answers:
+        console.print(f"[yellow]{s.empty_answers} of {s.records} training example(s) have an empty answer (first: "
+                      f"{', '.join(s.first_empty[:3])}): they teach the model to answer nothing")

@@ -33,6 +33,28 @@ class ForgetlessTrainer(Trainer):
     def __init__(self, *args: Any, loss_terms: list[LossTerm] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_terms: list[LossTerm] = list(loss_terms or [])
+        # this optimizer step's loss (summed over its micro-batches, as the Trainer logs it) and gradient norm:
+        # the divergence guard (callbacks.DivergenceGuard) reads them at the end of every step
+        self.step_loss: torch.Tensor | None = None
+        self.step_grad_norm: Any = None
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self.step_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self.step_grad_norm
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # Resumed from the checkpoint of the last step (killed during the final evaluation or save), the
+        # Trainer would still start the epoch the step budget ends in and take one optimizer step more than
+        # max_steps: nothing is left to train, so no epoch starts.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         replay_mask = inputs.pop("replay_mask", None)

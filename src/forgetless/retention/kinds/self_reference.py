@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from ...errors import DataError
 from ...io import atomic_write_text
+from ...lock import DirLock
 from ..lm import EngineStats, Request, greedy_generate, score_requests
 from ..metrics import per_unit
 from ..tasks import TaskBase, TaskResult, as_array, load_rows, render, sample_rows
@@ -130,10 +132,15 @@ def build_reference(task: SelfReferenceTask, ctx: EvalContext) -> dict:
         "lengths": torch.tensor([len(a) for a in answers]),
     }
     if cache:
-        cache.mkdir(parents=True, exist_ok=True)
-        save_file({"ids": topk_ids, "logprobs": topk_lp, "lengths": ref["lengths"]}, str(cache / "topk.safetensors"))
-        meta = {k: ref[k] for k in ("ids", "texts", "prompts", "answers", "answer_texts")}
-        atomic_write_text(cache / "meta.json", json.dumps(meta))
+        # one writer per entry (forgetless.lock); one that finds the entry written meanwhile leaves it as it is
+        with DirLock(cache, "evaluation cache entry", wait=True):
+            if not (cache / "meta.json").is_file():
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = cache / ".topk.safetensors.tmp"
+                save_file({"ids": topk_ids, "logprobs": topk_lp, "lengths": ref["lengths"]}, str(tmp))
+                os.replace(tmp, cache / "topk.safetensors")
+                meta = {k: ref[k] for k in ("ids", "texts", "prompts", "answers", "answer_texts")}
+                atomic_write_text(cache / "meta.json", json.dumps(meta))
     return ref
 
 
