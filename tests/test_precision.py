@@ -94,7 +94,7 @@ def test_the_real_probe_is_quick_and_sane():
     res = P.measure(torch.device("cpu"), (64, 128), budget_s=0.02)
     assert res["fp32_gflops"] > 0 and res["bf16_gflops"] > 0 and res["probe_s"] < 1.0 and res["calls"] >= 5
     assert torch.get_num_threads() == threads  # the probe's one thread is given back
-    assert res["bf16_speedup"] == pytest.approx(res["bf16_gflops"] / res["fp32_gflops"], rel=0.01)
+    assert res["bf16_speedup"] == pytest.approx(res["bf16_gflops"] / res["fp32_gflops"], rel=0.02, abs=0.002)  # rounded
 
 
 def test_widths_come_from_the_model_config(tiny_model):
