@@ -20,7 +20,15 @@ from torch import nn
 
 from ..io import atomic_write_json
 from . import metrics as M
-from .kinds import generate, lm_eval, multiple_choice, perplexity, reference_likelihood, self_reference
+from .kinds import (
+    generate,
+    knowledge_qa,
+    lm_eval,
+    multiple_choice,
+    perplexity,
+    reference_likelihood,
+    self_reference,
+)
 from .kinds.base import EvalContext
 from .suite import Suite
 from .tasks import TaskResult, resolve_data_root
@@ -32,6 +40,7 @@ KINDS = {
     "self_reference": self_reference,
     "lm_eval": lm_eval,
     "reference_likelihood": reference_likelihood,
+    "knowledge_qa": knowledge_qa,
 }
 ENGINE_VERSION = "1"  # bump when scoring changes, to invalidate cached baselines
 
