@@ -48,7 +48,8 @@ ENGINE_VERSION = "1"  # bump when scoring changes, to invalidate cached baseline
 def result_from_cache(d: dict[str, Any], task: Any) -> TaskResult:
     cols = {k: np.asarray(v, dtype=np.float64) for k, v in d["columns"].items()}
     metrics = KINDS[d["kind"]].metrics(cols, task)
-    return TaskResult(d["task"], d["kind"], cols, metrics, d["main"], d["item_ids"], d["details"], d["info"])
+    return TaskResult(d["task"], d["kind"], cols, metrics, d["main"], d["item_ids"], d["details"], d["info"],
+                      ability=getattr(task, "ability", None))
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -97,6 +98,7 @@ class SuiteResult:
         for name, r in self.tasks.items():
             out[name] = {
                 "kind": r.kind,
+                "ability": r.ability,
                 "n": r.n,
                 "main": r.main,
                 "metrics": {m.name: M.value(m, r.columns) for m in r.metrics},
@@ -147,6 +149,7 @@ def evaluate(
         for task in suite.tasks:
             t0 = time.perf_counter()
             results[task.name] = KINDS[task.kind].run(task, ctx)
+            results[task.name].ability = task.ability
             seconds[task.name] = time.perf_counter() - t0
             results[task.name].info["seconds"] = round(seconds[task.name], 2)
     return SuiteResult(suite.name, results, seconds, model_name)
@@ -156,7 +159,9 @@ def evaluate_cached(
     key_parts: dict[str, Any], suite: Suite, run: Callable[[], SuiteResult], cache_dir: Path | None = None, refresh: bool = False
 ) -> tuple[SuiteResult, bool]:
     """`run()` once per (model fingerprint, suite fingerprint, settings); later calls read the cache."""
-    key = hashlib.sha256(json.dumps({**key_parts, "engine": ENGINE_VERSION}, sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps({**key_parts, "engine": ENGINE_VERSION, "score": M.SCORE_VERSION}, sort_keys=True).encode()
+    ).hexdigest()[:24]
     path = (cache_dir or cache_root()) / "baselines" / f"{key}.json"
     if path.is_file() and not refresh:
         d = json.loads(path.read_text())
@@ -172,10 +177,17 @@ def evaluate_cached(
 # ---------------------------------------------------------------- comparison
 
 
-def compare(base: SuiteResult, cand: SuiteResult, weights: dict[str, float] | None = None, max_flips: int = 20) -> dict[str, Any]:
-    """Per task: every metric's change with a paired interval and significance; the retention score."""
+def compare(
+    base: SuiteResult, cand: SuiteResult, weights: dict[str, float] | None = None, max_flips: int = 20,
+    abilities: dict[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """Per task: every metric's change with a paired interval and significance; the retention score
+    (definition `metrics.SCORE_VERSION`: by ability) with each ability's change and interval, each task's share
+    of the score's variance, and the definition-1 score (task-weighted mean) for comparison with old results.
+    `abilities` overrides the tasks' own tags (default: each result's `ability`)."""
     tasks: dict[str, Any] = {}
     retention_inputs = []
+    ability_inputs = []
     for name, c in cand.tasks.items():
         b = base.tasks.get(name)
         if b is None:
@@ -190,8 +202,10 @@ def compare(base: SuiteResult, cand: SuiteResult, weights: dict[str, float] | No
                 if bd["correct"] and not cd["correct"]:
                     flips.append({**cd, "base_prediction": bd["prediction"]})
         main_cmp = comps[main.name]
+        ability = (abilities or {}).get(name, c.ability)
         tasks[name] = {
             "kind": c.kind,
+            "ability": ability,
             "n": c.n,
             "main": main.name,
             "higher_is_better": main.higher_is_better,
@@ -208,12 +222,23 @@ def compare(base: SuiteResult, cand: SuiteResult, weights: dict[str, float] | No
             "flipped": len(flips),
             "flipped_examples": flips[:max_flips],
         }
-        retention_inputs.append((main, b.columns, c.columns, (weights or {}).get(name, 1.0)))
-    score, ci = M.retention_score(retention_inputs) if retention_inputs else (float("nan"), (float("nan"), float("nan")))
+        w = (weights or {}).get(name, 1.0)
+        retention_inputs.append((main, b.columns, c.columns, w))
+        ability_inputs.append((name, main, b.columns, c.columns, w, ability))
+    nan2 = (float("nan"), float("nan"))
+    v1, v1_ci = M.retention_score(retention_inputs) if retention_inputs else (float("nan"), nan2)
+    by_ability = M.ability_score(ability_inputs) if ability_inputs else {"score": float("nan"), "ci": nan2, "abilities": {}, "tasks": {}}
+    for name, t in by_ability["tasks"].items():
+        tasks[name].update({k: t[k] for k in ("weight_in_score", "variance_share", "half_width")})
+    score, ci = by_ability["score"], by_ability["ci"]
     return {
+        "score_definition": M.SCORE_VERSION,
         "tasks": tasks,
         "retention_score": score,
         "retention_ci": ci,
         "retention_drop": 1 - score,
+        "abilities": by_ability["abilities"],
+        "retention_score_v1": v1,
+        "retention_ci_v1": v1_ci,
         "significant_drops": [n for n, t in tasks.items() if t["significant_drop"]],
     }

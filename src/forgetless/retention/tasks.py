@@ -45,7 +45,12 @@ class TaskBase(_Strict):
     sample: Literal["random", "first"] = "random"
     seed: int = 1234
     shots: int = Field(0, ge=0)
-    weight: float = Field(1.0, gt=0, description="Weight in the retention score.")
+    weight: float = Field(1.0, gt=0, description="Weight in the retention score (within its ability, when it has one).")
+    ability: str | None = Field(
+        None, pattern=r"^[a-z][a-z0-9_]*$",
+        description="The ability the task measures (knowledge, commonsense, language_modelling, own_distribution, "
+        "basic_skills, or your own): abilities weigh equally in the retention score; a task without one is its own.",
+    )
 
 
 @dataclass
@@ -60,6 +65,7 @@ class TaskResult:
     item_ids: list[str]
     details: list[dict[str, Any]] = field(default_factory=list)  # per item: prediction, correct, text (for flips)
     info: dict[str, Any] = field(default_factory=dict)  # counts: truncated, seconds, tokens
+    ability: str | None = None  # from the task definition (not cached: a suite may re-tag its tasks)
 
     def metric(self, name: str) -> Metric:
         return next(m for m in self.metrics if m.name == name)
