@@ -208,6 +208,8 @@ def sweep(
         if state.get("budget") is not None:
             rec = state.get("recommended")
             console.print(f"recommended: {rec}" if rec else "[red]no run stays within the budget[/red]")
+            console.print(f"acting on the {'95% upper bound of the drop' if state.get('decide_on') == 'confident' else 'point estimate'}"
+                          f" (decide_on); point pick: {state.get('recommended_point')}, budget holds at 95%: {state.get('recommended_95')}")
         console.print(f"sweep.json and report: {state['dir']}")
 
 
