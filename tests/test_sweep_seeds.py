@@ -126,3 +126,24 @@ def test_seeds_and_set_train_seed_conflict_names_the_key(tmp_path, tiny_model, t
     path.write_text(yaml.safe_dump({"base": base, "seeds": [1, 2], "runs": [{"name": "a", "set": {"train.seed": 5}}]}))
     with pytest.raises(ForgetlessError, match="train.seed or seeds"):
         run_sweep(path, quiet=True)
+
+
+def _cmp(score, ci):
+    return {"retention_score": score, "retention_ci": ci, "retention_drop": 1 - score}
+
+
+def test_merge_auto_alpha_chooses_on_the_point_estimate_or_at_95_percent():
+    from forgetless.merge import choose_alpha, curve_point
+
+    # alpha: (task score, retention score, retention interval); budget 1%
+    spec = {0.0: (1.0, 1.0, (1.0, 1.0)), 0.5: (1.10, 0.996, (0.992, 1.000)), 0.75: (1.20, 0.993, (0.985, 1.001)),
+            1.0: (1.30, 0.97, (0.96, 0.98))}
+    for decide_on, expect in (("point", 0.75), ("confident", 0.5)):
+        curve = [curve_point(a, _cmp(t, (t - 0.01, t + 0.01)), _cmp(r, ci), 0.01, decide_on) for a, (t, r, ci) in spec.items()]
+        by = {c["alpha"]: c for c in curve}
+        assert by[0.75]["within_budget"] and not by[0.75]["within_budget_95"]
+        assert by[0.75]["retention_drop_upper"] == pytest.approx(0.015)
+        assert by[0.5]["within_budget_95"] and not by[1.0]["within_budget"]
+        assert choose_alpha(curve, 0.01, decide_on)["alpha"] == expect
+    with pytest.raises(ForgetlessError, match="with 95% confidence"):
+        choose_alpha([curve_point(1.0, _cmp(1.3, (1.2, 1.4)), _cmp(0.97, (0.96, 0.98)), 0.01, "confident")], 0.01, "confident")
