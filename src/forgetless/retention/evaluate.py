@@ -31,7 +31,7 @@ from .kinds import (
 )
 from .kinds.base import EvalContext
 from .suite import Suite
-from .tasks import TaskResult, resolve_data_root
+from .tasks import MissingDataError, TaskResult, resolve_data_root
 
 KINDS = {
     "multiple_choice": multiple_choice,
@@ -148,7 +148,10 @@ def evaluate(
     with prog:
         for task in suite.tasks:
             t0 = time.perf_counter()
-            results[task.name] = KINDS[task.kind].run(task, ctx)
+            try:
+                results[task.name] = KINDS[task.kind].run(task, ctx)
+            except MissingDataError as e:  # name the suite in the pull command
+                raise MissingDataError(str(e).replace("forgetless data pull SUITE", f"forgetless data pull {suite.name}")) from None
             results[task.name].ability = task.ability
             seconds[task.name] = time.perf_counter() - t0
             results[task.name].info["seconds"] = round(seconds[task.name], 2)

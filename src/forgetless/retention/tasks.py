@@ -26,6 +26,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class HubSource(_Strict):
+    """Where a task's local file comes from: `forgetless data pull` fetches it (retention/pull.py)."""
+
+    hub: str = Field(description="HF dataset id, e.g. google-research-datasets/nq_open")
+    config: str | None = Field(None, description="Dataset config (subset), if any.")
+    split: str = Field(description="The split the local file holds.")
+    convert: Literal["jsonl", "arc", "piqa", "flores", "text"] = Field(
+        "jsonl", description="How hub rows become the local file (see retention/pull.py)."
+    )
+    verified: bool = Field(False, description="Whether this mapping was checked against the hub (false: written without hub access).")
+    note: str | None = None
+
+
+class MissingDataError(DataError):
+    """A task's data file is not there."""
+
+
 class DataSource(_Strict):
     path: str | None = Field(None, description="File relative to the suite's data_root, or absolute. .jsonl/.json(.gz)/.txt")
     hf: str | None = Field(None, description="HF dataset id (online only), e.g. allenai/ai2_arc")
@@ -35,6 +52,7 @@ class DataSource(_Strict):
     text_split: Literal["documents", "lines", "wikitext"] = Field(
         "documents", description=".txt files: wikitext = one document per top-level '= Title =' heading; lines = one per line."
     )
+    source: HubSource | None = Field(None, description="The public dataset the local file comes from (for `forgetless data pull`).")
 
 
 class TaskBase(_Strict):
@@ -151,9 +169,9 @@ def load_rows(task: TaskBase, data_root: Path | None) -> list[Record]:
                 )
             path = data_root / path
         if not path.is_file():
-            raise DataError(
+            raise MissingDataError(
                 f"task {task.name}: data file {path} not found (data root {data_root}); pass --data-root or set "
-                "FORGETLESS_DATA, or edit the task's data.path"
+                "FORGETLESS_DATA, or edit the task's data.path" + how_to_get(task)
             )
         if path.suffix == ".txt":
             rows = _read_text_docs(path, src.text_split)
@@ -162,6 +180,8 @@ def load_rows(task: TaskBase, data_root: Path | None) -> list[Record]:
         if src.labels_path:
             lp = Path(src.labels_path)
             lp = lp if lp.is_absolute() else (data_root / lp if data_root else lp)
+            if not lp.is_file():
+                raise MissingDataError(f"task {task.name}: labels file {lp} not found (data root {data_root})" + how_to_get(task))
             labels = [ln.strip() for ln in lp.read_text().splitlines() if ln.strip()]
             if len(labels) != len(rows):
                 raise DataError(f"task {task.name}: {lp} has {len(labels)} labels for {len(rows)} records in {path}")
@@ -170,6 +190,16 @@ def load_rows(task: TaskBase, data_root: Path | None) -> list[Record]:
     if not rows:
         raise DataError(f"task {task.name}: the data source is empty")
     return rows
+
+
+def how_to_get(task: TaskBase, suite: str = "SUITE") -> str:
+    """The sentence a missing-file error ends with: where the file comes from and the command that writes it."""
+    src = task.data.source if task.data else None
+    if src is None:
+        return ""
+    where = f"hf:{src.hub}" + (f" (config {src.config}" if src.config else " (") + f", split {src.split})"
+    return (f". It comes from {where}: `forgetless data pull {suite} --to DIR` writes it (needs the hub), then pass "
+            f"--data-root DIR" + ("" if src.verified else "; this hub mapping was not verified against the hub"))
 
 
 def sample_rows(task: TaskBase, rows: list[Record]) -> list[Record]:
