@@ -106,6 +106,22 @@ def test_a_seeded_sweep_trains_each_seed_and_aggregates_them(seeded_sweep):
     assert rows["plain"]["n_seeds"] == 1
     assert state["decide_on"] == "confident" and state["recommended"] == state["recommended_95"]
     assert "budget_check" in full["retention"] and "within_budget_95" in full["retention"]["budget_check"]
+    # the precision bench's analysis reads the same sweep: per task, ability and score, with seed spreads
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("retention_precision", REPO / "bench" / "retention_precision.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.analyse_sweep(path.parent / "sweep")
+    rec = {r["recipe"]: r for r in res["recipes"]}
+    assert rec["full"]["n_seeds"] == 2 and rec["plain"]["n_seeds"] == 1
+    t = rec["full"]["tasks"]["self_reference"]
+    assert t["variance_share"] == pytest.approx(1.0) and t["seed_sd"] is not None and t["item_half_width"] > 0
+    assert rec["full"]["score"]["change"] == pytest.approx(100 * full["retention"]["change"])
+    md = bench.markdown({**res, "machine": bench.cpu_info(), "scenario": "tiny", "model": "tiny"})
+    assert "## full (2 seeds" in md and "| self_reference |" in md and "Largest item half-width" in md
     html = build_report(path.parent / "sweep", drift=False)
     assert "1 seed (single)" in html and "2 seeds" in html
     # resuming trains nothing more
