@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import SHARED
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
@@ -113,3 +114,39 @@ def test_old_comparisons_without_abilities_still_print():
     con = Console(record=True, width=200)
     print_report(old, con)
     assert "score definition 1" in con.export_text()
+
+
+def test_exclude_samples_outside_another_tasks_sample_and_changes_nothing_without_it():
+    import random
+
+    from forgetless.data.loading import Record
+    from forgetless.retention.kinds.perplexity import PerplexityTask
+    from forgetless.retention.tasks import sample_rows
+
+    rows = [Record({"text": f"doc {i}"}, "f", i + 1) for i in range(20)]
+    plain = PerplexityTask(name="p", limit=5, seed=1234)
+    assert [r.line for r in sample_rows(plain, rows)] == [i + 1 for i in sorted(random.Random(1234).sample(range(20), 5))]
+    probe = PerplexityTask(name="q", limit=4, seed=7, exclude={"limit": 5, "seed": 1234})
+    got = {r.line for r in sample_rows(probe, rows)}
+    taken = {r.line for r in sample_rows(plain, rows)}
+    assert len(got) == 4 and not got & taken
+    rest = [i for i in range(20) if i + 1 not in taken]
+    assert got == {i + 1 for i in random.Random(7).sample(rest, 4)}
+    everything_else = PerplexityTask(name="r", exclude={"limit": 5, "seed": 1234})
+    assert {r.line for r in sample_rows(everything_else, rows)} == {i + 1 for i in rest}
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "knowledge_qa" / "nq_open_dev.jsonl").is_file(), reason="../shared/data is absent")
+def test_general_probe_mirrors_general_on_other_items():
+    from forgetless.retention.tasks import load_rows, sample_rows
+
+    g, p = load_suite("general"), load_suite("general-probe")
+    assert [t.name for t in g.tasks] == [t.name for t in p.tasks]
+    root = SHARED / "data"
+    for tg, tp in zip(g.tasks, p.tasks, strict=True):
+        assert (tg.ability, tg.kind, getattr(tg, "main_metric", None)) == (tp.ability, tp.kind, getattr(tp, "main_metric", None))
+        if tg.data is None:
+            continue
+        ig = {r.where for r in sample_rows(tg, load_rows(tg, root))}
+        ip = {r.where for r in sample_rows(tp, load_rows(tp, root))}
+        assert ip and not ig & ip, tg.name

@@ -55,6 +55,14 @@ class DataSource(_Strict):
     source: HubSource | None = Field(None, description="The public dataset the local file comes from (for `forgetless data pull`).")
 
 
+class ExcludeSample(_Strict):
+    """Items another task's fixed-seed sample holds (same data file): a probe that scores items a suite does not."""
+
+    limit: int = Field(gt=0, description="The other task's limit.")
+    seed: int = Field(1234, description="The other task's seed.")
+    sample: Literal["random", "first"] = "random"
+
+
 class TaskBase(_Strict):
     name: str
     kind: str
@@ -63,6 +71,10 @@ class TaskBase(_Strict):
     sample: Literal["random", "first"] = "random"
     seed: int = 1234
     shots: int = Field(0, ge=0)
+    exclude: ExcludeSample | None = Field(
+        None, description="Never score the items of this (limit, seed) sample of the same data: e.g. a probe that mirrors "
+        "`general` on items `general` does not score."
+    )
     weight: float = Field(1.0, gt=0, description="Weight in the retention score (within its ability, when it has one).")
     ability: str | None = Field(
         None, pattern=r"^[a-z][a-z0-9_]*$",
@@ -202,13 +214,25 @@ def how_to_get(task: TaskBase, suite: str = "SUITE") -> str:
             f"--data-root DIR" + ("" if src.verified else "; this hub mapping was not verified against the hub"))
 
 
+def _sample_indices(n: int, limit: int | None, seed: int, how: str, pool: list[int] | range | None = None) -> list[int]:
+    pool = range(n) if pool is None else pool
+    if limit is None or limit >= len(pool):
+        return list(pool)
+    if how == "first":
+        return list(pool[:limit])
+    return sorted(random.Random(seed).sample(pool, limit))
+
+
 def sample_rows(task: TaskBase, rows: list[Record]) -> list[Record]:
-    if task.limit is None or task.limit >= len(rows):
-        return rows
-    if task.sample == "first":
-        return rows[: task.limit]
-    idx = sorted(random.Random(task.seed).sample(range(len(rows)), task.limit))
-    return [rows[i] for i in idx]
+    """The task's fixed-seed sample of `rows` (all of them without a limit), outside `exclude`'s sample if set."""
+    pool: list[int] | range = range(len(rows))
+    if task.exclude is not None:
+        ex = task.exclude
+        taken = set(_sample_indices(len(rows), ex.limit, ex.seed, ex.sample))
+        pool = [i for i in pool if i not in taken]
+        if not pool:
+            raise DataError(f"task {task.name}: exclude (limit {ex.limit}, seed {ex.seed}) leaves no item of {len(rows)}")
+    return [rows[i] for i in _sample_indices(len(rows), task.limit, task.seed, task.sample, pool)]
 
 
 # ---------------------------------------------------------------- templates
