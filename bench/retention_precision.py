@@ -105,7 +105,9 @@ def analyse_sweep(sweep_dir: str | Path) -> dict[str, Any]:
                                "seed_sd": _sd([v["change"] for v in vals]),
                                "seconds": statistics.mean(v["seconds"] or 0.0 for v in vals)}
         recipes.append(out)
-    return {"sweep": str(sweep_dir), "retention_suite": state.get("retention_suite"), "recipes": recipes}
+    prec = state.get("eval_precision") or {}
+    return {"sweep": str(sweep_dir), "retention_suite": state.get("retention_suite"), "recipes": recipes,
+            "eval_precision": f"{prec.get('dtype', '?')} ({prec.get('reason', 'not recorded')})" if prec else "not recorded"}
 
 
 def _f(x: float | None, fmt: str = "{:.2f}") -> str:
@@ -158,13 +160,13 @@ def main() -> None:
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--steps", type=int, default=None, help="override the quick scale's steps (smoke tests)")
-    ap.add_argument("--eval-fp32", action="store_true", help="score in fp32 (default: bf16 autocast)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="evaluation compute (the sweep's eval_precision; auto: bf16 where it is faster on this machine)")
     ap.add_argument("--out", type=Path, default=None, help="sweep directory (default: runs/bench-precision-<scenario>)")
     ap.add_argument("--analyse", type=Path, default=None, help="only analyse this finished sweep directory")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
     args = ap.parse_args()
     os.chdir(ROOT)
-    eval_precision = "fp32" if args.eval_fp32 else "bf16 autocast"
     if args.analyse is None:
         sys.path.insert(0, str(ROOT / "bench"))
         import forgetting as fb
@@ -191,16 +193,14 @@ def main() -> None:
         out = args.out or ROOT / "runs" / f"bench-precision-{args.scenario}"
         spec = {"name": f"precision-{args.scenario}", "base": base, "runs": runs, "task_suite": str(tsuite),
                 "retention_suite": args.suite, "seeds": [int(s) for s in args.seeds.split(",")], "budget": 0.01,
-                "output_dir": str(out), "data_root": str(args.data_root)}
-        if args.eval_fp32:
-            spec["eval_bf16"] = False  # the sweep's evaluation-precision key
+                "output_dir": str(out), "data_root": str(args.data_root), "eval_precision": args.precision}
         cfg = SweepConfig.model_validate(spec)
         run_sweep(cfg, folder=ROOT, report=False)
         sweep_dir = out
     else:
         sweep_dir = args.analyse
     result = {"bench": "retention_precision", "scenario": args.scenario, "model": args.model, "machine": cpu_info(),
-              "platform": platform.platform(), "eval_precision": eval_precision, **analyse_sweep(sweep_dir)}
+              "platform": platform.platform(), **analyse_sweep(sweep_dir)}
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"retention-precision-{args.scenario}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -51,7 +51,8 @@ def tiny_recipe(model: Path, data: dict[str, Path], out: Path, fmt: str = "chat"
         "data": {"train": str(data[fmt]), "validation": str(data[f"{fmt}_val"]), "format": fmt, "max_length": 64},
         "method": {"name": "full"},
         "optim": {"lr": 3e-3, "max_steps": 20, "batch_size": 8, "warmup_steps": 0, "schedule": "constant"},
-        "train": {"output_dir": str(out), "save_steps": None, "logging_steps": 5, "progress": False, "seed": 0},
+        "train": {"output_dir": str(out), "save_steps": None, "logging_steps": 5, "progress": False, "seed": 0,
+                  "bf16": False},  # fp32 pinned: results must not depend on this CPU's precision path
     }
     for key, value in over.items():
         node = r

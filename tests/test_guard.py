@@ -15,10 +15,13 @@ from forgetless.train import load_model, train
 
 @pytest.fixture(scope="module")
 def probe_suite(organism, tmp_path_factory):
-    """Retention probe: perplexity of the organism's task A (what fine-tuning on B makes it forget)."""
+    """Retention probe: the likelihood of the organism's task-A answers after their prompts (what fine-tuning on
+    B makes it forget). Not the perplexity of whole A texts: B's training (same words) lowers that at first
+    while the A skill is already going, so whether a probe breached depended on the CPU's rounding."""
     p = tmp_path_factory.mktemp("probe") / "probe.yaml"
     p.write_text(yaml.safe_dump({"name": "probe", "tasks": [
-        {"name": "task_a", "kind": "perplexity", "data": {"path": str(organism["a_val"])}, "text": "{{prompt}}{{completion}}"}]}))
+        {"name": "task_a", "kind": "reference_likelihood", "data": {"path": str(organism["a_val"])},
+         "prompt": "{{prompt}}", "reference": "{{completion}}", "target_delimiter": ""}]}))
     return str(p)
 
 
@@ -30,7 +33,8 @@ def _run(org, out, probe, guard=None, every=10, steps=80):
                  "chat_template": False, "max_length": 64},
         "method": "full",
         "optim": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "warmup_steps": 5, "schedule": "constant"},
-        "train": {"output_dir": str(out), "save_steps": None, "progress": False, "seed": 0},
+        # fp32 pinned: whether a probe breaches must not depend on this CPU's precision path
+        "train": {"output_dir": str(out), "save_steps": None, "progress": False, "seed": 0, "bf16": False},
         "monitor": {"suite": probe, "every": every, "limit": None},
     }
     if guard:

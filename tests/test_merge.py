@@ -23,7 +23,7 @@ def _finetune(org, out, method="full", lr=3e-3, steps=80):
         "data": {"train": str(org["b_train"]), "format": "prompt_completion", "chat_template": False, "max_length": 64},
         "method": method,
         "optim": {"lr": lr, "max_steps": steps, "batch_size": 16, "warmup_steps": 5, "schedule": "constant"},
-        "train": {"output_dir": str(out), "save_steps": None, "progress": False, "seed": 0},
+        "train": {"output_dir": str(out), "save_steps": None, "progress": False, "seed": 0, "bf16": False},
     })
     return train(r, quiet=True).run_dir
 
@@ -57,8 +57,11 @@ def test_alpha_0_is_the_base_and_alpha_1_the_tuned_model(method, organism, tuned
 
 
 def _ppl_suite(name, path):
+    """The likelihood of a task's answers after their prompts (what knowing the task means; the perplexity of
+    whole texts also moves with the shared vocabulary, and left the outcome to the CPU's rounding)."""
     return Suite.model_validate({"name": name, "tasks": [
-        {"name": name, "kind": "perplexity", "data": {"path": str(path)}, "text": "{{prompt}}{{completion}}"}]})
+        {"name": name, "kind": "reference_likelihood", "data": {"path": str(path)}, "prompt": "{{prompt}}",
+         "reference": "{{completion}}", "target_delimiter": ""}]})
 
 
 def test_auto_alpha_meets_the_budget_and_picks_the_best_task_score(organism, tuned_full, tmp_path):
@@ -66,7 +69,7 @@ def test_auto_alpha_meets_the_budget_and_picks_the_best_task_score(organism, tun
     result = auto_alpha(str(organism["model"]), str(tuned_full), budget=budget,
                         task_suite=_ppl_suite("task_b", organism["b_val"]),
                         retention_suite=_ppl_suite("retain_a", organism["a_val"]),
-                        alphas=[0.0, 0.25, 0.5, 0.75, 1.0], out=tmp_path / "auto", progress=False)
+                        alphas=[0.0, 0.25, 0.5, 0.75, 1.0], out=tmp_path / "auto", progress=False, precision="fp32")
     curve = {c["alpha"]: c for c in result["curve"]}
     assert curve[0.0]["retention"] == pytest.approx(1.0) and curve[0.0]["task_score"] == pytest.approx(1.0)
     assert not curve[1.0]["within_budget"], "plain fine-tuning should break a 5% budget on the organism"
@@ -85,12 +88,12 @@ def test_descending_search_stops_at_the_largest_alpha_within_budget_and_reuses_t
 
     suites = {"task_suite": _ppl_suite("task_b", organism["b_val"]), "retention_suite": _ppl_suite("retain_a", organism["a_val"])}
     alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
-    grid = auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=alphas, progress=False, **suites)
+    grid = auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=alphas, progress=False, precision="fp32", **suites)
     base_evals = []
     real = api.evaluate
     monkeypatch.setattr(api, "evaluate", lambda *a, **k: base_evals.append(1) or real(*a, **k))
     desc = auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=alphas, progress=False,
-                      search="descending", **suites)
+                      search="descending", precision="fp32", **suites)
     assert base_evals == [], "the base model's results should come from the cache the first call filled"
     largest_ok = max(c["alpha"] for c in grid["curve"] if c["within_budget"])
     assert largest_ok < 1.0 and desc["chosen"]["alpha"] == largest_ok

@@ -16,7 +16,7 @@ from conftest import REPO, tiny_recipe
 
 import forgetless.sweep as sweep_mod
 from forgetless.errors import ForgetlessError, RecipeError
-from forgetless.report import build_report, pareto, write_report
+from forgetless.report import build_report, frontier_line, pareto, write_report
 from forgetless.sweep import load_sweep, recommend, run_sweep
 
 
@@ -230,6 +230,16 @@ def test_sweep_jobs_runs_in_worker_processes(tmp_path, tiny_model, toy_data):
     pids = {json.loads((Path(r["dir"]) / "summary.json").read_text())["pid"] for r in state["runs"]}
     assert os.getpid() not in pids
     assert all(r["task"]["gain"] > 0 for r in state["runs"])
+
+
+def test_the_frontier_line_joins_runs_only_never_the_base():
+    def row(run, change, gain):
+        return {"run": run, "retention": {"change": change}, "task": {"gain": gain}}
+
+    rows = [row("full", -0.12, 1.3), row("lora", -0.16, 1.2), row("kl", -0.03, 1.1), row("bad", -0.01, -0.2)]
+    # the base (0, 0) would dominate "bad" and end the line at the origin; the line is the runs' own front
+    assert [p[2] for p in frontier_line(rows)] == ["full", "kl", "bad"]
+    assert frontier_line([row("only", -0.2, 0.5)]) == [(-20.0, 0.5, "only")]
 
 
 def test_frontier_labels_of_a_tight_cluster_do_not_overlap():

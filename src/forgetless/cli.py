@@ -99,7 +99,8 @@ def eval_cmd(
     task: Annotated[list[str] | None, typer.Option(help="Only these tasks of the suite (repeatable).")] = None,
     data_root: Annotated[Path | None, typer.Option(help="Folder the suite's data paths are relative to ($FORGETLESS_DATA).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON report here (flipped items beside it).")] = None,
-    bf16: Annotated[bool, typer.Option(help="bf16 autocast compute (default; about 2x faster on CPU). --no-bf16: fp32, which reproduces lm-eval's numbers exactly.")] = True,
+    precision: Annotated[str, typer.Option(help="auto: bf16 autocast where a timed probe finds it faster on this CPU (native bf16), else fp32; bf16; fp32 (reproduces lm-eval's numbers exactly).")] = "auto",
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Aliases of --precision bf16 / --precision fp32.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Cap on the scoring window (tokens).")] = None,
     refresh_baseline: Annotated[bool, typer.Option(help="Re-evaluate the baseline instead of using its cache.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -110,7 +111,8 @@ def eval_cmd(
     from .retention.report import print_report
 
     report = eval_model(
-        model, suite, baseline=baseline, limit=limit, tasks=task, data_root=data_root, bf16=bf16,
+        model, suite, baseline=baseline, limit=limit, tasks=task, data_root=data_root,
+        precision=_precision_option(precision, bf16),
         max_length=max_length, out=out, progress=not (quiet or json_out), refresh_baseline=refresh_baseline,
     )
     if json_out:
@@ -119,6 +121,15 @@ def eval_cmd(
     print_report(report)
     if out:
         console.print(f"report: {out}")
+
+
+def _precision_option(precision: str, bf16: bool | None) -> str:
+    from .precision import combine
+
+    try:
+        return combine(precision, bf16)
+    except ValueError as e:
+        raise ForgetlessError(f"--precision: {e}") from None
 
 
 def parse_budget(text: str) -> float:
@@ -145,6 +156,7 @@ def merge(
                                                 "down, stop at the first within the budget).")] = "grid",
     decide_on: Annotated[str, typer.Option(help="With --alpha auto: point (the drop's estimate within budget) or "
                                                    "confident (its 95% upper bound within budget).")] = "point",
+    precision: Annotated[str, typer.Option(help="With --alpha auto: evaluation compute, auto | bf16 | fp32 (as in eval).")] = "auto",
     full: Annotated[bool, typer.Option(help="Write a full model even for a LoRA adapter.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -158,7 +170,8 @@ def merge(
             raise typer.BadParameter("--alpha auto needs --task-suite (a suite scoring the new task)")
         result = merge_lib.auto_alpha(base, tuned, budget=parse_budget(budget), task_suite=task_suite,
                                       retention_suite=retention_suite, data_root=data_root, out=out, overwrite=overwrite,
-                                      progress=not (json_out or quiet), search=search, decide_on=decide_on)
+                                      progress=not (json_out or quiet), search=search, decide_on=decide_on,
+                                      precision=_precision_option(precision, None))
     else:
         try:
             a = float(alpha)
@@ -278,9 +291,12 @@ def demo(
         return
     if not quiet:
         _table_console().print(sweep_table(state))
+        from .demo import headline
+
         rec = state.get("recommended")
         console.print(f"recommended within the {100 * state['budget']:.3g}% budget: {rec}" if rec else
                       f"[red]no recipe stays within the {100 * state['budget']:.3g}% budget[/red]")
+        console.print(f"[bold]{headline(state)}[/bold]", highlight=False)
         console.print(f"report: {state['report']}")
 
 

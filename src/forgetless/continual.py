@@ -67,6 +67,7 @@ from pydantic import Field, field_validator, model_validator
 from .config import DataConfig, _Strict
 from .errors import ForgetlessError, RecipeError
 from .io import atomic_write_json, atomic_write_text
+from .precision import combine
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 
 N_BOOT = 1000
@@ -167,7 +168,17 @@ class ContinualConfig(_Strict):
     retention_suite: str | None = Field("self", description="What must not be forgotten (built-in name or suite file); null: none.")
     limit: int | None = Field(None, gt=0, description="At most this many items per evaluation task.")
     data_root: str | None = Field(None, description="Folder the suites' data paths are relative to.")
-    eval_bf16: bool = Field(True, description="bf16 evaluation compute (about 2x faster on CPU); false: fp32, which reproduces lm-eval exactly.")
+    eval_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Evaluation compute: auto (bf16 where a timed probe finds it faster on this device, "
+        "else fp32), bf16, or fp32 (reproduces lm-eval exactly).")
+    eval_bf16: bool | None = Field(None, description="Older spelling: true = eval_precision bf16, false = fp32.")
+
+    def eval_setting(self) -> str:
+        """eval_precision with the older eval_bf16 folded in."""
+        try:
+            return combine(self.eval_precision, self.eval_bf16)
+        except ValueError as e:
+            raise ForgetlessError(f"{self.name}: eval_precision / eval_bf16: {e}") from None
     output_dir: str | None = Field(None, description="Sequence directory. Default: continual/<name>.")
 
     @model_validator(mode="after")
@@ -432,11 +443,15 @@ class _Evaluator:
     """Scores models on the task suite (per-item results kept) and on the retention suite (eval_model)."""
 
     def __init__(self, cfg: ContinualConfig, suite: Any, retention: Any, base_path: str, quiet: bool):
+        from .retention.api import eval_precision
         from .retention.evaluate import fingerprint_dir
 
         self.cfg, self.suite, self.retention, self.base_path, self.quiet = cfg, suite, retention, base_path, quiet
         self.base_fp = fingerprint_dir(base_path) if Path(base_path).is_dir() else base_path
         self._base: Any = None
+        # resolved once: every step and the base are scored at one precision (the cache keys on it)
+        self.precision = eval_precision(cfg.eval_setting(), base_path)
+        self.bf16 = self.precision.bf16
 
     def load_base(self) -> Any:
         if self._base is None:
@@ -451,14 +466,14 @@ class _Evaluator:
         from .retention.evaluate import evaluate
 
         model, tok, path = load_for_eval(model_dir)
-        return evaluate(model, tok, self.suite, data_root=self.cfg.data_root, bf16=self.cfg.eval_bf16, reference=self.load_base,
+        return evaluate(model, tok, self.suite, data_root=self.cfg.data_root, bf16=self.bf16, reference=self.load_base,
                         reference_fingerprint=self.base_fp, progress=not self.quiet, model_name=path)
 
     def base_row(self, out: Path) -> Any:
         from .retention.evaluate import evaluate_cached
         from .retention.tasks import resolve_data_root
 
-        key = {"model": self.base_fp, "bf16": self.cfg.eval_bf16, "max_length": None,
+        key = {"model": self.base_fp, "bf16": self.bf16, "max_length": None,
                "suite": self.suite.fingerprint(resolve_data_root(self.cfg.data_root))}
         res, _ = evaluate_cached(key, self.suite, lambda: self._run(self.base_path))
         _save_items(out / "base" / "eval-task.items.json", res)
@@ -473,14 +488,15 @@ class _Evaluator:
         _save_items(step.dir / "eval-task.items.json", res)
         atomic_write_json(step.dir / "eval-task.json", {
             "model": str(step.model_dir), "baseline": self.base_path, "suite": self.suite.name,
-            "settings": {"bf16": self.cfg.eval_bf16, "limit": self.cfg.limit},
+            "settings": {"bf16": self.bf16, "precision": self.precision.dtype, "precision_reason": self.precision.reason,
+                         "limit": self.cfg.limit},
             "candidate": res.summary(), "base": base_res.summary(),
             "comparison": compare(base_res, res, {t.name: t.weight for t in self.suite.tasks}),
         })
         ret = None
         if self.retention is not None:
             ret = eval_model(str(step.dir), self.retention, baseline=self.base_path, limit=self.cfg.limit,
-                             data_root=self.cfg.data_root, bf16=self.cfg.eval_bf16, out=step.dir / "eval-retention.json",
+                             data_root=self.cfg.data_root, precision=self.precision.dtype, out=step.dir / "eval-retention.json",
                              progress=not self.quiet)
         return res, ret
 

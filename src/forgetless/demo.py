@@ -136,6 +136,33 @@ def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: b
     return run_sweep(cfg, folder=out_dir, quiet=quiet)
 
 
+def headline(state: dict[str, Any], plain: str = "full-high-lr") -> str:
+    """The demo's one-line verdict: the forgetless recipe (not the plain one) with the largest task gain whose
+    retention drop is within the budget, as a share of the plain recipe's gain, both with their intervals;
+    'within the budget' is said with 95% confidence only when the interval's lower end is inside it too."""
+    runs = {r["run"]: r for r in state["runs"]}
+    base = runs.get(plain)
+    budget = state.get("budget")
+    if base is None or budget is None:
+        return "no plain run or no budget to compare with"
+    p_gain, p_ret = base["task"]["gain"], base["retention"]
+    inside = [r for r in state["runs"] if r["run"] != plain and -r["retention"]["change"] <= budget]
+    plain_txt = (f"plain {plain}: gain {p_gain:+.2f} [{base['task']['ci'][0]:+.2f}, {base['task']['ci'][1]:+.2f}] "
+                 f"at {100 * p_ret['change']:+.1f}% [{100 * p_ret['ci'][0]:+.1f}, {100 * p_ret['ci'][1]:+.1f}]")
+    if not inside:
+        return f"no forgetless recipe stayed within the {100 * budget:.3g}% budget ({plain_txt})"
+    best = max(inside, key=lambda r: r["task"]["gain"])
+    g, ret = best["task"], best["retention"]
+    share = g["gain"] / p_gain if p_gain > 0 else float("nan")
+    sure = ret["ci"][0] >= -budget
+    return (f"{best['run']} kept {100 * share:.0f}% of the plain recipe's task gain ({g['gain']:+.2f} "
+            f"[{g['ci'][0]:+.2f}, {g['ci'][1]:+.2f}]) at {100 * ret['change']:+.1f}% retention "
+            f"[{100 * ret['ci'][0]:+.1f}, {100 * ret['ci'][1]:+.1f}], "
+            + (f"within the {100 * budget:.3g}% budget with 95% confidence" if sure else
+               f"within the {100 * budget:.3g}% budget (point estimate; its interval reaches past it)")
+            + f"; {plain_txt}")
+
+
 def _qa(record: dict[str, Any]) -> dict[str, Any]:
     question, answer = (m["content"] for m in record["messages"])
     return {"question": question, "answer": answer, "capital": answer.rsplit(" is ", 1)[1].rstrip(".")}

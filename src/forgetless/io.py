@@ -14,6 +14,11 @@ from typing import Any
 from .errors import OutputExistsError
 
 
+def forgetless_home() -> Path:
+    """$FORGETLESS_HOME (default ~/.cache/forgetless): model cache, evaluation and probe caches."""
+    return Path(os.environ.get("FORGETLESS_HOME") or Path.home() / ".cache" / "forgetless").expanduser()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same directory, then rename over it."""
     path = Path(path)

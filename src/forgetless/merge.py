@@ -124,6 +124,7 @@ def auto_alpha(
     progress: bool = True,
     search: str = "grid",
     decide_on: str = "point",
+    precision: Any = "auto",
 ) -> dict[str, Any]:
     """Measure the interpolation curve and keep the best task score whose retention drop is within `budget`
     (a fraction: 0.01 = 1%). Task score: the task suite's retention score against the base (>1 = gained).
@@ -136,8 +137,9 @@ def auto_alpha(
     search: "grid" scores every alpha; "descending" scores them from the largest down and stops at the first
     within the budget (the largest alpha that meets it: right when retention falls as alpha grows, WiSE-FT's
     usual curve; the returned curve then holds only the alphas scored). The base model's results come from the
-    evaluation cache, like `forgetless eval`'s baseline."""
-    from .retention.api import _fingerprint, baseline_result
+    evaluation cache, like `forgetless eval`'s baseline. precision: auto | bf16 | fp32 evaluation compute,
+    resolved once (retention.api.eval_precision) so the base and every alpha are scored alike."""
+    from .retention.api import _fingerprint, baseline_result, eval_precision
     from .retention.evaluate import compare, evaluate
     from .retention.suite import load_suite
     from .retention.tasks import resolve_data_root
@@ -160,15 +162,17 @@ def auto_alpha(
         base_path = str(resolve_model(base).path)
     ref_fp = _fingerprint(base_path)
     root = resolve_data_root(data_root)
+    prec = eval_precision(precision, base_path)
 
     def reference():
         return ends.base, ends.tokenizer
 
     def run(model, suite):
         return evaluate(model, ends.tokenizer, suite, data_root=root, reference=reference, reference_fingerprint=ref_fp,
-                        progress=progress)
+                        progress=progress, bf16=prec.bf16)
 
-    base_task, base_ret = (baseline_result(base_path, s, root, progress=progress, loader=reference)[0] for s in (ts, rs))
+    base_task, base_ret = (baseline_result(base_path, s, root, progress=progress, loader=reference, bf16=prec.bf16)[0]
+                           for s in (ts, rs))
     work = interpolate(ends, 0.0)
     curve, comparisons = [], {}
     for a in alphas:
@@ -183,7 +187,8 @@ def auto_alpha(
     best = choose_alpha(curve, budget, decide_on)
     # the chosen alpha's full comparisons (every task's change with its interval), so no one re-scores it
     result: dict[str, Any] = {"base": base, "tuned": tuned, "budget": budget, "search": search, "decide_on": decide_on,
-                              "curve": curve, "chosen": best, "comparison": comparisons[best["alpha"]]}
+                              "curve": curve, "chosen": best, "comparison": comparisons[best["alpha"]],
+                              "precision": {"dtype": prec.dtype, "reason": prec.reason}}
     if out is not None:
         out = Path(out)
         result["saved"] = write_merged(ends, base, tuned, best["alpha"], out, overwrite=overwrite)  # the models loaded above

@@ -163,6 +163,12 @@ def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, s
     return sorted(front)
 
 
+def frontier_line(rows: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
+    """The frontier the plot draws: runs not dominated by another run, as (retention change %, gain, run).
+    The base model is the plot's reference point, not a candidate, so the line never runs to it."""
+    return pareto([(100 * r["retention"]["change"], r["task"]["gain"], r["run"]) for r in rows if r.get("task")])
+
+
 def frontier_plot(rows: list[dict[str, Any]], budget: float | None, recommended: str | None) -> str | None:
     rows = [r for r in rows if r.get("task")]
     if not rows:
@@ -181,7 +187,7 @@ def frontier_plot(rows: list[dict[str, Any]], budget: float | None, recommended:
                     fmt="o", capsize=3, color=color, ecolor=to_rgba(color, 0.45), elinewidth=1)
         pts.append((x, y, r["run"]))
     ax.plot([0], [0], "s", color="black")
-    front = pareto(pts)
+    front = frontier_line(rows)
     ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:orange", label="frontier")
     if budget:
         ax.axvline(-100 * budget, color="tab:red", linestyle=":", label=f"budget (-{100 * budget:.3g}%)")

@@ -53,6 +53,7 @@ from pydantic import Field, field_validator, model_validator
 from .config import _Strict, parse_budget
 from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
+from .precision import combine
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 
 
@@ -83,7 +84,17 @@ class SweepConfig(_Strict):
     decide_on: Literal["point", "confident"] = Field(
         "point", description="What `recommended` acts on: the drop's point estimate (point) or its 95% upper bound (confident)."
     )
-    eval_bf16: bool = Field(True, description="bf16 evaluation compute (about 2x faster on CPU); false: fp32, which reproduces lm-eval exactly.")
+    eval_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Evaluation compute: auto (bf16 where a timed probe finds it faster on this device, "
+        "else fp32), bf16, or fp32 (reproduces lm-eval exactly).")
+    eval_bf16: bool | None = Field(None, description="Older spelling: true = eval_precision bf16, false = fp32.")
+
+    def eval_setting(self) -> str:
+        """eval_precision with the older eval_bf16 folded in."""
+        try:
+            return combine(self.eval_precision, self.eval_bf16)
+        except ValueError as e:
+            raise ForgetlessError(f"{self.name}: eval_precision / eval_bf16: {e}") from None
     output_dir: str | None = Field(None, description="Sweep directory. Default: sweeps/<name>.")
 
     @field_validator("budget", mode="before")
@@ -214,10 +225,14 @@ def task_gain(cmp: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepConfig, progress: bool) -> dict[str, Any]:
+def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepConfig, progress: bool,
+              precision: str | None = None) -> dict[str, Any]:
+    """Task gain and retention change of one run. `precision`: the sweep's resolved evaluation precision
+    (bf16 / fp32), so every run and the base are scored alike; None resolves cfg's setting here."""
     from .retention.api import eval_model
 
-    kw = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root, "bf16": cfg.eval_bf16, "progress": progress}
+    kw = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root, "precision": precision or cfg.eval_setting(),
+          "progress": progress}
     task = eval_model(str(run_dir), task_suite, out=run_dir / "eval-task.json", **kw)
     ret = eval_model(str(run_dir), retention_suite, out=run_dir / "eval-retention.json", **kw)
     rc = ret["comparison"]
@@ -254,7 +269,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         resume = (run_dir / "recipe.yaml").is_file() and (run_dir / "checkpoints").is_dir()
         summary = train(recipe, resume=resume, overwrite=not resume, quiet=spec["quiet"]).summary
-    scores = score_run(run_dir, spec["task_suite"], spec["retention_suite"], cfg, progress=not spec["quiet"])
+    scores = score_run(run_dir, spec["task_suite"], spec["retention_suite"], cfg, progress=not spec["quiet"],
+                       precision=spec.get("eval_precision"))
     if recipe.train.report:
         from .report import write_report
 
@@ -419,14 +435,20 @@ def run_sweep(
     task_suite = auto_task_suite(first) if cfg.task_suite == "auto" else load_any_suite(cfg.task_suite)
     retention_suite = load_any_suite(cfg.retention_suite)
     todo = [(name, v, seed) for name, v, seed in trainings if name not in done]
-    console.print(f"[bold]sweep {cfg.name}[/bold]: {len(variants)} runs, {len(trainings)} trainings ({len(trainings) - len(todo)} finished), "
-                  f"task suite {task_suite.name}, retention suite {retention_suite.name} -> {out}")
+    from .models import resolve_model
+    from .retention.api import eval_precision
     from .retention.metrics import SCORE_VERSION
 
+    # resolved once, so every run and the base model are scored at the same precision (caches key on it)
+    prec = eval_precision(cfg.eval_setting(), resolve_model(first.model.name).path)
+    console.print(f"[bold]sweep {cfg.name}[/bold]: {len(variants)} runs, {len(trainings)} trainings ({len(trainings) - len(todo)} finished), "
+                  f"task suite {task_suite.name}, retention suite {retention_suite.name} -> {out}")
+    console.print(f"evaluation {prec.line()}", highlight=False)
     finished = {name: done[name] for name, _, _ in trainings if name in done}
     state: dict[str, Any] = {
         "name": cfg.name, "dir": str(out), "budget": cfg.budget, "task_suite": task_suite.name,
         "retention_suite": retention_suite.name, "base_model": first.model.name, "score_definition": SCORE_VERSION,
+        "eval_precision": {"dtype": prec.dtype, "reason": prec.reason},
         "decide_on": cfg.decide_on, "runs": [], "seed_runs": [], "recommended": None,
     }
 
@@ -444,11 +466,11 @@ def run_sweep(
     specs = [{
         "recipe": recipes[name].model_dump(mode="json"), "config": cfg.model_dump(mode="json"), "set": v.set,
         "variant": v.name, "seed": seed,
-        "task_suite": task_suite, "retention_suite": retention_suite, "quiet": quiet,
+        "task_suite": task_suite, "retention_suite": retention_suite, "quiet": quiet, "eval_precision": prec.dtype,
         "threads": max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None,
     } for name, v, seed in todo]
     if jobs > 1 and len(specs) > 1:
-        _prime_base(first, task_suite, retention_suite, cfg, quiet)
+        _prime_base(first, task_suite, retention_suite, cfg, quiet, prec.dtype)
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -473,7 +495,8 @@ def run_sweep(
     return state
 
 
-def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: SweepConfig, quiet: bool) -> None:
+def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: SweepConfig, quiet: bool,
+                precision: str) -> None:
     """Evaluate the base model once before parallel workers start (they then read the cache)."""
     from .models import resolve_model
     from .retention.api import baseline_result
@@ -482,7 +505,7 @@ def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: Swee
     path = resolve_model(recipe.model.name).path
     root = resolve_data_root(cfg.data_root)
     for s in (task_suite, retention_suite):
-        baseline_result(path, s.with_limit(cfg.limit), root, bf16=cfg.eval_bf16, progress=not quiet)
+        baseline_result(path, s.with_limit(cfg.limit), root, bf16=precision == "bf16", progress=not quiet)
 
 
 # ---------------------------------------------------------------- table

@@ -187,7 +187,8 @@ def build_organism(out_dir: str | Path, steps: int = 300, seed: int = 0) -> dict
         "data": {"train": str(paths["a_train"]), "format": "prompt_completion", "chat_template": False, "max_length": 64},
         "method": "full",
         "optim": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "warmup_steps": 10, "schedule": "cosine"},
-        "train": {"output_dir": str(out_dir / "run-a"), "save_steps": None, "progress": False, "seed": seed, "logging_steps": 50},
+        "train": {"output_dir": str(out_dir / "run-a"), "save_steps": None, "progress": False, "seed": seed, "logging_steps": 50,
+                  "bf16": False},  # fp32 pinned: the organism is the same on every CPU
         "mitigations": [{"name": "si"}],  # records the importance of A's weights for the SI test
     })
     train(recipe, overwrite=True, quiet=True)

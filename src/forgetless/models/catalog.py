@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from forgetless.errors import ForgetlessError
-from forgetless.io import atomic_write_json
+from forgetless.io import atomic_write_json, forgetless_home
 
 PROVENANCE_FILE = "forgetless_provenance.json"
 console = Console(stderr=True, soft_wrap=True)
@@ -76,10 +76,6 @@ class ResolvedModel:
     path: str  # a local HF model dir, or a hub id left for transformers to fetch
     alias: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
-
-
-def forgetless_home() -> Path:
-    return Path(os.environ.get("FORGETLESS_HOME") or Path.home() / ".cache" / "forgetless").expanduser()
 
 
 def cache_dir() -> Path:

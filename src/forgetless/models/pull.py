@@ -37,6 +37,7 @@ from forgetless.models.catalog import (
     verify_entry,
     write_provenance,
 )
+from forgetless.progress import heartbeat
 
 CHECK_PROMPT = "The capital of France is Paris. The capital of Italy is"
 
@@ -64,7 +65,7 @@ class UI:
         hf_logging.disable_progress_bar()
         t0 = time.perf_counter()
         try:
-            with console.status(msg + " ...") if not self.quiet else contextlib.nullcontext():
+            with heartbeat(msg, quiet=self.quiet):  # a spinner in a terminal, a line every 30 s in a log
                 yield
         finally:
             if bars:

@@ -4,6 +4,7 @@ compare with the baseline (the run's base model by default), and write a JSON re
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import torch
 
 from ..errors import ForgetlessError
 from ..io import atomic_write_json, atomic_write_text
+from ..precision import Precision, config_widths
+from ..precision import resolve as resolve_precision
 from .evaluate import SuiteResult, compare, evaluate, evaluate_cached, fingerprint_dir
 from .suite import Suite, load_suite
 from .tasks import resolve_data_root
@@ -81,11 +84,12 @@ def _base_loader(base_path: str | None):
 
 
 def baseline_result(
-    base_path: str, suite: Suite, data_root: Path | None, *, bf16: bool = True, max_length: int | None = None,
+    base_path: str, suite: Suite, data_root: Path | None, *, bf16: bool, max_length: int | None = None,
     progress: bool = True, refresh: bool = False, loader=None,
 ) -> tuple[SuiteResult, bool]:
     """The base model's results on `suite`, from the cache (keyed by model fingerprint, suite hash and settings)
-    or evaluated once and cached. Returns (result, was_cached)."""
+    or evaluated once and cached. Returns (result, was_cached). `bf16` is a resolved choice (see
+    `eval_precision`), never "auto": a cached bf16 baseline is never compared with an fp32 candidate."""
     load_base = loader or _base_loader(base_path)
     ref_fp = _fingerprint(base_path)
     settings = {"bf16": bf16, "max_length": max_length, "suite": suite.fingerprint(data_root)}
@@ -98,6 +102,20 @@ def baseline_result(
     )
 
 
+def eval_precision(setting: Any, model_path: str | None = None) -> Precision:
+    """Resolve an evaluation precision (auto | bf16 | fp32, or the older True/False) for CPU scoring at the
+    widths of the model at `model_path` (a model directory or run directory)."""
+    widths = None
+    if model_path is not None:
+        p = Path(model_path)
+        if is_run_dir(p):  # a saved adapter has no config.json of its own: its base model's widths
+            p = p / "final" if (p / "final" / "config.json").is_file() else Path(run_base_model(p))
+        elif p.name == "final" and is_run_dir(p.parent) and not (p / "config.json").is_file():
+            p = Path(run_base_model(p.parent))
+        widths = config_widths(p)
+    return resolve_precision(setting, "cpu", widths=widths)
+
+
 def eval_model(
     model: str,
     suite: str | Suite = "general",
@@ -106,7 +124,7 @@ def eval_model(
     limit: int | None = None,
     tasks: list[str] | None = None,
     data_root: str | Path | None = None,
-    bf16: bool = True,
+    precision: Any = "auto",
     max_length: int | None = None,
     out: str | Path | None = None,
     progress: bool = True,
@@ -115,7 +133,8 @@ def eval_model(
     """Evaluate `model` on `suite`; with a baseline, report changes with paired intervals and significance.
 
     baseline: "auto" (a run directory's base model, else none), "base" (must be a run directory),
-    "none", or a model path / alias."""
+    "none", or a model path / alias. precision: auto (bf16 where measured faster, precision.py), bf16, fp32;
+    True / False are read as bf16 / fp32."""
     torch.set_flush_denormal(True)
     s = load_suite(suite) if isinstance(suite, (str, Path)) else suite
     s = s.only(tasks).with_limit(limit)
@@ -132,6 +151,10 @@ def eval_model(
         base_path = resolve_model(baseline).path
 
     cand_model, tok, cand_path = load_for_eval(model)
+    prec = eval_precision(precision, cand_path)
+    bf16 = prec.bf16
+    if progress:
+        print(prec.line(), file=sys.stderr, flush=True)
     load_base = _base_loader(base_path)
     ref_fp = _fingerprint(base_path) if base_path else None
     base_res: SuiteResult | None = None
@@ -151,7 +174,8 @@ def eval_model(
         "baseline_cached": cached,
         "suite": s.name,
         "data_root": str(root) if root else None,
-        "settings": {"bf16": bf16, "max_length": max_length, "limit": limit},
+        "settings": {"bf16": bf16, "precision": prec.dtype, "precision_reason": prec.reason,
+                     "max_length": max_length, "limit": limit},
         "candidate": cand_res.summary(),
         "base": base_res.summary() if base_res else None,
         "comparison": compare(base_res, cand_res, {t.name: t.weight for t in s.tasks}) if base_res else None,

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ..io import atomic_write_json
+from ..precision import resolve as resolve_precision
+from ..progress import bar
 from . import metrics as M
 from .kinds import (
     generate,
@@ -116,7 +118,7 @@ def evaluate(
     suite: Suite,
     *,
     data_root: str | Path | None = None,
-    bf16: bool = True,
+    bf16: bool | None = None,
     batch_tokens: int = 4096,
     max_length: int | None = None,
     reference: Callable[[], tuple[nn.Module, Any]] | None = None,
@@ -126,16 +128,19 @@ def evaluate(
     model_name: str | None = None,
 ) -> SuiteResult:
     """Score `model` on every task of `suite`. `reference` loads the base model for self-reference tasks
-    (default: the model itself). bf16 autocast by default: about 2x faster than fp32 on CPU; it flips
-    near-tied multiple-choice items (within 0.6 points of lm-eval at 500 items, bench/results/eval_speed.md),
-    while fp32 (bf16=False) reproduces lm-eval exactly."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    (default: the model itself). bf16: None picks by measurement (precision.resolve: bf16 autocast where it
+    is faster on this device, about 2x on CPUs with native bf16); bf16 flips near-tied multiple-choice items
+    (within 0.6 points of lm-eval at 500 items, bench/results/eval_speed.md), while fp32 (bf16=False)
+    reproduces lm-eval exactly."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     torch.set_flush_denormal(True)
     root = resolve_data_root(data_root)
     model.eval()
-    prog = Progress(TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True, disable=not progress)
+    if bf16 is None:
+        bf16 = resolve_precision("auto", next(model.parameters()).device, model=model).bf16
+    prog = bar(TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               label="eval", transient=True, disable=not progress)
     ctx = EvalContext(
         model=model, tokenizer=tokenizer, data_root=root, batch_tokens=batch_tokens, bf16=bf16, max_length=max_length,
         reference=reference,

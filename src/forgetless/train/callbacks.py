@@ -70,7 +70,8 @@ def progress_info(last: dict[str, Any], eval_step: int | None, step: int) -> str
 
 
 class RichProgress(TrainerCallback):
-    """A rich progress bar with loss and tokens/s, replacing the Trainer's tqdm bar."""
+    """A rich progress bar with loss and tokens/s, replacing the Trainer's tqdm bar; in a log file (stderr not
+    a terminal) a plain line at most every 30 s instead (forgetless.progress)."""
 
     def __init__(self, metrics: MetricsLogger, enabled: bool = True):
         self.metrics = metrics
@@ -81,15 +82,17 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         if not self.enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(
+        from ..progress import bar
+
+        self.progress = bar(
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
-            transient=False,
+            label="train",
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")

@@ -24,10 +24,16 @@ from . import adapters
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """auto: CUDA, else Apple's MPS (untested here: no Apple machine at hand), else the CPU."""
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ForgetlessError("train.device is cuda but no CUDA device is available")
         return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if device == "mps" or (device == "auto" and mps is not None and mps.is_available()):
+        if mps is None or not mps.is_available():
+            raise ForgetlessError("train.device is mps but this torch build or machine has no MPS device")
+        return torch.device("mps")
     return torch.device("cpu")
 
 

@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from .. import distributed as dist
+from .. import precision as precisions
 from ..allocator import loaded_allocator, release_free_memory
 from ..data import load_datasets
 from ..errors import DataError, ForgetlessError
@@ -61,14 +62,6 @@ def setup_torch(threads: int | None = None) -> None:
 def home_dir() -> Path:
     """$FORGETLESS_HOME (default ~/.cache/forgetless): model cache, Fisher and self-replay caches."""
     return models_cache_dir().parent
-
-
-def use_bf16(setting: Any, device: torch.device) -> bool:
-    if setting == "auto":
-        if device.type == "cuda":
-            return torch.cuda.is_bf16_supported()
-        return True  # CPU autocast to bf16 is supported by torch on every x86/ARM build
-    return bool(setting)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -252,7 +245,6 @@ def train(
     run_dir = prepare_run_dir(recipe, overwrite, resume)
     ckpt_root = run_dir / "checkpoints"
     resume_from = latest_complete_checkpoint(ckpt_root) if resume else None
-    bf16 = use_bf16(recipe.train.bf16, device)
     set_seed(recipe.train.seed)
 
     # Model reference: aliases from `forgetless models` resolve to a local directory.
@@ -260,6 +252,13 @@ def train(
 
     resolved = resolve_model(recipe.model.name)
     model_path = resolved.path
+    # bf16 compute only where it is measurably faster here (precision.py): emulated bf16 runs 50x+ slower
+    prec = precisions.resolve(recipe.train.bf16, device, widths=precisions.config_widths(model_path))
+    bf16 = prec.bf16
+    if main and not quiet:
+        from rich.console import Console
+
+        Console(stderr=True).print(prec.line(), highlight=False)
 
     # Everything that can fail on bad input fails here, before training starts.
     tokenizer = load_tokenizer(model_path, recipe.model)
@@ -384,6 +383,7 @@ def train(
         "device": device.type,
         "allocator": loaded_allocator(),
         "bf16_compute": bf16,
+        "precision": prec.as_dict(),
         "lr": recipe.lr,
         "final_train_loss": metrics.last.get("loss"),
         "mean_train_loss": out.training_loss,
