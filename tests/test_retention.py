@@ -171,7 +171,8 @@ def test_baseline_is_cached_by_fingerprint(model_tok, tmp_path):
 
 def test_builtin_suites_load():
     g = load_suite("general")
-    assert [t.name for t in g.tasks] == ["arc_easy", "hellaswag", "piqa", "wikitext", "self_reference", "scitldr", "flores_en_de"]
+    assert [t.name for t in g.tasks] == ["arc_easy", "hellaswag", "piqa", "wikitext", "self_reference", "scitldr", "flores_en_de",
+                                       "nq_open", "triviaqa"]
     assert [t.kind for t in load_suite("self").tasks] == ["self_reference"]
 
 

@@ -156,6 +156,8 @@ def merge(
     data_root: Annotated[Path | None, typer.Option(help="Where the suites' data paths are relative to.")] = None,
     search: Annotated[str, typer.Option(help="With --alpha auto: grid (score every alpha) or descending (from 1.0 "
                                                 "down, stop at the first within the budget).")] = "grid",
+    decide_on: Annotated[str, typer.Option(help="With --alpha auto: point (the drop's estimate within budget) or "
+                                                   "confident (its 95% upper bound within budget).")] = "point",
     precision: Annotated[str, typer.Option(help="With --alpha auto: evaluation compute, auto | bf16 | fp32 (as in eval).")] = "auto",
     full: Annotated[bool, typer.Option(help="Write a full model even for a LoRA adapter.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
@@ -170,7 +172,7 @@ def merge(
             raise typer.BadParameter("--alpha auto needs --task-suite (a suite scoring the new task)")
         result = merge_lib.auto_alpha(base, tuned, budget=parse_budget(budget), task_suite=task_suite,
                                       retention_suite=retention_suite, data_root=data_root, out=out, overwrite=overwrite,
-                                      progress=not (json_out or quiet), search=search,
+                                      progress=not (json_out or quiet), search=search, decide_on=decide_on,
                                       precision=_precision_option(precision, None))
     else:
         try:
@@ -187,12 +189,16 @@ def merge(
         from rich.table import Table
 
         t = Table(title=f"interpolation curve (budget {parse_budget(budget):.1%} retention drop)")
-        for col in ("alpha", "task score", "retention", "within budget"):
+        for col in ("alpha", "task score", "retention", "95% CI", "within budget", "within at 95%"):
             t.add_column(col, justify="right")
         for c in result["curve"]:
             mark = "[bold]*[/bold] " if c is result["chosen"] or c == result["chosen"] else ""
-            t.add_row(f"{mark}{c['alpha']}", f"{c['task_score']:.4f}", f"{c['retention']:.4f}", "yes" if c["within_budget"] else "no")
+            ci = c.get("retention_ci") or [float("nan")] * 2
+            t.add_row(f"{mark}{c['alpha']}", f"{c['task_score']:.4f}", f"{c['retention']:.4f}", f"[{ci[0]:.4f}, {ci[1]:.4f}]",
+                      "yes" if c["within_budget"] else "no", "yes" if c.get("within_budget_95") else "no")
         console.print(t)
+        console.print(f"chosen on the {'95% upper bound of the drop' if result.get('decide_on') == 'confident' else 'point estimate'}"
+                      " (--decide-on)")
         console.print(f"chosen alpha {result['chosen']['alpha']}; saved to {out} (curve: {out / 'alpha_curve.png'})")
     else:
         console.print(f"wrote {result['kind']} with alpha {result['alpha']} to {out}")
@@ -224,6 +230,8 @@ def sweep(
         if state.get("budget") is not None:
             rec = state.get("recommended")
             console.print(f"recommended: {rec}" if rec else "[red]no run stays within the budget[/red]")
+            console.print(f"acting on the {'95% upper bound of the drop' if state.get('decide_on') == 'confident' else 'point estimate'}"
+                          f" (decide_on); point pick: {state.get('recommended_point')}, budget holds at 95%: {state.get('recommended_95')}")
         console.print(f"sweep.json and report: {state['dir']}")
 
 

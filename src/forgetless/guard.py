@@ -10,6 +10,15 @@ guard: when the retention drop exceeds the budget (and, by default, is significa
 selection: at the end the final model is the state with the best validation loss among those within
   budget (the base model if none was, said loudly); summary.json records why.
 
+The budget, both ways: every probe records the drop's point estimate (`fl_drop`) and its 95% upper bound
+(`fl_drop_upper`, 1 - the score interval's lower end), with `fl_within_budget` and `fl_within_budget_95`;
+breach events and the final selection carry the same two verdicts. What the guard acts on: the point
+estimate, gated by significance when `require_significant` (the default): a breach is a drop over the
+budget whose interval excludes "no loss". A state is "within budget" for the selection when it had no
+breach; `within_budget_95` says whether the budget also held with 95% confidence there. With a probe
+whose half-width is wider than the budget, the 95% verdict is rarely yes: use a probe that resolves the
+budget (more items, continuous metrics) before acting on it.
+
 With several processes (DDP) every rank holds the same weights, so the retention probe runs once, on rank 0,
 while the others wait; rank 0 broadcasts the probe and its breaches, and every rank then takes the same
 action at the same step (lower_lr on its optimizer, more_replay on its copy of the data, rollback to its
@@ -43,6 +52,7 @@ class Snapshot:
     weights: list[torch.Tensor]
     optimizer: dict[str, Any] | None
     val_loss: float | None = None
+    within_95: bool | None = None  # the budget held with 95% confidence at this state's probe
 
 
 def snapshot(params: list[torch.nn.Parameter], step: int, optimizer=None, val_loss: float | None = None) -> Snapshot:
@@ -150,6 +160,12 @@ class MonitorCallback(TrainerCallback):
             }
             if val_loss is not None:
                 probe["eval_loss"] = val_loss
+            if self.guard is not None:
+                from .retention.metrics import budget_check
+
+                check = budget_check(report["retention_score"], report["retention_ci"], self.guard.budget)
+                probe.update({"fl_drop": check["drop"], "fl_drop_upper": check["drop_upper"],
+                              "fl_within_budget": check["within_budget"], "fl_within_budget_95": check["within_budget_95"]})
             why = self.breaches(report) if self.guard is not None else []
         # rank 0's probe and verdict, on every rank: all of them act on the same decision at this step
         probe, why = dist.broadcast_object((probe, why))
@@ -193,13 +209,17 @@ class MonitorCallback(TrainerCallback):
 
     def _guard(self, why: list[str], retention: float, state, control, val_loss) -> None:
         self._last_breaches = why
+        probe = self.state.probes[-1] if self.state.probes else {}
         if not why:
             snap = snapshot(self.params, state.global_step, self.trainer.optimizer if self.trainer else None, val_loss)
+            snap.within_95 = probe.get("fl_within_budget_95")
             self.state.last_ok = snap
             if self.state.best_ok is None or (val_loss is not None and (self.state.best_ok.val_loss is None or val_loss <= self.state.best_ok.val_loss)):
                 self.state.best_ok = snap
             return
-        self._event(state.global_step, "breach", {"reasons": why, "retention": retention})
+        self._event(state.global_step, "breach", {"reasons": why, "retention": retention, "drop": probe.get("fl_drop"),
+                                                  "drop_upper": probe.get("fl_drop_upper"),
+                                                  "within_budget_95": probe.get("fl_within_budget_95")})
         self._act(state, control)
 
     def _act(self, state, control) -> None:
@@ -269,5 +289,13 @@ class MonitorCallback(TrainerCallback):
             restore(self.params, self.state.base)
             sel = {"chosen_step": self.state.base.step, "why": "NO STATE STAYED WITHIN BUDGET: the final model is the base model",
                    "warning": True}
+        if g is not None:
+            by_step = {p["step"]: p for p in self.state.probes if p}
+            chosen = by_step.get(sel["chosen_step"], {})
+            sel["within_budget_95"] = True if sel["chosen_step"] == self.state.base.step and self.state.base.step == 0 \
+                else chosen.get("fl_within_budget_95")
+            sel["drop"], sel["drop_upper"] = chosen.get("fl_drop"), chosen.get("fl_drop_upper")
+            sel["acted_on"] = ("the drop's point estimate" + (", breaches only where significant" if g.require_significant else "")
+                               + "; within_budget_95: whether the budget held with 95% confidence at the chosen state")
         self.state.selection = sel
         return sel

@@ -4,7 +4,9 @@ theta(alpha) = (1 - alpha) * theta_base + alpha * theta_tuned. For a LoRA adapte
 scaled by alpha (W + alpha * B A), written as a scaled adapter. With `alpha="auto"` the interpolation
 curve is measured on a task suite and a retention suite, and the chosen alpha is the one with the best
 task score whose retention drop stays within the budget: a forgetting budget met after training, at no
-training cost, which is the bar every other mitigation must beat.
+training cost, which is the bar every other mitigation must beat. Each alpha reports the budget on the
+drop's point estimate and at 95% confidence (its upper bound); the choice acts on the point estimate unless
+decide_on="confident" (`--decide-on confident`).
 """
 
 from __future__ import annotations
@@ -121,10 +123,16 @@ def auto_alpha(
     overwrite: bool = False,
     progress: bool = True,
     search: str = "grid",
+    decide_on: str = "point",
     precision: Any = "auto",
 ) -> dict[str, Any]:
     """Measure the interpolation curve and keep the best task score whose retention drop is within `budget`
     (a fraction: 0.01 = 1%). Task score: the task suite's retention score against the base (>1 = gained).
+
+    Every alpha reports the budget both ways: `within_budget` (the drop's point estimate) and
+    `within_budget_95` (the drop's 95% upper bound, 1 - the retention interval's lower end). The choice acts on
+    the point estimate by default (decide_on="point"); decide_on="confident" keeps only alphas whose budget
+    holds with 95% confidence. The curve's `eligible` says what the choice used.
 
     search: "grid" scores every alpha; "descending" scores them from the largest down and stops at the first
     within the budget (the largest alpha that meets it: right when retention falls as alpha grows, WiSE-FT's
@@ -138,6 +146,8 @@ def auto_alpha(
 
     if search not in ("grid", "descending"):
         raise ForgetlessError(f"search must be 'grid' or 'descending', got {search!r}")
+    if decide_on not in ("point", "confident"):
+        raise ForgetlessError(f"decide_on must be 'point' or 'confident', got {decide_on!r}")
     ts = load_suite(task_suite) if isinstance(task_suite, (str, Path)) else task_suite
     rs = load_suite(retention_suite) if isinstance(retention_suite, (str, Path)) else retention_suite
     ends = load_endpoints(base, tuned)
@@ -166,27 +176,18 @@ def auto_alpha(
     work = interpolate(ends, 0.0)
     curve, comparisons = [], {}
     for a in alphas:
-        if search == "descending" and any(c["within_budget"] for c in curve):
+        if search == "descending" and any(c["eligible"] for c in curve):
             break
         interpolate(ends, a, into=work)
         task_cmp = compare(base_task, run(work, ts))
         ret_cmp = compare(base_ret, run(work, rs))
         comparisons[a] = {"task": task_cmp, "retention": ret_cmp}
-        curve.append({
-            "alpha": a,
-            "task_score": task_cmp["retention_score"],
-            "retention": ret_cmp["retention_score"],
-            "retention_drop": ret_cmp["retention_drop"],
-            "within_budget": ret_cmp["retention_drop"] <= budget,
-        })
+        curve.append(curve_point(a, task_cmp, ret_cmp, budget, decide_on))
     curve.sort(key=lambda c: c["alpha"])
-    ok = [c for c in curve if c["within_budget"]]
-    if not ok:
-        raise ForgetlessError(f"no alpha keeps the retention drop within {budget:.2%}; not even alpha=0?")
-    best = max(ok, key=lambda c: (c["task_score"], -c["alpha"]))
+    best = choose_alpha(curve, budget, decide_on)
     # the chosen alpha's full comparisons (every task's change with its interval), so no one re-scores it
-    result: dict[str, Any] = {"base": base, "tuned": tuned, "budget": budget, "search": search, "curve": curve,
-                              "chosen": best, "comparison": comparisons[best["alpha"]],
+    result: dict[str, Any] = {"base": base, "tuned": tuned, "budget": budget, "search": search, "decide_on": decide_on,
+                              "curve": curve, "chosen": best, "comparison": comparisons[best["alpha"]],
                               "precision": {"dtype": prec.dtype, "reason": prec.reason}}
     if out is not None:
         out = Path(out)
@@ -194,6 +195,34 @@ def auto_alpha(
         atomic_write_json(out / "alpha_curve.json", result)
         plot_curve(curve, best, budget, out / "alpha_curve.png")
     return result
+
+
+def curve_point(alpha: float, task_cmp: dict[str, Any], ret_cmp: dict[str, Any], budget: float, decide_on: str) -> dict[str, Any]:
+    """One alpha of the curve from its two comparisons: scores, intervals, and the budget both ways."""
+    from .retention.metrics import budget_check
+
+    check = budget_check(ret_cmp["retention_score"], ret_cmp["retention_ci"], budget)
+    return {
+        "alpha": alpha,
+        "task_score": task_cmp["retention_score"],
+        "task_ci": list(task_cmp["retention_ci"]),
+        "retention": ret_cmp["retention_score"],
+        "retention_ci": list(ret_cmp["retention_ci"]),
+        "retention_drop": ret_cmp["retention_drop"],
+        "retention_drop_upper": check["drop_upper"],
+        "within_budget": check["within_budget"],
+        "within_budget_95": check["within_budget_95"],
+        "eligible": check["within_budget_95"] if decide_on == "confident" else check["within_budget"],
+    }
+
+
+def choose_alpha(curve: list[dict[str, Any]], budget: float, decide_on: str = "point") -> dict[str, Any]:
+    """The best task score among the eligible alphas (ties: the smaller alpha)."""
+    ok = [c for c in curve if c["eligible"]]
+    if not ok:
+        how = "with 95% confidence" if decide_on == "confident" else "on the point estimate"
+        raise ForgetlessError(f"no alpha keeps the retention drop within {budget:.2%} {how}; not even alpha=0?")
+    return max(ok, key=lambda c: (c["task_score"], -c["alpha"]))
 
 
 def plot_curve(curve: list[dict[str, Any]], best: dict[str, Any], budget: float, path: Path) -> None:

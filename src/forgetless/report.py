@@ -53,19 +53,25 @@ def run_row(run_dir: Path) -> dict[str, Any] | None:
     return {
         "run": summary.get("name", run_dir.name), "dir": str(run_dir), "method": summary.get("method", "?"),
         "task": g,
+        "n_seeds": 1,
         "retention": {"score": rc["retention_score"], "change": rc["retention_score"] - 1,
                       "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
+                      "abilities": rc.get("abilities") or {}, "score_definition": rc.get("score_definition", 1),
                       "significant_drops": rc["significant_drops"]},
     }
 
 
 def gather(path: Path) -> dict[str, Any]:
+    from .sweep import ability_names
+
     path = Path(path)
     sweep = _read_json(path / "sweep.json")
     if sweep is not None:
         rows = sweep["runs"]
         return {"title": f"sweep {sweep['name']}", "kind": "sweep", "sweep": sweep, "rows": rows,
-                "runs": [Path(r["dir"]) for r in rows], "budget": sweep.get("budget"), "recommended": sweep.get("recommended")}
+                "runs": [Path(d) for r in rows for d in r.get("dirs", [r["dir"]])], "budget": sweep.get("budget"),
+                "recommended": sweep.get("recommended"), "decide_on": sweep.get("decide_on", "point"),
+                "abilities": ability_names(rows)}
     if (path / "summary.json").is_file() or (path / "recipe.yaml").is_file():
         row = run_row(path)
         import yaml
@@ -73,7 +79,8 @@ def gather(path: Path) -> dict[str, Any]:
         rec = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
         budget = ((rec or {}).get("guard") or {}).get("budget")
         return {"title": f"run {path.name}", "kind": "run", "sweep": None, "rows": [row] if row else [],
-                "runs": [path], "budget": budget, "recommended": None}
+                "runs": [path], "budget": budget, "recommended": None, "decide_on": "point",
+                "abilities": ability_names([row] if row else [])}
     raise ForgetlessError(f"{path}: neither a run directory (summary.json) nor a sweep directory (sweep.json)")
 
 
@@ -328,8 +335,13 @@ def retention_tables(run_dirs: list[Path], max_flips: int = 3) -> list[dict[str,
                     flips.append({"task": name, "where": ex.get("where", ex.get("id", "")),
                                   "text": str(next((ex[k] for k in ("context", "prompt", "text", "question") if k in ex), ""))[-400:],
                                   "base": str(ex.get("base_prediction", "")), "now": str(ex.get("prediction", ""))})
-            out.append({"run": d.name, "suite": rep["suite"], "kind": kind, "rows": rows, "flips": flips,
-                        "retention_score": rep["comparison"]["retention_score"], "retention_ci": rep["comparison"]["retention_ci"]})
+            cmp = rep["comparison"]
+            abilities = [{"ability": name, "tasks": ", ".join(a["tasks"]), "weight": a["weight"], "change": a["change"], "ci": a["ci"],
+                          "share": sum(cmp["tasks"].get(n, {}).get("variance_share") or 0.0 for n in a["tasks"])}
+                         for name, a in (cmp.get("abilities") or {}).items()]
+            out.append({"run": d.name, "suite": rep["suite"], "kind": kind, "rows": rows, "flips": flips, "abilities": abilities,
+                        "score_definition": cmp.get("score_definition", 1),
+                        "retention_score": cmp["retention_score"], "retention_ci": cmp["retention_ci"]})
     return out
 
 
@@ -361,6 +373,7 @@ def build_report(path: str | Path, drift: bool = True) -> str:
     env.filters["num"] = lambda x: "-" if x is None else (f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}")
     return env.get_template("report.html.j2").render(
         title=info["title"], kind=info["kind"], rows=info["rows"], budget=info["budget"], recommended=info["recommended"],
+        decide_on=info["decide_on"], abilities=info["abilities"],
         frontier=frontier_plot(info["rows"], info["budget"], info["recommended"]),
         runs=runs, tables=retention_tables(info["runs"]),
     )

@@ -13,6 +13,8 @@ A sweep file is a base recipe plus variations:
     task_suite: auto             # a suite (file or built-in); auto: reference likelihood of the validation data
     retention_suite: self        # what must not be forgotten
     budget: 1%                   # recommend the largest task gain whose retention drop is within this
+    seeds: [1, 2, 3]             # optional: train every run once per seed (a run's own `seeds:` overrides)
+    decide_on: point             # point: the drop's point estimate within budget; confident: its 95% upper bound
 
 Each run goes to <sweep>/runs/<name>/ (a normal run directory) with its two evaluations beside it
 (eval-task.json, eval-retention.json). The base model is evaluated once (and cached by fingerprint).
@@ -21,7 +23,17 @@ are skipped, an interrupted one continues from its newest checkpoint.
 
 Task gain: the change of the task suite's first task's main metric, oriented so that positive is better
 (for a cross-entropy: base minus candidate), with its paired 95% interval. Retention change: the retention
-suite's score minus 1 (0 = nothing lost; -0.01 = 1% lost), with its paired interval.
+suite's score minus 1 (0 = nothing lost; -0.01 = 1% lost), with its paired interval, and each ability's change.
+
+Seeds: with `seeds:` every run is trained once per seed (train.seed), in runs/<name>-seed<s>/, and its row is
+the mean over the seeds with an interval that holds both the item noise and the seed-to-seed spread
+(forgetless.retention.seeds: a t-based seed component and the shared item noise, added in quadrature). A row
+from one seed (no `seeds:`, or a single one) is marked single-seed: its interval is the items' alone.
+
+The budget, both ways: every row says whether its retention drop is within the budget on the point estimate
+and with 95% confidence (the drop's upper bound, 1 - the interval's lower end). The sweep records both
+recommendations (`recommended_point`, `recommended_95`); `recommended` is the one `decide_on` names
+(point by default: the best guess; confident: only runs whose budget holds at 95%).
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 class Variant(_Strict):
     name: str = Field(description="Run name (its directory under runs/).")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted recipe keys and their values.")
+    seeds: list[int] | None = Field(None, min_length=1, description="Train this run once per seed (overrides the sweep's seeds).")
 
     @field_validator("name")
     @classmethod
@@ -70,6 +83,10 @@ class SweepConfig(_Strict):
     limit: int | None = Field(None, gt=0, description="At most this many items per evaluation task.")
     data_root: str | None = Field(None, description="Folder the suites' data paths are relative to.")
     budget: float | None = Field(None, gt=0, lt=1, description="Forgetting budget (1% or 0.01): marks the recommended run.")
+    seeds: list[int] | None = Field(None, min_length=1, description="Train every run once per seed (train.seed); rows aggregate over seeds.")
+    decide_on: Literal["point", "confident"] = Field(
+        "point", description="What `recommended` acts on: the drop's point estimate (point) or its 95% upper bound (confident)."
+    )
     eval_precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="Evaluation compute: auto (bf16 where a timed probe finds it faster on this device, "
         "else fp32), bf16, or fp32 (reproduces lm-eval exactly).")
@@ -94,7 +111,29 @@ class SweepConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"run names must be unique; repeated: {', '.join(dup)}")
+        for i, v in enumerate(self.variants()):
+            seeds = self.seeds_of(v)
+            where = f"runs.{i}" if i < len(self.runs) else f"grid run {v.name}"
+            if seeds and len(set(seeds)) != len(seeds):
+                raise ValueError(f"{where}: seeds repeat: {seeds}")
+            if seeds and "train.seed" in v.set:
+                raise ValueError(f"{where}: set train.seed or seeds, not both")
+        jobs = [j for j, _, _ in self.jobs()]
+        dup = sorted({n for n in jobs if jobs.count(n) > 1})
+        if dup:
+            raise ValueError(f"run directories must be unique; repeated: {', '.join(dup)} (a run named like another's seed run?)")
         return self
+
+    def seeds_of(self, v: Variant) -> list[int] | None:
+        return v.seeds if v.seeds is not None else self.seeds
+
+    def jobs(self) -> list[tuple[str, Variant, int | None]]:
+        """(run directory name, variant, seed or None) for every training run: one per seed where seeds are given."""
+        out = []
+        for v in self.variants():
+            seeds = self.seeds_of(v)
+            out += [(f"{v.name}-seed{s}", v, s) for s in seeds] if seeds else [(v.name, v, None)]
+        return out
 
     def variants(self) -> list[Variant]:
         out = list(self.runs)
@@ -125,10 +164,13 @@ def base_recipe_dict(cfg: SweepConfig, folder: Path) -> tuple[dict[str, Any], st
     return base_recipe_tree(base, "sweep base")
 
 
-def variant_recipe(base: dict[str, Any], variant: Variant, run_dir: Path, source: str) -> Recipe:
+def variant_recipe(base: dict[str, Any], variant: Variant, run_dir: Path, source: str, seed: int | None = None,
+                   name: str | None = None) -> Recipe:
     overrides = [f"{k}={json.dumps(v)}" for k, v in variant.set.items()]
+    if seed is not None:
+        overrides.append(f"train.seed={seed}")
     tree = copy.deepcopy(base)
-    tree["name"] = variant.name
+    tree["name"] = name or variant.name
     tree.setdefault("train", {})
     tree["train"] = {**tree["train"], "output_dir": str(run_dir)}
     return recipe_from_dict(tree, overrides, source=f"sweep run {variant.name} (base: {source})")
@@ -203,6 +245,8 @@ def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepCo
         "retention": {
             "score": rc["retention_score"], "change": rc["retention_score"] - 1,
             "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
+            "score_definition": rc.get("score_definition", 1),
+            "abilities": rc.get("abilities") or {},
             "significant_drops": rc["significant_drops"],
             "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant", "significant_drop", "flipped")}
                       for k, v in rc["tasks"].items()},
@@ -239,6 +283,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     guard = summary.get("guard") or {}
     return {
         "run": recipe.name,
+        "variant": spec.get("variant", recipe.name),
+        "seed": spec.get("seed"),
+        "n_seeds": 1,
         "dir": str(run_dir),
         "method": summary["method"],
         "set": spec["set"],
@@ -258,12 +305,84 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the sweep
 
 
-def recommend(rows: list[dict[str, Any]], budget: float | None) -> str | None:
-    """The run with the largest task gain whose retention drop (point estimate) is within the budget."""
+def aggregate_seeds(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for a run trained with several seeds: means over the seeds with intervals combining the item
+    noise and the seed spread (forgetless.retention.seeds). Significant drops: the tasks that dropped
+    significantly in every seed."""
+    from .retention.seeds import combine_seeds
+
+    first = rows[0]
+    out: dict[str, Any] = {
+        "run": name, "variant": name, "seeds": [r["seed"] for r in rows], "n_seeds": len(rows), "seed_runs": [r["run"] for r in rows],
+        "dir": first["dir"], "dirs": [r["dir"] for r in rows], "method": first["method"], "set": first["set"],
+    }
+    if all(r.get("task") for r in rows):
+        g = combine_seeds([r["task"]["gain"] for r in rows], [r["task"]["ci"] for r in rows])
+        out["task"] = {**{k: first["task"][k] for k in ("task", "metric", "base")}, "gain": g["mean"], "ci": g["ci"],
+                       "significant": g["ci"][0] > 0 or g["ci"][1] < 0, "per_seed": [r["task"]["gain"] for r in rows],
+                       "seed_sd": g["seed_sd"], "interval": g["method"]}
+    ret = combine_seeds([r["retention"]["change"] for r in rows], [r["retention"]["ci"] for r in rows])
+    abilities = {}
+    for ab in first["retention"].get("abilities") or {}:
+        if all(ab in (r["retention"].get("abilities") or {}) for r in rows):
+            per = [r["retention"]["abilities"][ab] for r in rows]
+            c = combine_seeds([p["change"] for p in per], [p["ci"] for p in per])
+            abilities[ab] = {"change": c["mean"], "ci": c["ci"], "seed_sd": c["seed_sd"], "tasks": per[0]["tasks"],
+                             "weight": per[0]["weight"]}
+    drops = [set(r["retention"]["significant_drops"]) for r in rows]
+    out["retention"] = {
+        "score": 1 + ret["mean"], "change": ret["mean"], "ci": ret["ci"], "per_seed": [r["retention"]["change"] for r in rows],
+        "seed_sd": ret["seed_sd"], "item_half_width": ret["item_half_width"] if len(rows) > 1 else None,
+        "seed_half_width": ret.get("seed_half_width"), "interval": ret["method"],
+        "score_definition": first["retention"].get("score_definition", 1), "abilities": abilities,
+        "significant_drops": sorted(set.intersection(*drops)),
+    }
+    for key in ("wall_time_s", "tokens_per_s", "trainable_parameters", "trainable_share", "val_loss_before", "val_loss_after",
+                "sweep_seconds"):
+        vals = [r.get(key) for r in rows]
+        out[key] = sum(vals) / len(vals) if all(v is not None for v in vals) else None
+    out["peak_memory_mb"] = max(r["peak_memory_mb"] for r in rows)
+    out["guard_events"] = sum(r.get("guard_events", 0) for r in rows)
+    return out
+
+
+def budget_verdicts(rows: list[dict[str, Any]], budget: float | None) -> None:
+    """Mark every row's retention with the budget both ways (point estimate; 95% upper bound of the drop)."""
+    from .retention.metrics import budget_check
+
+    for r in rows:
+        ret = r["retention"]
+        ret["budget_check"] = budget_check(1 + ret["change"], (1 + ret["ci"][0], 1 + ret["ci"][1]), budget)
+
+
+def recommend(rows: list[dict[str, Any]], budget: float | None, decide_on: str = "point") -> str | None:
+    """The run with the largest task gain whose retention drop is within the budget: on the point estimate
+    (decide_on="point"), or with 95% confidence, the drop's upper bound within it (decide_on="confident")."""
     if budget is None:
         return None
-    ok = [r for r in rows if -r["retention"]["change"] <= budget]
+    if decide_on == "confident":
+        ok = [r for r in rows if -r["retention"]["ci"][0] <= budget]
+    else:
+        ok = [r for r in rows if -r["retention"]["change"] <= budget]
+    ok = [r for r in ok if r.get("task")]
     return max(ok, key=lambda r: r["task"]["gain"])["run"] if ok else None
+
+
+def sweep_rows(cfg: SweepConfig, finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's rows in sweep order: a finished unseeded run as is, a seeded run aggregated over its finished seeds."""
+    rows = []
+    for v in cfg.variants():
+        seeds = cfg.seeds_of(v)
+        if not seeds:
+            if v.name in finished:
+                rows.append({"n_seeds": 1, **finished[v.name]})
+            continue
+        done = [finished[f"{v.name}-seed{s}"] for s in seeds if f"{v.name}-seed{s}" in finished]
+        if done:
+            row = aggregate_seeds(v.name, done)
+            row["seeds_planned"] = list(seeds)
+            rows.append(row)
+    return rows
 
 
 def run_sweep(
@@ -302,7 +421,9 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     state_path = out / "sweep.json"
     base, source = base_recipe_dict(cfg, folder)
     variants = cfg.variants()
-    recipes = {v.name: variant_recipe(base, v, out / "runs" / v.name, source) for v in variants}  # all errors up front
+    trainings = cfg.jobs()
+    recipes = {name: variant_recipe(base, v, out / "runs" / name, source, seed=seed, name=name)
+               for name, v, seed in trainings}  # all errors up front
     lock(out)
     if out.exists() and any(out.iterdir()):
         if overwrite:
@@ -313,7 +434,9 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
             raise ForgetlessError(f"{out} exists and is not a sweep directory; pass --overwrite or choose another output_dir")
     out.mkdir(parents=True, exist_ok=True)
     prior = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    done = {r["run"]: r for r in prior.get("runs", [])}
+    # finished training runs: unseeded ones are rows of `runs` (as in sweeps before seeds), seeded ones are in `seed_runs`
+    done = {r["run"]: r for r in prior.get("runs", []) if not r.get("seed_runs")}
+    done.update({r["run"]: r for r in prior.get("seed_runs", [])})
     for name, r in recipes.items():
         saved = out / "runs" / name / "recipe.yaml"
         if saved.is_file():
@@ -328,34 +451,41 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     first = next(iter(recipes.values()))
     task_suite = auto_task_suite(first) if cfg.task_suite == "auto" else load_any_suite(cfg.task_suite)
     retention_suite = load_any_suite(cfg.retention_suite)
-    todo = [v for v in variants if v.name not in done]
+    todo = [(name, v, seed) for name, v, seed in trainings if name not in done]
     from .models import resolve_model
     from .retention.api import eval_precision
+    from .retention.metrics import SCORE_VERSION
 
     # resolved once, so every run and the base model are scored at the same precision (caches key on it)
     prec = eval_precision(cfg.eval_setting(), resolve_model(first.model.name).path)
-    console.print(f"[bold]sweep {cfg.name}[/bold]: {len(variants)} runs ({len(variants) - len(todo)} finished), "
+    console.print(f"[bold]sweep {cfg.name}[/bold]: {len(variants)} runs, {len(trainings)} trainings ({len(trainings) - len(todo)} finished), "
                   f"task suite {task_suite.name}, retention suite {retention_suite.name} -> {out}")
     console.print(f"evaluation {prec.line()}", highlight=False)
+    finished = {name: done[name] for name, _, _ in trainings if name in done}
     state: dict[str, Any] = {
         "name": cfg.name, "dir": str(out), "budget": cfg.budget, "task_suite": task_suite.name,
-        "retention_suite": retention_suite.name, "base_model": first.model.name,
+        "retention_suite": retention_suite.name, "base_model": first.model.name, "score_definition": SCORE_VERSION,
         "eval_precision": {"dtype": prec.dtype, "reason": prec.reason},
-        "runs": [done[v.name] for v in variants if v.name in done], "recommended": None,
+        "decide_on": cfg.decide_on, "runs": [], "seed_runs": [], "recommended": None,
     }
 
     def save() -> None:
-        order = {v.name: i for i, v in enumerate(variants)}
-        state["runs"].sort(key=lambda r: order.get(r["run"], 1 << 30))
-        state["recommended"] = recommend(state["runs"], cfg.budget)
+        state["runs"] = sweep_rows(cfg, finished)
+        seeded = {name for name, _, seed in trainings if seed is not None}
+        state["seed_runs"] = [finished[name] for name, _, _ in trainings if name in finished and name in seeded]
+        budget_verdicts(state["runs"], cfg.budget)
+        state["recommended_point"] = recommend(state["runs"], cfg.budget, "point")
+        state["recommended_95"] = recommend(state["runs"], cfg.budget, "confident")
+        state["recommended"] = state["recommended_95"] if cfg.decide_on == "confident" else state["recommended_point"]
         atomic_write_json(state_path, state)
 
     save()
     specs = [{
-        "recipe": recipes[v.name].model_dump(mode="json"), "config": cfg.model_dump(mode="json"), "set": v.set,
+        "recipe": recipes[name].model_dump(mode="json"), "config": cfg.model_dump(mode="json"), "set": v.set,
+        "variant": v.name, "seed": seed,
         "task_suite": task_suite, "retention_suite": retention_suite, "quiet": quiet, "eval_precision": prec.dtype,
         "threads": max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None,
-    } for v in todo]
+    } for name, v, seed in todo]
     if jobs > 1 and len(specs) > 1:
         _prime_base(first, task_suite, retention_suite, cfg, quiet, prec.dtype)
         import multiprocessing as mp
@@ -364,13 +494,15 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(run_one, s): s for s in specs}
             for f in as_completed(futures):
-                state["runs"].append(f.result())
+                row = f.result()
+                finished[row["run"]] = row
                 save()
-                console.print(f"finished {state['runs'][-1]['run']}")
+                console.print(f"finished {row['run']}")
     else:
         for i, s in enumerate(specs, 1):
             console.print(f"[bold]run {i}/{len(specs)}[/bold]: {s['recipe']['name']} {json.dumps(s['set']) if s['set'] else ''}")
-            state["runs"].append(run_one(s))
+            row = run_one(s)
+            finished[row["run"]] = row
             save()
     if report:
         from .report import write_report
@@ -400,24 +532,64 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.2f}%"
 
 
+def ability_names(rows: list[dict[str, Any]]) -> list[str]:
+    """The abilities any row reports, in first-seen order."""
+    names: list[str] = []
+    for r in rows:
+        for ab in (r["retention"].get("abilities") or {}):
+            if ab not in names:
+                names.append(ab)
+    return names
+
+
+def seeds_label(r: dict[str, Any]) -> str:
+    """'3 seeds' or '1 seed (single)' (a single-seed row's interval has no seed-to-seed spread in it)."""
+    n = r.get("n_seeds", 1)
+    return f"{n} seeds" if n > 1 else "1 seed (single)"
+
+
 def sweep_table(state: dict[str, Any]) -> Any:
     from rich.table import Table
 
+    budget = state.get("budget")
+    rows = state["runs"]
+    abilities = ability_names(rows)
     t = Table(title=f"sweep {state['name']}: task gain vs retention change"
-              + (f" (budget {100 * state['budget']:.3g}%)" if state.get("budget") else ""))
-    for col in ("run", "method", "task gain [95% CI]", "retention change [95% CI]", "significant drops",
-                "wall s", "tok/s", "peak MB", "trainable"):
-        t.add_column(col, justify="left" if col in ("run", "method", "significant drops") else "right")
-    for r in state["runs"]:
-        g, ret = r["task"], r["retention"]
-        mark = " [bold green]<- recommended[/bold green]" if r["run"] == state.get("recommended") else ""
-        over = state.get("budget") is not None and -ret["change"] > state["budget"]
-        t.add_row(
-            r["run"] + mark, r["method"],
-            f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]{' *' if g['significant'] else ''}",
+              + (f" (budget {100 * budget:.3g}%; recommended on the {'95% upper bound' if state.get('decide_on') == 'confident' else 'point estimate'})"
+                 if budget else ""),
+              caption="single: one training seed, the interval is the items' alone; abilities: change in points, 95% half-width"
+              if rows else None)
+    cols = ["run", "seeds", "method", "task gain [95% CI]", "retention change [95% CI]"]
+    if budget:
+        cols.append("within budget: point / 95%")
+    cols += abilities + ["significant drops", "wall s", "tok/s", "peak MB", "trainable"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("run", "seeds", "method", "significant drops") else "right")
+    for r in rows:
+        g, ret = r.get("task"), r["retention"]
+        mark = ""
+        if r["run"] == state.get("recommended"):
+            mark = " [bold green]<- recommended[/bold green]"
+        elif r["run"] == state.get("recommended_95") or r["run"] == state.get("recommended_point"):
+            mark = " [green](" + ("95%" if r["run"] == state.get("recommended_95") else "point") + " pick)[/green]"
+        over = budget is not None and -ret["change"] > budget
+        cells = [
+            r["run"] + mark, seeds_label(r), r["method"],
+            f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]{' *' if g['significant'] else ''}" if g else "-",
             ("[red]" if over else "") + f"{_pct(ret['change'])} [{_pct(ret['ci'][0])}, {_pct(ret['ci'][1])}]" + ("[/red]" if over else ""),
+        ]
+        if budget:
+            point_ok, conf_ok = -ret["change"] <= budget, -ret["ci"][0] <= budget
+            cells.append(f"{'yes' if point_ok else '[red]no[/red]'} / {'yes' if conf_ok else 'no'}")
+        for ab in abilities:
+            a = (ret.get("abilities") or {}).get(ab)
+            cells.append(f"{100 * a['change']:+.2f} ±{50 * (a['ci'][1] - a['ci'][0]):.2f}" if a else "-")
+        cells += [
             ", ".join(ret["significant_drops"]) or "none",
-            f"{r['wall_time_s']:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_memory_mb']:.0f}",
-            f"{r['trainable_parameters']:,} ({100 * r['trainable_share']:.2f}%)",
-        )
+            f"{r['wall_time_s']:.0f}" if r.get("wall_time_s") is not None else "-",
+            f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") is not None else "-",
+            f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") is not None else "-",
+            f"{int(r['trainable_parameters']):,} ({100 * r['trainable_share']:.2f}%)" if r.get("trainable_parameters") is not None else "-",
+        ]
+        t.add_row(*cells)
     return t

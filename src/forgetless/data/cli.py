@@ -237,3 +237,29 @@ def check_cmd(
             out.print(f"report: {json_out}", highlight=False)
     if strict and report.total_problems:
         raise typer.Exit(code=1)
+
+
+@app.command("pull")
+def pull_cmd(
+    suite: Annotated[str, typer.Argument(help="A built-in retention suite (general, basic-skills) or a suite YAML file.")],
+    to: Annotated[Path, typer.Option("--to", help="Folder to write the suite's data files into (then --data-root DIR).")],
+    task: Annotated[list[str] | None, typer.Option(help="Only this task (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Fetch again files that are already there.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
+) -> None:
+    """Fetch the public datasets a retention suite reads (through `datasets`; needs the hub) and write its files."""
+    from ..retention.pull import pull_suite
+    from ..retention.suite import load_suite
+
+    try:
+        report = pull_suite(load_suite(suite), to, tasks=task, overwrite=overwrite)
+    except ForgetlessError as e:
+        raise _fail(e) from None
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    rows = [[r["task"], r["status"], f"hf:{r['source']['hub']}" + (f" ({r['source']['config']})" if r["source"].get("config") else "")
+             + f" [{r['source']['split']}]" + ("" if r["source"].get("verified") else " (mapping unverified)"),
+             ", ".join(r["files"])] for r in report]
+    out.print(_table(f"data pull {suite} -> {to}", ["task", "status", "source", "files"], rows))
+    out.print(f"evaluate with --data-root {to} (or FORGETLESS_DATA={to})", highlight=False)

@@ -23,10 +23,18 @@ from ..lock import DirLock
 from ..precision import resolve as resolve_precision
 from ..progress import bar
 from . import metrics as M
-from .kinds import generate, lm_eval, multiple_choice, perplexity, reference_likelihood, self_reference
+from .kinds import (
+    generate,
+    knowledge_qa,
+    lm_eval,
+    multiple_choice,
+    perplexity,
+    reference_likelihood,
+    self_reference,
+)
 from .kinds.base import EvalContext
 from .suite import Suite
-from .tasks import TaskResult, resolve_data_root
+from .tasks import MissingDataError, TaskResult, resolve_data_root
 
 KINDS = {
     "multiple_choice": multiple_choice,
@@ -35,6 +43,7 @@ KINDS = {
     "self_reference": self_reference,
     "lm_eval": lm_eval,
     "reference_likelihood": reference_likelihood,
+    "knowledge_qa": knowledge_qa,
 }
 ENGINE_VERSION = "1"  # bump when scoring changes, to invalidate cached baselines
 
@@ -42,7 +51,8 @@ ENGINE_VERSION = "1"  # bump when scoring changes, to invalidate cached baseline
 def result_from_cache(d: dict[str, Any], task: Any) -> TaskResult:
     cols = {k: np.asarray(v, dtype=np.float64) for k, v in d["columns"].items()}
     metrics = KINDS[d["kind"]].metrics(cols, task)
-    return TaskResult(d["task"], d["kind"], cols, metrics, d["main"], d["item_ids"], d["details"], d["info"])
+    return TaskResult(d["task"], d["kind"], cols, metrics, d["main"], d["item_ids"], d["details"], d["info"],
+                      ability=getattr(task, "ability", None))
 
 
 # ---------------------------------------------------------------- fingerprints
@@ -91,6 +101,7 @@ class SuiteResult:
         for name, r in self.tasks.items():
             out[name] = {
                 "kind": r.kind,
+                "ability": r.ability,
                 "n": r.n,
                 "main": r.main,
                 "metrics": {m.name: M.value(m, r.columns) for m in r.metrics},
@@ -143,7 +154,11 @@ def evaluate(
     with prog:
         for task in suite.tasks:
             t0 = time.perf_counter()
-            results[task.name] = KINDS[task.kind].run(task, ctx)
+            try:
+                results[task.name] = KINDS[task.kind].run(task, ctx)
+            except MissingDataError as e:  # name the suite in the pull command
+                raise MissingDataError(str(e).replace("forgetless data pull SUITE", f"forgetless data pull {suite.name}")) from None
+            results[task.name].ability = task.ability
             seconds[task.name] = time.perf_counter() - t0
             results[task.name].info["seconds"] = round(seconds[task.name], 2)
     return SuiteResult(suite.name, results, seconds, model_name)
@@ -153,7 +168,9 @@ def evaluate_cached(
     key_parts: dict[str, Any], suite: Suite, run: Callable[[], SuiteResult], cache_dir: Path | None = None, refresh: bool = False
 ) -> tuple[SuiteResult, bool]:
     """`run()` once per (model fingerprint, suite fingerprint, settings); later calls read the cache."""
-    key = hashlib.sha256(json.dumps({**key_parts, "engine": ENGINE_VERSION}, sort_keys=True).encode()).hexdigest()[:24]
+    key = hashlib.sha256(
+        json.dumps({**key_parts, "engine": ENGINE_VERSION, "score": M.SCORE_VERSION}, sort_keys=True).encode()
+    ).hexdigest()[:24]
     path = (cache_dir or cache_root()) / "baselines" / f"{key}.json"
 
     def cached() -> tuple[SuiteResult, bool]:
@@ -178,10 +195,17 @@ def evaluate_cached(
 # ---------------------------------------------------------------- comparison
 
 
-def compare(base: SuiteResult, cand: SuiteResult, weights: dict[str, float] | None = None, max_flips: int = 20) -> dict[str, Any]:
-    """Per task: every metric's change with a paired interval and significance; the retention score."""
+def compare(
+    base: SuiteResult, cand: SuiteResult, weights: dict[str, float] | None = None, max_flips: int = 20,
+    abilities: dict[str, str | None] | None = None,
+) -> dict[str, Any]:
+    """Per task: every metric's change with a paired interval and significance; the retention score
+    (definition `metrics.SCORE_VERSION`: by ability) with each ability's change and interval, each task's share
+    of the score's variance, and the definition-1 score (task-weighted mean) for comparison with old results.
+    `abilities` overrides the tasks' own tags (default: each result's `ability`)."""
     tasks: dict[str, Any] = {}
     retention_inputs = []
+    ability_inputs = []
     for name, c in cand.tasks.items():
         b = base.tasks.get(name)
         if b is None:
@@ -196,8 +220,10 @@ def compare(base: SuiteResult, cand: SuiteResult, weights: dict[str, float] | No
                 if bd["correct"] and not cd["correct"]:
                     flips.append({**cd, "base_prediction": bd["prediction"]})
         main_cmp = comps[main.name]
+        ability = (abilities or {}).get(name, c.ability)
         tasks[name] = {
             "kind": c.kind,
+            "ability": ability,
             "n": c.n,
             "main": main.name,
             "higher_is_better": main.higher_is_better,
@@ -214,12 +240,23 @@ def compare(base: SuiteResult, cand: SuiteResult, weights: dict[str, float] | No
             "flipped": len(flips),
             "flipped_examples": flips[:max_flips],
         }
-        retention_inputs.append((main, b.columns, c.columns, (weights or {}).get(name, 1.0)))
-    score, ci = M.retention_score(retention_inputs) if retention_inputs else (float("nan"), (float("nan"), float("nan")))
+        w = (weights or {}).get(name, 1.0)
+        retention_inputs.append((main, b.columns, c.columns, w))
+        ability_inputs.append((name, main, b.columns, c.columns, w, ability))
+    nan2 = (float("nan"), float("nan"))
+    v1, v1_ci = M.retention_score(retention_inputs) if retention_inputs else (float("nan"), nan2)
+    by_ability = M.ability_score(ability_inputs) if ability_inputs else {"score": float("nan"), "ci": nan2, "abilities": {}, "tasks": {}}
+    for name, t in by_ability["tasks"].items():
+        tasks[name].update({k: t[k] for k in ("weight_in_score", "variance_share", "half_width")})
+    score, ci = by_ability["score"], by_ability["ci"]
     return {
+        "score_definition": M.SCORE_VERSION,
         "tasks": tasks,
         "retention_score": score,
         "retention_ci": ci,
         "retention_drop": 1 - score,
+        "abilities": by_ability["abilities"],
+        "retention_score_v1": v1,
+        "retention_ci_v1": v1_ci,
         "significant_drops": [n for n, t in tasks.items() if t["significant_drop"]],
     }

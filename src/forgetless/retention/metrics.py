@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -144,3 +145,91 @@ def retention_score(
     dist = (w[:, None] * np.stack([dists[i] for i in keep])).sum(axis=0)
     a = (1 - level) / 2
     return score, (float(np.nanquantile(dist, a)), float(np.nanquantile(dist, 1 - a)))
+
+
+# ---------------------------------------------------------------- the score, by ability (definition 2)
+
+#: The retention score's definition, recorded in every comparison and in baseline cache keys.
+#: 1: weighted mean over tasks of each task's retention ratio (forgetless <= 0.x).
+#: 2: 1 + the mean over abilities of each ability's relative change; tasks weigh equally within an ability
+#:    (their `weight` is a within-ability weight); a task without `ability:` is an ability of its own,
+#:    weighted by its `weight`, so a suite without abilities scores exactly as under definition 1.
+SCORE_VERSION = 2
+#: The abilities of the built-in `general` suite (equal weight). Custom suites may name others.
+ABILITIES = ("knowledge", "commonsense", "language_modelling", "own_distribution", "basic_skills")
+
+
+def _ratio_dist(metric: Metric, base: Columns, cand: Columns, n_boot: int, seed: int) -> np.ndarray:
+    n = len(next(iter(base.values())))
+    idx = _resample_index(n, n_boot, seed)
+    bv, cv = metric.fn(_take(base, idx)), metric.fn(_take(cand, idx))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = cv / bv if metric.higher_is_better else bv / cv
+    return np.where(np.isfinite(ratio), ratio, np.nan)
+
+
+def ability_score(
+    tasks: list[tuple[str, Metric, Columns, Columns, float, str | None]], n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
+) -> dict:
+    """The retention score (definition 2) with each ability's change, their paired bootstrap intervals, and
+    each task's share of the score's item-resampling variance.
+
+    `tasks`: (name, main metric, base columns, candidate columns, weight, ability or None). Items are resampled
+    within each task (seed + task index, as `retention_score`), the same resamples for base and candidate and for
+    the abilities and the score, so an ability's interval and the score's come from one joint distribution.
+    Tasks with no ratio (base score 0) are left out. Returns {score, ci, abilities: {name: {change, ci, tasks,
+    weight}}, tasks: {name: {ability, retention, weight_in_score, half_width, variance_share}}}."""
+    a = (1 - level) / 2
+    point, dists = {}, {}
+    for k, (name, metric, base, cand, _w, _ab) in enumerate(tasks):
+        point[name] = retention_ratio(metric, value(metric, base), value(metric, cand))
+        dists[name] = _ratio_dist(metric, base, cand, n_boot, seed + k)
+    keep = [t for t in tasks if np.isfinite(point[t[0]])]
+    nan2 = (float("nan"), float("nan"))
+    if not keep:
+        return {"score": float("nan"), "ci": nan2, "abilities": {}, "tasks": {}}
+    groups: dict[str, list[tuple[str, float]]] = {}
+    ability_weight: dict[str, float] = {}
+    for name, _m, _b, _c, w, ab in keep:
+        key = ab or name
+        groups.setdefault(key, []).append((name, w))
+        ability_weight[key] = 1.0 if ab else w
+    total = sum(ability_weight.values())
+    abilities, task_out = {}, {}
+    score_dist = np.zeros(n_boot)
+    contrib_var = {}
+    for key, members in groups.items():
+        wsum = sum(w for _, w in members)
+        ab_dist = sum((w / wsum) * dists[n] for n, w in members)
+        ab_point = sum((w / wsum) * point[n] for n, w in members)
+        abilities[key] = {
+            "change": ab_point - 1, "ci": (float(np.nanquantile(ab_dist, a)) - 1, float(np.nanquantile(ab_dist, 1 - a)) - 1),
+            "tasks": [n for n, _ in members], "weight": ability_weight[key] / total,
+        }
+        score_dist = score_dist + (ability_weight[key] / total) * ab_dist
+        for n, w in members:
+            wt = ability_weight[key] / total * w / wsum
+            contrib_var[n] = wt**2 * float(np.nanvar(dists[n]))
+            task_out[n] = {"ability": key, "retention": point[n], "weight_in_score": wt}
+    var_total = sum(contrib_var.values())
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    for n, v in contrib_var.items():
+        task_out[n]["variance_share"] = v / var_total if var_total > 0 else float("nan")
+        task_out[n]["half_width"] = z * float(np.nanstd(dists[n]))  # the task's own ratio, 95% (normal approximation)
+    score = sum(ability_weight[k] / total * (abilities[k]["change"] + 1) for k in abilities)
+    return {
+        "score": float(score), "ci": (float(np.nanquantile(score_dist, a)), float(np.nanquantile(score_dist, 1 - a))),
+        "abilities": abilities, "tasks": task_out,
+    }
+
+
+def budget_check(score: float, ci: tuple[float, float] | list[float], budget: float | None) -> dict:
+    """A retention score against a forgetting budget, both ways: the point estimate of the drop (1 - score) is
+    within the budget, and the budget holds with 95% confidence (the drop's upper bound, 1 - the score's lower
+    bound, is within it). Callers say which of the two they act on."""
+    drop, drop_hi = 1 - score, 1 - ci[0]
+    out = {"drop": drop, "drop_upper": drop_hi, "budget": budget}
+    if budget is not None:
+        out["within_budget"] = bool(drop <= budget)
+        out["within_budget_95"] = bool(drop_hi <= budget)
+    return out

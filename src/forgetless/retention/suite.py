@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..errors import ForgetlessError
 from ..recipe import load_config_file
 from .kinds.generate import GenerateTask
+from .kinds.knowledge_qa import KnowledgeQATask
 from .kinds.lm_eval import LmEvalTask
 from .kinds.multiple_choice import MultipleChoiceTask
 from .kinds.perplexity import PerplexityTask
@@ -19,10 +20,10 @@ from .kinds.reference_likelihood import ReferenceLikelihoodTask
 from .kinds.self_reference import SelfReferenceTask
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "suites"
-KIND_NAMES = ("multiple_choice", "perplexity", "generate", "self_reference", "lm_eval", "reference_likelihood")
+KIND_NAMES = ("multiple_choice", "perplexity", "generate", "self_reference", "lm_eval", "reference_likelihood", "knowledge_qa")
 
 Task = Annotated[
-    MultipleChoiceTask | PerplexityTask | GenerateTask | SelfReferenceTask | LmEvalTask | ReferenceLikelihoodTask,
+    MultipleChoiceTask | PerplexityTask | GenerateTask | SelfReferenceTask | LmEvalTask | ReferenceLikelihoodTask | KnowledgeQATask,
     Field(discriminator="kind"),
 ]
 

@@ -26,6 +26,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class HubSource(_Strict):
+    """Where a task's local file comes from: `forgetless data pull` fetches it (retention/pull.py)."""
+
+    hub: str = Field(description="HF dataset id, e.g. google-research-datasets/nq_open")
+    config: str | None = Field(None, description="Dataset config (subset), if any.")
+    split: str = Field(description="The split the local file holds.")
+    convert: Literal["jsonl", "arc", "piqa", "flores", "text"] = Field(
+        "jsonl", description="How hub rows become the local file (see retention/pull.py)."
+    )
+    verified: bool = Field(False, description="Whether this mapping was checked against the hub (false: written without hub access).")
+    note: str | None = None
+
+
+class MissingDataError(DataError):
+    """A task's data file is not there."""
+
+
 class DataSource(_Strict):
     path: str | None = Field(None, description="File relative to the suite's data_root, or absolute. .jsonl/.json(.gz)/.txt")
     hf: str | None = Field(None, description="HF dataset id (online only), e.g. allenai/ai2_arc")
@@ -35,6 +52,15 @@ class DataSource(_Strict):
     text_split: Literal["documents", "lines", "wikitext"] = Field(
         "documents", description=".txt files: wikitext = one document per top-level '= Title =' heading; lines = one per line."
     )
+    source: HubSource | None = Field(None, description="The public dataset the local file comes from (for `forgetless data pull`).")
+
+
+class ExcludeSample(_Strict):
+    """Items another task's fixed-seed sample holds (same data file): a probe that scores items a suite does not."""
+
+    limit: int = Field(gt=0, description="The other task's limit.")
+    seed: int = Field(1234, description="The other task's seed.")
+    sample: Literal["random", "first"] = "random"
 
 
 class TaskBase(_Strict):
@@ -45,7 +71,16 @@ class TaskBase(_Strict):
     sample: Literal["random", "first"] = "random"
     seed: int = 1234
     shots: int = Field(0, ge=0)
-    weight: float = Field(1.0, gt=0, description="Weight in the retention score.")
+    exclude: ExcludeSample | None = Field(
+        None, description="Never score the items of this (limit, seed) sample of the same data: e.g. a probe that mirrors "
+        "`general` on items `general` does not score."
+    )
+    weight: float = Field(1.0, gt=0, description="Weight in the retention score (within its ability, when it has one).")
+    ability: str | None = Field(
+        None, pattern=r"^[a-z][a-z0-9_]*$",
+        description="The ability the task measures (knowledge, commonsense, language_modelling, own_distribution, "
+        "basic_skills, or your own): abilities weigh equally in the retention score; a task without one is its own.",
+    )
 
 
 @dataclass
@@ -60,6 +95,7 @@ class TaskResult:
     item_ids: list[str]
     details: list[dict[str, Any]] = field(default_factory=list)  # per item: prediction, correct, text (for flips)
     info: dict[str, Any] = field(default_factory=dict)  # counts: truncated, seconds, tokens
+    ability: str | None = None  # from the task definition (not cached: a suite may re-tag its tasks)
 
     def metric(self, name: str) -> Metric:
         return next(m for m in self.metrics if m.name == name)
@@ -145,9 +181,9 @@ def load_rows(task: TaskBase, data_root: Path | None) -> list[Record]:
                 )
             path = data_root / path
         if not path.is_file():
-            raise DataError(
+            raise MissingDataError(
                 f"task {task.name}: data file {path} not found (data root {data_root}); pass --data-root or set "
-                "FORGETLESS_DATA, or edit the task's data.path"
+                "FORGETLESS_DATA, or edit the task's data.path" + how_to_get(task)
             )
         if path.suffix == ".txt":
             rows = _read_text_docs(path, src.text_split)
@@ -156,6 +192,8 @@ def load_rows(task: TaskBase, data_root: Path | None) -> list[Record]:
         if src.labels_path:
             lp = Path(src.labels_path)
             lp = lp if lp.is_absolute() else (data_root / lp if data_root else lp)
+            if not lp.is_file():
+                raise MissingDataError(f"task {task.name}: labels file {lp} not found (data root {data_root})" + how_to_get(task))
             labels = [ln.strip() for ln in lp.read_text().splitlines() if ln.strip()]
             if len(labels) != len(rows):
                 raise DataError(f"task {task.name}: {lp} has {len(labels)} labels for {len(rows)} records in {path}")
@@ -166,13 +204,35 @@ def load_rows(task: TaskBase, data_root: Path | None) -> list[Record]:
     return rows
 
 
+def how_to_get(task: TaskBase, suite: str = "SUITE") -> str:
+    """The sentence a missing-file error ends with: where the file comes from and the command that writes it."""
+    src = task.data.source if task.data else None
+    if src is None:
+        return ""
+    where = f"hf:{src.hub}" + (f" (config {src.config}" if src.config else " (") + f", split {src.split})"
+    return (f". It comes from {where}: `forgetless data pull {suite} --to DIR` writes it (needs the hub), then pass "
+            f"--data-root DIR" + ("" if src.verified else "; this hub mapping was not verified against the hub"))
+
+
+def _sample_indices(n: int, limit: int | None, seed: int, how: str, pool: list[int] | range | None = None) -> list[int]:
+    pool = range(n) if pool is None else pool
+    if limit is None or limit >= len(pool):
+        return list(pool)
+    if how == "first":
+        return list(pool[:limit])
+    return sorted(random.Random(seed).sample(pool, limit))
+
+
 def sample_rows(task: TaskBase, rows: list[Record]) -> list[Record]:
-    if task.limit is None or task.limit >= len(rows):
-        return rows
-    if task.sample == "first":
-        return rows[: task.limit]
-    idx = sorted(random.Random(task.seed).sample(range(len(rows)), task.limit))
-    return [rows[i] for i in idx]
+    """The task's fixed-seed sample of `rows` (all of them without a limit), outside `exclude`'s sample if set."""
+    pool: list[int] | range = range(len(rows))
+    if task.exclude is not None:
+        ex = task.exclude
+        taken = set(_sample_indices(len(rows), ex.limit, ex.seed, ex.sample))
+        pool = [i for i in pool if i not in taken]
+        if not pool:
+            raise DataError(f"task {task.name}: exclude (limit {ex.limit}, seed {ex.seed}) leaves no item of {len(rows)}")
+    return [rows[i] for i in _sample_indices(len(rows), task.limit, task.seed, task.sample, pool)]
 
 
 # ---------------------------------------------------------------- templates
