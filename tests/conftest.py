@@ -19,6 +19,17 @@ needs_shared = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_home(tmp_path_factory):
+    """The same for module- and session-scoped fixtures, which run before the per-test one below: without it
+    they read the user's ~/.cache (a precision probe cached there once made two sequences score differently)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FORGETLESS_HOME", str(tmp_path_factory.getbasetemp() / "forgetless_home"))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _forgetless_home(tmp_path_factory, monkeypatch):
     """Keep every test's model cache away from the user's ~/.cache."""

@@ -35,6 +35,7 @@ from .io import atomic_write_json, forgetless_home
 PrecisionSetting = Literal["auto", "bf16", "fp32"]
 MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this much: autocast also pays for casting weights every step
 PROBE_TOKENS = 64  # rows of the probe's matmuls: small, so an emulated bf16 path costs ~0.1 s, not seconds
+PROBE_VERSION = 2  # 2: thread CPU time, fastest call (1 timed wall clock and read noise on a busy machine)
 DEFAULT_WIDTHS = (576, 1536)  # smollm2-135m's hidden and MLP widths, for callers without a model
 _warned: set[str] = set()
 
@@ -223,7 +224,7 @@ def cache_path() -> Path:
 
 def cache_key(device: torch.device, widths: tuple[int, int]) -> str:
     ident = cpu_identity()
-    parts = [device.type, ident["cpu"], ident["flags_sha"], ident["torch"], f"threads={ident['threads']}",
+    parts = [f"probe{PROBE_VERSION}", device.type, ident["cpu"], ident["flags_sha"], ident["torch"], f"threads={ident['threads']}",
              f"widths={widths[0]}x{widths[1]}"]
     return "|".join(parts)
 
