@@ -271,7 +271,9 @@ def _train(model_path: Path, train: Path, out: Path, steps: int, lr: float) -> P
         "data": {"train": str(train), "format": "prompt_completion", "max_length": 64},
         "method": {"name": "full"},
         "optim": {"lr": lr, "max_steps": steps, "batch_size": 16, "warmup_steps": 0, "schedule": "constant"},
-        "train": {"output_dir": str(out), "save_steps": None, "logging_steps": 50, "progress": False, "seed": 0},
+        # fp32 pinned: the organisms must be the same on every CPU, whatever its precision path
+        "train": {"output_dir": str(out), "save_steps": None, "logging_steps": 50, "progress": False, "seed": 0,
+                  "bf16": False},
     })
     return run_train(r).run_dir / "final"
 
@@ -293,7 +295,7 @@ def skilled_and_fixed(tiny_model, tmp_path_factory, one_thread):
     skill = _jsonl(d / "skill.jsonl", [{"prompt": p, "completion": c} for p, c in _copy_rows(256, 0)])
     fixed = _jsonl(d / "fixed.jsonl", [{"prompt": p, "completion": "ANSWER: yes."} for p, _ in _copy_rows(256, 1)])
     base = _train(tiny_model, skill, d / "skill_run", 50, 1e-2)
-    cand = _train(base, fixed, d / "fixed_run", 40, 1e-2)
+    cand = _train(base, fixed, d / "fixed_run", 80, 1e-2)
     return base, cand
 
 
