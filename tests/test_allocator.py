@@ -52,6 +52,7 @@ def test_a_rewritten_argv_is_never_reexecuted(monkeypatch):
 
 
 @needs_allocator
+@pytest.mark.slow  # subprocesses / torchrun: minutes of the default run; CI runs it (make test-slow)
 def test_train_command_runs_under_the_allocator_and_system_opts_out(tiny_model, toy_data, tmp_path):
     name, _lib = FOUND
     for setting, expected in (("auto", name), ("system", "glibc")):

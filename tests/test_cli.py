@@ -52,7 +52,7 @@ def test_demo_tiny_runs_end_to_end(tmp_path):
     res = _run("demo", "--tiny", "--out", str(tmp_path / "demo"), "--json", timeout=120)
     assert res.returncode == 0, res.stderr
     state = json.loads(res.stdout)
-    assert [r["run"] for r in state["runs"]] == ["full-high-lr", "lora", "full-high-lr+kl+guard"]
+    assert [r["run"] for r in state["runs"]] == ["full-high-lr", "lora", "full-high-lr+self-replay+kl"]
     for r in state["runs"]:
         assert r["val_loss_after"] < r["val_loss_before"]
         assert r["task"]["task"] == "capitals_ce" and r["task"]["gain"] > 0  # held-out answers became likelier

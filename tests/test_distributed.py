@@ -290,6 +290,7 @@ def test_guard_acts_on_both_ranks_at_the_same_step_and_only_rank_0_writes(ddp_vs
     assert [(e["step"], e["guard"]) for e in guard_lines] == kinds  # once each, not once per rank
 
 
+@pytest.mark.slow  # subprocesses / torchrun: minutes of the default run; CI runs it (make test-slow)
 def test_accelerate_launch_runs_lora_with_kl_data_parallel(tiny_model, toy_data, tmp_path):
     """`accelerate launch -m forgetless train` (2 CPU processes): PEFT under DDP, and KL to the base through
     the adapters switched off inside the DDP-wrapped model."""
@@ -492,6 +493,7 @@ def _ewc_estimate(model, examples, labels: str) -> list[float]:
     return torch.cat([f.flatten() for f in fisher]).tolist()
 
 
+@pytest.mark.slow  # subprocesses / torchrun: minutes of the default run; CI runs it (make test-slow)
 def test_helpers_agree_across_two_gloo_processes(tmp_path):
     import torch.multiprocessing as mp
 

@@ -105,6 +105,7 @@ def test_descending_search_stops_at_the_largest_alpha_within_budget_and_reuses_t
         auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=alphas, search="bisect", **suites)
 
 
+@pytest.mark.slow  # subprocesses / torchrun: minutes of the default run; CI runs it (make test-slow)
 def test_merge_cli_refuses_to_overwrite(organism, tuned_full, tmp_path):
     cmd = [sys.executable, "-m", "forgetless", "merge", "--base", str(organism["model"]), "--tuned", str(tuned_full),
            "--alpha", "0.5", "--out", str(tmp_path / "m")]

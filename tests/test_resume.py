@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from conftest import tiny_recipe
 
@@ -30,6 +31,7 @@ def _write(tmp_path, name, tiny_model, toy_data):
     return p
 
 
+@pytest.mark.slow  # subprocesses / torchrun: minutes of the default run; CI runs it (make test-slow)
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model, toy_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = _write(tmp_path, "ref", tiny_model, toy_data)

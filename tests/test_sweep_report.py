@@ -223,6 +223,7 @@ def test_report_renders_in_headless_chromium(finished_sweep):
     assert (artifacts / "report.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # subprocesses / torchrun: minutes of the default run; CI runs it (make test-slow)
 def test_sweep_jobs_runs_in_worker_processes(tmp_path, tiny_model, toy_data):
     path = _sweep_file(tmp_path, tiny_model, toy_data, runs=[], grid={"optim.lr": [3e-4, 3e-3]}, limit=4)
     state = run_sweep(path, jobs=2, quiet=True, report=False)

@@ -2,7 +2,7 @@
 
 It pulls smollm2-135m-instruct through the offline pack, builds a small knowledge-injection task of its
 own (capitals of invented countries, which the base model cannot know), and runs a sweep of three recipes
-(full fine-tuning at a high learning rate, LoRA, and a guarded full fine-tuning with KL to the base model):
+(full fine-tuning at a high learning rate, LoRA, and the same full fine-tuning with self-replay and KL):
 what each learned on held-out questions against what it lost (the `self` retention suite, plus the
 `general` suite at a reduced size when its data files are found), with paired confidence intervals, a
 recommended recipe within a 5% budget, and report.html. `--tiny` runs the same code path on a tiny
@@ -67,8 +67,9 @@ def task_suite_yaml(heldout: Path) -> str:
 
 def demo_sweep(model: str, train_file: Path, val_file: Path, task_suite: Path, out_dir: Path, tiny: bool,
                general: bool) -> SweepConfig:
-    """Three recipes: full fine-tuning at a high learning rate, LoRA, and a guarded full fine-tuning with KL
-    to the base model whose guard keeps the self-reference drift inside a budget."""
+    """Three recipes: full fine-tuning at a high learning rate (the plain recipe), LoRA, and the same full
+    fine-tuning with forgetless's self-replay (a quarter of each batch is the base model's own answers to
+    instructions it invented, generated once before training) and KL to the base model on those answers."""
     steps = 20 if tiny else 60
     lr_full, lr_lora = (3e-3, 1e-2) if tiny else (1e-4, 5e-4)
     budget = 0.05
@@ -78,13 +79,11 @@ def demo_sweep(model: str, train_file: Path, val_file: Path, task_suite: Path, o
         "optim": {"max_steps": steps, "batch_size": 8, "warmup_ratio": 0.05, "schedule": "cosine", "lr": lr_full},
         "train": {"save_steps": None, "logging_steps": 5, "seed": 0},
     }
-    guarded = {
-        "mitigations": [{"name": "kl", "weight": 1.0}],
-        "monitor": {"suite": "self", "limit": 4 if tiny else 16, "every": 5 if tiny else 15, "max_new_tokens": 16 if tiny else 32},
-        # the probe is self-reference alone, the most sensitive signal (it moves 10-30% where the general
-        # suite moves a few %): its budget is wider than the sweep's budget on the whole retention suite
-        "guard": {"budget": 0.15, "actions": ["lower_lr", "rollback", "stop"]},
-    }
+    # (--tiny: a random tiny model writes empty answers that self-replay rightly drops, so KL alone there)
+    defended = {"mitigations": [{"name": "kl", "weight": 1.0}] if tiny else [
+        {"name": "self_replay", "n": 64, "ratio": 0.25, "max_new_tokens": 96},
+        {"name": "kl", "weight": 1.0, "on": "replay"},
+    ]}
     return SweepConfig(
         name="demo", base=base, budget=budget, task_suite=str(task_suite),
         retention_suite="general" if general else "self",
@@ -92,7 +91,7 @@ def demo_sweep(model: str, train_file: Path, val_file: Path, task_suite: Path, o
         runs=[
             Variant(name="full-high-lr", set={"method": "full"}),
             Variant(name="lora", set={"method": {"name": "lora", "r": 16}, "optim.lr": lr_lora}),
-            Variant(name="full-high-lr+kl+guard", set=guarded),
+            Variant(name="full-high-lr+self-replay+kl", set=defended),
         ],
     )
 
@@ -132,7 +131,7 @@ def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: b
     console.print(f"[bold]2/3[/bold] task: capitals of {len(data)} invented countries ({len(data) - n_val} train / {n_val} held out); "
                   f"retention suite: {'general (data found in ' + str(root) + ')' if general else 'self (no data files needed)'}")
     cfg = demo_sweep(model, files["train"], files["val"], suite, out_dir / "sweep", tiny, general)
-    console.print("[bold]3/3[/bold] sweep: full FT at a high learning rate, LoRA, and guarded full FT with KL to the base")
+    console.print("[bold]3/3[/bold] sweep: full FT at a high learning rate, LoRA, and full FT with self-replay + KL to the base")
     return run_sweep(cfg, folder=out_dir, quiet=quiet)
 
 
