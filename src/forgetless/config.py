@@ -42,6 +42,25 @@ class ModelConfig(_Strict):
         return {"name": v} if isinstance(v, str) else v
 
 
+class EvalPrecisionOptions(_Strict):
+    """The evaluation-precision options a sweep and a continual sequence share."""
+
+    eval_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="Evaluation compute: auto (bf16 where a timed probe finds it faster on this device, "
+        "else fp32), bf16, or fp32 (reproduces lm-eval exactly).")
+    eval_bf16: bool | None = Field(None, description="Older spelling: true = eval_precision bf16, false = fp32.")
+
+    def eval_setting(self) -> str:
+        """eval_precision with the older eval_bf16 folded in."""
+        from .errors import ForgetlessError
+        from .precision import combine
+
+        try:
+            return combine(self.eval_precision, self.eval_bf16)
+        except ValueError as e:
+            raise ForgetlessError(f"{getattr(self, 'name', '')}: eval_precision / eval_bf16: {e}") from None
+
+
 # ---------------------------------------------------------------- data
 
 DataFormat = Literal["chat", "instruction", "prompt_completion", "text"]

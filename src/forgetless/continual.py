@@ -66,11 +66,10 @@ import numpy as np
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from .config import DataConfig, _Strict
+from .config import DataConfig, EvalPrecisionOptions, _Strict
 from .errors import ForgetlessError, RecipeError
 from .io import atomic_write_json, atomic_write_text
 from .lock import DirLock
-from .precision import combine
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 
 N_BOOT = 1000
@@ -163,7 +162,7 @@ class Carry(_Strict):
         return [n for n in ("ewc", "si", "kl", "replay", "olora") if getattr(self, n) is not None]
 
 
-class ContinualConfig(_Strict):
+class ContinualConfig(EvalPrecisionOptions):
     name: str = "continual"
     base: dict[str, Any] | str = Field(description="The base recipe: a mapping, or a recipe YAML path (relative to the sequence file).")
     tasks: list[TaskSpec] = Field(min_length=1, description="The tasks, in training order.")
@@ -171,17 +170,6 @@ class ContinualConfig(_Strict):
     retention_suite: str | None = Field("self", description="What must not be forgotten (built-in name or suite file); null: none.")
     limit: int | None = Field(None, gt=0, description="At most this many items per evaluation task.")
     data_root: str | None = Field(None, description="Folder the suites' data paths are relative to.")
-    eval_precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="Evaluation compute: auto (bf16 where a timed probe finds it faster on this device, "
-        "else fp32), bf16, or fp32 (reproduces lm-eval exactly).")
-    eval_bf16: bool | None = Field(None, description="Older spelling: true = eval_precision bf16, false = fp32.")
-
-    def eval_setting(self) -> str:
-        """eval_precision with the older eval_bf16 folded in."""
-        try:
-            return combine(self.eval_precision, self.eval_bf16)
-        except ValueError as e:
-            raise ForgetlessError(f"{self.name}: eval_precision / eval_bf16: {e}") from None
     output_dir: str | None = Field(None, description="Sequence directory. Default: continual/<name>.")
 
     @model_validator(mode="after")

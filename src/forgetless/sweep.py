@@ -52,11 +52,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from .config import _Strict, parse_budget
+from .config import EvalPrecisionOptions, _Strict, parse_budget
 from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
 from .lock import DirLock
-from .precision import combine
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 
 
@@ -73,7 +72,7 @@ class Variant(_Strict):
         return v
 
 
-class SweepConfig(_Strict):
+class SweepConfig(EvalPrecisionOptions):
     name: str = "sweep"
     base: dict[str, Any] | str = Field(description="The base recipe: a mapping, or a recipe YAML path (relative to the sweep file).")
     runs: list[Variant] = Field(default_factory=list)
@@ -87,17 +86,6 @@ class SweepConfig(_Strict):
     decide_on: Literal["point", "confident"] = Field(
         "point", description="What `recommended` acts on: the drop's point estimate (point) or its 95% upper bound (confident)."
     )
-    eval_precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="Evaluation compute: auto (bf16 where a timed probe finds it faster on this device, "
-        "else fp32), bf16, or fp32 (reproduces lm-eval exactly).")
-    eval_bf16: bool | None = Field(None, description="Older spelling: true = eval_precision bf16, false = fp32.")
-
-    def eval_setting(self) -> str:
-        """eval_precision with the older eval_bf16 folded in."""
-        try:
-            return combine(self.eval_precision, self.eval_bf16)
-        except ValueError as e:
-            raise ForgetlessError(f"{self.name}: eval_precision / eval_bf16: {e}") from None
     output_dir: str | None = Field(None, description="Sweep directory. Default: sweeps/<name>.")
 
     @field_validator("budget", mode="before")
