@@ -19,13 +19,13 @@ the answer is measured now, not read from an older run), and, with the probe rep
 reports bf16 68x slower than fp32 (measured on an AMD EPYC with AVX2 only: 1.2 against 81.6 GFLOP/s), what
 `auto` and an explicit `bf16` do there: auto falls back to fp32, explicit bf16 runs and warns.
 
-Writes bench/results/precision.json (with the provenance block: commit, versions, CPU model and flags, precision,
-allocator) and precision.md, rendered from the JSON alone (`--render` re-renders a saved JSON). A few minutes
-on 2 cores.
+Writes bench/results/precision-<ISA level>.json (avx2, avx512, ...: one file per kind of CPU, with the provenance
+block: commit, versions, CPU model and flags, precision, allocator) and the .md beside it, rendered from the JSON
+alone (`--render` re-renders saved JSONs). A few minutes on 2 cores.
 
     python bench/precision.py                          # everything, ~5 min on 2 busy cores
     python bench/precision.py --no-step                # matmuls, chooser and fallback only (~1 min)
-    python bench/precision.py --render                 # bench/results/precision.md from precision.json
+    python bench/precision.py --render                 # every bench/results/precision-*.md from its JSON
 """
 
 from __future__ import annotations
@@ -400,7 +400,7 @@ def render_md(res: dict[str, Any]) -> str:
              f"torch {cpu['torch']}, flags hash {cpu['flags_sha']}.", "",
              f"- bf16-relevant flags present: {', '.join(f'`{f}`' for f in on) or 'none'}",
              f"- absent: {', '.join(f'`{f}`' for f in off) or 'none'}",
-             "- full flag list: `provenance.machine.flags` in precision.json", ""]
+             "- full flag list: `provenance.machine.flags` in the JSON beside this file", ""]
 
     lines += ["## summary", "", *summary(res), ""]
     lines += ["## what `precision: auto` picked", "",
@@ -502,15 +502,21 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="timed training steps per mode and size")
     ap.add_argument("--no-step", action="store_true", help="skip the training-step timings")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=RESULTS / "precision.json")
-    ap.add_argument("--render", nargs="?", type=Path, const=RESULTS / "precision.json", default=None,
-                    help="re-render the markdown of a saved JSON (default bench/results/precision.json) and exit")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result JSON (default bench/results/precision-<ISA level>.json, e.g. precision-avx2.json)")
+    ap.add_argument("--render", nargs="*", type=Path, default=None,
+                    help="re-render the markdown of saved JSONs (default: every bench/results/precision-*.json) and exit")
     args = ap.parse_args()
-    if args.render:
-        md = render_md(json.loads(args.render.read_text()))
-        args.render.with_suffix(".md").write_text(md)
-        print(md)
+    if args.render is not None:
+        for path in args.render or sorted(RESULTS.glob("precision-*.json")):
+            md = render_md(json.loads(path.read_text()))
+            path.with_suffix(".md").write_text(md)
+            print(md)
         return
+    if args.out is None:
+        from forgetless.precision import cpu_identity
+
+        args.out = RESULTS / f"precision-{str(cpu_identity()['capability']).lower()}.json"
     write(run(args), args.out)
 
 

@@ -116,13 +116,16 @@ def _f(x: float | None, fmt: str = "{:.2f}") -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """The short table: score, abilities and tasks per recipe (item half-width, variance share, seed spread, time)."""
+    from forgetless.provenance import machine_line
+
     m = result.get("machine", {})
     lines = [f"# retention precision: {result.get('scenario', '?')}, {result.get('model', '?')}", "",
              f"Machine: {m.get('cpu', '?')}, {m.get('cpus', '?')} CPUs, native bf16: {m.get('native_bf16', '?')}; "
              f"evaluation compute: {result.get('eval_precision', '?')}. Retention suite: {result.get('retention_suite')}. "
              "Points = 100 x (score - 1). Item half-width: the paired 95% bootstrap interval's half-width over items "
              "(one seed's scoring). Seed sd: the standard deviation of the change across training seeds. Share: the "
-             "task's share of the score's item variance.", ""]
+             "task's share of the score's item variance.", "",
+             *([f"Provenance: {machine_line(result['provenance'])}.", ""] if result.get("provenance") else [])]
     worst = []
     for r in result["recipes"]:
         sc = r["score"]
@@ -167,10 +170,13 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
     args = ap.parse_args()
     os.chdir(ROOT)
-    if args.analyse is None:
-        sys.path.insert(0, str(ROOT / "bench"))
-        import forgetting as fb
+    sys.path.insert(0, str(ROOT / "bench"))
+    import forgetting as fb
 
+    from forgetless import provenance
+
+    if args.analyse is None:
+        from forgetless.models import resolve_model
         from forgetless.sweep import SweepConfig, Variant, run_sweep
 
         scale = fb.scale_for("quick", args.scenario)
@@ -195,12 +201,21 @@ def main() -> None:
                 "retention_suite": args.suite, "seeds": [int(s) for s in args.seeds.split(",")], "budget": 0.01,
                 "output_dir": str(out), "data_root": str(args.data_root), "eval_precision": args.precision}
         cfg = SweepConfig.model_validate(spec)
+        prec = fb.bench_precision(resolve_model(args.model).path, args.device)
+        prov = provenance.collect(prec, device=prec["device"])
+        # saved beside the sweep directory; a resumed sweep must be on the same CPU and precision path
+        start = fb.resume_guard(out.with_name(out.name + ".provenance.json"), prov, f"sweep {out}",
+                                resuming=(out / "sweep.json").is_file())
         run_sweep(cfg, folder=ROOT, report=False)
         sweep_dir = out
     else:
         sweep_dir = args.analyse
+        saved = sweep_dir.with_name(sweep_dir.name + ".provenance.json")
+        prov = json.loads(saved.read_text()) if saved.is_file() else provenance.collect("not recorded")
+        start = None
     result = {"bench": "retention_precision", "scenario": args.scenario, "model": args.model, "machine": cpu_info(),
-              "platform": platform.platform(), **analyse_sweep(sweep_dir)}
+              "platform": platform.platform(), "provenance": provenance.finish(prov),
+              "resumed_from": fb.started(start), **analyse_sweep(sweep_dir)}
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"retention-precision-{args.scenario}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")

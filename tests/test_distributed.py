@@ -46,9 +46,10 @@ def _ids(row: torch.Tensor, mask: torch.Tensor | None) -> tuple[int, ...]:
     return tuple(int(t) for t in (row[mask.bool()] if mask is not None else row))
 
 
-def run_instrumented(go, out: Path) -> dict:
+def run_instrumented(go, out: Path, lock_file: Path | None = None) -> dict:
     """Call `go()` (a training run) and record, for this process: the examples each training step saw, the
-    learning rate of each step, the Fisher, the files written, the guard's events, the final weights."""
+    learning rate of each step, the Fisher, the files written, the guard's events, the final weights, and
+    (`lock_file`) the run directory's lock as this process sees it at its first training step."""
     import forgetless.train as ft
     from forgetless import distributed as dist
     from forgetless import guard
@@ -64,6 +65,8 @@ def run_instrumented(go, out: Path) -> dict:
     def training_step(self, model, inputs, *a, **k):
         box["trainer"] = self
         step = self.state.global_step + 1
+        if lock_file is not None and "lock" not in rec:
+            rec["lock"] = json.loads(lock_file.read_text()) if lock_file.is_file() else None
         rec["lrs"][step] = self.optimizer.param_groups[0]["lr"]
         mask, replay = inputs.get("attention_mask"), inputs.get("replay_mask")
         for i, row in enumerate(inputs["input_ids"]):
@@ -102,6 +105,7 @@ def run_instrumented(go, out: Path) -> dict:
     rec.update({
         "rank": dist.rank(),
         "world": dist.world_size(),
+        "pid": os.getpid(),
         "stream": [[list(e["input_ids"]), bool(e.get("replay"))] for e in box["trainer"].train_dataset],
         "events": (res.summary["guard"] or {}).get("events", []),
         "steps": res.summary["steps"],
@@ -115,6 +119,7 @@ def run_instrumented(go, out: Path) -> dict:
 
 def _worker(recipe: str, out_dir: str) -> None:
     from forgetless.cli import main
+    from forgetless.lock import lock_path
 
     rank = int(os.environ.get("RANK", "0"))
     sys.argv = ["forgetless", "train", recipe, "--quiet"]
@@ -123,7 +128,8 @@ def _worker(recipe: str, out_dir: str) -> None:
         with contextlib.suppress(SystemExit):
             main()
 
-    run_instrumented(go, Path(out_dir) / f"rank{rank}.json")
+    run_dir = Path(yaml.safe_load(Path(recipe).read_text())["train"]["output_dir"])
+    run_instrumented(go, Path(out_dir) / f"rank{rank}.json", lock_path(run_dir))
 
 
 # ---------------------------------------------------------------- helpers
@@ -288,6 +294,83 @@ def test_guard_acts_on_both_ranks_at_the_same_step_and_only_rank_0_writes(ddp_vs
         assert (run_dir / name).is_file(), name
     guard_lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"guard"' in x]
     assert [(e["step"], e["guard"]) for e in guard_lines] == kinds  # once each, not once per rank
+
+
+def test_rank_0_alone_holds_the_run_directory_lock_and_releases_it(ddp_vs_single):
+    """One writer per run: under torchrun the lock beside the run directory names rank 0's process, both ranks
+    see that while they train, and it is gone when the run ends."""
+    from forgetless.lock import lock_path
+
+    a, b = ddp_vs_single["ranks"]
+    assert a["lock"] is not None and a["lock"] == b["lock"], (a["lock"], b["lock"])
+    assert a["lock"]["pid"] == a["pid"] != b["pid"]
+    assert not lock_path(ddp_vs_single["ddp_dir"]).exists()
+
+
+def _no_forgetless_traceback(stderr: str) -> bool:
+    """torchrun reports a failed worker with a traceback of its own; the workers' errors must be clear ones
+    (exit 2), with no frame of forgetless in them."""
+    assert f'File "{REPO / "src"}' not in stderr, stderr[-4000:]
+    return True
+
+
+def _torchrun_cli(args: list[str], home: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 forgetless ARGS`, as a user types it; the exit code is not checked."""
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(_free_port()), "--no-python",
+           str(Path(sys.executable).with_name("forgetless")), *args]
+    return subprocess.run(cmd, env=_env(home), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@pytest.mark.slow  # subprocesses / torchrun: minutes of the default run; CI runs it (make test-slow)
+def test_torchrun_refuses_a_second_writer_and_stops_every_rank_at_the_same_diverged_step(tiny_model, toy_data,
+                                                                                         tmp_path):
+    """Two processes: a directory another live process holds is refused by every rank (nothing touched), and a
+    run that diverges stops on both ranks at one step (one all-reduced flag per step), exit 2, the last good
+    checkpoint kept, one summary saying so, no final model."""
+    from conftest import tiny_recipe
+
+    from forgetless.lock import lock_path
+    from forgetless.train.callbacks import COMPLETE_MARKER
+
+    spec = tiny_recipe(tiny_model, toy_data, tmp_path / "run", optim__max_steps=10, optim__lr=3.0,
+                       optim__schedule="constant_with_warmup", optim__warmup_steps=8, optim__batch_size=4,
+                       train__save_steps=2, train__logging_steps=1, train__save_total_limit=None, train__bf16=False,
+                       train__report=False, train__progress=False)
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump(spec))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "precious.txt").write_text("the first run's")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from forgetless.lock import DirLock; lock = DirLock(sys.argv[2], 'run directory', "
+                               "quiet=True); lock.__enter__(); print('held', flush=True); time.sleep(600)",
+                               str(REPO / "src"), str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = _torchrun_cli(["train", str(recipe), "--quiet", "--overwrite"], tmp_path / "home")
+        err = " ".join(proc.stderr.split())
+        assert proc.returncode != 0 and f"is in use by another forgetless process: pid {holder.pid}" in err, err
+        assert _no_forgetless_traceback(proc.stderr)
+        assert (run_dir / "precious.txt").read_text() == "the first run's"
+    finally:
+        holder.kill()
+        holder.wait()
+
+    proc = _torchrun_cli(["train", str(recipe), "--quiet", "--overwrite"], tmp_path / "home")
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode != 0 and "training diverged at step" in err, err[-3000:]
+    assert _no_forgetless_traceback(proc.stderr)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ev = summary["diverged"]
+    assert summary["status"] == "diverged" and not (run_dir / "final").exists()
+    # one metrics.jsonl writer: every step once, the last the diverged one, before the 10th
+    steps = list(_losses(run_dir))
+    assert steps == list(range(1, ev["step"] + 1)) and ev["step"] < 10, (steps, ev)
+    # both ranks stopped there: each printed its error with the same step, none hung until the timeout
+    assert err.count(f"training diverged at step {ev['step']}") == 2, err[-3000:]
+    complete = sorted(int(p.parent.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("*/" + COMPLETE_MARKER))
+    assert ev["last_good_checkpoint"] is None or all(st < ev["step"] - 1 for st in complete)
+    assert not lock_path(run_dir).exists()
 
 
 @pytest.mark.slow  # subprocesses / torchrun: minutes of the default run; CI runs it (make test-slow)

@@ -162,6 +162,43 @@ def test_disk_full_during_the_final_save_names_the_path_and_keeps_the_run(capsys
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 10 and (run_dir / "final").is_dir()
 
 
+def test_disk_full_inside_a_trainer_checkpoint_keeps_the_previous_one_and_resumes_exactly(capsys, tiny_model,
+                                                                                          toy_data, tmp_path,
+                                                                                          monkeypatch):
+    """The Trainer writes checkpoint-10 itself (weights, then optimizer state): the disk fills after the weights.
+    The error names the file; checkpoint-5 stays complete, the half-written checkpoint-10 is never marked
+    complete, and --resume (space freed) continues from checkpoint-5 to the uninterrupted run's weights."""
+    import errno
+
+    import torch
+
+    ref = _recipe(tmp_path, "ref", tiny_model, toy_data)
+    assert cli(capsys, "train", str(ref), "--quiet")[0] == 0
+    r = _recipe(tmp_path, "run", tiny_model, toy_data)
+    run_dir = tmp_path / "run"
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if isinstance(f, (str, os.PathLike)) and "checkpoint-10" in str(f):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, err = cli(capsys, "train", str(r), "--quiet")
+    half = run_dir / "checkpoints" / "checkpoint-10"
+    assert code == 2 and f"disk full while writing {half}" in err, err
+    assert "Traceback" not in err and not lock_path(run_dir).exists()
+    assert list(half.glob("*.safetensors")) and not (half / COMPLETE_MARKER).exists()  # half written, unmarked
+    assert (run_dir / "checkpoints" / "checkpoint-5" / COMPLETE_MARKER).is_file()
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "final").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    code, err = cli(capsys, "train", str(r), "--quiet", "--resume")
+    assert code == 0, err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["resumed_from"].endswith("checkpoint-5")
+    _assert_same_weights(run_dir, tmp_path / "ref")
+
+
 # ---------------------------------------------------------------- divergence
 
 

@@ -56,6 +56,7 @@ from .config import EvalPrecisionOptions, _Strict, parse_budget
 from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
 from .lock import DirLock
+from .precision import Precision
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 
 
@@ -217,9 +218,9 @@ def task_gain(cmp: dict[str, Any]) -> dict[str, Any]:
 
 
 def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepConfig, progress: bool,
-              precision: str | None = None) -> dict[str, Any]:
+              precision: Precision | str | None = None) -> dict[str, Any]:
     """Task gain and retention change of one run. `precision`: the sweep's resolved evaluation precision
-    (bf16 / fp32), so every run and the base are scored alike; None resolves cfg's setting here."""
+    (a Precision, or bf16 / fp32), so every run and the base are scored alike; None resolves cfg's setting here."""
     from .retention.api import eval_model
 
     kw = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root, "precision": precision or cfg.eval_setting(),
@@ -471,7 +472,7 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     specs = [{
         "recipe": recipes[name].model_dump(mode="json"), "config": cfg.model_dump(mode="json"), "set": v.set,
         "variant": v.name, "seed": seed,
-        "task_suite": task_suite, "retention_suite": retention_suite, "quiet": quiet, "eval_precision": prec.dtype,
+        "task_suite": task_suite, "retention_suite": retention_suite, "quiet": quiet, "eval_precision": prec,
         "threads": max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None,
     } for name, v, seed in todo]
     if jobs > 1 and len(specs) > 1:

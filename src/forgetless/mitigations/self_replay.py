@@ -29,6 +29,9 @@ INSTRUCTION_REQUEST = (
     "Reply with the question only."
 )
 PLAIN_SEED = "Here is a question that a user asked a helpful assistant:\n"
+# Rows per generate() call. A small model's decoding step is bound more by reading its weights than by the
+# rows: smollm2-135m in fp32 on 2 AVX2 cores decodes 44 tok/s at 8 rows, 61 at 16, 93 at 32 and 93 at 64.
+GEN_BATCH = 32
 
 
 class SelfReplayConfig(_Strict):
@@ -80,18 +83,20 @@ class SelfReplay(Replay):
         return list(tok(text, add_special_tokens=True)["input_ids"])
 
     @torch.no_grad()
-    def _invent(self, model, tok, n: int) -> list[str]:
+    def _invent(self, model, tok, n: int, progress=None) -> list[str]:
         torch.manual_seed(self.config.seed)
         ids = self._prompt_ids(tok, INSTRUCTION_REQUEST if self.chat else PLAIN_SEED)
         out: list[str] = []
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(model.parameters()).device
-        for s in range(0, n, 16):
-            b = min(16, n - s)
+        for s in range(0, n, GEN_BATCH):
+            b = min(GEN_BATCH, n - s)
             batch = torch.tensor([ids] * b, device=device)  # the same prompt in every row: no padding to mask
             gen = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True, top_p=0.95,
                                  temperature=1.0, max_new_tokens=48, pad_token_id=pad)
             out += [tok.decode(g[len(ids):], skip_special_tokens=True).strip().split("\n")[0].strip() for g in gen]
+            if progress is not None:
+                progress(b)
         return out
 
     def _seed_prompts(self, ctx: TrainContext) -> list[str]:
@@ -111,6 +116,9 @@ class SelfReplay(Replay):
         return prompts
 
     def _generate_pairs(self, ctx: TrainContext) -> tuple[list[dict], dict[str, int]]:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+        from ..progress import bar
         from ..retention.kinds.self_reference import BUILTIN_PROMPTS
         from ..retention.lm import greedy_generate
 
@@ -118,10 +126,19 @@ class SelfReplay(Replay):
         ctx_mgr = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()
         was_training = model.training
         model.eval()
-        with ctx_mgr, torch.no_grad():
-            prompts = self._invent(model, tok, self.config.n) if self.config.source == "generate" else self._seed_prompts(ctx)
+        quiet = not getattr(ctx.recipe.train, "progress", True)
+        prog = bar(TextColumn("[bold]self_replay[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), label="self_replay", transient=True, disable=quiet)
+        with ctx_mgr, torch.no_grad(), prog:
+            if self.config.source == "generate":
+                tid = prog.add_task("inventing instructions", total=self.config.n)
+                prompts = self._invent(model, tok, self.config.n, progress=lambda k: prog.advance(tid, k))
+            else:
+                prompts = self._seed_prompts(ctx)
+            tid = prog.add_task("answering them", total=len(prompts))
             answers = greedy_generate(model, tok, [self._prompt_ids(tok, p) for p in prompts],
-                                      max_new_tokens=self.config.max_new_tokens, bf16=ctx.bf16)
+                                      max_new_tokens=self.config.max_new_tokens, bf16=ctx.bf16, batch_size=GEN_BATCH,
+                                      progress=lambda k: prog.advance(tid, k))
         model.train(was_training)
         banned = {_norm(r.data["instruction"]) for r in read_file(BUILTIN_PROMPTS)}
         seen: set[str] = set()

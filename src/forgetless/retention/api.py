@@ -104,7 +104,10 @@ def baseline_result(
 
 def eval_precision(setting: Any, model_path: str | None = None) -> Precision:
     """Resolve an evaluation precision (auto | bf16 | fp32, or the older True/False) for CPU scoring at the
-    widths of the model at `model_path` (a model directory or run directory)."""
+    widths of the model at `model_path` (a model directory or run directory). An already resolved `Precision`
+    (a sweep resolves once for all its runs) is returned as it is, its reason kept."""
+    if isinstance(setting, Precision):
+        return setting
     widths = None
     if model_path is not None:
         p = Path(model_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +206,9 @@ def prepare_model(
 
         if quant is not None:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        model = get_peft_model(model, peft_config(method, path))
+        with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, peft_config(method, path))
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
