@@ -78,7 +78,8 @@ def prepare_code(root: Path, n_test: int) -> dict[str, Path]:
     return {"train": _write(d / "train.jsonl", train), "test": _write(d / "test.jsonl", test)}
 
 
-def sequence(name: str, strategy: dict[str, Any], files: dict[str, dict[str, Path]], args: Any, out: Path) -> dict[str, Any]:
+def sequence(name: str, strategy: dict[str, Any], files: dict[str, dict[str, Path]], args: Any,
+             out: Path) -> dict[str, Any]:
     base = {
         "name": name, "model": args.model, "method": strategy["method"],
         "data": {"format": "chat", "max_length": args.max_length},
@@ -117,7 +118,8 @@ def write_results(rows: list[dict[str, Any]], tasks: list[str], args: Any, wall:
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "steps", "batch", "max_length", "limit", "n_test")}
-    result = {"bench": "continual", "machine": machine, "tasks": tasks, "settings": settings, "wall_s": round(wall, 1), "rows": rows}
+    result = {"bench": "continual", "machine": machine, "tasks": tasks, "settings": settings, "wall_s": round(wall, 1),
+              "rows": rows}
     if provenance is not None:
         result["provenance"] = provenance
     (RESULTS / "continual.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -129,14 +131,18 @@ def write_results(rows: list[dict[str, Any]], tasks: list[str], args: Any, wall:
              "better; 95% paired bootstrap intervals over the items (evaluation noise, one training seed). Retention: "
              "the `self` suite (the base model's own answers) after the last step, change against the base model.",
              *([] if provenance is None else ["", f"Provenance: {machine_line(provenance)}."]), "",
-             "| strategy | average | BWT | FWT | forgetting | R[j][j] (just trained) | retention change | train s | peak MB | trainable |",
+             "| strategy | average | BWT | FWT | forgetting | R[j][j] (just trained) | retention change | train s | "
+             "peak MB | trainable |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ret = r["retention"]
-        rc = "-" if ret is None else (f"{100 * ret['change']:+.1f}% [{100 * ret['ci'][0]:+.1f}, {100 * ret['ci'][1]:+.1f}]"
+        rc = "-" if ret is None else (f"{100 * ret['change']:+.1f}% [{100 * ret['ci'][0]:+.1f}, "
+                                      f"{100 * ret['ci'][1]:+.1f}]"
                                       + (" *" if ret["significant_drops"] else ""))
-        lines.append(f"| {r['strategy']} | {_ci(r['average'])} | {_ci(r['bwt'])} | {_ci(r['fwt'])} | {_ci(r['forgetting'])} | "
-                     + ", ".join(f"{x:+.2f}" for x in r["diagonal"]) + f" | {rc} | {r['train_s']:.0f} | {r['peak_memory_mb']:.0f} | "
+        lines.append(f"| {r['strategy']} | {_ci(r['average'])} | {_ci(r['bwt'])} | {_ci(r['fwt'])} | "
+                     f"{_ci(r['forgetting'])} | "
+                     + ", ".join(f"{x:+.2f}" for x in r["diagonal"])
+                     + f" | {rc} | {r['train_s']:.0f} | {r['peak_memory_mb']:.0f} | "
                      f"{r['trainable_parameters']:,} |")
     lines += ["", "Score of every task after the last step (and the base model's):", "",
               "| strategy | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
@@ -156,7 +162,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--limit", type=int, default=100, help="evaluation items per task")
-    ap.add_argument("--n-test", type=int, default=100, help="held-out items per task (validation loss and score; the first --limit are scored)")
+    ap.add_argument("--n-test", type=int, default=100,
+                    help="held-out items per task (validation loss and score; the first --limit are scored)")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-continual")
@@ -166,7 +173,8 @@ def main() -> None:
     os.chdir(ROOT)
     args.data_root = args.data_root.resolve()
     d = DATA / "continual"
-    files = {"med": prepare_med(args.data_root, args.n_test, d=d / "med"), "math": prepare_math(args.data_root, args.n_test, d=d / "math"),
+    files = {"med": prepare_med(args.data_root, args.n_test, d=d / "med"),
+             "math": prepare_math(args.data_root, args.n_test, d=d / "math"),
              "code": prepare_code(args.data_root, args.n_test)}
     if args.prepare_only:
         print(json.dumps({t: {k: str(v) for k, v in f.items()} for t, f in files.items()}, indent=2))
@@ -197,7 +205,8 @@ def main() -> None:
         states.append(state)
         rows.append(row(name, state, time.perf_counter() - t0))
     prov = provenance.finish(prov)
-    prov["precision"] = {**prov["precision"], "observed": observed_precision([s["dir"] for st in states for s in st["steps"]])}
+    prov["precision"] = {**prov["precision"],
+                         "observed": observed_precision([s["dir"] for st in states for s in st["steps"]])}
     if starts:
         prov["started"] = starts
     write_results(rows, list(files), args, time.perf_counter() - t_all, provenance=prov)

@@ -157,7 +157,8 @@ def main() -> None:
     ap.add_argument("--no-contamination", action="store_true", help="skip the second run with an eval set")
     ap.add_argument("--out", type=Path, default=RESULTS / "data_check.json")
     args = ap.parse_args()
-    prov = provenance.collect({"dtype": "n/a", "reason": "no model compute: text checks without a tokenizer"}, device="cpu")
+    prov = provenance.collect({"dtype": "n/a", "reason": "no model compute: text checks without a tokenizer"},
+                              device="cpu")
 
     t0 = time.perf_counter()
     records, evals, planted = build(args.n, args.seed, args.eval_items)

@@ -83,7 +83,8 @@ def prepare(name: str, limit: int, data_root: Path, tmp: Path) -> dict[str, Any]
     task = forgetless_task(name, limit)
     rows = sample_rows(task, load_rows(task, data_root))
     items = mc.build_items(task, rows)
-    docs = [{"id": item_id(it["rec"]), "query": it["context"], "choices": it["choices"], "gold": it["gold"]} for it in items]
+    docs = [{"id": item_id(it["rec"]), "query": it["context"], "choices": it["choices"], "gold": it["gold"]}
+            for it in items]
     data_file = tmp / f"{name}.jsonl"
     data_file.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
     lm_name = f"fl_bench_{name}"
@@ -186,7 +187,8 @@ def run_lm_eval(lm, prep: dict, task_manager, limit: int | None = None) -> dict[
 
 def predictions(lls: list[list[float]], choices: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
     pred = np.array([int(np.argmax(ll)) for ll in lls])
-    norm = np.array([int(np.argmax(np.array(ll) / np.array([max(1, len(c)) for c in ch]))) for ll, ch in zip(lls, choices, strict=True)])
+    norm = np.array([int(np.argmax(np.array(ll) / np.array([max(1, len(c)) for c in ch])))
+                     for ll, ch in zip(lls, choices, strict=True)])
     return pred, norm
 
 
@@ -194,7 +196,8 @@ def agreement(ref: dict, other: dict, docs: list[dict]) -> dict[str, Any]:
     choices = [d["choices"] for d in docs]
     p_ref, n_ref = predictions(ref["lls"], choices)
     p_oth, n_oth = predictions(other["lls"], choices)
-    diffs = np.array([abs(a - b) for la, lb in zip(ref["lls"], other["lls"], strict=True) for a, b in zip(la, lb, strict=True)])
+    diffs = np.array([abs(a - b) for la, lb in zip(ref["lls"], other["lls"], strict=True)
+                      for a, b in zip(la, lb, strict=True)])
     # the flipped items: how close to a tie were they in the reference?
     flips = []
     for i in np.nonzero(n_ref != n_oth)[0].tolist():
@@ -255,17 +258,18 @@ def machine() -> dict[str, Any]:
 
 
 def fmt_table(rows: list[dict], fl_key: str, lm_key: str) -> list[str]:
-    head = (f"| task | n | lm-eval {lm_key} acc / acc_norm | forgetless {fl_key} acc / acc_norm | abs diff pts (acc / norm) "
-            f"| lm-eval s | forgetless s | speed-up | same pred (acc / norm) | max abs ll diff |")
+    head = (f"| task | n | lm-eval {lm_key} acc / acc_norm | forgetless {fl_key} acc / acc_norm | abs diff pts (acc "
+            f"/ norm) | lm-eval s | forgetless s | speed-up | same pred (acc / norm) | max abs ll diff |")
     out = [head, "|" + "---|" * 10]
     for r in rows:
         a, b = r["runs"][f"lm-eval {lm_key}"], r["runs"][f"forgetless {fl_key}"]
-        ag = r["agreement"][f"forgetless {fl_key}"] if lm_key == "fp32" else r["agreement_vs_lm_bf16"][f"forgetless {fl_key}"]
+        ag = (r["agreement"][f"forgetless {fl_key}"] if lm_key == "fp32"
+              else r["agreement_vs_lm_bf16"][f"forgetless {fl_key}"])
         out.append(
-            f"| {r['task']} | {r['n']} | {100 * a['acc']:.1f} / {100 * a['acc_norm']:.1f} | {100 * b['acc']:.1f} / {100 * b['acc_norm']:.1f} "
-            f"| {ag['acc_diff_pts']:.1f} / {ag['acc_norm_diff_pts']:.1f} | {a['seconds']:.1f} | {b['seconds']:.1f} "
-            f"| {a['seconds'] / b['seconds']:.2f}x | {100 * ag['same_pred_acc']:.1f}% / {100 * ag['same_pred_acc_norm']:.1f}% "
-            f"| {ag['max_abs_ll_diff']:.2g} |"
+            f"| {r['task']} | {r['n']} | {100 * a['acc']:.1f} / {100 * a['acc_norm']:.1f} | {100 * b['acc']:.1f} / "
+            f"{100 * b['acc_norm']:.1f} | {ag['acc_diff_pts']:.1f} / {ag['acc_norm_diff_pts']:.1f} | "
+            f"{a['seconds']:.1f} | {b['seconds']:.1f} | {a['seconds'] / b['seconds']:.2f}x | "
+            f"{100 * ag['same_pred_acc']:.1f}% / {100 * ag['same_pred_acc_norm']:.1f}% | {ag['max_abs_ll_diff']:.2g} |"
         )
     return out
 
@@ -277,16 +281,19 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--lm-eval-batch", default="8,16",
-                    help="lm-eval batch sizes; with several, a calibration run on --calib-limit items of every task picks the fastest")
+                    help="lm-eval batch sizes; with several, a calibration run on --calib-limit items of every task "
+                         "picks the fastest")
     ap.add_argument("--calib-limit", type=int, default=100)
-    ap.add_argument("--calibrate-only", action="store_true", help="only time lm-eval's batch sizes (alternating, --repeats times)")
+    ap.add_argument("--calibrate-only", action="store_true",
+                    help="only time lm-eval's batch sizes (alternating, --repeats times)")
     ap.add_argument("--repeats", type=int, default=1, help="calibration repeats (the batch sizes alternate)")
     ap.add_argument("--lm-eval-modes", default="fp32,bf16", help=f"lm-eval precision modes among {','.join(LM_MODES)}")
     ap.add_argument("--forgetless-modes", default="bf16,fp32")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "eval_speed.json")
     ap.add_argument("--note", default=None, help="a remark stored in the JSON and shown in the markdown")
-    ap.add_argument("--render", type=Path, default=None, help="re-render the markdown of a saved JSON result (to --out's .md) and exit")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="re-render the markdown of a saved JSON result (to --out's .md) and exit")
     args = ap.parse_args()
     if args.render:
         result = json.loads(args.render.read_text())
@@ -314,7 +321,8 @@ def main() -> None:
     auto = precision.resolve("auto", "cpu", widths=precision.config_widths(path))
     fl_first = "bf16" if "bf16" in fl_modes else fl_modes[0]
     prov = provenance.collect({
-        "dtype": fl_first, "reason": f"set by the bench: forgetless {', '.join(fl_modes)} and lm-eval {', '.join(lm_modes)} "
+        "dtype": fl_first,
+        "reason": f"set by the bench: forgetless {', '.join(fl_modes)} and lm-eval {', '.join(lm_modes)} "
         f"measured side by side, headline forgetless {fl_first}; auto here: {auto.dtype} ({auto.reason})",
         "modes": {"forgetless": fl_modes, "lm_eval": lm_modes}, "auto": auto.dtype}, device="cpu")
     tok = AutoTokenizer.from_pretrained(path)
@@ -343,15 +351,18 @@ def main() -> None:
             for b in (batches if rep % 2 == 0 else batches[::-1]):
                 total = 0.0
                 for n in names:
-                    total += run_lm_eval(lm_for("fp32", b), preps[n], tm, limit=min(args.calib_limit, args.limit))["seconds"]
+                    total += run_lm_eval(lm_for("fp32", b), preps[n], tm,
+                                         limit=min(args.calib_limit, args.limit))["seconds"]
                 runs_by_b[b].append(round(total, 2))
-                log(f"calibration: lm-eval fp32 batch {b}: {total:.1f}s on {min(args.calib_limit, args.limit)} items/task")
+                log(f"calibration: lm-eval fp32 batch {b}: {total:.1f}s on {min(args.calib_limit, args.limit)} "
+                    "items/task")
         calibration = {b: round(sum(v) / len(v), 2) for b, v in runs_by_b.items()}
         batch = min(calibration, key=calibration.get)
         if args.calibrate_only:
-            out = {"bench": "eval_speed_calibration", "model": args.model, "tasks": names, "items_per_task": min(args.calib_limit, args.limit),
-                   "machine": {**mach, "loadavg_end": list(os.getloadavg())}, "lm_eval_fp32_seconds": runs_by_b, "fastest": batch,
-                   "provenance": provenance.finish(prov)}
+            out = {"bench": "eval_speed_calibration", "model": args.model, "tasks": names,
+                   "items_per_task": min(args.calib_limit, args.limit),
+                   "machine": {**mach, "loadavg_end": list(os.getloadavg())}, "lm_eval_fp32_seconds": runs_by_b,
+                   "fastest": batch, "provenance": provenance.finish(prov)}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(out, indent=2) + "\n")
             print(json.dumps(out, indent=2))
@@ -382,7 +393,8 @@ def main() -> None:
                 runs[f"{system} {mode}"] = run_forgetless(model, tok, prep, args.data_root, bf16=(mode == "bf16"))
             runs[f"{system} {mode}"]["loadavg_1m_before"] = load
             r = runs[f"{system} {mode}"]
-            log(f"{n}: {system} {mode}: {r['seconds']:.1f}s acc {100 * r['acc']:.1f} acc_norm {100 * r['acc_norm']:.1f}")
+            log(f"{n}: {system} {mode}: {r['seconds']:.1f}s acc {100 * r['acc']:.1f} acc_norm "
+                f"{100 * r['acc_norm']:.1f}")
         ref = runs["lm-eval fp32"] if "lm-eval fp32" in runs else runs[f"lm-eval {lm_modes[0]}"]
         assert ref["doc_ids"] == [d["id"] for d in prep["docs"]], "lm-eval scored other items"
         for k, r in runs.items():
@@ -391,12 +403,14 @@ def main() -> None:
         agree = {k: agreement(ref, r, prep["docs"]) for k, r in runs.items() if r is not ref}
         agree_bf = {}
         if "lm-eval bf16" in runs:
-            agree_bf = {k: agreement(runs["lm-eval bf16"], r, prep["docs"]) for k, r in runs.items() if k.startswith("forgetless")}
+            agree_bf = {k: agreement(runs["lm-eval bf16"], r, prep["docs"]) for k, r in runs.items()
+                        if k.startswith("forgetless")}
         fl_any = next(r for k, r in runs.items() if k.startswith("forgetless"))
         tok_check = tokenization_check(lm_for("fp32", batch), prep, fl_any)
         rows.append({
             "task": n, "n": len(prep["docs"]), "order": [f"{s} {m}" for s, m in order],
-            "runs": {k: {kk: vv for kk, vv in r.items() if kk not in ("lls", "tokens", "acc_items", "acc_norm_items", "doc_ids", "item_ids")}
+            "runs": {k: {kk: vv for kk, vv in r.items()
+                         if kk not in ("lls", "tokens", "acc_items", "acc_norm_items", "doc_ids", "item_ids")}
                      for k, r in runs.items()},
             "agreement": agree, "agreement_vs_lm_bf16": agree_bf, "tokenization": tok_check,
         })
@@ -410,8 +424,10 @@ def main() -> None:
         for fl_k in fl_modes:
             a = sum(r["runs"][f"lm-eval {lm_k}"]["seconds"] for r in rows)
             b = sum(r["runs"][f"forgetless {fl_k}"]["seconds"] for r in rows)
-            speed[f"forgetless {fl_k} vs lm-eval {lm_k}"] = {"lm_eval_s": round(a, 2), "forgetless_s": round(b, 2), "speedup": round(a / b, 3)}
-    worst = {f"forgetless {m}": max(max(r["agreement"][f"forgetless {m}"]["acc_diff_pts"], r["agreement"][f"forgetless {m}"]["acc_norm_diff_pts"])
+            speed[f"forgetless {fl_k} vs lm-eval {lm_k}"] = {"lm_eval_s": round(a, 2), "forgetless_s": round(b, 2),
+                                                             "speedup": round(a / b, 3)}
+    worst = {f"forgetless {m}": max(max(r["agreement"][f"forgetless {m}"]["acc_diff_pts"],
+                                        r["agreement"][f"forgetless {m}"]["acc_norm_diff_pts"])
                                     for r in rows) for m in fl_modes}
     result = {
         "bench": "eval_speed",
@@ -423,15 +439,20 @@ def main() -> None:
         "tasks": names,
         "machine": mach,
         "settings": {
-            "lm_eval": {"batch_size": batch, "batch_calibration_s": calibration, "modes": {m: LM_MODES[m] or "default" for m in lm_modes},
-                        "call": "simple_evaluate(HFLM(pretrained=model, tokenizer=tok, batch_size=B, ...), log_samples=True, bootstrap_iters=0)",
+            "lm_eval": {"batch_size": batch, "batch_calibration_s": calibration,
+                        "modes": {m: LM_MODES[m] or "default" for m in lm_modes},
+                        "call": "simple_evaluate(HFLM(pretrained=model, tokenizer=tok, batch_size=B, ...), "
+                                "log_samples=True, bootstrap_iters=0)",
                         "task_manager": "built once before timing (include_path=temp dir)"},
-            "forgetless": {"modes": fl_modes, "call": "evaluate(model, tok, Suite(task), bf16=..., progress=False)", "batch_tokens": 4096},
-            "timing": "wall clock of the whole simple_evaluate / evaluate call; one run each, interleaved per task, order reversed on odd tasks",
+            "forgetless": {"modes": fl_modes, "call": "evaluate(model, tok, Suite(task), bf16=..., progress=False)",
+                           "batch_tokens": 4096},
+            "timing": "wall clock of the whole simple_evaluate / evaluate call; one run each, interleaved per task, "
+            "order reversed on odd tasks",
             "prompts": "rendered by forgetless's templates and written verbatim as lm-eval's query/choices fields",
         },
         "targets": {"max_acc_diff_pts": 0.5, "min_speedup": 1.5},
-        "headline": {"forgetless": fl_head, "lm_eval": lm_head, **speed.get(f"forgetless {fl_head} vs lm-eval {lm_head}", {}),
+        "headline": {"forgetless": fl_head, "lm_eval": lm_head,
+                     **speed.get(f"forgetless {fl_head} vs lm-eval {lm_head}", {}),
                      "worst_acc_diff_pts": worst.get(f"forgetless {fl_head}")},
         "worst_acc_diff_pts": worst,
         "speed": speed,
@@ -453,13 +474,15 @@ def render_md(result: dict[str, Any]) -> str:
     fl_head, lm_head = result["headline"]["forgetless"], result["headline"]["lm_eval"]
     tgt = result["targets"]
     lines = [f"# eval_speed: {result['model']}, first {result['limit']} items per task", "",
-             f"Machine: {mach['cpu']}, {mach['torch_threads']} torch threads, torch {mach['torch']}, lm-eval {mach['lm_eval']}, "
-             f"transformers {mach['transformers']} ({mach['platform']}); load average {mach['loadavg_start'][0]:.1f} at start, "
-             f"{mach['loadavg_end'][0]:.1f} at end (the 2 cores were shared with other work: compare the ratios, not the seconds).", "",
+             f"Machine: {mach['cpu']}, {mach['torch_threads']} torch threads, torch {mach['torch']}, lm-eval "
+             f"{mach['lm_eval']}, transformers {mach['transformers']} ({mach['platform']}); load average "
+             f"{mach['loadavg_start'][0]:.1f} at start, {mach['loadavg_end'][0]:.1f} at end (the 2 cores were shared "
+             "with other work: compare the ratios, not the seconds).", "",
              f"lm-eval: `HFLM(pretrained=model, tokenizer=tok, batch_size={lm_l['batch_size']})`, fp32 weights "
-             f"(calibration, seconds: {lm_l['batch_calibration_s'] or 'n/a'}). forgetless: `evaluate(..., bf16=...)`, batch_tokens "
-             f"{result['settings']['forgetless']['batch_tokens']}. Wall time of the whole call; one run each, interleaved per task "
-             f"(order in the JSON). Headline: forgetless {fl_head} vs lm-eval {lm_head}.", ""]
+             f"(calibration, seconds: {lm_l['batch_calibration_s'] or 'n/a'}). forgetless: `evaluate(..., bf16=...)`, "
+             f"batch_tokens {result['settings']['forgetless']['batch_tokens']}. Wall time of the whole call; one run "
+             f"each, interleaved per task (order in the JSON). Headline: forgetless {fl_head} vs lm-eval {lm_head}.",
+             ""]
     if result.get("provenance"):
         lines += [f"Provenance: {provenance.machine_line(result['provenance'])}.", ""]
     if result.get("note"):
@@ -467,15 +490,16 @@ def render_md(result: dict[str, Any]) -> str:
     lines += ["## verdict", ""]
     for m, worst in result["worst_acc_diff_pts"].items():
         ok = worst <= tgt["max_acc_diff_pts"] + 1e-9
-        lines.append(f"- accuracy, {m} vs lm-eval {lm_head}: worst |diff| {worst:.1f} points over tasks and acc/acc_norm "
-                     f"-> {'PASS' if ok else 'FAIL'} (target <= {tgt['max_acc_diff_pts']})")
+        lines.append(f"- accuracy, {m} vs lm-eval {lm_head}: worst |diff| {worst:.1f} points over tasks and "
+                     f"acc/acc_norm -> {'PASS' if ok else 'FAIL'} (target <= {tgt['max_acc_diff_pts']})")
     for k, v in speed.items():
         if k.endswith(f"lm-eval {lm_head}"):
             fl_k = k.split(" vs ")[0]
             per = [r["runs"][f"lm-eval {lm_head}"]["seconds"] / r["runs"][fl_k]["seconds"] for r in rows]
             lines.append(f"- speed, {k}: {v['speedup']:.2f}x in total wall time "
-                         f"-> {'PASS' if v['speedup'] >= tgt['min_speedup'] else 'FAIL'} (target >= {tgt['min_speedup']}x over the "
-                         f"three tasks; slowest single task {min(per):.2f}x, for information)")
+                         f"-> {'PASS' if v['speedup'] >= tgt['min_speedup'] else 'FAIL'} (target >= "
+                         f"{tgt['min_speedup']}x over the three tasks; slowest single task {min(per):.2f}x, for "
+                         "information)")
     lines.append("")
     for fl_k in fl_modes:
         lines += [f"## forgetless {fl_k} vs lm-eval {lm_head}", "", *fmt_table(rows, fl_k, lm_head), ""]
@@ -483,21 +507,26 @@ def render_md(result: dict[str, Any]) -> str:
         for fl_k in fl_modes:
             lines += [f"## forgetless {fl_k} vs lm-eval bf16 (autocast)", "", *fmt_table(rows, fl_k, "bf16"), ""]
     lines += ["## totals", "", "| comparison | lm-eval s | forgetless s | speed-up |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['lm_eval_s']:.1f} | {v['forgetless_s']:.1f} | {v['speedup']:.2f}x |" for k, v in speed.items()]
+    lines += [f"| {k} | {v['lm_eval_s']:.1f} | {v['forgetless_s']:.1f} | {v['speedup']:.2f}x |"
+              for k, v in speed.items()]
     if "lm-eval bf16" in rows[0]["agreement"]:
         lines += ["", "## lm-eval bf16 vs lm-eval fp32 (bf16 noise inside lm-eval itself)", "",
-                  "| task | abs diff pts (acc / norm) | same pred (acc / norm) | max abs ll diff |", "|---|---|---|---|"]
+                  "| task | abs diff pts (acc / norm) | same pred (acc / norm) | max abs ll diff |",
+                  "|---|---|---|---|"]
         for r in rows:
             ag = r["agreement"]["lm-eval bf16"]
             lines.append(f"| {r['task']} | {ag['acc_diff_pts']:.1f} / {ag['acc_norm_diff_pts']:.1f} | "
-                         f"{100 * ag['same_pred_acc']:.1f}% / {100 * ag['same_pred_acc_norm']:.1f}% | {ag['max_abs_ll_diff']:.2g} |")
+                         f"{100 * ag['same_pred_acc']:.1f}% / {100 * ag['same_pred_acc_norm']:.1f}% | "
+                         f"{ag['max_abs_ll_diff']:.2g} |")
     flips = [(r["task"], k, f) for r in rows for k, ag in r["agreement"].items() for f in ag["acc_norm_flips"]]
     if flips:
         lines += ["", f"## acc_norm flips against lm-eval {lm_head}", "",
-                  "Items whose acc_norm prediction differs; the margin is lm-eval's gap (log-likelihood per character) between "
-                  "its top two choices: near-ties that bf16 rounding flips.", "",
-                  "| task | system | item | gold | lm-eval pred | other pred | lm-eval margin |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {t} | {k} | {Path(str(f['item'])).name} | {f['gold']} | {f['ref_pred']} | {f['other_pred']} | {f['ref_margin_per_char']:.2g} |"
+                  "Items whose acc_norm prediction differs; the margin is lm-eval's gap (log-likelihood per character) "
+                  "between its top two choices: near-ties that bf16 rounding flips.", "",
+                  "| task | system | item | gold | lm-eval pred | other pred | lm-eval margin |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {t} | {k} | {Path(str(f['item'])).name} | {f['gold']} | {f['ref_pred']} | {f['other_pred']} | "
+                  f"{f['ref_margin_per_char']:.2g} |"
                   for t, k, f in flips]
     lines += ["", "Tokenization (lm-eval `_encode_pair` vs forgetless `encode_pair`): " + ", ".join(
         f"{r['task']} {r['tokenization']['items_with_token_mismatch']} mismatching items" for r in rows), ""]

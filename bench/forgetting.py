@@ -110,10 +110,12 @@ def prepare_med(root: Path, n_test: int, n_val: int = 200, d: Path = DATA / "med
         opts = [r["opa"], r["opb"], r["opc"], r["opd"]]
         letter = "ABCD"[r["cop"]]
         q = r["question"].strip() + "\n" + "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(opts))
-        out.append(_chat(q, f"{letter}. {opts[r['cop']]}", id=r["id"], prompt=q, reference=f"{letter}. {opts[r['cop']]}"))
+        out.append(_chat(q, f"{letter}. {opts[r['cop']]}", id=r["id"], prompt=q,
+                         reference=f"{letter}. {opts[r['cop']]}"))
     # the validation block is 200 long whatever n_val is, so the training split stays the same at every scale
     test, val, train = out[:n_test], out[n_test : n_test + n_val], out[n_test + 200 :]
-    return {"train": _write(d / "train.jsonl", train), "val": _write(d / "val.jsonl", val), "test": _write(d / "test.jsonl", test)}
+    return {"train": _write(d / "train.jsonl", train), "val": _write(d / "val.jsonl", val),
+            "test": _write(d / "test.jsonl", test)}
 
 
 def prepare_math(root: Path, n_test: int, n_val: int = 200, d: Path = DATA / "math") -> dict[str, Path]:
@@ -198,8 +200,8 @@ def sweep_config(scenario: str, scale: dict[str, Any], recipes: dict[str, dict[s
         if name in HEADLINE or name == best_candidate(recipes):
             for seed in range(1, scale["seeds"]):
                 runs.append(Variant(name=f"{name}-seed{seed}", set={**own, **common, "train.seed": 42 + seed}))
-    return SweepConfig(name=f"forgetting-{scenario}", base=base, runs=runs, task_suite=str(tsuite), retention_suite=rsuite,
-                       budget=BUDGET, output_dir=str(out), data_root=str(data_root))
+    return SweepConfig(name=f"forgetting-{scenario}", base=base, runs=runs, task_suite=str(tsuite),
+                       retention_suite=rsuite, budget=BUDGET, output_dir=str(out), data_root=str(data_root))
 
 
 def best_candidate(recipes: dict[str, Any]) -> str | None:
@@ -256,8 +258,8 @@ def resume_guard(path: Path, current: dict[str, Any], what: str, resuming: bool)
         atomic_write_json(path, current)
         return None
     if not path.is_file():  # started before the benches recorded provenance: nothing to check against
-        print(f"warning: {what} has no saved provenance ({path}): cannot check it was started on this CPU and precision "
-              "path; recording this machine's", file=sys.stderr)
+        print(f"warning: {what} has no saved provenance ({path}): cannot check it was started on this CPU and "
+              "precision path; recording this machine's", file=sys.stderr)
         atomic_write_json(path, current)
         return None
     saved = json.loads(path.read_text())
@@ -298,12 +300,13 @@ def wise_row(state: dict[str, Any], cfg: Any, tsuite: Path, rsuite: str, alphas:
         return None
     task, ret = res["comparison"]["task"], res["comparison"]["retention"]  # the chosen alpha, as auto_alpha scored it
     return {
-        "run": f"wise-ft(full-lr1e-4, alpha {res['chosen']['alpha']})", "dir": str(out / "wise-ft"), "method": "full+wise-ft",
-        "task": task_gain(task),
-        "task_tasks": {k: {x: v[x] for x in ("base", "candidate", "delta", "ci", "significant")} for k, v in task["tasks"].items()},
+        "run": f"wise-ft(full-lr1e-4, alpha {res['chosen']['alpha']})", "dir": str(out / "wise-ft"),
+        "method": "full+wise-ft", "task": task_gain(task),
+        "task_tasks": {k: {x: v[x] for x in ("base", "candidate", "delta", "ci", "significant")}
+                       for k, v in task["tasks"].items()},
         "retention": {"score": ret["retention_score"], "change": ret["retention_score"] - 1,
-                      "ci": [ret["retention_ci"][0] - 1, ret["retention_ci"][1] - 1], "significant_drops": ret["significant_drops"],
-                      "tasks": ret["tasks"]},
+                      "ci": [ret["retention_ci"][0] - 1, ret["retention_ci"][1] - 1],
+                      "significant_drops": ret["significant_drops"], "tasks": ret["tasks"]},
         "wall_time_s": src["wall_time_s"] + (time.perf_counter() - t0), "tokens_per_s": src["tokens_per_s"],
         "peak_memory_mb": src["peak_memory_mb"], "trainable_parameters": src["trainable_parameters"],
         "trainable_share": src["trainable_share"], "curve": res["curve"],
@@ -317,7 +320,8 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     by = {r["run"]: r for r in rows}
     full = [by[n] for n in ("full-lr1e-4", "full-lr2e-5") if n in by]
     lora = by.get("lora-r16")
-    cands = [r for r in rows if r["run"] not in BASELINES and "-seed" not in r["run"] and -r["retention"]["change"] <= BUDGET]
+    cands = [r for r in rows
+             if r["run"] not in BASELINES and "-seed" not in r["run"] and -r["retention"]["change"] <= BUDGET]
     lines = []
     if not full or not cands:
         return ["Not enough runs for the headline comparison (needs full FT and a forgetless recipe within budget)."]
@@ -328,10 +332,12 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
                  f"{best['task']['gain']:+.3f} = {100 * share:.1f}% of the best full-FT gain ({best_full['run']}: "
                  f"{best_full['task']['gain']:+.3f}), retention change {100 * best['retention']['change']:+.2f}%"
                  + ("." if any(n.startswith(best["run"] + "-seed") for n in by) else
-                    f" (one training seed; the recipe chosen in advance for a second seed is {best_candidate(by) or 'none'})."))
+                    " (one training seed; the recipe chosen in advance for a second seed is "
+                    f"{best_candidate(by) or 'none'})."))
     if lora:
-        lines.append(f"LoRA r16: task gain {lora['task']['gain']:+.3f}, retention change {100 * lora['retention']['change']:+.2f}%; "
-                     f"the best recipe's drop is {'<=' if best['retention']['change'] >= lora['retention']['change'] else '>'} LoRA's.")
+        lines.append(f"LoRA r16: task gain {lora['task']['gain']:+.3f}, retention change "
+                     f"{100 * lora['retention']['change']:+.2f}%; the best recipe's drop is "
+                     f"{'<=' if best['retention']['change'] >= lora['retention']['change'] else '>'} LoRA's.")
     goal = share >= 1.0 and (lora is None or best["retention"]["change"] >= lora["retention"]["change"])
     lines.append(f"Goal (>= 100% of full FT's gain at <= 1% drop and <= LoRA's drop): {'MET' if goal else 'NOT MET'}.")
     return lines
@@ -344,7 +350,8 @@ def seed_spread(rows: list[dict[str, Any]]) -> list[str]:
     pairs = [(n, rs) for n, rs in pairs if len(rs) > 1]
     if not pairs:
         return []
-    out = ["", "Run-to-run spread (the same recipe, training seeds 42 and 43; the intervals above are evaluation noise only):", "",
+    out = ["", "Run-to-run spread (the same recipe, training seeds 42 and 43; the intervals above are evaluation "
+               "noise only):", "",
            "| recipe | task gain per seed | retention change per seed |", "|---|---|---|"]
     for n, rs in pairs:
         out.append(f"| {n} | " + ", ".join(f"{r['task']['gain']:+.3f}" for r in rs) + " | "
@@ -353,7 +360,8 @@ def seed_spread(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, scale: dict[str, Any], wall: float,
-                  machine: str | None = None, notes: tuple[str, ...] = (), provenance: dict[str, Any] | None = None) -> None:
+                  machine: str | None = None, notes: tuple[str, ...] = (),
+                  provenance: dict[str, Any] | None = None) -> None:
     """Write forgetting-<scenario>-<scale>.json/.md/.png. `machine` and `notes` let a saved result be re-rendered
     (its own machine line kept) with remarks on it; `provenance`: the block from forgetless.provenance."""
     import base64
@@ -370,29 +378,34 @@ def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, 
     extra = list(rows[0].get("task_tasks", {}))[1:] if rows else []  # secondary target metrics (math: exact match)
     from forgetless.allocator import loaded_allocator
 
-    machine = machine or f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}, allocator {loaded_allocator()}"
-    out = {"bench": "forgetting", "scenario": args.scenario, "scale": args.scale, "model": args.model, "machine": machine,
+    machine = machine or (f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}, "
+                          f"allocator {loaded_allocator()}")
+    out = {"bench": "forgetting", "scenario": args.scenario, "scale": args.scale, "model": args.model,
+           "machine": machine,
            "settings": scale, "budget": BUDGET, "wall_s": round(wall, 1), "rows": rows, "verdict": verdict(rows),
            "notes": list(notes)}
     if provenance is not None:
         out["provenance"] = provenance
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=str) + "\n")
     lines = [f"# forgetting frontier: {args.scenario}, {args.scale} scale, {args.model}", "",
-             f"Machine: {machine}. {scale['steps']} steps of {scale['batch']} examples (max {scale['max_length']} tokens), "
-             f"{((provenance or {}).get('precision') or {}).get('dtype', 'bf16')} compute with fp32 master weights; "
-             f"whole bench {wall / 60:.0f} min (sum of its runs' times). Task gain: {rows[0]['task']['task'] if rows else ''} "
-             "(positive is better), paired 95% CI. Retention: change of each task's main metric (paired 95% CI, * = significant) "
-             "and the mean retention score.", *([] if provenance is None else ["", f"Provenance: {machine_line(provenance)}."]),
+             f"Machine: {machine}. {scale['steps']} steps of {scale['batch']} examples (max {scale['max_length']} "
+             f"tokens), {((provenance or {}).get('precision') or {}).get('dtype', 'bf16')} compute with fp32 master "
+             f"weights; whole bench {wall / 60:.0f} min (sum of its runs' times). Task gain: "
+             f"{rows[0]['task']['task'] if rows else ''} (positive is better), paired 95% CI. Retention: change of "
+             "each task's main metric (paired 95% CI, * = significant) and the mean retention score.",
+             *([] if provenance is None else ["", f"Provenance: {machine_line(provenance)}."]),
              "", *verdict(rows), *(x for n in notes for x in ("", n)), "",
              "| run | task gain [95% CI] | " + "".join(f"{e} change | " for e in extra) + " | ".join(tasks)
              + " | retention score | wall s | tok/s | peak MB | trainable |",
              "|---|---|" + "---|" * (len(extra) + len(tasks)) + "---|---|---|---|---|"]
 
     def cell(x: dict[str, Any] | None) -> str:
-        return "-" if x is None else f"{x['delta']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]{' *' if x['significant'] else ''}"
+        return "-" if x is None else (f"{x['delta']:+.3f} [{x['ci'][0]:+.3f}, {x['ci'][1]:+.3f}]"
+                                      f"{' *' if x['significant'] else ''}")
 
     for r in rows:
-        cells = [cell(r.get("task_tasks", {}).get(e)) for e in extra] + [cell(r["retention"]["tasks"].get(n)) for n in tasks]
+        cells = [cell(r.get("task_tasks", {}).get(e)) for e in extra] + [cell(r["retention"]["tasks"].get(n))
+                                                                         for n in tasks]
         g = r["task"]
         lines.append(f"| {r['run']} | {g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] | " + " | ".join(cells)
                      + f" | {r['retention']['score']:.4f} | {r['wall_time_s']:.0f} | {r['tokens_per_s']:.0f} | "
@@ -413,7 +426,8 @@ def main() -> None:
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--steps", type=int, default=None, help="override the scale's steps (smoke tests)")
-    ap.add_argument("--out", type=Path, default=None, help="sweep directory (default: runs/bench-forgetting-<scenario>-<scale>)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="sweep directory (default: runs/bench-forgetting-<scenario>-<scale>)")
     ap.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT row")
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--overwrite", action="store_true", help="start the sweep afresh (its directory is removed)")
@@ -426,7 +440,8 @@ def main() -> None:
     tsuite = task_suite(args.scenario, files, scale["n_exact"])
     rsuite = retention_suite(args.scenario, scale["retention_limits"])
     if args.prepare_only:
-        print(json.dumps({k: str(v) for k, v in files.items()} | {"task_suite": str(tsuite), "retention_suite": rsuite}, indent=2))
+        print(json.dumps({k: str(v) for k, v in files.items()} | {"task_suite": str(tsuite), "retention_suite": rsuite},
+                         indent=2))
         return
     from forgetless import provenance
     from forgetless.models import resolve_model
@@ -434,7 +449,8 @@ def main() -> None:
 
     recipes = load_recipes(args.recipes.split(",") if args.recipes else None)
     out = args.out or ROOT / "runs" / f"bench-forgetting-{args.scenario}-{args.scale}"
-    cfg = sweep_config(args.scenario, scale, recipes, files, tsuite, rsuite, args.model, args.device, out, args.data_root)
+    cfg = sweep_config(args.scenario, scale, recipes, files, tsuite, rsuite, args.model, args.device, out,
+                       args.data_root)
     prec = bench_precision(resolve_model(args.model).path, args.device)
     prov = provenance.collect(prec, device=prec["device"])
     # saved beside the sweep directory (run_sweep wants that directory to itself); a resume must match it

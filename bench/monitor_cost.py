@@ -45,8 +45,8 @@ def recipe(name: str, model: str, data: Path, out: Path, steps: int, batch: int,
         "data": {"train": str(data), "format": "text", "max_length": seq, "packing": True, "check": "off"},
         "method": "full",
         "optim": {"lr": 2e-5, "max_steps": steps, "batch_size": batch, "warmup_steps": 0},
-        "train": {"output_dir": str(out / name), "save_steps": None, "progress": False, "bf16": bf16, "logging_steps": 10,
-                  "report": False},
+        "train": {"output_dir": str(out / name), "save_steps": None, "progress": False, "bf16": bf16,
+                  "logging_steps": 10, "report": False},
     }
     if monitor:
         r["monitor"] = {}  # every default: the self suite, 50 items, every 100 steps
@@ -56,7 +56,8 @@ def recipe(name: str, model: str, data: Path, out: Path, steps: int, batch: int,
 def run(spec: dict, tmp: Path) -> dict:
     path = tmp / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    env = {**os.environ, "FORGETLESS_HOME": str(tmp / "home")}  # a cold evaluation cache: the base answers are generated
+    # a cold evaluation cache: the base answers are generated
+    env = {**os.environ, "FORGETLESS_HOME": str(tmp / "home")}
     out = subprocess.run([sys.executable, "-m", "forgetless", "train", str(path), "--json", "--overwrite"],
                          capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
@@ -99,11 +100,13 @@ def main() -> None:
         "probes": len(m["monitor"]["probes"]), "target_share": TARGET, "verdict": "PASS" if share < TARGET else "FAIL",
     }
     prov = provenance.finish(prov)
-    prov["precision"] = {**prov["precision"], "observed": sorted({(r.get("precision") or {}).get("dtype") for r in runs.values()} - {None})}
+    prov["precision"] = {**prov["precision"],
+                         "observed": sorted({(r.get("precision") or {}).get("dtype") for r in runs.values()} - {None})}
     result["provenance"] = prov
     atomic_write_json(args.out, result)
     lines = [
-        f"# monitor_cost: {args.model}, {args.steps} steps of {args.batch} x {args.seq} tokens, full FT, {prec.dtype} compute", "",
+        f"# monitor_cost: {args.model}, {args.steps} steps of {args.batch} x {args.seq} tokens, full FT, "
+        f"{prec.dtype} compute", "",
         f"{platform.platform()}; load average {load0:.1f} at start, {load1:.1f} at end. Monitor at its defaults "
         "(self suite, 50 items, every 100 steps, 64-token answers).", "",
         f"Provenance: {provenance.machine_line(prov)}.", "",
@@ -112,10 +115,12 @@ def main() -> None:
     for k, v in runs.items():
         ms = v["monitor"]["probe_s"] if v.get("monitor") else None
         pct = f"{100 * ms / v['wall_time_s']:.1f}%" if ms is not None else "-"
-        lines.append(f"| {k} | {v['wall_time_s']:.1f} | {v['tokens_per_s']:.0f} | {ms if ms is not None else '-'} | {pct} |")
-    lines += ["", f"Monitor share of training time: {100 * share:.1f}% ({result['probes']} probes plus the step-0 reference and "
-              f"the one-off base answers) -> {result['verdict']} (target < {100 * TARGET:.0f}%). Wall time monitored / plain "
-              f"(mean of the two plain runs): {result['wall_ratio_vs_plain']:.3f}x."]
+        lines.append(f"| {k} | {v['wall_time_s']:.1f} | {v['tokens_per_s']:.0f} | {ms if ms is not None else '-'} "
+                     f"| {pct} |")
+    lines += ["",
+              f"Monitor share of training time: {100 * share:.1f}% ({result['probes']} probes plus the step-0 "
+              f"reference and the one-off base answers) -> {result['verdict']} (target < {100 * TARGET:.0f}%). Wall "
+              f"time monitored / plain (mean of the two plain runs): {result['wall_ratio_vs_plain']:.3f}x."]
     atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -5,9 +5,9 @@ its own) and the plain baseline is re-run between mitigations to track the machi
 against the mean of the plain runs. Two step-time ratios: over the whole run, and in steady state (the
 steps after the first third, from the per-step log). On this project's 2-core VM the first ~10 steps after a
 mitigation has written 0.5-1 GB of state run 10-30% slower (the kernel settling the new memory), then the
-runs converge; a 10-step run is all transient, which is why the default is 30 steps. Targets (smollm2-135m-instruct): l2sp and ewc <= 1.10x the step
-time of plain full FT, kl on a PEFT method <= 1.6x of plain LoRA, replay at ratio r costs no more than
-its extra tokens (time ratio <= 1 / (1 - r), i.e. tokens/s within noise).
+runs converge; a 10-step run is all transient, which is why the default is 30 steps. Targets (smollm2-135m-instruct):
+l2sp and ewc <= 1.10x the step time of plain full FT, kl on a PEFT method <= 1.6x of plain LoRA, replay at ratio r costs
+no more than its extra tokens (time ratio <= 1 / (1 - r), i.e. tokens/s within noise).
 
 Each run is a `forgetless train` command, so it runs under the caching allocator the command picks
 (forgetless/allocator.py: tcmalloc, mimalloc or jemalloc when installed). The last two configurations rerun
@@ -19,7 +19,8 @@ plain run (what the allocator buys), l2sp against the plain system-malloc run (t
     python bench/overhead.py --configs full+l2sp,full+ewc --repeats 3 --out bench/results/overhead-penalties.json
 
 The JSON's `provenance` block (forgetless.provenance) names the commit, versions, CPU, allocator and the precision
-path the runs took (every recipe sets train.bf16 to the resolved --precision, default auto; each run's summary.json `precision` is kept in `runs`).
+path the runs took (every recipe sets train.bf16 to the resolved --precision, default auto; each run's summary.json
+`precision` is kept in `runs`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def baseline(name: str) -> str:
     return base + SYSTEM if name.endswith(SYSTEM) else base
 
 
-def recipe(name: str, model: str, data: dict[str, Path], out: Path, steps: int, batch: int, seq: int, bf16: bool) -> dict:
+def recipe(name: str, model: str, data: dict[str, Path], out: Path, steps: int, batch: int, seq: int,
+           bf16: bool) -> dict:
     method, mitigations = CONFIGS[name]
     general = {"train": str(data["general"]), "format": "text", "max_length": seq}
     mits = [{k: (general if v == "GENERAL" else v) for k, v in m.items()} for m in mitigations]
@@ -88,8 +90,8 @@ def recipe(name: str, model: str, data: dict[str, Path], out: Path, steps: int, 
         "data": {"train": str(data["task"]), "format": "text", "max_length": seq, "packing": True, "check": "off"},
         "method": {"name": method, **({"r": 16} if method == "lora" else {})},
         "optim": {"lr": 2e-5 if method == "full" else 2e-4, "max_steps": steps, "batch_size": batch, "warmup_steps": 0},
-        "train": {"output_dir": str(out / name.replace(SYSTEM, "-system-malloc")), "save_steps": None, "progress": False,
-                  "bf16": bf16, "logging_steps": 1, "report": False},
+        "train": {"output_dir": str(out / name.replace(SYSTEM, "-system-malloc")), "save_steps": None,
+                  "progress": False, "bf16": bf16, "logging_steps": 1, "report": False},
         "mitigations": mits,
     }
 
@@ -106,7 +108,8 @@ def run_one(spec: dict, tmp: Path, system_malloc: bool) -> dict:
     s = json.loads(out.stdout)
     log = [json.loads(x) for x in (Path(spec["train"]["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     per_step = [r["tokens_per_s"] for r in log if r.get("tokens_per_s")]
-    return {"allocator": s["allocator"], "tokens_per_s": s["tokens_per_s"], "wall_time_s": s["wall_time_s"], "tokens": s["tokens_seen"],
+    return {"allocator": s["allocator"], "tokens_per_s": s["tokens_per_s"], "wall_time_s": s["wall_time_s"],
+            "tokens": s["tokens_seen"],
             "steps": s["steps"], "peak_memory_mb": s["peak_memory_mb"], "mitigations": s["mitigations"],
             "step_tokens_per_s": per_step, "precision": s.get("precision")}
 
@@ -131,7 +134,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--repeats", type=int, default=1,
-                    help="run the whole sequence this many times (each mitigation paired with the plain run just before it)")
+                    help="run the whole sequence this many times (each mitigation paired with the plain run just "
+                         "before it)")
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="compute of every run (auto: bf16 only where this CPU runs it fast)")
@@ -155,9 +159,11 @@ def main() -> None:
     for rep in range(args.repeats):
         for n in order:
             print(f"[{rep + 1}/{args.repeats}] running {n} ...", file=sys.stderr, flush=True)
-            run = run_one(recipe(n, model, data, tmp, args.steps, args.batch, args.seq, prec.bf16), tmp, n.endswith(SYSTEM))
+            run = run_one(recipe(n, model, data, tmp, args.steps, args.batch, args.seq, prec.bf16), tmp,
+                          n.endswith(SYSTEM))
             if n != baseline_of[n]:
-                pair_ratios.setdefault(n, []).append(round(median_step_s(run) / median_step_s(results[baseline_of[n]][-1]), 3))
+                pair_ratios.setdefault(n, []).append(
+                    round(median_step_s(run) / median_step_s(results[baseline_of[n]][-1]), 3))
             results.setdefault(n, []).append(run)
 
     def mean(rows, key):
@@ -187,15 +193,17 @@ def main() -> None:
             "mitigations": results[n][-1]["mitigations"],
         }
         table.append(row)
-    print(f"\nmitigation overhead, {args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, {prec.dtype} compute + fp32 masters, "
-          f"allocator {table[0]['allocator']}, {args.repeats} repeat(s)")
-    print(f"{'config':<28}{'vs':<22}{'tok/s':>9}{'base tok/s':>12}{'step time x':>13}{'steady x':>10}{'tokens x':>10}{'peak MiB':>10}"
-          f"{'base MiB':>10}{'hook share':>12}  paired median x (each repeat)")
+    print(f"\nmitigation overhead, {args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, {prec.dtype} "
+          f"compute + fp32 masters, allocator {table[0]['allocator']}, {args.repeats} repeat(s)")
+    print(f"{'config':<28}{'vs':<22}{'tok/s':>9}{'base tok/s':>12}{'step time x':>13}{'steady x':>10}{'tokens x':>10}"
+          f"{'peak MiB':>10}{'base MiB':>10}{'hook share':>12}  paired median x (each repeat)")
     for r in table:
         share = sum(m["step_time_share"] or 0 for m in r["mitigations"])
-        print(f"{r['config']:<28}{r['baseline']:<22}{r['tokens_per_s']:>9.1f}{r['baseline_tokens_per_s']:>12.1f}{r['step_time_ratio']:>13.3f}"
-              f"{r['steady_step_time_ratio']:>10.3f}{r['token_ratio']:>10.3f}{r['peak_memory_mb']:>10}{r['baseline_peak_memory_mb']:>10}"
-              f"{100 * share:>11.1f}%  {r['paired_median_step_ratio']:.3f} ({', '.join(f'{x:.3f}' for x in r['paired_median_step_ratios'])})")
+        print(f"{r['config']:<28}{r['baseline']:<22}{r['tokens_per_s']:>9.1f}{r['baseline_tokens_per_s']:>12.1f}"
+              f"{r['step_time_ratio']:>13.3f}{r['steady_step_time_ratio']:>10.3f}{r['token_ratio']:>10.3f}"
+              f"{r['peak_memory_mb']:>10}{r['baseline_peak_memory_mb']:>10}"
+              f"{100 * share:>11.1f}%  {r['paired_median_step_ratio']:.3f} "
+              f"({', '.join(f'{x:.3f}' for x in r['paired_median_step_ratios'])})")
     prov = provenance.finish(prov)
     prov["precision"] = {**prov["precision"], "observed": sorted(
         {(r.get("precision") or {}).get("dtype") for rs in results.values() for r in rs} - {None})}
@@ -203,11 +211,12 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "bench": "overhead", "model": args.model, "steps": args.steps, "batch": args.batch, "seq": args.seq,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "targets": {"full+l2sp": "<= 1.10x", "full+ewc": "<= 1.10x", "lora+kl": "<= 1.6x", "full+replay10%": "time <= tokens ratio"},
+        "targets": {"full+l2sp": "<= 1.10x", "full+ewc": "<= 1.10x", "lora+kl": "<= 1.6x",
+                    "full+replay10%": "time <= tokens ratio"},
         "repeats": args.repeats,
-        "note": "step_time_ratio: whole run (train() wall time per step); steady_step_time_ratio: steps after the first third, "
-                "pooled; paired_median_step_ratio: median over repeats of (median step time after the first third) / (the same "
-                "of the plain run just before it)",
+        "note": "step_time_ratio: whole run (train() wall time per step); steady_step_time_ratio: steps after the "
+                "first third, pooled; paired_median_step_ratio: median over repeats of (median step time after the "
+                "first third) / (the same of the plain run just before it)",
         "rows": table, "runs": results, "provenance": prov,
     }, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -126,7 +126,8 @@ def matmul_rows(model: str, shapes: list[dict[str, Any]], tokens: tuple[int, ...
             row = {"model": model, "layers": s["layers"], "in": k, "out": n, "tokens": t, "gflops": best,
                    "gflops_rounds": {m: [round(x, 2) for x in v] for m, v in per.items()},
                    "gflops_mean_rounds": {m: [round(x, 2) for x in v] for m, v in mean.items()},
-                   "bf16_over_fp32": round(best["bf16"] / best["fp32"], 3) if "bf16" in best and "fp32" in best else None,
+                   "bf16_over_fp32": (round(best["bf16"] / best["fp32"], 3)
+                                      if "bf16" in best and "fp32" in best else None),
                    "autocast_over_fp32": (round(best["autocast"] / best["fp32"], 3)
                                           if "autocast" in best and "fp32" in best else None),
                    "skipped": skipped}
@@ -181,14 +182,15 @@ def step_times(path: str, sizes: list[tuple[int, int]], reps: int, thread_counts
         for bf16 in order:
             res = step(ids, bf16)
             runs["bf16_autocast" if bf16 else "fp32"].append(res)
-            print(f"  step {batch} x {seq}, {threads} thread(s): {'bf16 autocast' if bf16 else 'fp32':<13} fwd+bwd {res['fwd_bwd_s']:7.2f} s, "
-                  f"optimizer {res['optimizer_s']:.2f} s", file=sys.stderr, flush=True)
+            print(f"  step {batch} x {seq}, {threads} thread(s): {'bf16 autocast' if bf16 else 'fp32':<13} fwd+bwd "
+                  f"{res['fwd_bwd_s']:7.2f} s, optimizer {res['optimizer_s']:.2f} s", file=sys.stderr, flush=True)
         med = {k: {"fwd_bwd_s": round(statistics.median(x["fwd_bwd_s"] for x in v), 3),
                    "optimizer_s": round(statistics.median(x["optimizer_s"] for x in v), 3)} for k, v in runs.items()}
-        out.append({"batch": batch, "seq": seq, "threads": threads, "tokens": batch * seq, "order": ["bf16" if b else "fp32" for b in order],
-                    "median": med, "runs": runs,
+        out.append({"batch": batch, "seq": seq, "threads": threads, "tokens": batch * seq,
+                    "order": ["bf16" if b else "fp32" for b in order], "median": med, "runs": runs,
                     "fwd_bwd_bf16_speedup": round(med["fp32"]["fwd_bwd_s"] / med["bf16_autocast"]["fwd_bwd_s"], 3),
-                    "tokens_per_s": {k: round(batch * seq / (v["fwd_bwd_s"] + v["optimizer_s"]), 1) for k, v in med.items()}})
+                    "tokens_per_s": {k: round(batch * seq / (v["fwd_bwd_s"] + v["optimizer_s"]), 1)
+                                     for k, v in med.items()}})
     torch.set_num_threads(default_threads)
     return out
 
@@ -285,7 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sizes = [(1, 64), (8, 256)] if native else [(1, 64)]
         if not native:
             step_note = "bf16 is emulated on this CPU: the step is timed at 1 x 64 tokens only (8 x 256 takes ~30 min)"
-        print(f"training step, {args.model}: {', '.join(f'{b} x {s}' for b, s in sizes)} tokens", file=sys.stderr, flush=True)
+        print(f"training step, {args.model}: {', '.join(f'{b} x {s}' for b, s in sizes)} tokens", file=sys.stderr,
+              flush=True)
         steps = step_times(smol_path, sizes, args.reps, thread_counts)
         loadavg["after_steps"] = list(os.getloadavg())
 
@@ -294,7 +297,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.probe_repeats):
         r = resolve_fresh("auto", P.config_widths(smol_path))
         repeats.append({"bf16_speedup": r["probe"]["bf16_speedup"], "fp32_gflops": r["probe"]["fp32_gflops"],
-                        "bf16_gflops": r["probe"]["bf16_gflops"], "dtype": r["dtype"], "loadavg_1m": os.getloadavg()[0]})
+                        "bf16_gflops": r["probe"]["bf16_gflops"], "dtype": r["dtype"],
+                        "loadavg_1m": os.getloadavg()[0]})
     fallback = {
         "double": slow_bf16_double(None, P.config_widths(smol_path)),
         "auto": resolve_fresh("auto", P.config_widths(smol_path), slow_bf16_double),
@@ -319,7 +323,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "step_sizes": list(dict.fromkeys((s["batch"], s["seq"]) for s in steps)), "step_reps": args.reps,
                      "min_speedup": P.MIN_SPEEDUP, "probe_tokens": P.PROBE_TOKENS},
         "widths": {k: {"config": {x: c.get(x) for x in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                                        "num_key_value_heads", "head_dim", "vocab_size", "num_hidden_layers")},
+                                                        "num_key_value_heads", "head_dim", "vocab_size",
+                                                        "num_hidden_layers")},
                        "probe_widths": list(P.config_widths(models[k])), "linear_shapes": linear_shapes(c)}
                    for k, c in configs.items()},
         "matmuls": matmuls,
@@ -349,25 +354,28 @@ def summary(res: dict[str, Any]) -> list[str]:
         ac = sorted(r["autocast_over_fp32"] for r in rows if r["autocast_over_fp32"] is not None)
         bf = sorted(r["bf16_over_fp32"] for r in rows if r["bf16_over_fp32"] is not None)
         if ac and bf:
-            out.append(f"- matmuls at {res['model']}'s widths, {threads} thread{'s' if threads and threads > 1 else ''}: "
-                       f"bf16 autocast / fp32 median {statistics.median(ac):.2f}x (range {ac[0]:.2f}-{ac[-1]:.2f}x), "
-                       f"plain bf16 / fp32 median {statistics.median(bf):.2f}x (range {bf[0]:.2f}-{bf[-1]:.2f}x) over "
-                       f"{len(rows)} shape and token-count pairs")
+            out.append(f"- matmuls at {res['model']}'s widths, {threads} "
+                       f"thread{'s' if threads and threads > 1 else ''}: bf16 autocast / fp32 median "
+                       f"{statistics.median(ac):.2f}x (range {ac[0]:.2f}-{ac[-1]:.2f}x), plain bf16 / fp32 median "
+                       f"{statistics.median(bf):.2f}x (range {bf[0]:.2f}-{bf[-1]:.2f}x) over {len(rows)} shape and "
+                       "token-count pairs")
     for st in res["steps"]:
-        out.append(f"- training step {st['batch']} x {st['seq']} tokens, {st.get('threads', '?')} thread(s): fwd+bwd fp32 "
-                   f"{st['median']['fp32']['fwd_bwd_s']:.1f} s, bf16 autocast {st['median']['bf16_autocast']['fwd_bwd_s']:.1f} s: "
-                   f"bf16 {st['fwd_bwd_bf16_speedup']:.2f}x faster")
-    picks = ", ".join(f"{k}: {v['dtype']} ({v['probe']['bf16_speedup']:.2f}x in its probe)" for k, v in res["auto"].items())
+        out.append(f"- training step {st['batch']} x {st['seq']} tokens, {st.get('threads', '?')} thread(s): "
+                   f"fwd+bwd fp32 {st['median']['fp32']['fwd_bwd_s']:.1f} s, bf16 autocast "
+                   f"{st['median']['bf16_autocast']['fwd_bwd_s']:.1f} s: bf16 {st['fwd_bwd_bf16_speedup']:.2f}x faster")
+    picks = ", ".join(f"{k}: {v['dtype']} ({v['probe']['bf16_speedup']:.2f}x in its probe)"
+                      for k, v in res["auto"].items())
     out.append(f"- `auto` picked {picks}")
     reps = res.get("auto_repeats") or []
     if reps:
         n_bf16 = sum(r["dtype"] == "bf16" for r in reps)
-        out.append(f"- {len(reps)} more fresh probes at {res['model']}'s widths: bf16 {n_bf16} times, fp32 {len(reps) - n_bf16} "
-                   f"times (ratios {min(r['bf16_speedup'] for r in reps):.2f}-{max(r['bf16_speedup'] for r in reps):.2f}x)")
+        out.append(f"- {len(reps)} more fresh probes at {res['model']}'s widths: bf16 {n_bf16} times, fp32 "
+                   f"{len(reps) - n_bf16} times (ratios "
+                   f"{min(r['bf16_speedup'] for r in reps):.2f}-{max(r['bf16_speedup'] for r in reps):.2f}x)")
         if 0 < n_bf16 < len(reps):
-            out.append("- so on a machine this busy the probe's answer is not stable (its 64-token matmuls at the training's "
-                       "thread count wait on the scheduler, see the 2-thread tables), and a run keeps whatever the first, "
-                       "cached probe measured")
+            out.append("- so on a machine this busy the probe's answer is not stable (its 64-token matmuls at the "
+                       "training's thread count wait on the scheduler, see the 2-thread tables), and a run keeps "
+                       "whatever the first, cached probe measured")
     fb = res["fallback_demo"]
     out.append(f"- bf16 emulated (probe double, 68x slower): auto -> **{fb['auto']['dtype']}**; explicit bf16 -> "
                f"{fb['bf16']['dtype']}, {'with' if fb['bf16'].get('warning') else 'without'} a warning")
@@ -389,51 +397,54 @@ def render_md(res: dict[str, Any]) -> str:
     lines = [f"# precision: fp32 against bf16 on {cpu['model']}", "",
              f"Machine: {machine_line(prov)}. Whole bench {res['wall_s'] / 60:.1f} min.", "",
              "Load average (1, 5, 15 min): " + ", ".join(f"{k.replace('_', ' ')} {_load(v)}" for k, v in
-                                                        (res.get("loadavg") or {"start": prov.get("loadavg_start")}).items())
-             + f", end {_load(prov.get('loadavg_end'))}. The {prov['machine'].get('cpus')} cores were shared with other work "
-             "(test runs of other checkouts): compare the ratios, measured side by side, not the absolute numbers. The "
-             "matmuls are timed at 1 thread (other work only time-slices a single thread, so its fastest call is clean) "
-             "and at the training's thread count (a call then needs all its threads scheduled at once: on a busy machine "
-             "the small shapes measure the scheduler more than the CPU).", "",
+                                                        (res.get("loadavg")
+                                                         or {"start": prov.get("loadavg_start")}).items())
+             + f", end {_load(prov.get('loadavg_end'))}. The {prov['machine'].get('cpus')} cores were shared with "
+             "other work (test runs of other checkouts): compare the ratios, measured side by side, not the absolute "
+             "numbers. The matmuls are timed at 1 thread (other work only time-slices a single thread, so its fastest "
+             "call is clean) and at the training's thread count (a call then needs all its threads scheduled at once: "
+             "on a busy machine the small shapes measure the scheduler more than the CPU).", "",
              f"CPU: **{cpu['model']}**, ISA level `{cpu['capability']}`, oneDNN native bf16 "
-             f"(`torch.ops.mkldnn._is_mkldnn_bf16_supported()`): **{cpu['mkldnn_bf16']}**, {cpu['threads']} torch threads, "
-             f"torch {cpu['torch']}, flags hash {cpu['flags_sha']}.", "",
+             f"(`torch.ops.mkldnn._is_mkldnn_bf16_supported()`): **{cpu['mkldnn_bf16']}**, {cpu['threads']} torch "
+             f"threads, torch {cpu['torch']}, flags hash {cpu['flags_sha']}.", "",
              f"- bf16-relevant flags present: {', '.join(f'`{f}`' for f in on) or 'none'}",
              f"- absent: {', '.join(f'`{f}`' for f in off) or 'none'}",
              "- full flag list: `provenance.machine.flags` in the JSON beside this file", ""]
 
     lines += ["## summary", "", *summary(res), ""]
     lines += ["## what `precision: auto` picked", "",
-              "`forgetless.precision.resolve(\"auto\", \"cpu\", widths=...)` with a fresh probe (private cache), at each "
-              f"model's (hidden, MLP) widths; bf16 is chosen where bf16 autocast is >= {s['min_speedup']}x fp32 in the probe "
-              f"({s['probe_tokens']} tokens).", "",
-              "| model | widths | probe fp32 GFLOP/s | probe bf16 autocast GFLOP/s | bf16 / fp32 | auto picked | reason | "
-              "user cache (earlier probe) |", "|---|---|---|---|---|---|---|---|"]
+              "`forgetless.precision.resolve(\"auto\", \"cpu\", widths=...)` with a fresh probe (private cache), "
+              f"at each model's (hidden, MLP) widths; bf16 is chosen where bf16 autocast is >= {s['min_speedup']}x "
+              f"fp32 in the probe ({s['probe_tokens']} tokens).", "",
+              "| model | widths | probe fp32 GFLOP/s | probe bf16 autocast GFLOP/s | bf16 / fp32 | auto picked | "
+              "reason | user cache (earlier probe) |", "|---|---|---|---|---|---|---|---|"]
     for k, v in res["auto"].items():
         p, uc = v.get("probe") or {}, v.get("user_cache")
         cached = "none" if not uc else (f"bf16 {uc['bf16_speedup']:.2f}x fp32 -> "
                                         f"{'bf16' if uc['bf16_speedup'] >= s['min_speedup'] else 'fp32'}")
-        lines.append(f"| {k} | {v['widths'][0]}x{v['widths'][1]} | {_g(p.get('fp32_gflops'))} | {_g(p.get('bf16_gflops'))} | "
-                     f"{p.get('bf16_speedup', '-')} | **{v['dtype']}** | {v['reason']} | {cached} |")
+        lines.append(f"| {k} | {v['widths'][0]}x{v['widths'][1]} | {_g(p.get('fp32_gflops'))} | "
+                     f"{_g(p.get('bf16_gflops'))} | {p.get('bf16_speedup', '-')} | **{v['dtype']}** | {v['reason']} | "
+                     f"{cached} |")
     reps = res.get("auto_repeats") or []
     if reps:
         picks = [r["dtype"] for r in reps]
         ratios = ", ".join(f"{r['bf16_speedup']:.2f}" for r in reps)
-        lines += ["", f"The chooser's probe again, {len(reps)} fresh probes in a row at the end of the bench ({res['model']} "
-                  f"widths): bf16 / fp32 = {ratios} -> "
+        lines += ["", f"The chooser's probe again, {len(reps)} fresh probes in a row at the end of the bench "
+                  f"({res['model']} widths): bf16 / fp32 = {ratios} -> "
                   f"bf16 {picks.count('bf16')} times, fp32 {picks.count('fp32')} times (1-min load average "
                   f"{min(r['loadavg_1m'] for r in reps):.1f}-{max(r['loadavg_1m'] for r in reps):.1f})."]
     warned = [k for k, v in res["explicit_bf16"].items() if v.get("warning")]
-    lines += ["", "Explicit `bf16: true` here: " + ("runs bf16 with no warning (bf16 is fast on this CPU)." if not warned
+    lines += ["", "Explicit `bf16: true` here: " + ("runs bf16 with no warning (bf16 is fast on this CPU)."
+                                                    if not warned
                                                    else f"warns for {', '.join(warned)}."), ""]
 
     lines += ["## matmul GFLOP/s (`F.linear`, x[tokens, in] @ W[out, in]^T)", "",
-              f"The fastest single call over {s['rounds']} rounds of {s['budget_s']} s per mode (at least one call after a "
-              f"warm-up call; 2 rounds for calls estimated over {s.get('slow_call_s', SLOW_CALL_S)} s), the modes alternating "
-              "within each round: on a shared machine a call that loses a thread to other work runs several times slower, "
-              "so the fastest call is what the CPU does undisturbed (the JSON also keeps each round's mean). "
-              "fp32: fp32 tensors. bf16: plain bf16 tensors. autocast: fp32 tensors under bf16 autocast (weights cast "
-              "every call: what a training step pays). A ratio above 1 means bf16 is faster.", ""]
+              f"The fastest single call over {s['rounds']} rounds of {s['budget_s']} s per mode (at least one call "
+              f"after a warm-up call; 2 rounds for calls estimated over {s.get('slow_call_s', SLOW_CALL_S)} s), the "
+              "modes alternating within each round: on a shared machine a call that loses a thread to other work runs "
+              "several times slower, so the fastest call is what the CPU does undisturbed (the JSON also keeps each "
+              "round's mean). fp32: fp32 tensors. bf16: plain bf16 tensors. autocast: fp32 tensors under bf16 autocast "
+              "(weights cast every call: what a training step pays). A ratio above 1 means bf16 is faster.", ""]
     for model, threads in dict.fromkeys((r["model"], r.get("threads")) for r in res["matmuls"]):
         lines += [f"### {model}" + ("" if threads is None else f", {threads} thread{'s' if threads > 1 else ''}"), "",
                   "| layers | in x out | tokens | fp32 | bf16 | autocast | bf16 / fp32 | autocast / fp32 |",
@@ -448,16 +459,18 @@ def render_md(res: dict[str, Any]) -> str:
     lines += [f"## training step, {res['model']} (fp32 master weights, AdamW)", ""]
     if res["steps"]:
         lines += ["Forward + backward (loss on the batch's own tokens) and the optimizer step, seconds, median of "
-                  f"{s['step_reps']} per mode, alternating fp32 / bf16 (ABBA) after one untimed warm-up step of each; at 1 "
-                  "thread (clean on a shared machine) and at the training's thread count (what a run here pays, other "
-                  "work included).", "",
-                  "| batch x seq | threads | fp32 fwd+bwd s | bf16 autocast fwd+bwd s | bf16 speed-up | fp32 optimizer s | "
-                  "bf16 optimizer s | fp32 tokens/s | bf16 tokens/s |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"{s['step_reps']} per mode, alternating fp32 / bf16 (ABBA) after one untimed warm-up step of "
+                  "each; at 1 thread (clean on a shared machine) and at the training's thread count (what a run here "
+                  "pays, other work included).", "",
+                  "| batch x seq | threads | fp32 fwd+bwd s | bf16 autocast fwd+bwd s | bf16 speed-up | fp32 "
+                  "optimizer s | bf16 optimizer s | fp32 tokens/s | bf16 tokens/s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for st in res["steps"]:
             m, tps = st["median"], st["tokens_per_s"]
-            lines.append(f"| {st['batch']} x {st['seq']} | {st.get('threads', '-')} | {m['fp32']['fwd_bwd_s']:.2f} | {m['bf16_autocast']['fwd_bwd_s']:.2f} | "
-                         f"**{st['fwd_bwd_bf16_speedup']:.2f}x** | {m['fp32']['optimizer_s']:.2f} | "
-                         f"{m['bf16_autocast']['optimizer_s']:.2f} | {tps['fp32']:.0f} | {tps['bf16_autocast']:.0f} |")
+            lines.append(f"| {st['batch']} x {st['seq']} | {st.get('threads', '-')} | {m['fp32']['fwd_bwd_s']:.2f} | "
+                         f"{m['bf16_autocast']['fwd_bwd_s']:.2f} | **{st['fwd_bwd_bf16_speedup']:.2f}x** | "
+                         f"{m['fp32']['optimizer_s']:.2f} | {m['bf16_autocast']['optimizer_s']:.2f} | "
+                         f"{tps['fp32']:.0f} | {tps['bf16_autocast']:.0f} |")
         if res.get("step_note"):
             lines += ["", res["step_note"]]
     else:
@@ -467,17 +480,18 @@ def render_md(res: dict[str, Any]) -> str:
     fb = res["fallback_demo"]
     d = fb["double"]
     lines += ["## fallback where bf16 is emulated (the probe replaced by a test double)", "",
-              f"This CPU has native bf16, so the slow path is shown with `forgetless.precision.probe` replaced by a double "
-              f"that reports what the probe measured on {d['double']}: fp32 {d['fp32_gflops']} GFLOP/s, bf16 autocast "
-              f"{d['bf16_gflops']} GFLOP/s ({1 / d['bf16_speedup']:.0f}x slower). Private cache: the double's answer never "
-              "reaches a real run.", "",
+              "This CPU has native bf16, so the slow path is shown with `forgetless.precision.probe` replaced by "
+              f"a double that reports what the probe measured on {d['double']}: fp32 {d['fp32_gflops']} GFLOP/s, bf16 "
+              f"autocast {d['bf16_gflops']} GFLOP/s ({1 / d['bf16_speedup']:.0f}x slower). Private cache: the double's "
+              "answer never reaches a real run.", "",
               "| setting | resolved | reason | warning |", "|---|---|---|---|"]
     for k in ("auto", "bf16", "fp32"):
         v = fb[k]
         lines.append(f"| `{k}` | **{v['dtype']}** | {v['reason']} | {v.get('warning') or '-'} |")
-    lines += ["", "Training, evaluation, the monitor, merge, sweep and continual resolve their precision through the same "
-              "`precision.resolve`: on such a CPU `auto` trains and scores in fp32, and `bf16: true` still runs bf16 but "
-              "says once how much slower it measured.", ""]
+    lines += ["",
+              "Training, evaluation, the monitor, merge, sweep and continual resolve their precision through the same "
+              "`precision.resolve`: on such a CPU `auto` trains and scores in fp32, and `bf16: true` still runs "
+              "bf16 but says once how much slower it measured.", ""]
     return "\n".join(lines)
 
 
@@ -505,7 +519,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None,
                     help="result JSON (default bench/results/precision-<ISA level>.json, e.g. precision-avx2.json)")
     ap.add_argument("--render", nargs="*", type=Path, default=None,
-                    help="re-render the markdown of saved JSONs (default: every bench/results/precision-*.json) and exit")
+                    help="re-render the markdown of saved JSONs (default: every bench/results/precision-*.json) "
+                    "and exit")
     args = ap.parse_args()
     if args.render is not None:
         for path in args.render or sorted(RESULTS.glob("precision-*.json")):

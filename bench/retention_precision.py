@@ -80,7 +80,8 @@ def analyse_sweep(sweep_dir: str | Path) -> dict[str, Any]:
                 "abilities": {a: {"change": 100 * v["change"], "half_width": 100 * _half(v["ci"]), "tasks": v["tasks"]}
                               for a, v in (cmp.get("abilities") or {}).items()},
                 "tasks": {n: {"ability": t.get("ability"), "n": t["n"], "main": t["main"],
-                              "change": 100 * (t["retention"] - 1), "half_width": 100 * (t.get("half_width") or float("nan")),
+                              "change": 100 * (t["retention"] - 1),
+                              "half_width": 100 * (t.get("half_width") or float("nan")),
                               "variance_share": t.get("variance_share"), "seconds": rep["candidate"][n].get("seconds")}
                           for n, t in cmp["tasks"].items()},
             })
@@ -107,7 +108,8 @@ def analyse_sweep(sweep_dir: str | Path) -> dict[str, Any]:
         recipes.append(out)
     prec = state.get("eval_precision") or {}
     return {"sweep": str(sweep_dir), "retention_suite": state.get("retention_suite"), "recipes": recipes,
-            "eval_precision": f"{prec.get('dtype', '?')} ({prec.get('reason', 'not recorded')})" if prec else "not recorded"}
+            "eval_precision": (f"{prec.get('dtype', '?')} ({prec.get('reason', 'not recorded')})" if prec
+                               else "not recorded")}
 
 
 def _f(x: float | None, fmt: str = "{:.2f}") -> str:
@@ -121,35 +123,41 @@ def markdown(result: dict[str, Any]) -> str:
     m = result.get("machine", {})
     lines = [f"# retention precision: {result.get('scenario', '?')}, {result.get('model', '?')}", "",
              f"Machine: {m.get('cpu', '?')}, {m.get('cpus', '?')} CPUs, native bf16: {m.get('native_bf16', '?')}; "
-             f"evaluation compute: {result.get('eval_precision', '?')}. Retention suite: {result.get('retention_suite')}. "
-             "Points = 100 x (score - 1). Item half-width: the paired 95% bootstrap interval's half-width over items "
-             "(one seed's scoring). Seed sd: the standard deviation of the change across training seeds. Share: the "
-             "task's share of the score's item variance.", "",
+             f"evaluation compute: {result.get('eval_precision', '?')}. Retention suite: "
+             f"{result.get('retention_suite')}. Points = 100 x (score - 1). Item half-width: the paired 95% bootstrap "
+             "interval's half-width over items (one seed's scoring). Seed sd: the standard deviation of the change "
+             "across training seeds. Share: the task's share of the score's item variance.", "",
              *([f"Provenance: {machine_line(result['provenance'])}.", ""] if result.get("provenance") else [])]
     worst = []
     for r in result["recipes"]:
         sc = r["score"]
         worst.append(sc["item_half_width"])
-        lines += [f"## {r['recipe']} ({r['n_seeds']} seed{'s' if r['n_seeds'] > 1 else ''}, one scoring {r['seconds']:.0f} s)", "",
-                  f"Score: {sc['change']:+.2f} points, 95% CI [{sc['ci'][0]:+.2f}, {sc['ci'][1]:+.2f}] (items and seeds); "
-                  f"item half-width {sc['item_half_width']:.2f} points (target <= {TARGET_HALF_WIDTH}); seed sd {_f(sc['seed_sd'])}.", "",
-                  "| ability / task | n | main | change (points) | item half-width | share of score variance | seed sd | seconds |",
+        lines += [f"## {r['recipe']} ({r['n_seeds']} seed{'s' if r['n_seeds'] > 1 else ''}, one scoring "
+                  f"{r['seconds']:.0f} s)", "",
+                  f"Score: {sc['change']:+.2f} points, 95% CI [{sc['ci'][0]:+.2f}, {sc['ci'][1]:+.2f}] (items and "
+                  f"seeds); item half-width {sc['item_half_width']:.2f} points (target <= {TARGET_HALF_WIDTH}); seed "
+                  f"sd {_f(sc['seed_sd'])}.", "",
+                  "| ability / task | n | main | change (points) | item half-width | share of score variance | seed sd "
+                  "| seconds |",
                   "|---|---|---|---|---|---|---|---|"]
         for a, v in r["abilities"].items():
-            lines.append(f"| **{a}** | | | {v['change']:+.2f} | {v['item_half_width']:.2f} | "
-                         f"{_f(sum(r['tasks'][t]['variance_share'] or 0 for t in v['tasks'] if t in r['tasks']), '{:.0%}')} | "
-                         f"{_f(v['seed_sd'])} | |")
+            lines.append(
+                f"| **{a}** | | | {v['change']:+.2f} | {v['item_half_width']:.2f} | "
+                f"{_f(sum(r['tasks'][t]['variance_share'] or 0 for t in v['tasks'] if t in r['tasks']), '{:.0%}')} | "
+                f"{_f(v['seed_sd'])} | |")
             for t in v["tasks"]:
                 x = r["tasks"].get(t)
                 if x:
                     lines.append(f"| {t} | {x['n']} | {x['main']} | {x['change']:+.2f} | {x['item_half_width']:.2f} | "
-                                 f"{_f(x['variance_share'], '{:.0%}')} | {_f(x['seed_sd'])} | {_f(x['seconds'], '{:.0f}')} |")
+                                 f"{_f(x['variance_share'], '{:.0%}')} | {_f(x['seed_sd'])} | "
+                                 f"{_f(x['seconds'], '{:.0f}')} |")
         lines.append("")
     if worst:
         ok = max(worst) <= TARGET_HALF_WIDTH
         lines.append(f"Largest item half-width of the score: {max(worst):.2f} points: target (<= {TARGET_HALF_WIDTH}) "
-                     f"{'MET' if ok else 'NOT MET'}. Slowest scoring: {max(r['seconds'] for r in result['recipes']):.0f} s "
-                     f"(target <= {TARGET_SECONDS:.0f} s on a native-bf16 2-core CPU).")
+                     f"{'MET' if ok else 'NOT MET'}. Slowest scoring: "
+                     f"{max(r['seconds'] for r in result['recipes']):.0f} s (target <= {TARGET_SECONDS:.0f} s on a "
+                     "native-bf16 2-core CPU).")
     return "\n".join(lines) + "\n"
 
 
@@ -164,7 +172,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--steps", type=int, default=None, help="override the quick scale's steps (smoke tests)")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                    help="evaluation compute (the sweep's eval_precision; auto: bf16 where it is faster on this machine)")
+                    help="evaluation compute (the sweep's eval_precision; auto: bf16 where it is faster on this "
+                         "machine)")
     ap.add_argument("--out", type=Path, default=None, help="sweep directory (default: runs/bench-precision-<scenario>)")
     ap.add_argument("--analyse", type=Path, default=None, help="only analyse this finished sweep directory")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
@@ -182,12 +191,14 @@ def main() -> None:
         scale = fb.scale_for("quick", args.scenario)
         if args.steps:
             scale["steps"] = args.steps
-        files = (fb.prepare_med if args.scenario == "med" else fb.prepare_math)(args.data_root, scale["n_test"], scale["n_val"])
+        files = (fb.prepare_med if args.scenario == "med" else fb.prepare_math)(args.data_root, scale["n_test"],
+                                                                                scale["n_val"])
         tsuite = fb.task_suite(args.scenario, files, scale["n_exact"])
         recipes = fb.load_recipes(args.recipes.split(","))
         base = json.loads(json.dumps(next(iter(recipes.values()))))
         base["model"] = args.model
-        common = {"data.train": str(files["train"]), "data.validation": str(files["val"]), "data.max_length": scale["max_length"],
+        common = {"data.train": str(files["train"]), "data.validation": str(files["val"]),
+                  "data.max_length": scale["max_length"],
                   "optim.max_steps": scale["steps"], "optim.batch_size": scale["batch"], "train.device": args.device,
                   "train.save_steps": None, "train.progress": True}
         runs = []

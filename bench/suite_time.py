@@ -47,15 +47,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--suite", default="general")
-    ap.add_argument("--fp32", action="store_true", help="also time fp32 compute (cold and warm: the answers are keyed by precision)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="also time fp32 compute (cold and warm: the answers are keyed by precision)")
     ap.add_argument("--out", type=Path, default=RESULTS / "suite_time.json")
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     path = resolve_model(args.model).path
     auto = precision.resolve("auto", "cpu", widths=precision.config_widths(path))
-    prov = provenance.collect({"dtype": "bf16", "reason": "set by the bench: evaluate(bf16=True)" + (", then fp32" if args.fp32 else "")
-                               + f"; auto here: {auto.dtype} ({auto.reason})", "timed": ["bf16", "fp32"] if args.fp32 else ["bf16"],
-                               "auto": auto.dtype}, device="cpu")
+    prov = provenance.collect({"dtype": "bf16",
+                               "reason": "set by the bench: evaluate(bf16=True)" + (", then fp32" if args.fp32 else "")
+                               + f"; auto here: {auto.dtype} ({auto.reason})",
+                               "timed": ["bf16", "fp32"] if args.fp32 else ["bf16"], "auto": auto.dtype}, device="cpu")
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     model, tok = load_model(path)
@@ -71,7 +73,8 @@ def main() -> None:
     ratio = runs["warm fp32"]["wall_s"] / runs["warm bf16"]["wall_s"] if args.fp32 else None
     result = {
         "bench": "suite_time", "model": args.model, "suite": args.suite, "model_load_s": round(load_s, 1),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "loadavg_start": load0, "loadavg_end": load1},
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "loadavg_start": load0,
+                    "loadavg_end": load1},
         "budget_s": BUDGET_S, "runs": runs, "fp32_over_bf16": round(ratio, 2) if ratio else None,
         "verdict": {k: ("PASS" if v["wall_s"] <= BUDGET_S else "FAIL") for k, v in runs.items()},
         "provenance": provenance.finish(prov),
@@ -79,15 +82,16 @@ def main() -> None:
     atomic_write_json(args.out, result)
     tasks = list(runs["warm bf16"]["tasks_s"])
     lines = [f"# suite_time: `{args.suite}` suite on {args.model}", "",
-             f"{platform.platform()}, {torch.get_num_threads()} torch threads, load average {load0:.1f} at start, {load1:.1f} at end. "
-             f"Model load {load_s:.1f} s (not counted). Target: <= {BUDGET_S:.0f} s.", "",
+             f"{platform.platform()}, {torch.get_num_threads()} torch threads, load average {load0:.1f} at start, "
+             f"{load1:.1f} at end. Model load {load_s:.1f} s (not counted). Target: <= {BUDGET_S:.0f} s.", "",
              f"Provenance: {provenance.machine_line(result['provenance'])}.", "",
              "| run | wall s | verdict | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
     for k, v in runs.items():
-        lines.append(f"| {k} | {v['wall_s']} | {result['verdict'][k]} | " + " | ".join(str(v['tasks_s'].get(t, '-')) for t in tasks) + " |")
+        lines.append(f"| {k} | {v['wall_s']} | {result['verdict'][k]} | "
+                     + " | ".join(str(v['tasks_s'].get(t, '-')) for t in tasks) + " |")
     lines += ["", (f"fp32 / bf16 wall time (warm): {ratio:.2f}x. " if ratio else "")
-              + "Cold: the self-reference answers of the base model are generated (once per base model and precision; cached "
-              "afterwards). Warm: every later evaluation against the same base."]
+              + "Cold: the self-reference answers of the base model are generated (once per base model and "
+              "precision; cached afterwards). Warm: every later evaluation against the same base."]
     atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,9 +1,9 @@
 """Training throughput: `forgetless train` against a bare PyTorch loop, side by side in one process.
 
 Same model, same packed token blocks, same steps, same optimizer (AdamW, fp32 master weights) and the
-same compute (bf16 autocast where this CPU runs it fast, else fp32; --precision), for full fine-tuning and LoRA. Prints tokens/s of both and the ratio, and
-writes bench/results/throughput.json (with a `provenance` block: commit, versions, CPU, the precision path
-both loops ran at, allocator). Target: forgetless >= 0.95x the bare loop.
+same compute (bf16 autocast where this CPU runs it fast, else fp32; --precision), for full fine-tuning and LoRA. Prints
+tokens/s of both and the ratio, and writes bench/results/throughput.json (with a `provenance` block: commit, versions,
+CPU, the precision path both loops ran at, allocator). Target: forgetless >= 0.95x the bare loop.
 
     python bench/throughput.py                       # smollm2-135m-instruct, 8 x 256 tokens, 12 steps
     python bench/throughput.py --model stories260k --steps 50
@@ -64,19 +64,20 @@ def bare_loop(model_path: str, method: dict, blocks: list[dict], steps: int, bat
     return {"tokens": tokens, "seconds": dt, "tokens_per_s": tokens / dt, "final_loss": loss.item()}
 
 
-def forgetless_run(model_path: str, method: dict, data_file: Path, steps: int, batch: int, seq: int, lr: float, out: Path,
-                   bf16: bool) -> dict:
+def forgetless_run(model_path: str, method: dict, data_file: Path, steps: int, batch: int, seq: int, lr: float,
+                   out: Path, bf16: bool) -> dict:
     r = recipe_from_dict({
         "name": "throughput",
         "model": model_path,
         "data": {"train": str(data_file), "format": "text", "max_length": seq, "packing": True},
         "method": method,
         "optim": {"lr": lr, "max_steps": steps, "batch_size": batch, "warmup_steps": 0, "schedule": "constant"},
-        "train": {"output_dir": str(out), "save_steps": None, "logging_steps": max(1, steps // 4), "progress": False, "bf16": bf16},
+        "train": {"output_dir": str(out), "save_steps": None, "logging_steps": max(1, steps // 4), "progress": False,
+                  "bf16": bf16},
     })
     s = train(r, overwrite=True, quiet=True).summary
-    return {"tokens": s["tokens_seen"], "seconds": s["wall_time_s"], "tokens_per_s": s["tokens_per_s"], "final_loss": s["final_train_loss"],
-            "precision": s.get("precision")}
+    return {"tokens": s["tokens_seen"], "seconds": s["wall_time_s"], "tokens_per_s": s["tokens_per_s"],
+            "final_loss": s["final_train_loss"], "precision": s.get("precision")}
 
 
 def main() -> None:
@@ -103,7 +104,8 @@ def main() -> None:
     data_file = tmp / "text.jsonl"
     data_file.write_text("".join(json.dumps(d) + "\n" for d in docs))
     records = [Record(d, str(data_file), i + 1) for i, d in enumerate(docs)]
-    blocks, _ = build_examples(records, DataConfig(train=str(data_file), format="text", max_length=args.seq, packing=True), tok)
+    blocks, _ = build_examples(records,
+                               DataConfig(train=str(data_file), format="text", max_length=args.seq, packing=True), tok)
     blocks = [b for b in blocks if len(b["input_ids"]) == args.seq]
 
     methods = {"full": {"name": "full"}, "lora": {"name": "lora", "r": 16}}
@@ -115,14 +117,15 @@ def main() -> None:
             print(f"[{name}] repeat {i + 1}/{args.repeats}: bare loop ...", file=sys.stderr, flush=True)
             bare.append(bare_loop(resolved.path, method, blocks, args.steps, args.batch, lr, prec.bf16))
             print(f"[{name}] repeat {i + 1}/{args.repeats}: forgetless train ...", file=sys.stderr, flush=True)
-            ours.append(forgetless_run(resolved.path, method, data_file, args.steps, args.batch, args.seq, lr, tmp / f"run-{name}",
-                                       prec.bf16))
+            ours.append(forgetless_run(resolved.path, method, data_file, args.steps, args.batch, args.seq, lr,
+                                       tmp / f"run-{name}", prec.bf16))
         b = sum(x["tokens_per_s"] for x in bare) / len(bare)
         f = sum(x["tokens_per_s"] for x in ours) / len(ours)
         rows.append({"method": name, "bare_tokens_per_s": round(b, 1), "forgetless_tokens_per_s": round(f, 1),
                      "ratio": round(f / b, 3), "bare_runs": bare, "forgetless_runs": ours})
 
-    print(f"\nthroughput, {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, {prec.dtype} compute + fp32 master weights")
+    print(f"\nthroughput, {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, {prec.dtype} "
+          "compute + fp32 master weights")
     print(f"{'method':<8}{'bare tok/s':>12}{'forgetless tok/s':>18}{'ratio':>8}")
     for r in rows:
         print(f"{r['method']:<8}{r['bare_tokens_per_s']:>12.1f}{r['forgetless_tokens_per_s']:>18.1f}{r['ratio']:>8.3f}")
@@ -140,7 +143,9 @@ def main() -> None:
     }
     prov = provenance.finish(prov)
     seen = sorted({(r.get("precision") or {}).get("dtype") for row in rows for r in row["forgetless_runs"]} - {None})
-    prov["precision"] = {**prov["precision"], "observed": {"bare loop": f"{prec.dtype} (autocast enabled={prec.bf16})", "forgetless train (summary.json)": seen}}
+    prov["precision"] = {**prov["precision"],
+                         "observed": {"bare loop": f"{prec.dtype} (autocast enabled={prec.bf16})",
+                                      "forgetless train (summary.json)": seen}}
     result["provenance"] = prov
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

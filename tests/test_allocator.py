@@ -27,7 +27,8 @@ def _env(**kw: str) -> dict[str, str]:
 
 
 def test_unknown_setting_is_named():
-    with pytest.raises(ValueError, match="FORGETLESS_MALLOC: unknown allocator 'tcmaloc'.*tcmalloc, mimalloc, jemalloc, system"):
+    with pytest.raises(ValueError,
+                       match="FORGETLESS_MALLOC: unknown allocator 'tcmaloc'.*tcmalloc, mimalloc, jemalloc, system"):
         allocator.choose("tcmaloc")
     assert allocator.choose("system") is None
     out = subprocess.run([sys.executable, "-m", "forgetless.allocator"], env=_env(FORGETLESS_MALLOC="tcmaloc"),
@@ -36,7 +37,8 @@ def test_unknown_setting_is_named():
 
 
 def test_preload_env_keeps_the_users_settings():
-    env = allocator.preload_env("tcmalloc", "/x/libtcmalloc.so", {"LD_PRELOAD": "/y/liba.so", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "7"})
+    env = allocator.preload_env("tcmalloc", "/x/libtcmalloc.so",
+                                {"LD_PRELOAD": "/y/liba.so", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "7"})
     assert env["LD_PRELOAD"] == "/x/libtcmalloc.so:/y/liba.so" and env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"] == "7"
     assert allocator.preload_env("mimalloc", "/x/libmimalloc.so", {})["MIMALLOC_PURGE_DELAY"] == "-1"
 

@@ -70,7 +70,8 @@ def test_rouge_by_hand():
     assert math.isclose(s["rouge2"], 2 / 9)
     assert math.isclose(s["rougeL"], 8 / 11)
     # several references: the best of each
-    assert rouge_scores("the cat sat on mat", ["a dog", "the cat sat on mat"]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+    assert rouge_scores("the cat sat on mat", ["a dog", "the cat sat on mat"]) == {"rouge1": 1.0, "rouge2": 1.0,
+                                                                                   "rougeL": 1.0}
     # Porter stemming, as is standard: cats/cat, running/runs/run
     assert rouge_scores("cats running", ["cat runs"])["rouge1"] == 1.0
     assert rouge_scores("cats running", ["cat runs"], stemmer=False)["rouge1"] == 0.0
@@ -81,12 +82,14 @@ def test_chrf_and_bleu_sentence_scores():
     # "abc" vs "abd": 1-grams 2/3 matched, 2-grams 1/2, 3-grams 0; orders 4-6 have no n-grams and drop
     # out, so P = R = (2/3 + 1/2 + 0) / 3 = 7/18 and chrF = 100 * 7/18.
     assert math.isclose(translation_scores("abc", ["abd"])["chrf"], 700 / 18)
-    hyp, refs = "The quick brown fox jumps over the dog.", ["A quick brown fox jumped over the lazy dog.", "The fast fox jumps."]
+    hyp, refs = "The quick brown fox jumps over the dog.", ["A quick brown fox jumped over the lazy dog.",
+                                                            "The fast fox jumps."]
     s = translation_scores(hyp, refs)
     assert math.isclose(s["chrf"], sacrebleu.sentence_chrf(hyp, refs).score)
     assert math.isclose(s["bleu"], sacrebleu.sentence_bleu(hyp, refs).score)
     zh = translation_scores("我们现在有老鼠", ["我们现在有四个月大的老鼠"], tokenize="zh")
-    assert math.isclose(zh["bleu"], sacrebleu.sentence_bleu("我们现在有老鼠", ["我们现在有四个月大的老鼠"], tokenize="zh").score)
+    assert math.isclose(zh["bleu"],
+                        sacrebleu.sentence_bleu("我们现在有老鼠", ["我们现在有四个月大的老鼠"], tokenize="zh").score)
     chrfpp = translation_scores(hyp, refs, word_order=2)
     assert math.isclose(chrfpp["chrf"], sacrebleu.sentence_chrf(hyp, refs, word_order=2).score)
 
@@ -128,7 +131,8 @@ def test_corpus_bleu_and_chrf_from_resampled_statistics_match_sacrebleu():
     zh = [("我们现在有老鼠", "我们现在有四个月大的老鼠"), ("他补充道", "他补充道：我们现在有")]
     zcols = _translation_cols(zh, tokenize="zh")
     zb = next(m for m in metrics(zcols) if m.name == "corpus_bleu")
-    assert math.isclose(float(zb.fn(zcols)), sacrebleu.corpus_bleu([h for h, _ in zh], [[r for _, r in zh]], tokenize="zh").score)
+    assert math.isclose(float(zb.fn(zcols)),
+                        sacrebleu.corpus_bleu([h for h, _ in zh], [[r for _, r in zh]], tokenize="zh").score)
     pp = _translation_cols(PAIRS, word_order=2)
     cp = next(m for m in metrics(pp) if m.name == "corpus_chrf")
     assert math.isclose(float(cp.fn(pp)), sacrebleu.corpus_chrf(hyps, [refs], word_order=2).score)
@@ -199,8 +203,8 @@ def test_reference_likelihood_matches_a_plain_forward(model_tok, tmp_path):
         whole = tok(row["prompt"] + "\nA: " + ref, add_special_tokens=False)["input_ids"]
         nll.append(-_direct(model, ctx, whole[len(ctx) :]))
         ntok.append(len(whole) - len(ctx))
-        chat_ctx = list(tok.apply_chat_template([{"role": "user", "content": row["prompt"] + "\nA:"}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False))
+        chat_ctx = list(tok.apply_chat_template([{"role": "user", "content": row["prompt"] + "\nA:"}],
+                                                add_generation_prompt=True, tokenize=True, return_dict=False))
         cont = tok(ref, add_special_tokens=False)["input_ids"]
         nll_c.append(-_direct(model, chat_ctx, cont))
         ntok_c.append(len(cont))
@@ -235,14 +239,16 @@ def test_reference_likelihood_few_shot_never_uses_the_item(model_tok, tmp_path):
 
 def test_translation_task_runs_and_restores_from_cache(model_tok, tmp_path):
     model, tok = model_tok
-    _jsonl(tmp_path / "mt.jsonl", [{"src": "red cat", "ref": "rote Katze"}, {"src": "sun", "ref": "Sonne"}, {"src": "dog", "ref": "Hund"}])
+    _jsonl(tmp_path / "mt.jsonl",
+           [{"src": "red cat", "ref": "rote Katze"}, {"src": "sun", "ref": "Sonne"}, {"src": "dog", "ref": "Hund"}])
     task = {"name": "mt", "kind": "generate", "scorer": "translation", "data": {"path": "mt.jsonl"}, "answers": "ref",
             "prompt": "English: {{src}}\nGerman:", "max_new_tokens": 4, "shots": 1}
     r = _eval(model, tok, [task], tmp_path).tasks["mt"]
     assert {"chrf", "bleu", "bleu_sys_len", "chrf_match_c6"} <= set(r.columns)
     assert r.main == "corpus_chrf" and "correct" not in r.details[0] and "chrf" in r.details[0]
     hyps = [d["prediction"] for d in r.details]
-    assert math.isclose(r.metric("corpus_bleu").fn(r.columns), sacrebleu.corpus_bleu(hyps, [["rote Katze", "Sonne", "Hund"]]).score)
+    assert math.isclose(r.metric("corpus_bleu").fn(r.columns),
+                        sacrebleu.corpus_bleu(hyps, [["rote Katze", "Sonne", "Hund"]]).score)
     back = result_from_cache(json.loads(json.dumps(r.to_cache())), None)
     assert [m.name for m in back.metrics] == [m.name for m in r.metrics]
     assert all(math.isclose(m.fn(back.columns), r.metric(m.name).fn(r.columns)) for m in back.metrics)
@@ -301,18 +307,20 @@ def skilled_and_fixed(tiny_model, tmp_path_factory, one_thread):
 
 def test_fixed_format_fine_tune_is_a_significant_drop(skilled_and_fixed, tmp_path):
     base_dir, cand_dir = skilled_and_fixed
-    _jsonl(tmp_path / "pairs.jsonl", [{"id": f"p{i}", "prompt": p, "reference": c} for i, (p, c) in enumerate(_copy_rows(40, 7))])
+    _jsonl(tmp_path / "pairs.jsonl",
+           [{"id": f"p{i}", "prompt": p, "reference": c} for i, (p, c) in enumerate(_copy_rows(40, 7))])
     tasks = [
         {"name": "ref_ce", "kind": "reference_likelihood", "data": {"path": "pairs.jsonl"}, "chat": True},
-        {"name": "skill_rouge", "kind": "generate", "scorer": "rouge", "data": {"path": "pairs.jsonl"}, "prompt": "{{prompt}}",
-         "answers": "reference", "chat": True, "max_new_tokens": 16},
+        {"name": "skill_rouge", "kind": "generate", "scorer": "rouge", "data": {"path": "pairs.jsonl"},
+         "prompt": "{{prompt}}", "answers": "reference", "chat": True, "max_new_tokens": 16},
     ]
     results = []
     for d in (base_dir, cand_dir):
         model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
         results.append(_eval(model, load_tokenizer(str(d)), tasks, tmp_path))
     base, cand = results
-    assert base.tasks["skill_rouge"].metric("rougeL").fn(base.tasks["skill_rouge"].columns) > 0.3  # the base has the skill
+    # the base has the skill
+    assert base.tasks["skill_rouge"].metric("rougeL").fn(base.tasks["skill_rouge"].columns) > 0.3
     assert all("yes" in d["prediction"] for d in cand.tasks["skill_rouge"].details)
     report = compare(base, cand)
     ce = report["tasks"]["ref_ce"]
@@ -330,7 +338,8 @@ def test_fixed_format_fine_tune_is_a_significant_drop(skilled_and_fixed, tmp_pat
 def test_task_definitions_load_their_data_and_render(suite, model_tok):
     _, tok = model_tok
     root = resolve_data_root(DATA)
-    tasks = [t for t in load_suite(suite).tasks if t.kind in ("generate", "reference_likelihood") and t.data and t.data.path
+    tasks = [t for t in load_suite(suite).tasks
+             if t.kind in ("generate", "reference_likelihood") and t.data and t.data.path
              and t.data.path.startswith(("summarization/", "translation/"))]
     assert tasks, suite
     for t in tasks:

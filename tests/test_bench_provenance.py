@@ -52,7 +52,8 @@ def test_collect_records_commit_versions_cpu_and_precision():
     prec = Precision("bf16", "measured: bf16 2.10x fp32 at widths 576x1536")
     prov = provenance.collect(prec, device="cpu", argv=["bench/throughput.py", "--steps", "3"])
     if (REPO / ".git").exists():
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
         assert prov["commit"] == head and re.fullmatch(r"[0-9a-f]{40}", prov["commit"])
         assert isinstance(prov["dirty"], bool)
     assert datetime.fromisoformat(prov["date"]).tzinfo is not None
@@ -75,7 +76,8 @@ def test_collect_records_commit_versions_cpu_and_precision():
     assert prov["precision"] == {"dtype": "bf16", "reason": prec.reason}
     assert "allocator" in prov and "loadavg_start" in prov
     done = provenance.finish(prov)
-    assert done["date"] == prov["date"] and datetime.fromisoformat(done["finished"]) >= datetime.fromisoformat(prov["date"])
+    assert (done["date"] == prov["date"]
+            and datetime.fromisoformat(done["finished"]) >= datetime.fromisoformat(prov["date"]))
     assert "loadavg_end" in done
     line = provenance.machine_line(done)
     assert m["cpu"] in line and "precision bf16" in line and torch.__version__ in line
@@ -117,7 +119,8 @@ def test_bench_resume_guard_saves_the_start_and_refuses_a_mixed_resume(tmp_path,
     assert json.loads(path.read_text()) == _prov()  # the start's provenance is kept
     path.unlink()  # a result started before provenance was recorded: warned, then this machine's is saved
     assert fg.resume_guard(path, _prov(dtype="fp32"), "sweep runs/x", resuming=True) is None
-    assert "no saved provenance" in capsys.readouterr().err and json.loads(path.read_text())["precision"]["dtype"] == "fp32"
+    assert ("no saved provenance" in capsys.readouterr().err
+            and json.loads(path.read_text())["precision"]["dtype"] == "fp32")
 
 
 def test_observed_precision_reads_summaries_and_eval_settings(tmp_path):

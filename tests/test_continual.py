@@ -71,7 +71,8 @@ def _fake_row(task_nll: dict[str, np.ndarray], tokens: np.ndarray):
     out = {}
     for name, nll in task_nll.items():
         cols = {"nll": nll.astype(float), "tokens": tokens.astype(float), "bytes": 4 * tokens.astype(float)}
-        out[name] = TaskResult(name, "reference_likelihood", cols, rl.metrics(cols), "ce", [f"i{k}" for k in range(len(nll))])
+        out[name] = TaskResult(name, "reference_likelihood", cols, rl.metrics(cols), "ce",
+                               [f"i{k}" for k in range(len(nll))])
     return out
 
 
@@ -231,7 +232,8 @@ def plain(world):
     finally:
         mp.undo()
     return {"path": path, "out": out, "state": state, "partial": partial, "kept": kept, "first_calls": first_calls,
-            "resumed_calls": resumed_calls, "calls_after": calls[len(first_calls) + len(resumed_calls):], "again": again}
+            "resumed_calls": resumed_calls, "calls_after": calls[len(first_calls) + len(resumed_calls):],
+            "again": again}
 
 
 def _bwt(state):
@@ -381,9 +383,10 @@ def lora_runs(plain, world) -> dict:
     start = str(plain["out"] / "steps" / "1-copy" / "final")
     lora = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
     runs = {}
-    for name, carry in (("lora-plain", {}), ("lora-olora", {"olora": {"weight": 10}}), ("lora-si", {"si": {"weight": 1.0}})):
-        cfg = ContinualConfig.model_validate(_sequence(world, name, carry, tasks=("rev", "last"), method=lora, model=start,
-                                                       retention_suite=None, limit=16))
+    for name, carry in (("lora-plain", {}), ("lora-olora", {"olora": {"weight": 10}}),
+                        ("lora-si", {"si": {"weight": 1.0}})):
+        cfg = ContinualConfig.model_validate(_sequence(world, name, carry, tasks=("rev", "last"), method=lora,
+                                                       model=start, retention_suite=None, limit=16))
         runs[name] = run_continual(cfg, quiet=True, report=False)
     return runs
 
@@ -449,9 +452,11 @@ def test_sequence_file_errors_name_file_key_and_line(tmp_path):
                             "    data: {train: b.jsonl}\n    sett: {}\ncarry:\n  replay: {polcy: quota}\n")
     assert str(tmp_path / "seq.yaml") in msg
     assert "tasks.1.sett (line 7): unknown key" in msg and "carry.replay.polcy (line 9): unknown key" in msg
-    msg = _errors(tmp_path, "base: {model: m}\ntasks:\n  - {name: a, data: {train: a.jsonl}}\n  - {name: a, data: {trian: x}}\n")
+    msg = _errors(tmp_path,
+                  "base: {model: m}\ntasks:\n  - {name: a, data: {train: a.jsonl}}\n  - {name: a, data: {trian: x}}\n")
     assert "unknown data key(s) trian" in msg and "tasks.1.data (line 4)" in msg
-    msg = _errors(tmp_path, "base: {model: m}\ntasks:\n  - {name: a, data: {train: a.jsonl}}\n  - {name: a, data: {train: b}}\n")
+    msg = _errors(tmp_path,
+                  "base: {model: m}\ntasks:\n  - {name: a, data: {train: a.jsonl}}\n  - {name: a, data: {train: b}}\n")
     assert "task names must be unique; repeated: a" in msg
     msg = _errors(tmp_path, "base: {model: m}\ntasks: []\n")
     assert "tasks (line 2)" in msg

@@ -108,7 +108,8 @@ def test_missing_field_names_field_and_line(tmp_path, tok):
         load_datasets(DataConfig(train=str(p), format="instruction"), tok, 0)
     p.write_text(json.dumps({"q": "a", "a": "b"}) + "\n")
     with pytest.raises(DataError, match=r"missing field 'answer' \(mapped from 'output'"):
-        load_datasets(DataConfig(train=str(p), format="instruction", fields={"instruction": "q", "output": "answer"}), tok, 0)
+        load_datasets(DataConfig(train=str(p), format="instruction", fields={"instruction": "q", "output": "answer"}),
+                      tok, 0)
 
 
 def test_empty_dataset_and_missing_file(tmp_path, tok):
@@ -122,7 +123,8 @@ def test_empty_dataset_and_missing_file(tmp_path, tok):
 
 def test_chat_format_needs_a_chat_template(tmp_path, tok):
     p = tmp_path / "c.jsonl"
-    p.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+                 + "\n")
     no_template = load_tokenizer(str(tok.name_or_path))
     no_template.chat_template = None
     with pytest.raises(DataError, match="has no chat template"):
@@ -156,7 +158,8 @@ def test_a_sweeps_second_tokenization_is_served_from_memory_as_a_copy(tiny_model
     second[0]["input_ids"].append(0)  # the caller's copy: the memo and the next caller are unaffected
     third, _ = build_examples(records, cfg, again)
     assert third == first and calls == []
-    changed = [Record({**records[0].data, "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+    changed = [Record({**records[0].data,
+                       "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
                       records[0].source, records[0].line)] + records[1:]
     fourth, _ = build_examples(changed, cfg, again)  # other content, other settings, other template: tokenized anew
     assert calls and fourth[1:] == first[1:] and fourth[0] != first[0]

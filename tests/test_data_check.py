@@ -461,7 +461,8 @@ def test_against_a_retention_suite_lists_contamination_per_task(tmp_path):
     assert {"general/arc_easy", "general/piqa", "general/self_reference"} <= set(sets)
     first_arc = json.loads((data_root / "commonsense_mc" / "arc_easy_test.jsonl").read_text().splitlines()[0])
     f = tmp_path / "train.jsonl"
-    f.write_text(json.dumps({"instruction": "q", "input": "", "output": first_arc["question"] + " " + first_arc["choices"][0]}) + "\n"
+    f.write_text(json.dumps({"instruction": "q", "input": "",
+                             "output": first_arc["question"] + " " + first_arc["choices"][0]}) + "\n"
                  + json.dumps({"instruction": "hi", "input": "", "output": "hello there my good friend"}) + "\n")
     report = check_data(str(f), DataConfig(train=str(f), format="instruction"), against=sets)
     hits = report.to_dict()["contamination"]

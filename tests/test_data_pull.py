@@ -1,4 +1,5 @@
-"""`forgetless data pull`: hub rows (local stand-in datasets, no hub here) -> the files `general` reads -> evaluation."""
+"""`forgetless data pull`: hub rows (local stand-in datasets, no hub here) -> the files `general` reads ->
+evaluation."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from forgetless.train.model import load_tokenizer
 HUB = {
     ("allenai/ai2_arc", "ARC-Easy", "test"): [
         {"id": f"arc{i}", "question": f"Which is thing {i}?", "choices": {"text": ["red", "green", "blue", "gray"],
-                                                                          "label": ["A", "B", "C", "D"]}, "answerKey": "ABC"[i]}
+                                                                          "label": ["A", "B", "C", "D"]},
+         "answerKey": "ABC"[i]}
         for i in range(3)],
     ("Rowan/hellaswag", None, "validation"): [
-        {"ind": i, "activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "he", "ctx": "A man cuts onions. he",
+        {"ind": i, "activity_label": "Cooking", "ctx_a": "A man cuts onions.", "ctx_b": "he",
+         "ctx": "A man cuts onions. he",
          "endings": ["cries.", "sings [title] loudly.", "sleeps.", "runs."], "source_id": "x", "split": "val",
          "split_type": "indomain", "label": str(i)} for i in range(3)],
     ("ybisk/piqa", None, "validation"): [
@@ -31,8 +34,8 @@ HUB = {
         {"text": ""}, {"text": " = Alpha = \n"}, {"text": " Alpha is a letter . \n"}, {"text": " = Beta = \n"},
         {"text": " Beta follows it . \n"}],
     ("allenai/scitldr", "Abstract", "test"): [
-        {"source": ["We study x.", "It works."], "source_labels": [0, 1], "rouge_scores": [0.1, 0.2], "paper_id": f"p{i}",
-         "target": [f"x works {i}."], "title": "X"} for i in range(3)],
+        {"source": ["We study x.", "It works."], "source_labels": [0, 1], "rouge_scores": [0.1, 0.2],
+         "paper_id": f"p{i}", "target": [f"x works {i}."], "title": "X"} for i in range(3)],
     ("facebook/flores", "eng_Latn-deu_Latn", "devtest"): [
         {"id": i + 1, "URL": "u", "domain": "d", "topic": "t", "has_image": 0, "has_hyperlink": 0,
          "sentence_eng_Latn": f"The house {i}.", "sentence_deu_Latn": f"Das Haus {i}."} for i in range(3)],
@@ -41,7 +44,8 @@ HUB = {
     ("mandarjoshi/trivia_qa", "rc.wikipedia.nocontext", "validation"): [
         {"question": f"Which planet {i}?", "question_id": f"tq{i}", "question_source": "s",
          "entity_pages": {"doc_source": [], "filename": [], "title": [], "wiki_context": []},
-         "search_results": {"description": [], "filename": [], "rank": [], "title": [], "url": [], "search_context": []},
+         "search_results": {"description": [], "filename": [], "rank": [], "title": [], "url": [],
+                            "search_context": []},
          "answer": {"aliases": ["Mars", "Red planet"], "normalized_aliases": ["mars"], "matched_wiki_entity_name": "",
                     "normalized_matched_wiki_entity_name": "", "normalized_value": "mars", "type": "WikipediaEntity",
                     "value": "Mars"}} for i in range(3)],
@@ -78,16 +82,16 @@ def test_pull_general_writes_every_file_in_the_layout_the_tasks_read(fake_hub, t
     wiki = load_rows(by["wikitext"], tmp_path)
     assert [r.data["text"].split("\n")[0] for r in wiki] == [" = Alpha = ", " = Beta = "]  # one document per title
     flores = [r.data for r in load_rows(by["flores_en_de"], tmp_path)]
-    assert flores[0] == {"id": "flores200-devtest-ende-0", "src": "The house 0.", "ref": "Das Haus 0.", "src_lang": "en",
-                         "tgt_lang": "de"}
+    assert flores[0] == {"id": "flores200-devtest-ende-0", "src": "The house 0.", "ref": "Das Haus 0.",
+                         "src_lang": "en", "tgt_lang": "de"}
     with gzip.open(tmp_path / "knowledge_qa/triviaqa_rc_wikipedia_nocontext_validation.jsonl.gz", "rt") as f:
         assert json.loads(f.readline())["answer"]["value"] == "Mars"
     # and the suite evaluates on the pulled files
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     suite = g.only([t.name for t in g.tasks if t.kind != "self_reference"]).with_limit(2)
     res = evaluate(model, load_tokenizer(str(tiny_model)), suite, data_root=tmp_path, bf16=False, progress=False)
-    assert {n: r.n for n, r in res.tasks.items()} == {"arc_easy": 2, "hellaswag": 2, "piqa": 2, "wikitext": 2, "scitldr": 2,
-                                                      "flores_en_de": 2, "nq_open": 2, "triviaqa": 2}
+    assert {n: r.n for n, r in res.tasks.items()} == {"arc_easy": 2, "hellaswag": 2, "piqa": 2, "wikitext": 2,
+                                                      "scitldr": 2, "flores_en_de": 2, "nq_open": 2, "triviaqa": 2}
     # a second pull keeps what is there
     again = pull_suite(g, tmp_path, tasks=["nq_open"], check_hub=False)
     assert again[0]["status"] == "present" and len(fake_hub) == 8
@@ -99,7 +103,8 @@ def test_a_missing_file_says_where_it_comes_from_and_how_to_get_it(tmp_path, tin
         evaluate(model, load_tokenizer(str(tiny_model)), load_suite("general").only(["nq_open"]), data_root=tmp_path,
                  bf16=False, progress=False)
     msg = str(e.value)
-    assert "nq_open_dev.jsonl not found" in msg and "hf:google-research-datasets/nq_open (config nq_open, split validation)" in msg
+    assert ("nq_open_dev.jsonl not found" in msg
+            and "hf:google-research-datasets/nq_open (config nq_open, split validation)" in msg)
     assert "`forgetless data pull general --to DIR`" in msg and "not verified" in msg
 
 
@@ -109,7 +114,8 @@ def test_a_hub_failure_names_the_task_and_source(fake_hub, tmp_path):
 
     s = Suite.model_validate({"name": "s", "tasks": [{"name": "x", "kind": "perplexity", "data": {
         "path": "x.jsonl", "source": {"hub": "nobody/nothing", "split": "test"}}}]})
-    with pytest.raises(DataError, match=r"task x: cannot load hf:nobody/nothing \(default, split test\).*not be verified"):
+    with pytest.raises(DataError,
+                       match=r"task x: cannot load hf:nobody/nothing \(default, split test\).*not be verified"):
         pull_suite(s, tmp_path, check_hub=False)
 
 

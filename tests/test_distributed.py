@@ -233,7 +233,8 @@ def test_ddp_reaches_the_single_process_loss_curve_with_the_same_global_batch(dd
     worst = max(abs(ddp[s] - single[s]) / abs(single[s]) for s in single)
     assert worst < LOSS_RTOL, (worst, ddp, single)
     s0, s1 = (x["summary"] for x in r["ranks"])
-    assert s0["distributed"] == {"engine": "ddp", "world_size": 2, "backend": "gloo", "global_batch": 8, "epoch_padding": 0}
+    assert s0["distributed"] == {"engine": "ddp", "world_size": 2, "backend": "gloo", "global_batch": 8,
+                                 "epoch_padding": 0}
     assert "distributed" not in r["single"]["summary"]
     # validation: the Trainer shards it and averages over the global eval batch, as one process with batch 8
     assert s0["initial_validation_loss"] == pytest.approx(r["single"]["summary"]["initial_validation_loss"], rel=1e-6)
@@ -289,7 +290,8 @@ def test_guard_acts_on_both_ranks_at_the_same_step_and_only_rank_0_writes(ddp_vs
     run_dir = ddp_vs_single["ddp_dir"]
     assert b["writes"] == [], f"rank 1 wrote {b['writes']}"
     written = {Path(w).name for w in a["writes"]}
-    assert {"recipe.yaml", "data_stats.json", "metrics.jsonl", "summary.json", "final", "ewc_state.safetensors"} <= written
+    assert {"recipe.yaml", "data_stats.json", "metrics.jsonl", "summary.json", "final",
+            "ewc_state.safetensors"} <= written
     for name in ("recipe.yaml", "data_stats.json", "summary.json", "ewc_state.safetensors", "final/model.safetensors"):
         assert (run_dir / name).is_file(), name
     guard_lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"guard"' in x]
@@ -380,7 +382,8 @@ def test_accelerate_launch_runs_lora_with_kl_data_parallel(tiny_model, toy_data,
     out = tmp_path / "run"
     spec = {
         "name": "acc", "model": str(tiny_model),
-        "data": {"train": str(toy_data["chat"]), "validation": str(toy_data["chat_val"]), "format": "chat", "max_length": 64},
+        "data": {"train": str(toy_data["chat"]), "validation": str(toy_data["chat_val"]), "format": "chat",
+                 "max_length": 64},
         "method": {"name": "lora", "r": 4},
         "optim": {"max_steps": 4, "batch_size": 4, "warmup_steps": 0},
         "mitigations": [{"name": "kl", "weight": 1.0}],
@@ -418,7 +421,8 @@ def test_distributed_recipe_options_are_validated_with_the_key_named(tmp_path):
     assert recipe({"fsdp": {"reshard_after_forward": False}}).train.distributed.engine == "fsdp"
     bad = [
         ({"engine": "ddp", "fsdp": {}}, "train.distributed", "set engine: fsdp"),
-        ({"deepspeed": {"stage": 2, "offload_params": True}}, "train.distributed.deepspeed", "offload_params needs stage: 3"),
+        ({"deepspeed": {"stage": 2, "offload_params": True}}, "train.distributed.deepspeed",
+         "offload_params needs stage: 3"),
         ({"fsdp": {"min_num_params": 10}}, "train.distributed.fsdp", "SIZE_BASED_WRAP"),
         ({"fsdp": {"version": 1}}, "train.distributed.fsdp.version", ""),
         ({"engine": "megatron"}, "train.distributed.engine", ""),
@@ -452,8 +456,10 @@ def test_accelerate_config_file_selects_the_engine_and_its_options(tmp_path):
     zero = tmp_path / "zero.yaml"
     zero.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED",
                                     "mixed_precision": "bf16", "deepspeed_config": {
-                                        "zero_stage": 3, "offload_optimizer_device": "cpu", "offload_param_device": "none"}}))
-    r = recipe_from_dict({"model": "m", "data": {"train": "t.jsonl"}, "train": {"distributed": {"accelerate_config": str(zero)}}})
+                                        "zero_stage": 3, "offload_optimizer_device": "cpu",
+                                        "offload_param_device": "none"}}))
+    r = recipe_from_dict({"model": "m", "data": {"train": "t.jsonl"},
+                          "train": {"distributed": {"accelerate_config": str(zero)}}})
     ds = dist.trainer_options(r)["deepspeed"]["zero_optimization"]
     assert ds["stage"] == 3 and ds["offload_optimizer"]["device"] == "cpu" and "offload_param" not in ds
 
@@ -506,7 +512,8 @@ def test_sharded_engines_refuse_what_they_cannot_run_naming_the_key():
         with pytest.raises(RecipeError, match=words.replace(".", r"\.")):
             check(**over)
     # DDP runs every mitigation, the monitor and the guard
-    assert dist.check_recipe(recipe_from_dict({"model": "m", "data": {"train": "t.jsonl"}, "train": {"distributed": "ddp"},
+    assert dist.check_recipe(recipe_from_dict({"model": "m", "data": {"train": "t.jsonl"},
+                                               "train": {"distributed": "ddp"},
                                                "mitigations": [{"name": "ewc"}, {"name": "kl"}], "guard": {}})) == "ddp"
 
 
@@ -542,7 +549,8 @@ def _helpers_worker(rank: int, port: int, out: str) -> None:
     mine = dist.shard(list(range(5)))
     f = fisher_diag([w], [lambda x=xs[i]: (w * x).sum() ** 2 for i in mine], all_reduce=True)
     res["fisher"] = f[0].tolist()
-    # EWC's own estimate on a small Llama, both label modes (data: shared out + all-reduced; sampled: rank 0 + broadcast)
+    # EWC's own estimate on a small Llama, both label modes (data: shared out + all-reduced; sampled: rank 0 +
+    # broadcast)
     model, examples = _small_lm()
     for labels in ("data", "sampled"):
         res[f"ewc_{labels}"] = _ewc_estimate(model, examples, labels)
@@ -601,7 +609,8 @@ def test_helpers_agree_across_two_gloo_processes(tmp_path):
         if labels == "sampled":  # one random stream, drawn by rank 0 as one process draws it: bitwise equal
             assert torch.equal(got, alone)
         else:
-            assert torch.allclose(got, alone, rtol=FISHER_RTOL, atol=1e-12) and not torch.equal(got, torch.zeros_like(got))
+            assert (torch.allclose(got, alone, rtol=FISHER_RTOL, atol=1e-12)
+                    and not torch.equal(got, torch.zeros_like(got)))
     # and in one process every helper is the identity / a no-op
     from forgetless import distributed as dist
 

@@ -462,7 +462,8 @@ def test_bom_content_parts_and_a_json_array_in_jsonl_are_accepted(capsys, tiny_m
     # the same conversations, token for token: parts joined in order, the BOM dropped
     _, tok = load_model(tiny_model)
     cfg = DataConfig(train=str(files["bom"]), format="chat")
-    ids = {name: [e["input_ids"] for e in build_examples(load_records(str(p)), cfg, tok)[0]] for name, p in files.items()}
+    ids = {name: [e["input_ids"] for e in build_examples(load_records(str(p)), cfg, tok)[0]]
+           for name, p in files.items()}
     assert ids["bom"] == ids["parts"] == ids["array"]
 
 

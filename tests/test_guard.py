@@ -77,7 +77,8 @@ def test_guard_keeps_retention_within_budget_where_plain_fine_tuning_breaks_it(o
     # the budget both ways, in every probe, breach and the selection
     for x in lines:
         if "fl_retention" in x:
-            assert x["fl_drop"] == pytest.approx(1 - x["fl_retention"]) and x["fl_drop_upper"] == pytest.approx(1 - x["fl_retention_lo"])
+            assert (x["fl_drop"] == pytest.approx(1 - x["fl_retention"])
+                    and x["fl_drop_upper"] == pytest.approx(1 - x["fl_retention_lo"]))
             assert x["fl_within_budget_95"] == (x["fl_drop_upper"] <= budget)
     assert all("drop_upper" in e and "within_budget_95" in e for e in g["events"] if e["guard"] == "breach")
     assert "within_budget_95" in g["selection"] and "point estimate" in g["selection"]["acted_on"]
@@ -118,8 +119,10 @@ def test_selection_reports_the_95_percent_verdict_of_the_chosen_state():
     cb.params = []
     cb.state.base = Snapshot(0, [], None)
     # step 10: 0.5% drop, up to 1.5% at 95% (within on the point only); step 20: 0.2% [.., 0.6%]: within both ways
-    cb.state.probes = [{"step": 10, "fl_drop": 0.005, "fl_drop_upper": 0.015, "fl_within_budget": True, "fl_within_budget_95": False},
-                       {"step": 20, "fl_drop": 0.002, "fl_drop_upper": 0.006, "fl_within_budget": True, "fl_within_budget_95": True}]
+    cb.state.probes = [{"step": 10, "fl_drop": 0.005, "fl_drop_upper": 0.015, "fl_within_budget": True,
+                        "fl_within_budget_95": False},
+                       {"step": 20, "fl_drop": 0.002, "fl_drop_upper": 0.006, "fl_within_budget": True,
+                        "fl_within_budget_95": True}]
     cb.state.best_ok = Snapshot(10, [], None, val_loss=1.0, within_95=False)
     sel = cb.select_final(final_within_budget=False, final_val_loss=None, step=30)
     assert sel["chosen_step"] == 10 and sel["within_budget_95"] is False and sel["drop_upper"] == 0.015

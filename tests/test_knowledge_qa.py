@@ -40,7 +40,8 @@ NQ = [
 TQA = [
     {"question_id": "tq1", "question": "Which metal is liquid at room temperature?",
      "answer": {"value": "Mercury", "aliases": ["Hg", "Mercury", "Quicksilver", "Element 80"]}},
-    {"question_id": "tq2", "question": "What colour is the sky?", "answer": {"value": "Blue", "aliases": ["blue", "Azure"]}},
+    {"question_id": "tq2", "question": "What colour is the sky?",
+     "answer": {"value": "Blue", "aliases": ["blue", "Azure"]}},
 ]
 
 
@@ -51,12 +52,14 @@ def _write(path, rows):
 def _run(model_tok, tmp_path, task):
     m, tok = model_tok
     suite = Suite.model_validate({"name": "k", "tasks": [task]})
-    return evaluate(m, tok, suite, data_root=tmp_path, bf16=False, progress=False, cache_dir=tmp_path / "c").tasks[task["name"]]
+    return evaluate(m, tok, suite, data_root=tmp_path, bf16=False, progress=False,
+                    cache_dir=tmp_path / "c").tasks[task["name"]]
 
 
 def test_best_alias_likelihood_matches_a_plain_forward(model_tok, tmp_path):
     _write(tmp_path / "nq.jsonl", NQ)
-    r = _run(model_tok, tmp_path, {"name": "nq", "kind": "knowledge_qa", "data": {"path": "nq.jsonl"}, "generate_limit": 0})
+    r = _run(model_tok, tmp_path,
+             {"name": "nq", "kind": "knowledge_qa", "data": {"path": "nq.jsonl"}, "generate_limit": 0})
     model, tok = model_tok
     best_nll, best_tokens = [], []
     for row in NQ:
@@ -82,7 +85,8 @@ def test_triviaqa_layout_dedupes_and_caps_the_aliases(model_tok, tmp_path):
     parsed = kqa.KnowledgeQATask.model_validate(task)
     from forgetless.data.loading import Record
 
-    assert kqa.aliases(parsed, Record(TQA[0], "x", 1)) == ["Mercury", "Hg", "Quicksilver"]  # value first, no repeats, 3 at most
+    # value first, no repeats, 3 at most
+    assert kqa.aliases(parsed, Record(TQA[0], "x", 1)) == ["Mercury", "Hg", "Quicksilver"]
     expect = [max(_direct_loglik(model, tok, f"Q: {row['question']}\nA:", " " + a)[0] for a in al)
               for row, al in zip(TQA, [["Mercury", "Hg", "Quicksilver"], ["Blue", "blue", "Azure"]], strict=True)]
     np.testing.assert_allclose(r.columns["nll"], [-e for e in expect], rtol=1e-4)
@@ -91,8 +95,8 @@ def test_triviaqa_layout_dedupes_and_caps_the_aliases(model_tok, tmp_path):
 
 def test_exact_match_on_the_generated_subset_only(model_tok, tmp_path):
     _write(tmp_path / "nq.jsonl", NQ)
-    r = _run(model_tok, tmp_path, {"name": "nq", "kind": "knowledge_qa", "data": {"path": "nq.jsonl"}, "generate_limit": 2,
-                                   "max_new_tokens": 4})
+    r = _run(model_tok, tmp_path, {"name": "nq", "kind": "knowledge_qa", "data": {"path": "nq.jsonl"},
+                                   "generate_limit": 2, "max_new_tokens": 4})
     gen = r.columns["generated"]
     assert gen.sum() == 2
     for i, d in enumerate(r.details):
@@ -108,8 +112,8 @@ def test_exact_match_on_the_generated_subset_only(model_tok, tmp_path):
 def test_metrics_and_retention_by_hand():
     cols = {
         "nll": np.array([1.0, 2.0, 3.0]), "tokens": np.array([1.0, 2.0, 1.0]), "p": np.exp(-np.array([1.0, 2.0, 3.0])),
-        "top1": np.array([1.0, 0.0, 0.0]), "exact_match": np.array([1.0, 0.0, 0.0]), "contains": np.array([1.0, 0.0, 1.0]),
-        "generated": np.array([1.0, 0.0, 1.0]),
+        "top1": np.array([1.0, 0.0, 0.0]), "exact_match": np.array([1.0, 0.0, 0.0]),
+        "contains": np.array([1.0, 0.0, 1.0]), "generated": np.array([1.0, 0.0, 1.0]),
     }
     ms = {m.name: m for m in kqa.metrics(cols)}
     assert M.value(ms["alias_nll"], cols) == pytest.approx(2.0)
@@ -124,7 +128,8 @@ def test_metrics_and_retention_by_hand():
 
 def test_a_perturbed_model_is_compared_item_by_item(model_tok, tmp_path):
     _write(tmp_path / "nq.jsonl", NQ * 4)
-    task = {"name": "nq", "kind": "knowledge_qa", "data": {"path": "nq.jsonl"}, "generate_limit": 3, "max_new_tokens": 2}
+    task = {"name": "nq", "kind": "knowledge_qa", "data": {"path": "nq.jsonl"}, "generate_limit": 3,
+            "max_new_tokens": 2}
     base = _run(model_tok, tmp_path, task)
     m, tok = model_tok
     worse = AutoModelForCausalLM.from_config(m.config).eval()

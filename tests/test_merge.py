@@ -44,14 +44,16 @@ IDS = torch.tensor([[1, 40, 41, 42, 43, 44]])
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_alpha_0_is_the_base_and_alpha_1_the_tuned_model(method, organism, tuned_full, tmp_path):
-    tuned = tuned_full if method == "full" else _finetune(organism, tmp_path / "lora", {"name": "lora", "r": 4}, lr=1e-2, steps=20)
+    tuned = tuned_full if method == "full" else _finetune(organism, tmp_path / "lora", {"name": "lora", "r": 4},
+                                                          lr=1e-2, steps=20)
     base = _logits(organism["model"], IDS)
     tuned_logits = _logits(tuned, IDS)
     assert not torch.allclose(base, tuned_logits, atol=1e-3)
     info0 = merge(str(organism["model"]), str(tuned), 0.0, tmp_path / "a0")
     info1 = merge(str(organism["model"]), str(tuned), 1.0, tmp_path / "a1")
     assert info0["kind"] == ("model" if method == "full" else "lora adapter (scaled)")
-    assert torch.equal(_logits(tmp_path / "a0", IDS), base) if method == "full" else torch.allclose(_logits(tmp_path / "a0", IDS), base, atol=1e-6)
+    assert (torch.equal(_logits(tmp_path / "a0", IDS), base) if method == "full"
+            else torch.allclose(_logits(tmp_path / "a0", IDS), base, atol=1e-6))
     assert torch.allclose(_logits(tmp_path / "a1", IDS), tuned_logits, atol=1e-6)
     assert info1["alpha"] == 1.0
 
@@ -86,9 +88,11 @@ def test_descending_search_stops_at_the_largest_alpha_within_budget_and_reuses_t
         organism, tuned_full, tmp_path, monkeypatch):
     import forgetless.retention.api as api
 
-    suites = {"task_suite": _ppl_suite("task_b", organism["b_val"]), "retention_suite": _ppl_suite("retain_a", organism["a_val"])}
+    suites = {"task_suite": _ppl_suite("task_b", organism["b_val"]),
+              "retention_suite": _ppl_suite("retain_a", organism["a_val"])}
     alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
-    grid = auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=alphas, progress=False, precision="fp32", **suites)
+    grid = auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=alphas, progress=False,
+                      precision="fp32", **suites)
     base_evals = []
     real = api.evaluate
     monkeypatch.setattr(api, "evaluate", lambda *a, **k: base_evals.append(1) or real(*a, **k))
@@ -97,7 +101,8 @@ def test_descending_search_stops_at_the_largest_alpha_within_budget_and_reuses_t
     assert base_evals == [], "the base model's results should come from the cache the first call filled"
     largest_ok = max(c["alpha"] for c in grid["curve"] if c["within_budget"])
     assert largest_ok < 1.0 and desc["chosen"]["alpha"] == largest_ok
-    assert [c["alpha"] for c in desc["curve"]] == [a for a in alphas if a >= largest_ok]  # scored 1.0 down to it, no lower
+    # scored 1.0 down to it, no lower
+    assert [c["alpha"] for c in desc["curve"]] == [a for a in alphas if a >= largest_ok]
     by_alpha = {c["alpha"]: c for c in grid["curve"]}
     for c in desc["curve"]:
         assert c["retention"] == pytest.approx(by_alpha[c["alpha"]]["retention"], abs=1e-9)
@@ -111,4 +116,5 @@ def test_merge_cli_refuses_to_overwrite(organism, tuned_full, tmp_path):
            "--alpha", "0.5", "--out", str(tmp_path / "m")]
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     again = subprocess.run(cmd, capture_output=True, text=True)
-    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert (again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+            and "Traceback" not in again.stderr)

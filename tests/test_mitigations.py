@@ -109,7 +109,8 @@ def test_file_backed_state_is_an_exact_copy_in_an_unlinked_file_mapping(tmp_path
     # other dtypes (and devices) get plain copies, never the tensors themselves (callers pass live parameters)
     half = [torch.ones(4, dtype=torch.bfloat16)]
     copy = file_backed(half, tmp_path / "mmap")
-    assert torch.equal(copy[0], half[0]) and copy[0].untyped_storage().data_ptr() != half[0].untyped_storage().data_ptr()
+    assert (torch.equal(copy[0], half[0])
+            and copy[0].untyped_storage().data_ptr() != half[0].untyped_storage().data_ptr())
 
 
 def test_si_path_integral_by_hand():
@@ -200,7 +201,8 @@ MITIGATION_CASES = {
 
 @pytest.mark.parametrize("name", list(MITIGATION_CASES))
 def test_mitigation_reduces_forgetting_and_still_learns(name, organism, plain, tmp_path):
-    spec = [dict(m, previous=str(organism["run"])) if m.get("previous") == "RUN_A" else m for m in MITIGATION_CASES[name]]
+    spec = [dict(m, previous=str(organism["run"])) if m.get("previous") == "RUN_A" else m
+            for m in MITIGATION_CASES[name]]
     forgot, gain, summary = _finetune_b(organism, tmp_path, spec, name)
     plain_forgot, plain_gain = plain
     assert forgot < 0.75 * plain_forgot, f"{name}: forgot {forgot:.3f} vs plain {plain_forgot:.3f}"
@@ -226,7 +228,8 @@ def test_kl_uses_adapters_disabled_for_peft(organism, tmp_path):
     r = recipe_from_dict({
         "name": "lora-kl",
         "model": str(organism["model"]),
-        "data": {"train": str(organism["b_train"]), "format": "prompt_completion", "chat_template": False, "max_length": 64},
+        "data": {"train": str(organism["b_train"]), "format": "prompt_completion", "chat_template": False,
+                 "max_length": 64},
         "method": {"name": "lora", "r": 4},
         "optim": {"lr": 1e-2, "max_steps": 5, "batch_size": 8},
         "train": {"output_dir": str(tmp_path / "r"), "save_steps": None, "progress": False},

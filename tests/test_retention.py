@@ -34,7 +34,8 @@ def _suite(tasks):
 
 def _eval(mt, tasks, tmp_path, **kw):
     m, tok = mt
-    return evaluate(m, tok, _suite(tasks), data_root=tmp_path, bf16=False, progress=False, cache_dir=tmp_path / "cache", **kw)
+    return evaluate(m, tok, _suite(tasks), data_root=tmp_path, bf16=False, progress=False, cache_dir=tmp_path / "cache",
+                    **kw)
 
 
 def _direct_loglik(model, tok, context: str, cont: str) -> float:
@@ -121,7 +122,8 @@ def test_generate_scorers_by_hand():
 
 
 def test_generate_task_runs_and_scores(model_tok, tmp_path):
-    _jsonl(tmp_path / "qa.jsonl", [{"question": "copy: red", "answer": ["red"]}, {"question": "copy: sun", "answer": "sun"}])
+    _jsonl(tmp_path / "qa.jsonl",
+           [{"question": "copy: red", "answer": ["red"]}, {"question": "copy: sun", "answer": "sun"}])
     task = {"name": "qa", "kind": "generate", "data": {"path": "qa.jsonl"}, "max_new_tokens": 4}
     r = _eval(model_tok, [task], tmp_path).tasks["qa"]
     assert set(r.columns) == {"exact_match", "contains", "f1"} and r.n == 2
@@ -171,8 +173,8 @@ def test_baseline_is_cached_by_fingerprint(model_tok, tmp_path):
 
 def test_builtin_suites_load():
     g = load_suite("general")
-    assert [t.name for t in g.tasks] == ["arc_easy", "hellaswag", "piqa", "wikitext", "self_reference", "scitldr", "flores_en_de",
-                                       "nq_open", "triviaqa"]
+    assert [t.name for t in g.tasks] == ["arc_easy", "hellaswag", "piqa", "wikitext", "self_reference", "scitldr",
+                                         "flores_en_de", "nq_open", "triviaqa"]
     assert [t.kind for t in load_suite("self").tasks] == ["self_reference"]
 
 
@@ -204,7 +206,8 @@ def test_empty_task_and_missing_file(model_tok, tmp_path):
 def test_unknown_task_kind_in_a_suite_file(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump({"name": "s", "tasks": [{"name": "x", "kind": "multiple_choise"}]}))
-    with pytest.raises(ForgetlessError, match=r"tasks.0 \(line 3\): unknown .*'multiple_choise'; valid: .*multiple_choice"):
+    with pytest.raises(ForgetlessError,
+                       match=r"tasks.0 \(line 3\): unknown .*'multiple_choise'; valid: .*multiple_choice"):
         load_suite(p)
     with pytest.raises(ForgetlessError, match="unknown suite 'nope'"):
         load_suite("nope")

@@ -104,7 +104,8 @@ def test_ability_score_by_hand():
         lo, hi = out["abilities"][ab]["ci"]
         assert lo <= out["abilities"][ab]["change"] <= hi
     assert out["ci"][0] <= out["score"] <= out["ci"][1]
-    # definition 1 (a task-weighted mean) would give (0.5 + 1.0 + 0.9) / 3 = 0.8: two tasks of one ability do not outvote one
+    # definition 1 (a task-weighted mean) would give (0.5 + 1.0 + 0.9) / 3 = 0.8: two tasks of one ability do not
+    # outvote one
     v1, _ = M.retention_score([(acc, b1, c1, 1.0), (acc, b2, c2, 1.0), (acc, b3, c3, 1.0)])
     assert math.isclose(v1, 0.8)
 

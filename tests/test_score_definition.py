@@ -40,7 +40,8 @@ def _data(tmp_path):
 def _suite(tagged: bool) -> Suite:
     tasks = [
         {"name": "mc1", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "main_metric": "pgold"},
-        {"name": "mc2", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "prompt": "Q: {{question}}\nA:", "main_metric": "pgold"},
+        {"name": "mc2", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "prompt": "Q: {{question}}\nA:",
+         "main_metric": "pgold"},
         {"name": "ppl", "kind": "perplexity", "data": {"path": "docs.jsonl"}},
     ]
     if tagged:
@@ -108,7 +109,8 @@ def test_general_tags_every_task_with_one_of_five_abilities_and_continuous_main_
 def test_old_comparisons_without_abilities_still_print():
     old = {"suite": "s", "model": "m", "baseline": "b",
            "candidate": {"t": {"main": "acc", "n": 3, "metrics": {"acc": 0.5}, "ci": {"acc": [0.4, 0.6]}}},
-           "comparison": {"tasks": {"t": {"higher_is_better": True, "significant_drop": False, "significant": False, "base": 0.5,
+           "comparison": {"tasks": {"t": {"higher_is_better": True, "significant_drop": False, "significant": False,
+                                          "base": 0.5,
                                           "candidate": 0.5, "delta": 0.0, "ci": [-0.1, 0.1], "flipped": 0}},
                           "retention_score": 1.0, "retention_ci": [0.9, 1.1], "significant_drops": []}}
     con = Console(record=True, width=200)
@@ -125,7 +127,8 @@ def test_exclude_samples_outside_another_tasks_sample_and_changes_nothing_withou
 
     rows = [Record({"text": f"doc {i}"}, "f", i + 1) for i in range(20)]
     plain = PerplexityTask(name="p", limit=5, seed=1234)
-    assert [r.line for r in sample_rows(plain, rows)] == [i + 1 for i in sorted(random.Random(1234).sample(range(20), 5))]
+    assert ([r.line for r in sample_rows(plain, rows)]
+            == [i + 1 for i in sorted(random.Random(1234).sample(range(20), 5))])
     probe = PerplexityTask(name="q", limit=4, seed=7, exclude={"limit": 5, "seed": 1234})
     got = {r.line for r in sample_rows(probe, rows)}
     taken = {r.line for r in sample_rows(plain, rows)}
@@ -136,7 +139,8 @@ def test_exclude_samples_outside_another_tasks_sample_and_changes_nothing_withou
     assert {r.line for r in sample_rows(everything_else, rows)} == {i + 1 for i in rest}
 
 
-@pytest.mark.skipif(not (SHARED / "data" / "knowledge_qa" / "nq_open_dev.jsonl").is_file(), reason="../shared/data is absent")
+@pytest.mark.skipif(not (SHARED / "data" / "knowledge_qa" / "nq_open_dev.jsonl").is_file(),
+                    reason="../shared/data is absent")
 def test_general_probe_mirrors_general_on_other_items():
     from forgetless.retention.tasks import load_rows, sample_rows
 
@@ -144,7 +148,8 @@ def test_general_probe_mirrors_general_on_other_items():
     assert [t.name for t in g.tasks] == [t.name for t in p.tasks]
     root = SHARED / "data"
     for tg, tp in zip(g.tasks, p.tasks, strict=True):
-        assert (tg.ability, tg.kind, getattr(tg, "main_metric", None)) == (tp.ability, tp.kind, getattr(tp, "main_metric", None))
+        assert (tg.ability, tg.kind, getattr(tg, "main_metric", None)) == (tp.ability, tp.kind,
+                                                                           getattr(tp, "main_metric", None))
         if tg.data is None:
             continue
         ig = {r.where for r in sample_rows(tg, load_rows(tg, root))}

@@ -148,7 +148,8 @@ def test_report_has_every_section(finished_sweep):
     assert html.count('class="plot drift"') == 3
     assert "(recommended)" in html or "No run stays within the budget" in html
     # monitor probes and guard events of the guarded run are in its metrics and shown
-    recs = [json.loads(x) for x in (finished_sweep["dir"] / "runs" / "guarded" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x)
+            for x in (finished_sweep["dir"] / "runs" / "guarded" / "metrics.jsonl").read_text().splitlines()]
     assert any("fl_retention" in r for r in recs)
     assert ('class="guard-events"' in html) == any("guard" in r for r in recs)
     drift = json.loads((finished_sweep["dir"] / "runs" / "high-lr" / "drift.json").read_text())
@@ -252,7 +253,8 @@ def test_frontier_labels_of_a_tight_cluster_do_not_overlap():
     from forgetless.report import place_labels
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    pts = [(-0.3 + 0.01 * i, 0.5 + 0.002 * i, f"full-recipe-{i}") for i in range(7)] + [(-2.0, 0.1, "lora"), (0.0, 0.0, "base")]
+    pts = ([(-0.3 + 0.01 * i, 0.5 + 0.002 * i, f"full-recipe-{i}") for i in range(7)]
+           + [(-2.0, 0.1, "lora"), (0.0, 0.0, "base")])
     ax.plot([p[0] for p in pts], [p[1] for p in pts], "o")
     anns = place_labels(ax, pts)
     from matplotlib.text import Text

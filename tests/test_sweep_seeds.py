@@ -17,14 +17,17 @@ from forgetless.sweep import SweepConfig, aggregate_seeds, recommend, run_sweep,
 
 def _row(run, seed, gain, change, ci, drops=(), abilities=None):
     return {"run": run, "seed": seed, "dir": f"/x/{run}", "method": "full", "set": {},
-            "task": {"task": "t", "metric": "ce", "base": 2.0, "gain": gain, "ci": [gain - 0.1, gain + 0.1], "significant": True},
-            "retention": {"change": change, "ci": list(ci), "significant_drops": list(drops), "abilities": abilities or {}},
-            "wall_time_s": 10.0 + seed, "tokens_per_s": 100.0, "peak_memory_mb": 50.0 + seed, "trainable_parameters": 1000,
-            "trainable_share": 1.0, "guard_events": 0}
+            "task": {"task": "t", "metric": "ce", "base": 2.0, "gain": gain, "ci": [gain - 0.1, gain + 0.1],
+                     "significant": True},
+            "retention": {"change": change, "ci": list(ci), "significant_drops": list(drops),
+                          "abilities": abilities or {}},
+            "wall_time_s": 10.0 + seed, "tokens_per_s": 100.0, "peak_memory_mb": 50.0 + seed,
+            "trainable_parameters": 1000, "trainable_share": 1.0, "guard_events": 0}
 
 
 def test_jobs_expand_seeds_globally_and_per_run():
-    cfg = SweepConfig.model_validate({"base": {}, "seeds": [1, 2], "runs": [{"name": "a"}, {"name": "b", "seeds": [7]}]})
+    cfg = SweepConfig.model_validate({"base": {}, "seeds": [1, 2],
+                                      "runs": [{"name": "a"}, {"name": "b", "seeds": [7]}]})
     assert [(n, v.name, s) for n, v, s in cfg.jobs()] == [("a-seed1", "a", 1), ("a-seed2", "a", 2), ("b-seed7", "b", 7)]
     plain = SweepConfig.model_validate({"base": {}, "runs": [{"name": "a"}]})
     assert [(n, s) for n, _, s in plain.jobs()] == [("a", None)]
@@ -37,7 +40,8 @@ def test_jobs_expand_seeds_globally_and_per_run():
 
 
 def test_aggregate_over_seeds_by_hand():
-    ab = lambda c: {"knowledge": {"change": c, "ci": [c - 0.004, c + 0.004], "tasks": ["nq"], "weight": 0.5}}  # noqa: E731
+    ab = lambda c: {"knowledge": {"change": c, "ci": [c - 0.004, c + 0.004], "tasks": ["nq"],  # noqa: E731
+                                  "weight": 0.5}}
     rows = [_row("a-seed1", 1, 0.5, -0.010, (-0.014, -0.006), ["x", "y"], ab(-0.02)),
             _row("a-seed2", 2, 0.7, -0.020, (-0.024, -0.016), ["x"], ab(-0.01)),
             _row("a-seed3", 3, 0.6, -0.030, (-0.034, -0.026), ["x", "z"], ab(-0.03))]
@@ -56,8 +60,10 @@ def test_aggregate_over_seeds_by_hand():
 
 def test_recommendation_on_the_point_estimate_and_at_95_percent():
     rows = [
-        {"run": "bold", "task": {"gain": 1.0}, "retention": {"change": -0.006, "ci": [-0.016, 0.004]}},   # within on the point only
-        {"run": "safe", "task": {"gain": 0.6}, "retention": {"change": -0.002, "ci": [-0.006, 0.002]}},   # within at 95%
+        # within on the point only
+        {"run": "bold", "task": {"gain": 1.0}, "retention": {"change": -0.006, "ci": [-0.016, 0.004]}},
+        # within at 95%
+        {"run": "safe", "task": {"gain": 0.6}, "retention": {"change": -0.002, "ci": [-0.006, 0.002]}},
         {"run": "over", "task": {"gain": 2.0}, "retention": {"change": -0.03, "ci": [-0.04, -0.02]}},
     ]
     assert recommend(rows, 0.01) == "bold" and recommend(rows, 0.01, "point") == "bold"
@@ -85,7 +91,8 @@ def seeded_sweep(tmp_path_factory, tiny_model, toy_data):
     tmp = tmp_path_factory.mktemp("seeded")
     base = tiny_recipe(tiny_model, toy_data, tmp / "unused", optim__max_steps=6)
     base["train"].pop("output_dir")
-    spec = {"name": "seeded", "base": base, "runs": [{"name": "full", "seeds": [0, 1]}, {"name": "plain", "set": {"optim.lr": 3e-4}}],
+    spec = {"name": "seeded", "base": base,
+            "runs": [{"name": "full", "seeds": [0, 1]}, {"name": "plain", "set": {"optim.lr": 3e-4}}],
             "task_suite": "auto", "retention_suite": "self", "limit": 4, "budget": "50%", "decide_on": "confident",
             "output_dir": str(tmp / "sweep")}
     path = tmp / "sweep.yaml"
@@ -100,7 +107,8 @@ def test_a_seeded_sweep_trains_each_seed_and_aggregates_them(seeded_sweep):
     full = rows["full"]
     assert full["n_seeds"] == 2 and full["seeds"] == [0, 1] and full["seed_runs"] == ["full-seed0", "full-seed1"]
     runs = path.parent / "sweep" / "runs"
-    assert [yaml.safe_load((runs / f"full-seed{s}" / "recipe.yaml").read_text())["train"]["seed"] for s in (0, 1)] == [0, 1]
+    assert [yaml.safe_load((runs / f"full-seed{s}" / "recipe.yaml").read_text())["train"]["seed"]
+            for s in (0, 1)] == [0, 1]
     per = [r["retention"]["change"] for r in state["seed_runs"]]
     assert math.isclose(full["retention"]["change"], sum(per) / 2)
     assert rows["plain"]["n_seeds"] == 1
@@ -155,11 +163,13 @@ def test_merge_auto_alpha_chooses_on_the_point_estimate_or_at_95_percent():
     spec = {0.0: (1.0, 1.0, (1.0, 1.0)), 0.5: (1.10, 0.996, (0.992, 1.000)), 0.75: (1.20, 0.993, (0.985, 1.001)),
             1.0: (1.30, 0.97, (0.96, 0.98))}
     for decide_on, expect in (("point", 0.75), ("confident", 0.5)):
-        curve = [curve_point(a, _cmp(t, (t - 0.01, t + 0.01)), _cmp(r, ci), 0.01, decide_on) for a, (t, r, ci) in spec.items()]
+        curve = [curve_point(a, _cmp(t, (t - 0.01, t + 0.01)), _cmp(r, ci), 0.01, decide_on)
+                 for a, (t, r, ci) in spec.items()]
         by = {c["alpha"]: c for c in curve}
         assert by[0.75]["within_budget"] and not by[0.75]["within_budget_95"]
         assert by[0.75]["retention_drop_upper"] == pytest.approx(0.015)
         assert by[0.5]["within_budget_95"] and not by[1.0]["within_budget"]
         assert choose_alpha(curve, 0.01, decide_on)["alpha"] == expect
     with pytest.raises(ForgetlessError, match="with 95% confidence"):
-        choose_alpha([curve_point(1.0, _cmp(1.3, (1.2, 1.4)), _cmp(0.97, (0.96, 0.98)), 0.01, "confident")], 0.01, "confident")
+        choose_alpha([curve_point(1.0, _cmp(1.3, (1.2, 1.4)), _cmp(0.97, (0.96, 0.98)), 0.01, "confident")], 0.01,
+                     "confident")

@@ -35,7 +35,8 @@ def _logits(model, ids):
 @pytest.mark.parametrize("method", list(METHOD_OPTIONS))
 def test_method_learns_and_reloads_with_same_logits(method, tiny_model, toy_data, tmp_path):
     r = recipe_from_dict(
-        tiny_recipe(tiny_model, toy_data, tmp_path / "run", method=METHOD_OPTIONS[method], optim__lr=METHOD_LR.get(method, 1e-2))
+        tiny_recipe(tiny_model, toy_data, tmp_path / "run", method=METHOD_OPTIONS[method],
+                    optim__lr=METHOD_LR.get(method, 1e-2))
     )
     res = train(r)
     s = res.summary
@@ -59,8 +60,10 @@ def test_method_learns_and_reloads_with_same_logits(method, tiny_model, toy_data
 
 @pytest.mark.parametrize("method", ["lora", "adapter"])
 def test_merged_export_matches_the_adapter(method, tiny_model, toy_data, tmp_path):
-    opts = {"name": "lora", "r": 8} if method == "lora" else {"name": "adapter", "bottleneck": 16, "activation": "identity"}
-    r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", method=opts, optim__max_steps=10, train__merge=True))
+    opts = {"name": "lora", "r": 8} if method == "lora" else {"name": "adapter", "bottleneck": 16,
+                                                              "activation": "identity"}
+    r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", method=opts, optim__max_steps=10,
+                                     train__merge=True))
     res = train(r)
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +78,8 @@ def test_one_step_at_lr_1e5_changes_the_weights(tiny_model, toy_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", optim__lr=1e-5, optim__max_steps=1, train__bf16=True))
+    r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", optim__lr=1e-5, optim__max_steps=1,
+                                     train__bf16=True))
     res = train(r)
     assert res.summary["bf16_compute"] is True
     changed = total = 0
@@ -93,7 +97,8 @@ def test_run_directory_contents(tiny_model, toy_data, tmp_path):
     r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", train__save_steps=10, optim__max_steps=20))
     res = train(r)
     d = res.run_dir
-    assert {"recipe.yaml", "metrics.jsonl", "summary.json", "final", "checkpoints", "data_stats.json"} <= {p.name for p in d.iterdir()}
+    assert {"recipe.yaml", "metrics.jsonl", "summary.json", "final", "checkpoints",
+            "data_stats.json"} <= {p.name for p in d.iterdir()}
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     train_lines = [x for x in lines if "loss" in x]
     assert train_lines and all({"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(x) for x in train_lines[1:])
@@ -156,9 +161,11 @@ def test_early_stopping_counter_survives_a_resume(tiny_model, toy_data, tmp_path
 def test_resume_before_the_first_checkpoint_starts_the_metric_lines_again(tiny_model, toy_data, tmp_path):
     import shutil
 
-    r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", optim__max_steps=6, train__save_steps=None))
+    r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", optim__max_steps=6,
+                                     train__save_steps=None))
     train(r)
-    # as if the run had been killed before any checkpoint: recipe.yaml and metrics.jsonl written, nothing to restart from
+    # as if the run had been killed before any checkpoint: recipe.yaml and metrics.jsonl written, nothing to restart
+    # from
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     (tmp_path / "run" / "checkpoints").mkdir()
     (tmp_path / "run" / "summary.json").unlink()
@@ -192,7 +199,8 @@ def test_train_runs_the_cheap_data_checks_and_strict_makes_them_errors(tiny_mode
     train(r)
     stats = json.loads((tmp_path / "warn" / "data_stats.json").read_text())
     assert any("duplicate" in line for line in stats["check"])
-    strict = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "strict", data__train=str(dup), data__check="strict"))
+    strict = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "strict", data__train=str(dup),
+                                          data__check="strict"))
     with pytest.raises(DataError, match="data.check is strict"):
         train(strict)
     assert not (tmp_path / "strict" / "checkpoints").exists()

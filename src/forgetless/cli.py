@@ -36,7 +36,8 @@ def _data_app() -> typer.Typer:
 
 
 app.add_typer(_models_app(), name="models", help="Catalog of small real models usable offline: list, pull, import.")
-app.add_typer(_data_app(), name="data", help="Check SFT data before training: schema, duplicates, contradictions, contamination.")
+app.add_typer(_data_app(), name="data",
+              help="Check SFT data before training: schema, duplicates, contradictions, contamination.")
 
 
 @app.command()
@@ -49,7 +50,8 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run directory (overrides train.output_dir).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or data report.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON on stdout.")] = False,
-    break_lock: Annotated[bool, typer.Option(help="Take over the run directory's lock held by a process on another host.")] = False,
+    break_lock: Annotated[bool, typer.Option(help="Take over the run directory's lock held by a process on "
+                                                  "another host.")] = False,
 ) -> None:
     """Fine-tune a causal LM as the recipe says; writes a run directory with model, metrics and summary."""
     from .recipe import load_recipe
@@ -79,7 +81,8 @@ def _print_summary(s: dict) -> None:
     t = Table(title=f"run {s['name']}", show_header=False)
     rows = [
         ("method", s["method"]),
-        ("trainable / total params", f"{s['trainable_parameters']:,} / {s['total_parameters']:,} ({100 * s['trainable_share']:.2f}%)"),
+        ("trainable / total params",
+         f"{s['trainable_parameters']:,} / {s['total_parameters']:,} ({100 * s['trainable_share']:.2f}%)"),
         ("steps / tokens", f"{s['steps']} / {s['tokens_seen']:,}"),
         ("wall time", f"{s['wall_time_s']:.1f} s ({s['tokens_per_s']} tok/s)"),
         ("peak memory", f"{s['peak_memory_mb']:.0f} MiB"),
@@ -94,17 +97,24 @@ def _print_summary(s: dict) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Option("--model", "-m", help="Model directory, catalog alias, hub id, or a run directory.")],
+    model: Annotated[str, typer.Option("--model", "-m",
+                                       help="Model directory, catalog alias, hub id, or a run directory.")],
     suite: Annotated[str, typer.Option(help="Built-in suite (general, self) or a suite YAML file.")] = "general",
-    baseline: Annotated[str, typer.Option(help="auto (a run's base model), base, none, or a model path/alias.")] = "auto",
+    baseline: Annotated[str, typer.Option(help="auto (a run's base model), base, none, or a model "
+                                               "path/alias.")] = "auto",
     limit: Annotated[int | None, typer.Option(help="At most N items per task (quick look).")] = None,
     task: Annotated[list[str] | None, typer.Option(help="Only these tasks of the suite (repeatable).")] = None,
-    data_root: Annotated[Path | None, typer.Option(help="Folder the suite's data paths are relative to ($FORGETLESS_DATA).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder the suite's data paths are relative to "
+                                                        "($FORGETLESS_DATA).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the JSON report here (flipped items beside it).")] = None,
-    precision: Annotated[str, typer.Option(help="auto: bf16 autocast where a timed probe finds it faster on this CPU (native bf16), else fp32; bf16; fp32 (reproduces lm-eval's numbers exactly).")] = "auto",
-    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Aliases of --precision bf16 / --precision fp32.")] = None,
+    precision: Annotated[str, typer.Option(help="auto: bf16 autocast where a timed probe finds it faster on this CPU "
+                                                "(native bf16), else fp32; bf16; fp32 (reproduces lm-eval's numbers "
+                                                "exactly).")] = "auto",
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Aliases of --precision bf16 / "
+                                                                       "--precision fp32.")] = None,
     max_length: Annotated[int | None, typer.Option(help="Cap on the scoring window (tokens).")] = None,
-    refresh_baseline: Annotated[bool, typer.Option(help="Re-evaluate the baseline instead of using its cache.")] = False,
+    refresh_baseline: Annotated[bool, typer.Option(help="Re-evaluate the baseline instead of using "
+                                                        "its cache.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
@@ -158,7 +168,8 @@ def merge(
                                                 "down, stop at the first within the budget).")] = "grid",
     decide_on: Annotated[str, typer.Option(help="With --alpha auto: point (the drop's estimate within budget) or "
                                                    "confident (its 95% upper bound within budget).")] = "point",
-    precision: Annotated[str, typer.Option(help="With --alpha auto: evaluation compute, auto | bf16 | fp32 (as in eval).")] = "auto",
+    precision: Annotated[str, typer.Option(help="With --alpha auto: evaluation compute, auto | bf16 | fp32 (as "
+                                                "in eval).")] = "auto",
     full: Annotated[bool, typer.Option(help="Write a full model even for a LoRA adapter.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -171,7 +182,8 @@ def merge(
         if not task_suite:
             raise typer.BadParameter("--alpha auto needs --task-suite (a suite scoring the new task)")
         result = merge_lib.auto_alpha(base, tuned, budget=parse_budget(budget), task_suite=task_suite,
-                                      retention_suite=retention_suite, data_root=data_root, out=out, overwrite=overwrite,
+                                      retention_suite=retention_suite, data_root=data_root, out=out,
+                                      overwrite=overwrite,
                                       progress=not (json_out or quiet), search=search, decide_on=decide_on,
                                       precision=_precision_option(precision, None))
     else:
@@ -194,10 +206,12 @@ def merge(
         for c in result["curve"]:
             mark = "[bold]*[/bold] " if c is result["chosen"] or c == result["chosen"] else ""
             ci = c.get("retention_ci") or [float("nan")] * 2
-            t.add_row(f"{mark}{c['alpha']}", f"{c['task_score']:.4f}", f"{c['retention']:.4f}", f"[{ci[0]:.4f}, {ci[1]:.4f}]",
+            t.add_row(f"{mark}{c['alpha']}", f"{c['task_score']:.4f}", f"{c['retention']:.4f}",
+                      f"[{ci[0]:.4f}, {ci[1]:.4f}]",
                       "yes" if c["within_budget"] else "no", "yes" if c.get("within_budget_95") else "no")
         console.print(t)
-        console.print(f"chosen on the {'95% upper bound of the drop' if result.get('decide_on') == 'confident' else 'point estimate'}"
+        console.print(f"""chosen on the {'95% upper bound of the drop' if result.get('decide_on') == 'confident'
+                                         else 'point estimate'}"""
                       " (--decide-on)")
         console.print(f"chosen alpha {result['chosen']['alpha']}; saved to {out} (curve: {out / 'alpha_curve.png'})")
     else:
@@ -207,13 +221,15 @@ def merge(
 @app.command()
 def sweep(
     sweep_file: Annotated[Path, typer.Argument(help="Sweep YAML: a base recipe plus runs: and/or grid:.")],
-    jobs: Annotated[int, typer.Option(min=1, help="Train this many runs at once (processes share the CPU threads).")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help="Train this many runs at once (processes share the CPU "
+                                                  "threads).")] = 1,
     budget: Annotated[str | None, typer.Option(help="Forgetting budget, e.g. 1%: marks the recommended run.")] = None,
     out: Annotated[Path | None, typer.Option(help="Sweep directory (overrides output_dir).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing an existing sweep directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print sweep.json on stdout.")] = False,
-    break_lock: Annotated[bool, typer.Option(help="Take over the sweep directory's lock held by a process on another host.")] = False,
+    break_lock: Annotated[bool, typer.Option(help="Take over the sweep directory's lock held by a process on "
+                                                  "another host.")] = False,
 ) -> None:
     """Run recipe variants, score each on the task and on retention, and recommend one within a budget.
 
@@ -230,8 +246,10 @@ def sweep(
         if state.get("budget") is not None:
             rec = state.get("recommended")
             console.print(f"recommended: {rec}" if rec else "[red]no run stays within the budget[/red]")
-            console.print(f"acting on the {'95% upper bound of the drop' if state.get('decide_on') == 'confident' else 'point estimate'}"
-                          f" (decide_on); point pick: {state.get('recommended_point')}, budget holds at 95%: {state.get('recommended_95')}")
+            console.print(f"""acting on the {'95% upper bound of the drop' if state.get('decide_on') == 'confident'
+                                             else 'point estimate'}"""
+                          f" (decide_on); point pick: {state.get('recommended_point')}, budget holds at 95%: "
+                          f"{state.get('recommended_95')}")
         console.print(f"sweep.json and report: {state['dir']}")
 
 
@@ -242,7 +260,8 @@ def continual(
     overwrite: Annotated[bool, typer.Option(help="Start again, replacing an existing sequence directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print continual.json on stdout.")] = False,
-    break_lock: Annotated[bool, typer.Option(help="Take over the sequence directory's lock held by a process on another host.")] = False,
+    break_lock: Annotated[bool, typer.Option(help="Take over the sequence directory's lock held by a process on "
+                                                  "another host.")] = False,
 ) -> None:
     """Fine-tune on tasks one after another; score every task after every step (accuracy matrix, BWT, FWT)
     and the retention suite.
@@ -264,7 +283,8 @@ def continual(
 def report(
     path: Annotated[Path, typer.Argument(help="A run, sweep or continual-sequence directory.")],
     out: Annotated[Path | None, typer.Option(help="Where to write the HTML (default: PATH/report.html).")] = None,
-    drift: Annotated[bool, typer.Option(help="Compute the layer-wise drift chart (loads base and tuned weights).")] = True,
+    drift: Annotated[bool, typer.Option(help="Compute the layer-wise drift chart (loads base and tuned "
+                                             "weights).")] = True,
 ) -> None:
     """Write one self-contained report.html: frontier, training curves, retention table, flips, layer drift."""
     from .report import write_report

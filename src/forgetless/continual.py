@@ -80,11 +80,14 @@ LORA_TYPES = ("lora", "dora", "qlora")
 
 class TaskSpec(_Strict):
     name: str = Field(description="Task name (its step directory is steps/<i>-<name>).")
-    data: dict[str, Any] = Field(description="The task's data: train, validation and any data option, over the base recipe's data:.")
+    data: dict[str, Any] = Field(description="The task's data: train, validation and any data option, over the base "
+                                             "recipe's data:.")
     set: dict[str, Any] = Field(default_factory=dict, description="Recipe overrides for this step (dotted keys).")
-    eval: str = Field("auto", description="auto: reference likelihood of data.validation; or a suite (file or built-in name).")
+    eval: str = Field("auto",
+                      description="auto: reference likelihood of data.validation; or a suite (file or built-in name).")
     eval_task: str | None = Field(None, description="Which task of the eval suite (default: its first).")
-    metric: str | None = Field(None, description="Which metric of the eval task is the score (default: its main metric).")
+    metric: str | None = Field(None,
+                               description="Which metric of the eval task is the score (default: its main metric).")
 
     @field_validator("name")
     @classmethod
@@ -127,7 +130,8 @@ class KLCarry(_Strict):
 
 class ReplayCarry(_Strict):
     policy: Literal["quota", "reservoir"] = Field(
-        "quota", description="quota: per_task examples of every earlier task; reservoir: one buffer of `size` over all of them."
+        "quota",
+        description="quota: per_task examples of every earlier task; reservoir: one buffer of `size` over all of them."
     )
     per_task: int = Field(50, gt=0, description="quota: examples kept from each earlier task.")
     size: int = Field(200, gt=0, description="reservoir: examples in the buffer.")
@@ -164,10 +168,12 @@ class Carry(_Strict):
 
 class ContinualConfig(EvalPrecisionOptions):
     name: str = "continual"
-    base: dict[str, Any] | str = Field(description="The base recipe: a mapping, or a recipe YAML path (relative to the sequence file).")
+    base: dict[str, Any] | str = Field(description="The base recipe: a mapping, or a recipe YAML path (relative to the "
+                                                   "sequence file).")
     tasks: list[TaskSpec] = Field(min_length=1, description="The tasks, in training order.")
     carry: Carry = Field(default_factory=Carry)
-    retention_suite: str | None = Field("self", description="What must not be forgotten (built-in name or suite file); null: none.")
+    retention_suite: str | None = Field("self", description="What must not be forgotten (built-in name or suite file); "
+                                                            "null: none.")
     limit: int | None = Field(None, gt=0, description="At most this many items per evaluation task.")
     data_root: str | None = Field(None, description="Folder the suites' data paths are relative to.")
     output_dir: str | None = Field(None, description="Sequence directory. Default: continual/<name>.")
@@ -216,7 +222,8 @@ def select_buffer(sizes: list[int], policy: str, per_task: int, size: int, seed:
     tasks arrive). reservoir: reservoir sampling (algorithm R) of `size` over the stream of all earlier
     tasks' examples in order, so every example seen so far is equally likely to be kept."""
     if policy == "quota":
-        return [sorted(random.Random(seed * 1_000_003 + k).sample(range(n), min(per_task, n))) for k, n in enumerate(sizes)]
+        return [sorted(random.Random(seed * 1_000_003 + k).sample(range(n), min(per_task, n)))
+                for k, n in enumerate(sizes)]
     rng = random.Random(seed)
     buf: list[tuple[int, int]] = []
     seen = 0
@@ -240,7 +247,8 @@ def _train_records(recipe: Recipe) -> list[dict[str, Any]]:
     return [r.data for r in recs]
 
 
-def _carry_mitigations(cfg: ContinualConfig, i: int, prev: list[Step], buffer: list[tuple[str, Path, dict]]) -> list[dict[str, Any]]:
+def _carry_mitigations(cfg: ContinualConfig, i: int, prev: list[Step],
+                       buffer: list[tuple[str, Path, dict]]) -> list[dict[str, Any]]:
     c, out = cfg.carry, []
     if c.ewc and i >= 2:
         ref = prev[-1].recipe.data.model_dump(mode="json")
@@ -248,8 +256,10 @@ def _carry_mitigations(cfg: ContinualConfig, i: int, prev: list[Step], buffer: l
         out.append({"name": "ewc", **c.ewc.model_dump(), "reference": ref,
                     "previous": [str(prev[-1].dir)] if i >= 3 else []})  # step i-1's Fisher: tasks 1..i-2, accumulated
     if c.si:
-        # anchored at the step's start: the previous model (full weights), or "no change" for a fresh adapter on merged weights
-        out.append({"name": "si", **c.si.model_dump(), "previous": str(prev[-1].dir) if i >= 2 else None, "anchor": "start"})
+        # anchored at the step's start: the previous model (full weights), or "no change" for a fresh adapter on
+        # merged weights
+        out.append({"name": "si", **c.si.model_dump(), "previous": str(prev[-1].dir) if i >= 2 else None,
+                    "anchor": "start"})
     if c.kl and not (c.kl.on == "replay" and not (c.replay and i >= 2)):
         out.append({"name": "kl", **c.kl.model_dump()})
     if c.replay and i >= 2 and buffer:
@@ -262,18 +272,21 @@ def _carry_mitigations(cfg: ContinualConfig, i: int, prev: list[Step], buffer: l
 
 def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence") -> list[Step]:
     """Every step's recipe, validated up front (data files are read for the replay buffer)."""
-    base, source = base_recipe_tree(cfg.base if isinstance(cfg.base, dict) else _resolve(cfg.base, folder), f"{where}: base")
-    clash = sorted({m if isinstance(m, str) else m.get("name") for m in base.get("mitigations") or []} & set(cfg.carry.names()))
+    base, source = base_recipe_tree(cfg.base if isinstance(cfg.base, dict) else _resolve(cfg.base, folder),
+                                    f"{where}: base")
+    clash = sorted({m if isinstance(m, str) else m.get("name") for m in base.get("mitigations") or []}
+                   & set(cfg.carry.names()))
     if clash:
-        raise RecipeError(f"{where}: carry.{clash[0]} and a {clash[0]} mitigation in the base recipe: keep one (carry: hands it "
-                          "from step to step)")
+        raise RecipeError(f"{where}: carry.{clash[0]} and a {clash[0]} mitigation in the base recipe: keep one (carry: "
+                          "hands it from step to step)")
     steps: list[Step] = []
     records: list[list[dict[str, Any]]] = []
     for i, task in enumerate(cfg.tasks, 1):
         label = f"{where} tasks[{i - 1}] ({task.name})"
         run_dir = out / "steps" / f"{i}-{task.name}"
         tree = copy.deepcopy(base)
-        data = {k: v for k, v in (tree.get("data") or {}).items() if k not in ("train", "validation", "validation_fraction")}
+        data = {k: v for k, v in (tree.get("data") or {}).items()
+                if k not in ("train", "validation", "validation_fraction")}
         tree["data"] = {**data, **task.data}
         if steps:
             model = tree.get("model")
@@ -284,10 +297,12 @@ def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence")
         probe = recipe_from_dict(tree, overrides, source=label)
         method = probe.method
         if method.peft and method.can_merge():
-            tree["train"]["merge"] = True  # the next step starts from the merged weights; this step's adapter stays in final/
+            # the next step starts from the merged weights; this step's adapter stays in final/
+            tree["train"]["merge"] = True
         elif method.peft and i < len(cfg.tasks):
-            raise RecipeError(f"{label}: method {method.name!r} cannot be merged into the weights, so the next step cannot "
-                              "start from it; use full, freeze, lora, dora, qlora, ia3 or adapter with activation: identity")
+            raise RecipeError(f"{label}: method {method.name!r} cannot be merged into the weights, so the next "
+                              "step cannot start from it; use full, freeze, lora, dora, qlora, ia3 or adapter with "
+                              "activation: identity")
         if cfg.carry.olora and method.name not in LORA_TYPES:
             raise RecipeError(f"{where}: carry.olora needs a LoRA-type method ({', '.join(LORA_TYPES)}); "
                               f"tasks[{i - 1}] ({task.name}) uses {method.name!r}")
@@ -301,7 +316,8 @@ def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence")
                     continue
                 path = (out / "replay" / f"step-{i}" / f"{prev.index}-{prev.task.name}.jsonl").resolve()
                 d = prev.recipe.data.model_dump(mode="json")
-                d.update({"train": str(path), "validation": None, "validation_fraction": 0.0, "limit": None, "split": "train"})
+                d.update({"train": str(path), "validation": None, "validation_fraction": 0.0, "limit": None,
+                          "split": "train"})
                 buffer.append((prev.task.name, path, d))
                 keep.append((prev.task.name, path, [recs[k] for k in idx]))
         tree["mitigations"] = list(tree.get("mitigations") or []) + _carry_mitigations(cfg, i, steps, buffer)
@@ -326,11 +342,11 @@ def task_suite(cfg: ContinualConfig, steps: list[Step], folder: Path) -> Any:
         if step.task.eval == "auto":
             d = step.recipe.data
             if not d.validation or not isinstance(d.validation, str) or d.validation.startswith("hf:"):
-                raise ForgetlessError(f"{where}: auto scores the held-out answers of a local data.validation file; add one to "
-                                      "the task's data: or name an eval suite")
+                raise ForgetlessError(f"{where}: auto scores the held-out answers of a local data.validation file; "
+                                      "add one to the task's data: or name an eval suite")
             if d.format not in ("chat", "prompt_completion"):
-                raise ForgetlessError(f"{where}: auto handles chat and prompt_completion data (data.format is {d.format}); "
-                                      "name an eval suite")
+                raise ForgetlessError(f"{where}: auto handles chat and prompt_completion data (data.format is "
+                                      f"{d.format}); name an eval suite")
             t = auto_task_suite(step.recipe).tasks[0]
         else:
             s = load_suite(_resolve(step.task.eval, folder))
@@ -344,8 +360,8 @@ def _metric_of(result: Any, spec: TaskSpec) -> tuple[Any, float]:
     name = spec.metric or result.main
     names = [m.name for m in result.metrics]
     if name not in names:
-        raise ForgetlessError(f"task {spec.name}: metric {name!r} is not reported by its eval task (kind {result.kind}); "
-                              f"valid: {', '.join(names)}")
+        raise ForgetlessError(f"task {spec.name}: metric {name!r} is not reported by its eval task (kind "
+                              f"{result.kind}); valid: {', '.join(names)}")
     m = result.metric(name)
     return m, 1.0 if m.higher_is_better else -1.0
 
@@ -479,16 +495,16 @@ class _Evaluator:
         _save_items(step.dir / "eval-task.items.json", res)
         atomic_write_json(step.dir / "eval-task.json", {
             "model": str(step.model_dir), "baseline": self.base_path, "suite": self.suite.name,
-            "settings": {"bf16": self.bf16, "precision": self.precision.dtype, "precision_reason": self.precision.reason,
-                         "limit": self.cfg.limit},
+            "settings": {"bf16": self.bf16, "precision": self.precision.dtype,
+                         "precision_reason": self.precision.reason, "limit": self.cfg.limit},
             "candidate": res.summary(), "base": base_res.summary(),
             "comparison": compare(base_res, res, {t.name: t.weight for t in self.suite.tasks}),
         })
         ret = None
         if self.retention is not None:
             ret = eval_model(str(step.dir), self.retention, baseline=self.base_path, limit=self.cfg.limit,
-                             data_root=self.cfg.data_root, precision=self.precision.dtype, out=step.dir / "eval-retention.json",
-                             progress=not self.quiet)
+                             data_root=self.cfg.data_root, precision=self.precision.dtype,
+                             out=step.dir / "eval-retention.json", progress=not self.quiet)
         return res, ret
 
 
@@ -500,7 +516,8 @@ def _retention_entry(report: dict[str, Any] | None) -> dict[str, Any] | None:
         "score": rc["retention_score"], "change": rc["retention_score"] - 1,
         "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
         "significant_drops": rc["significant_drops"],
-        "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant_drop")} for k, v in rc["tasks"].items()},
+        "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant_drop")}
+                  for k, v in rc["tasks"].items()},
     }
 
 
@@ -522,11 +539,13 @@ def _train_step(step: Step, quiet: bool) -> dict[str, Any]:
     return train(step.recipe, resume=resume, overwrite=not resume, quiet=quiet).summary
 
 
-def _step_entry(step: Step, summary: dict[str, Any], retention: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+def _step_entry(step: Step, summary: dict[str, Any], retention: dict[str, Any] | None,
+                seconds: float) -> dict[str, Any]:
     return {
         "step": step.index, "task": step.task.name, "dir": str(step.dir), "model": str(step.model_dir),
         "method": summary["method"], "complete": True,
-        "train": {k: summary.get(k) for k in ("steps", "wall_time_s", "tokens_per_s", "peak_memory_mb", "trainable_parameters",
+        "train": {k: summary.get(k) for k in ("steps", "wall_time_s", "tokens_per_s", "peak_memory_mb",
+                                              "trainable_parameters",
                                               "initial_validation_loss", "final_validation_loss")},
         "mitigations": summary.get("mitigations", []),
         "replay_buffer": {task: len(recs) for task, _, recs in step.replay},
@@ -587,7 +606,8 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
         if overwrite:
             shutil.rmtree(out)
         elif not state_path.is_file():
-            raise ForgetlessError(f"{out} exists and is not a continual directory; pass --overwrite or choose another output_dir")
+            raise ForgetlessError(f"{out} exists and is not a continual directory; pass --overwrite or choose another "
+                                  "output_dir")
         else:
             saved = yaml.safe_load((out / "sequence.yaml").read_text()) if (out / "sequence.yaml").is_file() else None
             if saved is not None and {k: v for k, v in saved.items() if k != "output_dir"} != seq_dump:
@@ -596,8 +616,8 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
             for s in steps:
                 saved_recipe = s.dir / "recipe.yaml"
                 if saved_recipe.is_file() and load_recipe(saved_recipe).resolved() != s.recipe.resolved():
-                    raise ForgetlessError(f"step {s.index} ({s.task.name}): its recipe changed since {saved_recipe} was "
-                                          "written; pass --overwrite to start the sequence again")
+                    raise ForgetlessError(f"step {s.index} ({s.task.name}): its recipe changed since "
+                                          f"{saved_recipe} was written; pass --overwrite to start the sequence again")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sequence.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
@@ -606,8 +626,9 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
     prior = json.loads(state_path.read_text()) if state_path.is_file() else {}
     done = {e["step"]: e for e in prior.get("steps", []) if e.get("complete")}
     T = len(steps)
-    console.print(f"[bold]continual {cfg.name}[/bold]: {T} tasks ({len(done)} done), method {steps[0].recipe.method.name}, "
-                  f"carry {', '.join(cfg.carry.names()) or 'nothing'}, retention suite {retention.name if retention else 'none'} -> {out}")
+    console.print(f"[bold]continual {cfg.name}[/bold]: {T} tasks ({len(done)} done), method "
+                  f"{steps[0].recipe.method.name}, carry {', '.join(cfg.carry.names()) or 'nothing'}, retention suite "
+                  f"{retention.name if retention else 'none'} -> {out}")
     base_res = evaluator.base_row(out)
     rows = [base_res.tasks]
     specs = [s.task for s in steps]
@@ -633,7 +654,8 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
             ret = state["steps"][t - 1]["retention"] if t else (
                 {"score": 1.0, "change": 0.0, "ci": [0.0, 0.0], "significant_drops": []} if retention else None)
             entry["after"] = "base" if t == 0 else state["steps"][t - 1]["task"]
-            entry["retention"] = None if ret is None else {k: ret[k] for k in ("score", "change", "ci", "significant_drops")}
+            entry["retention"] = None if ret is None else {k: ret[k]
+                                                           for k in ("score", "change", "ci", "significant_drops")}
         state["trajectory"] = summ["trajectory"]
         state["complete"] = len(state["steps"]) == T
         atomic_write_json(state_path, state)
@@ -650,8 +672,10 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
             console.print(f"step {step.index}/{T} {step.task.name}: done earlier, skipped")
             continue
         console.print(f"[bold]step {step.index}/{T}[/bold] {step.task.name}: training"
-                      + (f" from {steps[step.index - 2].task.name}'s model" if step.index > 1 else " from the base model")
-                      + (f", replaying {sum(len(r) for _, _, r in step.replay)} earlier examples" if step.replay else ""))
+                      + (f" from {steps[step.index - 2].task.name}'s model" if step.index > 1
+                         else " from the base model")
+                      + (f", replaying {sum(len(r) for _, _, r in step.replay)} earlier examples" if step.replay
+                         else ""))
         summary = _train_step(step, quiet)
         res, ret = evaluator.step(step, base_res)
         if step.recipe.train.report:
@@ -666,8 +690,8 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
         r = state["steps"][-1]["retention"]
         console.print(
             f"step {i}/{T} {step.task.name}: {summary['steps']} steps in {summary['wall_time_s']:.0f}s; "
-            f"score {summ['score'][i][j]:+.3f} (base {summ['score'][0][j]:+.3f}); average {_fmt(m['average_accuracy'])}, "
-            f"BWT {_fmt(m['bwt'])}; retention "
+            f"score {summ['score'][i][j]:+.3f} (base {summ['score'][0][j]:+.3f}); average "
+            f"{_fmt(m['average_accuracy'])}, BWT {_fmt(m['bwt'])}; retention "
             + (f"{100 * r['change']:+.2f}% [{100 * r['ci'][0]:+.2f}%, {100 * r['ci'][1]:+.2f}%]" if r else "-")
         )
     save()
@@ -763,7 +787,8 @@ def write_plots(state: dict[str, Any], out: Path) -> dict[str, str]:
     return paths
 
 
-def write_continual_report(path: str | Path, state: dict[str, Any] | None = None, out: str | Path | None = None) -> Path:
+def write_continual_report(path: str | Path, state: dict[str, Any] | None = None,
+                           out: str | Path | None = None) -> Path:
     """report.html for a sequence directory (or `out`): metrics, heat-map, trajectories, per-step curves and tables."""
     import base64
 
@@ -816,7 +841,8 @@ def continual_table(state: dict[str, Any]) -> Any:
             text = f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
             cells.append(f"[bold]{text}[/bold]" if i == j + 1 else text)
         ret = state["trajectory"][i].get("retention")
-        cells.append(f"{100 * ret['change']:+.2f}% [{100 * ret['ci'][0]:+.2f}%, {100 * ret['ci'][1]:+.2f}%]" if ret and i else "-")
+        cells.append(f"{100 * ret['change']:+.2f}% [{100 * ret['ci'][0]:+.2f}%, {100 * ret['ci'][1]:+.2f}%]"
+                     if ret and i else "-")
         t.add_row(name, *cells)
     m = state["metrics"]
     t.caption = (f"average {_fmt(m['average_accuracy'])}   BWT {_fmt(m['bwt'])}   FWT {_fmt(m['fwt'])}   "

@@ -22,7 +22,8 @@ import yaml
 from .errors import ForgetlessError
 from .sweep import SweepConfig, Variant
 
-SYLLABLES = ["zor", "va", "nia", "quel", "port", "tam", "bri", "ka", "lun", "dor", "mes", "ti", "ra", "sel", "gon", "fi"]
+SYLLABLES = ["zor", "va", "nia", "quel", "port", "tam", "bri", "ka", "lun", "dor", "mes", "ti", "ra", "sel", "gon",
+             "fi"]
 
 
 def _name(rng: random.Random, parts: int) -> str:
@@ -96,7 +97,8 @@ def demo_sweep(model: str, train_file: Path, val_file: Path, task_suite: Path, o
     )
 
 
-def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: bool = False,
+             quiet: bool = False) -> dict:
     from rich.console import Console
 
     from .retention.tasks import resolve_data_root
@@ -128,10 +130,12 @@ def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: b
     suite.write_text(task_suite_yaml(files["heldout"]))
     root = resolve_data_root(None)
     general = not tiny and root is not None and (root / "commonsense_mc" / "arc_easy_test.jsonl").is_file()
-    console.print(f"[bold]2/3[/bold] task: capitals of {len(data)} invented countries ({len(data) - n_val} train / {n_val} held out); "
-                  f"retention suite: {'general (data found in ' + str(root) + ')' if general else 'self (no data files needed)'}")
+    console.print(f"[bold]2/3[/bold] task: capitals of {len(data)} invented countries ({len(data) - n_val} train / "
+                  f"{n_val} held out); retention suite: "
+                  f"{'general (data found in ' + str(root) + ')' if general else 'self (no data files needed)'}")
     cfg = demo_sweep(model, files["train"], files["val"], suite, out_dir / "sweep", tiny, general)
-    console.print("[bold]3/3[/bold] sweep: full FT at a high learning rate, LoRA, and full FT with self-replay + KL to the base")
+    console.print("[bold]3/3[/bold] sweep: full FT at a high learning rate, LoRA, and full FT with self-replay + KL to "
+                  "the base")
     return run_sweep(cfg, folder=out_dir, quiet=quiet)
 
 

@@ -235,8 +235,8 @@ def check_recipe(recipe: Any) -> str:
         raise RecipeError(f"{where} needs CUDA GPUs but train.device is cpu; use engine: ddp on CPUs")
     if recipe.method.name not in _SHARDED_METHODS:
         raise RecipeError(
-            f"method.name: {recipe.method.name} is not supported with {where} (supported: {', '.join(_SHARDED_METHODS)}); "
-            "use engine: ddp"
+            f"method.name: {recipe.method.name} is not supported with {where} (supported: "
+            f"{', '.join(_SHARDED_METHODS)}); use engine: ddp"
         )
     for m in recipe.mitigations:
         if m.name in _NEEDS_WHOLE_PARAMS:
@@ -319,7 +319,8 @@ def read_accelerate_config(path: str) -> dict[str, Any]:
                 fsdp[dst] = fc[src]
         layers = fc.get("transformer_layer_cls_to_wrap")
         if layers:
-            fsdp["transformer_layer_cls_to_wrap"] = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else list(layers)
+            fsdp["transformer_layer_cls_to_wrap"] = ([s.strip() for s in layers.split(",")] if isinstance(layers, str)
+                                                     else list(layers))
         return {"engine": "fsdp", "fsdp": fsdp}
     if kind == "DEEPSPEED":
         dc = dict(cfg.deepspeed_config or {})
@@ -332,4 +333,5 @@ def read_accelerate_config(path: str) -> dict[str, Any]:
                 raise ValueError(f"{path}: deepspeed {src}: {dev}; forgetless offloads to cpu only (or none)")
             ds[dst] = dev == "cpu"
         return {"engine": "deepspeed", "deepspeed": ds}
-    raise ValueError(f"{path}: distributed_type {kind} is not supported; use MULTI_GPU/MULTI_CPU (DDP), FSDP or DEEPSPEED")
+    raise ValueError(f"{path}: distributed_type {kind} is not supported; use MULTI_GPU/MULTI_CPU (DDP), FSDP or "
+                     "DEEPSPEED")

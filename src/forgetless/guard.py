@@ -108,7 +108,8 @@ class MonitorCallback(TrainerCallback):
         s = load_suite(self.monitor.suite).only(self.monitor.tasks).with_limit(self.monitor.limit)
         if self.monitor.max_new_tokens:
             s = s.model_copy(update={"tasks": [
-                t.model_copy(update={"max_new_tokens": self.monitor.max_new_tokens}) if t.kind == "self_reference" else t
+                t.model_copy(update={"max_new_tokens": self.monitor.max_new_tokens}) if t.kind == "self_reference"
+                else t
                 for t in s.tasks]})
         return s
 
@@ -165,7 +166,8 @@ class MonitorCallback(TrainerCallback):
 
                 check = budget_check(report["retention_score"], report["retention_ci"], self.guard.budget)
                 probe.update({"fl_drop": check["drop"], "fl_drop_upper": check["drop_upper"],
-                              "fl_within_budget": check["within_budget"], "fl_within_budget_95": check["within_budget_95"]})
+                              "fl_within_budget": check["within_budget"],
+                              "fl_within_budget_95": check["within_budget_95"]})
             why = self.breaches(report) if self.guard is not None else []
         # rank 0's probe and verdict, on every rank: all of them act on the same decision at this step
         probe, why = dist.broadcast_object((probe, why))
@@ -214,7 +216,9 @@ class MonitorCallback(TrainerCallback):
             snap = snapshot(self.params, state.global_step, self.trainer.optimizer if self.trainer else None, val_loss)
             snap.within_95 = probe.get("fl_within_budget_95")
             self.state.last_ok = snap
-            if self.state.best_ok is None or (val_loss is not None and (self.state.best_ok.val_loss is None or val_loss <= self.state.best_ok.val_loss)):
+            if self.state.best_ok is None or (val_loss is not None
+                                              and (self.state.best_ok.val_loss is None
+                                                   or val_loss <= self.state.best_ok.val_loss)):
                 self.state.best_ok = snap
             return
         self._event(state.global_step, "breach", {"reasons": why, "retention": retention, "drop": probe.get("fl_drop"),
@@ -236,7 +240,8 @@ class MonitorCallback(TrainerCallback):
                 group["lr"] *= self.guard.lr_factor
             if hasattr(sched, "base_lrs"):
                 sched.base_lrs = [lr * self.guard.lr_factor for lr in sched.base_lrs]
-            self._event(state.global_step, "lower_lr", {"factor": self.guard.lr_factor, "lr": opt.param_groups[0]["lr"]})
+            self._event(state.global_step, "lower_lr",
+                        {"factor": self.guard.lr_factor, "lr": opt.param_groups[0]["lr"]})
         elif action == "more_replay":
             replay = next((m for m in self.mitigations if hasattr(m, "raise_ratio")), None)
             if replay is None:
@@ -279,7 +284,8 @@ class MonitorCallback(TrainerCallback):
         if g is None or g.select == "last":
             sel = {"chosen_step": step, "why": "last state (guard.select: last)" if g else "no guard"}
         elif final_within_budget and (self.state.best_ok is None or final_val_loss is None
-                                      or self.state.best_ok.val_loss is None or final_val_loss <= self.state.best_ok.val_loss):
+                                      or self.state.best_ok.val_loss is None
+                                      or final_val_loss <= self.state.best_ok.val_loss):
             sel = {"chosen_step": step, "why": "the final state is within budget and has the best validation loss"}
         elif self.state.best_ok is not None and self.state.best_ok.step != self.state.base.step:
             restore(self.params, self.state.best_ok)
@@ -287,15 +293,16 @@ class MonitorCallback(TrainerCallback):
                    "val_loss": self.state.best_ok.val_loss}
         else:
             restore(self.params, self.state.base)
-            sel = {"chosen_step": self.state.base.step, "why": "NO STATE STAYED WITHIN BUDGET: the final model is the base model",
-                   "warning": True}
+            sel = {"chosen_step": self.state.base.step,
+                   "why": "NO STATE STAYED WITHIN BUDGET: the final model is the base model", "warning": True}
         if g is not None:
             by_step = {p["step"]: p for p in self.state.probes if p}
             chosen = by_step.get(sel["chosen_step"], {})
             sel["within_budget_95"] = True if sel["chosen_step"] == self.state.base.step and self.state.base.step == 0 \
                 else chosen.get("fl_within_budget_95")
             sel["drop"], sel["drop_upper"] = chosen.get("fl_drop"), chosen.get("fl_drop_upper")
-            sel["acted_on"] = ("the drop's point estimate" + (", breaches only where significant" if g.require_significant else "")
+            sel["acted_on"] = ("the drop's point estimate"
+                               + (", breaches only where significant" if g.require_significant else "")
                                + "; within_budget_95: whether the budget held with 95% confidence at the chosen state")
         self.state.selection = sel
         return sel

@@ -49,7 +49,8 @@ def load_endpoints(base: str, tuned: str) -> Endpoints:
     b_model, _ = load_model(base)
     b_state, t_state = b_model.state_dict(), t_model.state_dict()
     if set(b_state) != set(t_state) or any(b_state[k].shape != t_state[k].shape for k in b_state):
-        raise ForgetlessError(f"{base} and {tuned} do not have the same parameters; merge needs the tuned model's own base")
+        raise ForgetlessError(f"{base} and {tuned} do not have the same parameters; merge needs the tuned model's "
+                              "own base")
     return Endpoints(b_model.eval(), t_model.eval(), tok, lora_dir)
 
 
@@ -85,10 +86,12 @@ def save_scaled_lora(lora_dir: Path, alpha: float, out: Path, overwrite: bool) -
             if f.is_file() and f.name != "adapter_model.safetensors":
                 shutil.copy2(f, tmp / f.name)
         state = load_file(str(lora_dir / "adapter_model.safetensors"))
-        save_file({k: (v * alpha if ".lora_B." in k else v) for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+        save_file({k: (v * alpha if ".lora_B." in k else v) for k, v in state.items()},
+                  str(tmp / "adapter_model.safetensors"))
 
 
-def merge(base: str, tuned: str, alpha: float, out: str | Path, overwrite: bool = False, full: bool = False) -> dict[str, Any]:
+def merge(base: str, tuned: str, alpha: float, out: str | Path, overwrite: bool = False,
+          full: bool = False) -> dict[str, Any]:
     """Write theta(alpha). A LoRA adapter is written as a scaled adapter unless `full`."""
     if not 0.0 <= alpha <= 1.0:
         raise ForgetlessError(f"--alpha must be in [0, 1], got {alpha}")
@@ -191,13 +194,15 @@ def auto_alpha(
                               "precision": {"dtype": prec.dtype, "reason": prec.reason}}
     if out is not None:
         out = Path(out)
-        result["saved"] = write_merged(ends, base, tuned, best["alpha"], out, overwrite=overwrite)  # the models loaded above
+        # the models loaded above
+        result["saved"] = write_merged(ends, base, tuned, best["alpha"], out, overwrite=overwrite)
         atomic_write_json(out / "alpha_curve.json", result)
         plot_curve(curve, best, budget, out / "alpha_curve.png")
     return result
 
 
-def curve_point(alpha: float, task_cmp: dict[str, Any], ret_cmp: dict[str, Any], budget: float, decide_on: str) -> dict[str, Any]:
+def curve_point(alpha: float, task_cmp: dict[str, Any], ret_cmp: dict[str, Any], budget: float,
+                decide_on: str) -> dict[str, Any]:
     """One alpha of the curve from its two comparisons: scores, intervals, and the budget both ways."""
     from .retention.metrics import budget_check
 

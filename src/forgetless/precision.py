@@ -100,7 +100,8 @@ def cpu_identity() -> dict[str, Any]:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             key = key.strip().lower()
-            if key in ("model name", "hardware", "cpu model") and model in ("", platform.machine(), platform.processor()):
+            if (key in ("model name", "hardware", "cpu model")
+                    and model in ("", platform.machine(), platform.processor())):
                 model = value.strip()
             elif key in ("flags", "features") and not flags:
                 flags = value.strip()
@@ -154,7 +155,8 @@ def config_widths(path: str | Path | None) -> tuple[int, int]:
         return DEFAULT_WIDTHS
     raw = raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw  # multimodal configs
     hidden = raw.get("hidden_size") or raw.get("n_embd") or raw.get("d_model") or raw.get("dim")
-    inter = raw.get("intermediate_size") or raw.get("n_inner") or raw.get("hidden_dim") or (4 * hidden if hidden else None)
+    inter = (raw.get("intermediate_size") or raw.get("n_inner") or raw.get("hidden_dim")
+             or (4 * hidden if hidden else None))
     if isinstance(hidden, int) and isinstance(inter, int) and hidden > 0 and inter > 0:
         return hidden, inter
     return DEFAULT_WIDTHS
@@ -224,8 +226,8 @@ def cache_path() -> Path:
 
 def cache_key(device: torch.device, widths: tuple[int, int]) -> str:
     ident = cpu_identity()
-    parts = [f"probe{PROBE_VERSION}", device.type, ident["cpu"], ident["flags_sha"], ident["torch"], f"threads={ident['threads']}",
-             f"widths={widths[0]}x{widths[1]}"]
+    parts = [f"probe{PROBE_VERSION}", device.type, ident["cpu"], ident["flags_sha"], ident["torch"],
+             f"threads={ident['threads']}", f"widths={widths[0]}x{widths[1]}"]
     return "|".join(parts)
 
 

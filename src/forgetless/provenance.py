@@ -104,7 +104,8 @@ def check_same_machine(saved: dict[str, Any] | None, current: dict[str, Any], *,
     sp, cp = (saved.get("precision") or {}).get("dtype"), (current.get("precision") or {}).get("dtype")
     differences = []
     if (sm.get("cpu"), sm.get("flags_sha")) != (cm.get("cpu"), cm.get("flags_sha")):
-        differences.append(f"CPU {sm.get('cpu')} [flags {sm.get('flags_sha')}] vs {cm.get('cpu')} [flags {cm.get('flags_sha')}]")
+        differences.append(f"CPU {sm.get('cpu')} [flags {sm.get('flags_sha')}] vs {cm.get('cpu')} [flags "
+                           f"{cm.get('flags_sha')}]")
     if sp != cp:
         differences.append(f"precision {sp} vs {cp}")
     if not differences:

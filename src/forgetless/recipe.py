@@ -140,7 +140,8 @@ class FreezeMethod(_Method):
 
 
 Method = Annotated[
-    FullMethod | LoraMethod | DoraMethod | QLoraMethod | IA3Method | PrefixMethod | PromptMethod | AdapterMethod | FreezeMethod,
+    FullMethod | LoraMethod | DoraMethod | QLoraMethod | IA3Method | PrefixMethod | PromptMethod | AdapterMethod
+    | FreezeMethod,
     Field(discriminator="name"),
 ]
 METHOD_NAMES = ("full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter", "freeze")
@@ -190,15 +191,19 @@ class FsdpOptions(_Strict):
 
     version: Literal[2] = Field(2, description="FSDP2 (fully_shard); FSDP1 is deprecated in transformers.")
     reshard_after_forward: bool = Field(
-        True, description="true: full shard (parameters too, like ZeRO-3); false: gradients and optimizer state only (like ZeRO-2)."
+        True, description="true: full shard (parameters too, like ZeRO-3); false: gradients and optimizer state only "
+        "(like ZeRO-2)."
     )
     auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
     transformer_layer_cls_to_wrap: list[str] | None = Field(
-        None, description="Block classes sharded one by one (e.g. [LlamaDecoderLayer]). None: the model's _no_split_modules."
+        None,
+        description="Block classes sharded one by one (e.g. [LlamaDecoderLayer]). None: the model's _no_split_modules."
     )
-    min_num_params: int = Field(0, ge=0, description="SIZE_BASED_WRAP: wrap modules with at least this many parameters.")
+    min_num_params: int = Field(0, ge=0,
+                                description="SIZE_BASED_WRAP: wrap modules with at least this many parameters.")
     cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state in CPU memory.")
-    activation_checkpointing: bool = Field(False, description="FSDP's activation checkpointing (prefer it to train.gradient_checkpointing).")
+    activation_checkpointing: bool = Field(False, description="FSDP's activation checkpointing (prefer it to "
+                                                              "train.gradient_checkpointing).")
 
     @model_validator(mode="after")
     def _policy(self) -> FsdpOptions:
@@ -231,7 +236,8 @@ class DeepSpeedOptions(_Strict):
     """DeepSpeed ZeRO through the Trainer's own `deepspeed` option (CUDA GPUs, `pip install deepspeed`).
     Batch size, accumulation, clipping and precision come from the recipe (the config's "auto" values)."""
 
-    stage: Literal[2, 3] = Field(2, description="ZeRO-2 shards optimizer state and gradients; ZeRO-3 also the parameters.")
+    stage: Literal[2, 3] = Field(2,
+                                 description="ZeRO-2 shards optimizer state and gradients; ZeRO-3 also the parameters.")
     offload_optimizer: bool = Field(False, description="Optimizer state in CPU memory.")
     offload_params: bool = Field(False, description="ZeRO-3 only: parameters in CPU memory.")
     config: str | None = Field(None, description="A DeepSpeed JSON file used as is instead of the options above.")
@@ -293,19 +299,24 @@ class DistributedConfig(_Strict):
     is short for the engine (or the accelerate config) alone."""
 
     engine: Literal["ddp", "fsdp", "deepspeed"] = Field(
-        "ddp", description="ddp: data parallel, a whole model per process (CPU or GPU); fsdp / deepspeed: sharded (GPUs)."
+        "ddp",
+        description="ddp: data parallel, a whole model per process (CPU or GPU); fsdp / deepspeed: sharded (GPUs)."
     )
     accelerate_config: str | None = Field(
-        None, description="An accelerate config file (from `accelerate config`): its distributed_type and fsdp/deepspeed "
+        None,
+        description="An accelerate config file (from `accelerate config`): its distributed_type and fsdp/deepspeed "
         "settings choose the engine and its options."
     )
     fsdp: FsdpOptions | None = Field(None, description="FSDP options (engine: fsdp; defaults when absent).")
-    deepspeed: DeepSpeedOptions | None = Field(None, description="DeepSpeed ZeRO options (engine: deepspeed; ZeRO-2 when absent).")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Process-group backend. auto: nccl on GPUs, gloo on CPUs.")
+    deepspeed: DeepSpeedOptions | None = Field(None, description="DeepSpeed ZeRO options (engine: deepspeed; ZeRO-2 "
+                                                                 "when absent).")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="Process-group backend. auto: nccl on GPUs, "
+                                                                         "gloo on CPUs.")
     find_unused_parameters: bool | None = Field(
         None, description="DDP's find_unused_parameters. None: the Trainer's choice (off with gradient checkpointing)."
     )
-    timeout_s: int | None = Field(None, gt=0, description="Collective timeout (the Trainer's ddp_timeout, default 1800 s).")
+    timeout_s: int | None = Field(None, gt=0,
+                                  description="Collective timeout (the Trainer's ddp_timeout, default 1800 s).")
 
     @model_validator(mode="before")
     @classmethod
@@ -331,7 +342,8 @@ class DistributedConfig(_Strict):
         if self.fsdp is not None and self.engine != "fsdp":
             raise ValueError(f"fsdp: FSDP options, but engine is {self.engine}; set engine: fsdp or drop them")
         if self.deepspeed is not None and self.engine != "deepspeed":
-            raise ValueError(f"deepspeed: DeepSpeed options, but engine is {self.engine}; set engine: deepspeed or drop them")
+            raise ValueError(f"deepspeed: DeepSpeed options, but engine is {self.engine}; set engine: deepspeed or "
+                             "drop them")
         if self.accelerate_config is not None:
             from .distributed import read_accelerate_config
 
@@ -345,8 +357,9 @@ class DistributedConfig(_Strict):
             for key in ("engine", "fsdp", "deepspeed"):
                 mine, theirs = getattr(self, key), getattr(found, key)
                 if key in self.model_fields_set and mine != theirs:
-                    raise ValueError(f"accelerate_config decides the engine and its options, and {self.accelerate_config} "
-                                     f"says {key}: {theirs!r}, not {mine!r}; drop {key} (or drop accelerate_config)")
+                    raise ValueError("accelerate_config decides the engine and its options, and "
+                                     f"{self.accelerate_config} says {key}: {theirs!r}, not {mine!r}; drop {key} (or "
+                                     "drop accelerate_config)")
                 self.__dict__[key] = theirs  # filled in (no re-validation): recipe.yaml records what ran
         return self
 
@@ -371,13 +384,15 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = False
     merge: bool = Field(False, description="Also save a merged model (PEFT methods that allow it).")
     progress: bool = Field(True, description="Show a progress bar.")
-    report: bool = Field(True, description="Write report.html at the end (training curves, layer drift; see `forgetless report`).")
+    report: bool = Field(True, description="Write report.html at the end (training curves, layer drift; see "
+                                           "`forgetless report`).")
     divergence_factor: float | None = Field(
         10.0, gt=1, description="Stop the run (exit code 2, last good checkpoint kept) when a step's training loss is "
         "above this multiple of the first logged training loss (taken as at least 1.0); a non-finite loss or gradient "
         "always stops it. null: only the non-finite check. See docs/reliability.md.")
     distributed: DistributedConfig | None = Field(
-        None, description="Multi-process options (torchrun / accelerate launch): engine ddp, fsdp or deepspeed, or an accelerate config."
+        None, description="Multi-process options (torchrun / accelerate launch): engine ddp, fsdp or deepspeed, or an "
+        "accelerate config."
     )
 
     @model_validator(mode="before")
@@ -399,7 +414,8 @@ class Recipe(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     mitigations: list[MitigationConfig] = Field(
-        default_factory=list, description="Defences against forgetting, composed in order: l2sp, ewc, si, kl, replay, self_replay, freeze."
+        default_factory=list,
+        description="Defences against forgetting, composed in order: l2sp, ewc, si, kl, replay, self_replay, freeze."
     )
     monitor: MonitorConfig | None = Field(None, description="Probe retention during training (see guard).")
     guard: GuardConfig | None = Field(None, description="Keep training inside a forgetting budget (implies monitor).")
@@ -424,7 +440,8 @@ class Recipe(_Strict):
         names = [m.name for m in self.mitigations]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise ValueError(f"mitigations: {', '.join(sorted(dup))} listed twice; combine their options into one entry")
+            raise ValueError(f"mitigations: {', '.join(sorted(dup))} listed twice; combine their options into "
+                             "one entry")
         if "kl" in names and next(m for m in self.mitigations if m.name == "kl").on == "replay" and not (
             {"replay", "self_replay"} & set(names)
         ):
@@ -493,7 +510,8 @@ def format_validation_error(
                 noun = loc[-1]
             else:
                 parent = loc[-2] if len(loc) > 1 else ""
-                noun = {"mitigations": "mitigation", "tasks": "task kind"}.get(parent, str(ctx.get("discriminator", "value")).strip("'"))
+                noun = {"mitigations": "mitigation", "tasks": "task kind"}.get(
+                    parent, str(ctx.get("discriminator", "value")).strip("'"))
             msg = f"unknown {noun} {ctx.get('tag')!r}; valid: {ctx.get('expected_tags')}"
         elif e["type"] == "union_tag_not_found":
             msg = f"needs a {e.get('ctx', {}).get('discriminator', 'tag')} key"

@@ -119,7 +119,8 @@ def layer_drift(run_dir: Path, force: bool = False) -> dict[str, Any] | None:
         if b is None or b.shape != w.shape or not torch.is_floating_point(w):
             continue
         m = LAYER.search(name)
-        block = f"layer {int(m.group(1)):02d}" if m else ("embeddings" if "emb" in name else ("lm_head" if "lm_head" in name else "other"))
+        block = f"layer {int(m.group(1)):02d}" if m else ("embeddings" if "emb" in name
+                                                          else ("lm_head" if "lm_head" in name else "other"))
         d = (w.float() - b.float())
         acc = blocks.setdefault(block, {"diff2": 0.0, "base2": 0.0, "fisher_penalty": 0.0})
         acc["diff2"] += float(d.pow(2).sum())
@@ -160,7 +161,8 @@ def _plt() -> Any:
 
 def pareto(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
     """Points not dominated in (retention change, task gain), both higher-is-better, ordered by retention."""
-    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in points)]
+    front = [p for p in points
+             if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in points)]
     return sorted(front)
 
 
@@ -238,7 +240,8 @@ def place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: floa
         for dx, dy in candidates:
             ha = "left" if dx > 1e-9 else "right" if dx < -1e-9 else "center"
             va = "bottom" if dy > 1e-9 else "top" if dy < -1e-9 else "center"
-            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, ha=ha, va=va)
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, ha=ha,
+                              va=va)
             bb = ann.get_window_extent(renderer)
             cost = overlap(bb)
             if best is None or cost < best[0]:
@@ -253,7 +256,8 @@ def place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: floa
         if dist > 10:
             ann.remove()
             ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=ann.xyann, fontsize=fontsize,
-                              ha=ann.get_ha(), va=ann.get_va(), arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
+                              ha=ann.get_ha(), va=ann.get_va(),
+                              arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6})
         placed.append(bb)
         anns.append(ann)
     return anns
@@ -273,7 +277,8 @@ def curves_plot(run_dir: Path, name: str) -> str | None:
         ax.plot(*zip(*ev, strict=True), "o-", label="validation loss", color="tab:purple")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    probes = [(r["step"], r["fl_retention"], r.get("fl_retention_lo"), r.get("fl_retention_hi")) for r in recs if "fl_retention" in r]
+    probes = [(r["step"], r["fl_retention"], r.get("fl_retention_lo"), r.get("fl_retention_hi")) for r in recs
+              if "fl_retention" in r]
     if probes and probes[0][0] > 0:
         probes.insert(0, (0, 1.0, 1.0, 1.0))  # the monitor's reference: the model at the start, by definition
     handles, labels = ax.get_legend_handles_labels()
@@ -326,21 +331,23 @@ def retention_tables(run_dirs: list[Path], max_flips: int = 3) -> list[dict[str,
             rows, flips = [], []
             for name, t in rep["comparison"]["tasks"].items():
                 rows.append({
-                    "task": name, "metric": t["main"] + ("" if t["higher_is_better"] else " (lower is better)"), "n": t["n"],
-                    "base": t["base"], "candidate": t["candidate"], "delta": t["delta"], "ci": t["ci"],
+                    "task": name, "metric": t["main"] + ("" if t["higher_is_better"] else " (lower is better)"),
+                    "n": t["n"], "base": t["base"], "candidate": t["candidate"], "delta": t["delta"], "ci": t["ci"],
                     "verdict": "drop" if t["significant_drop"] else ("gain" if t["significant"] else "noise"),
                     "flipped": t["flipped"],
                 })
                 for ex in t.get("flipped_examples", [])[:max_flips]:
                     flips.append({"task": name, "where": ex.get("where", ex.get("id", "")),
-                                  "text": str(next((ex[k] for k in ("context", "prompt", "text", "question") if k in ex), ""))[-400:],
+                                  "text": str(next((ex[k] for k in ("context", "prompt", "text", "question")
+                                                    if k in ex), ""))[-400:],
                                   "base": str(ex.get("base_prediction", "")), "now": str(ex.get("prediction", ""))})
             cmp = rep["comparison"]
-            abilities = [{"ability": name, "tasks": ", ".join(a["tasks"]), "weight": a["weight"], "change": a["change"], "ci": a["ci"],
+            abilities = [{"ability": name, "tasks": ", ".join(a["tasks"]), "weight": a["weight"], "change": a["change"],
+                          "ci": a["ci"],
                           "share": sum(cmp["tasks"].get(n, {}).get("variance_share") or 0.0 for n in a["tasks"])}
                          for name, a in (cmp.get("abilities") or {}).items()]
-            out.append({"run": d.name, "suite": rep["suite"], "kind": kind, "rows": rows, "flips": flips, "abilities": abilities,
-                        "score_definition": cmp.get("score_definition", 1),
+            out.append({"run": d.name, "suite": rep["suite"], "kind": kind, "rows": rows, "flips": flips,
+                        "abilities": abilities, "score_definition": cmp.get("score_definition", 1),
                         "retention_score": cmp["retention_score"], "retention_ci": cmp["retention_ci"]})
     return out
 
@@ -372,8 +379,8 @@ def build_report(path: str | Path, drift: bool = True) -> str:
     env.filters["pct"] = lambda x: "-" if x is None else f"{100 * x:+.2f}%"
     env.filters["num"] = lambda x: "-" if x is None else (f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}")
     return env.get_template("report.html.j2").render(
-        title=info["title"], kind=info["kind"], rows=info["rows"], budget=info["budget"], recommended=info["recommended"],
-        decide_on=info["decide_on"], abilities=info["abilities"],
+        title=info["title"], kind=info["kind"], rows=info["rows"], budget=info["budget"],
+        recommended=info["recommended"], decide_on=info["decide_on"], abilities=info["abilities"],
         frontier=frontier_plot(info["rows"], info["budget"], info["recommended"]),
         runs=runs, tables=retention_tables(info["runs"]),
     )

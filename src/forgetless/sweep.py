@@ -63,7 +63,8 @@ from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 class Variant(_Strict):
     name: str = Field(description="Run name (its directory under runs/).")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted recipe keys and their values.")
-    seeds: list[int] | None = Field(None, min_length=1, description="Train this run once per seed (overrides the sweep's seeds).")
+    seeds: list[int] | None = Field(None, min_length=1,
+                                    description="Train this run once per seed (overrides the sweep's seeds).")
 
     @field_validator("name")
     @classmethod
@@ -75,17 +76,24 @@ class Variant(_Strict):
 
 class SweepConfig(EvalPrecisionOptions):
     name: str = "sweep"
-    base: dict[str, Any] | str = Field(description="The base recipe: a mapping, or a recipe YAML path (relative to the sweep file).")
+    base: dict[str, Any] | str = Field(description="The base recipe: a mapping, or a recipe YAML path (relative to the "
+                                                   "sweep file).")
     runs: list[Variant] = Field(default_factory=list)
-    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted recipe key -> values; every combination is a run.")
-    task_suite: str = Field("auto", description="Suite scoring the target task; auto: reference likelihood of data.validation (chat format).")
-    retention_suite: str = Field("self", description="Suite of what must not be forgotten (built-in name or YAML file).")
+    grid: dict[str, list[Any]] = Field(default_factory=dict,
+                                       description="Dotted recipe key -> values; every combination is a run.")
+    task_suite: str = Field("auto", description="Suite scoring the target task; auto: reference likelihood of "
+                                                "data.validation (chat format).")
+    retention_suite: str = Field("self",
+                                 description="Suite of what must not be forgotten (built-in name or YAML file).")
     limit: int | None = Field(None, gt=0, description="At most this many items per evaluation task.")
     data_root: str | None = Field(None, description="Folder the suites' data paths are relative to.")
-    budget: float | None = Field(None, gt=0, lt=1, description="Forgetting budget (1% or 0.01): marks the recommended run.")
-    seeds: list[int] | None = Field(None, min_length=1, description="Train every run once per seed (train.seed); rows aggregate over seeds.")
+    budget: float | None = Field(None, gt=0, lt=1,
+                                 description="Forgetting budget (1% or 0.01): marks the recommended run.")
+    seeds: list[int] | None = Field(None, min_length=1, description="Train every run once per seed (train.seed); rows "
+                                                                    "aggregate over seeds.")
     decide_on: Literal["point", "confident"] = Field(
-        "point", description="What `recommended` acts on: the drop's point estimate (point) or its 95% upper bound (confident)."
+        "point",
+        description="What `recommended` acts on: the drop's point estimate (point) or its 95% upper bound (confident)."
     )
     output_dir: str | None = Field(None, description="Sweep directory. Default: sweeps/<name>.")
 
@@ -110,7 +118,8 @@ class SweepConfig(EvalPrecisionOptions):
         jobs = [j for j, _, _ in self.jobs()]
         dup = sorted({n for n in jobs if jobs.count(n) > 1})
         if dup:
-            raise ValueError(f"run directories must be unique; repeated: {', '.join(dup)} (a run named like another's seed run?)")
+            raise ValueError(f"run directories must be unique; repeated: {', '.join(dup)} (a run named like another's "
+                             "seed run?)")
         return self
 
     def seeds_of(self, v: Variant) -> list[int] | None:
@@ -188,7 +197,8 @@ def auto_task_suite(recipe: Recipe) -> Any:
         prompt, reference, chat = f"{{{{ {d.field('prompt')} }}}}", f"{{{{ {d.field('completion')} }}}}", False
     else:
         raise ForgetlessError(
-            f"sweep task_suite: auto handles chat and prompt_completion data; data.format is {d.format}: name a task suite"
+            f"sweep task_suite: auto handles chat and prompt_completion data; data.format is {d.format}: name a "
+            "task suite"
         )
     task = ReferenceLikelihoodTask(
         name="task_heldout", data=DataSource(path=str(Path(val).resolve())), prompt=prompt, reference=reference,
@@ -223,21 +233,23 @@ def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepCo
     (a Precision, or bf16 / fp32), so every run and the base are scored alike; None resolves cfg's setting here."""
     from .retention.api import eval_model
 
-    kw = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root, "precision": precision or cfg.eval_setting(),
-          "progress": progress}
+    kw = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root,
+          "precision": precision or cfg.eval_setting(), "progress": progress}
     task = eval_model(str(run_dir), task_suite, out=run_dir / "eval-task.json", **kw)
     ret = eval_model(str(run_dir), retention_suite, out=run_dir / "eval-retention.json", **kw)
     rc = ret["comparison"]
     return {
         "task": task_gain(task["comparison"]),
-        "task_tasks": {k: {x: v[x] for x in ("base", "candidate", "delta", "ci", "significant")} for k, v in task["comparison"]["tasks"].items()},
+        "task_tasks": {k: {x: v[x] for x in ("base", "candidate", "delta", "ci", "significant")}
+                       for k, v in task["comparison"]["tasks"].items()},
         "retention": {
             "score": rc["retention_score"], "change": rc["retention_score"] - 1,
             "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
             "score_definition": rc.get("score_definition", 1),
             "abilities": rc.get("abilities") or {},
             "significant_drops": rc["significant_drops"],
-            "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant", "significant_drop", "flipped")}
+            "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant",
+                                            "significant_drop", "flipped")}
                       for k, v in rc["tasks"].items()},
         },
     }
@@ -302,7 +314,8 @@ def aggregate_seeds(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     first = rows[0]
     out: dict[str, Any] = {
-        "run": name, "variant": name, "seeds": [r["seed"] for r in rows], "n_seeds": len(rows), "seed_runs": [r["run"] for r in rows],
+        "run": name, "variant": name, "seeds": [r["seed"] for r in rows], "n_seeds": len(rows),
+        "seed_runs": [r["run"] for r in rows],
         "dir": first["dir"], "dirs": [r["dir"] for r in rows], "method": first["method"], "set": first["set"],
     }
     if all(r.get("task") for r in rows):
@@ -320,14 +333,15 @@ def aggregate_seeds(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
                              "weight": per[0]["weight"]}
     drops = [set(r["retention"]["significant_drops"]) for r in rows]
     out["retention"] = {
-        "score": 1 + ret["mean"], "change": ret["mean"], "ci": ret["ci"], "per_seed": [r["retention"]["change"] for r in rows],
+        "score": 1 + ret["mean"], "change": ret["mean"], "ci": ret["ci"],
+        "per_seed": [r["retention"]["change"] for r in rows],
         "seed_sd": ret["seed_sd"], "item_half_width": ret["item_half_width"] if len(rows) > 1 else None,
         "seed_half_width": ret.get("seed_half_width"), "interval": ret["method"],
         "score_definition": first["retention"].get("score_definition", 1), "abilities": abilities,
         "significant_drops": sorted(set.intersection(*drops)),
     }
-    for key in ("wall_time_s", "tokens_per_s", "trainable_parameters", "trainable_share", "val_loss_before", "val_loss_after",
-                "sweep_seconds"):
+    for key in ("wall_time_s", "tokens_per_s", "trainable_parameters", "trainable_share", "val_loss_before",
+                "val_loss_after", "sweep_seconds"):
         vals = [r.get(key) for r in rows]
         out[key] = sum(vals) / len(vals) if all(v is not None for v in vals) else None
     out["peak_memory_mb"] = max(r["peak_memory_mb"] for r in rows)
@@ -358,7 +372,8 @@ def recommend(rows: list[dict[str, Any]], budget: float | None, decide_on: str =
 
 
 def sweep_rows(cfg: SweepConfig, finished: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The table's rows in sweep order: a finished unseeded run as is, a seeded run aggregated over its finished seeds."""
+    """The table's rows in sweep order: a finished unseeded run as is, a seeded run aggregated over its finished
+    seeds."""
     rows = []
     for v in cfg.variants():
         seeds = cfg.seeds_of(v)
@@ -420,10 +435,12 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
 
             shutil.rmtree(out)
         elif not state_path.is_file():
-            raise ForgetlessError(f"{out} exists and is not a sweep directory; pass --overwrite or choose another output_dir")
+            raise ForgetlessError(f"{out} exists and is not a sweep directory; pass --overwrite or choose another "
+                                  "output_dir")
     out.mkdir(parents=True, exist_ok=True)
     prior = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    # finished training runs: unseeded ones are rows of `runs` (as in sweeps before seeds), seeded ones are in `seed_runs`
+    # finished training runs: unseeded ones are rows of `runs` (as in sweeps before seeds), seeded ones are in
+    # `seed_runs`
     done = {r["run"]: r for r in prior.get("runs", []) if not r.get("seed_runs")}
     done.update({r["run"]: r for r in prior.get("seed_runs", [])})
     for name, r in recipes.items():
@@ -433,7 +450,8 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
 
             if load_recipe(saved).resolved() != r.resolved():
                 raise ForgetlessError(
-                    f"sweep run {name}: its recipe changed since {saved} was written; pass --overwrite to start the sweep again"
+                    f"sweep run {name}: its recipe changed since {saved} was written; pass --overwrite to start the "
+                    "sweep again"
                 )
     atomic_write_text(out / "sweep.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
@@ -447,8 +465,9 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
 
     # resolved once, so every run and the base model are scored at the same precision (caches key on it)
     prec = eval_precision(cfg.eval_setting(), resolve_model(first.model.name).path)
-    console.print(f"[bold]sweep {cfg.name}[/bold]: {len(variants)} runs, {len(trainings)} trainings ({len(trainings) - len(todo)} finished), "
-                  f"task suite {task_suite.name}, retention suite {retention_suite.name} -> {out}")
+    console.print(f"[bold]sweep {cfg.name}[/bold]: {len(variants)} runs, {len(trainings)} trainings "
+                  f"({len(trainings) - len(todo)} finished), task suite {task_suite.name}, retention suite "
+                  f"{retention_suite.name} -> {out}")
     console.print(f"evaluation {prec.line()}", highlight=False)
     finished = {name: done[name] for name, _, _ in trainings if name in done}
     state: dict[str, Any] = {
@@ -489,7 +508,8 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
                 console.print(f"finished {row['run']}")
     else:
         for i, s in enumerate(specs, 1):
-            console.print(f"[bold]run {i}/{len(specs)}[/bold]: {s['recipe']['name']} {json.dumps(s['set']) if s['set'] else ''}")
+            console.print(f"[bold]run {i}/{len(specs)}[/bold]: {s['recipe']['name']} "
+                          f"{json.dumps(s['set']) if s['set'] else ''}")
             row = run_one(s)
             finished[row["run"]] = row
             save()
@@ -544,9 +564,11 @@ def sweep_table(state: dict[str, Any]) -> Any:
     rows = state["runs"]
     abilities = ability_names(rows)
     t = Table(title=f"sweep {state['name']}: task gain vs retention change"
-              + (f" (budget {100 * budget:.3g}%; recommended on the {'95% upper bound' if state.get('decide_on') == 'confident' else 'point estimate'})"
+              + (f" (budget {100 * budget:.3g}%; recommended on the "
+                 f"{'95% upper bound' if state.get('decide_on') == 'confident' else 'point estimate'})"
                  if budget else ""),
-              caption="single: one training seed, the interval is the items' alone; abilities: change in points, 95% half-width"
+              caption="single: one training seed, the interval is the items' alone; abilities: change in points, 95% "
+                      "half-width"
               if rows else None)
     cols = ["run", "seeds", "method", "task gain [95% CI]", "retention change [95% CI]"]
     if budget:
@@ -565,7 +587,8 @@ def sweep_table(state: dict[str, Any]) -> Any:
         cells = [
             r["run"] + mark, seeds_label(r), r["method"],
             f"{g['gain']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]{' *' if g['significant'] else ''}" if g else "-",
-            ("[red]" if over else "") + f"{_pct(ret['change'])} [{_pct(ret['ci'][0])}, {_pct(ret['ci'][1])}]" + ("[/red]" if over else ""),
+            ("[red]" if over else "") + f"{_pct(ret['change'])} [{_pct(ret['ci'][0])}, {_pct(ret['ci'][1])}]"
+            + ("[/red]" if over else ""),
         ]
         if budget:
             point_ok, conf_ok = -ret["change"] <= budget, -ret["ci"][0] <= budget
@@ -578,7 +601,8 @@ def sweep_table(state: dict[str, Any]) -> Any:
             f"{r['wall_time_s']:.0f}" if r.get("wall_time_s") is not None else "-",
             f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") is not None else "-",
             f"{r['peak_memory_mb']:.0f}" if r.get("peak_memory_mb") is not None else "-",
-            f"{int(r['trainable_parameters']):,} ({100 * r['trainable_share']:.2f}%)" if r.get("trainable_parameters") is not None else "-",
+            (f"{int(r['trainable_parameters']):,} ({100 * r['trainable_share']:.2f}%)"
+             if r.get("trainable_parameters") is not None else "-"),
         ]
         t.add_row(*cells)
     return t

@@ -103,7 +103,8 @@ def copy_task(n: int = 64, seed: int = 0, fmt: str = "instruction") -> list[dict
         elif fmt == "prompt_completion":
             out.append({"prompt": f"copy: {words}\n", "completion": words})
         elif fmt == "chat":
-            out.append({"messages": [{"role": "user", "content": f"copy: {words}"}, {"role": "assistant", "content": words}]})
+            out.append({"messages": [{"role": "user", "content": f"copy: {words}"},
+                                     {"role": "assistant", "content": words}]})
         elif fmt == "text":
             out.append({"text": f"copy: {words} => {words}"})
         else:
@@ -184,11 +185,12 @@ def build_organism(out_dir: str | Path, steps: int = 300, seed: int = 0) -> dict
     recipe = recipe_from_dict({
         "name": "organism-a",
         "model": str(raw),
-        "data": {"train": str(paths["a_train"]), "format": "prompt_completion", "chat_template": False, "max_length": 64},
+        "data": {"train": str(paths["a_train"]), "format": "prompt_completion", "chat_template": False,
+                 "max_length": 64},
         "method": "full",
         "optim": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "warmup_steps": 10, "schedule": "cosine"},
-        "train": {"output_dir": str(out_dir / "run-a"), "save_steps": None, "progress": False, "seed": seed, "logging_steps": 50,
-                  "bf16": False},  # fp32 pinned: the organism is the same on every CPU
+        "train": {"output_dir": str(out_dir / "run-a"), "save_steps": None, "progress": False, "seed": seed,
+                  "logging_steps": 50, "bf16": False},  # fp32 pinned: the organism is the same on every CPU
         "mitigations": [{"name": "si"}],  # records the importance of A's weights for the SI test
     })
     train(recipe, overwrite=True, quiet=True)
@@ -206,7 +208,8 @@ class ForkedCli:
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(["forgetless.cli", "forgetless.train.run"])
 
-    def run(self, *args: str, env: dict[str, str] | None = None, out: str | Path, timeout: float = 300) -> tuple[int, str]:
+    def run(self, *args: str, env: dict[str, str] | None = None, out: str | Path,
+            timeout: float = 300) -> tuple[int, str]:
         """(exit code, stdout and stderr); the exit code is -9 for a process killed with SIGKILL."""
         import os
 

@@ -98,7 +98,8 @@ def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]
         raise DataError(f"{path}: unsupported data file type; use .jsonl, .json (optionally .gz), or hf:<dataset id>")
     problem = file_problem(path)
     if problem:  # empty, binary or not UTF-8: one finding for the whole file
-        yield 1, None, BadLine(f"{path}:1", problem, kind="schema" if problem.startswith("the file is empty") else "malformed_json")
+        yield 1, None, BadLine(f"{path}:1", problem,
+                               kind="schema" if problem.startswith("the file is empty") else "malformed_json")
         return
     if name.endswith((".jsonl", ".ndjson")) and json_array_text(path) is not None:
         name = name + ".json"  # one JSON array under a .jsonl name: read as a .json file is
@@ -293,7 +294,8 @@ class _WindowHasher:
         """Hashes of every k-word window of each doc, concatenated, and the offsets (len(docs) + 1) of each
         doc's hashes. With `pad`, a doc shorter than k (but not empty) has one window: the whole doc."""
         n = len(docs)
-        mult = np.random.default_rng(self.seed + 1).integers(0, 2**63, size=k, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        mult = (np.random.default_rng(self.seed + 1).integers(0, 2**63, size=k, dtype=np.uint64) * np.uint64(2)
+                + np.uint64(1))
         lens = np.fromiter((d.size for d in docs), dtype=np.int64, count=n)
         counts = np.maximum(lens - k + 1, 0)
         if pad:
@@ -1025,7 +1027,8 @@ def report_problems(report: CheckReport) -> list[str]:
                      f"would be {verb}" + first(ln, lambda x: f"{x['where']} ({x['tokens']} tokens)"))
     ct = report.contamination
     if ct.get("contaminated"):
-        per = ", ".join(f"{t}: {v['contaminated_examples']}" for t, v in ct["tasks"].items() if v["contaminated_examples"])
+        per = ", ".join(f"{t}: {v['contaminated_examples']}" for t, v in ct["tasks"].items()
+                        if v["contaminated_examples"])
         wheres = [v["examples"][0]["where"] for v in ct["tasks"].values() if v["examples"]]
         lines.append(f"contamination: {_n(ct['contaminated'], 'example')} sharing a {ct['ngram']}-gram with eval "
                      f"items ({per})" + (f"; first: {wheres[0]}" if wheres else ""))

@@ -110,7 +110,8 @@ def print_report(report: Any, console: Console = out) -> None:
                              ["where", "error"], [[e["where"], e["error"]] for e in s["examples"]]))
     e = d["exact_duplicates"]
     if e.get("duplicates"):
-        console.print(_table(f"exact duplicates: {_n(e['duplicates'], 'extra copy', 'extra copies')} in {_n(e['groups'], 'group')}",
+        console.print(_table(f"exact duplicates: {_n(e['duplicates'], 'extra copy', 'extra copies')} in "
+                             f"{_n(e['groups'], 'group')}",
                              ["copies", "locations", "text"],
                              [[g["copies"], ", ".join(g["locations"]), g["text"]] for g in e["examples"]]))
     nd = d["near_duplicates"]
@@ -126,8 +127,8 @@ def print_report(report: Any, console: Console = out) -> None:
         for g in c["examples"]:
             for k, v in enumerate(g["variants"]):
                 rows2.append([g["prompt"] if k == 0 else "", v["where"], v["count"], v["answer"]])
-        console.print(_table(f"contradictions: {_n(c['groups'], 'prompt')} ({_n(c['records'], 'record')}) with materially "
-                             "different answers", ["prompt", "where", "records", "answer"], rows2))
+        console.print(_table(f"contradictions: {_n(c['groups'], 'prompt')} ({_n(c['records'], 'record')}) with "
+                             "materially different answers", ["prompt", "where", "records", "answer"], rows2))
     dg = d["degenerate"]
     if dg.get("count"):
         reasons = ", ".join(f"{n} {r}" for r, n in dg["by_reason"].items())
@@ -169,12 +170,15 @@ def print_report(report: Any, console: Console = out) -> None:
 @app.command("check")
 def check_cmd(
     files: Annotated[list[str], typer.Argument(help="JSONL/JSON data files (optionally .gz).")],
-    fmt: Annotated[str, typer.Option("--format", help="chat | instruction | prompt_completion | text.")] = "instruction",
+    fmt: Annotated[str, typer.Option("--format",
+                                     help="chat | instruction | prompt_completion | text.")] = "instruction",
     field: Annotated[list[str] | None, typer.Option("--field", help="Map a canonical field to the file's name: "
                                                     "--field output=response (repeatable).")] = None,
-    against: Annotated[list[str] | None, typer.Option("--against", help="Retention suite (general, a suite YAML) or eval "
-                                                      "set (JSONL/JSON, or name=path) to check for n-gram contamination (repeatable).")] = None,
-    data_root: Annotated[Path | None, typer.Option("--data-root", help="Where a suite's data paths are relative to.")] = None,
+    against: Annotated[list[str] | None, typer.Option("--against", help="Retention suite (general, a suite YAML) or "
+                                                      "eval set (JSONL/JSON, or name=path) to check for n-gram "
+                                                      "contamination (repeatable).")] = None,
+    data_root: Annotated[Path | None, typer.Option("--data-root",
+                                                   help="Where a suite's data paths are relative to.")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="Token budget per example "
                                                    "(needs --tokenizer; default 1024).")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Model path, hub id or alias whose "
@@ -190,9 +194,11 @@ def check_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Let --fix replace an existing output.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 1 when any problem is found.")] = False,
 ) -> None:
-    """Check SFT data for schema errors, duplicates, near-duplicates, contradictions, over-long and degenerate examples, eval contamination.
+    """Check SFT data for schema errors, duplicates, near-duplicates, contradictions, over-long and degenerate examples,
+    eval contamination.
 
-    Prints a summary table per check with the file:line of the first examples; --json-out / --json give the full report, --fix a cleaned copy.
+    Prints a summary table per check with the file:line of the first examples; --json-out / --json give the full report,
+    --fix a cleaned copy.
 
     Exit codes: 0 done (problems are reported, not fatal, unless --strict), 1 problems found with --strict, 2 error.
     """
@@ -241,8 +247,10 @@ def check_cmd(
 
 @app.command("pull")
 def pull_cmd(
-    suite: Annotated[str, typer.Argument(help="A built-in retention suite (general, basic-skills) or a suite YAML file.")],
-    to: Annotated[Path, typer.Option("--to", help="Folder to write the suite's data files into (then --data-root DIR).")],
+    suite: Annotated[str, typer.Argument(help="A built-in retention suite (general, basic-skills) or a suite "
+                                              "YAML file.")],
+    to: Annotated[Path, typer.Option("--to",
+                                     help="Folder to write the suite's data files into (then --data-root DIR).")],
     task: Annotated[list[str] | None, typer.Option(help="Only this task (repeatable).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Fetch again files that are already there.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print what was written as JSON.")] = False,
@@ -258,7 +266,8 @@ def pull_cmd(
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    rows = [[r["task"], r["status"], f"hf:{r['source']['hub']}" + (f" ({r['source']['config']})" if r["source"].get("config") else "")
+    rows = [[r["task"], r["status"],
+             f"hf:{r['source']['hub']}" + (f" ({r['source']['config']})" if r["source"].get("config") else "")
              + f" [{r['source']['split']}]" + ("" if r["source"].get("verified") else " (mapping unverified)"),
              ", ".join(r["files"])] for r in report]
     out.print(_table(f"data pull {suite} -> {to}", ["task", "status", "source", "files"], rows))

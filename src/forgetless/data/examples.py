@@ -80,7 +80,8 @@ def to_messages(rec: Record, cfg: DataConfig) -> list[dict[str, str]]:
         for j, m in enumerate(raw):
             if not isinstance(m, dict) or role_key not in m or content_key not in m:
                 raise DataError(
-                    f"{rec.where}: message {j} needs {role_key!r} and {content_key!r} keys (see data.fields.role/content)"
+                    f"{rec.where}: message {j} needs {role_key!r} and {content_key!r} keys (see "
+                    "data.fields.role/content)"
                 )
             role = ROLE_ALIASES.get(str(m[role_key]), str(m[role_key]))
             if role not in ("system", "user", "assistant", "tool"):
@@ -155,7 +156,8 @@ def uses_chat_template(cfg: DataConfig, tokenizer: Any) -> bool:
             raise DataError(
                 f"data.format is {cfg.format!r} with a chat template, but the tokenizer "
                 f"({getattr(tokenizer, 'name_or_path', '?')}) has no chat template. Use a chat model, set "
-                "data.chat_template: false with format instruction/prompt_completion, or add a template to the tokenizer."
+                "data.chat_template: false with format instruction/prompt_completion, or add a template to the "
+                "tokenizer."
             )
         return True
     if cfg.format == "text":
@@ -168,7 +170,8 @@ def _chat_ids(tokenizer: Any, msgs: list[dict[str, str]], **kw: Any) -> list[int
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
-def encode_chat(rec: Record, msgs: list[dict[str, str]], tokenizer: Any, completion_only: bool) -> tuple[list[int], list[int]]:
+def encode_chat(rec: Record, msgs: list[dict[str, str]], tokenizer: Any,
+                completion_only: bool) -> tuple[list[int], list[int]]:
     ids = _chat_ids(tokenizer, msgs)
     if not completion_only:
         return ids, list(ids)

@@ -67,7 +67,8 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
             try:
                 yield i, raw.decode("utf-8"), None
             except UnicodeDecodeError as e:
-                yield i, None, f"not UTF-8 text (byte {e.start} of the line is {raw[e.start:e.start + 1]!r}); save the file as UTF-8"
+                yield i, None, (f"not UTF-8 text (byte {e.start} of the line is {raw[e.start:e.start + 1]!r}); "
+                                "save the file as UTF-8")
 
 
 def json_array_text(path: Path) -> list[Any] | None:

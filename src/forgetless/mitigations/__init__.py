@@ -33,4 +33,5 @@ def build(configs: list[Any]) -> list[Mitigation]:
     return [MITIGATIONS[c.name](c) for c in ordered]
 
 
-__all__ = ["MITIGATIONS", "MITIGATION_NAMES", "Mitigation", "MitigationCallback", "MitigationConfig", "TrainContext", "build", "loss_term"]
+__all__ = ["MITIGATIONS", "MITIGATION_NAMES", "Mitigation", "MitigationCallback", "MitigationConfig", "TrainContext",
+           "build", "loss_term"]

@@ -36,7 +36,8 @@ def self_reference_examples(ctx: TrainContext, n: int, seed: int = 0) -> list[di
     ectx = EvalContext(model=ctx.model, tokenizer=ctx.tokenizer, bf16=ctx.bf16, cache_dir=ctx.cache_dir,
                        reference_fingerprint=ctx.fingerprint())
     ref = build_reference(task, ectx)
-    return [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(ref["prompts"], ref["answers"], strict=True)]
+    return [{"input_ids": p + a, "labels": [-100] * len(p) + a}
+            for p, a in zip(ref["prompts"], ref["answers"], strict=True)]
 
 
 def sample(examples: list[dict], n: int, seed: int) -> list[dict]:

@@ -40,11 +40,14 @@ class EWCConfig(_Strict):
     weight: float = Field(1000.0, ge=0, description="lambda: strength of the penalty.")
     samples: int = Field(200, gt=0, description="Reference samples used to estimate the Fisher.")
     reference: Literal["self"] | DataConfig = Field(
-        "self", description="self: the base model's answers to built-in general prompts; or a data set (train:, format:)."
+        "self",
+        description="self: the base model's answers to built-in general prompts; or a data set (train:, format:)."
     )
-    labels: Literal["data", "sampled"] = Field("data", description="Empirical Fisher (data labels) or true Fisher (sampled).")
+    labels: Literal["data", "sampled"] = Field("data",
+                                               description="Empirical Fisher (data labels) or true Fisher (sampled).")
     normalize: Literal["none", "max", "mean"] = Field("none", description="Scale F so its max or mean is 1.")
-    previous: list[str] = Field(default_factory=list, description="ewc_state.safetensors files (or run dirs) of earlier runs.")
+    previous: list[str] = Field(default_factory=list,
+                                description="ewc_state.safetensors files (or run dirs) of earlier runs.")
     gamma: float = Field(1.0, ge=0, le=1, description="Decay of previous Fishers (online EWC).")
     seed: int = 0
 
@@ -71,7 +74,8 @@ def fisher_diag(
     return [f / n for f in fisher]
 
 
-def lm_sample_losses(model, examples: list[dict], labels: str, bf16: bool, seed: int) -> Iterable[Callable[[], torch.Tensor]]:
+def lm_sample_losses(model, examples: list[dict], labels: str, bf16: bool,
+                     seed: int) -> Iterable[Callable[[], torch.Tensor]]:
     """One closure per example: its mean token NLL, on the data's labels or on labels sampled from the model."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -154,8 +158,10 @@ class EWC(QuadraticPenalty):
             state = load_file(str(_state_path(prev)))
             missing = [n for n in self.names if f"fisher.{n}" not in state]
             if missing:
-                raise ForgetlessError(f"mitigations.ewc.previous {prev}: no Fisher for {missing[0]} (a run with another method?)")
-            fisher = [f + cfg.gamma * state[f"fisher.{n}"].to(f.device) for f, n in zip(fisher, self.names, strict=True)]
+                raise ForgetlessError(f"mitigations.ewc.previous {prev}: no Fisher for {missing[0]} (a run with "
+                                      "another method?)")
+            fisher = [f + cfg.gamma * state[f"fisher.{n}"].to(f.device)
+                      for f, n in zip(fisher, self.names, strict=True)]
         self.weights = file_backed(fisher, ctx.mmap_dir)
         self.anchor = file_backed([p.detach().float() for p in self.params], ctx.mmap_dir)
         self.extra_bytes = tensor_bytes(self.anchor) + tensor_bytes(self.weights)
@@ -168,7 +174,8 @@ class EWC(QuadraticPenalty):
         if cfg.labels == "data":  # each rank its share of the samples; the sums all-reduced
             mine = dist.shard(examples)
             self.notes["fisher_samples_per_rank"] = len(mine)
-            return fisher_diag(self.params, lm_sample_losses(ctx.model, mine, cfg.labels, ctx.bf16, cfg.seed), all_reduce=True)
+            return fisher_diag(self.params, lm_sample_losses(ctx.model, mine, cfg.labels, ctx.bf16, cfg.seed),
+                               all_reduce=True)
         # sampled labels are one random stream over the samples in order: rank 0 draws them all, as one process would
         fisher = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         if dist.is_main():
@@ -178,7 +185,8 @@ class EWC(QuadraticPenalty):
     def finish(self, ctx: TrainContext) -> None:
         """Save the accumulated Fisher and the final weights: the next run's `previous:`."""
         state = {f"fisher.{n}": f.cpu().contiguous() for n, f in zip(self.names, self.weights, strict=True)}
-        state.update({f"theta.{n}": p.detach().float().cpu().contiguous() for n, p in zip(self.names, self.params, strict=True)})
+        state.update({f"theta.{n}": p.detach().float().cpu().contiguous()
+                      for n, p in zip(self.names, self.params, strict=True)})
         tmp = ctx.run_dir / (STATE_FILE + ".tmp")
         save_file(state, str(tmp))
         tmp.replace(ctx.run_dir / STATE_FILE)

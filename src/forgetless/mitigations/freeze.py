@@ -44,7 +44,8 @@ class Freeze(Mitigation):
         if cfg.bottom_k_blocks:
             blocks = find_blocks(model)
             if cfg.bottom_k_blocks > len(blocks):
-                raise ForgetlessError(f"mitigations.freeze.bottom_k_blocks={cfg.bottom_k_blocks}, but the model has {len(blocks)} blocks")
+                raise ForgetlessError(f"mitigations.freeze.bottom_k_blocks={cfg.bottom_k_blocks}, but the model has "
+                                      f"{len(blocks)} blocks")
             for block in list(blocks)[: cfg.bottom_k_blocks]:
                 frozen |= {id(p) for p in block.parameters()}
         pat = re.compile(cfg.pattern) if cfg.pattern else None

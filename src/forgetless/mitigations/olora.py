@@ -36,7 +36,8 @@ class OLoRAConfig(_Strict):
     weight: float = Field(0.5, ge=0, description="lambda_1: strength of the orthogonality penalty.")
     l2: float = Field(0.0, ge=0, description="lambda_2: L2 penalty on the new adapter's weights.")
     previous: list[str] = Field(
-        default_factory=list, description="Earlier tasks' LoRA adapters: adapter directories or run directories (their final/)."
+        default_factory=list,
+        description="Earlier tasks' LoRA adapters: adapter directories or run directories (their final/)."
     )
 
 
@@ -56,7 +57,8 @@ def lora_a_matrices(path: str | Path) -> dict[str, torch.Tensor]:
         if m:
             out[m.group(1)] = t.float()
     if not out:
-        raise ForgetlessError(f"mitigations.olora.previous {path}: the adapter has no lora_A weights (not a LoRA adapter?)")
+        raise ForgetlessError(f"mitigations.olora.previous {path}: the adapter has no lora_A weights (not a LoRA "
+                              "adapter?)")
     return out
 
 
@@ -91,7 +93,8 @@ class OLoRA(Mitigation):
         live = {m.group(1): p for n, p in named if (m := _LIVE_A.match(n))}
         if not live:
             raise ForgetlessError(
-                f"mitigations.olora needs a LoRA-type method (lora, dora, qlora); method {ctx.recipe.method.name!r} has no lora_A weights"
+                f"mitigations.olora needs a LoRA-type method (lora, dora, qlora); method {ctx.recipe.method.name!r} "
+                "has no lora_A weights"
             )
         self.all_params = [p for _, p in named]
         self.prev_mats = [lora_a_matrices(p) for p in self.config.previous]
@@ -102,7 +105,8 @@ class OLoRA(Mitigation):
                 self.a_params.append(p)
                 self.a_prev.append(torch.cat(mats).to(p.device))
         if self.config.previous and not self.a_params:
-            raise ForgetlessError("mitigations.olora.previous: the earlier adapters adapt none of this adapter's layers")
+            raise ForgetlessError("mitigations.olora.previous: the earlier adapters adapt none of this "
+                                  "adapter's layers")
         self.extra_bytes = tensor_bytes(self.a_prev)
         self.notes.update({"previous_adapters": len(self.prev_mats), "constrained_modules": len(self.a_params),
                            "overlap_start": self.overlap()})
@@ -111,7 +115,8 @@ class OLoRA(Mitigation):
         return {n: p.detach().float() for n, p in zip(self.a_names, self.a_params, strict=True)}
 
     def overlap(self) -> float | None:
-        v = subspace_overlap(self.current(), [{n: a for n, a in zip(self.a_names, self.a_prev, strict=True)}]) if self.a_params else None
+        v = (subspace_overlap(self.current(), [{n: a for n, a in zip(self.a_names, self.a_prev, strict=True)}])
+             if self.a_params else None)
         return None if v is None or v != v else round(v, 6)
 
     @torch.no_grad()
@@ -125,7 +130,8 @@ class OLoRA(Mitigation):
 
     def penalty_tensor(self) -> torch.Tensor:
         """The penalty as a differentiable tensor (tests check its gradient against penalty_grad)."""
-        terms = [(p @ prev.T).pow(2).sum() * self.config.weight / 2 for p, prev in zip(self.a_params, self.a_prev, strict=True)]
+        terms = [(p @ prev.T).pow(2).sum() * self.config.weight / 2
+                 for p, prev in zip(self.a_params, self.a_prev, strict=True)]
         if self.config.l2:
             terms += [p.pow(2).sum() * self.config.l2 / 2 for p in self.all_params]
         return torch.stack(terms).sum() if terms else torch.zeros(())

@@ -24,7 +24,8 @@ from .data import count_tokens, examples_from, sample
 
 class ReplayConfig(_Strict):
     name: Literal["replay"] = "replay"
-    data: DataConfig = Field(description="The general data set: `train:` file(s) and its format, like the task's `data:`.")
+    data: DataConfig = Field(description="The general data set: `train:` file(s) and its format, like the task's "
+                                         "`data:`.")
     extra_data: list[DataConfig] = Field(
         default_factory=list, description="More data sets, each with its own format, replayed from the same pool "
         "(`forgetless continual` replays every earlier task this way)."

@@ -37,13 +37,15 @@ GEN_BATCH = 32
 class SelfReplayConfig(_Strict):
     name: Literal["self_replay"] = "self_replay"
     source: Literal["generate", "seeds"] = "generate"
-    seeds: DataConfig | None = Field(None, description="source: seeds: prompts to answer (format prompt_completion/instruction/text; only the prompt is used).")
+    seeds: DataConfig | None = Field(None, description="source: seeds: prompts to answer (format "
+                                                       "prompt_completion/instruction/text; only the prompt is used).")
     n: int = Field(200, gt=0, description="Pairs to generate (before filtering).")
     ratio: float = Field(0.05, gt=0, lt=1, description="Replay share of the training stream.")
     by: Literal["examples", "tokens"] = "examples"
     max_new_tokens: int = Field(128, gt=0)
     min_answer_words: int = Field(3, ge=0)
-    min_distinct_ratio: float = Field(0.3, ge=0, le=1, description="Minimum share of distinct words in an answer (repetition filter).")
+    min_distinct_ratio: float = Field(0.3, ge=0, le=1,
+                                      description="Minimum share of distinct words in an answer (repetition filter).")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -79,7 +81,8 @@ class SelfReplay(Replay):
     def _prompt_ids(self, tok, text: str) -> list[int]:
         """The prompt exactly as training will render it (chat template, or the plain prompt)."""
         if self.chat:
-            return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False))
+            return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False))
         return list(tok(text, add_special_tokens=True)["input_ids"])
 
     @torch.no_grad()
@@ -104,7 +107,8 @@ class SelfReplay(Replay):
         records: list[Record] = []
         for f in [cfg.train] if isinstance(cfg.train, str) else cfg.train:
             records += read_file(f)
-        key = {"instruction": "instruction", "prompt_completion": "prompt", "text": "text", "chat": "messages"}[cfg.format]
+        key = {"instruction": "instruction", "prompt_completion": "prompt", "text": "text",
+               "chat": "messages"}[cfg.format]
         prompts = []
         for r in records[: self.config.n]:
             v = r.data.get(cfg.field(key))

@@ -32,9 +32,9 @@ class SIConfig(_Strict):
     save: bool = Field(True, description="Accumulate this run's importance and save it for the next run.")
     anchor: Literal["previous", "start"] = Field(
         "previous",
-        description="Where the penalty pulls toward: the weights saved with the previous importance (the earlier run's end), "
-        "or this run's starting weights. The same when a run starts from the earlier run's model; `start` is the right "
-        "anchor when each run trains a fresh adapter on merged weights (forgetless continual with LoRA).",
+        description="Where the penalty pulls toward: the weights saved with the previous importance (the earlier "
+        "run's end), or this run's starting weights. The same when a run starts from the earlier run's model; `start` "
+        "is the right anchor when each run trains a fresh adapter on merged weights (forgetless continual with LoRA).",
     )
 
 
@@ -61,14 +61,17 @@ class SI(QuadraticPenalty):
             state = load_file(str(path / STATE_FILE if path.is_dir() else path))
             missing = [n for n in self.names if f"importance.{n}" not in state]
             if missing:
-                raise ForgetlessError(f"mitigations.si.previous {path}: no importance for {missing[0]} (a run with another method?)")
+                raise ForgetlessError(f"mitigations.si.previous {path}: no importance for {missing[0]} (a run with "
+                                      "another method?)")
             self.prev_importance = file_backed([state[f"importance.{n}"].to(p.device) for n, p in named], mapped)
             self.anchor = (self.start if self.config.anchor == "start"
                            else file_backed([state[f"theta.{n}"].to(p.device) for n, p in named], mapped))
             self.weights = self.prev_importance
-        # start, and with save: the path integral and the two scratch buffers; a previous run's importance and end weights
+        # start, and with save: the path integral and the two scratch buffers; a previous run's importance and end
+        # weights
         self.extra_bytes = tensor_bytes(self.start) * (4 if self.config.save else 1) + (
-            tensor_bytes(self.prev_importance) * (1 if self.config.anchor == "start" else 2) if self.prev_importance else 0)
+            tensor_bytes(self.prev_importance) * (1 if self.config.anchor == "start" else 2) if self.prev_importance
+            else 0)
 
     @torch.no_grad()
     def observe_step(self, phase: str) -> None:
@@ -99,7 +102,8 @@ class SI(QuadraticPenalty):
         if not self.config.save:
             return
         state = {f"importance.{n}": t.cpu().contiguous() for n, t in zip(self.names, self.importance(), strict=True)}
-        state.update({f"theta.{n}": p.detach().float().cpu().contiguous() for n, p in zip(self.names, self.params, strict=True)})
+        state.update({f"theta.{n}": p.detach().float().cpu().contiguous()
+                      for n, p in zip(self.names, self.params, strict=True)})
         tmp = ctx.run_dir / (STATE_FILE + ".tmp")
         save_file(state, str(tmp))
         tmp.replace(ctx.run_dir / STATE_FILE)

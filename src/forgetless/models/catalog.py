@@ -113,7 +113,8 @@ def _files(root: Path) -> list[Path]:
 
 def write_provenance(root: Path, info: dict[str, Any]) -> dict[str, Any]:
     """Write `forgetless_provenance.json` into `root`: `info`, the date, and the sha256 and size of each file."""
-    files = {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _files(root)}
+    files = {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in _files(root)}
     record = {**info, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}
     atomic_write_json(root / PROVENANCE_FILE, record)
     return record
@@ -203,7 +204,8 @@ def resolve_model(
         raise ForgetlessError(f"{where}, nor a Hugging Face hub id (owner/name)")
     if not _hub_cached(name_or_path):
         if not allow_download:
-            raise ForgetlessError(f"{where}, and hub id {name_or_path!r} is not in the HF cache while downloads are off")
+            raise ForgetlessError(f"{where}, and hub id {name_or_path!r} is not in the HF cache while "
+                                  "downloads are off")
         reason = hub_unreachable_reason()
         if reason:
             raise ForgetlessError(

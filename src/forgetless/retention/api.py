@@ -96,8 +96,8 @@ def baseline_result(
     return evaluate_cached(
         {"model": ref_fp, **settings},
         suite,
-        lambda: evaluate(*load_base(), suite, data_root=data_root, bf16=bf16, max_length=max_length, reference=load_base,
-                         reference_fingerprint=ref_fp, progress=progress, model_name=base_path),
+        lambda: evaluate(*load_base(), suite, data_root=data_root, bf16=bf16, max_length=max_length,
+                         reference=load_base, reference_fingerprint=ref_fp, progress=progress, model_name=base_path),
         refresh=refresh,
     )
 
@@ -147,7 +147,8 @@ def eval_model(
         if is_run_dir(model):
             base_path = run_base_model(Path(model))
         elif baseline == "base":
-            raise ForgetlessError(f"--baseline base needs a run directory; {model} is not one (pass a model path instead)")
+            raise ForgetlessError(f"--baseline base needs a run directory; {model} is not one (pass a model path "
+                                  "instead)")
     elif baseline and baseline != "none":
         from ..models import resolve_model
 

@@ -140,8 +140,8 @@ def evaluate(
     model.eval()
     if bf16 is None:
         bf16 = resolve_precision("auto", next(model.parameters()).device, model=model).bf16
-    prog = bar(TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               label="eval", transient=True, disable=not progress)
+    prog = bar(TextColumn("[bold]eval[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), label="eval", transient=True, disable=not progress)
     ctx = EvalContext(
         model=model, tokenizer=tokenizer, data_root=root, batch_tokens=batch_tokens, bf16=bf16, max_length=max_length,
         reference=reference,
@@ -157,7 +157,8 @@ def evaluate(
             try:
                 results[task.name] = KINDS[task.kind].run(task, ctx)
             except MissingDataError as e:  # name the suite in the pull command
-                raise MissingDataError(str(e).replace("forgetless data pull SUITE", f"forgetless data pull {suite.name}")) from None
+                raise MissingDataError(str(e).replace("forgetless data pull SUITE",
+                                                      f"forgetless data pull {suite.name}")) from None
             results[task.name].ability = task.ability
             seconds[task.name] = time.perf_counter() - t0
             results[task.name].info["seconds"] = round(seconds[task.name], 2)
@@ -165,7 +166,8 @@ def evaluate(
 
 
 def evaluate_cached(
-    key_parts: dict[str, Any], suite: Suite, run: Callable[[], SuiteResult], cache_dir: Path | None = None, refresh: bool = False
+    key_parts: dict[str, Any], suite: Suite, run: Callable[[], SuiteResult], cache_dir: Path | None = None,
+    refresh: bool = False
 ) -> tuple[SuiteResult, bool]:
     """`run()` once per (model fingerprint, suite fingerprint, settings); later calls read the cache."""
     key = hashlib.sha256(
@@ -245,7 +247,8 @@ def compare(
         ability_inputs.append((name, main, b.columns, c.columns, w, ability))
     nan2 = (float("nan"), float("nan"))
     v1, v1_ci = M.retention_score(retention_inputs) if retention_inputs else (float("nan"), nan2)
-    by_ability = M.ability_score(ability_inputs) if ability_inputs else {"score": float("nan"), "ci": nan2, "abilities": {}, "tasks": {}}
+    by_ability = M.ability_score(ability_inputs) if ability_inputs else {"score": float("nan"), "ci": nan2,
+                                                                         "abilities": {}, "tasks": {}}
     for name, t in by_ability["tasks"].items():
         tasks[name].update({k: t[k] for k in ("weight_in_score", "variance_share", "half_width")})
     score, ci = by_ability["score"], by_ability["ci"]

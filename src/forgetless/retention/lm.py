@@ -76,7 +76,8 @@ def _supports_tree_mask(model: nn.Module) -> bool:
     return impl in ("sdpa", "eager") and _lm_parts(model) is not None
 
 
-def _tree(req: Request, max_len: int) -> tuple[list[int], list[int], list[int], list[tuple[list[int], list[int]]], bool]:
+def _tree(req: Request,
+          max_len: int) -> tuple[list[int], list[int], list[int], list[tuple[list[int], list[int]]], bool]:
     """Pack one item: tokens, position ids, segment ids (-1 = context) and per-choice (pred_index, targets)."""
     longest = max(len(c) for c in req.continuations)
     total = sum(len(c) for c in req.continuations)
@@ -162,7 +163,8 @@ def score_requests(
     return _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, progress, True, row_hook)
 
 
-def _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, progress, tree, row_hook) -> list[list[Score]]:
+def _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, progress, tree,
+                row_hook) -> list[list[Score]]:
     packed = [_tree(r, max_len) for r in requests]
     stats.items += len(requests)
     stats.left_truncated += sum(p[4] for p in packed)
@@ -212,7 +214,8 @@ def _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, pro
                 if row_hook is not None:
                     row_hook(i, k, lp)
                 tgt = torch.tensor(targets, device=device)
-                item.append(Score(float(lp.gather(1, tgt[:, None]).sum()), n, bool((argmax[offset : offset + n] == tgt).all())))
+                item.append(Score(float(lp.gather(1, tgt[:, None]).sum()), n,
+                                  bool((argmax[offset : offset + n] == tgt).all())))
                 offset += n
             results[i] = item
         if progress is not None:

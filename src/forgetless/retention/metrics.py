@@ -52,7 +52,8 @@ def value(metric: Metric, cols: Columns) -> float:
     return float(metric.fn(cols))
 
 
-def bootstrap_ci(metric: Metric, cols: Columns, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(metric: Metric, cols: Columns, n_boot: int = N_BOOT, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric` over items."""
     n = len(next(iter(cols.values())))
     if n < 2:
@@ -169,7 +170,8 @@ def _ratio_dist(metric: Metric, base: Columns, cand: Columns, n_boot: int, seed:
 
 
 def ability_score(
-    tasks: list[tuple[str, Metric, Columns, Columns, float, str | None]], n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95
+    tasks: list[tuple[str, Metric, Columns, Columns, float, str | None]], n_boot: int = N_BOOT, seed: int = 0,
+    level: float = 0.95
 ) -> dict:
     """The retention score (definition 2) with each ability's change, their paired bootstrap intervals, and
     each task's share of the score's item-resampling variance.
@@ -203,7 +205,8 @@ def ability_score(
         ab_dist = sum((w / wsum) * dists[n] for n, w in members)
         ab_point = sum((w / wsum) * point[n] for n, w in members)
         abilities[key] = {
-            "change": ab_point - 1, "ci": (float(np.nanquantile(ab_dist, a)) - 1, float(np.nanquantile(ab_dist, 1 - a)) - 1),
+            "change": ab_point - 1,
+            "ci": (float(np.nanquantile(ab_dist, a)) - 1, float(np.nanquantile(ab_dist, 1 - a)) - 1),
             "tasks": [n for n, _ in members], "weight": ability_weight[key] / total,
         }
         score_dist = score_dist + (ability_weight[key] / total) * ab_dist

@@ -65,7 +65,8 @@ def _arc(rows: list[dict[str, Any]], task: Any, src: Any) -> dict[str, str]:
         labels, texts = r["choices"]["label"], r["choices"]["text"]
         if r["answerKey"] not in labels:
             raise DataError(f"hf:{src.hub} row {i}: answerKey {r['answerKey']!r} is not one of the labels {labels}")
-        out.append({"id": r["id"], "question": r["question"], "choices": list(texts), "gold": labels.index(r["answerKey"])})
+        out.append({"id": r["id"], "question": r["question"], "choices": list(texts),
+                    "gold": labels.index(r["answerKey"])})
     return {task.data.path: _jsonl(out)}
 
 
@@ -83,8 +84,8 @@ def _flores(rows: list[dict[str, Any]], task: Any, src: Any) -> dict[str, str]:
     except (ValueError, KeyError):
         raise ForgetlessError(f"task {task.name}: data.source.config {src.config!r}: expected a Flores pair such as "
                               f"eng_Latn-deu_Latn ({', '.join(FLORES_LANGS)})") from None
-    out = [{"id": f"flores200-{src.split}-{sa}{sb}-{i}", "src": r[f"sentence_{a}"], "ref": r[f"sentence_{b}"], "src_lang": sa,
-            "tgt_lang": sb} for i, r in enumerate(rows)]
+    out = [{"id": f"flores200-{src.split}-{sa}{sb}-{i}", "src": r[f"sentence_{a}"], "ref": r[f"sentence_{b}"],
+            "src_lang": sa, "tgt_lang": sb} for i, r in enumerate(rows)]
     return {task.data.path: _jsonl(out)}
 
 
@@ -131,7 +132,8 @@ def pull_suite(suite: Suite, to: str | Path, *, tasks: list[str] | None = None, 
         src = t.data.source
         paths = [p for p in (t.data.path, t.data.labels_path) if p]
         if any(Path(p).is_absolute() for p in paths):
-            raise ForgetlessError(f"task {t.name}: data.path {t.data.path!r} is absolute; pull writes paths relative to --to")
+            raise ForgetlessError(f"task {t.name}: data.path {t.data.path!r} is absolute; pull writes paths "
+                                  "relative to --to")
         entry = {"task": t.name, "source": src.model_dump(), "files": [str(to / p) for p in paths]}
         if not overwrite and all((to / p).is_file() for p in paths):
             report.append({**entry, "status": "present"})
@@ -139,8 +141,10 @@ def pull_suite(suite: Suite, to: str | Path, *, tasks: list[str] | None = None, 
         try:
             rows = [dict(r) for r in loader(src.hub, src.config, src.split)]
         except Exception as e:  # noqa: BLE001 - any failure of the hub or datasets means the same to the user
-            raise DataError(f"task {t.name}: cannot load hf:{src.hub} ({src.config or 'default'}, split {src.split}): {e}"
-                            + ("" if src.verified else " (this hub mapping could not be verified when it was written)")) from None
+            raise DataError(f"task {t.name}: cannot load hf:{src.hub} ({src.config or 'default'}, split "
+                            f"{src.split}): {e}"
+                            + ("" if src.verified
+                               else " (this hub mapping could not be verified when it was written)")) from None
         if not rows:
             raise DataError(f"task {t.name}: hf:{src.hub} ({src.config or 'default'}, {src.split}) is empty")
         try:

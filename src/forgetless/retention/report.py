@@ -20,7 +20,8 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     console = console or Console(width=None if sys.stdout.isatty() else 150)
     cand = report["candidate"]
     cmp = report.get("comparison")
-    title = f"{report['suite']} suite: {report['model']}" + (f"  vs  {report['baseline']}" if report.get("baseline") else "")
+    title = f"{report['suite']} suite: {report['model']}" + (f"  vs  {report['baseline']}" if report.get("baseline")
+                                                             else "")
     t = Table(title=title)
     for col in ("task", "ability", "metric", "n"):
         t.add_column(col)
@@ -35,12 +36,14 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
         if cmp and name in cmp["tasks"]:
             x = cmp["tasks"][name]
             arrow = "" if x["higher_is_better"] else " (lower is better)"
-            sig = "[red]drop[/red]" if x["significant_drop"] else ("[green]gain[/green]" if x["significant"] else "noise")
-            t.add_row(name, x.get("ability") or "-", main + arrow, str(c["n"]), _fmt(x["base"]), _fmt(x["candidate"]), f"{x['delta']:+.4f}",
-                      f"[{x['ci'][0]:+.4f}, {x['ci'][1]:+.4f}]", sig, str(x["flipped"]))
+            sig = "[red]drop[/red]" if x["significant_drop"] else ("[green]gain[/green]" if x["significant"]
+                                                                   else "noise")
+            t.add_row(name, x.get("ability") or "-", main + arrow, str(c["n"]), _fmt(x["base"]), _fmt(x["candidate"]),
+                      f"{x['delta']:+.4f}", f"[{x['ci'][0]:+.4f}, {x['ci'][1]:+.4f}]", sig, str(x["flipped"]))
         else:
             lo, hi = c["ci"][main]
-            t.add_row(name, c.get("ability") or "-", main, str(c["n"]), _fmt(c["metrics"][main]), f"[{_fmt(lo)}, {_fmt(hi)}]")
+            t.add_row(name, c.get("ability") or "-", main, str(c["n"]), _fmt(c["metrics"][main]),
+                      f"[{_fmt(lo)}, {_fmt(hi)}]")
     console.print(t)
     if cmp:
         if cmp.get("abilities"):

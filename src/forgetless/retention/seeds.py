@@ -23,10 +23,10 @@ spread dominating this is the exact t interval of a mean of k values; with the i
 tends to the item interval. In between it is somewhat conservative. Why not a bootstrap over seeds: 3 seeds
 have only 10 distinct resamples, and a percentile interval over them covers the truth far less than 95% of
 the time (the bootstrap spread of a mean of 3 is s/sqrt(3) x sqrt(2/3); in a simulation on normal data its
-percentile interval covered the truth 74% of the time at 3 seeds, 90% at 10). Why not a Welch-Satterthwaite df (estimated from s itself): at 3 seeds it under-covered (92%) in
-our simulation whenever the seed spread dominates, since a small s by chance also buys a small t.
-Coverage on synthetic data with a known truth (tests/test_seeds.py, 80% of the item noise shared by the
-seeds): 95.6-98.5% at 3 seeds and 95.6-97.4% at 10 seeds over regimes from seed-dominated to
+percentile interval covered the truth 74% of the time at 3 seeds, 90% at 10). Why not a Welch-Satterthwaite df
+(estimated from s itself): at 3 seeds it under-covered (92%) in our simulation whenever the seed spread dominates, since
+a small s by chance also buys a small t. Coverage on synthetic data with a known truth (tests/test_seeds.py, 80% of the
+item noise shared by the seeds): 95.6-98.5% at 3 seeds and 95.6-97.4% at 10 seeds over regimes from seed-dominated to
 item-dominated; the conservative end is the item-dominated case at 3 seeds, where the per-seed values'
 spread also carries their unshared item noise and is multiplied by t(2).
 
@@ -113,8 +113,8 @@ def combine_seeds(values: Sequence[float], item_cis: Sequence[Sequence[float]], 
     mean = sum(values) / k
     if k == 1:
         lo, hi = item_cis[0]
-        return {"mean": mean, "ci": [float(lo), float(hi)], "n_seeds": 1, "seed_sd": None, "item_se": (hi - lo) / (2 * z),
-                "df": None, "method": "one seed: item interval only"}
+        return {"mean": mean, "ci": [float(lo), float(hi)], "n_seeds": 1, "seed_sd": None,
+                "item_se": (hi - lo) / (2 * z), "df": None, "method": "one seed: item interval only"}
     se_item = sum((hi - lo) / (2 * z) for lo, hi in item_cis) / k
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1))
     t = t_quantile((1 + level) / 2, k - 1)

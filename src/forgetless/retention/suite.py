@@ -20,10 +20,12 @@ from .kinds.reference_likelihood import ReferenceLikelihoodTask
 from .kinds.self_reference import SelfReferenceTask
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "suites"
-KIND_NAMES = ("multiple_choice", "perplexity", "generate", "self_reference", "lm_eval", "reference_likelihood", "knowledge_qa")
+KIND_NAMES = ("multiple_choice", "perplexity", "generate", "self_reference", "lm_eval", "reference_likelihood",
+              "knowledge_qa")
 
 Task = Annotated[
-    MultipleChoiceTask | PerplexityTask | GenerateTask | SelfReferenceTask | LmEvalTask | ReferenceLikelihoodTask | KnowledgeQATask,
+    MultipleChoiceTask | PerplexityTask | GenerateTask | SelfReferenceTask | LmEvalTask | ReferenceLikelihoodTask
+    | KnowledgeQATask,
     Field(discriminator="kind"),
 ]
 
@@ -72,7 +74,8 @@ class Suite(BaseModel):
             return self
         unknown = set(names) - {t.name for t in self.tasks}
         if unknown:
-            raise ForgetlessError(f"suite {self.name}: no task named {', '.join(sorted(unknown))}; has {', '.join(t.name for t in self.tasks)}")
+            raise ForgetlessError(f"suite {self.name}: no task named {', '.join(sorted(unknown))}; has "
+                                  f"{', '.join(t.name for t in self.tasks)}")
         return self.model_copy(update={"tasks": [t for t in self.tasks if t.name in names]})
 
     def fingerprint(self, data_root: Path | None) -> str:
@@ -103,4 +106,5 @@ def load_suite(name_or_path: str | Path) -> Suite:
                 f"unknown suite {name_or_path!r}: not a file and not a built-in suite ({', '.join(builtin_suites())})"
             )
         path = builtin
-    return load_config_file(path, Suite, "suite", "a YAML mapping with name: and tasks:", tags=KIND_NAMES, error=ForgetlessError)
+    return load_config_file(path, Suite, "suite", "a YAML mapping with name: and tasks:", tags=KIND_NAMES,
+                            error=ForgetlessError)

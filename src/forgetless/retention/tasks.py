@@ -35,7 +35,8 @@ class HubSource(_Strict):
     convert: Literal["jsonl", "arc", "piqa", "flores", "text"] = Field(
         "jsonl", description="How hub rows become the local file (see retention/pull.py)."
     )
-    verified: bool = Field(False, description="Whether this mapping was checked against the hub (false: written without hub access).")
+    verified: bool = Field(False, description="Whether this mapping was checked against the hub (false: written "
+                                              "without hub access).")
     note: str | None = None
 
 
@@ -44,15 +45,18 @@ class MissingDataError(DataError):
 
 
 class DataSource(_Strict):
-    path: str | None = Field(None, description="File relative to the suite's data_root, or absolute. .jsonl/.json(.gz)/.txt")
+    path: str | None = Field(None,
+                             description="File relative to the suite's data_root, or absolute. .jsonl/.json(.gz)/.txt")
     hf: str | None = Field(None, description="HF dataset id (online only), e.g. allenai/ai2_arc")
     hf_config: str | None = None
     split: str = "test"
     labels_path: str | None = Field(None, description="One label per line, merged into each record as `label` (PIQA).")
     text_split: Literal["documents", "lines", "wikitext"] = Field(
-        "documents", description=".txt files: wikitext = one document per top-level '= Title =' heading; lines = one per line."
+        "documents",
+        description=".txt files: wikitext = one document per top-level '= Title =' heading; lines = one per line."
     )
-    source: HubSource | None = Field(None, description="The public dataset the local file comes from (for `forgetless data pull`).")
+    source: HubSource | None = Field(None, description="The public dataset the local file comes from (for `forgetless "
+                                                       "data pull`).")
 
 
 class ExcludeSample(_Strict):
@@ -72,7 +76,8 @@ class TaskBase(_Strict):
     seed: int = 1234
     shots: int = Field(0, ge=0)
     exclude: ExcludeSample | None = Field(
-        None, description="Never score the items of this (limit, seed) sample of the same data: e.g. a probe that mirrors "
+        None,
+        description="Never score the items of this (limit, seed) sample of the same data: e.g. a probe that mirrors "
         "`general` on items `general` does not score."
     )
     weight: float = Field(1.0, gt=0, description="Weight in the retention score (within its ability, when it has one).")
@@ -125,7 +130,8 @@ class TaskResult:
 
 def resolve_data_root(data_root: str | Path | None) -> Path | None:
     """Where suite data paths are relative to: the argument, $FORGETLESS_DATA, or ../shared/data if present."""
-    for cand in (data_root, os.environ.get("FORGETLESS_DATA"), Path.cwd().parent / "shared" / "data", Path.cwd() / "data"):
+    for cand in (data_root, os.environ.get("FORGETLESS_DATA"), Path.cwd().parent / "shared" / "data",
+                 Path.cwd() / "data"):
         if cand and Path(cand).expanduser().is_dir():
             return Path(cand).expanduser()
     return Path(data_root).expanduser() if data_root else None
@@ -193,7 +199,8 @@ def load_rows(task: TaskBase, data_root: Path | None) -> list[Record]:
             lp = Path(src.labels_path)
             lp = lp if lp.is_absolute() else (data_root / lp if data_root else lp)
             if not lp.is_file():
-                raise MissingDataError(f"task {task.name}: labels file {lp} not found (data root {data_root})" + how_to_get(task))
+                raise MissingDataError(f"task {task.name}: labels file {lp} not found (data root {data_root})"
+                                       + how_to_get(task))
             labels = [ln.strip() for ln in lp.read_text().splitlines() if ln.strip()]
             if len(labels) != len(rows):
                 raise DataError(f"task {task.name}: {lp} has {len(labels)} labels for {len(rows)} records in {path}")
@@ -231,7 +238,8 @@ def sample_rows(task: TaskBase, rows: list[Record]) -> list[Record]:
         taken = set(_sample_indices(len(rows), ex.limit, ex.seed, ex.sample))
         pool = [i for i in pool if i not in taken]
         if not pool:
-            raise DataError(f"task {task.name}: exclude (limit {ex.limit}, seed {ex.seed}) leaves no item of {len(rows)}")
+            raise DataError(f"task {task.name}: exclude (limit {ex.limit}, seed {ex.seed}) leaves no item of "
+                            f"{len(rows)}")
     return [rows[i] for i in _sample_indices(len(rows), task.limit, task.seed, task.sample, pool)]
 
 
@@ -258,7 +266,8 @@ def render(template: str, rec: Record, task: str, key: str) -> Any:
     try:
         return _ENV.from_string(template).render(**rec.data)
     except jinja2.UndefinedError as e:
-        raise DataError(f"{rec.where}: task {task}: {key} template {template!r}: {e.message}; fields: {', '.join(rec.data)}") from None
+        raise DataError(f"{rec.where}: task {task}: {key} template {template!r}: {e.message}; fields: "
+                        f"{', '.join(rec.data)}") from None
     except jinja2.TemplateError as e:
         raise ForgetlessError(f"task {task}: {key} template {template!r} is not valid Jinja: {e}") from None
 

@@ -292,7 +292,8 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
     data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
     data_problems = check_training_data(recipe, data)
     if recipe.train.early_stopping and not data.validation:
-        raise ForgetlessError("train.early_stopping needs validation data (data.validation or data.validation_fraction)")
+        raise ForgetlessError("train.early_stopping needs validation data (data.validation or "
+                              "data.validation_fraction)")
     model = prepare_model(
         model_path,
         recipe.model,
@@ -330,7 +331,8 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
     callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet and main),
                             CheckpointMarker(), FaultPoints()]
     divergence = DivergenceGuard(recipe.train.divergence_factor,
-                                 dist.on_main(lambda: first_logged_loss(run_dir / "metrics.jsonl")) if resume_from else None)
+                                 (dist.on_main(lambda: first_logged_loss(run_dir / "metrics.jsonl")) if resume_from
+                                  else None))
     callbacks.append(divergence)
     if mitigations:
         callbacks.append(MitigationCallback(mitigations))
@@ -370,7 +372,8 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
     if data.validation and dist.world_size() == 1:
         initial_loss = _initial_validation_loss(trainer, run_dir / "metrics.jsonl", resume_from is not None)
     elif data.validation:
-        step_zero = StepZeroValidation(lambda: _initial_validation_loss(trainer, run_dir / "metrics.jsonl", resume_from is not None))
+        step_zero = StepZeroValidation(lambda: _initial_validation_loss(trainer, run_dir / "metrics.jsonl",
+                                                                        resume_from is not None))
         trainer.add_callback(step_zero)
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -415,7 +418,8 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         "epochs": state.epoch,
         "tokens_seen": state.num_input_tokens_seen,
         "wall_time_s": round(train_time, 2),
-        "tokens_per_s": round((state.num_input_tokens_seen - (trainer._initial_num_input_tokens_seen or 0)) / train_time, 1)
+        "tokens_per_s": round((state.num_input_tokens_seen - (trainer._initial_num_input_tokens_seen or 0))
+                              / train_time, 1)
         if train_time > 0
         else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
@@ -440,7 +444,8 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
             "probe_share": round(monitor.state.probe_s / train_time, 4) if train_time else None,
         } if monitor else None,
         "guard": {"events": monitor.state.events, "selection": selection} if monitor and recipe.guard else None,
-        "output": {"final": str(run_dir / "final"), "kind": kind, "merged": str(run_dir / "merged") if recipe.train.merge and kind != "model" else None},
+        "output": {"final": str(run_dir / "final"), "kind": kind,
+                   "merged": str(run_dir / "merged") if recipe.train.merge and kind != "model" else None},
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "pid": os.getpid(),
@@ -578,7 +583,8 @@ def check_training_data(recipe: Recipe, data: Any) -> list[str]:
     problems = report_problems(cheap_checks(data.train_records, recipe.data))
     s = data.train_stats
     if s.truncated or s.dropped_overlong:
-        problems.append(f"length: {s.truncated} truncated and {s.dropped_overlong} dropped over data.max_length {recipe.data.max_length}")
+        problems.append(f"length: {s.truncated} truncated and {s.dropped_overlong} dropped over data.max_length "
+                        f"{recipe.data.max_length}")
     if problems and recipe.data.check == "strict":
         raise DataError("data.check is strict and the training data has problems (see `forgetless data check`):\n  "
                         + "\n  ".join(problems))
@@ -599,13 +605,14 @@ def _report_data(data: Any, problems: list[str]) -> None:
             console.print(f"[yellow]data check: {line}")
     if s.truncated:
         console.print(
-            f"[yellow]{s.truncated} example(s) over data.max_length were truncated (first: {', '.join(s.first_truncated)}); "
-            "set data.overlong: drop to drop them instead"
+            f"[yellow]{s.truncated} example(s) over data.max_length were truncated (first: "
+            f"{', '.join(s.first_truncated)}); set data.overlong: drop to drop them instead"
         )
     if s.dropped_overlong:
         console.print(f"[yellow]{s.dropped_overlong} example(s) over data.max_length were dropped")
     if s.dropped_no_target:
-        console.print(f"[yellow]{s.dropped_no_target} example(s) had no target tokens left after truncation and were dropped")
+        console.print(f"[yellow]{s.dropped_no_target} example(s) had no target tokens left after truncation and "
+                      "were dropped")
     if s.empty_answers:
         console.print(f"[yellow]{s.empty_answers} of {s.records} training example(s) have an empty answer (first: "
                       f"{', '.join(s.first_empty[:3])}): they teach the model to answer nothing")

@@ -51,7 +51,8 @@ SCORER_COLUMNS: dict[str, tuple[str, ...]] = {
     "translation": ("chrf", "bleu"),
 }
 #: Every metric a scorer reports (the columns' means plus the corpus-level scores).
-SCORER_METRICS: dict[str, tuple[str, ...]] = {**SCORER_COLUMNS, "translation": ("chrf", "corpus_chrf", "bleu", "corpus_bleu")}
+SCORER_METRICS: dict[str, tuple[str, ...]] = {**SCORER_COLUMNS,
+                                              "translation": ("chrf", "corpus_chrf", "bleu", "corpus_bleu")}
 DEFAULT_MAIN = {"qa": "exact_match", "numeric": "numeric", "rouge": "rougeL", "translation": "corpus_chrf"}
 BLEU_ORDER = 4  # sacrebleu's max n-gram order
 
@@ -72,21 +73,26 @@ class GenerateTask(TaskBase):
     )
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
-    fewshot_answer: str | None = Field(None, description="Template of the answer shown in few-shot examples (default: first alias).")
+    fewshot_answer: str | None = Field(None, description="Template of the answer shown in few-shot examples (default: "
+                                                         "first alias).")
     chat: bool | Literal["auto"] = Field(
         False, description="Wrap the prompt in the tokenizer's chat template; auto: when the tokenizer has one."
     )
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     max_new_tokens: int = Field(32, gt=0)
-    batch_size: int = Field(32, gt=0, description="Prompts generated at once (larger is faster on CPU: per-step overhead dominates).")
+    batch_size: int = Field(32, gt=0, description="Prompts generated at once (larger is faster on CPU: per-step "
+                                                  "overhead dominates).")
     rouge_stemmer: bool = Field(True, description="rouge: Porter stemming (the standard setting).")
     bleu_tokenize: str | None = Field(
-        None, description="translation: sacrebleu BLEU tokenizer (13a, zh, intl, char, ...). Default: from target_lang, else 13a."
+        None, description="translation: sacrebleu BLEU tokenizer (13a, zh, intl, char, ...). Default: from "
+        "target_lang, else 13a."
     )
-    target_lang: str | None = Field(None, description="translation: target language code (zh, ja, ko choose BLEU's tokenizer).")
+    target_lang: str | None = Field(None, description="translation: target language code (zh, ja, ko choose BLEU's "
+                                                      "tokenizer).")
     chrf_word_order: int = Field(0, ge=0, le=6, description="translation: chrF word n-gram order (2 gives chrF++).")
     main_metric: (
-        Literal["exact_match", "contains", "f1", "numeric", "rouge1", "rouge2", "rougeL", "chrf", "corpus_chrf", "bleu", "corpus_bleu"]
+        Literal["exact_match", "contains", "f1", "numeric", "rouge1", "rouge2", "rougeL", "chrf", "corpus_chrf", "bleu",
+                "corpus_bleu"]
         | None
     ) = None
 
@@ -286,14 +292,17 @@ def corpus_bleu_metric(order: int = BLEU_ORDER) -> Metric:
     """sacrebleu's corpus BLEU (exp smoothing, no effective order) from per-item statistics."""
     bleu = _bleu("13a", False)  # the tokenizer only matters when statistics are extracted
     if order != bleu.max_ngram_order:
-        raise ForgetlessError(f"corpus BLEU: {order}-gram statistics, sacrebleu's default order is {bleu.max_ngram_order}")
-    return _stats_metric("corpus_bleu", bleu_stat_names(order), lambda s: float(bleu._compute_score_from_stats(s).score))
+        raise ForgetlessError(f"corpus BLEU: {order}-gram statistics, sacrebleu's default order is "
+                              f"{bleu.max_ngram_order}")
+    return _stats_metric("corpus_bleu", bleu_stat_names(order),
+                         lambda s: float(bleu._compute_score_from_stats(s).score))
 
 
 def corpus_chrf_metric(char_order: int = 6, word_order: int = 0) -> Metric:
     """sacrebleu's corpus chrF (beta 2) from per-item statistics."""
     chrf = _chrf(char_order, word_order)
-    return _stats_metric("corpus_chrf", chrf_stat_names(char_order, word_order), lambda s: float(chrf._compute_score_from_stats(s).score))
+    return _stats_metric("corpus_chrf", chrf_stat_names(char_order, word_order),
+                         lambda s: float(chrf._compute_score_from_stats(s).score))
 
 
 def _orders(cols: Columns, prefix: str) -> int:
@@ -330,7 +339,8 @@ def run(task: GenerateTask, ctx: EvalContext) -> TaskResult:
         shots = pick_shots(pool, task.shots, task.seed + k, exclude=rec)  # never the item itself
         prefix = "".join(
             str(render(task.prompt, s, task.name, "prompt")) + task.target_delimiter
-            + (str(render(task.fewshot_answer, s, task.name, "fewshot_answer")) if task.fewshot_answer else _golds(task, s)[0])
+            + (str(render(task.fewshot_answer, s, task.name, "fewshot_answer")) if task.fewshot_answer
+               else _golds(task, s)[0])
             + task.fewshot_delimiter
             for s in shots
         )

@@ -58,13 +58,17 @@ class KnowledgeQATask(TaskBase):
     kind: Literal["knowledge_qa"] = "knowledge_qa"
     prompt: str = Field("Question: {{question}}\nAnswer:", description="Template of the question prompt.")
     answers: str | list[str] = Field(
-        "answer", description="Field or template giving the gold aliases (a string, a list, or TriviaQA's {value, aliases})."
+        "answer",
+        description="Field or template giving the gold aliases (a string, a list, or TriviaQA's {value, aliases})."
     )
-    max_aliases: int | None = Field(10, gt=0, description="Score at most this many aliases per item (in order, de-duplicated).")
+    max_aliases: int | None = Field(10, gt=0,
+                                    description="Score at most this many aliases per item (in order, de-duplicated).")
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
-    chat: bool | Literal["auto"] = Field(False, description="Put the prompt in the tokenizer's chat template (auto: when it has one).")
-    generate_limit: int = Field(100, ge=0, description="Greedy generation (exact match, contains) on this many items; 0: none.")
+    chat: bool | Literal["auto"] = Field(False, description="Put the prompt in the tokenizer's chat template (auto: "
+                                                            "when it has one).")
+    generate_limit: int = Field(100, ge=0,
+                                description="Greedy generation (exact match, contains) on this many items; 0: none.")
     max_new_tokens: int = Field(24, gt=0)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     batch_size: int = Field(50, gt=0, description="Prompts generated at once.")
@@ -104,12 +108,14 @@ def aliases(task: KnowledgeQATask, rec: Any) -> list[str]:
 
 def _prefix(task: KnowledgeQATask, shots: list[Any]) -> str:
     return "".join(
-        str(render(task.prompt, s, task.name, "prompt")) + task.target_delimiter + aliases(task, s)[0] + task.fewshot_delimiter
+        str(render(task.prompt, s, task.name, "prompt")) + task.target_delimiter + aliases(task, s)[0]
+        + task.fewshot_delimiter
         for s in shots
     )
 
 
-def build_requests(task: KnowledgeQATask, ctx: EvalContext, rows: list[Any], pool: list[Any]) -> tuple[list[Request], list[list[int]], list[list[str]]]:
+def build_requests(task: KnowledgeQATask, ctx: EvalContext, rows: list[Any],
+                   pool: list[Any]) -> tuple[list[Request], list[list[int]], list[list[str]]]:
     """Per item: one request (shared context, one continuation per alias), the generation prompt's ids, the aliases."""
     tok = ctx.tokenizer
     chat = use_chat(task.chat, tok, task.name)
@@ -165,7 +171,8 @@ def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
     em, contains, generated = np.zeros(n), np.zeros(n), np.zeros(n)
     preds: dict[int, str] = {}
     if subset:
-        outs = greedy_generate(ctx.model, ctx.tokenizer, [prompts[i] for i in subset], max_new_tokens=task.max_new_tokens,
+        outs = greedy_generate(ctx.model, ctx.tokenizer, [prompts[i] for i in subset],
+                               max_new_tokens=task.max_new_tokens,
                                stop=task.stop, batch_size=task.batch_size, bf16=ctx.bf16,
                                progress=ctx.track(f"{task.name} (generate)", len(subset)))
         for i, ids in zip(subset, outs, strict=True):
@@ -185,7 +192,8 @@ def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
     details = []
     for i, rec in enumerate(rows):
         details.append({
-            "id": item_id(rec), "where": rec.where, "question": str(render(task.prompt, rec, task.name, "prompt"))[-300:],
+            "id": item_id(rec), "where": rec.where,
+            "question": str(render(task.prompt, rec, task.name, "prompt"))[-300:],
             "gold": golds[i][:5], "best_alias": golds[i][best[i]], "alias_logprob": round(-nll[i], 4),
             "prediction": preds.get(i), "correct": bool(em[i]) if i in preds else None,
         })
@@ -197,6 +205,6 @@ def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
         main=task.main_metric,
         item_ids=[d["id"] for d in details],
         details=details,
-        info={"left_truncated": stats.left_truncated, "tokens": stats.tokens, "aliases": int(sum(len(g) for g in golds)),
-              "generated": len(subset)},
+        info={"left_truncated": stats.left_truncated, "tokens": stats.tokens,
+              "aliases": int(sum(len(g) for g in golds)), "generated": len(subset)},
     )

@@ -25,7 +25,8 @@ class LmEvalTask(TaskBase):
     num_fewshot: int | None = None
     batch_size: int = 8
     main_metric: str = "acc"
-    lower_is_better: list[str] = Field(default_factory=lambda: ["perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"])
+    lower_is_better: list[str] = Field(default_factory=lambda: ["perplexity", "word_perplexity", "byte_perplexity",
+                                                                "bits_per_byte"])
 
 
 def metrics(cols, task: LmEvalTask) -> list:
@@ -38,7 +39,8 @@ def run(task: LmEvalTask, ctx: EvalContext) -> TaskResult:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ForgetlessError("task kind lm_eval needs lm-evaluation-harness: pip install 'forgetless[lmeval]'") from None
+        raise ForgetlessError("task kind lm_eval needs lm-evaluation-harness: pip install "
+                              "'forgetless[lmeval]'") from None
     include = task.include_path
     if include and ctx.data_root and not include.startswith("/"):
         include = str(ctx.data_root / include)
@@ -58,7 +60,8 @@ def run(task: LmEvalTask, ctx: EvalContext) -> TaskResult:
     first = samples[0]
     metric_names = [m for m in first.get("metrics", []) if isinstance(first.get(m), (int, float, bool, np.floating))]
     if task.main_metric not in metric_names:
-        raise ForgetlessError(f"task {task.name}: lm-eval task {task.task} has no per-sample metric {task.main_metric!r}; has {metric_names}")
+        raise ForgetlessError(f"task {task.name}: lm-eval task {task.task} has no per-sample metric "
+                              f"{task.main_metric!r}; has {metric_names}")
     cols = {m: as_array([float(s[m]) for s in samples]) for m in metric_names}
     return TaskResult(
         task=task.name,
@@ -67,5 +70,6 @@ def run(task: LmEvalTask, ctx: EvalContext) -> TaskResult:
         metrics=metrics(cols, task),
         main=task.main_metric,
         item_ids=[str(s["doc_id"]) for s in samples],
-        info={"lm_eval_results": {k: v for k, v in out["results"][task.task].items() if isinstance(v, (int, float, str))}},
+        info={"lm_eval_results": {k: v for k, v in out["results"][task.task].items()
+                                  if isinstance(v, (int, float, str))}},
     )

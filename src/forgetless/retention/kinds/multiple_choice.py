@@ -67,7 +67,8 @@ def _choices(task: MultipleChoiceTask, rec) -> list[str]:
         if isinstance(value, dict) and "text" in value:  # HF ARC layout {"text": [...], "label": [...]}
             value = value["text"]
         if not isinstance(value, list) or not value:
-            raise DataError(f"{rec.where}: task {task.name}: choices must be a non-empty list, got {type(value).__name__}")
+            raise DataError(f"{rec.where}: task {task.name}: choices must be a non-empty list, got "
+                            f"{type(value).__name__}")
         out = [str(v) for v in value]
     if task.choice_template:
         from ..tasks import _ENV
@@ -82,7 +83,8 @@ def build_items(task: MultipleChoiceTask, rows) -> list[dict]:
     for rec in rows:
         choices = _choices(task, rec)
         gold = _gold_index(render(task.gold, rec, task.name, "gold"), choices, rec.where, task.name, task.gold_offset)
-        items.append({"rec": rec, "context": str(render(task.prompt, rec, task.name, "prompt")), "choices": choices, "gold": gold})
+        items.append({"rec": rec, "context": str(render(task.prompt, rec, task.name, "prompt")), "choices": choices,
+                      "gold": gold})
     return items
 
 

@@ -43,14 +43,16 @@ class ReferenceLikelihoodTask(TaskBase):
     kind: Literal["reference_likelihood"] = "reference_likelihood"
     prompt: str = Field("{{prompt}}", description="Template of the prompt (the context the reference follows).")
     reference: str | list[str] = Field(
-        "reference", description="Field or template of the reference (a list: the first is scored); or a list of fields."
+        "reference",
+        description="Field or template of the reference (a list: the first is scored); or a list of fields."
     )
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     chat: bool | Literal["auto"] = Field(
         False, description="Put the prompt in the tokenizer's chat template (auto: when the tokenizer has one)."
     )
-    max_reference_tokens: int | None = Field(None, gt=0, description="Score at most this many reference tokens (its start).")
+    max_reference_tokens: int | None = Field(None, gt=0,
+                                             description="Score at most this many reference tokens (its start).")
     main_metric: Literal["ce", "bits_per_byte"] = "ce"
 
 
@@ -62,7 +64,8 @@ def _reference(task: ReferenceLikelihoodTask, rec: Any) -> str:
     return gold_answers(task.reference, rec, task.name)[0]
 
 
-def build_requests(task: ReferenceLikelihoodTask, ctx: EvalContext, rows: list[Any], pool: list[Any]) -> tuple[list[Request], list[str]]:
+def build_requests(task: ReferenceLikelihoodTask, ctx: EvalContext, rows: list[Any],
+                   pool: list[Any]) -> tuple[list[Request], list[str]]:
     """One request per item (context ids, [reference ids]) and the scored reference texts."""
     tok = ctx.tokenizer
     chat = use_chat(task.chat, tok, task.name)
@@ -82,7 +85,8 @@ def build_requests(task: ReferenceLikelihoodTask, ctx: EvalContext, rows: list[A
             cont = encode(tok, ref)
         else:
             prefix = "".join(
-                str(render(task.prompt, s, task.name, "prompt")) + task.target_delimiter + _reference(task, s) + task.fewshot_delimiter
+                str(render(task.prompt, s, task.name, "prompt")) + task.target_delimiter + _reference(task, s)
+                + task.fewshot_delimiter
                 for s in shots
             )
             context, cont = encode_pair(tok, prefix + prompt, task.target_delimiter + ref)
@@ -124,5 +128,6 @@ def run(task: ReferenceLikelihoodTask, ctx: EvalContext) -> TaskResult:
         main=task.main_metric,
         item_ids=[d["id"] for d in details],
         details=details,
-        info={"left_truncated": stats.left_truncated, "reference_tokens": int(cols["tokens"].sum()), "tokens": stats.tokens},
+        info={"left_truncated": stats.left_truncated, "reference_tokens": int(cols["tokens"].sum()),
+              "tokens": stats.tokens},
     )

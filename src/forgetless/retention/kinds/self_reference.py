@@ -43,7 +43,8 @@ class SelfReferenceTask(TaskBase):
     chat: bool | None = Field(None, description="Use the chat template (default: when the tokenizer has one).")
     max_new_tokens: int = Field(128, gt=0)
     topk: int = Field(32, gt=0, description="Base distribution kept per position for the KL.")
-    batch_size: int = Field(32, gt=0, description="Prompts generated at once (larger is faster on CPU: per-step overhead dominates).")
+    batch_size: int = Field(32, gt=0, description="Prompts generated at once (larger is faster on CPU: per-step "
+                                                  "overhead dominates).")
     main_metric: Literal["ce", "kl"] = "ce"
 
 
@@ -77,7 +78,8 @@ def _prompt_texts(task: SelfReferenceTask, ctx: EvalContext, model, tok) -> tupl
 def _prompt_ids(task: SelfReferenceTask, tok, text: str) -> list[int]:
     use_chat = task.chat if task.chat is not None else bool(getattr(tok, "chat_template", None))
     if use_chat:
-        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False))
+        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False))
     return encode(tok, f"Instruction: {text}\nResponse:")
 
 
@@ -92,7 +94,8 @@ def _cache_key(task: SelfReferenceTask, ctx: EvalContext) -> str:
 
 def build_reference(task: SelfReferenceTask, ctx: EvalContext) -> dict:
     """The reference answers and the reference model's top-k distributions along them (cached on disk)."""
-    cache = ctx.cache_dir / "self_reference" / _cache_key(task, ctx) if ctx.cache_dir and ctx.reference_fingerprint else None
+    cache = (ctx.cache_dir / "self_reference" / _cache_key(task, ctx) if ctx.cache_dir and ctx.reference_fingerprint
+             else None)
     if cache and (cache / "meta.json").is_file():
         meta = json.loads((cache / "meta.json").read_text())
         tensors = load_file(str(cache / "topk.safetensors"))
@@ -107,7 +110,8 @@ def build_reference(task: SelfReferenceTask, ctx: EvalContext) -> dict:
         progress=ctx.track(f"{task.name}: reference answers", len(prompts)),
     )
     keep = [i for i, a in enumerate(answers) if a]
-    prompts, answers, texts, ids = [prompts[i] for i in keep], [answers[i] for i in keep], [texts[i] for i in keep], [ids[i] for i in keep]
+    prompts, answers, texts, ids = ([prompts[i] for i in keep], [answers[i] for i in keep], [texts[i] for i in keep],
+                                    [ids[i] for i in keep])
     eos = tok.eos_token_id
     answers = [a + ([eos] if eos is not None else []) for a in answers]  # the base also decides when to stop
     n_max = max(len(a) for a in answers)
@@ -119,8 +123,9 @@ def build_reference(task: SelfReferenceTask, ctx: EvalContext) -> dict:
         topk_ids[i, : len(ix)] = ix.to(torch.int32).cpu()
         topk_lp[i, : len(v)] = v.cpu()
 
-    score_requests(model, [Request(p, [a]) for p, a in zip(prompts, answers, strict=True)], batch_tokens=ctx.batch_tokens,
-                   bf16=ctx.bf16, row_hook=hook, max_len=max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)) + 1)
+    score_requests(model, [Request(p, [a]) for p, a in zip(prompts, answers, strict=True)],
+                   batch_tokens=ctx.batch_tokens, bf16=ctx.bf16, row_hook=hook,
+                   max_len=max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)) + 1)
     ref = {
         "ids": ids,
         "texts": texts,
@@ -170,7 +175,8 @@ def run(task: SelfReferenceTask, ctx: EvalContext) -> TaskResult:
     stats = EngineStats()
     scores = score_requests(
         ctx.model, [Request(p, [a]) for p, a in zip(prompts, answers, strict=True)], batch_tokens=ctx.batch_tokens,
-        bf16=ctx.bf16, row_hook=hook, stats=stats, max_len=max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)) + 1,
+        bf16=ctx.bf16, row_hook=hook, stats=stats,
+        max_len=max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)) + 1,
         progress=ctx.track(task.name, len(answers)),
     )
     cols = {
