@@ -66,11 +66,12 @@ import numpy as np
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from .config import DataConfig, EvalPrecisionOptions, _Strict
+from .config import DataConfig, EvalPrecisionOptions
 from .errors import ForgetlessError, RecipeError
 from .io import atomic_write_json, atomic_write_text
 from .lock import DirLock
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
+from .schema import Strict
 
 N_BOOT = 1000
 LORA_TYPES = ("lora", "dora", "qlora")
@@ -78,7 +79,7 @@ LORA_TYPES = ("lora", "dora", "qlora")
 # ---------------------------------------------------------------- the sequence file
 
 
-class TaskSpec(_Strict):
+class TaskSpec(Strict):
     name: str = Field(description="Task name (its step directory is steps/<i>-<name>).")
     data: dict[str, Any] = Field(description="The task's data: train, validation and any data option, over the base "
                                              "recipe's data:.")
@@ -107,7 +108,7 @@ class TaskSpec(_Strict):
         return v
 
 
-class EWCCarry(_Strict):
+class EWCCarry(Strict):
     weight: float = Field(1000.0, ge=0)
     samples: int = Field(200, gt=0, description="Examples of the finished task the Fisher is estimated on.")
     labels: Literal["data", "sampled"] = "data"
@@ -116,19 +117,19 @@ class EWCCarry(_Strict):
     seed: int = 0
 
 
-class SICarry(_Strict):
+class SICarry(Strict):
     weight: float = Field(1.0, ge=0)
     damping: float = Field(1e-3, gt=0)
 
 
-class KLCarry(_Strict):
+class KLCarry(Strict):
     weight: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
     on: Literal["all", "task", "replay"] = "all"
     positions: Literal["all", "target"] = "all"
 
 
-class ReplayCarry(_Strict):
+class ReplayCarry(Strict):
     policy: Literal["quota", "reservoir"] = Field(
         "quota",
         description="quota: per_task examples of every earlier task; reservoir: one buffer of `size` over all of them."
@@ -140,12 +141,12 @@ class ReplayCarry(_Strict):
     seed: int = 0
 
 
-class OLoRACarry(_Strict):
+class OLoRACarry(Strict):
     weight: float = Field(0.5, ge=0, description="Orthogonality penalty (lambda_1).")
     l2: float = Field(0.0, ge=0, description="L2 on the new adapter (lambda_2).")
 
 
-class Carry(_Strict):
+class Carry(Strict):
     ewc: EWCCarry | None = None
     si: SICarry | None = None
     kl: KLCarry | None = None

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ForgetlessError
+from .fingerprint import fingerprint_path
 from .io import atomic_dir, atomic_write_json
 
 
@@ -142,7 +143,7 @@ def auto_alpha(
     usual curve; the returned curve then holds only the alphas scored). The base model's results come from the
     evaluation cache, like `forgetless eval`'s baseline. precision: auto | bf16 | fp32 evaluation compute,
     resolved once (retention.api.eval_precision) so the base and every alpha are scored alike."""
-    from .retention.api import _fingerprint, baseline_result, eval_precision
+    from .retention.api import baseline_result, eval_precision
     from .retention.evaluate import compare, evaluate
     from .retention.suite import load_suite
     from .retention.tasks import resolve_data_root
@@ -163,7 +164,7 @@ def auto_alpha(
         from .models import resolve_model
 
         base_path = str(resolve_model(base).path)
-    ref_fp = _fingerprint(base_path)
+    ref_fp = fingerprint_path(base_path)
     root = resolve_data_root(data_root)
     prec = eval_precision(precision, base_path)
 

@@ -52,14 +52,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from .config import EvalPrecisionOptions, _Strict, parse_budget
+from .config import EvalPrecisionOptions, parse_budget
 from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
 from .lock import DirLock
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
+from .schema import Strict
 
 
-class Variant(_Strict):
+class Variant(Strict):
     name: str = Field(description="Run name (its directory under runs/).")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted recipe keys and their values.")
     seeds: list[int] | None = Field(None, min_length=1,

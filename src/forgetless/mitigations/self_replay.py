@@ -16,11 +16,12 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..config import DataConfig, _Strict
+from ..config import DataConfig
 from ..data import build_examples
 from ..data.loading import Record, read_file
 from ..errors import ForgetlessError
 from ..io import atomic_write_text
+from ..schema import Strict
 from .base import TrainContext
 from .replay import Replay
 
@@ -31,7 +32,7 @@ INSTRUCTION_REQUEST = (
 PLAIN_SEED = "Here is a question that a user asked a helpful assistant:\n"
 
 
-class SelfReplayConfig(_Strict):
+class SelfReplayConfig(Strict):
     name: Literal["self_replay"] = "self_replay"
     source: Literal["generate", "seeds"] = "generate"
     seeds: DataConfig | None = Field(None, description="source: seeds: prompts to answer (format "

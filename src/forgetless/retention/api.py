@@ -11,10 +11,11 @@ from typing import Any
 import torch
 
 from ..errors import ForgetlessError
+from ..fingerprint import fingerprint_path
 from ..io import atomic_write_json, atomic_write_text
 from ..precision import Precision, config_widths
 from ..precision import resolve as resolve_precision
-from .evaluate import SuiteResult, compare, evaluate, evaluate_cached, fingerprint_dir
+from .evaluate import SuiteResult, compare, evaluate, evaluate_cached
 from .suite import Suite, load_suite
 from .tasks import resolve_data_root
 
@@ -64,10 +65,6 @@ def load_for_eval(name: str) -> tuple[torch.nn.Module, Any, str]:
     return merge_for_eval(model).eval(), tok, path
 
 
-def _fingerprint(path: str) -> str:
-    return fingerprint_dir(path) if Path(path).is_dir() else path
-
-
 def _base_loader(base_path: str | None):
     """Load the base model once, on first use."""
     cache: dict[str, Any] = {}
@@ -91,7 +88,7 @@ def baseline_result(
     or evaluated once and cached. Returns (result, was_cached). `bf16` is a resolved choice (see
     `eval_precision`), never "auto": a cached bf16 baseline is never compared with an fp32 candidate."""
     load_base = loader or _base_loader(base_path)
-    ref_fp = _fingerprint(base_path)
+    ref_fp = fingerprint_path(base_path)
     settings = {"bf16": bf16, "max_length": max_length, "suite": suite.fingerprint(data_root)}
     return evaluate_cached(
         {"model": ref_fp, **settings},
@@ -157,7 +154,7 @@ def eval_model(
     if progress:
         print(prec.line(), file=sys.stderr, flush=True)
     load_base = _base_loader(base_path)
-    ref_fp = _fingerprint(base_path) if base_path else None
+    ref_fp = fingerprint_path(base_path) if base_path else None
     base_res: SuiteResult | None = None
     cached = False
     if base_path:
@@ -165,7 +162,7 @@ def eval_model(
                                            refresh=refresh_baseline, loader=load_base)
     cand_res = evaluate(
         cand_model, tok, s, data_root=root, bf16=bf16, max_length=max_length,
-        reference=load_base if base_path else None, reference_fingerprint=ref_fp or _fingerprint(cand_path),
+        reference=load_base if base_path else None, reference_fingerprint=ref_fp or fingerprint_path(cand_path),
         progress=progress, model_name=cand_path,
     )
     report: dict[str, Any] = {

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..blocks import find_blocks
 from ..errors import ForgetlessError
 from ..recipe import (
     AdapterMethod,
@@ -91,17 +92,6 @@ def load_base_model(
     if quantization_config is None:
         model.to(device)
     return model
-
-
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer's list of decoder blocks (the longest ModuleList)."""
-    best: nn.ModuleList | None = None
-    for _, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and (best is None or len(m) > len(best)):
-            best = m
-    if best is None:
-        raise ForgetlessError("cannot find the model's transformer blocks (no nn.ModuleList)")
-    return best
 
 
 def apply_freeze(model: nn.Module, method: FreezeMethod) -> None:
