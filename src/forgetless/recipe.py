@@ -290,7 +290,8 @@ class TrainConfig(Strict):
     merge: bool = Field(False, description="Also save a merged model (PEFT methods that allow it).")
     progress: bool = Field(True, description="Show a progress bar.")
     report: bool = Field(True, description="Write report.html at the end (training curves, layer drift; see "
-                                           "`forgetless report`).")
+                                           "`forgetless report`): `forgetless train`, sweeps and sequences do; from "
+                                           "Python, train(recipe, report=forgetless.report.write_report).")
     divergence_factor: float | None = Field(
         10.0, gt=1, description="Stop the run (exit code 2, last good checkpoint kept) when a step's training loss is "
         "above this multiple of the first logged training loss (taken as at least 1.0); a non-finite loss or gradient "

@@ -52,12 +52,23 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from . import train as training  # training.train looked up at call time, as in continual.py
 from .config import EvalPrecisionOptions, parse_budget
 from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
 from .lock import DirLock
-from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
+from .models import resolve_model
+from .recipe import Recipe, base_recipe_tree, load_config_file, load_recipe, recipe_from_dict
+from .report import write_report
+from .results import ability_names, task_gain  # noqa: F401 (task_gain re-exported: benches import it from here)
+from .retention.api import baseline_result, eval_model, eval_precision
+from .retention.kinds.reference_likelihood import ReferenceLikelihoodTask
+from .retention.metrics import SCORE_VERSION, budget_check
+from .retention.seeds import combine_seeds
+from .retention.suite import Suite, load_suite
+from .retention.tasks import DataSource, resolve_data_root
 from .schema import Strict
+from .train.run import refuse_diverged
 
 
 class Variant(Strict):
@@ -179,10 +190,6 @@ def variant_recipe(base: dict[str, Any], variant: Variant, run_dir: Path, source
 
 def auto_task_suite(recipe: Recipe) -> Any:
     """The target task, scored as the reference likelihood of the recipe's held-out answers."""
-    from .retention.kinds.reference_likelihood import ReferenceLikelihoodTask
-    from .retention.suite import Suite
-    from .retention.tasks import DataSource
-
     d = recipe.data
     if not d.validation:
         raise ForgetlessError("sweep task_suite: auto needs data.validation in the base recipe (or name a task suite)")
@@ -208,31 +215,16 @@ def auto_task_suite(recipe: Recipe) -> Any:
 
 
 def load_any_suite(name: str) -> Any:
-    from .retention.suite import load_suite
-
     return load_suite(name)
 
 
 # ---------------------------------------------------------------- one run
 
 
-def task_gain(cmp: dict[str, Any]) -> dict[str, Any]:
-    """The first task's change oriented so that positive is better, with its paired interval."""
-    name, t = next(iter(cmp["tasks"].items()))
-    sign = 1.0 if t["higher_is_better"] else -1.0
-    lo, hi = (sign * t["ci"][0], sign * t["ci"][1])
-    return {
-        "task": name, "metric": t["main"], "base": t["base"], "candidate": t["candidate"],
-        "gain": sign * t["delta"], "ci": [min(lo, hi), max(lo, hi)], "significant": t["significant"],
-    }
-
-
 def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepConfig, progress: bool,
               precision: str | None = None) -> dict[str, Any]:
     """Task gain and retention change of one run. `precision`: the sweep's resolved evaluation precision
     (bf16 / fp32), so every run and the base are scored alike; None resolves cfg's setting here."""
-    from .retention.api import eval_model
-
     kw = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root,
           "precision": precision or cfg.eval_setting(), "progress": progress}
     task = eval_model(str(run_dir), task_suite, out=run_dir / "eval-task.json", **kw)
@@ -257,9 +249,6 @@ def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepCo
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one variant and score it. Module-level so `--jobs` worker processes can run it."""
-    from .train import train
-    from .train.run import refuse_diverged
-
     if spec.get("threads"):
         import torch
 
@@ -274,12 +263,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         refuse_diverged(summary, summary_path, f"sweep run {recipe.name}")
     else:
         resume = (run_dir / "recipe.yaml").is_file() and (run_dir / "checkpoints").is_dir()
-        summary = train(recipe, resume=resume, overwrite=not resume, quiet=spec["quiet"]).summary
+        summary = training.train(recipe, resume=resume, overwrite=not resume, quiet=spec["quiet"],
+                                 report=write_report).summary
     scores = score_run(run_dir, spec["task_suite"], spec["retention_suite"], cfg, progress=not spec["quiet"],
                        precision=spec.get("eval_precision"))
     if recipe.train.report:
-        from .report import write_report
-
         write_report(run_dir)  # now with the run's evaluations
     guard = summary.get("guard") or {}
     return {
@@ -310,8 +298,6 @@ def aggregate_seeds(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row for a run trained with several seeds: means over the seeds with intervals combining the item
     noise and the seed spread (forgetless.retention.seeds). Significant drops: the tasks that dropped
     significantly in every seed."""
-    from .retention.seeds import combine_seeds
-
     first = rows[0]
     out: dict[str, Any] = {
         "run": name, "variant": name, "seeds": [r["seed"] for r in rows], "n_seeds": len(rows),
@@ -351,8 +337,6 @@ def aggregate_seeds(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def budget_verdicts(rows: list[dict[str, Any]], budget: float | None) -> None:
     """Mark every row's retention with the budget both ways (point estimate; 95% upper bound of the drop)."""
-    from .retention.metrics import budget_check
-
     for r in rows:
         ret = r["retention"]
         ret["budget_check"] = budget_check(1 + ret["change"], (1 + ret["ci"][0], 1 + ret["ci"][1]), budget)
@@ -446,8 +430,6 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     for name, r in recipes.items():
         saved = out / "runs" / name / "recipe.yaml"
         if saved.is_file():
-            from .recipe import load_recipe
-
             if load_recipe(saved).resolved() != r.resolved():
                 raise ForgetlessError(
                     f"sweep run {name}: its recipe changed since {saved} was written; pass --overwrite to start the "
@@ -459,9 +441,6 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     task_suite = auto_task_suite(first) if cfg.task_suite == "auto" else load_any_suite(cfg.task_suite)
     retention_suite = load_any_suite(cfg.retention_suite)
     todo = [(name, v, seed) for name, v, seed in trainings if name not in done]
-    from .models import resolve_model
-    from .retention.api import eval_precision
-    from .retention.metrics import SCORE_VERSION
 
     # resolved once, so every run and the base model are scored at the same precision (caches key on it)
     prec = eval_precision(cfg.eval_setting(), resolve_model(first.model.name).path)
@@ -514,8 +493,6 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
             finished[row["run"]] = row
             save()
     if report:
-        from .report import write_report
-
         state["report"] = str(write_report(out))
         atomic_write_json(state_path, state)
     return state
@@ -524,10 +501,6 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
 def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: SweepConfig, quiet: bool,
                 precision: str) -> None:
     """Evaluate the base model once before parallel workers start (they then read the cache)."""
-    from .models import resolve_model
-    from .retention.api import baseline_result
-    from .retention.tasks import resolve_data_root
-
     path = resolve_model(recipe.model.name).path
     root = resolve_data_root(cfg.data_root)
     for s in (task_suite, retention_suite):
@@ -539,16 +512,6 @@ def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: Swee
 
 def _pct(x: float) -> str:
     return f"{100 * x:+.2f}%"
-
-
-def ability_names(rows: list[dict[str, Any]]) -> list[str]:
-    """The abilities any row reports, in first-seen order."""
-    names: list[str] = []
-    for r in rows:
-        for ab in (r["retention"].get("abilities") or {}):
-            if ab not in names:
-                names.append(ab)
-    return names
 
 
 def seeds_label(r: dict[str, Any]) -> str:
