@@ -251,9 +251,9 @@ def _hellaswag(text: str) -> str:
     return text.replace("  ", " ")
 
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-_ENV.filters["hellaswag"] = _hellaswag
-_ENV.filters["capitalize_first"] = lambda s: s[:1].upper() + s[1:] if s else s
+TEMPLATE_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+TEMPLATE_ENV.filters["hellaswag"] = _hellaswag
+TEMPLATE_ENV.filters["capitalize_first"] = lambda s: s[:1].upper() + s[1:] if s else s
 
 
 def render(template: str, rec: Record, task: str, key: str) -> Any:
@@ -261,7 +261,7 @@ def render(template: str, rec: Record, task: str, key: str) -> Any:
     if template in rec.data and "{" not in template:
         return rec.data[template]
     try:
-        return _ENV.from_string(template).render(**rec.data)
+        return TEMPLATE_ENV.from_string(template).render(**rec.data)
     except jinja2.UndefinedError as e:
         raise DataError(f"{rec.where}: task {task}: {key} template {template!r}: {e.message}; fields: "
                         f"{', '.join(rec.data)}") from None
