@@ -21,6 +21,8 @@ from ..data import build_examples
 from ..data.loading import Record, read_file
 from ..errors import ForgetlessError
 from ..io import atomic_write_text
+from ..retention.kinds.self_reference import BUILTIN_PROMPTS
+from ..retention.lm import greedy_generate
 from ..schema import Strict
 from .base import TrainContext
 from .replay import Replay
@@ -116,9 +118,6 @@ class SelfReplay(Replay):
         return prompts
 
     def _generate_pairs(self, ctx: TrainContext) -> tuple[list[dict], dict[str, int]]:
-        from ..retention.kinds.self_reference import BUILTIN_PROMPTS
-        from ..retention.lm import greedy_generate
-
         model, tok = ctx.model, ctx.tokenizer
         ctx_mgr = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()
         was_training = model.training

@@ -13,8 +13,12 @@ import torch
 from ..errors import ForgetlessError
 from ..fingerprint import fingerprint_path
 from ..io import atomic_write_json, atomic_write_text
+from ..models import resolve_model
 from ..precision import Precision, config_widths
 from ..precision import resolve as resolve_precision
+from ..recipe import load_recipe
+from ..train.adapters import adapter_modules, merge_adapters
+from ..train.model import load_model
 from .evaluate import SuiteResult, compare, evaluate, evaluate_cached
 from .suite import Suite, load_suite
 from .tasks import resolve_data_root
@@ -30,16 +34,12 @@ def run_base_model(run_dir: Path) -> str:
     s = run_dir / "summary.json"
     if s.is_file():
         return json.loads(s.read_text())["model"]["path"]
-    from ..models import resolve_model
-    from ..recipe import load_recipe
 
     return resolve_model(load_recipe(run_dir / "recipe.yaml").model.name).path
 
 
 def merge_for_eval(model: torch.nn.Module) -> torch.nn.Module:
     """Fold LoRA-type adapters into the weights in memory: unmerged adapters made evaluation 30-45% slower."""
-    from ..train.adapters import adapter_modules, merge_adapters
-
     if hasattr(model, "peft_config"):
         cfg = next(iter(model.peft_config.values()))
         if not getattr(cfg, "is_prompt_learning", False) and not getattr(model, "is_loaded_in_4bit", False):
@@ -53,12 +53,9 @@ def merge_for_eval(model: torch.nn.Module) -> torch.nn.Module:
 
 def load_for_eval(name: str) -> tuple[torch.nn.Module, Any, str]:
     """(model, tokenizer, directory) for a run directory, a model directory or a catalog alias / hub id."""
-    from ..train.model import load_model
-
     if is_run_dir(name):
         model, tok = load_model(Path(name))
         return merge_for_eval(model).eval(), tok, str(Path(name) / "final")
-    from ..models import resolve_model
 
     path = resolve_model(name).path
     model, tok = load_model(path)
@@ -71,8 +68,6 @@ def _base_loader(base_path: str | None):
 
     def load_base():
         if "m" not in cache:
-            from ..train.model import load_model
-
             m, t = load_model(base_path)
             cache["m"] = (m.eval(), t)
         return cache["m"]
@@ -144,8 +139,6 @@ def eval_model(
             raise ForgetlessError(f"--baseline base needs a run directory; {model} is not one (pass a model path "
                                   "instead)")
     elif baseline and baseline != "none":
-        from ..models import resolve_model
-
         base_path = resolve_model(baseline).path
 
     cand_model, tok, cand_path = load_for_eval(model)
