@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from .cli import main as cli_main
 from .tiny import CHATML, SPECIALS, WORDS, build_tiny_llama, build_tokenizer, toy_corpus
 
 __all__ = ["CHATML", "SPECIALS", "WORDS", "ForkedCli", "build_organism", "build_tiny_llama", "build_tokenizer",
@@ -160,6 +161,4 @@ def _cli_child(argv: list[str], env: dict[str, str], out: str) -> None:
     os.environ.clear()
     os.environ.update(env)
     sys.argv = ["forgetless-forked", *argv]  # not "forgetless": no re-exec under another allocator
-    from .cli import main
-
-    main()
+    cli_main()
