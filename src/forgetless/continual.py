@@ -75,6 +75,7 @@ from .lock import DirLock
 from .models import resolve_model
 from .recipe import Recipe, base_recipe_tree, load_config_file, load_recipe, recipe_from_dict
 from .report import METRIC_NAMES, write_continual_report, write_plots, write_report  # noqa: F401 (re-exported)
+from .results import RetentionChange
 from .retention.api import eval_model, eval_precision, load_for_eval
 from .retention.evaluate import compare, evaluate, evaluate_cached, result_from_cache
 from .retention.suite import Suite, load_suite
@@ -502,14 +503,9 @@ class _Evaluator:
 def _retention_entry(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if not report or not report.get("comparison"):
         return None
-    rc = report["comparison"]
-    return {
-        "score": rc["retention_score"], "change": rc["retention_score"] - 1,
-        "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
-        "significant_drops": rc["significant_drops"],
-        "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant_drop")}
-                  for k, v in rc["tasks"].items()},
-    }
+    return RetentionChange.of(report["comparison"]).as_dict(
+        "score", "change", "ci", "significant_drops", "tasks",
+        task_fields=("main", "base", "candidate", "delta", "ci", "significant_drop"))
 
 
 # ---------------------------------------------------------------- the run

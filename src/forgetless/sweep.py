@@ -60,7 +60,7 @@ from .lock import DirLock
 from .models import resolve_model
 from .recipe import Recipe, base_recipe_tree, load_config_file, load_recipe, recipe_from_dict
 from .report import write_report
-from .results import ability_names, task_gain  # noqa: F401 (task_gain re-exported: benches import it from here)
+from .results import RetentionChange, TaskGain, ability_names, task_gain  # noqa: F401 (task_gain re-exported)
 from .retention.api import baseline_result, eval_model, eval_precision
 from .retention.kinds.reference_likelihood import ReferenceLikelihoodTask
 from .retention.metrics import SCORE_VERSION, budget_check
@@ -229,21 +229,13 @@ def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepCo
           "precision": precision or cfg.eval_setting(), "progress": progress}
     task = eval_model(str(run_dir), task_suite, out=run_dir / "eval-task.json", **kw)
     ret = eval_model(str(run_dir), retention_suite, out=run_dir / "eval-retention.json", **kw)
-    rc = ret["comparison"]
     return {
-        "task": task_gain(task["comparison"]),
+        "task": TaskGain.of(task["comparison"]).as_dict(),
         "task_tasks": {k: {x: v[x] for x in ("base", "candidate", "delta", "ci", "significant")}
                        for k, v in task["comparison"]["tasks"].items()},
-        "retention": {
-            "score": rc["retention_score"], "change": rc["retention_score"] - 1,
-            "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
-            "score_definition": rc.get("score_definition", 1),
-            "abilities": rc.get("abilities") or {},
-            "significant_drops": rc["significant_drops"],
-            "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant",
-                                            "significant_drop", "flipped")}
-                      for k, v in rc["tasks"].items()},
-        },
+        "retention": RetentionChange.of(ret["comparison"]).as_dict(
+            "score", "change", "ci", "score_definition", "abilities", "significant_drops", "tasks",
+            task_fields=("main", "base", "candidate", "delta", "ci", "significant", "significant_drop", "flipped")),
     }
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ForgetlessError
 from ..io import atomic_write_json
-from ..results import ability_names, task_gain
+from ..results import RetentionChange, TaskGain, ability_names
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -32,16 +32,13 @@ def run_row(run_dir: Path) -> dict[str, Any] | None:
         return None
     task = read_json(run_dir / "eval-task.json")
     summary = read_json(run_dir / "summary.json") or {}
-    rc = ret["comparison"]
-    g = task_gain(task["comparison"]) if task and task.get("comparison") else None
+    g = TaskGain.of(task["comparison"]).as_dict() if task and task.get("comparison") else None
     return {
         "run": summary.get("name", run_dir.name), "dir": str(run_dir), "method": summary.get("method", "?"),
         "task": g,
         "n_seeds": 1,
-        "retention": {"score": rc["retention_score"], "change": rc["retention_score"] - 1,
-                      "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
-                      "abilities": rc.get("abilities") or {}, "score_definition": rc.get("score_definition", 1),
-                      "significant_drops": rc["significant_drops"]},
+        "retention": RetentionChange.of(ret["comparison"]).as_dict(
+            "score", "change", "ci", "abilities", "score_definition", "significant_drops"),
     }
 
 
