@@ -281,7 +281,7 @@ def wise_row(state: dict[str, Any], cfg: Any, tsuite: Path, rsuite: str, alphas:
     """WiSE-FT of full-lr1e-4 with auto alpha at the budget, scored like a sweep run."""
     from forgetless.merge import auto_alpha
     from forgetless.models import resolve_model
-    from forgetless.sweep import task_gain
+    from forgetless.results import RetentionChange, TaskGain
 
     src = next((r for r in state["runs"] if r["run"] == "full-lr1e-4"), None)
     if src is None:
@@ -301,12 +301,10 @@ def wise_row(state: dict[str, Any], cfg: Any, tsuite: Path, rsuite: str, alphas:
     task, ret = res["comparison"]["task"], res["comparison"]["retention"]  # the chosen alpha, as auto_alpha scored it
     return {
         "run": f"wise-ft(full-lr1e-4, alpha {res['chosen']['alpha']})", "dir": str(out / "wise-ft"),
-        "method": "full+wise-ft", "task": task_gain(task),
+        "method": "full+wise-ft", "task": TaskGain.of(task).as_dict(),
         "task_tasks": {k: {x: v[x] for x in ("base", "candidate", "delta", "ci", "significant")}
                        for k, v in task["tasks"].items()},
-        "retention": {"score": ret["retention_score"], "change": ret["retention_score"] - 1,
-                      "ci": [ret["retention_ci"][0] - 1, ret["retention_ci"][1] - 1],
-                      "significant_drops": ret["significant_drops"], "tasks": ret["tasks"]},
+        "retention": RetentionChange.of(ret).as_dict("score", "change", "ci", "significant_drops", "tasks"),
         "wall_time_s": src["wall_time_s"] + (time.perf_counter() - t0), "tokens_per_s": src["tokens_per_s"],
         "peak_memory_mb": src["peak_memory_mb"], "trainable_parameters": src["trainable_parameters"],
         "trainable_share": src["trainable_share"], "curve": res["curve"],

@@ -24,6 +24,7 @@ def test_train_with_overrides_and_json_summary(tiny_model, toy_data, tmp_path):
     summary = json.loads(res.stdout)
     assert summary["steps"] == 3 and summary["method"] == "lora"
     assert yaml.safe_load((out / "recipe.yaml").read_text())["optim"]["max_steps"] == 3
+    assert (out / "report.html").is_file()  # the CLI renders the report (train.report, on by default)
 
 
 def test_bad_recipe_exits_2_with_the_key_and_line(tmp_path):

@@ -121,6 +121,20 @@ def test_existing_run_is_never_overwritten_without_the_flag(tiny_model, toy_data
     train(r, overwrite=True)
 
 
+def test_the_report_is_rendered_by_the_callable_its_caller_passes(tiny_model, toy_data, tmp_path):
+    """train() never imports the reports (they sit above training): `forgetless train`, sweeps and sequences hand it
+    forgetless.report.write_report, which it calls once summary.json is written, if train.report is true."""
+    r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", optim__max_steps=2))
+    rendered = []
+    res = train(r, report=lambda d: rendered.append((d, (d / "summary.json").is_file())))
+    assert rendered == [(res.run_dir, True)]
+    train(r, overwrite=True)
+    assert not (res.run_dir / "report.html").exists()  # a bare train() leaves the report to its caller
+    off = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", optim__max_steps=2, train__report=False))
+    train(off, overwrite=True, report=lambda d: rendered.append((d, None)))
+    assert len(rendered) == 1
+
+
 def test_bad_data_fails_before_training(tiny_model, toy_data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": []}\n')

@@ -55,6 +55,7 @@ def train(
 ) -> None:
     """Fine-tune a causal LM as the recipe says; writes a run directory with model, metrics and summary."""
     from .recipe import load_recipe
+    from .report import write_report
     from .train import train as run_train
 
     overrides = list(set_ or [])
@@ -63,7 +64,9 @@ def train(
     if out is not None:
         overrides.append(f"train.output_dir={out}")
     r = load_recipe(recipe, overrides)
-    summary = run_train(r, overwrite=overwrite, resume=resume, quiet=quiet or json_out, break_lock=break_lock).summary
+    # the CLI, not train(), renders the report (train.report): train() calls it once summary.json is written
+    summary = run_train(r, overwrite=overwrite, resume=resume, quiet=quiet or json_out, break_lock=break_lock,
+                        report=write_report).summary
     from .distributed import is_main
 
     if not is_main():  # under torchrun / accelerate launch only rank 0 reports

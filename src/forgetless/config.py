@@ -1,11 +1,19 @@
-"""Shared pieces of the recipe model: the strict base class and the data section (also used by mitigations
-that read data of their own, such as replay and EWC). `forgetless.recipe` is the public entry point."""
+"""Configuration sections used below the recipe as well as in it: the model and data sections (mitigations
+such as replay and EWC read data of their own), monitor and guard, the distributed engines' options (read by
+`forgetless.distributed`), and the evaluation precision a sweep and a sequence share. `forgetless.recipe`
+composes them with the mitigations' configs into the recipe, and is the public entry point; the strict base
+class and YAML loading are in `forgetless.schema`."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from .errors import ForgetlessError
+from .schema import Strict
 
 
 def parse_budget(value: Any) -> float:
@@ -19,13 +27,7 @@ def parse_budget(value: Any) -> float:
     return float(value)
 
 
-class _Strict(BaseModel):
-    """Unknown keys are errors; values are re-checked on assignment (the --set overrides)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     name: str = Field(description="HF hub id, local HF directory, or a `forgetless models` alias.")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto",
@@ -42,7 +44,7 @@ class ModelConfig(_Strict):
         return {"name": v} if isinstance(v, str) else v
 
 
-class EvalPrecisionOptions(_Strict):
+class EvalPrecisionOptions(Strict):
     """The evaluation-precision options a sweep and a continual sequence share."""
 
     eval_precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -52,8 +54,7 @@ class EvalPrecisionOptions(_Strict):
 
     def eval_setting(self) -> str:
         """eval_precision with the older eval_bf16 folded in."""
-        from .errors import ForgetlessError
-        from .precision import combine
+        from .precision import combine  # (precision imports torch: not at the import of every config)
 
         try:
             return combine(self.eval_precision, self.eval_bf16)
@@ -75,7 +76,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 OPTIONAL_FIELDS = {"input", "role", "content", "system"}
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     train: str | list[str] = Field(description="JSONL/JSON file(s), or an HF dataset id (`hf:owner/name`).")
     validation: str | list[str] | None = Field(None, description="Validation file(s); else see validation_fraction.")
     validation_fraction: float = Field(
@@ -129,7 +130,7 @@ class DataConfig(_Strict):
 
 
 
-class MonitorConfig(_Strict):
+class MonitorConfig(Strict):
     suite: str = Field("self", description="Probe suite: a built-in name or a suite YAML file.")
     tasks: list[str] | None = Field(None, description="Only these tasks of the suite.")
     limit: int | None = Field(50, gt=0, description="Items per task (keep the probe fast).")
@@ -138,7 +139,7 @@ class MonitorConfig(_Strict):
     max_new_tokens: int | None = Field(64, gt=0, description="Self-reference answer length (shorter is faster).")
 
 
-class GuardConfig(_Strict):
+class GuardConfig(Strict):
     budget: float = Field(0.01, gt=0, lt=1, description="Largest relative drop of the retention score (0.01 = 1%).")
     per_task: dict[str, float] = Field(default_factory=dict, description="Budgets for single tasks' relative change.")
     require_significant: bool = Field(True, description="Act only on drops the paired test marks significant.")
@@ -156,3 +157,103 @@ class GuardConfig(_Strict):
         if not self.actions:
             raise ValueError("guard.actions needs at least one action")
         return self
+
+
+# ---------------------------------------------------------------- distributed engines' options
+
+
+class FsdpOptions(Strict):
+    """FSDP2 through the Trainer's own `fsdp` / `fsdp_config` options (CUDA GPUs). The final model is always
+    saved whole (FULL_STATE_DICT), as an HF model or adapter like a single-process run."""
+
+    version: Literal[2] = Field(2, description="FSDP2 (fully_shard); FSDP1 is deprecated in transformers.")
+    reshard_after_forward: bool = Field(
+        True, description="true: full shard (parameters too, like ZeRO-3); false: gradients and optimizer state only "
+        "(like ZeRO-2)."
+    )
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
+    transformer_layer_cls_to_wrap: list[str] | None = Field(
+        None,
+        description="Block classes sharded one by one (e.g. [LlamaDecoderLayer]). None: the model's _no_split_modules."
+    )
+    min_num_params: int = Field(0, ge=0,
+                                description="SIZE_BASED_WRAP: wrap modules with at least this many parameters.")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state in CPU memory.")
+    activation_checkpointing: bool = Field(False, description="FSDP's activation checkpointing (prefer it to "
+                                                              "train.gradient_checkpointing).")
+
+    @model_validator(mode="after")
+    def _policy(self) -> FsdpOptions:
+        if self.transformer_layer_cls_to_wrap and self.auto_wrap_policy != "TRANSFORMER_BASED_WRAP":
+            raise ValueError("transformer_layer_cls_to_wrap needs auto_wrap_policy: TRANSFORMER_BASED_WRAP")
+        if self.auto_wrap_policy == "SIZE_BASED_WRAP" and self.min_num_params == 0:
+            raise ValueError("auto_wrap_policy: SIZE_BASED_WRAP needs min_num_params > 0")
+        if self.min_num_params and self.auto_wrap_policy != "SIZE_BASED_WRAP":
+            raise ValueError("min_num_params needs auto_wrap_policy: SIZE_BASED_WRAP")
+        return self
+
+    def trainer_config(self) -> dict[str, Any]:
+        """TrainingArguments.fsdp_config."""
+        out: dict[str, Any] = {
+            "version": self.version,
+            "reshard_after_forward": self.reshard_after_forward,
+            "auto_wrap_policy": self.auto_wrap_policy,
+            "cpu_offload": self.cpu_offload,
+            "activation_checkpointing": self.activation_checkpointing,
+            "state_dict_type": "FULL_STATE_DICT",
+        }
+        if self.transformer_layer_cls_to_wrap:
+            out["transformer_layer_cls_to_wrap"] = list(self.transformer_layer_cls_to_wrap)
+        if self.min_num_params:
+            out["min_num_params"] = self.min_num_params
+        return out
+
+
+class DeepSpeedOptions(Strict):
+    """DeepSpeed ZeRO through the Trainer's own `deepspeed` option (CUDA GPUs, `pip install deepspeed`).
+    Batch size, accumulation, clipping and precision come from the recipe (the config's "auto" values)."""
+
+    stage: Literal[2, 3] = Field(2,
+                                 description="ZeRO-2 shards optimizer state and gradients; ZeRO-3 also the parameters.")
+    offload_optimizer: bool = Field(False, description="Optimizer state in CPU memory.")
+    offload_params: bool = Field(False, description="ZeRO-3 only: parameters in CPU memory.")
+    config: str | None = Field(None, description="A DeepSpeed JSON file used as is instead of the options above.")
+
+    @model_validator(mode="after")
+    def _options(self) -> DeepSpeedOptions:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage: 3 (ZeRO-2 does not shard parameters)")
+        if self.config is not None:
+            others = sorted(self.model_fields_set - {"config"})
+            if others:
+                raise ValueError(f"config: a DeepSpeed JSON file replaces {', '.join(others)}; set one or the other")
+            path = Path(self.config)
+            if not path.is_file():
+                raise ValueError(f"config: DeepSpeed config file {path} not found")
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ValueError(f"config: {path} is not valid JSON: {e}") from None
+        return self
+
+    def trainer_config(self) -> dict[str, Any] | str:
+        """TrainingArguments.deepspeed: the JSON file, or a ZeRO config whose "auto" values the Trainer fills."""
+        if self.config is not None:
+            return self.config
+        zero: dict[str, Any] = {"stage": self.stage, "overlap_comm": True, "contiguous_gradients": True}
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if self.stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True  # final/ holds whole weights
+            if self.offload_params:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        return {
+            "zero_optimization": zero,
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "zero_allow_untested_optimizer": True,  # the Trainer's own AdamW
+        }

@@ -52,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import random
 import re
 import shutil
@@ -66,11 +65,25 @@ import numpy as np
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from .config import DataConfig, EvalPrecisionOptions, _Strict
+from . import train as training  # training.train looked up at call time: tests replace forgetless.train.train
+from .config import DataConfig, EvalPrecisionOptions
+from .data import load_records
 from .errors import ForgetlessError, RecipeError
+from .fingerprint import fingerprint_path
 from .io import atomic_write_json, atomic_write_text
 from .lock import DirLock
-from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
+from .models import resolve_model
+from .recipe import Recipe, base_recipe_tree, load_config_file, load_recipe, recipe_from_dict
+from .report import METRIC_NAMES, write_continual_report, write_plots, write_report  # noqa: F401 (re-exported)
+from .results import RetentionChange
+from .retention.api import eval_model, eval_precision, load_for_eval
+from .retention.evaluate import compare, evaluate, evaluate_cached, result_from_cache
+from .retention.suite import Suite, load_suite
+from .retention.tasks import resolve_data_root
+from .schema import Strict
+from .sweep import auto_task_suite
+from .train.model import load_model
+from .train.run import refuse_diverged
 
 N_BOOT = 1000
 LORA_TYPES = ("lora", "dora", "qlora")
@@ -78,7 +91,7 @@ LORA_TYPES = ("lora", "dora", "qlora")
 # ---------------------------------------------------------------- the sequence file
 
 
-class TaskSpec(_Strict):
+class TaskSpec(Strict):
     name: str = Field(description="Task name (its step directory is steps/<i>-<name>).")
     data: dict[str, Any] = Field(description="The task's data: train, validation and any data option, over the base "
                                              "recipe's data:.")
@@ -107,7 +120,7 @@ class TaskSpec(_Strict):
         return v
 
 
-class EWCCarry(_Strict):
+class EWCCarry(Strict):
     weight: float = Field(1000.0, ge=0)
     samples: int = Field(200, gt=0, description="Examples of the finished task the Fisher is estimated on.")
     labels: Literal["data", "sampled"] = "data"
@@ -116,19 +129,19 @@ class EWCCarry(_Strict):
     seed: int = 0
 
 
-class SICarry(_Strict):
+class SICarry(Strict):
     weight: float = Field(1.0, ge=0)
     damping: float = Field(1e-3, gt=0)
 
 
-class KLCarry(_Strict):
+class KLCarry(Strict):
     weight: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
     on: Literal["all", "task", "replay"] = "all"
     positions: Literal["all", "target"] = "all"
 
 
-class ReplayCarry(_Strict):
+class ReplayCarry(Strict):
     policy: Literal["quota", "reservoir"] = Field(
         "quota",
         description="quota: per_task examples of every earlier task; reservoir: one buffer of `size` over all of them."
@@ -140,12 +153,12 @@ class ReplayCarry(_Strict):
     seed: int = 0
 
 
-class OLoRACarry(_Strict):
+class OLoRACarry(Strict):
     weight: float = Field(0.5, ge=0, description="Orthogonality penalty (lambda_1).")
     l2: float = Field(0.0, ge=0, description="L2 on the new adapter (lambda_2).")
 
 
-class Carry(_Strict):
+class Carry(Strict):
     ewc: EWCCarry | None = None
     si: SICarry | None = None
     kl: KLCarry | None = None
@@ -240,8 +253,6 @@ def select_buffer(sizes: list[int], policy: str, per_task: int, size: int, seed:
 
 
 def _train_records(recipe: Recipe) -> list[dict[str, Any]]:
-    from .data import load_records
-
     recs = load_records(recipe.data.train, recipe.data.split)
     recs = recs[: recipe.data.limit] if recipe.data.limit else recs
     return [r.data for r in recs]
@@ -333,9 +344,6 @@ def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence")
 
 def task_suite(cfg: ContinualConfig, steps: list[Step], folder: Path) -> Any:
     """One suite with every task's evaluation, each renamed after its sequence task."""
-    from .retention.suite import Suite, load_suite
-    from .sweep import auto_task_suite
-
     tasks = []
     for k, step in enumerate(steps):
         where = f"tasks[{k}] ({step.task.name}).eval"
@@ -436,8 +444,6 @@ def _save_items(path: Path, res: Any) -> None:
 
 
 def _load_items(path: Path, suite: Any) -> dict[str, Any]:
-    from .retention.evaluate import result_from_cache
-
     d = json.loads(path.read_text())
     by_name = {t.name: t for t in suite.tasks}
     missing = set(by_name) - set(d["tasks"])
@@ -450,11 +456,8 @@ class _Evaluator:
     """Scores models on the task suite (per-item results kept) and on the retention suite (eval_model)."""
 
     def __init__(self, cfg: ContinualConfig, suite: Any, retention: Any, base_path: str, quiet: bool):
-        from .retention.api import eval_precision
-        from .retention.evaluate import fingerprint_dir
-
         self.cfg, self.suite, self.retention, self.base_path, self.quiet = cfg, suite, retention, base_path, quiet
-        self.base_fp = fingerprint_dir(base_path) if Path(base_path).is_dir() else base_path
+        self.base_fp = fingerprint_path(base_path)
         self._base: Any = None
         # resolved once: every step and the base are scored at one precision (the cache keys on it)
         self.precision = eval_precision(cfg.eval_setting(), base_path)
@@ -462,24 +465,16 @@ class _Evaluator:
 
     def load_base(self) -> Any:
         if self._base is None:
-            from .train.model import load_model
-
             m, t = load_model(self.base_path)
             self._base = (m.eval(), t)
         return self._base
 
     def _run(self, model_dir: str) -> Any:
-        from .retention.api import load_for_eval
-        from .retention.evaluate import evaluate
-
         model, tok, path = load_for_eval(model_dir)
         return evaluate(model, tok, self.suite, data_root=self.cfg.data_root, bf16=self.bf16, reference=self.load_base,
                         reference_fingerprint=self.base_fp, progress=not self.quiet, model_name=path)
 
     def base_row(self, out: Path) -> Any:
-        from .retention.evaluate import evaluate_cached
-        from .retention.tasks import resolve_data_root
-
         key = {"model": self.base_fp, "bf16": self.bf16, "max_length": None,
                "suite": self.suite.fingerprint(resolve_data_root(self.cfg.data_root))}
         res, _ = evaluate_cached(key, self.suite, lambda: self._run(self.base_path))
@@ -488,9 +483,6 @@ class _Evaluator:
 
     def step(self, step: Step, base_res: Any) -> tuple[Any, dict[str, Any] | None]:
         """Task scores (SuiteResult) and the retention report of one step's model; both written to its directory."""
-        from .retention.api import eval_model
-        from .retention.evaluate import compare
-
         res = self._run(str(step.dir))
         _save_items(step.dir / "eval-task.items.json", res)
         atomic_write_json(step.dir / "eval-task.json", {
@@ -511,23 +503,15 @@ class _Evaluator:
 def _retention_entry(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if not report or not report.get("comparison"):
         return None
-    rc = report["comparison"]
-    return {
-        "score": rc["retention_score"], "change": rc["retention_score"] - 1,
-        "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
-        "significant_drops": rc["significant_drops"],
-        "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant_drop")}
-                  for k, v in rc["tasks"].items()},
-    }
+    return RetentionChange.of(report["comparison"]).as_dict(
+        "score", "change", "ci", "significant_drops", "tasks",
+        task_fields=("main", "base", "candidate", "delta", "ci", "significant_drop"))
 
 
 # ---------------------------------------------------------------- the run
 
 
 def _train_step(step: Step, quiet: bool) -> dict[str, Any]:
-    from .train import train
-    from .train.run import refuse_diverged
-
     summary_path = step.dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
@@ -536,7 +520,7 @@ def _train_step(step: Step, quiet: bool) -> dict[str, Any]:
     for _, path, recs in step.replay:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in recs))
     resume = (step.dir / "recipe.yaml").is_file() and (step.dir / "checkpoints").is_dir()
-    return train(step.recipe, resume=resume, overwrite=not resume, quiet=quiet).summary
+    return training.train(step.recipe, resume=resume, overwrite=not resume, quiet=quiet, report=write_report).summary
 
 
 def _step_entry(step: Step, summary: dict[str, Any], retention: dict[str, Any] | None,
@@ -583,10 +567,6 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
                    output_dir: str | Path | None, overwrite: bool, quiet: bool, report: bool,
                    lock: Callable[[Path], Any]) -> dict[str, Any]:
     from rich.console import Console
-
-    from .models import resolve_model
-    from .recipe import load_recipe
-    from .retention.suite import load_suite
 
     if isinstance(path_or_config, ContinualConfig):
         cfg, folder, where = path_or_config, folder or Path.cwd(), "sequence"
@@ -679,8 +659,6 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
         summary = _train_step(step, quiet)
         res, ret = evaluator.step(step, base_res)
         if step.recipe.train.report:
-            from .report import write_report
-
             write_report(step.dir)  # now with the step's evaluations
         rows.append(res.tasks)
         state["steps"].append(_step_entry(step, summary, _retention_entry(ret), time.perf_counter() - t0))
@@ -702,126 +680,7 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
     return state
 
 
-# ---------------------------------------------------------------- plots, report, table
-
-
-def matrix_plot(state: dict[str, Any]) -> Any:
-    from .report import _plt
-
-    plt = _plt()
-    R = np.asarray(state["matrix"]["score"], dtype=float)
-    gain = R - R[0]
-    rows, cols = state["matrix"]["rows"], state["matrix"]["columns"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2.5, 0.6 * len(rows) + 1.8))
-    lim = float(np.nanmax(np.abs(gain))) or 1.0
-    im = ax.imshow(gain, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            lo, hi = state["matrix"]["ci"][i][j]
-            ax.text(j, i, f"{R[i, j]:.3f}\n[{lo:.3f}, {hi:.3f}]", ha="center", va="center", fontsize=7,
-                    fontweight="bold" if i == j + 1 else "normal")
-    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
-    ax.set_yticks(range(len(rows)), ["base" if r == "base" else f"after {r}" for r in rows])
-    ax.set_xlabel("evaluated on task")
-    ax.set_ylabel("model")
-    fig.colorbar(im, ax=ax, label="change from the base model (higher is better)")
-    scores = {t["score"] for t in state["tasks"]}
-    ax.set_title(f"Accuracy matrix R[i][j] ({', '.join(sorted(scores))}; 95% CI); bold: the task just trained")
-    return fig
-
-
-def trajectory_plot(state: dict[str, Any]) -> Any:
-    from .report import _plt
-
-    plt = _plt()
-    R = np.asarray(state["matrix"]["score"], dtype=float)
-    ci = np.asarray(state["matrix"]["ci"], dtype=float)
-    xs = list(range(R.shape[0]))
-    labels = state["matrix"]["rows"]
-    has_ret = any(e.get("retention") for e in state["trajectory"][1:])
-    fig, axes = plt.subplots(1, 2 if has_ret else 1, figsize=(12 if has_ret else 7, 4.2), squeeze=False)
-    ax = axes[0][0]
-    for j, name in enumerate(state["matrix"]["columns"]):
-        ax.errorbar(xs, R[:, j], yerr=[R[:, j] - ci[:, j, 0], ci[:, j, 1] - R[:, j]], fmt="o-", capsize=3, label=name)
-    acc = [(e["step"], e["average_accuracy"]["value"]) for e in state["trajectory"] if e["average_accuracy"]]
-    if acc:
-        ax.plot(*zip(*acc, strict=True), "k--", lw=2, label="average (tasks trained so far)")
-    ax.set_xticks(xs, labels, rotation=30, ha="right")
-    ax.set_ylabel("score (higher is better)")
-    ax.set_title("Every task's score after each step (95% CI)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if has_ret:
-        ax2 = axes[0][1]
-        pts = [(e["step"], 100 * e["retention"]["change"], 100 * e["retention"]["ci"][0], 100 * e["retention"]["ci"][1])
-               for e in state["trajectory"] if e.get("retention")]
-        s, v, lo, hi = zip(*pts, strict=True)
-        ax2.plot(s, v, "s-", color="tab:green", label=f"retention ({state['retention_suite']})")
-        ax2.fill_between(s, lo, hi, color="tab:green", alpha=0.2)
-        ax2.axhline(0, color="black", lw=0.8)
-        ax2.set_xticks(xs, labels, rotation=30, ha="right")
-        ax2.set_ylabel("retention change, % (0 = base)")
-        ax2.set_title("Base abilities after each step (paired 95% CI)")
-        ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=8)
-    return fig
-
-
-def write_plots(state: dict[str, Any], out: Path) -> dict[str, str]:
-    """matrix.png and trajectory.png beside continual.json (written atomically)."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    paths = {}
-    for name, make in (("matrix", matrix_plot), ("trajectory", trajectory_plot)):
-        fig = make(state)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        target = out / f"{name}.png"
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(target)
-        paths[name] = str(target)
-    return paths
-
-
-def write_continual_report(path: str | Path, state: dict[str, Any] | None = None,
-                           out: str | Path | None = None) -> Path:
-    """report.html for a sequence directory (or `out`): metrics, heat-map, trajectories, per-step curves and tables."""
-    import base64
-
-    import jinja2
-
-    from .report import curves_plot, retention_tables
-
-    path = Path(path)
-    state = state or json.loads((path / "continual.json").read_text())
-    if not (path / "matrix.png").is_file():
-        write_plots(state, path)
-    img = {n: base64.b64encode((path / f"{n}.png").read_bytes()).decode() for n in ("matrix", "trajectory")}
-    target = Path(out) if out else path / "report.html"
-    dirs = [Path(e["dir"]) for e in state["steps"]]
-    steps = [{**e, "curves": curves_plot(d, d.name), "has_report": (d / "report.html").is_file(),
-              "report_rel": os.path.relpath(d / "report.html", target.resolve().parent)}
-             for e, d in zip(state["steps"], dirs, strict=True)]
-    env = jinja2.Environment(loader=jinja2.PackageLoader("forgetless", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
-    env.filters["pct"] = lambda x: "-" if x is None else f"{100 * x:+.2f}%"
-    env.filters["num"] = lambda x: "-" if x is None else f"{x:+.4f}"
-    html = env.get_template("continual.html.j2").render(
-        state=state, img=img, steps=steps, tables=retention_tables(dirs), metric_names=METRIC_NAMES)
-    atomic_write_text(target, html)
-    return target
-
-
-METRIC_NAMES = {
-    "average_accuracy": "average accuracy (mean score over all tasks after the last step)",
-    "bwt": "backward transfer BWT (negative: earlier tasks forgotten)",
-    "fwt": "forward transfer FWT (score before a task's own training minus the base model's)",
-    "forgetting": "forgetting (best earlier score minus the last, averaged)",
-}
+# ---------------------------------------------------------------- table
 
 
 def continual_table(state: dict[str, Any]) -> Any:

@@ -20,7 +20,10 @@ from typing import Any
 import yaml
 
 from .errors import ForgetlessError
-from .sweep import SweepConfig, Variant
+from .models import resolve_model
+from .retention.tasks import resolve_data_root
+from .sweep import SweepConfig, Variant, run_sweep
+from .tiny import build_tiny_llama
 
 SYLLABLES = ["zor", "va", "nia", "quel", "port", "tam", "bri", "ka", "lun", "dor", "mes", "ti", "ra", "sel", "gon",
              "fi"]
@@ -101,9 +104,6 @@ def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: b
              quiet: bool = False) -> dict:
     from rich.console import Console
 
-    from .retention.tasks import resolve_data_root
-    from .sweep import run_sweep
-
     console = Console(stderr=True, quiet=quiet)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -112,12 +112,8 @@ def run_demo(out_dir: str | Path = "runs/demo", tiny: bool = False, overwrite: b
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     if tiny:
-        from .testing import build_tiny_llama
-
         model = str(build_tiny_llama(out_dir / "tiny-model"))
     else:
-        from .models import resolve_model
-
         console.print("[bold]1/3[/bold] model: smollm2-135m-instruct (offline pack; pulled once into the cache)")
         model = resolve_model("smollm2-135m-instruct").path
     data = capitals_task(64 if tiny else 160)

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .config import DeepSpeedOptions, FsdpOptions
 from .errors import ForgetlessError, RecipeError
 
 T = TypeVar("T")
@@ -271,22 +272,10 @@ def trainer_options(recipe: Any) -> dict[str, Any]:
         opts["ddp_timeout"] = cfg.timeout_s
     if cfg.engine == "fsdp":
         opts["fsdp"] = True
-        opts["fsdp_config"] = (cfg.fsdp or _fsdp_default()).trainer_config()
+        opts["fsdp_config"] = (cfg.fsdp or FsdpOptions()).trainer_config()
     elif cfg.engine == "deepspeed":
-        opts["deepspeed"] = (cfg.deepspeed or _deepspeed_default()).trainer_config()
+        opts["deepspeed"] = (cfg.deepspeed or DeepSpeedOptions()).trainer_config()
     return opts
-
-
-def _fsdp_default():
-    from .recipe import FsdpOptions
-
-    return FsdpOptions()
-
-
-def _deepspeed_default():
-    from .recipe import DeepSpeedOptions
-
-    return DeepSpeedOptions()
 
 
 def read_accelerate_config(path: str) -> dict[str, Any]:

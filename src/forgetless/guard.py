@@ -38,7 +38,11 @@ from transformers import TrainerCallback
 
 from . import distributed as dist
 from .config import GuardConfig, MonitorConfig
+from .fingerprint import fingerprint_model
 from .io import append_jsonl
+from .retention.evaluate import compare, evaluate
+from .retention.metrics import budget_check
+from .retention.suite import load_suite
 
 
 class _NoControl:
@@ -103,8 +107,6 @@ class MonitorCallback(TrainerCallback):
     # ------------------------------------------------------------ probe
 
     def _probe_suite(self):
-        from .retention.suite import load_suite
-
         s = load_suite(self.monitor.suite).only(self.monitor.tasks).with_limit(self.monitor.limit)
         if self.monitor.max_new_tokens:
             s = s.model_copy(update={"tasks": [
@@ -114,8 +116,6 @@ class MonitorCallback(TrainerCallback):
         return s
 
     def _evaluate(self, model):
-        from .retention.evaluate import evaluate
-
         was_training = model.training
         try:
             return evaluate(model, self.tokenizer, self._suite, data_root=self.monitor.data_root, bf16=self.bf16,
@@ -124,8 +124,6 @@ class MonitorCallback(TrainerCallback):
             model.train(was_training)
 
     def on_train_begin(self, args, state, control, model=None, **kw):
-        from .retention.evaluate import fingerprint_model
-
         t0 = time.perf_counter()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._suite = self._probe_suite()
@@ -141,7 +139,6 @@ class MonitorCallback(TrainerCallback):
         if state.global_step % self.monitor.every != 0 and not force:
             return
         t0 = time.perf_counter()
-        from .retention.evaluate import compare
 
         report = compare(self._base_result, self._evaluate(model)) if dist.is_main() else None
         val_loss = None
@@ -162,8 +159,6 @@ class MonitorCallback(TrainerCallback):
             if val_loss is not None:
                 probe["eval_loss"] = val_loss
             if self.guard is not None:
-                from .retention.metrics import budget_check
-
                 check = budget_check(report["retention_score"], report["retention_ci"], self.guard.budget)
                 probe.update({"fl_drop": check["drop"], "fl_drop_upper": check["drop_upper"],
                               "fl_within_budget": check["within_budget"],

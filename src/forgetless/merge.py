@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from .errors import ForgetlessError
+from .fingerprint import fingerprint_path
 from .io import atomic_dir, atomic_write_json
+from .models import resolve_model
+from .retention.api import baseline_result, eval_precision, is_run_dir, merge_for_eval
+from .retention.evaluate import compare, evaluate
+from .retention.metrics import budget_check
+from .retention.suite import load_suite
+from .retention.tasks import resolve_data_root
+from .train.model import load_model
 
 
 @dataclass
@@ -34,9 +42,6 @@ class Endpoints:
 
 
 def load_endpoints(base: str, tuned: str) -> Endpoints:
-    from .retention.api import is_run_dir, merge_for_eval
-    from .train.model import load_model
-
     tuned_path = Path(tuned) / "final" if is_run_dir(tuned) else Path(tuned)
     lora_dir = None
     if (tuned_path / "adapter_config.json").is_file():
@@ -142,11 +147,6 @@ def auto_alpha(
     usual curve; the returned curve then holds only the alphas scored). The base model's results come from the
     evaluation cache, like `forgetless eval`'s baseline. precision: auto | bf16 | fp32 evaluation compute,
     resolved once (retention.api.eval_precision) so the base and every alpha are scored alike."""
-    from .retention.api import _fingerprint, baseline_result, eval_precision
-    from .retention.evaluate import compare, evaluate
-    from .retention.suite import load_suite
-    from .retention.tasks import resolve_data_root
-
     if search not in ("grid", "descending"):
         raise ForgetlessError(f"search must be 'grid' or 'descending', got {search!r}")
     if decide_on not in ("point", "confident"):
@@ -160,10 +160,8 @@ def auto_alpha(
     if Path(base).is_dir():
         base_path = base
     else:
-        from .models import resolve_model
-
         base_path = str(resolve_model(base).path)
-    ref_fp = _fingerprint(base_path)
+    ref_fp = fingerprint_path(base_path)
     root = resolve_data_root(data_root)
     prec = eval_precision(precision, base_path)
 
@@ -204,8 +202,6 @@ def auto_alpha(
 def curve_point(alpha: float, task_cmp: dict[str, Any], ret_cmp: dict[str, Any], budget: float,
                 decide_on: str) -> dict[str, Any]:
     """One alpha of the curve from its two comparisons: scores, intervals, and the budget both ways."""
-    from .retention.metrics import budget_check
-
     check = budget_check(ret_cmp["retention_score"], ret_cmp["retention_ci"], budget)
     return {
         "alpha": alpha,

@@ -12,25 +12,29 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from . import schema
 from .config import (  # noqa: F401 (re-exported)
     FORMAT_FIELDS,
     OPTIONAL_FIELDS,
     DataConfig,
     DataFormat,
+    DeepSpeedOptions,
+    FsdpOptions,
     GuardConfig,
     ModelConfig,
     MonitorConfig,
-    _Strict,
 )
+from .distributed import read_accelerate_config
 from .errors import RecipeError
 from .mitigations import MITIGATION_NAMES, MitigationConfig
+from .schema import Strict
 
 # ---------------------------------------------------------------- methods
 
 
-class _Method(_Strict):
+class _Method(Strict):
     default_lr: ClassVar[float] = 2e-5
     peft: ClassVar[bool] = True
     mergeable: ClassVar[bool] = True
@@ -145,12 +149,14 @@ Method = Annotated[
     Field(discriminator="name"),
 ]
 METHOD_NAMES = ("full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter", "freeze")
+#: Discriminator values pydantic puts into a recipe's error paths (method.lora.r): dropped from the messages.
+RECIPE_TAGS = METHOD_NAMES + MITIGATION_NAMES
 
 
 # ---------------------------------------------------------------- optimisation
 
 
-class OptimConfig(_Strict):
+class OptimConfig(Strict):
     optimizer: Literal["adamw"] = "adamw"
     lr: float | None = Field(None, gt=0, description="Peak learning rate. None: the method's default.")
     weight_decay: float = Field(
@@ -180,108 +186,9 @@ class OptimConfig(_Strict):
 # ---------------------------------------------------------------- training run
 
 
-class EarlyStopping(_Strict):
+class EarlyStopping(Strict):
     patience: int = Field(3, gt=0, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest drop in validation loss that counts.")
-
-
-class FsdpOptions(_Strict):
-    """FSDP2 through the Trainer's own `fsdp` / `fsdp_config` options (CUDA GPUs). The final model is always
-    saved whole (FULL_STATE_DICT), as an HF model or adapter like a single-process run."""
-
-    version: Literal[2] = Field(2, description="FSDP2 (fully_shard); FSDP1 is deprecated in transformers.")
-    reshard_after_forward: bool = Field(
-        True, description="true: full shard (parameters too, like ZeRO-3); false: gradients and optimizer state only "
-        "(like ZeRO-2)."
-    )
-    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
-    transformer_layer_cls_to_wrap: list[str] | None = Field(
-        None,
-        description="Block classes sharded one by one (e.g. [LlamaDecoderLayer]). None: the model's _no_split_modules."
-    )
-    min_num_params: int = Field(0, ge=0,
-                                description="SIZE_BASED_WRAP: wrap modules with at least this many parameters.")
-    cpu_offload: bool = Field(False, description="Keep sharded parameters and optimizer state in CPU memory.")
-    activation_checkpointing: bool = Field(False, description="FSDP's activation checkpointing (prefer it to "
-                                                              "train.gradient_checkpointing).")
-
-    @model_validator(mode="after")
-    def _policy(self) -> FsdpOptions:
-        if self.transformer_layer_cls_to_wrap and self.auto_wrap_policy != "TRANSFORMER_BASED_WRAP":
-            raise ValueError("transformer_layer_cls_to_wrap needs auto_wrap_policy: TRANSFORMER_BASED_WRAP")
-        if self.auto_wrap_policy == "SIZE_BASED_WRAP" and self.min_num_params == 0:
-            raise ValueError("auto_wrap_policy: SIZE_BASED_WRAP needs min_num_params > 0")
-        if self.min_num_params and self.auto_wrap_policy != "SIZE_BASED_WRAP":
-            raise ValueError("min_num_params needs auto_wrap_policy: SIZE_BASED_WRAP")
-        return self
-
-    def trainer_config(self) -> dict[str, Any]:
-        """TrainingArguments.fsdp_config."""
-        out: dict[str, Any] = {
-            "version": self.version,
-            "reshard_after_forward": self.reshard_after_forward,
-            "auto_wrap_policy": self.auto_wrap_policy,
-            "cpu_offload": self.cpu_offload,
-            "activation_checkpointing": self.activation_checkpointing,
-            "state_dict_type": "FULL_STATE_DICT",
-        }
-        if self.transformer_layer_cls_to_wrap:
-            out["transformer_layer_cls_to_wrap"] = list(self.transformer_layer_cls_to_wrap)
-        if self.min_num_params:
-            out["min_num_params"] = self.min_num_params
-        return out
-
-
-class DeepSpeedOptions(_Strict):
-    """DeepSpeed ZeRO through the Trainer's own `deepspeed` option (CUDA GPUs, `pip install deepspeed`).
-    Batch size, accumulation, clipping and precision come from the recipe (the config's "auto" values)."""
-
-    stage: Literal[2, 3] = Field(2,
-                                 description="ZeRO-2 shards optimizer state and gradients; ZeRO-3 also the parameters.")
-    offload_optimizer: bool = Field(False, description="Optimizer state in CPU memory.")
-    offload_params: bool = Field(False, description="ZeRO-3 only: parameters in CPU memory.")
-    config: str | None = Field(None, description="A DeepSpeed JSON file used as is instead of the options above.")
-
-    @model_validator(mode="after")
-    def _options(self) -> DeepSpeedOptions:
-        if self.offload_params and self.stage != 3:
-            raise ValueError("offload_params needs stage: 3 (ZeRO-2 does not shard parameters)")
-        if self.config is not None:
-            others = sorted(self.model_fields_set - {"config"})
-            if others:
-                raise ValueError(f"config: a DeepSpeed JSON file replaces {', '.join(others)}; set one or the other")
-            path = Path(self.config)
-            if not path.is_file():
-                raise ValueError(f"config: DeepSpeed config file {path} not found")
-            import json
-
-            try:
-                json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise ValueError(f"config: {path} is not valid JSON: {e}") from None
-        return self
-
-    def trainer_config(self) -> dict[str, Any] | str:
-        """TrainingArguments.deepspeed: the JSON file, or a ZeRO config whose "auto" values the Trainer fills."""
-        if self.config is not None:
-            return self.config
-        zero: dict[str, Any] = {"stage": self.stage, "overlap_comm": True, "contiguous_gradients": True}
-        if self.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if self.stage == 3:
-            zero["stage3_gather_16bit_weights_on_model_save"] = True  # final/ holds whole weights
-            if self.offload_params:
-                zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        return {
-            "zero_optimization": zero,
-            "bf16": {"enabled": "auto"},
-            "fp16": {"enabled": "auto"},
-            "train_micro_batch_size_per_gpu": "auto",
-            "train_batch_size": "auto",
-            "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto",
-            "zero_allow_untested_optimizer": True,  # the Trainer's own AdamW
-        }
 
 
 _ENGINE_SHORTHANDS: dict[str, dict[str, Any]] = {
@@ -293,7 +200,7 @@ _ENGINE_SHORTHANDS: dict[str, dict[str, Any]] = {
 }
 
 
-class DistributedConfig(_Strict):
+class DistributedConfig(Strict):
     """Multi-process training, used when the run is launched with `torchrun --nproc_per_node N` or `accelerate
     launch` (a single process ignores it). `distributed: fsdp | zero2 | zero3 | ddp | path/to/accelerate.yaml`
     is short for the engine (or the accelerate config) alone."""
@@ -345,8 +252,6 @@ class DistributedConfig(_Strict):
             raise ValueError(f"deepspeed: DeepSpeed options, but engine is {self.engine}; set engine: deepspeed or "
                              "drop them")
         if self.accelerate_config is not None:
-            from .distributed import read_accelerate_config
-
             opts = read_accelerate_config(self.accelerate_config)  # ValueError names the file and the setting
             try:
                 found = DistributedConfig.model_validate(opts)
@@ -364,7 +269,7 @@ class DistributedConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     output_dir: str | None = Field(None, description="Run directory. Default: runs/<recipe name>.")
     seed: int = 42
     bf16: Literal["auto"] | bool = Field(
@@ -385,7 +290,8 @@ class TrainConfig(_Strict):
     merge: bool = Field(False, description="Also save a merged model (PEFT methods that allow it).")
     progress: bool = Field(True, description="Show a progress bar.")
     report: bool = Field(True, description="Write report.html at the end (training curves, layer drift; see "
-                                           "`forgetless report`).")
+                                           "`forgetless report`): `forgetless train`, sweeps and sequences do; from "
+                                           "Python, train(recipe, report=forgetless.report.write_report).")
     divergence_factor: float | None = Field(
         10.0, gt=1, description="Stop the run (exit code 2, last good checkpoint kept) when a step's training loss is "
         "above this multiple of the first logged training loss (taken as at least 1.0); a non-finite loss or gradient "
@@ -406,7 +312,7 @@ class TrainConfig(_Strict):
 # ---------------------------------------------------------------- recipe
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     name: str = Field("run", description="Run name; also the default run directory under runs/.")
     model: ModelConfig
     data: DataConfig
@@ -472,67 +378,17 @@ class Recipe(_Strict):
 # ---------------------------------------------------------------- loading and errors
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """1-based line of the YAML node at `loc`, or None when the path is not in the file."""
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if k.value == str(key)), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
-            node = None
-        if node is None:
-            return None
-    return node.start_mark.line + 1 if node is not None else None
-
-
 def format_validation_error(
     err: ValidationError,
     source: str = "recipe",
     root: yaml.Node | None = None,
     what: str = "recipe",
-    tags: tuple[str, ...] = METHOD_NAMES + MITIGATION_NAMES,
+    tags: tuple[str, ...] = RECIPE_TAGS,
 ) -> str:
-    """One line per problem: key path, YAML line, and what is valid. `tags` are discriminator values that
-    pydantic inserts into error paths (method.lora.r); they are dropped so the path matches the file."""
-    lines = [f"{source}: invalid {what}"]
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if p not in tags)
-        path = ".".join(str(p) for p in loc) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key" + (_valid_keys_hint(loc) if what == "recipe" else "")
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif e["type"] == "union_tag_invalid":
-            ctx = e.get("ctx", {})
-            if loc and isinstance(loc[-1], str):
-                noun = loc[-1]
-            else:
-                parent = loc[-2] if len(loc) > 1 else ""
-                noun = {"mitigations": "mitigation", "tasks": "task kind"}.get(
-                    parent, str(ctx.get("discriminator", "value")).strip("'"))
-            msg = f"unknown {noun} {ctx.get('tag')!r}; valid: {ctx.get('expected_tags')}"
-        elif e["type"] == "union_tag_not_found":
-            msg = f"needs a {e.get('ctx', {}).get('discriminator', 'tag')} key"
-        line = _line_of(root, loc) if root is not None else None
-        where = f" (line {line})" if line else ""
-        lines.append(f"  {path}{where}: {msg}")
-    return "\n".join(lines)
-
-
-def _valid_keys_hint(loc: tuple[Any, ...]) -> str:
-    model: type[BaseModel] | None = Recipe
-    for key in loc[:-1]:
-        field = model.model_fields.get(str(key)) if model else None
-        ann = field.annotation if field else None
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        if model is None:
-            args = getattr(ann, "__args__", ())
-            model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    if model is None:
-        return ""
-    return f"; valid keys here: {', '.join(model.model_fields)}"
+    """One line per problem: key path, YAML line, and what is valid (forgetless.schema); an unknown key in a
+    recipe also lists the valid keys at its place."""
+    return schema.format_validation_error(err, source, root, what=what, tags=tags,
+                                          hint_model=Recipe if what == "recipe" else None)
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -621,20 +477,7 @@ def load_config_file(
     path: str | Path, model: type[Any], what: str, shape: str, tags: tuple[str, ...] | None = None,
     error: type[Exception] = RecipeError,
 ) -> Any:
-    """Read a YAML file into a pydantic model (sweep, sequence and suite files); errors (of class `error`) name
-    the file, key and line. `shape` says what the top level should be (for the error when it is not a mapping)."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: {what} file not found")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data, root = yaml.safe_load(text), yaml.compose(text)
-    except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: a {what} is {shape}")
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        kw = {} if tags is None else {"tags": tags}
-        raise error(format_validation_error(e, str(path), root, what=what, **kw)) from None
+    """forgetless.schema.load_config_file with the recipe's discriminator tags (method and mitigation names)
+    dropped from error paths unless `tags` says otherwise."""
+    return schema.load_config_file(path, model, what, shape, tags=RECIPE_TAGS if tags is None else tags, error=error,
+                                   hint_model=Recipe if what == "recipe" else None)

@@ -52,15 +52,27 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from .config import EvalPrecisionOptions, _Strict, parse_budget
+from . import train as training  # training.train looked up at call time, as in continual.py
+from .config import EvalPrecisionOptions, parse_budget
 from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
 from .lock import DirLock
+from .models import resolve_model
 from .precision import Precision
-from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
+from .recipe import Recipe, base_recipe_tree, load_config_file, load_recipe, recipe_from_dict
+from .report import write_report
+from .results import RetentionChange, TaskGain, ability_names, task_gain  # noqa: F401 (task_gain re-exported)
+from .retention.api import baseline_result, eval_model, eval_precision
+from .retention.kinds.reference_likelihood import ReferenceLikelihoodTask
+from .retention.metrics import SCORE_VERSION, budget_check
+from .retention.seeds import combine_seeds
+from .retention.suite import Suite, load_suite
+from .retention.tasks import DataSource, resolve_data_root
+from .schema import Strict
+from .train.run import refuse_diverged
 
 
-class Variant(_Strict):
+class Variant(Strict):
     name: str = Field(description="Run name (its directory under runs/).")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted recipe keys and their values.")
     seeds: list[int] | None = Field(None, min_length=1,
@@ -179,10 +191,6 @@ def variant_recipe(base: dict[str, Any], variant: Variant, run_dir: Path, source
 
 def auto_task_suite(recipe: Recipe) -> Any:
     """The target task, scored as the reference likelihood of the recipe's held-out answers."""
-    from .retention.kinds.reference_likelihood import ReferenceLikelihoodTask
-    from .retention.suite import Suite
-    from .retention.tasks import DataSource
-
     d = recipe.data
     if not d.validation:
         raise ForgetlessError("sweep task_suite: auto needs data.validation in the base recipe (or name a task suite)")
@@ -208,58 +216,32 @@ def auto_task_suite(recipe: Recipe) -> Any:
 
 
 def load_any_suite(name: str) -> Any:
-    from .retention.suite import load_suite
-
     return load_suite(name)
 
 
 # ---------------------------------------------------------------- one run
 
 
-def task_gain(cmp: dict[str, Any]) -> dict[str, Any]:
-    """The first task's change oriented so that positive is better, with its paired interval."""
-    name, t = next(iter(cmp["tasks"].items()))
-    sign = 1.0 if t["higher_is_better"] else -1.0
-    lo, hi = (sign * t["ci"][0], sign * t["ci"][1])
-    return {
-        "task": name, "metric": t["main"], "base": t["base"], "candidate": t["candidate"],
-        "gain": sign * t["delta"], "ci": [min(lo, hi), max(lo, hi)], "significant": t["significant"],
-    }
-
-
 def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepConfig, progress: bool,
               precision: Precision | str | None = None) -> dict[str, Any]:
     """Task gain and retention change of one run. `precision`: the sweep's resolved evaluation precision
     (a Precision, or bf16 / fp32), so every run and the base are scored alike; None resolves cfg's setting here."""
-    from .retention.api import eval_model
-
     kw = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root,
           "precision": precision or cfg.eval_setting(), "progress": progress}
     task = eval_model(str(run_dir), task_suite, out=run_dir / "eval-task.json", **kw)
     ret = eval_model(str(run_dir), retention_suite, out=run_dir / "eval-retention.json", **kw)
-    rc = ret["comparison"]
     return {
-        "task": task_gain(task["comparison"]),
+        "task": TaskGain.of(task["comparison"]).as_dict(),
         "task_tasks": {k: {x: v[x] for x in ("base", "candidate", "delta", "ci", "significant")}
                        for k, v in task["comparison"]["tasks"].items()},
-        "retention": {
-            "score": rc["retention_score"], "change": rc["retention_score"] - 1,
-            "ci": [rc["retention_ci"][0] - 1, rc["retention_ci"][1] - 1],
-            "score_definition": rc.get("score_definition", 1),
-            "abilities": rc.get("abilities") or {},
-            "significant_drops": rc["significant_drops"],
-            "tasks": {k: {x: v[x] for x in ("main", "base", "candidate", "delta", "ci", "significant",
-                                            "significant_drop", "flipped")}
-                      for k, v in rc["tasks"].items()},
-        },
+        "retention": RetentionChange.of(ret["comparison"]).as_dict(
+            "score", "change", "ci", "score_definition", "abilities", "significant_drops", "tasks",
+            task_fields=("main", "base", "candidate", "delta", "ci", "significant", "significant_drop", "flipped")),
     }
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one variant and score it. Module-level so `--jobs` worker processes can run it."""
-    from .train import train
-    from .train.run import refuse_diverged
-
     if spec.get("threads"):
         import torch
 
@@ -274,12 +256,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         refuse_diverged(summary, summary_path, f"sweep run {recipe.name}")
     else:
         resume = (run_dir / "recipe.yaml").is_file() and (run_dir / "checkpoints").is_dir()
-        summary = train(recipe, resume=resume, overwrite=not resume, quiet=spec["quiet"]).summary
+        summary = training.train(recipe, resume=resume, overwrite=not resume, quiet=spec["quiet"],
+                                 report=write_report).summary
     scores = score_run(run_dir, spec["task_suite"], spec["retention_suite"], cfg, progress=not spec["quiet"],
                        precision=spec.get("eval_precision"))
     if recipe.train.report:
-        from .report import write_report
-
         write_report(run_dir)  # now with the run's evaluations
     guard = summary.get("guard") or {}
     return {
@@ -310,8 +291,6 @@ def aggregate_seeds(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row for a run trained with several seeds: means over the seeds with intervals combining the item
     noise and the seed spread (forgetless.retention.seeds). Significant drops: the tasks that dropped
     significantly in every seed."""
-    from .retention.seeds import combine_seeds
-
     first = rows[0]
     out: dict[str, Any] = {
         "run": name, "variant": name, "seeds": [r["seed"] for r in rows], "n_seeds": len(rows),
@@ -351,8 +330,6 @@ def aggregate_seeds(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def budget_verdicts(rows: list[dict[str, Any]], budget: float | None) -> None:
     """Mark every row's retention with the budget both ways (point estimate; 95% upper bound of the drop)."""
-    from .retention.metrics import budget_check
-
     for r in rows:
         ret = r["retention"]
         ret["budget_check"] = budget_check(1 + ret["change"], (1 + ret["ci"][0], 1 + ret["ci"][1]), budget)
@@ -446,8 +423,6 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     for name, r in recipes.items():
         saved = out / "runs" / name / "recipe.yaml"
         if saved.is_file():
-            from .recipe import load_recipe
-
             if load_recipe(saved).resolved() != r.resolved():
                 raise ForgetlessError(
                     f"sweep run {name}: its recipe changed since {saved} was written; pass --overwrite to start the "
@@ -459,9 +434,6 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     task_suite = auto_task_suite(first) if cfg.task_suite == "auto" else load_any_suite(cfg.task_suite)
     retention_suite = load_any_suite(cfg.retention_suite)
     todo = [(name, v, seed) for name, v, seed in trainings if name not in done]
-    from .models import resolve_model
-    from .retention.api import eval_precision
-    from .retention.metrics import SCORE_VERSION
 
     # resolved once, so every run and the base model are scored at the same precision (caches key on it)
     prec = eval_precision(cfg.eval_setting(), resolve_model(first.model.name).path)
@@ -514,8 +486,6 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
             finished[row["run"]] = row
             save()
     if report:
-        from .report import write_report
-
         state["report"] = str(write_report(out))
         atomic_write_json(state_path, state)
     return state
@@ -524,10 +494,6 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
 def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: SweepConfig, quiet: bool,
                 precision: str) -> None:
     """Evaluate the base model once before parallel workers start (they then read the cache)."""
-    from .models import resolve_model
-    from .retention.api import baseline_result
-    from .retention.tasks import resolve_data_root
-
     path = resolve_model(recipe.model.name).path
     root = resolve_data_root(cfg.data_root)
     for s in (task_suite, retention_suite):
@@ -539,16 +505,6 @@ def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: Swee
 
 def _pct(x: float) -> str:
     return f"{100 * x:+.2f}%"
-
-
-def ability_names(rows: list[dict[str, Any]]) -> list[str]:
-    """The abilities any row reports, in first-seen order."""
-    names: list[str] = []
-    for r in rows:
-        for ab in (r["retention"].get("abilities") or {}):
-            if ab not in names:
-                names.append(ab)
-    return names
 
 
 def seeds_label(r: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 from ..config import DataConfig
 from ..errors import DataError
 from ..io import atomic_write_text
-from .examples import _text, encode_record, prompt_completion, to_messages, uses_chat_template
+from .examples import encode_record, prompt_completion, text_field, to_messages, uses_chat_template
 from .loading import (
     Record,
     file_problem,
@@ -460,7 +460,7 @@ def _view(rec: Record, cfg: DataConfig, vocab: _Vocab) -> _Item:
     """Parse a record with the training code's own rules; raises DataError naming file:line."""
     degenerate = None
     if cfg.format == "text":
-        prompt, answer = "", _text(rec, cfg, "text")
+        prompt, answer = "", text_field(rec, cfg, "text")
         key = normalize(answer)
         degenerate = degenerate_reason(answer)
         return _Item(rec, "", answer, key, _first_word(answer), degenerate, vocab.encode(""), vocab.encode(answer))
@@ -985,7 +985,8 @@ def cheap_checks(records: list[Record], cfg: DataConfig, tokenizer: Any = None, 
                 shingle=3, num_perm=64, max_examples=max_examples, timer=_Timer())
 
 
-def _n(count: int, singular: str, plural: str | None = None) -> str:
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """'1 record', '3 records' (or the given plural)."""
     return f"{count} {singular if count == 1 else plural or singular + 's'}"
 
 
@@ -1000,37 +1001,37 @@ def report_problems(report: CheckReport) -> list[str]:
     s = report.schema
     if s.get("bad"):
         where = "; ".join(f"{e['where']}: {e['error']}" for e in s["examples"][:2])
-        lines.append(f"schema: {s['bad']} of {_n(s['records'], 'record')} unusable ({s['malformed']} malformed "
+        lines.append(f"schema: {s['bad']} of {counted(s['records'], 'record')} unusable ({s['malformed']} malformed "
                      f"JSON, {s['invalid']} invalid)" + (f"; first: {where}" if where else ""))
     e = report.exact_duplicates
     if e.get("duplicates"):
-        lines.append(f"exact duplicates: {_n(e['duplicates'], 'extra copy', 'extra copies')} in "
-                     f"{_n(e['groups'], 'group')}" + first(e, lambda g: f"{g['kept']} ({g['copies']} copies)"))
+        lines.append(f"exact duplicates: {counted(e['duplicates'], 'extra copy', 'extra copies')} in "
+                     f"{counted(e['groups'], 'group')}" + first(e, lambda g: f"{g['kept']} ({g['copies']} copies)"))
     nd = report.near_duplicates
     if nd.get("duplicates"):
-        lines.append(f"near duplicates: {_n(nd['duplicates'], 'record')} in {_n(nd['clusters'], 'cluster')} at "
-                     f"Jaccard >= {nd['threshold']}" + first(nd, lambda g: f"{g['kept']} (cluster of {g['size']})"))
+        lines.append(f"near duplicates: {counted(nd['duplicates'], 'record')} in {counted(nd['clusters'], 'cluster')} "
+                     f"at Jaccard >= {nd['threshold']}" + first(nd, lambda g: f"{g['kept']} (cluster of {g['size']})"))
     c = report.contradictions
     if c.get("groups"):
-        lines.append(f"contradictions: {_n(c['groups'], 'prompt')} with materially different answers "
-                     f"({_n(c['records'], 'record')})"
+        lines.append(f"contradictions: {counted(c['groups'], 'prompt')} with materially different answers "
+                     f"({counted(c['records'], 'record')})"
                      + first(c, lambda g: " vs ".join(x["where"] for x in g["variants"][:2])))
     d = report.degenerate
     if d.get("count"):
         reasons = ", ".join(f"{n} {r}" for r, n in d["by_reason"].items())
-        lines.append(f"empty/degenerate: {_n(d['count'], 'example')} ({reasons})"
+        lines.append(f"empty/degenerate: {counted(d['count'], 'example')} ({reasons})"
                      + first(d, lambda x: f"{x['where']} ({x['reason']})"))
     ln = report.length
     if ln.get("over_max_length"):
         verb = "dropped" if ln["overlong_policy"] == "drop" else "truncated"
-        lines.append(f"length: {_n(ln['over_max_length'], 'example')} longer than max_length {ln['max_length']} "
+        lines.append(f"length: {counted(ln['over_max_length'], 'example')} longer than max_length {ln['max_length']} "
                      f"would be {verb}" + first(ln, lambda x: f"{x['where']} ({x['tokens']} tokens)"))
     ct = report.contamination
     if ct.get("contaminated"):
         per = ", ".join(f"{t}: {v['contaminated_examples']}" for t, v in ct["tasks"].items()
                         if v["contaminated_examples"])
         wheres = [v["examples"][0]["where"] for v in ct["tasks"].values() if v["examples"]]
-        lines.append(f"contamination: {_n(ct['contaminated'], 'example')} sharing a {ct['ngram']}-gram with eval "
+        lines.append(f"contamination: {counted(ct['contaminated'], 'example')} sharing a {ct['ngram']}-gram with eval "
                      f"items ({per})" + (f"; first: {wheres[0]}" if wheres else ""))
     return lines
 
@@ -1090,6 +1091,7 @@ def suite_against(spec: str, data_root: str | Path | None = None) -> dict[str, l
     """A retention suite (built-in name or YAML file) as eval sets, one per task; None if `spec` is no suite.
     Every record of each task's data counts (not only the evaluated sample); self-reference tasks
     contribute their prompts."""
+    # here, not at the top: the retention suites import torch, which `forgetless data check` otherwise never needs
     from ..retention.kinds.self_reference import BUILTIN_PROMPTS
     from ..retention.suite import BUILTIN_DIR, load_suite
     from ..retention.tasks import load_rows, resolve_data_root

@@ -77,7 +77,7 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 
 def print_report(report: Any, console: Console = out) -> None:
     """The rich summary: one overview table, then a table of first examples per check that found something."""
-    from .check import _n
+    from .check import counted
 
     d = report.to_dict()
     p = d["problems"]
@@ -110,14 +110,15 @@ def print_report(report: Any, console: Console = out) -> None:
                              ["where", "error"], [[e["where"], e["error"]] for e in s["examples"]]))
     e = d["exact_duplicates"]
     if e.get("duplicates"):
-        console.print(_table(f"exact duplicates: {_n(e['duplicates'], 'extra copy', 'extra copies')} in "
-                             f"{_n(e['groups'], 'group')}",
+        console.print(_table(f"exact duplicates: {counted(e['duplicates'], 'extra copy', 'extra copies')} in "
+                             f"{counted(e['groups'], 'group')}",
                              ["copies", "locations", "text"],
                              [[g["copies"], ", ".join(g["locations"]), g["text"]] for g in e["examples"]]))
     nd = d["near_duplicates"]
     if nd.get("duplicates"):
         console.print(_table(f"near duplicates (Jaccard >= {nd['threshold']} of {nd['shingle_words']}-word "
-                             f"shingles): {_n(nd['duplicates'], 'record')} in {_n(nd['clusters'], 'cluster')}",
+                             f"shingles): {counted(nd['duplicates'], 'record')} in "
+                             f"{counted(nd['clusters'], 'cluster')}",
                              ["size", "min Jaccard", "locations", "text"],
                              [[c["size"], c["min_jaccard"], ", ".join(c["locations"]), c["text"]]
                               for c in nd["examples"]]))
@@ -127,8 +128,8 @@ def print_report(report: Any, console: Console = out) -> None:
         for g in c["examples"]:
             for k, v in enumerate(g["variants"]):
                 rows2.append([g["prompt"] if k == 0 else "", v["where"], v["count"], v["answer"]])
-        console.print(_table(f"contradictions: {_n(c['groups'], 'prompt')} ({_n(c['records'], 'record')}) with "
-                             "materially different answers", ["prompt", "where", "records", "answer"], rows2))
+        console.print(_table(f"contradictions: {counted(c['groups'], 'prompt')} ({counted(c['records'], 'record')}) "
+                             "with materially different answers", ["prompt", "where", "records", "answer"], rows2))
     dg = d["degenerate"]
     if dg.get("count"):
         reasons = ", ".join(f"{n} {r}" for r, n in dg["by_reason"].items())

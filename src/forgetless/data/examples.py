@@ -60,7 +60,8 @@ def _get(rec: Record, cfg: DataConfig, canonical: str, required: bool = True) ->
     return rec.data[key]
 
 
-def _text(rec: Record, cfg: DataConfig, canonical: str, required: bool = True) -> str:
+def text_field(rec: Record, cfg: DataConfig, canonical: str, required: bool = True) -> str:
+    """The record's string field `canonical` (through data.fields); "" when absent and not required."""
     value = _get(rec, cfg, canonical, required)
     if value is None:
         return ""
@@ -131,21 +132,21 @@ def answer_is_empty(rec: Record, cfg: DataConfig) -> bool:
     if cfg.format == "chat":
         return all(not m["content"].strip() for m in to_messages(rec, cfg) if m["role"] == "assistant")
     if cfg.format == "text":
-        return not _text(rec, cfg, "text").strip()
+        return not text_field(rec, cfg, "text").strip()
     return not prompt_completion(rec, cfg)[1].strip()
 
 
 def prompt_completion(rec: Record, cfg: DataConfig, alpaca_template: bool = False) -> tuple[str, str]:
     if cfg.format == "instruction":
-        instruction = _text(rec, cfg, "instruction")
-        inp = _text(rec, cfg, "input", required=False)
-        output = _text(rec, cfg, "output")
+        instruction = text_field(rec, cfg, "instruction")
+        inp = text_field(rec, cfg, "input", required=False)
+        output = text_field(rec, cfg, "output")
         if alpaca_template:
             template = ALPACA_WITH_INPUT if inp.strip() else ALPACA_NO_INPUT
             return template.format(instruction=instruction, input=inp), output
         return (f"{instruction}\n\n{inp}" if inp.strip() else instruction), output
     if cfg.format == "prompt_completion":
-        return _text(rec, cfg, "prompt"), _text(rec, cfg, "completion")
+        return text_field(rec, cfg, "prompt"), text_field(rec, cfg, "completion")
     raise AssertionError(cfg.format)
 
 
@@ -207,7 +208,7 @@ def encode_record(rec: Record, cfg: DataConfig, tokenizer: Any, chat: bool) -> t
     if chat:
         return encode_chat(rec, to_messages(rec, cfg), tokenizer, cfg.completion_only)
     if cfg.format == "text":
-        return encode_plain(tokenizer, "", _text(rec, cfg, "text"), completion_only=False)
+        return encode_plain(tokenizer, "", text_field(rec, cfg, "text"), completion_only=False)
     prompt, completion = prompt_completion(rec, cfg, alpaca_template=cfg.format == "instruction")
     return encode_plain(tokenizer, prompt, completion, cfg.completion_only)
 

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..fingerprint import fingerprint_model
+
 
 @dataclass
 class TrainContext:
@@ -47,8 +49,6 @@ class TrainContext:
     def fingerprint(self) -> str:
         """Hash of the model's weights at set-up (the cache key for Fishers and self-generated data)."""
         if self._fingerprint is None:
-            from ..retention.evaluate import fingerprint_model
-
             self._fingerprint = fingerprint_model(self.model)
         return self._fingerprint
 

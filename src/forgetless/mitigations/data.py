@@ -8,6 +8,8 @@ from typing import Any
 from ..config import DataConfig
 from ..data import build_examples, load_records
 from ..errors import DataError
+from ..retention.kinds.base import EvalContext
+from ..retention.kinds.self_reference import SelfReferenceTask, build_reference
 from .base import TrainContext
 
 
@@ -29,9 +31,6 @@ def examples_from(cfg: DataConfig, ctx: TrainContext, what: str) -> list[dict]:
 def self_reference_examples(ctx: TrainContext, n: int, seed: int = 0) -> list[dict]:
     """The base model's own greedy answers to the built-in general prompts, as training examples
     (prompt masked): what the model already does, for Fisher estimates."""
-    from ..retention.kinds.base import EvalContext
-    from ..retention.kinds.self_reference import SelfReferenceTask, build_reference
-
     task = SelfReferenceTask(name="reference", limit=n, seed=seed)
     ectx = EvalContext(model=ctx.model, tokenizer=ctx.tokenizer, bf16=ctx.bf16, cache_dir=ctx.cache_dir,
                        reference_fingerprint=ctx.fingerprint())

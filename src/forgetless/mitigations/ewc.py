@@ -27,15 +27,16 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from .. import distributed as dist
-from ..config import DataConfig, _Strict
+from ..config import DataConfig
 from ..errors import ForgetlessError
+from ..schema import Strict
 from .base import QuadraticPenalty, TrainContext, file_backed, tensor_bytes
 from .data import examples_from, sample, self_reference_examples
 
 STATE_FILE = "ewc_state.safetensors"
 
 
-class EWCConfig(_Strict):
+class EWCConfig(Strict):
     name: Literal["ewc"] = "ewc"
     weight: float = Field(1000.0, ge=0, description="lambda: strength of the penalty.")
     samples: int = Field(200, gt=0, description="Reference samples used to estimate the Fisher.")

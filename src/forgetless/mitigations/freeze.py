@@ -8,12 +8,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..config import _Strict
+from ..blocks import find_blocks
 from ..errors import ForgetlessError
+from ..schema import Strict
 from .base import Mitigation, TrainContext
 
 
-class FreezeConfig(_Strict):
+class FreezeConfig(Strict):
     name: Literal["freeze"] = "freeze"
     embeddings: bool = Field(False, description="Freeze the input embeddings (and a tied LM head with them).")
     bottom_k_blocks: int = Field(0, ge=0, description="Freeze the k lowest transformer blocks.")
@@ -35,8 +36,6 @@ class Freeze(Mitigation):
     name = "freeze"
 
     def setup(self, ctx: TrainContext) -> None:
-        from ..train.model import find_blocks
-
         model, cfg = ctx.model, self.config
         frozen: set[int] = set()
         if cfg.embeddings:

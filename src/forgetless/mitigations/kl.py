@@ -15,11 +15,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from ..config import _Strict
+from ..schema import Strict
 from .base import Mitigation, TrainContext, tensor_bytes
 
 
-class KLConfig(_Strict):
+class KLConfig(Strict):
     name: Literal["kl"] = "kl"
     weight: float = Field(1.0, ge=0, description="Weight of the KL term.")
     temperature: float = Field(1.0, gt=0)

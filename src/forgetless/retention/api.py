@@ -11,10 +11,15 @@ from typing import Any
 import torch
 
 from ..errors import ForgetlessError
+from ..fingerprint import fingerprint_path
 from ..io import atomic_write_json, atomic_write_text
+from ..models import resolve_model
 from ..precision import Precision, config_widths
 from ..precision import resolve as resolve_precision
-from .evaluate import SuiteResult, compare, evaluate, evaluate_cached, fingerprint_dir
+from ..recipe import load_recipe
+from ..train.adapters import adapter_modules, merge_adapters
+from ..train.model import load_model
+from .evaluate import SuiteResult, compare, evaluate, evaluate_cached
 from .suite import Suite, load_suite
 from .tasks import resolve_data_root
 
@@ -29,16 +34,12 @@ def run_base_model(run_dir: Path) -> str:
     s = run_dir / "summary.json"
     if s.is_file():
         return json.loads(s.read_text())["model"]["path"]
-    from ..models import resolve_model
-    from ..recipe import load_recipe
 
     return resolve_model(load_recipe(run_dir / "recipe.yaml").model.name).path
 
 
 def merge_for_eval(model: torch.nn.Module) -> torch.nn.Module:
     """Fold LoRA-type adapters into the weights in memory: unmerged adapters made evaluation 30-45% slower."""
-    from ..train.adapters import adapter_modules, merge_adapters
-
     if hasattr(model, "peft_config"):
         cfg = next(iter(model.peft_config.values()))
         if not getattr(cfg, "is_prompt_learning", False) and not getattr(model, "is_loaded_in_4bit", False):
@@ -52,20 +53,13 @@ def merge_for_eval(model: torch.nn.Module) -> torch.nn.Module:
 
 def load_for_eval(name: str) -> tuple[torch.nn.Module, Any, str]:
     """(model, tokenizer, directory) for a run directory, a model directory or a catalog alias / hub id."""
-    from ..train.model import load_model
-
     if is_run_dir(name):
         model, tok = load_model(Path(name))
         return merge_for_eval(model).eval(), tok, str(Path(name) / "final")
-    from ..models import resolve_model
 
     path = resolve_model(name).path
     model, tok = load_model(path)
     return merge_for_eval(model).eval(), tok, path
-
-
-def _fingerprint(path: str) -> str:
-    return fingerprint_dir(path) if Path(path).is_dir() else path
 
 
 def _base_loader(base_path: str | None):
@@ -74,8 +68,6 @@ def _base_loader(base_path: str | None):
 
     def load_base():
         if "m" not in cache:
-            from ..train.model import load_model
-
             m, t = load_model(base_path)
             cache["m"] = (m.eval(), t)
         return cache["m"]
@@ -91,7 +83,7 @@ def baseline_result(
     or evaluated once and cached. Returns (result, was_cached). `bf16` is a resolved choice (see
     `eval_precision`), never "auto": a cached bf16 baseline is never compared with an fp32 candidate."""
     load_base = loader or _base_loader(base_path)
-    ref_fp = _fingerprint(base_path)
+    ref_fp = fingerprint_path(base_path)
     settings = {"bf16": bf16, "max_length": max_length, "suite": suite.fingerprint(data_root)}
     return evaluate_cached(
         {"model": ref_fp, **settings},
@@ -150,8 +142,6 @@ def eval_model(
             raise ForgetlessError(f"--baseline base needs a run directory; {model} is not one (pass a model path "
                                   "instead)")
     elif baseline and baseline != "none":
-        from ..models import resolve_model
-
         base_path = resolve_model(baseline).path
 
     cand_model, tok, cand_path = load_for_eval(model)
@@ -160,7 +150,7 @@ def eval_model(
     if progress:
         print(prec.line(), file=sys.stderr, flush=True)
     load_base = _base_loader(base_path)
-    ref_fp = _fingerprint(base_path) if base_path else None
+    ref_fp = fingerprint_path(base_path) if base_path else None
     base_res: SuiteResult | None = None
     cached = False
     if base_path:
@@ -168,7 +158,7 @@ def eval_model(
                                            refresh=refresh_baseline, loader=load_base)
     cand_res = evaluate(
         cand_model, tok, s, data_root=root, bf16=bf16, max_length=max_length,
-        reference=load_base if base_path else None, reference_fingerprint=ref_fp or _fingerprint(cand_path),
+        reference=load_base if base_path else None, reference_fingerprint=ref_fp or fingerprint_path(cand_path),
         progress=progress, model_name=cand_path,
     )
     report: dict[str, Any] = {

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..fingerprint import fingerprint_model
 from ..io import atomic_write_json
 from ..lock import DirLock
 from ..precision import resolve as resolve_precision
@@ -53,31 +54,6 @@ def result_from_cache(d: dict[str, Any], task: Any) -> TaskResult:
     metrics = KINDS[d["kind"]].metrics(cols, task)
     return TaskResult(d["task"], d["kind"], cols, metrics, d["main"], d["item_ids"], d["details"], d["info"],
                       ability=getattr(task, "ability", None))
-
-
-# ---------------------------------------------------------------- fingerprints
-
-
-def fingerprint_model(model: nn.Module) -> str:
-    """Hash of every parameter and buffer (bit-exact), for in-memory models."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        t = t.detach().cpu().contiguous()
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
-def fingerprint_dir(path: str | Path) -> str:
-    """Hash of a model directory's weight and config files (contents)."""
-    h = hashlib.sha256()
-    for p in sorted(Path(path).iterdir()):
-        if p.suffix in (".safetensors", ".json", ".bin", ".model") and p.is_file():
-            h.update(p.name.encode())
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:20]
 
 
 def cache_root() -> Path:

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ForgetlessError
-from ..recipe import load_config_file
+from ..schema import load_config_file
 from .kinds.generate import GenerateTask
 from .kinds.knowledge_qa import KnowledgeQATask
 from .kinds.lm_eval import LmEvalTask

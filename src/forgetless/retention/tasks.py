@@ -15,18 +15,15 @@ from typing import Any, Literal
 
 import jinja2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..data.loading import Record, read_file
 from ..errors import DataError, ForgetlessError
+from ..schema import NoExtra
 from .metrics import Columns, Metric
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class HubSource(_Strict):
+class HubSource(NoExtra):
     """Where a task's local file comes from: `forgetless data pull` fetches it (retention/pull.py)."""
 
     hub: str = Field(description="HF dataset id, e.g. google-research-datasets/nq_open")
@@ -44,7 +41,7 @@ class MissingDataError(DataError):
     """A task's data file is not there."""
 
 
-class DataSource(_Strict):
+class DataSource(NoExtra):
     path: str | None = Field(None,
                              description="File relative to the suite's data_root, or absolute. .jsonl/.json(.gz)/.txt")
     hf: str | None = Field(None, description="HF dataset id (online only), e.g. allenai/ai2_arc")
@@ -59,7 +56,7 @@ class DataSource(_Strict):
                                                        "data pull`).")
 
 
-class ExcludeSample(_Strict):
+class ExcludeSample(NoExtra):
     """Items another task's fixed-seed sample holds (same data file): a probe that scores items a suite does not."""
 
     limit: int = Field(gt=0, description="The other task's limit.")
@@ -67,7 +64,7 @@ class ExcludeSample(_Strict):
     sample: Literal["random", "first"] = "random"
 
 
-class TaskBase(_Strict):
+class TaskBase(NoExtra):
     name: str
     kind: str
     data: DataSource | None = None
@@ -254,9 +251,9 @@ def _hellaswag(text: str) -> str:
     return text.replace("  ", " ")
 
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
-_ENV.filters["hellaswag"] = _hellaswag
-_ENV.filters["capitalize_first"] = lambda s: s[:1].upper() + s[1:] if s else s
+TEMPLATE_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+TEMPLATE_ENV.filters["hellaswag"] = _hellaswag
+TEMPLATE_ENV.filters["capitalize_first"] = lambda s: s[:1].upper() + s[1:] if s else s
 
 
 def render(template: str, rec: Record, task: str, key: str) -> Any:
@@ -264,7 +261,7 @@ def render(template: str, rec: Record, task: str, key: str) -> Any:
     if template in rec.data and "{" not in template:
         return rec.data[template]
     try:
-        return _ENV.from_string(template).render(**rec.data)
+        return TEMPLATE_ENV.from_string(template).render(**rec.data)
     except jinja2.UndefinedError as e:
         raise DataError(f"{rec.where}: task {task}: {key} template {template!r}: {e.message}; fields: "
                         f"{', '.join(rec.data)}") from None

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..blocks import find_blocks
 from ..errors import ForgetlessError
 from ..recipe import (
     AdapterMethod,
@@ -21,7 +22,15 @@ from ..recipe import (
     PromptMethod,
     QLoraMethod,
 )
-from . import adapters
+from .adapters import (
+    adapter_config,
+    adapter_modules,
+    add_adapters,
+    is_adapter_dir,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -92,17 +101,6 @@ def load_base_model(
     if quantization_config is None:
         model.to(device)
     return model
-
-
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer's list of decoder blocks (the longest ModuleList)."""
-    best: nn.ModuleList | None = None
-    for _, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and (best is None or len(m) > len(best)):
-            best = m
-    if best is None:
-        raise ForgetlessError("cannot find the model's transformer blocks (no nn.ModuleList)")
-    return best
 
 
 def apply_freeze(model: nn.Module, method: FreezeMethod) -> None:
@@ -199,7 +197,7 @@ def prepare_model(
     elif isinstance(method, FreezeMethod):
         apply_freeze(model, method)
     elif isinstance(method, AdapterMethod):
-        adapters.add_adapters(model, method.bottleneck, method.activation, method.dropout, method.target_modules)
+        add_adapters(model, method.bottleneck, method.activation, method.dropout, method.target_modules)
         model.to(device)
     else:
         from peft import get_peft_model, prepare_model_for_kbit_training
@@ -227,8 +225,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def save_trained(model: nn.Module, tokenizer: Any, out_dir: Path, base_path: str) -> str:
     """Save a full model, a PEFT adapter or a bottleneck adapter (safetensors) with the tokenizer. Returns the kind."""
-    if adapters.adapter_modules(model):
-        adapters.save_adapters(model, out_dir, base_path)
+    if adapter_modules(model):
+        save_adapters(model, out_dir, base_path)
         kind = "adapter"
     elif hasattr(model, "peft_config"):
         model.save_pretrained(out_dir, safe_serialization=True)
@@ -248,8 +246,8 @@ def merge_for_export(model: nn.Module, method: Any, adapter_dir: Path | None = N
     """
     if not method.can_merge():
         raise ForgetlessError(f"method {method.name!r} cannot be merged into the base weights; keep the adapter")
-    if adapters.adapter_modules(model):
-        return adapters.merge_adapters(model)
+    if adapter_modules(model):
+        return merge_adapters(model)
     if isinstance(method, QLoraMethod):
         if adapter_dir is None:
             raise ForgetlessError("qlora: merging needs the saved adapter directory")
@@ -279,10 +277,10 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # a hub id
         return model.to(device).eval(), load_tokenizer(str(path))
     tokenizer = load_tokenizer(str(path))
-    if adapters.is_adapter_dir(path):
-        base = adapters.adapter_config(path)["base_model_name_or_path"]
+    if is_adapter_dir(path):
+        base = adapter_config(path)["base_model_name_or_path"]
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True)
-        adapters.load_adapters(model, path)
+        load_adapters(model, path)
     elif (path / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -24,11 +24,14 @@ from .. import faults
 from .. import precision as precisions
 from ..allocator import loaded_allocator, release_free_memory
 from ..data import load_datasets
+from ..data.check import cheap_checks, report_problems
 from ..errors import DataError, ForgetlessError
+from ..guard import MonitorCallback
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from ..lock import DirLock
 from ..mitigations import Mitigation, MitigationCallback, TrainContext, loss_term
 from ..mitigations import build as build_mitigations
+from ..models import resolve_model
 from ..models.catalog import cache_dir as models_cache_dir
 from ..recipe import QLoraMethod, Recipe, dump_recipe, load_recipe
 from .callbacks import (
@@ -249,16 +252,22 @@ def train(
     resume: bool = False,
     quiet: bool = False,
     break_lock: bool = False,
+    report: Callable[[Path], Any] | None = None,
 ) -> TrainResult:
     """Fine-tune per `recipe`. The summary is also written to <run>/summary.json.
 
+    report: renders the run's report once summary.json is written (rank 0, the run still locked) when the recipe's
+    train.report is true; `forgetless train`, sweeps and sequences pass forgetless.report.write_report. Training
+    itself never imports the reports (they sit above it).
+
     The run directory is locked for the whole run (forgetless.lock): a second writer is refused."""
     with contextlib.ExitStack() as locks:
-        return _train(recipe, overwrite=overwrite, resume=resume, quiet=quiet, break_lock=break_lock, locks=locks)
+        return _train(recipe, overwrite=overwrite, resume=resume, quiet=quiet, break_lock=break_lock, locks=locks,
+                      report=report)
 
 
 def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_lock: bool,
-           locks: contextlib.ExitStack) -> TrainResult:
+           locks: contextlib.ExitStack, report: Callable[[Path], Any] | None) -> TrainResult:
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, set_seed
 
     setup_torch(recipe.train.threads)
@@ -275,8 +284,6 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
     set_seed(recipe.train.seed)
 
     # Model reference: aliases from `forgetless models` resolve to a local directory.
-    from ..models import resolve_model
-
     resolved = resolve_model(recipe.model.name)
     model_path = resolved.path
     # bf16 compute only where it is measurably faster here (precision.py): emulated bf16 runs 50x+ slower
@@ -338,8 +345,6 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         callbacks.append(MitigationCallback(mitigations))
     monitor = None
     if recipe.monitor is not None:
-        from ..guard import MonitorCallback
-
         monitor = MonitorCallback(recipe.monitor, recipe.guard, tokenizer, metrics, run_dir / "metrics.jsonl", bf16,
                                   mitigations, data.validation is not None)
         callbacks.append(monitor)
@@ -461,10 +466,8 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
     if main:
         faults.point("summary")
         atomic_write_json(run_dir / "summary.json", summary)
-        if recipe.train.report:
-            from ..report import write_report
-
-            write_report(run_dir)
+        if recipe.train.report and report is not None:
+            report(run_dir)
     dist.barrier()  # every rank returns once the run directory is complete
     if diverged is not None:
         raise ForgetlessError(
@@ -578,8 +581,6 @@ def check_training_data(recipe: Recipe, data: Any) -> list[str]:
     """The cheap checks of `forgetless data check` on the training set; errors under data.check: strict."""
     if recipe.data.check == "off":
         return []
-    from ..data.check import cheap_checks, report_problems
-
     problems = report_problems(cheap_checks(data.train_records, recipe.data))
     s = data.train_stats
     if s.truncated or s.dropped_overlong:

@@ -15,6 +15,7 @@ from ...errors import DataError
 from ..lm import EngineStats, Request, score_requests
 from ..metrics import mean_of
 from ..tasks import (
+    TEMPLATE_ENV,
     TaskBase,
     TaskResult,
     as_array,
@@ -71,9 +72,7 @@ def _choices(task: MultipleChoiceTask, rec) -> list[str]:
                             f"{type(value).__name__}")
         out = [str(v) for v in value]
     if task.choice_template:
-        from ..tasks import _ENV
-
-        tmpl = _ENV.from_string(task.choice_template)
+        tmpl = TEMPLATE_ENV.from_string(task.choice_template)
         out = [tmpl.render({**rec.data, "choice": c}) for c in out]
     return out
 
