@@ -321,7 +321,10 @@ def test_fixed_format_fine_tune_is_a_significant_drop(skilled_and_fixed, tmp_pat
     base, cand = results
     # the base has the skill
     assert base.tasks["skill_rouge"].metric("rougeL").fn(base.tasks["skill_rouge"].columns) > 0.3
-    assert all("yes" in d["prediction"] for d in cand.tasks["skill_rouge"].details)
+    # the fine-tune took: (nearly) every answer is the fixed one (40 of 40 on an AVX512 CPU, 39 of 40 on an
+    # AVX2-only one, whose fp32 kernels round differently)
+    preds = [d["prediction"] for d in cand.tasks["skill_rouge"].details]
+    assert sum("yes" in p for p in preds) >= 0.9 * len(preds), [p for p in preds if "yes" not in p]
     report = compare(base, cand)
     ce = report["tasks"]["ref_ce"]
     assert ce["main"] == "ce" and ce["delta"] > 0 and ce["significant_drop"]
