@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,26 @@ def organism(tmp_path_factory):
     org["a0"] = task_loss(model, tok, org["a_val"])
     org["b0"] = task_loss(model, tok, org["b_val"])
     return org
+
+
+def cli_out(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `forgetless ARGS` in this process as the command does; returns (exit code, stdout, stderr), the
+    outputs with whitespace runs joined (rich wraps long lines). A traceback fails the test."""
+    import torch
+
+    from forgetless.cli import main
+
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = ["forgetless-test", *args]
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)  # the recipes' train.threads: 1 must not slow the rest of the session
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return code, " ".join(out.split()), " ".join(err.split())

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import tiny_recipe
+from conftest import cli_out, tiny_recipe
 
 
 def _run(*args, timeout=300):
@@ -27,29 +27,32 @@ def test_train_with_overrides_and_json_summary(tiny_model, toy_data, tmp_path):
     assert (out / "report.html").is_file()  # the CLI renders the report (train.report, on by default)
 
 
-def test_bad_recipe_exits_2_with_the_key_and_line(tmp_path):
+# The error cases run the command's main() in this process (cli_out: exit code and outputs as the command
+# gives them; a traceback fails the test), which saves each the ~12 s start of a fresh process.
+
+
+def test_bad_recipe_exits_2_with_the_key_and_line(capsys, tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("model: m\ndata:\n  train: t.jsonl\noptim:\n  lr: -1\n")
-    res = _run("train", str(p))
-    assert res.returncode == 2
-    assert "optim.lr (line 5)" in res.stderr and "Traceback" not in res.stderr
+    code, _, err = cli_out(capsys, "train", str(p))
+    assert code == 2 and "optim.lr (line 5)" in err, err
 
 
-def test_malformed_data_exits_2_naming_file_and_line(tiny_model, toy_data, tmp_path):
+def test_malformed_data_exits_2_naming_file_and_line(capsys, tiny_model, toy_data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n')
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(tiny_recipe(tiny_model, toy_data, tmp_path / "run", data__train=str(bad))))
-    res = _run("train", str(p))
-    assert res.returncode == 2 and f"{bad}:2: malformed JSON line" in res.stderr
+    code, _, err = cli_out(capsys, "train", str(p))
+    assert code == 2 and f"{bad}:2: malformed JSON line" in err, err
 
 
-def test_missing_recipe_file(tmp_path):
-    res = _run("train", str(tmp_path / "nope.yaml"))
-    assert res.returncode == 2 and "recipe file not found" in res.stderr
+def test_missing_recipe_file(capsys, tmp_path):
+    code, _, err = cli_out(capsys, "train", str(tmp_path / "nope.yaml"))
+    assert code == 2 and "recipe file not found" in err, err
 
 
-def test_demo_tiny_runs_end_to_end(tmp_path):
+def test_demo_tiny_runs_end_to_end(capsys, tmp_path):
     res = _run("demo", "--tiny", "--out", str(tmp_path / "demo"), "--json", timeout=120)
     assert res.returncode == 0, res.stderr
     state = json.loads(res.stdout)
@@ -62,5 +65,5 @@ def test_demo_tiny_runs_end_to_end(tmp_path):
     assert rec is None or -next(r for r in state["runs"] if r["run"] == rec)["retention"]["change"] <= state["budget"]
     assert Path(state["report"]).is_file() and "forgetting frontier" in Path(state["report"]).read_text().lower()
     # the demo never overwrites a previous demo without being told to
-    again = _run("demo", "--tiny", "--out", str(tmp_path / "demo"), "--quiet")
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    code, _, err = cli_out(capsys, "demo", "--tiny", "--out", str(tmp_path / "demo"), "--quiet")
+    assert code == 2 and "--overwrite" in err, err

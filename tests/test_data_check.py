@@ -432,6 +432,7 @@ def _mounted() -> bool:
     return any(g.name == "data" for g in main_app.registered_groups)
 
 
+@pytest.mark.slow  # a fresh process (~12 s of start-up): make test-slow
 @pytest.mark.skipif(not _mounted(), reason="`forgetless data` is not mounted in forgetless.cli yet")
 def test_cli_subprocess_end_to_end(planted, tmp_path):
     cmd = [sys.executable, "-m", "forgetless", "data", "check", str(planted["path"]), "--json", "--strict"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_recipe
+from conftest import cli_out, tiny_recipe
 
 from forgetless.lock import DirLock, lock_path
 from forgetless.testing import ForkedCli
@@ -45,29 +45,6 @@ def _train_proc(forked: ForkedCli, recipe: Path, *extra: str, fault: str | None 
     if fault:
         env["FORGETLESS_FAULT"] = fault
     return forked.run("train", str(recipe), "--quiet", *extra, env=env, out=recipe.with_suffix(".log"))
-
-
-def cli_out(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `forgetless ARGS` in this process as the command does; returns (exit code, stdout, stderr), the
-    outputs with whitespace runs joined (rich wraps long lines). A traceback fails the test."""
-    import torch
-
-    from forgetless.cli import main
-
-    argv, threads = sys.argv, torch.get_num_threads()
-    sys.argv = ["forgetless-test", *args]
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
-        torch.set_num_threads(threads)  # the recipes' train.threads: 1 must not slow the rest of the session
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return code, " ".join(out.split()), " ".join(err.split())
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:
