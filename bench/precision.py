@@ -296,6 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     repeats = []
     for _ in range(args.probe_repeats):
         r = resolve_fresh("auto", P.config_widths(smol_path))
+        if "probe" not in r:  # decided by the capability check (no native bf16): no probe to repeat
+            break
         repeats.append({"bf16_speedup": r["probe"]["bf16_speedup"], "fp32_gflops": r["probe"]["fp32_gflops"],
                         "bf16_gflops": r["probe"]["bf16_gflops"], "dtype": r["dtype"],
                         "loadavg_1m": os.getloadavg()[0]})
@@ -362,9 +364,9 @@ def summary(res: dict[str, Any]) -> list[str]:
     for st in res["steps"]:
         out.append(f"- training step {st['batch']} x {st['seq']} tokens, {st.get('threads', '?')} thread(s): "
                    f"fwd+bwd fp32 {st['median']['fp32']['fwd_bwd_s']:.1f} s, bf16 autocast "
-                   f"{st['median']['bf16_autocast']['fwd_bwd_s']:.1f} s: bf16 {st['fwd_bwd_bf16_speedup']:.2f}x faster")
-    picks = ", ".join(f"{k}: {v['dtype']} ({v['probe']['bf16_speedup']:.2f}x in its probe)"
-                      for k, v in res["auto"].items())
+                   f"{st['median']['bf16_autocast']['fwd_bwd_s']:.1f} s: bf16 {_speed(st['fwd_bwd_bf16_speedup'])}")
+    picks = ", ".join(f"{k}: {v['dtype']} ({v['probe']['bf16_speedup']:.2f}x in its probe)" if v.get("probe")
+                      else f"{k}: {v['dtype']} ({v['reason']}, no probe)" for k, v in res["auto"].items())
     out.append(f"- `auto` picked {picks}")
     reps = res.get("auto_repeats") or []
     if reps:
@@ -380,6 +382,23 @@ def summary(res: dict[str, Any]) -> list[str]:
     out.append(f"- bf16 emulated (probe double, 68x slower): auto -> **{fb['auto']['dtype']}**; explicit bf16 -> "
                f"{fb['bf16']['dtype']}, {'with' if fb['bf16'].get('warning') else 'without'} a warning")
     return out
+
+
+def _load_note(res: dict[str, Any], prov: dict[str, Any]) -> str:
+    """Whether other work shared the cores, read from the recorded 1-minute load averages (above half the cores
+    at any reading: shared)."""
+    cpus = prov["machine"].get("cpus") or 1
+    loads = [v[0] for v in (res.get("loadavg") or {}).values() if v] + [
+        v[0] for v in (prov.get("loadavg_start"), prov.get("loadavg_end")) if v]
+    if loads and max(loads) > 0.5 * cpus + 1:
+        return (f"The {cpus} cores were shared with other work (1-minute load up to {max(loads):.1f}): compare the "
+                "ratios, measured side by side, not the absolute numbers.")
+    return (f"The machine ran nothing else of note (1-minute load at most {max(loads or [0]):.1f} on {cpus} cores, "
+            "the bench's own threads included).")
+
+
+def _speed(x: float) -> str:
+    return f"{x:.2f}x faster" if x >= 1 else f"{1 / x:.1f}x slower"
 
 
 def ratio(x: float | None) -> str:
@@ -399,9 +418,8 @@ def render_md(res: dict[str, Any]) -> str:
              "Load average (1, 5, 15 min): " + ", ".join(f"{k.replace('_', ' ')} {_load(v)}" for k, v in
                                                         (res.get("loadavg")
                                                          or {"start": prov.get("loadavg_start")}).items())
-             + f", end {_load(prov.get('loadavg_end'))}. The {prov['machine'].get('cpus')} cores were shared with "
-             "other work (test runs of other checkouts): compare the ratios, measured side by side, not the absolute "
-             "numbers. The matmuls are timed at 1 thread (other work only time-slices a single thread, so its fastest "
+             + f", end {_load(prov.get('loadavg_end'))}. " + _load_note(res, prov)
+             + " The matmuls are timed at 1 thread (other work only time-slices a single thread, so its fastest "
              "call is clean) and at the training's thread count (a call then needs all its threads scheduled at once: "
              "on a busy machine the small shapes measure the scheduler more than the CPU).", "",
              f"CPU: **{cpu['model']}**, ISA level `{cpu['capability']}`, oneDNN native bf16 "
@@ -480,7 +498,10 @@ def render_md(res: dict[str, Any]) -> str:
     fb = res["fallback_demo"]
     d = fb["double"]
     lines += ["## fallback where bf16 is emulated (the probe replaced by a test double)", "",
-              "This CPU has native bf16, so the slow path is shown with `forgetless.precision.probe` replaced by "
+              ("This CPU has native bf16, so the slow path is shown" if res["cpu"]["mkldnn_bf16"] else
+               "The same check as on a native-bf16 CPU (where it is the only way to see the slow path), for "
+               "comparison with the real path above: the probe's answer shown")
+              + " with `forgetless.precision.probe` replaced by "
               f"a double that reports what the probe measured on {d['double']}: fp32 {d['fp32_gflops']} GFLOP/s, bf16 "
               f"autocast {d['bf16_gflops']} GFLOP/s ({1 / d['bf16_speedup']:.0f}x slower). Private cache: the double's "
               "answer never reaches a real run.", "",
