@@ -117,6 +117,7 @@ print(loaded_allocator(), high, peak_memory_mb(cpu))
 """
 
 
+@pytest.mark.slow  # a fresh process per allocator (~12 s each): make test-slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
 @pytest.mark.parametrize("name", ["system", *allocator.ORDER])
 def test_each_run_in_one_process_reports_its_own_peak_memory(name):

@@ -53,9 +53,9 @@ def test_missing_recipe_file(capsys, tmp_path):
 
 
 def test_demo_tiny_runs_end_to_end(capsys, tmp_path):
-    res = _run("demo", "--tiny", "--out", str(tmp_path / "demo"), "--json", timeout=120)
-    assert res.returncode == 0, res.stderr
-    state = json.loads(res.stdout)
+    code, out, err = cli_out(capsys, "demo", "--tiny", "--out", str(tmp_path / "demo"), "--json")  # main(), in-process
+    assert code == 0, err
+    state = json.loads(out)
     assert [r["run"] for r in state["runs"]] == ["full-high-lr", "lora", "full-high-lr+self-replay+kl"]
     for r in state["runs"]:
         assert r["val_loss_after"] < r["val_loss_before"]
