@@ -165,6 +165,15 @@ def retention_suite(scenario: str, limits: dict[str, int | None]) -> str:
 # ---------------------------------------------------------------- the sweep
 
 
+def recipe_set(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What a bench recipe sets on the sweep's base: its method, optimiser, mitigations, monitor and guard, the
+    last three set to none where the recipe has none (so another recipe's never leak in from the base)."""
+    own = {k: recipe[k] for k in ("method", "optim", "mitigations", "monitor", "guard") if k in recipe}
+    for k in ("mitigations", "monitor", "guard"):
+        own.setdefault(k, [] if k == "mitigations" else None)
+    return own
+
+
 def load_recipes(names: list[str] | None) -> dict[str, dict[str, Any]]:
     found = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(RECIPES.glob("*.yaml"))}
     if names:
@@ -193,9 +202,7 @@ def sweep_config(scenario: str, scale: dict[str, Any], recipes: dict[str, dict[s
         common["data.overlong"] = "drop"
     runs = []
     for name, r in recipes.items():
-        own = {k: r[k] for k in ("method", "optim", "mitigations", "monitor", "guard") if k in r}
-        for k in ("mitigations", "monitor", "guard"):
-            own.setdefault(k, [] if k == "mitigations" else None)
+        own = recipe_set(r)
         runs.append(Variant(name=name, set={**own, **common}))
         if name in HEADLINE or name == best_candidate(recipes):
             for seed in range(1, scale["seeds"]):

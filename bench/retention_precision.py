@@ -203,10 +203,7 @@ def main() -> None:
                   "train.save_steps": None, "train.progress": True}
         runs = []
         for name, r in recipes.items():
-            own = {k: r[k] for k in ("method", "optim", "mitigations", "monitor", "guard") if k in r}
-            for k in ("mitigations", "monitor", "guard"):
-                own.setdefault(k, [] if k == "mitigations" else None)
-            runs.append(Variant(name=name, set={**own, **common}))
+            runs.append(Variant(name=name, set={**fb.recipe_set(r), **common}))
         out = args.out or ROOT / "runs" / f"bench-precision-{args.scenario}"
         spec = {"name": f"precision-{args.scenario}", "base": base, "runs": runs, "task_suite": str(tsuite),
                 "retention_suite": args.suite, "seeds": [int(s) for s in args.seeds.split(",")], "budget": 0.01,
