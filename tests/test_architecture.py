@@ -40,11 +40,13 @@ LAYERS: dict[str, int] = {
     "forgetless.tiny": 0,
     "forgetless.retention.lm": 0,
     "forgetless.retention.metrics": 0,
-    # 1: data, models, retention (tasks, suites, evaluation), mitigations, distributed helpers, the recipe
+    # 1: data, models, retention (tasks, suites, evaluation), training methods and mitigations (plugins, one file
+    # each), distributed helpers, the recipe
     "forgetless.data": 1,
     "forgetless.models": 1,
     "forgetless.retention": 1,
     "forgetless.mitigations": 1,
+    "forgetless.methods": 1,
     "forgetless.distributed": 1,
     "forgetless.recipe": 1,
     # 2: training (the run, its Trainer callbacks, the retention monitor / guard) and `forgetless eval`'s front
@@ -237,7 +239,7 @@ def test_no_module_imports_a_higher_layer():
 
 def test_the_graph_sees_local_relative_and_submodule_imports():
     edges = {m: {t for t, _, _ in e} for m, e in import_edges(SRC, "forgetless").items()}
-    assert "forgetless.train.adapters" in edges["forgetless.train.model"]  # from .adapters import ...
+    assert "forgetless.methods.bottleneck" in edges["forgetless.train.model"]  # from ..methods.bottleneck import
     assert "forgetless.retention.metrics" in edges["forgetless.retention.evaluate"]  # from . import metrics as M
     assert "forgetless.distributed" in edges["forgetless.guard"]  # from . import distributed as dist
     assert "forgetless.models" in edges["forgetless.train.run"]  # from ..models.catalog import: runs models/__init__

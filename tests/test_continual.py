@@ -451,9 +451,18 @@ def _errors(tmp_path: Path, text: str) -> str:
 
 def test_sequence_file_errors_name_file_key_and_line(tmp_path):
     msg = _errors(tmp_path, "base: {model: m}\ntasks:\n  - name: a\n    data: {train: a.jsonl}\n  - name: b\n"
-                            "    data: {train: b.jsonl}\n    sett: {}\ncarry:\n  replay: {polcy: quota}\n")
+                            "    data: {train: b.jsonl}\n    sett: {}\ncarry:\n  - {name: replay, buffer: {polcy: quota}}\n")
     assert str(tmp_path / "seq.yaml") in msg
-    assert "tasks.1.sett (line 7): unknown key" in msg and "carry.replay.polcy (line 9): unknown key" in msg
+    assert "tasks.1.sett (line 7): unknown key" in msg and "carry.0.buffer.polcy (line 9): unknown key" in msg
+    two = "base: {model: m}\ntasks:\n  - {name: a, data: {train: a.jsonl}}\n"
+    # the older mapping form is read (entries numbered in file order)
+    assert "carry.0.polcy: unknown key" in _errors(tmp_path, two + "carry:\n  replay: {polcy: quota}\n")
+    assert "'freeze' cannot be carried from step to step (carried: l2sp, ewc, si, kl, replay, olora)" in _errors(
+        tmp_path, two + "carry: [freeze]\n")
+    assert "carry.0 (line 5): Value error, previous: filled in by the sequence for every step" in _errors(
+        tmp_path, two + "carry:\n  - {name: ewc, previous: [x]}\n")
+    msg = _errors(tmp_path, two + "carry:\n  - kl\n  - {name: replay, ratio: 2}\n")
+    assert msg.splitlines()[1:] == ["  carry.1.ratio (line 6): Input should be less than 1"]  # carried: no data needed
     msg = _errors(tmp_path,
                   "base: {model: m}\ntasks:\n  - {name: a, data: {train: a.jsonl}}\n  - {name: a, data: {trian: x}}\n")
     assert "unknown data key(s) trian" in msg and "tasks.1.data (line 4)" in msg
@@ -470,7 +479,8 @@ def test_plan_errors_before_anything_runs(world, tmp_path):
         with pytest.raises(ForgetlessError, match=match):
             plan(ContinualConfig.model_validate(spec), tmp_path, tmp_path / "out")
 
-    fails("carry.olora needs a LoRA-type method", carry={"olora": {}})
+    fails(r"(?s)tasks\[1\] \(rev\).*mitigations.olora needs a LoRA-type method \(lora, dora, qlora\); method.name is "
+          "'full'", carry={"olora": {}})
     fails("cannot be merged into the weights", method={"name": "prefix"})
     spec = _sequence(world, "bad", {"ewc": {}})
     spec["base"]["mitigations"] = [{"name": "ewc"}]

@@ -14,12 +14,13 @@ A sequence file is a base recipe plus an ordered list of tasks:
         eval: auto                 # auto: reference likelihood of data.validation; or a suite (file or built-in)
     retention_suite: self          # the base abilities, evaluated after every step (null: none)
     limit: 200                     # items per evaluation task
-    carry:                         # mitigations handed from step to step
-      ewc: {weight: 1000, samples: 200, gamma: 1.0}   # online EWC: Fisher of each finished task, accumulated
-      si: {weight: 1.0}                               # Synaptic Intelligence importance, accumulated
-      replay: {policy: quota, per_task: 50, ratio: 0.2}   # a buffer of earlier tasks' examples
-      kl: {weight: 1.0}                               # KL to the previous step's model
-      olora: {weight: 0.5}                            # LoRA: new adapter orthogonal to earlier ones (O-LoRA)
+    carry:                         # mitigations handed from step to step: ordinary mitigation configs
+      - {name: ewc, weight: 1000, samples: 200, gamma: 1.0}   # online EWC: each finished task's Fisher, accumulated
+      - {name: si, weight: 1.0}                               # Synaptic Intelligence importance, accumulated
+      - {name: replay, ratio: 0.2, buffer: {policy: quota, per_task: 50}}   # earlier tasks' kept examples
+      - {name: kl, weight: 1.0}                               # KL to the previous step's model
+      - {name: olora, weight: 0.5}                            # LoRA: new adapter orthogonal to earlier ones
+    (the older mapping form, `carry: {ewc: {weight: 1000}, replay: true}`, is read too)
 
 Step i trains task i starting from step i-1's model (full weights; a LoRA-type adapter is merged into the
 weights the next step starts from, its own adapter kept in the step's final/). After every step the model
@@ -59,7 +60,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Union
 
 import numpy as np
 import yaml
@@ -72,6 +73,7 @@ from .errors import ForgetlessError, RecipeError
 from .fingerprint import fingerprint_path
 from .io import atomic_write_json, atomic_write_text
 from .lock import DirLock
+from .mitigations import MITIGATION_NAMES, MITIGATIONS, CarryStep, Mitigation
 from .models import resolve_model
 from .recipe import Recipe, base_recipe_tree, load_config_file, load_recipe, recipe_from_dict
 from .report import METRIC_NAMES, write_continual_report, write_plots, write_report  # noqa: F401 (re-exported)
@@ -86,7 +88,6 @@ from .train.model import load_model
 from .train.run import refuse_diverged
 
 N_BOOT = 1000
-LORA_TYPES = ("lora", "dora", "qlora")
 
 # ---------------------------------------------------------------- the sequence file
 
@@ -120,63 +121,50 @@ class TaskSpec(Strict):
         return v
 
 
-class EWCCarry(Strict):
-    weight: float = Field(1000.0, ge=0)
-    samples: int = Field(200, gt=0, description="Examples of the finished task the Fisher is estimated on.")
-    labels: Literal["data", "sampled"] = "data"
-    gamma: float = Field(1.0, ge=0, le=1, description="Decay of earlier tasks' Fisher (online EWC).")
-    normalize: Literal["none", "max", "mean"] = "none"
-    seed: int = 0
+def _carried_model(cls: type[Mitigation]) -> type[Strict]:
+    """The mitigation's own config as a `carry:` entry: the keys the sequence fills are refused, the mitigation's
+    carried defaults apply, and `carried` is true (replay then needs no data: of its own)."""
+
+    class Carried(cls.config_model):  # type: ignore[name-defined,misc]
+        carried: ClassVar[bool] = True
+
+        @model_validator(mode="before")
+        @classmethod
+        def _carry_before(cls_, v: Any) -> Any:
+            if isinstance(v, dict):
+                filled = sorted(set(v) & set(cls.carry_fills))
+                if filled:
+                    raise ValueError(f"{filled[0]}: filled in by the sequence for every step; leave it out")
+                v = {**cls.carry_defaults, **v}
+            return v
+
+    Carried.__name__ = Carried.__qualname__ = f"{cls.config_model.__name__}Carried"
+    return Carried
 
 
-class SICarry(Strict):
-    weight: float = Field(1.0, ge=0)
-    damping: float = Field(1e-3, gt=0)
+_CARRIED = {n: _carried_model(c) for n, c in MITIGATIONS.items() if c.carryable()}
+_carried_union = Union[tuple(_CARRIED.values())]  # type: ignore[valid-type]  # noqa: UP007 (built at run time)
+CarriedConfig = Annotated[_carried_union, Field(discriminator="name")]
 
 
-class KLCarry(Strict):
-    weight: float = Field(1.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
-    on: Literal["all", "task", "replay"] = "all"
-    positions: Literal["all", "target"] = "all"
-
-
-class ReplayCarry(Strict):
-    policy: Literal["quota", "reservoir"] = Field(
-        "quota",
-        description="quota: per_task examples of every earlier task; reservoir: one buffer of `size` over all of them."
-    )
-    per_task: int = Field(50, gt=0, description="quota: examples kept from each earlier task.")
-    size: int = Field(200, gt=0, description="reservoir: examples in the buffer.")
-    ratio: float = Field(0.2, gt=0, lt=1, description="Replay share of each step's training stream.")
-    by: Literal["examples", "tokens"] = "examples"
-    seed: int = 0
-
-
-class OLoRACarry(Strict):
-    weight: float = Field(0.5, ge=0, description="Orthogonality penalty (lambda_1).")
-    l2: float = Field(0.0, ge=0, description="L2 on the new adapter (lambda_2).")
-
-
-class Carry(Strict):
-    ewc: EWCCarry | None = None
-    si: SICarry | None = None
-    kl: KLCarry | None = None
-    replay: ReplayCarry | None = None
-    olora: OLoRACarry | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthands(cls, v: Any) -> Any:
-        """`carry: [ewc, replay]` and `ewc: true` / `ewc: {}` mean the defaults."""
-        if isinstance(v, list):
-            v = {name: {} for name in v}
-        if isinstance(v, dict):
-            v = {k: ({} if x is True else (None if x is False else x)) for k, x in v.items()}
-        return v
-
-    def names(self) -> list[str]:
-        return [n for n in ("ewc", "si", "kl", "replay", "olora") if getattr(self, n) is not None]
+def _carry_shorthands(v: Any) -> Any:
+    """`carry: [ewc, {name: replay, ratio: 0.2}]`; the older mapping form (`{ewc: {...}, replay: true, si: null}`,
+    as sequence.yaml files before 0.4 hold it) is read too, replay's policy / per_task / size moving under buffer:."""
+    if isinstance(v, dict):
+        v = [{"name": k, **({} if x is True else x)} for k, x in v.items() if x not in (None, False)]
+        for e in v:
+            if e["name"] == "replay" and {"policy", "per_task", "size"} & set(e):
+                e["buffer"] = {k: e.pop(k) for k in ("policy", "per_task", "size") if k in e}
+    if isinstance(v, list):
+        v = [{"name": e} if isinstance(e, str) else e for e in v]
+        names = [e.get("name") for e in v if isinstance(e, dict)]
+        for n in names:
+            if n is not None and n not in _CARRIED:
+                raise ValueError(f"{n!r} cannot be carried from step to step (carried: {', '.join(_CARRIED)})")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"{dup[0]} listed twice")
+    return v
 
 
 class ContinualConfig(EvalPrecisionOptions):
@@ -184,7 +172,19 @@ class ContinualConfig(EvalPrecisionOptions):
     base: dict[str, Any] | str = Field(description="The base recipe: a mapping, or a recipe YAML path (relative to the "
                                                    "sequence file).")
     tasks: list[TaskSpec] = Field(min_length=1, description="The tasks, in training order.")
-    carry: Carry = Field(default_factory=Carry)
+    carry: list[CarriedConfig] = Field(
+        default_factory=list, description="Mitigations handed from step to step: a list of mitigation configs "
+        "(names or {name: ..., options}); each mitigation fills what only the sequence knows (the previous step's "
+        "Fisher, importance, adapters or examples).")
+
+    @field_validator("carry", mode="before")
+    @classmethod
+    def _carry(cls, v: Any) -> Any:
+        return _carry_shorthands(v)
+
+    def carried(self) -> list[dict[str, Any]]:
+        """The carry: entries as option mappings (without what the sequence fills)."""
+        return [e.model_dump(mode="json", exclude=set(MITIGATIONS[e.name].carry_fills)) for e in self.carry]
     retention_suite: str | None = Field("self", description="What must not be forgotten (built-in name or suite file); "
                                                             "null: none.")
     limit: int | None = Field(None, gt=0, description="At most this many items per evaluation task.")
@@ -202,7 +202,8 @@ class ContinualConfig(EvalPrecisionOptions):
 
 def load_continual(path: str | Path) -> tuple[ContinualConfig, Path]:
     """Read and validate a sequence file; errors name the file, key and line. Returns (config, its folder)."""
-    cfg = load_config_file(path, ContinualConfig, "sequence", "a YAML mapping with base: and tasks:", tags=())
+    cfg = load_config_file(path, ContinualConfig, "sequence", "a YAML mapping with base: and tasks:",
+                           tags=MITIGATION_NAMES)
     return cfg, Path(path).parent
 
 
@@ -260,25 +261,26 @@ def _train_records(recipe: Recipe) -> list[dict[str, Any]]:
 
 def _carry_mitigations(cfg: ContinualConfig, i: int, prev: list[Step],
                        buffer: list[tuple[str, Path, dict]]) -> list[dict[str, Any]]:
-    c, out = cfg.carry, []
-    if c.ewc and i >= 2:
-        ref = prev[-1].recipe.data.model_dump(mode="json")
-        ref.update({"validation": None, "validation_fraction": 0.0})
-        out.append({"name": "ewc", **c.ewc.model_dump(), "reference": ref,
-                    "previous": [str(prev[-1].dir)] if i >= 3 else []})  # step i-1's Fisher: tasks 1..i-2, accumulated
-    if c.si:
-        # anchored at the step's start: the previous model (full weights), or "no change" for a fresh adapter on
-        # merged weights
-        out.append({"name": "si", **c.si.model_dump(), "previous": str(prev[-1].dir) if i >= 2 else None,
-                    "anchor": "start"})
-    if c.kl and not (c.kl.on == "replay" and not (c.replay and i >= 2)):
-        out.append({"name": "kl", **c.kl.model_dump()})
-    if c.replay and i >= 2 and buffer:
-        out.append({"name": "replay", "ratio": c.replay.ratio, "by": c.replay.by, "seed": c.replay.seed,
-                    "data": buffer[0][2], "extra_data": [d for _, _, d in buffer[1:]]})
-    if c.olora and i >= 2:
-        out.append({"name": "olora", **c.olora.model_dump(), "previous": [str(s.dir) for s in prev]})
+    """The carried mitigations' configs for step i (each mitigation's `carry` decides; forgetless.mitigations)."""
+    step = CarryStep(index=i, previous=[s.dir for s in prev],
+                     previous_data=[s.recipe.data.model_dump(mode="json") for s in prev],
+                     buffer=[d for _, _, d in buffer])
+    out = []
+    for entry in cfg.carried():
+        options = {k: v for k, v in entry.items() if k != "name"}
+        made = MITIGATIONS[entry["name"]].carry(options, step)
+        if made is not None:
+            out.append(made)
     return out
+
+
+def _buffer_spec(cfg: ContinualConfig) -> dict[str, Any] | None:
+    """Which earlier tasks' examples to keep, if a carried mitigation replays them (replay's buffer options)."""
+    for entry in cfg.carried():
+        spec = MITIGATIONS[entry["name"]].carry_buffer(entry)
+        if spec is not None:
+            return spec
+    return None
 
 
 def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence") -> list[Step]:
@@ -286,7 +288,7 @@ def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence")
     base, source = base_recipe_tree(cfg.base if isinstance(cfg.base, dict) else _resolve(cfg.base, folder),
                                     f"{where}: base")
     clash = sorted({m if isinstance(m, str) else m.get("name") for m in base.get("mitigations") or []}
-                   & set(cfg.carry.names()))
+                   & {e.name for e in cfg.carry})
     if clash:
         raise RecipeError(f"{where}: carry.{clash[0]} and a {clash[0]} mitigation in the base recipe: keep one (carry: "
                           "hands it from step to step)")
@@ -314,14 +316,12 @@ def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence")
             raise RecipeError(f"{label}: method {method.name!r} cannot be merged into the weights, so the next "
                               "step cannot start from it; use full, freeze, lora, dora, qlora, ia3 or adapter with "
                               "activation: identity")
-        if cfg.carry.olora and method.name not in LORA_TYPES:
-            raise RecipeError(f"{where}: carry.olora needs a LoRA-type method ({', '.join(LORA_TYPES)}); "
-                              f"tasks[{i - 1}] ({task.name}) uses {method.name!r}")
         buffer: list[tuple[str, Path, dict]] = []
         keep: list[tuple[str, Path, list[dict[str, Any]]]] = []
-        if cfg.carry.replay and i >= 2:
-            r = cfg.carry.replay
-            chosen = select_buffer([len(x) for x in records], r.policy, r.per_task, r.size, r.seed)
+        spec = _buffer_spec(cfg)
+        if spec is not None and i >= 2:
+            chosen = select_buffer([len(x) for x in records], spec["policy"], spec["per_task"], spec["size"],
+                                   spec["seed"])
             for prev, recs, idx in zip(steps, records, chosen, strict=True):
                 if not idx:
                     continue
@@ -334,7 +334,7 @@ def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence")
         tree["mitigations"] = list(tree.get("mitigations") or []) + _carry_mitigations(cfg, i, steps, buffer)
         recipe = recipe_from_dict(tree, overrides, source=label)
         steps.append(Step(i, task, recipe, run_dir, keep))
-        if cfg.carry.replay and i < len(cfg.tasks):
+        if spec is not None and i < len(cfg.tasks):
             records.append(_train_records(recipe))
     return steps
 
@@ -590,7 +590,9 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
                                   "output_dir")
         else:
             saved = yaml.safe_load((out / "sequence.yaml").read_text()) if (out / "sequence.yaml").is_file() else None
-            if saved is not None and {k: v for k, v in saved.items() if k != "output_dir"} != seq_dump:
+            if saved is not None:  # read through today's schema: a sequence.yaml of an older version compares equal
+                saved = ContinualConfig.model_validate(saved).model_dump(mode="json", exclude={"output_dir"})
+            if saved is not None and saved != seq_dump:
                 raise ForgetlessError(f"{where}: the sequence changed since {out / 'sequence.yaml'} was written; "
                                       "pass --overwrite to start again (or choose another output_dir)")
             for s in steps:
@@ -606,8 +608,9 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
     prior = json.loads(state_path.read_text()) if state_path.is_file() else {}
     done = {e["step"]: e for e in prior.get("steps", []) if e.get("complete")}
     T = len(steps)
+    carried = ", ".join(e.name for e in cfg.carry) or "nothing"
     console.print(f"[bold]continual {cfg.name}[/bold]: {T} tasks ({len(done)} done), method "
-                  f"{steps[0].recipe.method.name}, carry {', '.join(cfg.carry.names()) or 'nothing'}, retention suite "
+                  f"{steps[0].recipe.method.name}, carry {carried}, retention suite "
                   f"{retention.name if retention else 'none'} -> {out}")
     base_res = evaluator.base_row(out)
     rows = [base_res.tasks]
@@ -616,7 +619,7 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
         _metric_of(base_res.tasks[s.name], s)  # an unknown metric fails before any training
     state: dict[str, Any] = {
         "name": cfg.name, "dir": str(out), "base_model": base_path, "method": steps[0].recipe.method.name,
-        "carry": cfg.carry.model_dump(exclude_none=True), "retention_suite": retention.name if retention else None,
+        "carry": cfg.carried(), "retention_suite": retention.name if retention else None,
         "tasks": [], "steps": [], "matrix": None, "metrics": None, "trajectory": None, "complete": False,
     }
     for s in specs:

@@ -191,16 +191,6 @@ def shard(items: list[T]) -> list[T]:
 
 
 ENGINES = ("ddp", "fsdp", "deepspeed")
-#: Mitigations whose state holds references to whole (unsharded) parameters or their .grad, which FSDP
-#: and DeepSpeed replace with shards: they are refused under those engines (DDP runs all of them).
-_NEEDS_WHOLE_PARAMS = {
-    "l2sp": "its anchor and gradient act on whole parameters' .grad",
-    "ewc": "its Fisher, anchor and gradient act on whole parameters' .grad",
-    "si": "its path integral reads whole parameters' .grad",
-    "olora": "its penalty reads whole adapter matrices",
-    "kl": "its reference forward runs outside the sharded wrapper (or keeps a whole frozen copy per GPU)",
-}
-_SHARDED_METHODS = ("full", "freeze", "lora", "dora")
 
 
 def env_engine() -> str | None:
@@ -234,16 +224,18 @@ def check_recipe(recipe: Any) -> str:
     where = f"train.distributed.engine: {eng}"
     if recipe.train.device == "cpu":
         raise RecipeError(f"{where} needs CUDA GPUs but train.device is cpu; use engine: ddp on CPUs")
-    if recipe.method.name not in _SHARDED_METHODS:
+    # each method and mitigation declares whether it works on sharded parameters (`shardable`; methods/,
+    # mitigations/); DDP runs all of them
+    if not recipe.method.shardable:
         raise RecipeError(
             f"method.name: {recipe.method.name} is not supported with {where} (supported: "
-            f"{', '.join(_SHARDED_METHODS)}); use engine: ddp"
+            f"{', '.join(recipe.shardable_names('methods'))}); use engine: ddp"
         )
-    for m in recipe.mitigations:
-        if m.name in _NEEDS_WHOLE_PARAMS:
+    for m, cls in zip(recipe.mitigations, recipe.mitigation_classes(), strict=True):
+        if not cls.shardable:
             raise RecipeError(
-                f"mitigations.{m.name}: not supported with {where} ({_NEEDS_WHOLE_PARAMS[m.name]}); "
-                "use engine: ddp, or replay / self_replay / freeze, which work with every engine"
+                f"mitigations.{m.name}: not supported with {where} ({cls.unsharded_why}); use engine: ddp, or "
+                f"{' / '.join(recipe.shardable_names('mitigations'))}, which work with every engine"
             )
     if recipe.monitor is not None or recipe.guard is not None:
         key = "guard" if recipe.guard is not None else "monitor"

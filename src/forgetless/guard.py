@@ -237,13 +237,6 @@ class MonitorCallback(TrainerCallback):
                 sched.base_lrs = [lr * self.guard.lr_factor for lr in sched.base_lrs]
             self._event(state.global_step, "lower_lr",
                         {"factor": self.guard.lr_factor, "lr": opt.param_groups[0]["lr"]})
-        elif action == "more_replay":
-            replay = next((m for m in self.mitigations if hasattr(m, "raise_ratio")), None)
-            if replay is None:
-                self._event(state.global_step, "more_replay", {"skipped": "no replay mitigation in the recipe"})
-                return self._act(state, control)
-            new = replay.raise_ratio(self.trainer.train_dataset, self.guard.replay_factor)
-            self._event(state.global_step, "more_replay", {"ratio": new})
         elif action == "rollback":
             snap = self.state.last_ok
             restore(self.params, snap, self.trainer.optimizer if snap.optimizer is not None else None)
@@ -252,6 +245,13 @@ class MonitorCallback(TrainerCallback):
         elif action == "stop":
             control.should_training_stop = True
             self._event(state.global_step, "stop", {})
+        else:  # an action a mitigation offers (replay: more_replay)
+            doer = next((m for m in self.mitigations if action in m.guard_actions), None)
+            if doer is None:
+                self._event(state.global_step, action, {"skipped": f"no mitigation in the recipe offers {action}"})
+                return self._act(state, control)
+            self._event(state.global_step, action,
+                        doer.guard_action(action, self.trainer.train_dataset, self.guard.replay_factor))
 
     def rollback_before(self, step: int) -> int:
         """The run diverged from `step` on: restore the newest kept state from before it (the last within budget,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -28,127 +28,14 @@ from .config import (  # noqa: F401 (re-exported)
 )
 from .distributed import read_accelerate_config
 from .errors import RecipeError
-from .mitigations import MITIGATION_NAMES, MitigationConfig
+from .methods import METHOD_NAMES, METHODS, MethodConfig
+from .mitigations import MITIGATION_NAMES, MITIGATIONS, Mitigation, MitigationConfig
 from .schema import Strict
 
 # ---------------------------------------------------------------- methods
 
-
-class _Method(Strict):
-    default_lr: ClassVar[float] = 2e-5
-    peft: ClassVar[bool] = True
-    mergeable: ClassVar[bool] = True
-
-    def can_merge(self) -> bool:
-        """Whether the trained result can be folded into the base weights as a plain HF model."""
-        return self.mergeable
-
-
-class FullMethod(_Method):
-    """Full-parameter fine-tuning."""
-
-    name: Literal["full"] = "full"
-    peft: ClassVar[bool] = False
-
-
-class LoraMethod(_Method):
-    """LoRA (PEFT). `target_modules: all-linear` adapts every linear layer but the LM head."""
-
-    name: Literal["lora"] = "lora"
-    default_lr: ClassVar[float] = 2e-4
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-    use_rslora: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
-
-
-class DoraMethod(LoraMethod):
-    """DoRA: weight-decomposed LoRA (PEFT `use_dora`)."""
-
-    name: Literal["dora"] = "dora"  # type: ignore[assignment]
-
-
-class QLoraMethod(LoraMethod):
-    """LoRA on a 4-bit base (bitsandbytes; works on CPU; nf4 needs input widths that are multiples of 64)."""
-
-    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-
-
-class IA3Method(_Method):
-    """IA3 (PEFT): learned rescaling of keys, values and feed-forward activations."""
-
-    name: Literal["ia3"] = "ia3"
-    default_lr: ClassVar[float] = 3e-3
-    target_modules: list[str] | None = Field(None, description="None: PEFT's default for the architecture.")
-    feedforward_modules: list[str] | None = None
-
-
-class PrefixMethod(_Method):
-    """Prefix tuning (PEFT): trained key/value prefixes in every layer."""
-
-    name: Literal["prefix"] = "prefix"
-    default_lr: ClassVar[float] = 3e-3
-    mergeable: ClassVar[bool] = False
-    num_virtual_tokens: int = Field(20, gt=0)
-    prefix_projection: bool = False
-
-
-class PromptMethod(_Method):
-    """Prompt tuning (PEFT): trained soft-prompt embeddings."""
-
-    name: Literal["prompt"] = "prompt"
-    default_lr: ClassVar[float] = 3e-3
-    mergeable: ClassVar[bool] = False
-    num_virtual_tokens: int = Field(20, gt=0)
-    init_text: str | None = Field(None, description="Initialise the soft prompt from this text's embeddings.")
-
-
-class AdapterMethod(_Method):
-    """Bottleneck adapters (Houlsby) on the output of each attention and MLP block.
-
-    Mergeable only with `activation: identity` (then the adapter is a linear map folded into the output
-    projection).
-    """
-
-    name: Literal["adapter"] = "adapter"
-    default_lr: ClassVar[float] = 1e-3
-    bottleneck: int = Field(64, gt=0, description="Width of the bottleneck.")
-    activation: Literal["relu", "gelu", "silu", "identity"] = "gelu"
-    target_modules: list[str] | None = Field(
-        None, description="Output projections to wrap. None: the attention and MLP output projections."
-    )
-    dropout: float = Field(0.0, ge=0, lt=1)
-
-    def can_merge(self) -> bool:
-        return self.activation == "identity"
-
-
-class FreezeMethod(_Method):
-    """Train only the top k transformer blocks and/or the LM head; everything else frozen."""
-
-    name: Literal["freeze"] = "freeze"
-    peft: ClassVar[bool] = False
-    top_k_blocks: int = Field(2, ge=0, description="Number of top blocks to train.")
-    train_lm_head: bool = Field(False, description="Also train the LM head (tied embeddings train with it).")
-    train_final_norm: bool = True
-
-    @model_validator(mode="after")
-    def _something_trains(self) -> FreezeMethod:
-        if self.top_k_blocks == 0 and not self.train_lm_head:
-            raise ValueError("freeze trains nothing: set top_k_blocks > 0 or train_lm_head: true")
-        return self
-
-
-Method = Annotated[
-    FullMethod | LoraMethod | DoraMethod | QLoraMethod | IA3Method | PrefixMethod | PromptMethod | AdapterMethod
-    | FreezeMethod,
-    Field(discriminator="name"),
-]
-METHOD_NAMES = ("full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter", "freeze")
+#: The recipe's `method:`: one of the registered methods (forgetless.methods, one file each).
+Method = MethodConfig
 #: Discriminator values pydantic puts into a recipe's error paths (method.lora.r): dropped from the messages.
 RECIPE_TAGS = METHOD_NAMES + MITIGATION_NAMES
 
@@ -316,12 +203,12 @@ class Recipe(Strict):
     name: str = Field("run", description="Run name; also the default run directory under runs/.")
     model: ModelConfig
     data: DataConfig
-    method: Method = Field(default_factory=FullMethod)
+    method: Method = Field(default_factory=METHODS["full"])
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     mitigations: list[MitigationConfig] = Field(
         default_factory=list,
-        description="Defences against forgetting, composed in order: l2sp, ewc, si, kl, replay, self_replay, freeze."
+        description=f"Defences against forgetting, composed in order: {', '.join(MITIGATION_NAMES)}."
     )
     monitor: MonitorConfig | None = Field(None, description="Probe retention during training (see guard).")
     guard: GuardConfig | None = Field(None, description="Keep training inside a forgetting budget (implies monitor).")
@@ -339,26 +226,34 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
         if self.train.merge and self.method.peft and not self.method.can_merge():
-            why = "its activation is non-linear (use activation: identity)" if self.method.name == "adapter" else (
-                "it adds virtual tokens, not weight deltas"
-            )
-            raise ValueError(f"train.merge: method {self.method.name!r} cannot be merged: {why}")
+            raise ValueError(f"train.merge: method {self.method.name!r} cannot be merged: "
+                             f"{self.method.unmergeable_why}")
         names = [m.name for m in self.mitigations]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"mitigations: {', '.join(sorted(dup))} listed twice; combine their options into "
                              "one entry")
-        if "kl" in names and next(m for m in self.mitigations if m.name == "kl").on == "replay" and not (
-            {"replay", "self_replay"} & set(names)
-        ):
-            raise ValueError("mitigations.kl.on: replay needs a replay or self_replay mitigation")
+        for m in self.mitigations:
+            MITIGATIONS[m.name].check_recipe(m, self)
         if self.guard is not None and self.monitor is None:
             self.monitor = MonitorConfig()
-        if self.guard and "more_replay" in self.guard.actions and not ({"replay", "self_replay"} & set(names)):
-            raise ValueError("guard.actions: more_replay needs a replay or self_replay mitigation")
+        for action in self.guard.actions if self.guard else []:
+            offered = sorted(n for n, c in MITIGATIONS.items() if action in c.guard_actions)
+            if offered and not set(offered) & set(names):
+                raise ValueError(f"guard.actions: {action} needs a {' or '.join(offered)} mitigation")
         if self.train.early_stopping and not self.train.eval_steps:
             raise ValueError("train.early_stopping needs train.eval_steps (how often to validate)")
         return self
+
+    def mitigation_classes(self) -> list[type[Mitigation]]:
+        """The registered class of each of this recipe's mitigations, in order."""
+        return [MITIGATIONS[m.name] for m in self.mitigations]
+
+    @staticmethod
+    def shardable_names(kind: Literal["methods", "mitigations"]) -> list[str]:
+        """The registered methods or mitigations that run on sharded parameters (FSDP / DeepSpeed)."""
+        registry: dict[str, Any] = METHODS if kind == "methods" else MITIGATIONS
+        return [n for n, c in registry.items() if c.shardable]
 
     @property
     def lr(self) -> float:

@@ -1,30 +1,43 @@
-"""Mitigations against forgetting: one file each, composed in the recipe's `mitigations:` list."""
+"""Mitigations against forgetting: one file each, composed in the recipe's `mitigations:` list.
+
+Every module of this package is imported here, and each registers its mitigation with `@register` (see
+`base.py`): a new mitigation is one new file, nothing else to edit. Mitigations from other installed packages
+register through the `forgetless.mitigations` entry point group (the entry point names a module to import).
+The recipe's `mitigations:` schema is built from the registry when this package is first imported.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+from typing import Annotated, Any, Union
 
 from pydantic import Field
 
-from .base import Mitigation, MitigationCallback, TrainContext, loss_term
-from .ewc import EWC, EWCConfig
-from .freeze import Freeze, FreezeConfig
-from .kl import KL, KLConfig
-from .l2sp import L2SP, L2SPConfig
-from .olora import OLoRA, OLoRAConfig
-from .replay import Replay, ReplayConfig
-from .self_replay import SelfReplay, SelfReplayConfig
-from .si import SI, SIConfig
+from .base import REGISTRY, CarryStep, Mitigation, MitigationCallback, TrainContext, loss_term, register
 
-MitigationConfig = Annotated[
-    L2SPConfig | EWCConfig | SIConfig | KLConfig | ReplayConfig | SelfReplayConfig | FreezeConfig | OLoRAConfig,
-    Field(discriminator="name"),
-]
+_HELPERS = {"base", "data"}  # modules of this package that define no mitigation
+
+
+def _discover() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name not in _HELPERS and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    for ep in entry_points(group="forgetless.mitigations"):
+        ep.load()
+
+
+_discover()
+
+#: Every mitigation by recipe name, in a fixed order (the built-ins' historical order, then the rest by name).
+_ORDER = ("l2sp", "ewc", "si", "kl", "replay", "self_replay", "freeze", "olora")
 MITIGATIONS: dict[str, type[Mitigation]] = {
-    "l2sp": L2SP, "ewc": EWC, "si": SI, "kl": KL, "replay": Replay, "self_replay": SelfReplay, "freeze": Freeze,
-    "olora": OLoRA,
+    n: REGISTRY[n] for n in sorted(REGISTRY, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
 }
 MITIGATION_NAMES = tuple(MITIGATIONS)
+_configs = tuple(c.config_model for c in MITIGATIONS.values())
+MitigationConfig = Annotated[Union[_configs], Field(discriminator="name")]  # type: ignore[valid-type]  # noqa: UP007
 
 
 def build(configs: list[Any]) -> list[Mitigation]:
@@ -33,5 +46,5 @@ def build(configs: list[Any]) -> list[Mitigation]:
     return [MITIGATIONS[c.name](c) for c in ordered]
 
 
-__all__ = ["MITIGATIONS", "MITIGATION_NAMES", "Mitigation", "MitigationCallback", "MitigationConfig", "TrainContext",
-           "build", "loss_term"]
+__all__ = ["MITIGATIONS", "MITIGATION_NAMES", "REGISTRY", "CarryStep", "Mitigation", "MitigationCallback",
+           "MitigationConfig", "TrainContext", "build", "loss_term", "register"]

@@ -1,6 +1,8 @@
 """The small protocol every mitigation follows, and the Trainer callback that drives it.
 
-A mitigation is one file: a pydantic config (its recipe options) and a class with up to five hooks:
+A mitigation is one file in this package: a pydantic config (its recipe options, `name: Literal["..."]`) and
+a class registered with `@register`, which points at the config (`config = ...`), declares what it needs and
+offers (class attributes below), and implements up to six hooks:
 
 - `setup(ctx)`: before training (snapshot weights, estimate a Fisher, freeze parameters, build data);
 - `prepare_data(ctx, train)`: change the training examples (replay mixes data in);
@@ -9,7 +11,24 @@ A mitigation is one file: a pydantic config (its recipe options) and a class wit
   quadratic penalties skip autograd entirely: their gradient lam * F * (theta - theta0) is added with
   fused foreach ops, once per optimizer step (so gradient accumulation does not multiply them);
 - `observe_step(phase)`: see the parameters before and after the optimizer step (SI's path integral);
-- `finish(ctx)`: after training (save importances for the next run).
+- `finish(ctx)`: after training (save importances for the next run);
+- `guard_action(action, dataset, factor)`: one of the guard's actions this mitigation offers (`guard_actions`).
+
+Declarations (class attributes, read by the recipe, the distributed checks, the run and the guard):
+
+- `shardable`: works on FSDP / DeepSpeed shards; if not, `unsharded_why` says why (the recipe is refused);
+- `collective_setup`: `setup` runs on every rank at once (it uses collectives); otherwise rank 0 first;
+- `guard_actions`: guard actions it carries out (replay: `more_replay`);
+- `marks_replay`: the examples it mixes in carry the replay flag (`kl: {on: replay}` needs one such);
+- `carry(options, step)`: what it hands to the next step of a `forgetless continual` sequence (the sequence's
+  `carry:` list holds ordinary configs of this mitigation; `carry` fills what only the sequence knows, such as
+  the previous step's run directory). Not overridden: it cannot be carried.
+
+When the penalty gradients are added: by default after the Trainer clips gradients (`optim.max_grad_norm`), so
+an anchor is never scaled down by a large task gradient, and the logged `grad_norm` is the task's alone (KL, a
+loss term, is clipped with the task loss). `clip: true` on l2sp / ewc adds theirs before clipping instead:
+clipped together with the task gradient and counted in `grad_norm`. SI always adds its own after clipping (its
+path integral reads the clipped task gradient before the penalty is added).
 
 Each mitigation's set-up time, time inside its hooks and the memory it holds are reported in summary.json.
 """
@@ -21,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -61,13 +80,36 @@ class TrainContext:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
 
+@dataclass
+class CarryStep:
+    """What a carried mitigation may know about the step of a continual sequence it is configured for."""
+
+    index: int  # 1-based
+    previous: list[Path]  # run directories of the steps before, in order
+    previous_data: list[dict[str, Any]]  # their recipes' data sections (JSON form), in order
+    buffer: list[dict[str, Any]]  # the replay buffer's data configs (earlier tasks' kept examples), if any
+
+
 class Mitigation:
     """Base class: every hook is optional."""
 
-    name = "mitigation"
+    name: ClassVar[str] = "mitigation"
+    config_model: ClassVar[type] = object  # the pydantic config (set by register)
+    shardable: ClassVar[bool] = True
+    unsharded_why: ClassVar[str] = ""
+    collective_setup: ClassVar[bool] = False
+    guard_actions: ClassVar[tuple[str, ...]] = ()
+    marks_replay: ClassVar[bool] = False
+    #: Config keys a continual sequence fills when it carries this mitigation (a user may not set them in carry:).
+    carry_fills: ClassVar[tuple[str, ...]] = ()
+    #: Defaults that differ when carried (the options a carry: entry gets unless it sets them).
+    carry_defaults: ClassVar[dict[str, Any]] = {}
+    #: Add the penalty gradient before the Trainer clips (the config's `clip`); see the module docstring.
+    clip_penalty: bool = False
 
     def __init__(self, config: Any):
         self.config = config
+        self.clip_penalty = bool(getattr(config, "clip", False))
         self.setup_s = 0.0
         self.hook_s = 0.0
         self.extra_bytes = 0
@@ -91,6 +133,29 @@ class Mitigation:
     def finish(self, ctx: TrainContext) -> None:
         pass
 
+    def guard_action(self, action: str, dataset: list[dict], factor: float) -> dict[str, Any]:
+        """Carry out one of `guard_actions` mid-run; returns the details for the guard's event."""
+        raise NotImplementedError(f"{self.name} offers no guard action {action!r}")
+
+    @classmethod
+    def check_recipe(cls, config: Any, recipe: Any) -> None:
+        """Refuse (ValueError, naming the key) a recipe this mitigation cannot run in; called on validation."""
+
+    @classmethod
+    def carry(cls, options: dict[str, Any], step: CarryStep) -> dict[str, Any] | None:
+        """The config (a mapping, validated with the step's recipe) for step `step`, or None to skip that step."""
+        raise NotImplementedError
+
+    @classmethod
+    def carryable(cls) -> bool:
+        return cls.carry.__func__ is not Mitigation.carry.__func__  # type: ignore[attr-defined]
+
+    @classmethod
+    def carry_buffer(cls, options: dict[str, Any]) -> dict[str, Any] | None:
+        """A carried mitigation that replays earlier tasks' examples says which to keep (policy, per_task, size,
+        seed); the sequence builds the buffer and passes it in `CarryStep.buffer`."""
+        return None
+
     def report(self, train_s: float) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -100,6 +165,30 @@ class Mitigation:
             "extra_memory_mb": round(self.extra_bytes / 2**20, 2),
             **self.notes,
         }
+
+
+#: Every registered mitigation by its recipe name.
+REGISTRY: dict[str, type[Mitigation]] = {}
+
+
+def register(config_model: type) -> Any:
+    """Class decorator: `@register(KLConfig) class KL(Mitigation)` makes `mitigations: [{name: kl, ...}]` valid in
+    recipes (the config model's `name` literal must equal the class's `name`)."""
+
+    def deco(cls: type[Mitigation]) -> type[Mitigation]:
+        tag = config_model.model_fields["name"].default
+        if tag != cls.name:
+            raise TypeError(f"{cls.__qualname__}: name {cls.name!r} but its config's name is {tag!r}")
+        if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+            raise TypeError(f"mitigation {cls.name!r} registered twice ({REGISTRY[cls.name].__module__} and "
+                            f"{cls.__module__})")
+        if not cls.shardable and not cls.unsharded_why:
+            raise TypeError(f"{cls.__qualname__}: shardable = False needs unsharded_why (shown to the user)")
+        cls.config_model = config_model
+        REGISTRY[cls.name] = cls
+        return cls
+
+    return deco
 
 
 def tensor_bytes(tensors) -> int:
@@ -195,7 +284,7 @@ class QuadraticPenalty(Mitigation):
 
 
 class MitigationCallback(TrainerCallback):
-    """Drives the per-step hooks; times them per mitigation."""
+    """Drives the per-step hooks; times them per mitigation. ForgetlessTrainer(mitigations=...) installs it."""
 
     def __init__(self, mitigations: list[Mitigation]):
         self.mitigations = mitigations
@@ -205,11 +294,18 @@ class MitigationCallback(TrainerCallback):
         fn(*args)
         m.hook_s += time.perf_counter() - t0
 
+    def add_clipped_penalties(self) -> None:
+        """The penalties with `clip: true`, before the Trainer clips (ForgetlessTrainer calls this)."""
+        for m in self.mitigations:
+            if m.clip_penalty:
+                self._timed(m, m.penalty_grad)
+
     def on_pre_optimizer_step(self, args, state, control, **kw):
         for m in self.mitigations:
             self._timed(m, m.observe_step, "before")
         for m in self.mitigations:
-            self._timed(m, m.penalty_grad)
+            if not m.clip_penalty:
+                self._timed(m, m.penalty_grad)
 
     def on_optimizer_step(self, args, state, control, **kw):
         for m in self.mitigations:

@@ -20,7 +20,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -30,7 +30,7 @@ from .. import distributed as dist
 from ..config import DataConfig
 from ..errors import ForgetlessError
 from ..schema import Strict
-from .base import QuadraticPenalty, TrainContext, file_backed, tensor_bytes
+from .base import CarryStep, QuadraticPenalty, TrainContext, file_backed, register, tensor_bytes
 from .data import examples_from, sample, self_reference_examples
 
 STATE_FILE = "ewc_state.safetensors"
@@ -51,6 +51,8 @@ class EWCConfig(Strict):
                                 description="ewc_state.safetensors files (or run dirs) of earlier runs.")
     gamma: float = Field(1.0, ge=0, le=1, description="Decay of previous Fishers (online EWC).")
     seed: int = 0
+    clip: bool = Field(False, description="Add the penalty's gradient before the Trainer clips gradients (clipped "
+                       "with the task gradient, counted in grad_norm); default: after clipping, at full strength.")
 
 
 def fisher_diag(
@@ -104,9 +106,23 @@ def _state_path(p: str) -> Path:
     return path / STATE_FILE if path.is_dir() else path
 
 
+@register(EWCConfig)
 class EWC(QuadraticPenalty):
     name = "ewc"
     collective_setup = True  # set-up runs on every rank at once (the Fisher is shared out and all-reduced)
+    shardable = False
+    unsharded_why = "its Fisher, anchor and gradient act on whole parameters' .grad"
+    carry_fills = ("reference", "previous")
+
+    @classmethod
+    def carry(cls, options: dict[str, Any], step: CarryStep) -> dict[str, Any] | None:
+        """From step 2: the Fisher of the previous task's data (its training split), added to the accumulated
+        Fisher of the tasks before it (step i-1's saved state covers tasks 1..i-2; decayed by gamma)."""
+        if step.index < 2:
+            return None
+        ref = {**step.previous_data[-1], "validation": None, "validation_fraction": 0.0}
+        return {"name": cls.name, **options, "reference": ref,
+                "previous": [str(step.previous[-1])] if step.index >= 3 else []}
 
     def _cache_key(self, ctx: TrainContext, examples: list[dict]) -> str:
         h = hashlib.sha256()

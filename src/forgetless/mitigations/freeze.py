@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from ..blocks import find_blocks
 from ..errors import ForgetlessError
 from ..schema import Strict
-from .base import Mitigation, TrainContext
+from .base import Mitigation, TrainContext, register
 
 
 class FreezeConfig(Strict):
@@ -32,6 +32,7 @@ class FreezeConfig(Strict):
         return self
 
 
+@register(FreezeConfig)
 class Freeze(Mitigation):
     name = "freeze"
 

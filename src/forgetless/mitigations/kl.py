@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from ..schema import Strict
-from .base import Mitigation, TrainContext, tensor_bytes
+from .base import REGISTRY, CarryStep, Mitigation, TrainContext, register, tensor_bytes
 
 
 class KLConfig(Strict):
@@ -37,8 +37,24 @@ def kl_to_base(base_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tens
     return (kl * mask).sum() / n * t * t
 
 
+@register(KLConfig)
 class KL(Mitigation):
     name = "kl"
+    shardable = False
+    unsharded_why = "its reference forward runs outside the sharded wrapper (or keeps a whole frozen copy per GPU)"
+
+    @classmethod
+    def check_recipe(cls, config: KLConfig, recipe: Any) -> None:
+        if config.on == "replay" and not any(REGISTRY[m.name].marks_replay for m in recipe.mitigations):
+            marks = sorted(n for n, c in REGISTRY.items() if c.marks_replay)
+            raise ValueError(f"mitigations.kl.on: replay needs a {' or '.join(marks)} mitigation")
+
+    @classmethod
+    def carry(cls, options: dict[str, Any], step: CarryStep) -> dict[str, Any] | None:
+        """Every step, toward that step's starting model; `on: replay` only in steps with replayed examples."""
+        if options.get("on") == "replay" and not step.buffer:
+            return None
+        return {"name": cls.name, **options}
 
     def setup(self, ctx: TrainContext) -> None:
         self.peft = hasattr(ctx.model, "disable_adapter")

@@ -5,21 +5,31 @@ penalty = weight / 2 * sum ||theta - theta0||^2 over the trainable parameters; t
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
 from ..schema import Strict
-from .base import QuadraticPenalty, TrainContext, file_backed, tensor_bytes
+from .base import CarryStep, QuadraticPenalty, TrainContext, file_backed, register, tensor_bytes
 
 
 class L2SPConfig(Strict):
     name: Literal["l2sp"] = "l2sp"
     weight: float = Field(0.01, ge=0, description="lambda: strength of the pull toward the pretrained weights.")
+    clip: bool = Field(False, description="Add the penalty's gradient before the Trainer clips gradients (clipped "
+                       "with the task gradient, counted in grad_norm); default: after clipping, at full strength.")
 
 
+@register(L2SPConfig)
 class L2SP(QuadraticPenalty):
     name = "l2sp"
+    shardable = False
+    unsharded_why = "its anchor and gradient act on whole parameters' .grad"
+
+    @classmethod
+    def carry(cls, options: dict[str, Any], step: CarryStep) -> dict[str, Any]:
+        """In a sequence: every step pulls toward its own starting weights (the previous step's result)."""
+        return {"name": cls.name, **options}
 
     def setup(self, ctx: TrainContext) -> None:
         self.params = [p for _, p in ctx.trainable()]

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 from safetensors.torch import load_file
 
 from ..errors import ForgetlessError
+from ..methods import lora_like_methods
 from ..schema import Strict
-from .base import Mitigation, TrainContext, tensor_bytes
+from .base import CarryStep, Mitigation, TrainContext, register, tensor_bytes
 
 ADAPTER_FILE = "adapter_model.safetensors"
 _LIVE_A = re.compile(r"^(.*)\.lora_A\.[^.]+\.weight$")  # base_model.model....q_proj.lora_A.default.weight
@@ -77,8 +78,25 @@ def subspace_overlap(new: dict[str, torch.Tensor], previous: list[dict[str, torc
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+@register(OLoRAConfig)
 class OLoRA(Mitigation):
     name = "olora"
+    shardable = False
+    unsharded_why = "its penalty reads whole adapter matrices"
+    carry_fills = ("previous",)
+
+    @classmethod
+    def check_recipe(cls, config: OLoRAConfig, recipe: Any) -> None:
+        if not recipe.method.lora_like:
+            raise ValueError(f"mitigations.olora needs a LoRA-type method ({', '.join(lora_like_methods())}); "
+                             f"method.name is {recipe.method.name!r}")
+
+    @classmethod
+    def carry(cls, options: dict[str, Any], step: CarryStep) -> dict[str, Any] | None:
+        """From step 2: orthogonal to every earlier step's adapter."""
+        if step.index < 2:
+            return None
+        return {"name": cls.name, **options, "previous": [str(d) for d in step.previous]}
 
     def __init__(self, config: OLoRAConfig):
         super().__init__(config)

@@ -13,27 +13,53 @@ guard's more_replay, taken by every rank at the same step, swaps the same positi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import DataConfig
 from ..schema import Strict
-from .base import Mitigation, TrainContext
+from .base import CarryStep, Mitigation, TrainContext, register
 from .data import count_tokens, examples_from, sample
+
+
+class ReplayBuffer(Strict):
+    """Which earlier tasks' examples a continual sequence keeps for replay (only when replay is carried)."""
+
+    policy: Literal["quota", "reservoir"] = Field(
+        "quota",
+        description="quota: per_task examples of every earlier task; reservoir: one buffer of `size` over all of them."
+    )
+    per_task: int = Field(50, gt=0, description="quota: examples kept from each earlier task.")
+    size: int = Field(200, gt=0, description="reservoir: examples in the buffer.")
 
 
 class ReplayConfig(Strict):
     name: Literal["replay"] = "replay"
-    data: DataConfig = Field(description="The general data set: `train:` file(s) and its format, like the task's "
-                                         "`data:`.")
+    data: DataConfig | None = Field(None, description="The general data set: `train:` file(s) and its format, like "
+                                    "the task's `data:`. Required, except when carried in a continual sequence "
+                                    "(the earlier tasks' kept examples are the data).")
     extra_data: list[DataConfig] = Field(
         default_factory=list, description="More data sets, each with its own format, replayed from the same pool "
         "(`forgetless continual` replays every earlier task this way)."
     )
-    ratio: float = Field(0.05, gt=0, lt=1, description="Replay share of the training stream.")
+    ratio: float = Field(0.05, gt=0, lt=1, description="Replay share of the training stream (0.2 by default when "
+                         "carried in a continual sequence).")
     by: Literal["examples", "tokens"] = "examples"
     seed: int = 0
+    buffer: ReplayBuffer | None = Field(None, description="Continual sequences only (carry:): which earlier tasks' "
+                                        "examples are kept; default quota of 50 per task.")
+
+    carried: ClassVar[bool] = False  # true for a continual sequence's carry: entry (forgetless.continual)
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> ReplayConfig:
+        carried = type(self).carried
+        if self.data is None and not carried:
+            raise ValueError("replay needs data: (the general data set to mix in: train: file(s) and format)")
+        if self.buffer is not None and not carried:
+            raise ValueError("buffer: applies only when replay is carried in a continual sequence (carry:)")
+        return self
 
 
 def interleave(task: list[dict], extra: list[dict]) -> list[dict]:
@@ -43,8 +69,25 @@ def interleave(task: list[dict], extra: list[dict]) -> list[dict]:
     return [e for _, _, e in sorted(keyed, key=lambda k: (k[0], k[1]))]
 
 
+@register(ReplayConfig)
 class Replay(Mitigation):
     name = "replay"
+    marks_replay = True
+    guard_actions = ("more_replay",)
+    carry_fills = ("data", "extra_data")
+    carry_defaults = {"ratio": 0.2}
+
+    @classmethod
+    def carry(cls, options: dict[str, Any], step: CarryStep) -> dict[str, Any] | None:
+        """From step 2: the kept examples of every earlier task (the buffer) replayed at `ratio`."""
+        if step.index < 2 or not step.buffer:
+            return None
+        opts = {k: v for k, v in options.items() if k != "buffer"}
+        return {"name": cls.name, **opts, "data": step.buffer[0], "extra_data": step.buffer[1:]}
+
+    @classmethod
+    def carry_buffer(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return {**ReplayBuffer().model_dump(), **(options.get("buffer") or {}), "seed": options.get("seed", 0)}
 
     def __init__(self, config: ReplayConfig):
         super().__init__(config)
@@ -52,6 +95,7 @@ class Replay(Mitigation):
         self.ratio = config.ratio
 
     def setup(self, ctx: TrainContext) -> None:
+        assert self.config.data is not None  # ReplayConfig requires it outside a sequence's carry:
         sets = [(self.config.data, "mitigations.replay.data")]
         sets += [(d, f"mitigations.replay.extra_data[{i}]") for i, d in enumerate(self.config.extra_data)]
         self.pool = [{**e, "replay": True} for d, where in sets for e in examples_from(d, ctx, where)]
@@ -74,6 +118,12 @@ class Replay(Mitigation):
         self.notes.update({"replay_examples": len(extra), "replay_tokens": count_tokens(extra),
                            "task_tokens": count_tokens(train)})
         return interleave(train, extra)
+
+    def guard_action(self, action: str, dataset: list[dict], factor: float) -> dict[str, Any]:
+        """more_replay: see raise_ratio."""
+        if action != "more_replay":
+            return super().guard_action(action, dataset, factor)
+        return {"ratio": self.raise_ratio(dataset, factor)}
 
     def raise_ratio(self, dataset: list[dict], factor: float) -> float:
         """Raise the replay share mid-run (the guard's more_replay) by swapping task examples for replay ones

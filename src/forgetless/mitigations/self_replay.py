@@ -25,7 +25,7 @@ from ..progress import bar
 from ..retention.kinds.self_reference import BUILTIN_PROMPTS
 from ..retention.lm import greedy_generate
 from ..schema import Strict
-from .base import TrainContext
+from .base import TrainContext, register
 from .replay import Replay
 
 INSTRUCTION_REQUEST = (
@@ -77,8 +77,15 @@ def keep_pair(prompt: str, answer: str, cfg: SelfReplayConfig, banned: set[str])
     return None
 
 
+@register(SelfReplayConfig)
 class SelfReplay(Replay):
     name = "self_replay"
+    carry_fills = ()
+    carry_defaults = {}
+
+    @classmethod
+    def carryable(cls) -> bool:
+        return False  # not offered in sequences (each step would generate its own pairs: put it in the base recipe)
 
     chat = False
 

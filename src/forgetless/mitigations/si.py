@@ -11,7 +11,7 @@ this run's starting weights instead).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ForgetlessError
 from ..schema import Strict
-from .base import QuadraticPenalty, TrainContext, file_backed, tensor_bytes
+from .base import CarryStep, QuadraticPenalty, TrainContext, file_backed, register, tensor_bytes
 
 STATE_FILE = "si_state.safetensors"
 
@@ -38,8 +38,19 @@ class SIConfig(Strict):
     )
 
 
+@register(SIConfig)
 class SI(QuadraticPenalty):
     name = "si"
+    shardable = False
+    unsharded_why = "its path integral reads whole parameters' .grad"
+    carry_fills = ("previous", "anchor")
+
+    @classmethod
+    def carry(cls, options: dict[str, Any], step: CarryStep) -> dict[str, Any]:
+        """Every step accumulates importance; from step 2 the previous step's importance regularises, anchored at
+        the step's start: the previous model (full weights), or "no change" for a fresh adapter on merged weights."""
+        return {"name": cls.name, **options, "previous": str(step.previous[-1]) if step.index >= 2 else None,
+                "anchor": "start"}
 
     def __init__(self, config: SIConfig):
         super().__init__(config)

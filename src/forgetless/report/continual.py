@@ -112,8 +112,12 @@ def write_continual_report(path: str | Path, state: dict[str, Any] | None = None
                              autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined)
     env.filters["pct"] = lambda x: "-" if x is None else f"{100 * x:+.2f}%"
     env.filters["num"] = lambda x: "-" if x is None else f"{x:+.4f}"
+    carry = state.get("carry") or []
+    if isinstance(carry, dict):  # continual.json before 0.4: {name: options}
+        carry = [{"name": k, **v} for k, v in carry.items()]
+    carried = [(e["name"], {k: v for k, v in e.items() if k != "name"}) for e in carry]
     html = env.get_template("continual.html.j2").render(
-        state=state, img=img, steps=steps, tables=retention_tables(dirs), metric_names=METRIC_NAMES)
+        state=state, carried=carried, img=img, steps=steps, tables=retention_tables(dirs), metric_names=METRIC_NAMES)
     atomic_write_text(target, html)
     return target
 

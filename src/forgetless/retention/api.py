@@ -13,11 +13,11 @@ import torch
 from ..errors import ForgetlessError
 from ..fingerprint import fingerprint_path
 from ..io import atomic_write_json, atomic_write_text
+from ..methods.bottleneck import adapter_modules, merge_adapters
 from ..models import resolve_model
 from ..precision import Precision, config_widths
 from ..precision import resolve as resolve_precision
 from ..recipe import load_recipe
-from ..train.adapters import adapter_modules, merge_adapters
 from ..train.model import load_model
 from .evaluate import SuiteResult, compare, evaluate, evaluate_cached
 from .suite import Suite, load_suite

@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..blocks import find_blocks
 from ..errors import ForgetlessError
-from ..recipe import (
-    AdapterMethod,
-    FreezeMethod,
-    IA3Method,
-    LoraMethod,
-    ModelConfig,
-    PrefixMethod,
-    PromptMethod,
-    QLoraMethod,
-)
-from .adapters import (
+from ..methods.bottleneck import (
     adapter_config,
     adapter_modules,
-    add_adapters,
     is_adapter_dir,
     load_adapters,
     merge_adapters,
     save_adapters,
 )
+from ..methods.qlora import QUANT_FILE
+from ..recipe import ModelConfig
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -103,84 +92,6 @@ def load_base_model(
     return model
 
 
-def apply_freeze(model: nn.Module, method: FreezeMethod) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    blocks = find_blocks(model)
-    if method.top_k_blocks > len(blocks):
-        raise ForgetlessError(f"method.top_k_blocks={method.top_k_blocks} but the model has {len(blocks)} blocks")
-    for block in list(blocks)[len(blocks) - method.top_k_blocks :]:
-        for p in block.parameters():
-            p.requires_grad_(True)
-    if method.train_lm_head:
-        head = model.get_output_embeddings()
-        for p in head.parameters():
-            p.requires_grad_(True)
-    if method.train_final_norm:
-        block_params = {id(p) for p in blocks.parameters()}
-        for name, p in model.named_parameters():
-            if "norm" in name.rsplit(".", 2)[-2] and id(p) not in block_params:
-                p.requires_grad_(True)
-
-
-def _lora_config(method: LoraMethod) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=method.r,
-        lora_alpha=method.alpha,
-        lora_dropout=method.dropout,
-        target_modules=method.target_modules,
-        use_dora=method.name == "dora",
-        use_rslora=method.use_rslora,
-        bias=method.bias,
-        task_type="CAUSAL_LM",
-    )
-
-
-def peft_config(method: Any, tokenizer_path: str) -> Any:
-    from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
-
-    if isinstance(method, LoraMethod):  # lora, dora, qlora
-        return _lora_config(method)
-    if isinstance(method, IA3Method):
-        return IA3Config(
-            target_modules=method.target_modules,
-            feedforward_modules=method.feedforward_modules,
-            task_type="CAUSAL_LM",
-        )
-    if isinstance(method, PrefixMethod):
-        return PrefixTuningConfig(
-            num_virtual_tokens=method.num_virtual_tokens,
-            prefix_projection=method.prefix_projection,
-            task_type="CAUSAL_LM",
-        )
-    if isinstance(method, PromptMethod):
-        kw: dict[str, Any] = {}
-        if method.init_text:
-            kw = {
-                "prompt_tuning_init": PromptTuningInit.TEXT,
-                "prompt_tuning_init_text": method.init_text,
-                "tokenizer_name_or_path": tokenizer_path,
-            }
-        return PromptTuningConfig(num_virtual_tokens=method.num_virtual_tokens, task_type="CAUSAL_LM", **kw)
-    raise AssertionError(method)
-
-
-def bnb_config(method: QLoraMethod, compute_dtype: torch.dtype) -> Any:
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise ForgetlessError("method qlora needs bitsandbytes: pip install 'forgetless[qlora]'") from None
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=method.quant_type,
-        bnb_4bit_use_double_quant=method.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
 def prepare_model(
     path: str,
     cfg: ModelConfig,
@@ -189,24 +100,11 @@ def prepare_model(
     compute_dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
 ) -> nn.Module:
-    """Load the base model and wrap it for `method`. Trainable weights are always fp32."""
-    quant = bnb_config(method, compute_dtype) if isinstance(method, QLoraMethod) else None
+    """Load the base model and wrap it for `method` (its plugin in forgetless.methods). Trainable weights are
+    always fp32."""
+    quant = method.quantization(compute_dtype)
     model = load_base_model(path, cfg, device, quant)
-    if method.name == "full":
-        model.float()
-    elif isinstance(method, FreezeMethod):
-        apply_freeze(model, method)
-    elif isinstance(method, AdapterMethod):
-        add_adapters(model, method.bottleneck, method.activation, method.dropout, method.target_modules)
-        model.to(device)
-    else:
-        from peft import get_peft_model, prepare_model_for_kbit_training
-
-        if quant is not None:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = get_peft_model(model, peft_config(method, path))
+    model = method.wrap(model, path, device, gradient_checkpointing)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -248,15 +146,13 @@ def merge_for_export(model: nn.Module, method: Any, adapter_dir: Path | None = N
         raise ForgetlessError(f"method {method.name!r} cannot be merged into the base weights; keep the adapter")
     if adapter_modules(model):
         return merge_adapters(model)
-    if isinstance(method, QLoraMethod):
+    if method.merge_full_precision:
         if adapter_dir is None:
-            raise ForgetlessError("qlora: merging needs the saved adapter directory")
+            raise ForgetlessError(f"{method.name}: merging needs the saved adapter directory")
         full, _ = load_model(adapter_dir, full_precision_base=True)
         return full.merge_and_unload()
     return model.merge_and_unload()
 
-
-QUANT_FILE = "forgetless_quantization.json"
 
 
 def load_model(

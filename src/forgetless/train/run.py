@@ -29,11 +29,11 @@ from ..errors import DataError, ForgetlessError
 from ..guard import MonitorCallback
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from ..lock import DirLock
-from ..mitigations import Mitigation, MitigationCallback, TrainContext, loss_term
+from ..mitigations import TrainContext
 from ..mitigations import build as build_mitigations
 from ..models import resolve_model
 from ..models.catalog import cache_dir as models_cache_dir
-from ..recipe import QLoraMethod, Recipe, dump_recipe, load_recipe
+from ..recipe import Recipe, dump_recipe, load_recipe
 from .callbacks import (
     CheckpointMarker,
     DivergenceGuard,
@@ -45,7 +45,6 @@ from .callbacks import (
     latest_complete_checkpoint,
 )
 from .model import (
-    QUANT_FILE,
     count_parameters,
     load_tokenizer,
     merge_for_export,
@@ -316,7 +315,7 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         t0 = time.perf_counter()
         # Rank 0 first (it fills the on-disk caches the others then read), unless the set-up shares work
         # across ranks through collectives (EWC's Fisher), which needs every rank at once.
-        with contextlib.nullcontext() if getattr(m, "collective_setup", False) else dist.main_first():
+        with contextlib.nullcontext() if m.collective_setup else dist.main_first():
             m.setup(mctx)
             data.train = m.prepare_data(mctx, data.train)
         m.setup_s = time.perf_counter() - t0
@@ -341,8 +340,6 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
                                  (dist.on_main(lambda: first_logged_loss(run_dir / "metrics.jsonl")) if resume_from
                                   else None))
     callbacks.append(divergence)
-    if mitigations:
-        callbacks.append(MitigationCallback(mitigations))
     monitor = None
     if recipe.monitor is not None:
         monitor = MonitorCallback(recipe.monitor, recipe.guard, tokenizer, metrics, run_dir / "metrics.jsonl", bf16,
@@ -365,7 +362,7 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         data_collator=ReplayAwareCollator(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)),
         processing_class=tokenizer,
         callbacks=callbacks,
-        loss_terms=[loss_term(m) for m in mitigations if type(m).loss is not Mitigation.loss],
+        mitigations=mitigations,
     )
     trainer.remove_callback(PrinterCallback)
     divergence.trainer = trainer
@@ -521,12 +518,7 @@ def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, mod
     with atomic_dir(run_dir / "final", overwrite=True) as tmp:
         kind = save_trained(trainer.model, tokenizer, tmp, model_path)
         faults.point("final_save")
-        if isinstance(recipe.method, QLoraMethod):
-            atomic_write_json(tmp / QUANT_FILE, {
-                "quant_type": recipe.method.quant_type,
-                "double_quant": recipe.method.double_quant,
-                "compute_dtype": "bfloat16" if bf16 else "float32",
-            })
+        recipe.method.export_files(tmp, bf16)
     if recipe.train.merge and kind != "model":
         with atomic_dir(run_dir / "merged", overwrite=True) as tmp:
             merged = merge_for_export(trainer.model, recipe.method, run_dir / "final")

@@ -1,4 +1,8 @@
-"""A thin subclass of transformers' Trainer: extra loss terms per step (the mitigations' hook)."""
+"""A thin subclass of transformers' Trainer: the one path by which mitigations reach training.
+
+`ForgetlessTrainer(mitigations=[...])` wires every hook of forgetless.mitigations: loss terms per micro-batch
+(`loss`), the per-step hooks (`observe_step`, `penalty_grad`, through MitigationCallback), and the penalties
+with `clip: true`, whose gradients are added just before the Trainer clips (see mitigations/base.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+
+from ..mitigations import Mitigation, MitigationCallback, loss_term
 
 # A loss term: (model, inputs, outputs) -> tensor to add to the task loss, or None.
 LossTerm = Callable[[torch.nn.Module, dict[str, Any], Any], "torch.Tensor | None"]
@@ -30,20 +36,38 @@ class ReplayAwareCollator:
 
 
 class ForgetlessTrainer(Trainer):
-    def __init__(self, *args: Any, loss_terms: list[LossTerm] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, mitigations: list[Mitigation] | None = None,
+                 loss_terms: list[LossTerm] | None = None, **kwargs: Any):
+        mitigations = list(mitigations or [])
+        self.mitigation_hooks = MitigationCallback(mitigations) if mitigations else None
+        if self.mitigation_hooks is not None:
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.mitigation_hooks]
         super().__init__(*args, **kwargs)
-        self.loss_terms: list[LossTerm] = list(loss_terms or [])
+        self.loss_terms: list[LossTerm] = [loss_term(m) for m in mitigations if type(m).loss is not Mitigation.loss]
+        self.loss_terms += list(loss_terms or [])
+        self._clipped_added = False
         # this optimizer step's loss (summed over its micro-batches, as the Trainer logs it) and gradient norm:
         # the divergence guard (callbacks.DivergenceGuard) reads them at the end of every step
         self.step_loss: torch.Tensor | None = None
         self.step_grad_norm: Any = None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self._clipped_added = False  # a new optimizer step's penalties are still to add
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.step_loss = loss.detach() if self.step_loss is None else self.step_loss + loss.detach()
         return loss
 
+    def _add_clipped_penalties(self) -> None:
+        if self.mitigation_hooks is not None and not self._clipped_added:
+            self._clipped_added = True
+            self.mitigation_hooks.add_clipped_penalties()
+
+    def _clip_grad_norm(self, model):
+        self._add_clipped_penalties()  # clip: true penalties are clipped with the task gradient
+        return super()._clip_grad_norm(model)
+
     def _get_grad_norm(self, model, grad_norm=None):
+        self._add_clipped_penalties()  # optim.max_grad_norm 0 (no clipping): still counted in grad_norm
         self.step_grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         return self.step_grad_norm
 

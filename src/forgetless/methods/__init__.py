@@ -1,0 +1,44 @@
+"""Training methods: one file each (full, PEFT methods, bottleneck adapters, freezing), chosen by `method:`.
+
+Every module of this package is imported here and registers its method with `@register` (see `base.py`): a new
+method is one new file. Methods from other installed packages register through the `forgetless.methods` entry
+point group. The recipe's `method:` schema is built from the registry when this package is first imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from .base import REGISTRY, TrainingMethod, register
+
+_HELPERS = {"base", "bottleneck"}  # modules of this package that define no method
+
+
+def _discover() -> None:
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name not in _HELPERS and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+    for ep in entry_points(group="forgetless.methods"):
+        ep.load()
+
+
+_discover()
+
+_ORDER = ("full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter", "freeze")
+METHODS: dict[str, type[TrainingMethod]] = {
+    n: REGISTRY[n] for n in sorted(REGISTRY, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
+}
+METHOD_NAMES = tuple(METHODS)
+MethodConfig = Annotated[Union[tuple(METHODS.values())], Field(discriminator="name")]  # type: ignore[valid-type]  # noqa: UP007
+
+
+def lora_like_methods() -> list[str]:
+    return [n for n, c in METHODS.items() if c.lora_like]
+
+
+__all__ = ["METHODS", "METHOD_NAMES", "REGISTRY", "MethodConfig", "TrainingMethod", "lora_like_methods", "register"]

@@ -1,0 +1,39 @@
+"""adapter: bottleneck adapters (Houlsby et al. 2019) on the output of each attention and MLP block
+(the modules are in bottleneck.py: PEFT has none)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from .base import TrainingMethod, register
+from .bottleneck import add_adapters
+
+
+@register
+class AdapterMethod(TrainingMethod):
+    """Bottleneck adapters (Houlsby) on the output of each attention and MLP block.
+
+    Mergeable only with `activation: identity` (then the adapter is a linear map folded into the output
+    projection).
+    """
+
+    name: Literal["adapter"] = "adapter"
+    default_lr: ClassVar[float] = 1e-3
+    unmergeable_why: ClassVar[str] = "its activation is non-linear (use activation: identity)"
+    bottleneck: int = Field(64, gt=0, description="Width of the bottleneck.")
+    activation: Literal["relu", "gelu", "silu", "identity"] = "gelu"
+    target_modules: list[str] | None = Field(
+        None, description="Output projections to wrap. None: the attention and MLP output projections."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    def can_merge(self) -> bool:
+        return self.activation == "identity"
+
+    def wrap(self, model: nn.Module, model_path: str, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
+        add_adapters(model, self.bottleneck, self.activation, self.dropout, self.target_modules)
+        return model.to(device)

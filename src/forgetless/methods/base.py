@@ -1,0 +1,74 @@
+"""The protocol every training method follows (full fine-tuning, PEFT methods, bottleneck adapters, freezing).
+
+A method is one file in this package: a pydantic config (its recipe options under `method:`, with
+`name: Literal["..."]`) registered with `@register`, whose class attributes declare what it is and whose methods
+build it:
+
+- `default_lr`: the learning rate when `optim.lr` is not set;
+- `peft`: the run saves an adapter (PEFT or bottleneck), not full weights;
+- `can_merge()`: the adapter folds into the base weights as a plain HF model (`mergeable` by default);
+- `shardable`: runs under FSDP / DeepSpeed (else the recipe is refused there);
+- `lora_like`: its adapters are LoRA matrices (lora_A / lora_B): O-LoRA's penalty and merge's scaled adapter;
+- `quantization(compute_dtype)`: a transformers quantization config to load the base with (QLoRA), or None;
+- `wrap(model, ...)`: make the loaded base model trainable for the method (trainable weights end up fp32);
+- `peft_config(model_path)`: the PEFT config, for methods built by `peft.get_peft_model`;
+- `export_files(out_dir, bf16)`: extra files saved beside the final adapter (QLoRA's quantization settings);
+- `merge_full_precision`: merging reloads the base in full precision first (QLoRA: never merge into 4 bits).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..schema import Strict
+
+
+class TrainingMethod(Strict):
+    """Base config of a method; subclasses add `name: Literal[...]` and their options."""
+
+    default_lr: ClassVar[float] = 2e-5
+    peft: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = True
+    shardable: ClassVar[bool] = False
+    lora_like: ClassVar[bool] = False
+    merge_full_precision: ClassVar[bool] = False
+    unmergeable_why: ClassVar[str] = "it adds virtual tokens, not weight deltas"
+
+    def can_merge(self) -> bool:
+        """Whether the trained result can be folded into the base weights as a plain HF model."""
+        return self.mergeable
+
+    def quantization(self, compute_dtype: torch.dtype) -> Any:
+        return None
+
+    def peft_config(self, model_path: str) -> Any:
+        raise NotImplementedError(f"method {getattr(self, 'name', '?')!r} is not built by peft")
+
+    def wrap(self, model: nn.Module, model_path: str, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
+        """Default: a PEFT model from `peft_config`."""
+        from peft import get_peft_model
+
+        with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, self.peft_config(model_path))
+
+    def export_files(self, out_dir: Path, bf16: bool) -> None:
+        pass
+
+
+#: Every registered method by its recipe name.
+REGISTRY: dict[str, type[TrainingMethod]] = {}
+
+
+def register(cls: type[TrainingMethod]) -> type[TrainingMethod]:
+    """Class decorator: makes `method: {name: <its name>, ...}` valid in recipes."""
+    tag = cls.model_fields["name"].default
+    if tag in REGISTRY and REGISTRY[tag] is not cls:
+        raise TypeError(f"method {tag!r} registered twice ({REGISTRY[tag].__module__} and {cls.__module__})")
+    REGISTRY[tag] = cls
+    return cls

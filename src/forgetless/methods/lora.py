@@ -1,0 +1,39 @@
+"""lora: low-rank adapters on the linear layers (PEFT LoRA, Hu et al. 2021)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from .base import TrainingMethod, register
+
+
+@register
+class LoraMethod(TrainingMethod):
+    """LoRA (PEFT). `target_modules: all-linear` adapts every linear layer but the LM head."""
+
+    name: Literal["lora"] = "lora"
+    default_lr: ClassVar[float] = 2e-4
+    shardable: ClassVar[bool] = True
+    lora_like: ClassVar[bool] = True
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+    def peft_config(self, model_path: str) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            use_dora=self.name == "dora",
+            use_rslora=self.use_rslora,
+            bias=self.bias,
+            task_type="CAUSAL_LM",
+        )

@@ -1,0 +1,54 @@
+"""qlora: LoRA on a 4-bit quantized base (Dettmers et al. 2023; bitsandbytes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..errors import ForgetlessError
+from ..io import atomic_write_json
+from .base import register
+from .lora import LoraMethod
+
+#: Saved beside a QLoRA adapter: how its base was quantized, so loading puts it back on the same 4-bit base.
+QUANT_FILE = "forgetless_quantization.json"
+
+
+@register
+class QLoraMethod(LoraMethod):
+    """LoRA on a 4-bit base (bitsandbytes; works on CPU; nf4 needs input widths that are multiples of 64)."""
+
+    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    shardable: ClassVar[bool] = False
+    merge_full_precision: ClassVar[bool] = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+    def quantization(self, compute_dtype: torch.dtype) -> Any:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError:
+            raise ForgetlessError("method qlora needs bitsandbytes: pip install 'forgetless[qlora]'") from None
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+
+    def wrap(self, model: nn.Module, model_path: str, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        return super().wrap(model, model_path, device, gradient_checkpointing)
+
+    def export_files(self, out_dir: Path, bf16: bool) -> None:
+        atomic_write_json(out_dir / QUANT_FILE, {
+            "quant_type": self.quant_type,
+            "double_quant": self.double_quant,
+            "compute_dtype": "bfloat16" if bf16 else "float32",
+        })
