@@ -451,7 +451,8 @@ def _errors(tmp_path: Path, text: str) -> str:
 
 def test_sequence_file_errors_name_file_key_and_line(tmp_path):
     msg = _errors(tmp_path, "base: {model: m}\ntasks:\n  - name: a\n    data: {train: a.jsonl}\n  - name: b\n"
-                            "    data: {train: b.jsonl}\n    sett: {}\ncarry:\n  - {name: replay, buffer: {polcy: quota}}\n")
+                            "    data: {train: b.jsonl}\n    sett: {}\ncarry:\n"
+                            "  - {name: replay, buffer: {polcy: quota}}\n")
     assert str(tmp_path / "seq.yaml") in msg
     assert "tasks.1.sett (line 7): unknown key" in msg and "carry.0.buffer.polcy (line 9): unknown key" in msg
     two = "base: {model: m}\ntasks:\n  - {name: a, data: {train: a.jsonl}}\n"

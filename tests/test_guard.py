@@ -69,6 +69,9 @@ def test_guard_keeps_retention_within_budget_where_plain_fine_tuning_breaks_it(o
     a_final = task_loss(m, tok, organism["a_val"])
     assert a_final - a_base < task_loss(plain.model, tok, organism["a_val"]) - a_base
     assert g["selection"]["chosen_step"] is not None and g["selection"]["why"]
+    # the budget itself: the chosen state's probed drop is within it (the point estimate the guard acts on), and
+    # the run did not fall back to the base model
+    assert not g["selection"].get("warning") and g["selection"]["drop"] <= budget, g["selection"]
     # every guard event is in metrics.jsonl with its step
     lines = [json.loads(x) for x in (tmp_path / "guarded" / "metrics.jsonl").read_text().splitlines()]
     logged = [x for x in lines if "guard" in x]

@@ -8,11 +8,14 @@ keep at least half of plain fine-tuning's gain on B.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from unittest import mock
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from forgetless.mitigations.base import TrainContext, file_backed
@@ -218,10 +221,19 @@ def test_mitigations_compose_and_save_state_for_the_next_run(organism, tmp_path)
     assert [m["name"] for m in summary["mitigations"]] == ["l2sp", "ewc", "si", "replay"]
     run = tmp_path / "combo"
     assert (run / "ewc_state.safetensors").is_file() and (run / "si_state.safetensors").is_file()
-    # online EWC: the next run adds the saved Fisher, decayed by gamma
+    # online EWC: the next run adds the saved Fisher, decayed by gamma. Both runs start from the same model with the
+    # same 16 reference samples, so the second reads the first's Fisher from the cache, and saves
+    # F_new + gamma * F_saved = (1 + 0.5) * F_first
     nxt = [{"name": "ewc", "weight": 1e4, "reference": "A", "samples": 16, "previous": [str(run)], "gamma": 0.5}]
     _, _, s2 = _finetune_b(organism, tmp_path, nxt, "online")
-    assert s2["mitigations"][0]["fisher_cached"] is False or s2["mitigations"][0]["samples"] == 16
+    assert s2["mitigations"][0]["fisher_cached"] is True and s2["mitigations"][0]["samples"] == 16
+    first = load_file(str(run / "ewc_state.safetensors"))
+    online = load_file(str(tmp_path / "online" / "ewc_state.safetensors"))
+    fishers = [k for k in first if k.startswith("fisher.")]
+    assert fishers and sorted(fishers) == sorted(k for k in online if k.startswith("fisher."))
+    assert sum(float(first[k].sum()) for k in fishers) > 0
+    for k in fishers:
+        torch.testing.assert_close(online[k], 1.5 * first[k], rtol=1e-6, atol=0)
 
 
 def test_kl_uses_adapters_disabled_for_peft(organism, tmp_path):
@@ -235,5 +247,70 @@ def test_kl_uses_adapters_disabled_for_peft(organism, tmp_path):
         "train": {"output_dir": str(tmp_path / "r"), "save_steps": None, "progress": False},
         "mitigations": [{"name": "kl", "weight": 1.0}],
     })
-    s = train(r, quiet=True).summary
+    import peft
+
+    calls = []
+    real = peft.PeftModel.disable_adapter
+
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    with mock.patch.object(peft.PeftModel, "disable_adapter", counted):
+        s = train(r, quiet=True).summary
     assert s["mitigations"][0]["extra_memory_mb"] == 0.0  # no second copy of the model
+    assert len(calls) == 5  # the base's logits came from the same model with its adapters off, once per step
+
+
+# ---------------------------------------------------------------- when penalty gradients are added
+
+
+def _one_step_grads(tiny_model, toy_data, out, monkeypatch, l2sp: dict | None, max_grad_norm):
+    """One optimizer step of full FT on the tiny model: the gradients handed to the optimizer (after every hook) and
+    the logged grad_norm. With l2sp, its anchor is moved 0.5 below the starting weights, so the penalty's gradient
+    is weight * 0.5 on every element from the first step on (at theta0 itself it would be zero)."""
+    from conftest import tiny_recipe
+
+    from forgetless.mitigations.base import MitigationCallback
+
+    seen: dict = {}
+    real_setup, real_pre = L2SP.setup, MitigationCallback.on_pre_optimizer_step
+
+    def setup(self, ctx):
+        real_setup(self, ctx)
+        self.anchor = [a - 0.5 for a in self.anchor]
+        seen["params"] = self.params
+
+    def pre(self, *a, **kw):
+        out_ = real_pre(self, *a, **kw)
+        seen["grads"] = [p.grad.detach().clone() for p in seen["params"]]
+        return out_
+
+    spec = tiny_recipe(tiny_model, toy_data, out, optim__max_steps=1, optim__max_grad_norm=max_grad_norm,
+                       train__logging_steps=1)
+    spec["mitigations"] = [{"name": "l2sp", **(l2sp or {"weight": 0.0})}]
+    with monkeypatch.context() as mp:
+        mp.setattr(L2SP, "setup", setup)
+        mp.setattr(MitigationCallback, "on_pre_optimizer_step", pre)
+        train(recipe_from_dict(spec), quiet=True)
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return torch.cat([g.flatten() for g in seen["grads"]]), next(x["grad_norm"] for x in logged if "grad_norm" in x)
+
+
+@pytest.mark.parametrize(("clip", "c"), [(False, 0.01), (True, 0.01), (True, None)])
+def test_penalty_gradient_is_added_after_clipping_unless_clip(clip, c, tiny_model, toy_data, tmp_path, monkeypatch):
+    # the task gradient alone, unclipped (weight 0: the penalty adds nothing)
+    g, g_norm = _one_step_grads(tiny_model, toy_data, tmp_path / "ref", monkeypatch, None, None)
+    assert g_norm == pytest.approx(float(g.norm()), rel=1e-5)
+    lam = 2.0
+    assert c is None or float(g.norm()) > 10 * c  # clipping acts
+    final, logged = _one_step_grads(tiny_model, toy_data, tmp_path / "pen", monkeypatch,
+                                    {"weight": lam, "clip": clip}, c)
+    pen = torch.full_like(g, lam * 0.5)
+    if clip:  # clipped together (c None: no clipping, still counted in grad_norm)
+        total = g + pen
+        want, want_norm = total * (c / float(total.norm()) if c else 1.0), float(total.norm())
+    else:  # the task gradient clipped, the penalty added at full strength after; grad_norm the task's alone
+        want, want_norm = g * (c / float(g.norm())) + pen, float(g.norm())
+    torch.testing.assert_close(final, want, rtol=1e-4, atol=1e-7)
+    assert logged == pytest.approx(want_norm, rel=1e-4)
