@@ -67,6 +67,7 @@ LAYERS: dict[str, int] = {
     "forgetless.data.cli": 5,
     "forgetless.models.cli": 5,
     "forgetless.testing": 5,
+    "forgetless.reference": 5,
 }
 
 

@@ -149,7 +149,7 @@ CarriedConfig = Annotated[_carried_union, Field(discriminator="name")]
 
 def _carry_shorthands(v: Any) -> Any:
     """`carry: [ewc, {name: replay, ratio: 0.2}]`; the older mapping form (`{ewc: {...}, replay: true, si: null}`,
-    as sequence.yaml files before 0.4 hold it) is read too, replay's policy / per_task / size moving under buffer:."""
+    as sequence.yaml files of 0.1 hold it) is read too, replay's policy / per_task / size moving under buffer:."""
     if isinstance(v, dict):
         v = [{"name": k, **({} if x is True else x)} for k, x in v.items() if x not in (None, False)]
         for e in v:

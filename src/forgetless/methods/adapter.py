@@ -25,11 +25,12 @@ class AdapterMethod(TrainingMethod):
     default_lr: ClassVar[float] = 1e-3
     unmergeable_why: ClassVar[str] = "its activation is non-linear (use activation: identity)"
     bottleneck: int = Field(64, gt=0, description="Width of the bottleneck.")
-    activation: Literal["relu", "gelu", "silu", "identity"] = "gelu"
+    activation: Literal["relu", "gelu", "silu", "identity"] = Field(
+        "gelu", description="Non-linearity in the bottleneck; identity makes the adapter mergeable.")
     target_modules: list[str] | None = Field(
         None, description="Output projections to wrap. None: the attention and MLP output projections."
     )
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the adapter.")
 
     def can_merge(self) -> bool:
         return self.activation == "identity"

@@ -22,7 +22,7 @@ class FreezeMethod(TrainingMethod):
     shardable: ClassVar[bool] = True
     top_k_blocks: int = Field(2, ge=0, description="Number of top blocks to train.")
     train_lm_head: bool = Field(False, description="Also train the LM head (tied embeddings train with it).")
-    train_final_norm: bool = True
+    train_final_norm: bool = Field(True, description="Also train the final normalisation layer.")
 
     @model_validator(mode="after")
     def _something_trains(self) -> FreezeMethod:

@@ -16,7 +16,8 @@ class IA3Method(TrainingMethod):
     name: Literal["ia3"] = "ia3"
     default_lr: ClassVar[float] = 3e-3
     target_modules: list[str] | None = Field(None, description="None: PEFT's default for the architecture.")
-    feedforward_modules: list[str] | None = None
+    feedforward_modules: list[str] | None = Field(None, description="Which of target_modules are feed-forward "
+                                                  "(scaled on their input). None: PEFT's default.")
 
     def peft_config(self, model_path: str) -> Any:
         from peft import IA3Config

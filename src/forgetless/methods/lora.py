@@ -17,12 +17,14 @@ class LoraMethod(TrainingMethod):
     default_lr: ClassVar[float] = 2e-4
     shardable: ClassVar[bool] = True
     lora_like: ClassVar[bool] = True
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
-    use_rslora: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
+    r: int = Field(16, gt=0, description="Rank of the low-rank update.")
+    alpha: float = Field(32, gt=0, description="Scale: the update is multiplied by alpha / r (alpha / sqrt(r) with "
+                         "use_rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: str | list[str] = Field("all-linear", description="Module names to adapt, or all-linear (every "
+                                            "linear layer but the LM head).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train (PEFT's bias option).")
 
     def peft_config(self, model_path: str) -> Any:
         from peft import LoraConfig

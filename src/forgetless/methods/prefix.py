@@ -16,8 +16,8 @@ class PrefixMethod(TrainingMethod):
     name: Literal["prefix"] = "prefix"
     default_lr: ClassVar[float] = 3e-3
     mergeable: ClassVar[bool] = False
-    num_virtual_tokens: int = Field(20, gt=0)
-    prefix_projection: bool = False
+    num_virtual_tokens: int = Field(20, gt=0, description="Length of the trained prefix.")
+    prefix_projection: bool = Field(False, description="Reparameterise the prefix through an MLP while training.")
 
     def peft_config(self, model_path: str) -> Any:
         from peft import PrefixTuningConfig

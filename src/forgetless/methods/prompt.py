@@ -16,7 +16,7 @@ class PromptMethod(TrainingMethod):
     name: Literal["prompt"] = "prompt"
     default_lr: ClassVar[float] = 3e-3
     mergeable: ClassVar[bool] = False
-    num_virtual_tokens: int = Field(20, gt=0)
+    num_virtual_tokens: int = Field(20, gt=0, description="Length of the soft prompt.")
     init_text: str | None = Field(None, description="Initialise the soft prompt from this text's embeddings.")
 
     def peft_config(self, model_path: str) -> Any:

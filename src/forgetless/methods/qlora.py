@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..errors import ForgetlessError
@@ -24,8 +25,8 @@ class QLoraMethod(LoraMethod):
     name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
     shardable: ClassVar[bool] = False
     merge_full_precision: ClassVar[bool] = True
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/weight).")
 
     def quantization(self, compute_dtype: torch.dtype) -> Any:
         try:

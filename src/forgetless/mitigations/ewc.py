@@ -50,7 +50,7 @@ class EWCConfig(Strict):
     previous: list[str] = Field(default_factory=list,
                                 description="ewc_state.safetensors files (or run dirs) of earlier runs.")
     gamma: float = Field(1.0, ge=0, le=1, description="Decay of previous Fishers (online EWC).")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the reference sample (and of sampled labels).")
     clip: bool = Field(False, description="Add the penalty's gradient before the Trainer clips gradients (clipped "
                        "with the task gradient, counted in grad_norm); default: after clipping, at full strength.")
 

@@ -22,7 +22,8 @@ from .base import REGISTRY, CarryStep, Mitigation, TrainContext, register, tenso
 class KLConfig(Strict):
     name: Literal["kl"] = "kl"
     weight: float = Field(1.0, ge=0, description="Weight of the KL term.")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="T: both distributions are softened by T (the term is "
+                               "scaled by T^2).")
     on: Literal["all", "task", "replay"] = Field("all", description="Which examples of each batch the term covers.")
     positions: Literal["all", "target"] = Field("all", description="All non-padding tokens, or only the loss targets.")
 

@@ -45,8 +45,8 @@ class ReplayConfig(Strict):
     )
     ratio: float = Field(0.05, gt=0, lt=1, description="Replay share of the training stream (0.2 by default when "
                          "carried in a continual sequence).")
-    by: Literal["examples", "tokens"] = "examples"
-    seed: int = 0
+    by: Literal["examples", "tokens"] = Field("examples", description="Count the ratio in examples or in tokens.")
+    seed: int = Field(0, description="Seed of the replay draw.")
     buffer: ReplayBuffer | None = Field(None, description="Continual sequences only (carry:): which earlier tasks' "
                                         "examples are kept; default quota of 50 per task.")
 

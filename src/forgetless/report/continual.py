@@ -113,7 +113,7 @@ def write_continual_report(path: str | Path, state: dict[str, Any] | None = None
     env.filters["pct"] = lambda x: "-" if x is None else f"{100 * x:+.2f}%"
     env.filters["num"] = lambda x: "-" if x is None else f"{x:+.4f}"
     carry = state.get("carry") or []
-    if isinstance(carry, dict):  # continual.json before 0.4: {name: options}
+    if isinstance(carry, dict):  # continual.json of 0.1: {name: options}
         carry = [{"name": k, **v} for k, v in carry.items()]
     carried = [(e["name"], {k: v for k, v in e.items() if k != "name"}) for e in carry]
     html = env.get_template("continual.html.j2").render(
