@@ -94,10 +94,22 @@ def is_hf_id(spec: str) -> bool:
     return not p.exists() and spec.count("/") == 1 and not p.suffix and not spec.startswith((".", "/", "~"))
 
 
-def read_file(path: str | Path) -> list[Record]:
-    """Read a .jsonl / .json (array of objects, or {"data": [...]}) file, optionally gzipped. A UTF-8 byte-order
-    mark is accepted; so is a .jsonl file holding one JSON array. A binary or non-UTF-8 file is an error naming
-    the file (and line)."""
+@dataclass
+class BadLine:
+    """A line (or JSON array item) that is not a usable record, with the raw text when there is one."""
+
+    where: str
+    error: str
+    raw: str | None = None
+    kind: str = "malformed_json"  # or "schema" (valid JSON, but not an object)
+
+
+def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]]:
+    """Yield (line, value, None) per JSON value, or (line, None, BadLine) per malformed line; never stops early.
+
+    .jsonl/.ndjson (optionally .gz): one value per non-blank line. .json: an array, or {"data": [...]}; a
+    malformed .json file is one BadLine (a single document cannot be read past its error).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
@@ -105,42 +117,65 @@ def read_file(path: str | Path) -> list[Record]:
     if not name.endswith((".jsonl", ".ndjson", ".json")):
         raise DataError(f"{path}: unsupported data file type; use .jsonl, .json (optionally .gz), or hf:<dataset id>")
     problem = file_problem(path)
-    if problem and not problem.startswith("the file is empty"):
-        raise DataError(f"{path}: {problem}")
-    records: list[Record] = []
+    if problem:  # empty, binary or not UTF-8: one finding for the whole file
+        yield 1, None, BadLine(f"{path}:1", problem,
+                               kind="schema" if problem.startswith("the file is empty") else "malformed_json")
+        return
     if name.endswith((".jsonl", ".ndjson")) and json_array_text(path) is not None:
-        name = name + ".json"  # one JSON array: read as a .json file is
-    if name.endswith(".jsonl") or name.endswith(".ndjson"):
+        name = name + ".json"  # one JSON array under a .jsonl name: read as a .json file is
+    if name.endswith((".jsonl", ".ndjson")):
         for i, line, bad in iter_lines(path):
             if bad:
-                raise DataError(f"{path}:{i}: {bad}")
+                yield i, None, BadLine(f"{path}:{i}", bad)
+                continue
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield i, json.loads(line), None
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-            records.append(Record(obj, str(path), i))
+                raw = line.rstrip("\n")
+                yield i, None, BadLine(f"{path}:{i}", f"malformed JSON line ({e.msg} at column {e.colno})", raw)
     else:
         try:
             with open_text(path) as f:
                 text = f.read()
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+            yield 1, None, BadLine(f"{path}:1", f"not UTF-8 text (byte {e.start}); save the file as UTF-8")
+            return
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            yield e.lineno, None, BadLine(f"{path}:{e.lineno}", f"malformed JSON ({e.msg} at column {e.colno}); "
+                                          "the rest of this file cannot be read")
+            return
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
         if not isinstance(obj, list):
-            raise DataError(f"{path}: a .json data file holds an array of objects (or {{'data': [...]}})")
+            yield 1, None, BadLine(f"{path}:1", "a .json data file holds an array of objects (or {'data': [...]})")
+            return
         for i, item in enumerate(obj, start=1):
-            if not isinstance(item, dict):
-                raise DataError(f"{path}: item {i}: expected a JSON object, got {type(item).__name__}")
-            records.append(Record(item, str(path), i))
+            yield i, item, None
+
+
+def read_file(path: str | Path, bad: list[BadLine] | None = None) -> list[Record]:
+    """Read a .jsonl / .json (array of objects, or {"data": [...]}) file, optionally gzipped. A UTF-8 byte-order
+    mark is accepted; so is a .jsonl file holding one JSON array.
+
+    Strict by default: the first malformed line, non-object value, binary or non-UTF-8 file is an error naming
+    the file and line (an empty file has no records). Tolerant with `bad` (a list): every such problem is added
+    to it and reading goes on (`forgetless data check` reads this way, to report them all)."""
+    path = Path(path).expanduser()
+    records: list[Record] = []
+    for line, value, problem in iter_json_file(path):
+        if problem is None and not isinstance(value, dict):
+            problem = BadLine(f"{path}:{line}", f"expected a JSON object, got {type(value).__name__}",
+                              json.dumps(value, ensure_ascii=False), kind="schema")
+        if problem is None:
+            records.append(Record(value, str(path), line))
+        elif bad is not None:
+            bad.append(problem)
+        elif not problem.error.startswith("the file is empty"):
+            raise DataError(f"{problem.where}: {problem.error}")
     return records
 
 
@@ -172,9 +207,10 @@ def read_hf(spec: str, split: str) -> list[Record]:
     return [Record(dict(row), f"hf:{name}[{split}]", i) for i, row in enumerate(ds, start=1)]
 
 
-def load_records(specs: str | list[str], split: str = "train") -> list[Record]:
+def load_records(specs: str | list[str], split: str = "train", bad: list[BadLine] | None = None) -> list[Record]:
+    """The records of local files and HF dataset ids, in order; `bad`: read tolerantly (see read_file)."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     out: list[Record] = []
     for spec in specs:
-        out.extend(read_hf(spec, split) if is_hf_id(spec) else read_file(spec))
+        out.extend(read_hf(spec, split) if is_hf_id(spec) else read_file(spec, bad))
     return out
