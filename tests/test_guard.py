@@ -25,7 +25,7 @@ def probe_suite(organism, tmp_path_factory):
     return str(p)
 
 
-def _run(org, out, probe, guard=None, every=10, steps=80):
+def _run(org, out, probe, guard=None, every=10, steps=80, mitigations=None):
     spec = {
         "name": out.name,
         "model": str(org["model"]),
@@ -39,6 +39,8 @@ def _run(org, out, probe, guard=None, every=10, steps=80):
     }
     if guard:
         spec["guard"] = guard
+    if mitigations:
+        spec["mitigations"] = mitigations
     return train(recipe_from_dict(spec), quiet=True)
 
 
@@ -114,6 +116,18 @@ def test_guard_needs_a_replay_mitigation_for_more_replay(organism):
     assert r.monitor is not None and r.monitor.suite == "self"
 
 
+def test_more_replay_is_carried_out_by_the_replay_mitigation(organism, probe_suite, tmp_path):
+    # a guard action a mitigation offers (replay: more_replay), dispatched by its declaration
+    replay = {"name": "replay", "ratio": 0.2,
+              "data": {"train": str(organism["a_train"]), "format": "prompt_completion", "chat_template": False}}
+    res = _run(organism, tmp_path / "mr", probe_suite, every=10, steps=20, mitigations=[replay],
+               guard={"budget": 0.001, "require_significant": False, "actions": ["more_replay", "stop"],
+                      "replay_factor": 2.0, "select": "last"})
+    events = [(e["guard"], e.get("ratio")) for e in res.summary["guard"]["events"]]
+    assert events[:2] == [("breach", None), ("more_replay", 0.4)], events
+    assert res.summary["mitigations"][0]["ratio_raised_to"] == 0.4
+
+
 def test_selection_reports_the_95_percent_verdict_of_the_chosen_state():
     from forgetless.config import GuardConfig, MonitorConfig
     from forgetless.guard import MonitorCallback, Snapshot
@@ -127,11 +141,12 @@ def test_selection_reports_the_95_percent_verdict_of_the_chosen_state():
                        {"step": 20, "fl_drop": 0.002, "fl_drop_upper": 0.006, "fl_within_budget": True,
                         "fl_within_budget_95": True}]
     cb.state.best_ok = Snapshot(10, [], None, val_loss=1.0, within_95=False)
-    sel = cb.select_final(final_within_budget=False, final_val_loss=None, step=30)
+    cb._last_breaches = ["retention drop 2% > budget 1%"]  # the final probe breached
+    sel = cb.select_final(step=30)
     assert sel["chosen_step"] == 10 and sel["within_budget_95"] is False and sel["drop_upper"] == 0.015
     cb.state.best_ok = Snapshot(20, [], None, val_loss=1.0, within_95=True)
-    sel = cb.select_final(final_within_budget=False, final_val_loss=None, step=30)
+    sel = cb.select_final(step=30)
     assert sel["chosen_step"] == 20 and sel["within_budget_95"] is True and sel["drop"] == 0.002
     cb.state.best_ok = None
-    sel = cb.select_final(final_within_budget=False, final_val_loss=None, step=30)
+    sel = cb.select_final(step=30)
     assert sel["warning"] and sel["chosen_step"] == 0 and sel["within_budget_95"] is True  # the base loses nothing

@@ -97,7 +97,7 @@ class MonitorCallback(TrainerCallback):
         self.tokenizer, self.metrics, self.metrics_path = tokenizer, metrics, metrics_path
         self.bf16, self.mitigations, self.has_validation = bf16, mitigations, has_validation
         self.state = GuardState()
-        self.trainer = None  # set by the run: lower_lr and rollback need the optimizer and scheduler
+        self.trainer = None  # set by the run: validation at a probe, and the training set more_replay changes
         self._suite = None
         self._base_result = None
         self._ref_fp = None
@@ -135,9 +135,21 @@ class MonitorCallback(TrainerCallback):
         self.state.last_ok = self.state.base
         self.state.probe_s += time.perf_counter() - t0
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, force: bool = False, **kw):
-        if state.global_step % self.monitor.every != 0 and not force:
-            return
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+        if state.global_step % self.monitor.every == 0:
+            self.probe(model, state, control, optimizer=optimizer, lr_scheduler=lr_scheduler)
+
+    def probe(self, model, state, control=None, optimizer=None, lr_scheduler=None, final: bool = False
+              ) -> dict[str, Any] | None:
+        """Score the probe suite against the reference, log it, and (with a guard) judge the budget and act: the
+        optimizer and scheduler are the Trainer's, handed in by the hook (lower_lr and rollback change them).
+        `final`: the end of training (train() calls it): only records whether the end state is within budget,
+        and is skipped when this step was just probed. Returns the probe's record (the same on every rank)."""
+        if final:
+            last = self.state.probes[-1] if self.state.probes else None
+            if last is not None and last["step"] == state.global_step:
+                return last
+        control = control if control is not None else _NoControl()
         t0 = time.perf_counter()
 
         report = compare(self._base_result, self._evaluate(model)) if dist.is_main() else None
@@ -171,20 +183,12 @@ class MonitorCallback(TrainerCallback):
             append_jsonl(self.metrics_path, {**probe, "epoch": round(state.epoch or 0, 4)})
         self.metrics.last.update(probe)
         if self.guard is not None:
-            if force:  # the final probe only records whether the end state is within budget
+            if final:  # the final probe only records whether the end state is within budget
                 self._last_breaches = why
             else:
-                self._guard(why, probe["fl_retention"], state, control, val_loss)
+                self._guard(why, probe["fl_retention"], state, control, val_loss, optimizer, lr_scheduler)
         self.state.probe_s += time.perf_counter() - t0
-
-    def final_probe(self, model, state) -> tuple[bool, float | None]:
-        """Probe the final weights unless the last step was just probed: (within budget?, validation loss)."""
-        last = self.state.probes[-1] if self.state.probes else None
-        if last is None or last["step"] != state.global_step:
-            self.on_step_end(None, state, _NoControl(), model=model, force=True)
-        last = self.state.probes[-1]
-        within = self.guard is None or not self._last_breaches
-        return within, last.get("eval_loss")
+        return probe
 
     # ------------------------------------------------------------ guard
 
@@ -204,11 +208,11 @@ class MonitorCallback(TrainerCallback):
                 out.append(f"{name} dropped {rel:.2%} > {budget:.2%}")
         return out
 
-    def _guard(self, why: list[str], retention: float, state, control, val_loss) -> None:
+    def _guard(self, why: list[str], retention: float, state, control, val_loss, optimizer, lr_scheduler) -> None:
         self._last_breaches = why
         probe = self.state.probes[-1] if self.state.probes else {}
         if not why:
-            snap = snapshot(self.params, state.global_step, self.trainer.optimizer if self.trainer else None, val_loss)
+            snap = snapshot(self.params, state.global_step, optimizer, val_loss)
             snap.within_95 = probe.get("fl_within_budget_95")
             self.state.last_ok = snap
             if self.state.best_ok is None or (val_loss is not None
@@ -219,9 +223,9 @@ class MonitorCallback(TrainerCallback):
         self._event(state.global_step, "breach", {"reasons": why, "retention": retention, "drop": probe.get("fl_drop"),
                                                   "drop_upper": probe.get("fl_drop_upper"),
                                                   "within_budget_95": probe.get("fl_within_budget_95")})
-        self._act(state, control)
+        self._act(state, control, optimizer, lr_scheduler)
 
-    def _act(self, state, control) -> None:
+    def _act(self, state, control, optimizer, lr_scheduler) -> None:
         actions = self.guard.actions
         if self.state.next_action >= len(actions):
             self._event(state.global_step, "stop", {"why": "no actions left"})
@@ -230,7 +234,7 @@ class MonitorCallback(TrainerCallback):
         action = actions[self.state.next_action]
         self.state.next_action += 1
         if action == "lower_lr":
-            opt, sched = self.trainer.optimizer, self.trainer.lr_scheduler
+            opt, sched = optimizer, lr_scheduler
             for group in opt.param_groups:
                 group["lr"] *= self.guard.lr_factor
             if hasattr(sched, "base_lrs"):
@@ -239,9 +243,9 @@ class MonitorCallback(TrainerCallback):
                         {"factor": self.guard.lr_factor, "lr": opt.param_groups[0]["lr"]})
         elif action == "rollback":
             snap = self.state.last_ok
-            restore(self.params, snap, self.trainer.optimizer if snap.optimizer is not None else None)
+            restore(self.params, snap, optimizer if snap.optimizer is not None else None)
             self._event(state.global_step, "rollback", {"to_step": snap.step})
-            return self._act(state, control)  # and continue with the next action
+            return self._act(state, control, optimizer, lr_scheduler)  # and continue with the next action
         elif action == "stop":
             control.should_training_stop = True
             self._event(state.global_step, "stop", {})
@@ -249,7 +253,7 @@ class MonitorCallback(TrainerCallback):
             doer = next((m for m in self.mitigations if action in m.guard_actions), None)
             if doer is None:
                 self._event(state.global_step, action, {"skipped": f"no mitigation in the recipe offers {action}"})
-                return self._act(state, control)
+                return self._act(state, control, optimizer, lr_scheduler)
             self._event(state.global_step, action,
                         doer.guard_action(action, self.trainer.train_dataset, self.guard.replay_factor))
 
@@ -273,8 +277,12 @@ class MonitorCallback(TrainerCallback):
 
     # ------------------------------------------------------------ selection
 
-    def select_final(self, final_within_budget: bool, final_val_loss: float | None, step: int) -> dict[str, Any]:
-        """Restore the chosen state into the model; returns why it was chosen."""
+    def select_final(self, step: int) -> dict[str, Any]:
+        """After the final probe (`probe(..., final=True)`): restore the chosen state into the model; returns why it
+        was chosen."""
+        last = self.state.probes[-1] if self.state.probes else {}
+        final_within_budget = self.guard is None or not self._last_breaches
+        final_val_loss = (last or {}).get("eval_loss")
         g = self.guard
         if g is None or g.select == "last":
             sel = {"chosen_step": step, "why": "last state (guard.select: last)" if g else "no guard"}

@@ -395,8 +395,8 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
             m.finish(mctx)
     selection = None
     if monitor is not None:
-        within, val_loss = monitor.final_probe(trainer.model, trainer.state)
-        selection = monitor.select_final(within, val_loss, trainer.state.global_step)
+        monitor.probe(trainer.model, trainer.state, final=True)  # the final weights, unless this step was probed
+        selection = monitor.select_final(trainer.state.global_step)
         if selection.get("warning") and not quiet and main:
             from rich.console import Console
 

@@ -1,6 +1,5 @@
 """Eval sets for contamination: files, built-in suites and registered sources (AGAINST_SOURCES)."""
 
-
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator

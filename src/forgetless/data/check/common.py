@@ -1,6 +1,5 @@
 """Constants shared by the checks: refusal phrases, thresholds, removal reasons."""
 
-
 from __future__ import annotations
 
 import re

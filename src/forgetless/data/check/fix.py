@@ -1,6 +1,5 @@
 """fix_data: a cleaned copy of the data, with a log of every removed record and why."""
 
-
 from __future__ import annotations
 
 import json

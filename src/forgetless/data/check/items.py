@@ -1,6 +1,5 @@
 """The per-record view every section reads: prompt, answer, words, token count, where it came from."""
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass

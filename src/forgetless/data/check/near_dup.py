@@ -1,6 +1,5 @@
 """Hashing and near-duplicate clustering (MinHash + LSH over word shingles, vectorised in numpy)."""
 
-
 from __future__ import annotations
 
 import itertools

@@ -1,6 +1,5 @@
 """The check's report (CheckReport) and its timing and fingerprint helpers."""
 
-
 from __future__ import annotations
 
 import time

@@ -1,6 +1,5 @@
 """Entry points: check_data (the whole check), cheap_checks (the subset training runs), report_problems."""
 
-
 from __future__ import annotations
 
 from collections import defaultdict

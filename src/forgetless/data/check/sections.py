@@ -1,7 +1,6 @@
 """The report's sections: schema, lengths, degenerate answers, duplicates, contradictions, contamination,
 diversity."""
 
-
 from __future__ import annotations
 
 from collections import Counter, defaultdict

@@ -1,6 +1,5 @@
 """Text helpers: normalisation, words, degenerate answers, small statistics."""
 
-
 from __future__ import annotations
 
 import math
