@@ -112,6 +112,40 @@ def analyse_sweep(sweep_dir: str | Path) -> dict[str, Any]:
                                else "not recorded")}
 
 
+def suite_counts(suite: str) -> dict[str, int | None]:
+    """Items per task of a built-in suite (its `limit:`; None: the whole file)."""
+    from forgetless.retention.suite import load_suite
+
+    return {t.name: t.limit for t in load_suite(suite).tasks}
+
+
+def project(seed_run: dict[str, Any], counts: dict[str, int | None]) -> dict[str, float]:
+    """The score's item half-width and one scoring's time for the same tasks at other item counts (a projection,
+    not a measurement). Tasks are independent item samples: the score's item variance is the sum of the tasks'
+    contributions (their `variance_share` of it, from the same bootstrap), and a task's contribution scales as
+    n / n' with its item count, so half-width' = half-width x sqrt(sum_t share_t x n_t / n'_t); its time scales
+    as n' / n. A task not in `counts` (or None there) keeps its items."""
+    factor, seconds = 0.0, 0.0
+    for name, t in seed_run["tasks"].items():
+        scale = t["n"] / ((counts or {}).get(name) or t["n"])
+        factor += (t["variance_share"] or 0.0) * scale
+        seconds += (t["seconds"] or 0.0) / scale
+    return {"half_width": seed_run["score"]["half_width"] * math.sqrt(factor), "seconds": seconds}
+
+
+def projections(result: dict[str, Any], probe_suite: str = "general-probe") -> dict[str, Any]:
+    """Per seed run: the score's half-width and time projected to `probe_suite`'s item counts."""
+    counts = suite_counts(probe_suite)
+    rows = []
+    for r in result["recipes"]:
+        for s in r["seeds"]:
+            probe = project(s, counts)
+            rows.append({"run": s["run"], "measured_half_width": s["score"]["half_width"],
+                         "measured_seconds": s["seconds"], "probe_half_width": probe["half_width"],
+                         "probe_seconds": probe["seconds"]})
+    return {"suite": probe_suite, "counts": counts, "runs": rows}
+
+
 def _f(x: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
@@ -151,6 +185,18 @@ def markdown(result: dict[str, Any]) -> str:
                     lines.append(f"| {t} | {x['n']} | {x['main']} | {x['change']:+.2f} | {x['item_half_width']:.2f} | "
                                  f"{_f(x['variance_share'], '{:.0%}')} | {_f(x['seed_sd'])} | "
                                  f"{_f(x['seconds'], '{:.0f}')} |")
+        lines.append("")
+    proj = result.get("probe_projection")
+    if proj and proj["runs"]:
+        lines += [f"## Projected for the monitor's probe ({proj['suite']}, not measured)", "",
+                  "The score's measured item half-width scaled by sqrt(sum over tasks of share x n / n_probe), "
+                  "each task's time by n_probe / n (the candidate's scoring only: the probe's reference is scored "
+                  "once per run). Probe counts: " + ", ".join(f"{k} {v}" for k, v in proj["counts"].items()) + ".",
+                  "", "| run | measured half-width | measured seconds | probe half-width (projected) | probe seconds "
+                  "(projected) |", "|---|---|---|---|---|"]
+        for x in proj["runs"]:
+            lines.append(f"| {x['run']} | {x['measured_half_width']:.2f} | {x['measured_seconds']:.0f} | "
+                         f"{x['probe_half_width']:.2f} | {x['probe_seconds']:.0f} |")
         lines.append("")
     if worst:
         ok = max(worst) <= TARGET_HALF_WIDTH
@@ -224,6 +270,7 @@ def main() -> None:
     result = {"bench": "retention_precision", "scenario": args.scenario, "model": args.model, "machine": cpu_info(),
               "platform": platform.platform(), "provenance": provenance.finish(prov),
               "resumed_from": fb.started(start), **analyse_sweep(sweep_dir)}
+    result["probe_projection"] = projections(result)
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results / f"retention-precision-{args.scenario}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -130,6 +130,17 @@ def test_a_seeded_sweep_trains_each_seed_and_aggregates_them(seeded_sweep):
     assert rec["full"]["score"]["change"] == pytest.approx(100 * full["retention"]["change"])
     md = bench.markdown({**res, "machine": bench.cpu_info(), "scenario": "tiny", "model": "tiny"})
     assert "## full (2 seeds" in md and "| self_reference |" in md and "Largest item half-width" in md
+    # the projection to a smaller suite, by hand: shares .2, .3, .5; a and b at a quarter of their items
+    run = {"score": {"half_width": 0.4},
+           "tasks": {"a": {"n": 100, "variance_share": 0.2, "seconds": 10.0},
+                     "b": {"n": 400, "variance_share": 0.3, "seconds": 40.0},
+                     "c": {"n": 50, "variance_share": 0.5, "seconds": 5.0}}}
+    probe = bench.project(run, {"a": 25, "b": 100, "c": None})
+    assert probe["half_width"] == pytest.approx(0.4 * (0.2 * 4 + 0.3 * 4 + 0.5) ** 0.5)
+    assert probe["seconds"] == pytest.approx(10 / 4 + 40 / 4 + 5)
+    assert bench.project(run, {})["half_width"] == pytest.approx(0.4)  # shares sum to 1: the same counts, the same
+    proj = bench.projections(res, "self")  # the tiny sweep's suite at the built-in self suite's counts
+    assert {x["run"] for x in proj["runs"]} == {"full-seed0", "full-seed1", "plain"}
     html = build_report(path.parent / "sweep", drift=False)
     assert "1 seed (single)" in html and "2 seeds" in html
     # resuming trains nothing more
