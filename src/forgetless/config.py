@@ -7,6 +7,7 @@ class and YAML loading are in `forgetless.schema`."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,6 +77,58 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 OPTIONAL_FIELDS = {"input", "role", "content", "system"}
 
 
+#: The request the model answers when it rewrites a training response in its own words (data.self_distill).
+SELF_DISTILL_TEMPLATE = (
+    "Below is a request and a reference answer to it. Write your own answer to the request, using the reference "
+    "answer: keep every fact, number and the final answer exactly as the reference has them, and keep its "
+    "format (a final line such as '#### 42' or an option letter stays as it is). Do not mention the reference."
+    "\n\n### Request\n{prompt}\n\n### Reference answer\n{answer}\n\n### Your answer\n"
+)
+
+
+class SelfDistillAccept(Strict):
+    """When a rewrite replaces the reference answer; otherwise the original is kept."""
+
+    kind: Literal["rouge_l", "answer", "regex"] = Field(
+        "rouge_l", description="rouge_l: ROUGE-L F1 against the reference at least `min`; answer: `pattern`'s first "
+        "group is found in both and equal (a final answer such as GSM8K's '#### N' or an option letter); regex: the "
+        "rewrite matches `pattern`.")
+    min: float = Field(0.35, ge=0, le=1, description="rouge_l: the least ROUGE-L F1 against the reference.")
+    pattern: str | None = Field(None, description="answer: a regex with one group (default '####\\s*(\\S+)'); "
+                                "regex: what the rewrite must contain.")
+
+    @model_validator(mode="after")
+    def _pattern(self) -> SelfDistillAccept:
+        if self.kind == "regex" and not self.pattern:
+            raise ValueError("accept.kind regex needs accept.pattern")
+        if self.pattern:
+            try:
+                compiled = re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"accept.pattern is not a valid regex: {e}") from None
+            if self.kind == "answer" and compiled.groups < 1:
+                raise ValueError("accept.pattern for kind answer needs a group: the answer, e.g. '####\\s*(\\S+)'")
+        return self
+
+
+class SelfDistillConfig(Strict):
+    """Rewrite every training response in the model's own words before training (SDFT, Yang et al. 2024)."""
+
+    template: str = Field(SELF_DISTILL_TEMPLATE, description="The rewrite request: {prompt} and {answer} are "
+                          "replaced by the training prompt and its reference answer.")
+    accept: SelfDistillAccept = Field(default_factory=SelfDistillAccept)
+    max_new_tokens: int = Field(256, gt=0, description="Longest rewrite; one that reaches it is truncated and "
+                                "rejected.")
+    batch_size: int = Field(16, gt=0, description="Rewrites generated at once (greedy).")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> SelfDistillConfig:
+        for key in ("{prompt}", "{answer}"):
+            if key not in self.template:
+                raise ValueError(f"template needs {key}")
+        return self
+
+
 class DataConfig(Strict):
     train: str | list[str] = Field(description="JSONL/JSON file(s), or an HF dataset id (`hf:owner/name`).")
     validation: str | list[str] | None = Field(None, description="Validation file(s); else see validation_fraction.")
@@ -109,6 +162,9 @@ class DataConfig(Strict):
         "warn", description="Cheap data checks before training (schema, empty/degenerate answers, exact duplicates, "
         "truncation): warn reports them, strict makes them errors."
     )
+    self_distill: SelfDistillConfig | None = Field(
+        None, description="Training data only: before training, the model rewrites each response in its own words "
+        "(chat: each assistant turn, given its context); accepted rewrites replace the references (SDFT).")
 
     @model_validator(mode="after")
     def _check_fields(self) -> DataConfig:

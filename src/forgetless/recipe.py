@@ -235,6 +235,11 @@ class Recipe(Strict):
                              "one entry")
         for m in self.mitigations:
             MITIGATIONS[m.name].check_recipe(m, self)
+            for key in type(m).model_fields:  # data sets a mitigation reads: self_distill is for data.train only
+                for d in (lambda v: v if isinstance(v, list) else [v])(getattr(m, key)):
+                    if isinstance(d, DataConfig) and d.self_distill is not None:
+                        raise ValueError(f"mitigations.{m.name}.{key}.self_distill: only the training data "
+                                         "(data.self_distill) is rewritten")
         if self.guard is not None and self.monitor is None:
             self.monitor = MonitorConfig()
         for action in self.guard.actions if self.guard else []:

@@ -94,6 +94,8 @@ def render() -> str:
         out += [f"### `{title}`", "", *_table(model, skip=()), ""]
         for sub in _nested(model):
             out += [f"`{sub.__name__}` ({title}):", "", *_table(sub, skip=()), ""]
+            for subsub in _nested(sub):
+                out += [f"`{subsub.__name__}` ({title}, in `{sub.__name__}`):", "", *_table(subsub, skip=()), ""]
     out += ["### `method` (one of)", ""]
     for name, cls in METHODS.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

@@ -311,12 +311,16 @@ class Datasets:
     train_stats: DataStats
     validation_stats: DataStats | None
     train_records: list[Record] = field(default_factory=list)  # as read, for the data checks
+    self_distill: dict[str, Any] | None = None  # data.self_distill's statistics, when it ran
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "train": self.train_stats.to_dict(),
             "validation": self.validation_stats.to_dict() if self.validation_stats else None,
         }
+        if self.self_distill is not None:
+            out["self_distill"] = self.self_distill
+        return out
 
 
 def load_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> Datasets:

@@ -23,8 +23,9 @@ from .. import distributed as dist
 from .. import faults
 from .. import precision as precisions
 from ..allocator import loaded_allocator, release_free_memory
-from ..data import load_datasets
+from ..data import build_examples, load_datasets
 from ..data.check import cheap_checks, report_problems
+from ..data.self_distill import self_distill
 from ..errors import DataError, ForgetlessError
 from ..guard import MonitorCallback
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
@@ -308,6 +309,15 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         compute_dtype=torch.bfloat16 if bf16 else torch.float32,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
     )
+    if recipe.data.self_distill is not None:
+        # the model as it is before training rewrites the responses; rank 0 first (it fills the cache the others read)
+        with dist.main_first():
+            records, data.self_distill = self_distill(data.train_records, recipe.data, model, tokenizer,
+                                                      home_dir() / "cache", bf16, quiet=quiet or not main)
+        data.train, data.train_stats = build_examples(records, recipe.data, tokenizer)
+        data.train_records = records
+        if not data.train:
+            raise DataError(f"data.train ({recipe.data.train}): no usable examples after data.self_distill")
     mitigations = build_mitigations(recipe.mitigations)
     mctx = TrainContext(recipe=recipe, model=model, tokenizer=tokenizer, run_dir=run_dir, device=device,
                         base_model_path=model_path, bf16=bf16, data=data, cache_dir=home_dir() / "cache")
@@ -440,6 +450,7 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         "diverged": diverged,
         "data": data.summary(),
         "mitigations": [m.report(train_time) for m in mitigations],
+        **({"self_distill": data.self_distill} if data.self_distill is not None else {}),
         "monitor": {
             "probes": monitor.state.probes,
             "probe_s": round(monitor.state.probe_s, 2),
