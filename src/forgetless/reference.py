@@ -76,7 +76,7 @@ def _nested(model: type[BaseModel]) -> list[type[BaseModel]]:
     for f in model.model_fields.values():
         for a in [f.annotation, *typing.get_args(f.annotation)]:
             for b in [a, *typing.get_args(a)]:
-                if isinstance(b, type) and issubclass(b, BaseModel) and b.__name__ != "DataConfig":
+                if isinstance(b, type) and issubclass(b, BaseModel) and b.__name__ != "DataConfig" and b not in out:
                     out.append(b)
     return out
 
