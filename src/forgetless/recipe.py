@@ -233,6 +233,13 @@ class Recipe(Strict):
         if dup:
             raise ValueError(f"mitigations: {', '.join(sorted(dup))} listed twice; combine their options into "
                              "one entry")
+        if self.method.moves_base:
+            needs = [f"mitigations.{m.name}" for m in self.mitigations if m.name in ("kl", "self_replay")]
+            needs += ["data.self_distill"] if self.data.self_distill is not None else []
+            if needs:
+                raise ValueError(f"{needs[0]}: not supported with method.init {self.method.init} (the base model "
+                                 "is no longer the model with adapters disabled: part of it moved into the adapter); "
+                                 "use init default or gaussian")
         for m in self.mitigations:
             MITIGATIONS[m.name].check_recipe(m, self)
             for key in type(m).model_fields:  # data sets a mitigation reads: self_distill is for data.train only

@@ -39,6 +39,11 @@ class TrainingMethod(Strict):
     merge_full_precision: ClassVar[bool] = False
     unmergeable_why: ClassVar[str] = "it adds virtual tokens, not weight deltas"
 
+    @property
+    def moves_base(self) -> bool:
+        """Part of the base weights lives in the adapter (PiSSA-like inits): disabling it is not the base model."""
+        return False
+
     def can_merge(self) -> bool:
         """Whether the trained result can be folded into the base weights as a plain HF model."""
         return self.mergeable

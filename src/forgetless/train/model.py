@@ -121,13 +121,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def save_trained(model: nn.Module, tokenizer: Any, out_dir: Path, base_path: str) -> str:
-    """Save a full model, a PEFT adapter or a bottleneck adapter (safetensors) with the tokenizer. Returns the kind."""
+def save_trained(model: nn.Module, tokenizer: Any, out_dir: Path, base_path: str,
+                 initial_adapter: Path | None = None) -> str:
+    """Save a full model, a PEFT adapter or a bottleneck adapter (safetensors) with the tokenizer. Returns the kind.
+
+    `initial_adapter`: the adapter as initialised by an init that moved part of the base into it (PiSSA, OLoRA,
+    MiLoRA); the saved adapter is then converted to a standard LoRA against the original base (PEFT: rank 2r)."""
     if adapter_modules(model):
         save_adapters(model, out_dir, base_path)
         kind = "adapter"
     elif hasattr(model, "peft_config"):
-        model.save_pretrained(out_dir, safe_serialization=True)
+        kw = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
+        model.save_pretrained(out_dir, safe_serialization=True, **kw)
         kind = "peft"
     else:
         model.save_pretrained(out_dir, safe_serialization=True)

@@ -318,6 +318,13 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         data.train_records = records
         if not data.train:
             raise DataError(f"data.train ({recipe.data.train}): no usable examples after data.self_distill")
+    if recipe.method.moves_base and main:
+        # the adapter as initialised (part of the base moved into it): the final adapter is saved as its difference
+        # from this, a standard LoRA against the original base. init_lora_weights True in the saved copy, so that
+        # loading it does not decompose the (residual) base again.
+        model.peft_config["default"].init_lora_weights = True
+        with atomic_dir(run_dir / "initial_adapter", overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
     mitigations = build_mitigations(recipe.mitigations)
     mctx = TrainContext(recipe=recipe, model=model, tokenizer=tokenizer, run_dir=run_dir, device=device,
                         base_model_path=model_path, bf16=bf16, data=data, cache_dir=home_dir() / "cache")
@@ -527,7 +534,8 @@ def refuse_diverged(summary: dict[str, Any], path: Path, what: str) -> None:
 
 def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, model_path: str, bf16: bool) -> str:
     with atomic_dir(run_dir / "final", overwrite=True) as tmp:
-        kind = save_trained(trainer.model, tokenizer, tmp, model_path)
+        kind = save_trained(trainer.model, tokenizer, tmp, model_path,
+                            run_dir / "initial_adapter" if recipe.method.moves_base else None)
         faults.point("final_save")
         recipe.method.export_files(tmp, bf16)
     if recipe.train.merge and kind != "model":

@@ -1,0 +1,90 @@
+"""method.init for LoRA: every init leaves the model's output unchanged at step 0; inits that move part of the
+base into the adapter (pissa, orthonormal, milora) save a standard LoRA against the original base, which reloads
+and merges to the trained model; MiLoRA's decomposition by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_recipe
+
+from forgetless.errors import RecipeError
+from forgetless.methods.lora import minor_components
+from forgetless.recipe import ModelConfig, recipe_from_dict
+from forgetless.train import train
+from forgetless.train.model import load_model, prepare_model
+
+INITS = ["default", "gaussian", "pissa", "orthonormal", "milora"]
+
+
+def test_milora_takes_the_smallest_singular_components_by_hand():
+    g = torch.Generator().manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(5, 5, generator=g))
+    s = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    w = q1[:, :5] @ torch.diag(s) @ q2.T  # 6 x 5, singular values 5..1
+    a, b, residual = minor_components(w, r=2, scaling=2.0)
+    assert a.shape == (2, 5) and b.shape == (6, 2)
+    minor = q1[:, 3:5] @ torch.diag(s[3:]) @ q2[:, 3:].T  # the components with singular values 2 and 1
+    torch.testing.assert_close(2.0 * b @ a, minor, atol=1e-5, rtol=0)
+    torch.testing.assert_close(residual, w - minor, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.linalg.svdvals(residual)[:3], s[:3], atol=1e-5, rtol=0)
+    # A's rows are orthogonal, B's columns too (both carry sqrt of the scaled singular values)
+    torch.testing.assert_close(a @ a.T, torch.diag(s[3:] / 2.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(b.T @ b, torch.diag(s[3:] / 2.0), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_every_init_leaves_the_output_unchanged_at_step_0(init, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    method = recipe_from_dict({"model": str(tiny_model), "data": {"train": "t"},
+                               "method": {"name": "lora", "r": 4, "init": init}}).method
+    model = prepare_model(str(tiny_model), ModelConfig(name=str(tiny_model)), method, torch.device("cpu")).eval()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    with torch.no_grad():
+        want, got = base(ids).logits, model(ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    moved = init in ("pissa", "orthonormal", "milora")
+    # the moving inits put non-zero weights in B (part of the base); default and gaussian start B at zero
+    assert any(float(p.abs().max()) > 0 for p in lora_b) == moved
+
+
+@pytest.mark.parametrize("init", ["pissa", "milora"])
+def test_moved_inits_save_a_standard_lora_that_reloads_and_merges(init, tiny_model, toy_data, tmp_path):
+    spec = tiny_recipe(tiny_model, toy_data, tmp_path / init, optim__max_steps=3, train__merge=True)
+    spec["method"] = {"name": "lora", "r": 4, "init": init}
+    res = train(recipe_from_dict(spec), quiet=True)
+    run = tmp_path / init
+    assert (run / "initial_adapter" / "adapter_config.json").is_file()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    with torch.no_grad():
+        trained = res.model.eval()(ids).logits
+        reloaded, _ = load_model(run)  # the original base + the converted adapter
+        merged, _ = load_model(run / "merged")
+        torch.testing.assert_close(reloaded(ids).logits, trained, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(merged(ids).logits, trained, atol=1e-4, rtol=1e-4)
+        # the saved adapter is a LoRA against the original base: disabled, it is the base model itself
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+        with reloaded.disable_adapter():
+            torch.testing.assert_close(reloaded(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
+    import json
+
+    cfg = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["init_lora_weights"] is True  # rank 2r: [A | A0], [B | -B0]
+
+
+def test_inits_refuse_what_they_would_make_wrong():
+    def recipe(method, **extra):
+        return recipe_from_dict({"model": "m", "data": {"train": "t"}, "method": method, **extra})
+
+    with pytest.raises(RecipeError, match="mitigations.kl: not supported with method.init pissa"):
+        recipe({"name": "lora", "init": "pissa"}, mitigations=[{"name": "kl"}])
+    with pytest.raises(RecipeError, match="init: milora is supported with method lora only"):
+        recipe({"name": "dora", "init": "milora"})
+    assert recipe({"name": "dora", "init": "gaussian"}).method.init == "gaussian"
+    assert not recipe({"name": "lora", "init": "gaussian"}).method.moves_base
