@@ -14,7 +14,7 @@ from forgetless.recipe import ModelConfig, recipe_from_dict
 from forgetless.train import train
 from forgetless.train.model import load_model, prepare_model
 
-INITS = ["default", "gaussian", "pissa", "orthonormal", "milora"]
+INITS = ["default", "gaussian", "pissa", "orthonormal", "milora", "corda_kpm", "corda_ipm", "eva"]
 
 
 def test_milora_takes_the_smallest_singular_components_by_hand():
@@ -39,23 +39,41 @@ def test_every_init_leaves_the_output_unchanged_at_step_0(init, tiny_model):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    from forgetless.data import build_examples, calibration_examples, load_records
+    from forgetless.testing import copy_task, write_jsonl
+    from forgetless.train.model import load_tokenizer
+
+    calib = write_jsonl(tiny_model.parent / "calib.jsonl", copy_task(48, seed=7, fmt="instruction"))
+    extra = {"init_data": {"train": str(calib), "format": "instruction"}} if init == "corda_kpm" else {}
     method = recipe_from_dict({"model": str(tiny_model), "data": {"train": "t"},
-                               "method": {"name": "lora", "r": 4, "init": init}}).method
-    model = prepare_model(str(tiny_model), ModelConfig(name=str(tiny_model)), method, torch.device("cpu")).eval()
+                               "method": {"name": "lora", "r": 4, "init": init, "init_samples": 32, **extra}}).method
+    tok = load_tokenizer(str(tiny_model))
+    train_ex, _ = build_examples(load_records(str(calib)), method.init_data or __import__(
+        "forgetless.config", fromlist=["DataConfig"]).DataConfig(train=str(calib)), tok)
+    seen = []
+
+    def calibration(cfg, n):
+        seen.append((cfg, n))
+        return calibration_examples(cfg, n, train_ex, tok, 0)
+
+    model = prepare_model(str(tiny_model), ModelConfig(name=str(tiny_model)), method, torch.device("cpu"),
+                          tokenizer=tok, calibration=calibration).eval()
+    data_driven = init in ("corda_kpm", "corda_ipm", "eva")
+    assert bool(seen) == data_driven and all(n == 32 for _, n in seen)
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
     with torch.no_grad():
         want, got = base(ids).logits, model(ids).logits
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    moved = init in ("pissa", "orthonormal", "milora")
+    moved = init in ("pissa", "orthonormal", "milora", "corda_kpm", "corda_ipm")
     # the moving inits put non-zero weights in B (part of the base); default and gaussian start B at zero
     assert any(float(p.abs().max()) > 0 for p in lora_b) == moved
 
 
-@pytest.mark.parametrize("init", ["pissa", "milora"])
+@pytest.mark.parametrize("init", ["pissa", "milora", "corda_ipm"])
 def test_moved_inits_save_a_standard_lora_that_reloads_and_merges(init, tiny_model, toy_data, tmp_path):
     spec = tiny_recipe(tiny_model, toy_data, tmp_path / init, optim__max_steps=3, train__merge=True)
-    spec["method"] = {"name": "lora", "r": 4, "init": init}
+    spec["method"] = {"name": "lora", "r": 4, "init": init, **({"init_samples": 32} if init == "corda_ipm" else {})}
     res = train(recipe_from_dict(spec), quiet=True)
     run = tmp_path / init
     assert (run / "initial_adapter" / "adapter_config.json").is_file()
@@ -78,12 +96,28 @@ def test_moved_inits_save_a_standard_lora_that_reloads_and_merges(init, tiny_mod
     assert cfg["r"] == 8 and cfg["init_lora_weights"] is True  # rank 2r: [A | A0], [B | -B0]
 
 
+def test_eva_calibrates_on_the_training_data_in_a_run(tiny_model, toy_data, tmp_path):
+    spec = tiny_recipe(tiny_model, toy_data, tmp_path / "eva", optim__max_steps=2)
+    spec["method"] = {"name": "lora", "r": 4, "init": "eva", "init_samples": 32}
+    res = train(recipe_from_dict(spec), quiet=True)
+    a = [p for n, p in res.model.named_parameters() if "lora_A" in n]
+    assert a and not (tmp_path / "eva" / "initial_adapter").exists()  # eva keeps the base: no conversion
+    reloaded, _ = load_model(tmp_path / "eva")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, res.model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_inits_refuse_what_they_would_make_wrong():
     def recipe(method, **extra):
         return recipe_from_dict({"model": "m", "data": {"train": "t"}, "method": method, **extra})
 
     with pytest.raises(RecipeError, match="mitigations.kl: not supported with method.init pissa"):
         recipe({"name": "lora", "init": "pissa"}, mitigations=[{"name": "kl"}])
+    with pytest.raises(RecipeError, match="init: corda_kpm needs init_data"):
+        recipe({"name": "lora", "init": "corda_kpm"})
+    with pytest.raises(RecipeError, match="init_data: used by init corda_kpm, corda_ipm or eva only"):
+        recipe({"name": "lora", "init": "pissa", "init_data": {"train": "q.jsonl"}})
     with pytest.raises(RecipeError, match="init: milora is supported with method lora only"):
         recipe({"name": "dora", "init": "milora"})
     assert recipe({"name": "dora", "init": "gaussian"}).method.init == "gaussian"

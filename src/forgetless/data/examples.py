@@ -323,6 +323,21 @@ class Datasets:
         return out
 
 
+def calibration_examples(cfg: DataConfig | None, n: int, default: list[dict], tokenizer: Any,
+                         seed: int) -> list[dict]:
+    """n tokenized examples (a fixed-seed sample, in file order) of a data section, or of `default` (the run's
+    training examples) when `cfg` is None: what a data-driven adapter init calibrates on."""
+    if cfg is None:
+        examples = default
+    else:
+        records = load_records(cfg.train, cfg.split)
+        examples, _ = build_examples(records[: cfg.limit] if cfg.limit else records, cfg, tokenizer)
+    if len(examples) <= n:
+        return [{"input_ids": list(e["input_ids"]), "labels": list(e["labels"])} for e in examples]
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [{"input_ids": list(examples[i]["input_ids"]), "labels": list(examples[i]["labels"])} for i in keep]
+
+
 def load_datasets(cfg: DataConfig, tokenizer: Any, seed: int) -> Datasets:
     """Read, split, tokenize. Raises DataError before any training if something is wrong."""
     train_records = load_records(cfg.train, cfg.split)

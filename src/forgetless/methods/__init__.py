@@ -14,7 +14,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from .base import REGISTRY, TrainingMethod, register
+from .base import REGISTRY, TrainingMethod, WrapContext, register
 
 _HELPERS = {"base", "bottleneck"}  # modules of this package that define no method
 
@@ -41,4 +41,5 @@ def lora_like_methods() -> list[str]:
     return [n for n, c in METHODS.items() if c.lora_like]
 
 
-__all__ = ["METHODS", "METHOD_NAMES", "REGISTRY", "MethodConfig", "TrainingMethod", "lora_like_methods", "register"]
+__all__ = ["METHODS", "METHOD_NAMES", "REGISTRY", "MethodConfig", "TrainingMethod", "WrapContext", "lora_like_methods",
+           "register"]

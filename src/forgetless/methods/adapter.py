@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import Field
 from torch import nn
 
-from .base import TrainingMethod, register
+from .base import TrainingMethod, WrapContext, register
 from .bottleneck import add_adapters
 
 
@@ -35,6 +34,6 @@ class AdapterMethod(TrainingMethod):
     def can_merge(self) -> bool:
         return self.activation == "identity"
 
-    def wrap(self, model: nn.Module, model_path: str, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
+    def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
         add_adapters(model, self.bottleneck, self.activation, self.dropout, self.target_modules)
-        return model.to(device)
+        return model.to(ctx.device)

@@ -10,7 +10,8 @@ build it:
 - `shardable`: runs under FSDP / DeepSpeed (else the recipe is refused there);
 - `lora_like`: its adapters are LoRA matrices (lora_A / lora_B): O-LoRA's penalty and merge's scaled adapter;
 - `quantization(compute_dtype)`: a transformers quantization config to load the base with (QLoRA), or None;
-- `wrap(model, ...)`: make the loaded base model trainable for the method (trainable weights end up fp32);
+- `wrap(model, ctx)`: make the loaded base model trainable for the method (trainable weights end up fp32); `ctx`
+  (WrapContext) holds the model path, device, tokenizer and, for data-driven inits, calibration examples;
 - `peft_config(model_path)`: the PEFT config, for methods built by `peft.get_peft_model`;
 - `export_files(out_dir, bf16)`: extra files saved beside the final adapter (QLoRA's quantization settings);
 - `merge_full_precision`: merging reloads the base in full precision first (QLoRA: never merge into 4 bits).
@@ -19,6 +20,8 @@ build it:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,6 +29,19 @@ import torch
 from torch import nn
 
 from ..schema import Strict
+
+
+@dataclass
+class WrapContext:
+    """What a method may use to build itself."""
+
+    model_path: str
+    device: torch.device
+    gradient_checkpointing: bool = False
+    tokenizer: Any = None
+    #: Tokenized examples ({input_ids, labels}) to calibrate a data-driven init on: (a data section, or None for
+    #: the run's training data; how many) -> examples. None where no data is at hand.
+    calibration: Callable[[Any, int], list[dict[str, Any]]] | None = None
 
 
 class TrainingMethod(Strict):
@@ -54,13 +70,13 @@ class TrainingMethod(Strict):
     def peft_config(self, model_path: str) -> Any:
         raise NotImplementedError(f"method {getattr(self, 'name', '?')!r} is not built by peft")
 
-    def wrap(self, model: nn.Module, model_path: str, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
+    def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
         """Default: a PEFT model from `peft_config`."""
         from peft import get_peft_model
 
         with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, self.peft_config(model_path))
+            return get_peft_model(model, self.peft_config(ctx.model_path))
 
     def export_files(self, out_dir: Path, bf16: bool) -> None:
         pass

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from ..blocks import find_blocks
 from ..errors import ForgetlessError
-from .base import TrainingMethod, register
+from .base import TrainingMethod, WrapContext, register
 
 
 @register
@@ -30,7 +29,7 @@ class FreezeMethod(TrainingMethod):
             raise ValueError("freeze trains nothing: set top_k_blocks > 0 or train_lm_head: true")
         return self
 
-    def wrap(self, model: nn.Module, model_path: str, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
+    def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(False)
         blocks = find_blocks(model)

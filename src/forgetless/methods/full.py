@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import torch
 from torch import nn
 
-from .base import TrainingMethod, register
+from .base import TrainingMethod, WrapContext, register
 
 
 @register
@@ -18,5 +17,5 @@ class FullMethod(TrainingMethod):
     peft: ClassVar[bool] = False
     shardable: ClassVar[bool] = True
 
-    def wrap(self, model: nn.Module, model_path: str, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
+    def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
         return model.float()

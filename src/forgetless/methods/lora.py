@@ -7,11 +7,18 @@
   (PiSSA, Meng et al. 2024; PEFT);
 - `orthonormal`: PEFT's OLoRA initialisation (a QR decomposition of each weight; not the O-LoRA mitigation);
 - `milora`: the r smallest singular components move into the adapter (MiLoRA, Wang et al. 2024): training edits
-  the directions that carry the least of what the model knows.
-The last three move part of the base weights into the adapter, so "adapters disabled" is no longer the base
-model: the final adapter is saved converted to a standard LoRA against the original base (PEFT's conversion,
-rank 2r; the initial adapter is kept in the run's initial_adapter/), and mitigations that need the base behind
-disabled adapters (kl, self_replay) or data.self_distill are refused with them.
+  the directions that carry the least of what the model knows;
+- `corda_kpm` / `corda_ipm`: CorDA (Yang et al. 2024; PEFT): each weight decomposed under the covariance of its
+  inputs on calibration data; knowledge-preserved mode (kpm) trains the directions that matter least for that
+  data, which should be world-knowledge questions (`init_data:`, required: forgetless ships none), so what they
+  need is left alone; instruction-previewed mode (ipm) trains the directions that matter most for the task's
+  own data (`init_data:`, default the training data);
+- `eva`: EVA (Paischer et al. 2024; PEFT): A from the SVD of each layer's inputs on calibration data (default
+  the training data), B = 0, ranks redistributed by explained variance (rho 2).
+pissa, orthonormal, milora and corda move part of the base weights into the adapter, so "adapters disabled" is no
+longer the base model: the final adapter is saved converted to a standard LoRA against the original base (PEFT's
+conversion, rank 2r; the initial adapter is kept in the run's initial_adapter/), and mitigations that need the base
+behind disabled adapters (kl, self_replay) or data.self_distill are refused with them.
 """
 
 from __future__ import annotations
@@ -22,12 +29,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from .base import TrainingMethod, register
+from ..config import DataConfig
+from ..errors import ForgetlessError
+from .base import TrainingMethod, WrapContext, register
 
 #: PEFT's init_lora_weights for each `init:` (milora: PEFT's default, then replaced by milora_init)
 _PEFT_INIT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "orthonormal": "olora",
-                              "milora": True}
-MOVES_BASE = ("pissa", "orthonormal", "milora")
+                              "milora": True, "corda_kpm": "corda", "corda_ipm": "corda", "eva": "eva"}
+MOVES_BASE = ("pissa", "orthonormal", "milora", "corda_kpm", "corda_ipm")
+DATA_DRIVEN = ("corda_kpm", "corda_ipm", "eva")
 
 
 def minor_components(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,13 +88,22 @@ class LoraMethod(TrainingMethod):
                                             "linear layer but the LM head).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train (PEFT's bias option).")
-    init: Literal["default", "gaussian", "pissa", "orthonormal", "milora"] = Field(
+    init: Literal["default", "gaussian", "pissa", "orthonormal", "milora", "corda_kpm", "corda_ipm", "eva"] = Field(
         "default", description="Adapter initialisation (see methods/lora.py): default, gaussian, pissa, orthonormal "
-        "(PEFT's OLoRA), milora; the last three move part of the base into the adapter.")
+        "(PEFT's OLoRA), milora, corda_kpm, corda_ipm, eva; pissa, orthonormal, milora and corda move part of the "
+        "base into the adapter.")
+    init_data: DataConfig | None = Field(None, description="corda_kpm (required: e.g. world-knowledge questions), "
+                                         "corda_ipm, eva: the calibration data; default the training data.")
+    init_samples: int = Field(256, gt=0, description="Calibration examples for corda / eva.")
 
     @model_validator(mode="after")
     def _init_supported(self) -> LoraMethod:
-        if self.init in MOVES_BASE and self.name != "lora":
+        if self.init == "corda_kpm" and self.init_data is None:
+            raise ValueError("init: corda_kpm needs init_data: the data whose knowledge to preserve (for example "
+                             "TriviaQA / NQ questions, format text); forgetless ships none")
+        if self.init_data is not None and self.init not in DATA_DRIVEN:
+            raise ValueError(f"init_data: used by init corda_kpm, corda_ipm or eva only, not {self.init}")
+        if self.init in DATA_DRIVEN + MOVES_BASE and self.name != "lora":
             raise ValueError(f"init: {self.init} is supported with method lora only (not {self.name}): it moves part "
                              "of the base weights into the adapter, which forgetless has not made correct for "
                              f"{self.name}")
@@ -108,10 +127,62 @@ class LoraMethod(TrainingMethod):
             bias=self.bias,
             init_lora_weights=_PEFT_INIT[self.init],
             task_type="CAUSAL_LM",
+            **self._init_configs(),
         )
 
-    def wrap(self, model: nn.Module, model_path: str, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
-        model = super().wrap(model, model_path, device, gradient_checkpointing)
+    def _init_configs(self) -> dict[str, Any]:
+        from peft.tuners.lora.config import CordaConfig, EvaConfig
+
+        if self.init.startswith("corda"):
+            return {"corda_config": CordaConfig(corda_method=self.init.split("_")[1])}
+        if self.init == "eva":
+            return {"eva_config": EvaConfig(rho=2.0)}
+        return {}
+
+    def _calibration(self, ctx: WrapContext) -> list[dict[str, Any]]:
+        if ctx.calibration is None:
+            raise ForgetlessError(f"method.init {self.init} needs calibration data, and none is at hand here")
+        examples = ctx.calibration(self.init_data, self.init_samples)
+        if not examples:
+            raise ForgetlessError(f"method.init {self.init}: the calibration data has no usable examples")
+        return examples
+
+    def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
+        if self.init.startswith("corda"):
+            from peft import get_peft_model
+            from peft.tuners.lora.corda import preprocess_corda
+
+            examples = self._calibration(ctx)
+            config = self.peft_config(ctx.model_path)
+            if config.target_modules == "all-linear":  # CorDA's preprocessing matches names; all-linear, spelled out
+                head = model.get_output_embeddings()
+                config.target_modules = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                         if isinstance(m, nn.Linear) and m is not head}
+            device = next(model.parameters()).device
+
+            @torch.no_grad()
+            def run_model() -> None:  # the covariance of every target layer's inputs over the calibration examples
+                was_training = model.training
+                model.eval()
+                for ex in examples:
+                    model(input_ids=torch.tensor([ex["input_ids"]], device=device))
+                model.train(was_training)
+
+            preprocess_corda(model, config, run_model=run_model)
+            return get_peft_model(model, config)
+        if self.init == "eva":
+            from peft import get_peft_model
+            from peft.tuners.lora import initialize_lora_eva_weights
+
+            examples = self._calibration(ctx)
+            peft_model = get_peft_model(model, self.peft_config(ctx.model_path), low_cpu_mem_usage=True)
+            device = next(model.parameters()).device
+            batches = [{"input_ids": torch.tensor([ex["input_ids"]], device=device),
+                        "attention_mask": torch.ones(1, len(ex["input_ids"]), dtype=torch.long, device=device)}
+                       for ex in examples]
+            initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+            return peft_model
+        model = super().wrap(model, ctx)
         if self.init == "milora":
             milora_init(model)
         return model

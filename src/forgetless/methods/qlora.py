@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ForgetlessError
 from ..io import atomic_write_json
-from .base import register
+from .base import WrapContext, register
 from .lora import LoraMethod
 
 #: Saved beside a QLoRA adapter: how its base was quantized, so loading puts it back on the same 4-bit base.
@@ -41,11 +41,11 @@ class QLoraMethod(LoraMethod):
             bnb_4bit_compute_dtype=compute_dtype,
         )
 
-    def wrap(self, model: nn.Module, model_path: str, device: torch.device, gradient_checkpointing: bool) -> nn.Module:
+    def wrap(self, model: nn.Module, ctx: WrapContext) -> nn.Module:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        return super().wrap(model, model_path, device, gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ctx.gradient_checkpointing)
+        return super().wrap(model, ctx)
 
     def export_files(self, out_dir: Path, bf16: bool) -> None:
         atomic_write_json(out_dir / QUANT_FILE, {

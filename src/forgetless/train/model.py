@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ForgetlessError
+from ..methods import WrapContext
 from ..methods.bottleneck import (
     adapter_config,
     adapter_modules,
@@ -99,12 +100,14 @@ def prepare_model(
     device: torch.device,
     compute_dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
+    tokenizer: Any = None,
+    calibration: Any = None,
 ) -> nn.Module:
     """Load the base model and wrap it for `method` (its plugin in forgetless.methods). Trainable weights are
-    always fp32."""
+    always fp32. `calibration`: tokenized examples for data-driven inits (see methods.base.WrapContext)."""
     quant = method.quantization(compute_dtype)
     model = load_base_model(path, cfg, device, quant)
-    model = method.wrap(model, path, device, gradient_checkpointing)
+    model = method.wrap(model, WrapContext(path, device, gradient_checkpointing, tokenizer, calibration))
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

@@ -23,7 +23,7 @@ from .. import distributed as dist
 from .. import faults
 from .. import precision as precisions
 from ..allocator import loaded_allocator, release_free_memory
-from ..data import build_examples, load_datasets
+from ..data import build_examples, calibration_examples, load_datasets
 from ..data.check import cheap_checks, report_problems
 from ..data.self_distill import self_distill
 from ..errors import DataError, ForgetlessError
@@ -308,6 +308,8 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         device,
         compute_dtype=torch.bfloat16 if bf16 else torch.float32,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
+        tokenizer=tokenizer,
+        calibration=lambda cfg, n: calibration_examples(cfg, n, data.train, tokenizer, recipe.train.seed),
     )
     if recipe.data.self_distill is not None:
         # the model as it is before training rewrites the responses; rank 0 first (it fills the cache the others read)
