@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ from ..schema import Strict
 
 class TrainingMethod(Strict):
     """Base config of a method; subclasses add `name: Literal[...]` and their options."""
+
+    if TYPE_CHECKING:  # declared by every subclass (name: Literal["..."] = "...")
+        name: str
 
     default_lr: ClassVar[float] = 2e-5
     peft: ClassVar[bool] = True

@@ -40,13 +40,23 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
 from ..fingerprint import fingerprint_model
+
+
+class MitigationOptions(Protocol):
+    """For the type checker: what every registered mitigation's config (a pydantic model) offers. At run time a
+    recipe's `mitigations:` entries are the discriminated union of the registered config models."""
+
+    @property
+    def name(self) -> str: ...
+
+    def model_dump(self, *, mode: str = ..., exclude: set[str] | None = ...) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -94,7 +104,7 @@ class Mitigation:
     """Base class: every hook is optional."""
 
     name: ClassVar[str] = "mitigation"
-    config_model: ClassVar[type] = object  # the pydantic config (set by register)
+    config_model: ClassVar[type[Any]] = object  # the pydantic config (set by register)
     shardable: ClassVar[bool] = True
     unsharded_why: ClassVar[str] = ""
     collective_setup: ClassVar[bool] = False
@@ -171,7 +181,7 @@ class Mitigation:
 REGISTRY: dict[str, type[Mitigation]] = {}
 
 
-def register(config_model: type) -> Any:
+def register(config_model: type[Any]) -> Any:
     """Class decorator: `@register(KLConfig) class KL(Mitigation)` makes `mitigations: [{name: kl, ...}]` valid in
     recipes (the config model's `name` literal must equal the class's `name`)."""
 
