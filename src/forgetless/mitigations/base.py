@@ -40,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 from torch import nn
@@ -228,7 +228,7 @@ def file_backed(tensors: list[torch.Tensor], folder: Path | None) -> list[torch.
     try:
         with os.fdopen(fd, "wb") as f:
             for t in tensors:
-                f.write(memoryview(t.detach().contiguous().numpy()).cast("B"))
+                f.write(memoryview(t.detach().contiguous().numpy()).cast("B"))  # type: ignore[arg-type]  # a buffer
             f.flush()
             os.fsync(f.fileno())  # written back now, during set-up, not by the flusher during the first steps
         flat = torch.from_numpy(np.memmap(name, dtype=np.float32, mode="c"))
@@ -281,7 +281,8 @@ class QuadraticPenalty(Mitigation):
         if not params:
             return
         idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-        grads, theta, anchor = [p.grad for p in params], [p.detach() for p in params], [self.anchor[i] for i in idx]
+        grads = cast("list[torch.Tensor]", [p.grad for p in params])  # params: those with a gradient
+        theta, anchor = [p.detach() for p in params], [self.anchor[i] for i in idx]
         # grad += lam * w * theta - lam * w * theta0, in place: no temporaries the size of the model (on CPU each
         # one is fresh pages to fault in, every step); fp32 rounding of the two terms is ~1e-7 of lam * w * theta
         if self.weights is None:

@@ -139,7 +139,9 @@ def _read_text_docs(path: Path, how: str) -> list[Record]:
     if how == "lines":
         return [Record({"text": ln}, str(path), i + 1) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if how == "wikitext":
-        docs, cur, start = [], [], 1
+        docs: list[Record] = []
+        cur: list[str] = []
+        start = 1
         lines = text.splitlines(keepends=True)
         for i, ln in enumerate(lines):
             s = ln.strip()
