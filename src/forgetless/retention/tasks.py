@@ -11,7 +11,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import jinja2
 import numpy as np
@@ -283,7 +283,10 @@ def fewshot_pool(task: TaskBase, rows: list[Record], chosen: list[Record]) -> li
     return [r for r in rows if id(r) not in ids] or rows
 
 
-def pick_shots(pool: list[Record], k: int, seed: int, exclude: Record | None = None) -> list[Record]:
+_Shot = TypeVar("_Shot")  # a Record, or a kind's built item (multiple choice)
+
+
+def pick_shots(pool: list[_Shot], k: int, seed: int, exclude: _Shot | None = None) -> list[_Shot]:
     if k == 0:
         return []
     cands = [r for r in pool if r is not exclude]
