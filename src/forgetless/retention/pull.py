@@ -136,7 +136,7 @@ def pull_suite(suite: Suite, to: str | Path, *, tasks: list[str] | None = None, 
         if any(Path(p).is_absolute() for p in paths):
             raise ForgetlessError(f"task {t.name}: data.path {data.path!r} is absolute; pull writes paths "
                                   "relative to --to")
-        entry = {"task": t.name, "source": src.model_dump(), "files": [str(to / p) for p in paths]}
+        entry: dict[str, Any] = {"task": t.name, "source": src.model_dump(), "files": [str(to / p) for p in paths]}
         if not overwrite and all((to / p).is_file() for p in paths):
             report.append({**entry, "status": "present"})
             continue
