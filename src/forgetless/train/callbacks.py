@@ -39,7 +39,7 @@ class MetricsLogger(TrainerCallback):
         self._t = time.perf_counter()
         self._tokens = state.num_input_tokens_seen
 
-    def on_log(self, args, state, control, logs=None, **kw):
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         logs = dict(logs or {})
         now = time.perf_counter()
         rec: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
