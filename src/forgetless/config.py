@@ -195,12 +195,19 @@ class MonitorConfig(Strict):
     max_new_tokens: int | None = Field(64, gt=0, description="Self-reference answer length (shorter is faster).")
 
 
+GuardAction = Literal["lower_lr", "more_replay", "rollback", "stop"]
+
+
+def _default_guard_actions() -> list[GuardAction]:
+    return ["lower_lr", "rollback", "stop"]
+
+
 class GuardConfig(Strict):
     budget: float = Field(0.01, gt=0, lt=1, description="Largest relative drop of the retention score (0.01 = 1%).")
     per_task: dict[str, float] = Field(default_factory=dict, description="Budgets for single tasks' relative change.")
     require_significant: bool = Field(True, description="Act only on drops the paired test marks significant.")
-    actions: list[Literal["lower_lr", "more_replay", "rollback", "stop"]] = Field(
-        default_factory=lambda: ["lower_lr", "rollback", "stop"], description="Taken in order, one per breach."
+    actions: list[GuardAction] = Field(
+        default_factory=_default_guard_actions, description="Taken in order, one per breach."
     )
     lr_factor: float = Field(0.5, gt=0, lt=1, description="lower_lr multiplies the learning rate by this.")
     replay_factor: float = Field(2.0, gt=1, description="more_replay multiplies the replay ratio by this.")

@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Union
 
 import numpy as np
 import yaml
@@ -86,6 +86,9 @@ from .schema import Strict
 from .sweep import auto_task_suite
 from .train.model import load_model
 from .train.run import refuse_diverged
+
+if TYPE_CHECKING:
+    from .mitigations.base import MitigationOptions
 
 N_BOOT = 1000
 
@@ -143,8 +146,11 @@ def _carried_model(cls: type[Mitigation]) -> type[Strict]:
 
 
 _CARRIED = {n: _carried_model(c) for n, c in MITIGATIONS.items() if c.carryable()}
-_carried_union = Union[tuple(_CARRIED.values())]  # type: ignore[valid-type]  # noqa: UP007 (built at run time)
-CarriedConfig = Annotated[_carried_union, Field(discriminator="name")]
+if TYPE_CHECKING:  # the type checker sees what every mitigation config offers
+    CarriedConfig = MitigationOptions
+else:
+    _carried_union = Union[tuple(_CARRIED.values())]  # noqa: UP007 (built at run time)
+    CarriedConfig = Annotated[_carried_union, Field(discriminator="name")]
 
 
 def _carry_shorthands(v: Any) -> Any:
@@ -157,7 +163,7 @@ def _carry_shorthands(v: Any) -> Any:
                 e["buffer"] = {k: e.pop(k) for k in ("policy", "per_task", "size") if k in e}
     if isinstance(v, list):
         v = [{"name": e} if isinstance(e, str) else e for e in v]
-        names = [e.get("name") for e in v if isinstance(e, dict)]
+        names: list[Any] = [e.get("name") for e in v if isinstance(e, dict)]
         for n in names:
             if n is not None and n not in _CARRIED:
                 raise ValueError(f"{n!r} cannot be carried from step to step (carried: {', '.join(_CARRIED)})")
@@ -615,17 +621,17 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
     base_res = evaluator.base_row(out)
     rows = [base_res.tasks]
     specs = [s.task for s in steps]
-    for s in specs:
-        _metric_of(base_res.tasks[s.name], s)  # an unknown metric fails before any training
+    for spec in specs:
+        _metric_of(base_res.tasks[spec.name], spec)  # an unknown metric fails before any training
     state: dict[str, Any] = {
         "name": cfg.name, "dir": str(out), "base_model": base_path, "method": steps[0].recipe.method.name,
         "carry": cfg.carried(), "retention_suite": retention.name if retention else None,
         "tasks": [], "steps": [], "matrix": None, "metrics": None, "trajectory": None, "complete": False,
     }
-    for s in specs:
-        m, sign = _metric_of(base_res.tasks[s.name], s)
-        state["tasks"].append({"name": s.name, "metric": m.name, "higher_is_better": m.higher_is_better,
-                               "score": m.name if sign > 0 else f"-{m.name}", "n": base_res.tasks[s.name].n})
+    for spec in specs:
+        m, sign = _metric_of(base_res.tasks[spec.name], spec)
+        state["tasks"].append({"name": spec.name, "metric": m.name, "higher_is_better": m.higher_is_better,
+                               "score": m.name if sign > 0 else f"-{m.name}", "n": base_res.tasks[spec.name].n})
 
     def save() -> dict[str, Any]:
         R, B = score_matrix(rows, specs)

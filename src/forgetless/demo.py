@@ -37,7 +37,7 @@ def capitals_task(n: int = 96, seed: int = 0) -> list[dict[str, Any]]:
     """Chat examples: questions about the capitals of invented countries, in a few phrasings."""
     rng = random.Random(seed)
     seen: set[str] = set()
-    facts = []
+    facts: list[tuple[str, str]] = []
     while len(facts) < n:
         country = _name(rng, 3)
         if country in seen:

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -111,7 +111,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
         return obj
     box = [obj if rank() == src else None]
     torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
+    return cast(T, box[0])  # rank src's obj, now on every rank
 
 
 def broadcast_tensors_(tensors: list[torch.Tensor], src: int = 0) -> list[torch.Tensor]:

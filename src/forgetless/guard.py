@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
@@ -43,6 +43,11 @@ from .io import append_jsonl
 from .retention.evaluate import compare, evaluate
 from .retention.metrics import budget_check
 from .retention.suite import load_suite
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+    from .retention.evaluate import SuiteResult
 
 
 class _NoControl:
@@ -97,12 +102,39 @@ class MonitorCallback(TrainerCallback):
         self.tokenizer, self.metrics, self.metrics_path = tokenizer, metrics, metrics_path
         self.bf16, self.mitigations, self.has_validation = bf16, mitigations, has_validation
         self.state = GuardState()
-        self.trainer = None  # set by the run: validation at a probe, and the training set more_replay changes
+        # set by the run: validation at a probe, and the training set more_replay changes
+        self.trainer: Trainer | None = None
         self._suite = None
-        self._base_result = None
+        self._base_result: SuiteResult | None = None
         self._ref_fp = None
         self._last_breaches: list[str] = []
         self.params: list[torch.nn.Parameter] = []
+
+    # ------------------------------------------------------------ set before use
+
+    @property
+    def _guard_config(self) -> GuardConfig:
+        if self.guard is None:
+            raise RuntimeError("MonitorCallback: no guard configured (recipe.guard is None)")
+        return self.guard
+
+    @property
+    def _base(self) -> Snapshot:
+        if self.state.base is None:
+            raise RuntimeError("MonitorCallback: no base snapshot (on_train_begin has not run)")
+        return self.state.base
+
+    @property
+    def _last_ok(self) -> Snapshot:
+        if self.state.last_ok is None:
+            raise RuntimeError("MonitorCallback: no last state within budget (on_train_begin has not run)")
+        return self.state.last_ok
+
+    @property
+    def _base_reference(self) -> SuiteResult:
+        if self._base_result is None:
+            raise RuntimeError("MonitorCallback: no reference result (on_train_begin has not run on this rank)")
+        return self._base_result
 
     # ------------------------------------------------------------ probe
 
@@ -152,13 +184,14 @@ class MonitorCallback(TrainerCallback):
         control = control if control is not None else _NoControl()
         t0 = time.perf_counter()
 
-        report = compare(self._base_result, self._evaluate(model)) if dist.is_main() else None
+        report = compare(self._base_reference, self._evaluate(model)) if dist.is_main() else None
         val_loss = None
         if self.has_validation and self.trainer is not None:
             should_log = control.should_log  # evaluate() logs, and logging resets the flag: keep this step's loss line
             val_loss = self.trainer.evaluate()["eval_loss"]  # every rank: the Trainer shards and gathers it
             control.should_log = should_log
-        probe, why = None, []
+        probe: dict[str, Any] | None = None
+        why: list[str] = []
         if report is not None:
             probe = {
                 "step": state.global_step,
@@ -178,6 +211,7 @@ class MonitorCallback(TrainerCallback):
             why = self.breaches(report) if self.guard is not None else []
         # rank 0's probe and verdict, on every rank: all of them act on the same decision at this step
         probe, why = dist.broadcast_object((probe, why))
+        assert probe is not None  # rank 0 always has a report, and every rank receives rank 0's probe
         self.state.probes.append(probe)
         if dist.is_main():
             append_jsonl(self.metrics_path, {**probe, "epoch": round(state.epoch or 0, 4)})
@@ -193,7 +227,7 @@ class MonitorCallback(TrainerCallback):
     # ------------------------------------------------------------ guard
 
     def breaches(self, report: dict[str, Any]) -> list[str]:
-        g = self.guard
+        g = self._guard_config
         out = []
         drop = report["retention_drop"]
         significant = report["retention_ci"][1] < 1.0
@@ -226,7 +260,7 @@ class MonitorCallback(TrainerCallback):
         self._act(state, control, optimizer, lr_scheduler)
 
     def _act(self, state, control, optimizer, lr_scheduler) -> None:
-        actions = self.guard.actions
+        actions = self._guard_config.actions
         if self.state.next_action >= len(actions):
             self._event(state.global_step, "stop", {"why": "no actions left"})
             control.should_training_stop = True
@@ -236,13 +270,13 @@ class MonitorCallback(TrainerCallback):
         if action == "lower_lr":
             opt, sched = optimizer, lr_scheduler
             for group in opt.param_groups:
-                group["lr"] *= self.guard.lr_factor
+                group["lr"] *= self._guard_config.lr_factor
             if hasattr(sched, "base_lrs"):
-                sched.base_lrs = [lr * self.guard.lr_factor for lr in sched.base_lrs]
+                sched.base_lrs = [lr * self._guard_config.lr_factor for lr in sched.base_lrs]
             self._event(state.global_step, "lower_lr",
-                        {"factor": self.guard.lr_factor, "lr": opt.param_groups[0]["lr"]})
+                        {"factor": self._guard_config.lr_factor, "lr": opt.param_groups[0]["lr"]})
         elif action == "rollback":
-            snap = self.state.last_ok
+            snap = self._last_ok
             restore(self.params, snap, optimizer if snap.optimizer is not None else None)
             self._event(state.global_step, "rollback", {"to_step": snap.step})
             return self._act(state, control, optimizer, lr_scheduler)  # and continue with the next action
@@ -254,14 +288,16 @@ class MonitorCallback(TrainerCallback):
             if doer is None:
                 self._event(state.global_step, action, {"skipped": f"no mitigation in the recipe offers {action}"})
                 return self._act(state, control, optimizer, lr_scheduler)
+            if self.trainer is None:
+                raise RuntimeError(f"guard action {action}: MonitorCallback.trainer is not set")
             self._event(state.global_step, action,
-                        doer.guard_action(action, self.trainer.train_dataset, self.guard.replay_factor))
+                        doer.guard_action(action, self.trainer.train_dataset, self._guard_config.replay_factor))
 
     def rollback_before(self, step: int) -> int:
         """The run diverged from `step` on: restore the newest kept state from before it (the last within budget,
         else the start) and never select a later one. Returns the step restored."""
         ok = self.state.last_ok
-        snap = ok if ok is not None and ok.step < step else self.state.base
+        snap = ok if ok is not None and ok.step < step else self._base
         restore(self.params, snap)
         if self.state.best_ok is not None and self.state.best_ok.step >= step:
             self.state.best_ok = snap
@@ -284,24 +320,25 @@ class MonitorCallback(TrainerCallback):
         final_within_budget = self.guard is None or not self._last_breaches
         final_val_loss = (last or {}).get("eval_loss")
         g = self.guard
+        sel: dict[str, Any]
         if g is None or g.select == "last":
             sel = {"chosen_step": step, "why": "last state (guard.select: last)" if g else "no guard"}
         elif final_within_budget and (self.state.best_ok is None or final_val_loss is None
                                       or self.state.best_ok.val_loss is None
                                       or final_val_loss <= self.state.best_ok.val_loss):
             sel = {"chosen_step": step, "why": "the final state is within budget and has the best validation loss"}
-        elif self.state.best_ok is not None and self.state.best_ok.step != self.state.base.step:
+        elif self.state.best_ok is not None and self.state.best_ok.step != self._base.step:
             restore(self.params, self.state.best_ok)
             sel = {"chosen_step": self.state.best_ok.step, "why": "best validation loss among the states within budget",
                    "val_loss": self.state.best_ok.val_loss}
         else:
-            restore(self.params, self.state.base)
-            sel = {"chosen_step": self.state.base.step,
+            restore(self.params, self._base)
+            sel = {"chosen_step": self._base.step,
                    "why": "NO STATE STAYED WITHIN BUDGET: the final model is the base model", "warning": True}
         if g is not None:
             by_step = {p["step"]: p for p in self.state.probes if p}
             chosen = by_step.get(sel["chosen_step"], {})
-            sel["within_budget_95"] = True if sel["chosen_step"] == self.state.base.step and self.state.base.step == 0 \
+            sel["within_budget_95"] = True if sel["chosen_step"] == self._base.step and self._base.step == 0 \
                 else chosen.get("fl_within_budget_95")
             sel["drop"], sel["drop_upper"] = chosen.get("fl_drop"), chosen.get("fl_drop_upper")
             sel["acted_on"] = ("the drop's point estimate"

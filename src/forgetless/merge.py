@@ -76,7 +76,7 @@ def interpolate(ends: Endpoints, alpha: float, into: nn.Module | None = None) ->
 
 def save_model(model: nn.Module, tokenizer: Any, out: Path, overwrite: bool) -> None:
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]  # a PreTrainedModel
         tokenizer.save_pretrained(tmp)
 
 
@@ -175,7 +175,8 @@ def auto_alpha(
     base_task, base_ret = (baseline_result(base_path, s, root, progress=progress, loader=reference, bf16=prec.bf16)[0]
                            for s in (ts, rs))
     work = interpolate(ends, 0.0)
-    curve, comparisons = [], {}
+    curve: list[dict[str, Any]] = []
+    comparisons: dict[float, dict[str, Any]] = {}
     for a in alphas:
         if search == "descending" and any(c["eligible"] for c in curve):
             break

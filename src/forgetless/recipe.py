@@ -156,6 +156,13 @@ class DistributedConfig(Strict):
         return self
 
 
+ReportTo = Literal["none", "tensorboard", "wandb", "mlflow"]
+
+
+def _no_reporting() -> list[ReportTo]:
+    return ["none"]
+
+
 class TrainConfig(Strict):
     output_dir: str | None = Field(None, description="Run directory. Default: runs/<recipe name>.")
     seed: int = 42
@@ -172,7 +179,7 @@ class TrainConfig(Strict):
     save_steps: int | None = Field(200, gt=0, description="Checkpoint every N steps (null: only at the end).")
     save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept.")
     early_stopping: EarlyStopping | None = None
-    report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(default_factory=lambda: ["none"])
+    report_to: list[ReportTo] = Field(default_factory=_no_reporting)
     gradient_checkpointing: bool = False
     merge: bool = Field(False, description="Also save a merged model (PEFT methods that allow it).")
     progress: bool = Field(True, description="Show a progress bar.")

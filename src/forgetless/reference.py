@@ -11,7 +11,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -57,7 +57,7 @@ def _default(field: Any) -> str:
     else:
         return "required"
     if isinstance(d, BaseModel):
-        return f"`{d.name}`" if "name" in type(d).model_fields else "(all defaults)"
+        return f"`{cast(Any, d).name}`" if "name" in type(d).model_fields else "(all defaults)"
     return f"`{json.dumps(d)}`" if d is not None else "null"
 
 
@@ -102,15 +102,15 @@ def render() -> str:
         out += [f"`{name}` (default lr {cls.default_lr:g}; merge: {'yes' if cls.mergeable else 'no'}; "
                 f"sharded: {'yes' if cls.shardable else 'no'}): {doc}", "", *_table(cls), ""]
     out += ["### `mitigations` (a list; each one of)", ""]
-    for name, cls in MITIGATIONS.items():
-        mod = sys.modules[cls.__module__]
+    for name, mit in MITIGATIONS.items():
+        mod = sys.modules[mit.__module__]
         doc = (mod.__doc__ or "").strip().splitlines()[0]
-        flags = [f"sharded: {'yes' if cls.shardable else 'no'}",
-                 f"in continual carry: {'yes' if cls.carryable() else 'no'}"]
-        if cls.guard_actions:
-            flags.append(f"guard actions: {', '.join(cls.guard_actions)}")
-        out += [f"`{name}` ({'; '.join(flags)}): {doc}", "", *_table(cls.config_model), ""]
-        for sub in _nested(cls.config_model):
+        flags = [f"sharded: {'yes' if mit.shardable else 'no'}",
+                 f"in continual carry: {'yes' if mit.carryable() else 'no'}"]
+        if mit.guard_actions:
+            flags.append(f"guard actions: {', '.join(mit.guard_actions)}")
+        out += [f"`{name}` ({'; '.join(flags)}): {doc}", "", *_table(mit.config_model), ""]
+        for sub in _nested(mit.config_model):
             out += [f"`{sub.__name__}` ({name}):", "", *_table(sub, skip=()), ""]
     return "\n".join(out).rstrip() + "\n"
 

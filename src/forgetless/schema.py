@@ -81,8 +81,8 @@ def format_validation_error(
                 noun = loc[-1]
             else:
                 parent = loc[-2] if len(loc) > 1 else ""
-                noun = {"mitigations": "mitigation", "tasks": "task kind"}.get(
-                    parent, str(ctx.get("discriminator", "value")).strip("'"))
+                nouns: dict[int | str, str] = {"mitigations": "mitigation", "tasks": "task kind"}
+                noun = nouns.get(parent, str(ctx.get("discriminator", "value")).strip("'"))
             msg = f"unknown {noun} {ctx.get('tag')!r}; valid: {ctx.get('expected_tags')}"
         elif e["type"] == "union_tag_not_found":
             msg = f"needs a {e.get('ctx', {}).get('discriminator', 'tag')} key"

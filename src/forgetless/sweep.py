@@ -139,7 +139,7 @@ class SweepConfig(EvalPrecisionOptions):
 
     def jobs(self) -> list[tuple[str, Variant, int | None]]:
         """(run directory name, variant, seed or None) for every training run: one per seed where seeds are given."""
-        out = []
+        out: list[tuple[str, Variant, int | None]] = []
         for v in self.variants():
             seeds = self.seeds_of(v)
             out += [(f"{v.name}-seed{s}", v, s) for s in seeds] if seeds else [(v.name, v, None)]
@@ -226,7 +226,7 @@ def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepCo
               precision: Precision | str | None = None) -> dict[str, Any]:
     """Task gain and retention change of one run. `precision`: the sweep's resolved evaluation precision
     (a Precision, or bf16 / fp32), so every run and the base are scored alike; None resolves cfg's setting here."""
-    kw = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root,
+    kw: dict[str, Any] = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root,
           "precision": precision or cfg.eval_setting(), "progress": progress}
     task = eval_model(str(run_dir), task_suite, out=run_dir / "eval-task.json", **kw)
     ret = eval_model(str(run_dir), retention_suite, out=run_dir / "eval-retention.json", **kw)
@@ -321,7 +321,7 @@ def aggregate_seeds(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
     for key in ("wall_time_s", "tokens_per_s", "trainable_parameters", "trainable_share", "val_loss_before",
                 "val_loss_after", "sweep_seconds"):
-        vals = [r.get(key) for r in rows]
+        vals: list[Any] = [r.get(key) for r in rows]
         out[key] = sum(vals) / len(vals) if all(v is not None for v in vals) else None
     out["peak_memory_mb"] = max(r["peak_memory_mb"] for r in rows)
     out["guard_events"] = sum(r.get("guard_events", 0) for r in rows)

@@ -23,7 +23,7 @@ __all__ = ["CHATML", "SPECIALS", "WORDS", "ForkedCli", "build_organism", "build_
 def copy_task(n: int = 64, seed: int = 0, fmt: str = "instruction") -> list[dict[str, Any]]:
     """A learnable toy task: repeat the given words. Records in the requested data format."""
     rng = random.Random(seed)
-    out = []
+    out: list[dict[str, Any]] = []
     for _ in range(n):
         words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 3)))
         if fmt == "instruction":

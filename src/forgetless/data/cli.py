@@ -58,7 +58,7 @@ def _load_tokenizer(name: str) -> Any:
     try:
         from ..models import resolve_model
     except ImportError:
-        resolve_model = None
+        resolve_model = None  # type: ignore[assignment]  # optional import
     if resolve_model is not None:
         path = resolve_model(name).path
     from ..train.model import load_tokenizer

@@ -128,6 +128,7 @@ def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]
             if bad:
                 yield i, None, BadLine(f"{path}:{i}", bad)
                 continue
+            assert line is not None  # iter_lines gives no line only with a reason (bad)
             if not line.strip():
                 continue
             try:

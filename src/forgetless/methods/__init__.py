@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
-from typing import Annotated, Union
+from typing import TYPE_CHECKING, Annotated, Union
 
 from pydantic import Field
 
@@ -34,7 +34,10 @@ METHODS: dict[str, type[TrainingMethod]] = {
     n: REGISTRY[n] for n in sorted(REGISTRY, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
 }
 METHOD_NAMES = tuple(METHODS)
-MethodConfig = Annotated[Union[tuple(METHODS.values())], Field(discriminator="name")]  # type: ignore[valid-type]  # noqa: UP007
+if TYPE_CHECKING:  # the type checker sees the base class; at run time: the union of the registered methods
+    MethodConfig = TrainingMethod
+else:
+    MethodConfig = Annotated[Union[tuple(METHODS.values())], Field(discriminator="name")]  # noqa: UP007
 
 
 def lora_like_methods() -> list[str]:

@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ class WrapContext:
 
 class TrainingMethod(Strict):
     """Base config of a method; subclasses add `name: Literal[...]` and their options."""
+
+    if TYPE_CHECKING:  # declared by every subclass (name: Literal["..."] = "...")
+        name: str
 
     default_lr: ClassVar[float] = 2e-5
     peft: ClassVar[bool] = True

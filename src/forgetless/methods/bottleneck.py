@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -98,9 +98,10 @@ def add_adapters(
     for p in model.parameters():
         p.requires_grad_(False)
     names = _targets(model, target_modules)
-    for name in names:
-        _set_module(model, name, BottleneckAdapter(model.get_submodule(name), bottleneck, activation, dropout))
-    model._forgetless_adapter = {  # noqa: SLF001 - recorded for saving
+    for name in names:  # _targets names linear layers only
+        linear = cast(nn.Linear, model.get_submodule(name))
+        _set_module(model, name, BottleneckAdapter(linear, bottleneck, activation, dropout))
+    model._forgetless_adapter = {  # type: ignore[assignment]  # noqa: SLF001 - recorded for saving
         "bottleneck": bottleneck,
         "activation": activation,
         "dropout": dropout,
@@ -126,7 +127,8 @@ def save_adapters(model: nn.Module, out_dir: str | Path, base_model: str) -> Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(adapter_state_dict(model), str(out_dir / WEIGHTS_NAME))
-    cfg = {"type": "bottleneck", "base_model_name_or_path": base_model, **model._forgetless_adapter}  # noqa: SLF001
+    cfg = {"type": "bottleneck", "base_model_name_or_path": base_model,
+           **model._forgetless_adapter}  # type: ignore[dict-item]  # noqa: SLF001 - set by add_adapters
     (out_dir / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
 
 

@@ -39,7 +39,7 @@ class FreezeMethod(TrainingMethod):
             for p in block.parameters():
                 p.requires_grad_(True)
         if self.train_lm_head:
-            for p in model.get_output_embeddings().parameters():
+            for p in model.get_output_embeddings().parameters():  # type: ignore[operator]  # a PreTrainedModel
                 p.requires_grad_(True)
         if self.train_final_norm:
             block_params = {id(p) for p in blocks.parameters()}

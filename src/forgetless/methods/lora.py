@@ -119,7 +119,7 @@ class LoraMethod(TrainingMethod):
 
         return LoraConfig(
             r=self.r,
-            lora_alpha=self.alpha,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int; a float alpha works
             lora_dropout=self.dropout,
             target_modules=self.target_modules,
             use_dora=self.name == "dora",

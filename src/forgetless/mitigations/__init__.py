@@ -11,11 +11,20 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
-from typing import Annotated, Any, Union
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import Field
 
-from .base import REGISTRY, CarryStep, Mitigation, MitigationCallback, TrainContext, loss_term, register
+from .base import (
+    REGISTRY,
+    CarryStep,
+    Mitigation,
+    MitigationCallback,
+    MitigationOptions,
+    TrainContext,
+    loss_term,
+    register,
+)
 
 _HELPERS = {"base", "data"}  # modules of this package that define no mitigation
 
@@ -37,7 +46,10 @@ MITIGATIONS: dict[str, type[Mitigation]] = {
 }
 MITIGATION_NAMES = tuple(MITIGATIONS)
 _configs = tuple(c.config_model for c in MITIGATIONS.values())
-MitigationConfig = Annotated[Union[_configs], Field(discriminator="name")]  # type: ignore[valid-type]  # noqa: UP007
+if TYPE_CHECKING:  # the type checker sees what every config offers; at run time: the union of the registered ones
+    MitigationConfig = MitigationOptions
+else:
+    MitigationConfig = Annotated[Union[_configs], Field(discriminator="name")]  # noqa: UP007
 
 
 def build(configs: list[Any]) -> list[Mitigation]:

@@ -40,13 +40,23 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
 from ..fingerprint import fingerprint_model
+
+
+class MitigationOptions(Protocol):
+    """For the type checker: what every registered mitigation's config (a pydantic model) offers. At run time a
+    recipe's `mitigations:` entries are the discriminated union of the registered config models."""
+
+    @property
+    def name(self) -> str: ...
+
+    def model_dump(self, *, mode: str = ..., exclude: set[str] | None = ...) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -94,7 +104,7 @@ class Mitigation:
     """Base class: every hook is optional."""
 
     name: ClassVar[str] = "mitigation"
-    config_model: ClassVar[type] = object  # the pydantic config (set by register)
+    config_model: ClassVar[type[Any]] = object  # the pydantic config (set by register)
     shardable: ClassVar[bool] = True
     unsharded_why: ClassVar[str] = ""
     collective_setup: ClassVar[bool] = False
@@ -171,7 +181,7 @@ class Mitigation:
 REGISTRY: dict[str, type[Mitigation]] = {}
 
 
-def register(config_model: type) -> Any:
+def register(config_model: type[Any]) -> Any:
     """Class decorator: `@register(KLConfig) class KL(Mitigation)` makes `mitigations: [{name: kl, ...}]` valid in
     recipes (the config model's `name` literal must equal the class's `name`)."""
 
@@ -218,7 +228,7 @@ def file_backed(tensors: list[torch.Tensor], folder: Path | None) -> list[torch.
     try:
         with os.fdopen(fd, "wb") as f:
             for t in tensors:
-                f.write(memoryview(t.detach().contiguous().numpy()).cast("B"))
+                f.write(memoryview(t.detach().contiguous().numpy()).cast("B"))  # type: ignore[arg-type]  # a buffer
             f.flush()
             os.fsync(f.fileno())  # written back now, during set-up, not by the flusher during the first steps
         flat = torch.from_numpy(np.memmap(name, dtype=np.float32, mode="c"))
@@ -271,7 +281,8 @@ class QuadraticPenalty(Mitigation):
         if not params:
             return
         idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-        grads, theta, anchor = [p.grad for p in params], [p.detach() for p in params], [self.anchor[i] for i in idx]
+        grads = cast("list[torch.Tensor]", [p.grad for p in params])  # params: those with a gradient
+        theta, anchor = [p.detach() for p in params], [self.anchor[i] for i in idx]
         # grad += lam * w * theta - lam * w * theta0, in place: no temporaries the size of the model (on CPU each
         # one is fresh pages to fault in, every step); fp32 rounding of the two terms is ~1e-7 of lam * w * theta
         if self.weights is None:

@@ -63,7 +63,7 @@ def fisher_diag(
     all_reduce: `losses` are this rank's share of the samples; the sums and the sample count are added up
     over all ranks before dividing, so every rank returns the mean over all samples (a no-op in one process)."""
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    n = 0
+    n: int | float = 0
     for loss_fn in losses:
         grads = torch.autograd.grad(loss_fn(), params, allow_unused=True)
         for f, g in zip(fisher, grads, strict=True):
@@ -201,6 +201,8 @@ class EWC(QuadraticPenalty):
 
     def finish(self, ctx: TrainContext) -> None:
         """Save the accumulated Fisher and the final weights: the next run's `previous:`."""
+        if self.weights is None:
+            raise RuntimeError("ewc: finish() before setup(): no Fisher to save")
         state = {f"fisher.{n}": f.cpu().contiguous() for n, f in zip(self.names, self.weights, strict=True)}
         state.update({f"theta.{n}": p.detach().float().cpu().contiguous()
                       for n, p in zip(self.names, self.params, strict=True)})

@@ -40,7 +40,7 @@ class Freeze(Mitigation):
         model, cfg = ctx.model, self.config
         frozen: set[int] = set()
         if cfg.embeddings:
-            frozen |= {id(p) for p in model.get_input_embeddings().parameters()}
+            frozen |= {id(p) for p in model.get_input_embeddings().parameters()}  # type: ignore[operator]  # HF model
         if cfg.bottom_k_blocks:
             blocks = find_blocks(model)
             if cfg.bottom_k_blocks > len(blocks):

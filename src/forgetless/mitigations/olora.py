@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field
@@ -163,7 +163,8 @@ class OLoRA(Mitigation):
         if self.config.l2:
             params = [p for p in self.all_params if p.grad is not None]
             if params:
-                torch._foreach_add_([p.grad for p in params], [p.detach() for p in params], alpha=self.config.l2)
+                grads = cast("list[torch.Tensor]", [p.grad for p in params])  # params: those with a gradient
+                torch._foreach_add_(grads, [p.detach() for p in params], alpha=self.config.l2)
 
     def finish(self, ctx: TrainContext) -> None:
         self.notes["overlap_end"] = self.overlap()

@@ -74,8 +74,8 @@ class Replay(Mitigation):
     name = "replay"
     marks_replay = True
     guard_actions = ("more_replay",)
-    carry_fills = ("data", "extra_data")
-    carry_defaults = {"ratio": 0.2}
+    carry_fills: ClassVar[tuple[str, ...]] = ("data", "extra_data")
+    carry_defaults: ClassVar[dict[str, Any]] = {"ratio": 0.2}
 
     @classmethod
     def carry(cls, options: dict[str, Any], step: CarryStep) -> dict[str, Any] | None:

@@ -134,7 +134,8 @@ class SelfReplay(Replay):
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
         model, tok = ctx.model, ctx.tokenizer
-        ctx_mgr = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()
+        ctx_mgr = (model.disable_adapter()  # type: ignore[operator]  # a PeftModel
+                   if hasattr(model, "disable_adapter") else torch.no_grad())
         was_training = model.training
         model.eval()
         quiet = not getattr(ctx.recipe.train, "progress", True)
@@ -153,7 +154,8 @@ class SelfReplay(Replay):
         model.train(was_training)
         banned = {_norm(r.data["instruction"]) for r in read_file(BUILTIN_PROMPTS)}
         seen: set[str] = set()
-        pairs, dropped = [], {}
+        pairs: list[dict] = []
+        dropped: dict[str, int] = {}
         for p, a in zip(prompts, answers, strict=True):
             text = tok.decode(a, skip_special_tokens=True).strip()
             why = keep_pair(p, text, self.config, banned) or ("duplicate" if _norm(p) in seen else None)

@@ -110,7 +110,7 @@ def sentencepiece_tokenizer(model_path: str | os.PathLike):
     spec = extractor.proto.trainer_spec
     if spec.model_type != 2:  # 2 = BPE, what llama2.c's trainer and run.c use
         raise ForgetlessError(f"{model_path}: SentencePiece model type {spec.model_type} is not BPE")
-    vocab = extractor.extract(models.BPE)["vocab"]
+    vocab = extractor.extract(models.BPE)["vocab"]  # type: ignore[call-overload]  # a dict in transformers 5
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto=extractor.proto, vocab=vocab, legacy=True)
     bos, eos, unk = spec.bos_piece or "<s>", spec.eos_piece or "</s>", spec.unk_piece or "<unk>"
     backend.post_processor = processors.TemplateProcessing(
@@ -135,7 +135,8 @@ def convert_llama2c(bin_path: Path, tok_path: Path, dest: Path) -> dict:
         num_hidden_layers=h["n_layers"], num_attention_heads=h["n_heads"], num_key_value_heads=h["n_kv_heads"],
         max_position_embeddings=h["seq_len"], rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        tie_word_embeddings=h["shared_classifier"], bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=h["shared_classifier"],  # type: ignore[arg-type]  # the header's 0 / 1, as written
+        bos_token_id=1, eos_token_id=2,
     )
     model = LlamaForCausalLM(config)
     model.load_state_dict(_hf_state_dict(h, tensors), strict=True)

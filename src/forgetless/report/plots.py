@@ -105,7 +105,7 @@ def place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: floa
     order = sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0]))  # top to bottom
     for i in order:
         x, y, text = points[i]
-        best = None
+        best: tuple[float, Any, Any, float] | None = None
         for dx, dy in candidates:
             ha = "left" if dx > 1e-9 else "right" if dx < -1e-9 else "center"
             va = "bottom" if dy > 1e-9 else "top" if dy < -1e-9 else "center"
@@ -121,6 +121,7 @@ def place_labels(ax: Any, points: list[tuple[float, float, str]], fontsize: floa
                 ann.remove()
             if cost == 0:
                 break
+        assert best is not None  # candidates is not empty: the first one is always kept
         _, ann, bb, dist = best
         if dist > 10:
             ann.remove()

@@ -223,8 +223,8 @@ def compare(
         ability_inputs.append((name, main, b.columns, c.columns, w, ability))
     nan2 = (float("nan"), float("nan"))
     v1, v1_ci = M.retention_score(retention_inputs) if retention_inputs else (float("nan"), nan2)
-    by_ability = M.ability_score(ability_inputs) if ability_inputs else {"score": float("nan"), "ci": nan2,
-                                                                         "abilities": {}, "tasks": {}}
+    by_ability: dict[str, Any] = M.ability_score(ability_inputs) if ability_inputs else {
+        "score": float("nan"), "ci": nan2, "abilities": {}, "tasks": {}}
     for name, t in by_ability["tasks"].items():
         tasks[name].update({k: t[k] for k in ("weight_in_score", "variance_share", "half_width")})
     score, ci = by_ability["score"], by_ability["ci"]

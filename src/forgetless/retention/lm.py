@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -60,11 +61,12 @@ def _lm_parts(model: nn.Module):
     """(decoder, head, softcap): run the decoder for hidden states, the head only where needed.
     None where that is not possible (prompt-learning PEFT models add virtual tokens)."""
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        if getattr(model, "active_peft_config", None) is not None and model.active_peft_config.is_prompt_learning:
+        if (getattr(model, "active_peft_config", None) is not None
+                and model.active_peft_config.is_prompt_learning):  # type: ignore[union-attr]  # a PeftModel
             return None
-        model = model.get_base_model()
+        model = model.get_base_model()  # type: ignore[operator]  # a PeftModel
     decoder = getattr(model, "model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
     if decoder is None or head is None or not isinstance(head, nn.Module):
         return None
     softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -235,7 +237,7 @@ def rolling_windows(tokens: list[int], max_len: int, prefix_token: int | None) -
             ctx, window = window[:1], window[1:]
             if not window:
                 continue
-        out.append(Request(ctx, [window]))
+        out.append(Request(cast("list[int]", ctx), [window]))  # prefix_token is not None where it is the context
     return out
 
 
@@ -267,7 +269,7 @@ def greedy_generate(
             attn[row, length - len(p) :] = 1
         kw = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
         with autocast(model, bf16):
-            gen = model.generate(
+            gen = model.generate(  # type: ignore[operator]  # a PreTrainedModel
                 input_ids=ids.to(device),
                 attention_mask=attn.to(device),
                 max_new_tokens=max_new_tokens,

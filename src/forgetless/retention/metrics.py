@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 
@@ -197,7 +198,8 @@ def ability_score(
         groups.setdefault(key, []).append((name, w))
         ability_weight[key] = 1.0 if ab else w
     total = sum(ability_weight.values())
-    abilities, task_out = {}, {}
+    abilities: dict[str, dict[str, Any]] = {}
+    task_out: dict[str, dict[str, Any]] = {}
     score_dist = np.zeros(n_boot)
     contrib_var = {}
     for key, members in groups.items():

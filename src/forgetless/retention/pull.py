@@ -129,12 +129,14 @@ def pull_suite(suite: Suite, to: str | Path, *, tasks: list[str] | None = None, 
             require_hub(f"forgetless data pull {suite.name}")
     report = []
     for t in todo:
-        src = t.data.source
-        paths = [p for p in (t.data.path, t.data.labels_path) if p]
+        data = t.data
+        assert data is not None and data.source is not None  # todo holds only the tasks with a data.source
+        src = data.source
+        paths = [p for p in (data.path, data.labels_path) if p]
         if any(Path(p).is_absolute() for p in paths):
-            raise ForgetlessError(f"task {t.name}: data.path {t.data.path!r} is absolute; pull writes paths "
+            raise ForgetlessError(f"task {t.name}: data.path {data.path!r} is absolute; pull writes paths "
                                   "relative to --to")
-        entry = {"task": t.name, "source": src.model_dump(), "files": [str(to / p) for p in paths]}
+        entry: dict[str, Any] = {"task": t.name, "source": src.model_dump(), "files": [str(to / p) for p in paths]}
         if not overwrite and all((to / p).is_file() for p in paths):
             report.append({**entry, "status": "present"})
             continue

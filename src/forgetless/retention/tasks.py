@@ -11,7 +11,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import jinja2
 import numpy as np
@@ -139,7 +139,9 @@ def _read_text_docs(path: Path, how: str) -> list[Record]:
     if how == "lines":
         return [Record({"text": ln}, str(path), i + 1) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if how == "wikitext":
-        docs, cur, start = [], [], 1
+        docs: list[Record] = []
+        cur: list[str] = []
+        start = 1
         lines = text.splitlines(keepends=True)
         for i, ln in enumerate(lines):
             s = ln.strip()
@@ -281,7 +283,10 @@ def fewshot_pool(task: TaskBase, rows: list[Record], chosen: list[Record]) -> li
     return [r for r in rows if id(r) not in ids] or rows
 
 
-def pick_shots(pool: list[Record], k: int, seed: int, exclude: Record | None = None) -> list[Record]:
+_Shot = TypeVar("_Shot")  # a Record, or a kind's built item (multiple choice)
+
+
+def pick_shots(pool: list[_Shot], k: int, seed: int, exclude: _Shot | None = None) -> list[_Shot]:
     if k == 0:
         return []
     cands = [r for r in pool if r is not exclude]

@@ -7,7 +7,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -16,6 +16,9 @@ from .. import distributed as dist
 from .. import faults
 from ..distributed import is_main
 from ..io import append_jsonl
+
+if TYPE_CHECKING:
+    from .trainer import ForgetlessTrainer
 
 COMPLETE_MARKER = "FORGETLESS_COMPLETE"
 DIVERGED_MARKER = "FORGETLESS_DIVERGED"
@@ -36,7 +39,7 @@ class MetricsLogger(TrainerCallback):
         self._t = time.perf_counter()
         self._tokens = state.num_input_tokens_seen
 
-    def on_log(self, args, state, control, logs=None, **kw):
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         logs = dict(logs or {})
         now = time.perf_counter()
         rec: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
@@ -182,7 +185,7 @@ class DivergenceGuard(TrainerCallback):
     def __init__(self, factor: float | None, reference: float | None = None):
         self.factor = factor
         self.reference = reference  # the first logged training loss (restored from metrics.jsonl on resume)
-        self.trainer = None  # set by the run: the step's loss and gradient norm live on the trainer
+        self.trainer: ForgetlessTrainer | None = None  # set by the run: the step's loss and gradient norm live there
         self.event: dict[str, Any] | None = None
 
     def on_log(self, args, state, control, logs=None, **kw):

@@ -85,7 +85,7 @@ def load_base_model(
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ForgetlessError(f"model.name {path!r}: cannot load the model: {e}") from None
     if quantization_config is None:
@@ -135,10 +135,10 @@ def save_trained(model: nn.Module, tokenizer: Any, out_dir: Path, base_path: str
         kind = "adapter"
     elif hasattr(model, "peft_config"):
         kw = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
-        model.save_pretrained(out_dir, safe_serialization=True, **kw)
+        model.save_pretrained(out_dir, safe_serialization=True, **kw)  # type: ignore[operator]  # a PeftModel
         kind = "peft"
     else:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[operator]  # a PreTrainedModel
         kind = "model"
     tokenizer.save_pretrained(out_dir)
     return kind
@@ -158,8 +158,8 @@ def merge_for_export(model: nn.Module, method: Any, adapter_dir: Path | None = N
         if adapter_dir is None:
             raise ForgetlessError(f"{method.name}: merging needs the saved adapter directory")
         full, _ = load_model(adapter_dir, full_precision_base=True)
-        return full.merge_and_unload()
-    return model.merge_and_unload()
+        return full.merge_and_unload()  # type: ignore[operator]  # a PeftModel
+    return model.merge_and_unload()  # type: ignore[operator]  # a PeftModel
 
 
 
@@ -178,7 +178,7 @@ def load_model(
     if not path.is_dir():
         if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
             raise ForgetlessError(f"{path}: no such model directory")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # a hub id
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # hub id
         return model.to(device).eval(), load_tokenizer(str(path))
     tokenizer = load_tokenizer(str(path))
     if is_adapter_dir(path):
@@ -204,5 +204,5 @@ def load_model(
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     if not getattr(model, "is_loaded_in_4bit", False):
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' typing of PreTrainedModel.to
     return model.eval(), tokenizer

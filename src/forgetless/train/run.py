@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from transformers import TrainerCallback
@@ -228,7 +228,7 @@ class StepZeroValidation(TrainerCallback):
     wrapped the model in DDP: a `Trainer.evaluate()` before `train()` marks the bare model as prepared, and the
     Trainer would then train it without DDP, i.e. without averaging gradients across processes."""
 
-    def __init__(self, measure):
+    def __init__(self, measure: Callable[[], float | None]) -> None:
         self.measure = measure
         self.loss: float | None = None
 
@@ -501,7 +501,7 @@ _DIVERGED_HINT = "Lower optim.lr, set optim.max_grad_norm, or raise train.diverg
 
 
 def _stop_diverged(recipe: Recipe, run_dir: Path, event: dict[str, Any], state: Any, last_log: dict[str, Any],
-                   resume_from: Path | None) -> None:
+                   resume_from: Path | None) -> NoReturn:
     """No guard to roll back with: record what happened in summary.json and stop with exit code 2. No final
     model is written; the newest complete checkpoint is the last good one."""
     good = event["last_good_checkpoint"]
@@ -543,7 +543,7 @@ def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, mod
     if recipe.train.merge and kind != "model":
         with atomic_dir(run_dir / "merged", overwrite=True) as tmp:
             merged = merge_for_export(trainer.model, recipe.method, run_dir / "final")
-            merged.save_pretrained(tmp, safe_serialization=True)
+            merged.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]  # a PreTrainedModel
             tokenizer.save_pretrained(tmp)
     return kind
 

@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import Field
 
 from ...errors import DataError
-from ..lm import EngineStats, Request, greedy_generate, score_requests
+from ..lm import EngineStats, Request, Score, greedy_generate, score_requests
 from ..metrics import Columns, Metric, mean_of, per_unit
 from ..tasks import (
     TaskBase,
@@ -154,6 +154,11 @@ def generation_subset(task: KnowledgeQATask, n: int) -> list[int]:
     return sorted(random.Random(task.seed + 1).sample(range(n), k)) if k < n else list(range(n))
 
 
+def _best_alias(scores: list[Score]) -> int:
+    """The index of the best-scored alias (the first of equals)."""
+    return max(range(len(scores)), key=lambda j: scores[j].logprob)
+
+
 def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
     all_rows = load_rows(task, ctx.data_root)
     rows = sample_rows(task, all_rows)
@@ -164,7 +169,7 @@ def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
         ctx.model, requests, batch_tokens=ctx.batch_tokens, bf16=ctx.bf16, max_len=ctx.window(), stats=stats,
         progress=ctx.track(task.name, len(requests)),
     )
-    best = [max(range(len(sc)), key=lambda j, sc=sc: sc[j].logprob) for sc in scores]
+    best = [_best_alias(sc) for sc in scores]
     nll = [-sc[b].logprob for sc, b in zip(scores, best, strict=True)]
     n = len(rows)
     subset = generation_subset(task, n)
@@ -189,7 +194,7 @@ def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
         "contains": contains,
         "generated": generated,
     }
-    details = []
+    details: list[dict[str, Any]] = []
     for i, rec in enumerate(rows):
         details.append({
             "id": item_id(rec), "where": rec.where,

@@ -116,7 +116,7 @@ def run(task: ReferenceLikelihoodTask, ctx: EvalContext) -> TaskResult:
         "tokens": as_array([s[0].n_tokens for s in scores]),
         "bytes": as_array([max(1, len(t.encode("utf-8"))) for t in texts]),
     }
-    details = [
+    details: list[dict[str, Any]] = [
         {"id": item_id(rec), "where": rec.where, "reference": t[:300], "ce": round(n / max(1, s[0].n_tokens), 4)}
         for rec, t, n, s in zip(rows, texts, nll, scores, strict=True)
     ]

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -126,7 +126,7 @@ def build_reference(task: SelfReferenceTask, ctx: EvalContext) -> dict:
     score_requests(model, [Request(p, [a]) for p, a in zip(prompts, answers, strict=True)],
                    batch_tokens=ctx.batch_tokens, bf16=ctx.bf16, row_hook=hook,
                    max_len=max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True)) + 1)
-    ref = {
+    ref: dict[str, Any] = {
         "ids": ids,
         "texts": texts,
         "prompts": prompts,
