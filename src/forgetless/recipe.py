@@ -244,12 +244,14 @@ class Recipe(Strict):
             needs = [f"mitigations.{m.name}" for m in self.mitigations if m.name in ("kl", "self_replay")]
             needs += ["data.self_distill"] if self.data.self_distill is not None else []
             if needs:
-                raise ValueError(f"{needs[0]}: not supported with method.init {self.method.init} (the base model "
+                raise ValueError(f"{needs[0]}: not supported with method.init {getattr(self.method, 'init', '?')} "
+                                 "(the base model "
                                  "is no longer the model with adapters disabled: part of it moved into the adapter); "
                                  "use init default or gaussian")
         for m in self.mitigations:
             MITIGATIONS[m.name].check_recipe(m, self)
-            for key in type(m).model_fields:  # data sets a mitigation reads: self_distill is for data.train only
+            for key in type(m).model_fields:  # type: ignore[attr-defined]  # each is a pydantic model
+                # data sets a mitigation reads: self_distill is for data.train only
                 for d in (lambda v: v if isinstance(v, list) else [v])(getattr(m, key)):
                     if isinstance(d, DataConfig) and d.self_distill is not None:
                         raise ValueError(f"mitigations.{m.name}.{key}.self_distill: only the training data "

@@ -23,7 +23,7 @@ behind disabled adapters (kl, self_replay) or data.self_distill are refused with
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from pydantic import Field, model_validator
@@ -60,14 +60,16 @@ def milora_init(model: nn.Module, adapter_name: str = "default") -> int:
     for module in model.modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
             continue
-        base = module.get_base_layer()
+        base_weight = cast(torch.Tensor, module.get_base_layer().weight)
+        lora_a = cast(torch.Tensor, module.lora_A[adapter_name].weight)
+        lora_b = cast(torch.Tensor, module.lora_B[adapter_name].weight)
         fan_in_fan_out = getattr(module, "fan_in_fan_out", False)
-        weight = base.weight.data.T if fan_in_fan_out else base.weight.data
+        weight = base_weight.data.T if fan_in_fan_out else base_weight.data
         a, b, residual = minor_components(weight, module.r[adapter_name], module.scaling[adapter_name])
-        module.lora_A[adapter_name].weight.data = a.to(module.lora_A[adapter_name].weight.dtype)
-        module.lora_B[adapter_name].weight.data = b.to(module.lora_B[adapter_name].weight.dtype)
+        lora_a.data = a.to(lora_a.dtype)
+        lora_b.data = b.to(lora_b.dtype)
         residual = residual.T if fan_in_fan_out else residual
-        base.weight.data = residual.to(base.weight.dtype)
+        base_weight.data = residual.to(base_weight.dtype)
         n += 1
     return n
 
@@ -134,7 +136,7 @@ class LoraMethod(TrainingMethod):
         from peft.tuners.lora.config import CordaConfig, EvaConfig
 
         if self.init.startswith("corda"):
-            return {"corda_config": CordaConfig(corda_method=self.init.split("_")[1])}
+            return {"corda_config": CordaConfig(corda_method="kpm" if self.init == "corda_kpm" else "ipm")}
         if self.init == "eva":
             return {"eva_config": EvaConfig(rho=2.0)}
         return {}
@@ -155,7 +157,7 @@ class LoraMethod(TrainingMethod):
             examples = self._calibration(ctx)
             config = self.peft_config(ctx.model_path)
             if config.target_modules == "all-linear":  # CorDA's preprocessing matches names; all-linear, spelled out
-                head = model.get_output_embeddings()
+                head = cast(Any, model).get_output_embeddings()
                 config.target_modules = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                                          if isinstance(m, nn.Linear) and m is not head}
             device = next(model.parameters()).device

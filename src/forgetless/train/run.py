@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import torch
 from transformers import TrainerCallback
@@ -324,9 +324,10 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         # the adapter as initialised (part of the base moved into it): the final adapter is saved as its difference
         # from this, a standard LoRA against the original base. init_lora_weights True in the saved copy, so that
         # loading it does not decompose the (residual) base again.
-        model.peft_config["default"].init_lora_weights = True
+        peft_model = cast(Any, model)  # a PeftModel (moves_base: a LoRA init)
+        peft_model.peft_config["default"].init_lora_weights = True
         with atomic_dir(run_dir / "initial_adapter", overwrite=True) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            peft_model.save_pretrained(tmp, safe_serialization=True)
     mitigations = build_mitigations(recipe.mitigations)
     mctx = TrainContext(recipe=recipe, model=model, tokenizer=tokenizer, run_dir=run_dir, device=device,
                         base_model_path=model_path, bf16=bf16, data=data, cache_dir=home_dir() / "cache")
