@@ -30,7 +30,7 @@ test-slow: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy src/forgetless

@@ -171,6 +171,7 @@ def recipe_set(recipe: dict[str, Any]) -> dict[str, Any]:
     own = {k: recipe[k] for k in ("method", "optim", "mitigations", "monitor", "guard") if k in recipe}
     for k in ("mitigations", "monitor", "guard"):
         own.setdefault(k, [] if k == "mitigations" else None)
+    own["data.self_distill"] = (recipe.get("data") or {}).get("self_distill")  # the only data option a recipe sets
     return own
 
 

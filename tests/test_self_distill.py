@@ -31,6 +31,10 @@ def test_acceptance_checks_by_hand():
     assert judge("7 apples", "#### 7", ans, False) == "answer"
     assert judge("#### 7", "seven", ans, False) == "reference_without_answer"
     assert judge("#### 1,000", "#### 1000", ans, False) is None  # thousands separators do not count
+    either = SelfDistillAccept(kind="answer", pattern=r"####\s*(\S+)|(?:^|\s)([A-E])\.(?:\s|$)")
+    assert judge("The answer is D. Complex", "D. Complex tongue thrust.", either, False) is None
+    assert judge("The answer is C. Simple", "D. Complex tongue thrust.", either, False) == "answer"
+    assert judge("so #### 12", "#### 12", either, False) is None
     letter = SelfDistillAccept(kind="answer", pattern=r"answer is \(?([A-D])\)?")
     assert judge("so the answer is (B)", "The answer is B", letter, False) is None
     assert judge("x", "y", SelfDistillAccept(kind="regex", pattern=r"^x$"), False) is None

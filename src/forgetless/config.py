@@ -94,8 +94,9 @@ class SelfDistillAccept(Strict):
         "group is found in both and equal (a final answer such as GSM8K's '#### N' or an option letter); regex: the "
         "rewrite matches `pattern`.")
     min: float = Field(0.35, ge=0, le=1, description="rouge_l: the least ROUGE-L F1 against the reference.")
-    pattern: str | None = Field(None, description="answer: a regex with one group (default '####\\s*(\\S+)'); "
-                                "regex: what the rewrite must contain.")
+    pattern: str | None = Field(None, description="answer: a regex with a group, the answer (default "
+                                "'####\\s*(\\S+)'; with alternatives, the first group that matched); regex: what "
+                                "the rewrite must contain.")
 
     @model_validator(mode="after")
     def _pattern(self) -> SelfDistillAccept:

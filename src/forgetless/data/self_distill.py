@@ -67,11 +67,16 @@ def judge(rewrite: str, reference: str, accept: SelfDistillAccept, truncated: bo
     if accept.kind == "regex":
         return None if re.search(accept.pattern or "", rewrite) else "regex"
     pattern = re.compile(accept.pattern or DEFAULT_ANSWER_PATTERN)
-    want = pattern.search(reference)
+    want = _answer(pattern.search(reference))
     if want is None:
         return "reference_without_answer"
-    got = pattern.search(rewrite)
-    return None if got is not None and _norm_answer(got.group(1)) == _norm_answer(want.group(1)) else "answer"
+    got = _answer(pattern.search(rewrite))
+    return None if got is not None and _norm_answer(got) == _norm_answer(want) else "answer"
+
+
+def _answer(m: re.Match[str] | None) -> str | None:
+    """The answer a match captured: its first group that took part (a pattern may offer alternatives)."""
+    return None if m is None else next((g for g in m.groups() if g is not None), None)
 
 
 # ---------------------------------------------------------------- requests
