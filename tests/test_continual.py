@@ -474,6 +474,25 @@ def test_sequence_file_errors_name_file_key_and_line(tmp_path):
     assert "tasks (line 2)" in msg
 
 
+def test_sequence_yaml_reads_back_equal_with_every_carried_mitigation():
+    # what run_continual writes to sequence.yaml and compares on resume: every carried mitigation, both forms
+    spec = {"name": "s", "base": {"model": "m"}, "tasks": [{"name": "a", "data": {"train": "a.jsonl"}}],
+            "carry": ["ewc", {"name": "si", "weight": 2.0}, "kl", {"name": "replay", "buffer": {"per_task": 8}},
+                      "olora", "l2sp"]}
+    cfg = ContinualConfig.model_validate(spec)
+    again = ContinualConfig.model_validate(yaml.safe_load(yaml.safe_dump(cfg.dump(), sort_keys=False)))
+    assert again.dump() == cfg.dump()
+    assert [e["name"] for e in cfg.carried()] == ["ewc", "si", "kl", "replay", "olora", "l2sp"]
+    assert next(e for e in cfg.carried() if e["name"] == "replay")["ratio"] == 0.2  # carried replay's default
+    assert "previous" not in next(e for e in cfg.carried() if e["name"] == "ewc")  # what the sequence fills
+    # the 0.1 mapping form, keys in any order, is handed on in 0.1's fixed order (ewc, si, kl, replay, olora)
+    legacy = ContinualConfig.model_validate({**spec, "carry": {"replay": {"per_task": 8}, "kl": True, "ewc": {},
+                                                               "si": None}})
+    assert [e["name"] for e in legacy.carried()] == ["ewc", "kl", "replay"]
+    with pytest.raises(ValueError, match="ewc: a mapping of options, true or null"):
+        ContinualConfig.model_validate({**spec, "carry": {"ewc": 1}})
+
+
 def test_plan_errors_before_anything_runs(world, tmp_path):
     def fails(match: str, **kw) -> None:
         spec = _sequence(world, "bad", **kw)

@@ -514,7 +514,9 @@ def test_sharded_engines_refuse_what_they_cannot_run_naming_the_key():
         ({"method": "qlora"}, "method.name"),
         ({"train": {"distributed": "zero2", "device": "cpu"}}, "train.device is cpu"),
         ({"method": "lora", "train": {"distributed": "fsdp", "device": "cuda", "merge": True}}, "train.merge"),
+        ({"method": {"name": "lora", "init": "pissa"}}, "method.init: pissa"),
     ]
+    assert check(method={"name": "lora", "init": "gaussian"}) == "fsdp"
     for over, words in cases:
         with pytest.raises(RecipeError, match=words.replace(".", r"\.")):
             check(**over)

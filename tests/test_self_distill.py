@@ -82,7 +82,7 @@ def test_rewrites_replace_accepted_references_and_are_cached(tiny_model, toy_dat
     refs = [r.data["completion"] for r in load_records(str(toy_data["prompt_completion"]))]
     even = [r for r in refs if len(r) % 2 == 0]
     assert calls == refs  # one request per record, each showing its own reference
-    stats = res.summary["self_distill"]
+    stats = res.summary["data"]["self_distill"]
     assert stats["responses"] == len(refs) and stats["accepted"] == len(even) > 0
     assert stats["rejected"] == {"regex": len(refs) - len(even)} and stats["generated"] == len(refs)
     assert json.loads((tmp_path / "run" / "data_stats.json").read_text())["self_distill"] == stats
@@ -94,14 +94,17 @@ def test_rewrites_replace_accepted_references_and_are_cached(tiny_model, toy_dat
     # the same run again reads every rewrite from the cache
     calls.clear()
     res2 = train(recipe_from_dict(spec), quiet=True, overwrite=True)
-    assert calls == [] and res2.summary["self_distill"]["from_cache"] == len(refs)
+    assert calls == [] and res2.summary["data"]["self_distill"]["from_cache"] == len(refs)
     # a run killed part-way kept its finished batches: only the missing ones are generated again
     cache = sd_mod.Path(stats["cache"])
     lines = cache.read_text().splitlines()
     cache.write_text("\n".join(lines[:20]) + "\n" + lines[20][:10])  # 20 whole lines and a cut one
     calls.clear()
     res3 = train(recipe_from_dict(spec), quiet=True, overwrite=True)
-    assert len(calls) == len(refs) - 20 and res3.summary["self_distill"]["accepted"] == len(even)
+    assert len(calls) == len(refs) - 20 and res3.summary["data"]["self_distill"]["accepted"] == len(even)
+    calls.clear()  # and the cache file is whole again: the row after the cut line was not swallowed
+    train(recipe_from_dict(spec), quiet=True, overwrite=True)
+    assert calls == []
 
 
 def test_chat_turns_are_rewritten_each_in_its_context(tiny_model, tmp_path):
@@ -125,12 +128,19 @@ def test_chat_turns_are_rewritten_each_in_its_context(tiny_model, tmp_path):
     assert [m["content"] for m in new.data["messages"]] == ["first question", "first answer", "second question",
                                                              "my second answer"]
     assert rec.data["messages"][3]["content"] == "second answer"  # the original record is not changed
+    # with data.system_prompt, to_messages puts a system message first that the record does not hold
+    sys_cfg = cfg.model_copy(update={"system_prompt": "Be brief."})
+    reqs = build_requests([rec], sys_cfg, tok)
+    assert [r.turn for r in reqs] == [2, 4] and "Be brief." in tok.decode(reqs[0].prompt_ids)
+    new = sd_mod._replace(rec, sys_cfg, reqs[1].turn, "my second answer")
+    assert [m["content"] for m in new.data["messages"]] == ["first question", "first answer", "second question",
+                                                             "my second answer"]
 
 
 def test_real_generation_on_the_tiny_model(tiny_model, toy_data, tmp_path):
     spec = tiny_recipe(tiny_model, toy_data, tmp_path / "real", fmt="prompt_completion", optim__max_steps=1)
     spec["data"]["self_distill"] = {"max_new_tokens": 6, "accept": {"kind": "rouge_l", "min": 0.0}}
-    s = train(recipe_from_dict(spec), quiet=True).summary["self_distill"]
+    s = train(recipe_from_dict(spec), quiet=True).summary["data"]["self_distill"]
     assert s["responses"] == 64 and s["generated"] == 64 and s["generated_tokens"] > 0
     # min 0 accepts every rewrite but the empty and the truncated ones (6 tokens: a random model rarely stops)
     assert s["accepted"] + sum(s["rejected"].values()) == 64 and set(s["rejected"]) <= {"empty", "truncated"}
@@ -139,6 +149,8 @@ def test_real_generation_on_the_tiny_model(tiny_model, toy_data, tmp_path):
 def test_self_distill_errors():
     with pytest.raises(ValueError, match="template needs {answer}"):
         DataConfig(train="t", self_distill={"template": "{prompt}"})
+    with pytest.raises(ValueError, match=r"template: only \{prompt\} and \{answer\} may stand in braces"):
+        DataConfig(train="t", self_distill={"template": '{prompt} {answer} as JSON: {"a": 1}'})
     with pytest.raises(RecipeError, match=r"mitigations.replay.data.self_distill: only the training data"):
         recipe_from_dict({"model": "m", "data": {"train": "t"}, "mitigations": [
             {"name": "replay", "data": {"train": "g", "self_distill": {}}}]})

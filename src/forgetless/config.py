@@ -127,6 +127,11 @@ class SelfDistillConfig(Strict):
         for key in ("{prompt}", "{answer}"):
             if key not in self.template:
                 raise ValueError(f"template needs {key}")
+        try:
+            self.template.format(prompt="", answer="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"template: only {{prompt}} and {{answer}} may stand in braces (write {{{{ and }}}} for "
+                             f"literal ones): {e!r}") from None
         return self
 
 

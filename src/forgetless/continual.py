@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Union
 
 import numpy as np
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from . import train as training  # training.train looked up at call time: tests replace forgetless.train.train
 from .config import DataConfig, EvalPrecisionOptions
@@ -157,7 +157,13 @@ def _carry_shorthands(v: Any) -> Any:
     """`carry: [ewc, {name: replay, ratio: 0.2}]`; the older mapping form (`{ewc: {...}, replay: true, si: null}`,
     as sequence.yaml files of 0.1 hold it) is read too, replay's policy / per_task / size moving under buffer:."""
     if isinstance(v, dict):
-        v = [{"name": k, **({} if x is True else x)} for k, x in v.items() if x not in (None, False)]
+        bad = sorted(k for k, x in v.items() if not isinstance(x, (dict, bool)) and x is not None)
+        if bad:
+            raise ValueError(f"{bad[0]}: a mapping of options, true or null")
+        # 0.1 handed them on in this fixed order, whatever the file's: keep it (mitigations compose in order)
+        legacy = ("ewc", "si", "kl", "replay", "olora")
+        keys = sorted(v, key=lambda k: legacy.index(k) if k in legacy else len(legacy))
+        v = [{"name": k, **({} if v[k] is True else v[k])} for k in keys if v[k] not in (None, False)]
         for e in v:
             if e["name"] == "replay" and {"policy", "per_task", "size"} & set(e):
                 e["buffer"] = {k: e.pop(k) for k in ("policy", "per_task", "size") if k in e}
@@ -191,6 +197,10 @@ class ContinualConfig(EvalPrecisionOptions):
     def carried(self) -> list[dict[str, Any]]:
         """The carry: entries as option mappings (without what the sequence fills)."""
         return [e.model_dump(mode="json", exclude=set(MITIGATIONS[e.name].carry_fills)) for e in self.carry]
+
+    def dump(self) -> dict[str, Any]:
+        """The sequence as written to sequence.yaml (carry: without what the sequence fills, so it reads back)."""
+        return {**self.model_dump(mode="json"), "carry": self.carried()}
     retention_suite: str | None = Field("self", description="What must not be forgotten (built-in name or suite file); "
                                                             "null: none.")
     limit: int | None = Field(None, gt=0, description="At most this many items per evaluation task.")
@@ -334,7 +344,7 @@ def plan(cfg: ContinualConfig, folder: Path, out: Path, where: str = "sequence")
                 path = (out / "replay" / f"step-{i}" / f"{prev.index}-{prev.task.name}.jsonl").resolve()
                 d = prev.recipe.data.model_dump(mode="json")
                 d.update({"train": str(path), "validation": None, "validation_fraction": 0.0, "limit": None,
-                          "split": "train"})
+                          "split": "train", "self_distill": None})  # the kept examples as they were written
                 buffer.append((prev.task.name, path, d))
                 keep.append((prev.task.name, path, [recs[k] for k in idx]))
         tree["mitigations"] = list(tree.get("mitigations") or []) + _carry_mitigations(cfg, i, steps, buffer)
@@ -586,7 +596,7 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
     suite = task_suite(cfg, steps, folder)
     retention = load_suite(_resolve(cfg.retention_suite, folder)) if cfg.retention_suite else None
 
-    seq_dump = cfg.model_dump(mode="json", exclude={"output_dir"})
+    seq_dump = {k: v for k, v in cfg.dump().items() if k != "output_dir"}
     lock(out)
     if out.exists() and any(out.iterdir()):
         if overwrite:
@@ -597,7 +607,10 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
         else:
             saved = yaml.safe_load((out / "sequence.yaml").read_text()) if (out / "sequence.yaml").is_file() else None
             if saved is not None:  # read through today's schema: a sequence.yaml of an older version compares equal
-                saved = ContinualConfig.model_validate(saved).model_dump(mode="json", exclude={"output_dir"})
+                try:
+                    saved = {k: v for k, v in ContinualConfig.model_validate(saved).dump().items() if k != "output_dir"}
+                except ValidationError:
+                    saved = {"unreadable": True}
             if saved is not None and saved != seq_dump:
                 raise ForgetlessError(f"{where}: the sequence changed since {out / 'sequence.yaml'} was written; "
                                       "pass --overwrite to start again (or choose another output_dir)")
@@ -607,7 +620,7 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
                     raise ForgetlessError(f"step {s.index} ({s.task.name}): its recipe changed since "
                                           f"{saved_recipe} was written; pass --overwrite to start the sequence again")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "sequence.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(out / "sequence.yaml", yaml.safe_dump(cfg.dump(), sort_keys=False))
 
     base_path = resolve_model(steps[0].recipe.model.name).path
     evaluator = _Evaluator(cfg, suite, retention, base_path, quiet)

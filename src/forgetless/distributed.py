@@ -231,6 +231,10 @@ def check_recipe(recipe: Any) -> str:
             f"method.name: {recipe.method.name} is not supported with {where} (supported: "
             f"{', '.join(recipe.shardable_names('methods'))}); use engine: ddp"
         )
+    if getattr(recipe.method, "moves_base", False):
+        raise RecipeError(f"method.init: {recipe.method.init} is not supported with {where} (its adapter is converted "
+                          "against the original base when saved, which the sharded save does not do); use engine: ddp "
+                          "or init default / gaussian")
     for m, cls in zip(recipe.mitigations, recipe.mitigation_classes(), strict=True):
         if not cls.shardable:
             raise RecipeError(

@@ -174,7 +174,8 @@ class MonitorCallback(TrainerCallback):
     def probe(self, model, state, control=None, optimizer=None, lr_scheduler=None, final: bool = False
               ) -> dict[str, Any] | None:
         """Score the probe suite against the reference, log it, and (with a guard) judge the budget and act: the
-        optimizer and scheduler are the Trainer's, handed in by the hook (lower_lr and rollback change them).
+        optimizer and scheduler are the Trainer's, handed in by the hook (lower_lr and rollback change them; a
+        guarded probe that is not `final` needs them).
         `final`: the end of training (train() calls it): only records whether the end state is within budget,
         and is skipped when this step was just probed. Returns the probe's record (the same on every rank)."""
         if final:

@@ -102,6 +102,11 @@ class BadLine:
     error: str
     raw: str | None = None
     kind: str = "malformed_json"  # or "schema" (valid JSON, but not an object)
+    strict: str | None = None  # what strict reading raises, where it says more than "where: error"
+
+    @property
+    def message(self) -> str:
+        return self.strict or f"{self.where}: {self.error}"
 
 
 def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]]:
@@ -118,7 +123,7 @@ def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]
         raise DataError(f"{path}: unsupported data file type; use .jsonl, .json (optionally .gz), or hf:<dataset id>")
     problem = file_problem(path)
     if problem:  # empty, binary or not UTF-8: one finding for the whole file
-        yield 1, None, BadLine(f"{path}:1", problem,
+        yield 1, None, BadLine(f"{path}:1", problem, strict=f"{path}: {problem}",
                                kind="schema" if problem.startswith("the file is empty") else "malformed_json")
         return
     if name.endswith((".jsonl", ".ndjson")) and json_array_text(path) is not None:
@@ -141,18 +146,21 @@ def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]
             with open_text(path) as f:
                 text = f.read()
         except UnicodeDecodeError as e:
-            yield 1, None, BadLine(f"{path}:1", f"not UTF-8 text (byte {e.start}); save the file as UTF-8")
+            msg = f"not UTF-8 text (byte {e.start}); save the file as UTF-8"
+            yield 1, None, BadLine(f"{path}:1", msg, strict=f"{path}: {msg}")
             return
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            yield e.lineno, None, BadLine(f"{path}:{e.lineno}", f"malformed JSON ({e.msg} at column {e.colno}); "
-                                          "the rest of this file cannot be read")
+            msg = f"malformed JSON ({e.msg} at column {e.colno})"
+            yield e.lineno, None, BadLine(f"{path}:{e.lineno}", f"{msg}; the rest of this file cannot be read",
+                                          strict=f"{path}:{e.lineno}: {msg}")
             return
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
         if not isinstance(obj, list):
-            yield 1, None, BadLine(f"{path}:1", "a .json data file holds an array of objects (or {'data': [...]})")
+            msg = "a .json data file holds an array of objects (or {'data': [...]})"
+            yield 1, None, BadLine(f"{path}:1", msg, strict=f"{path}: {msg}")
             return
         for i, item in enumerate(obj, start=1):
             yield i, item, None
@@ -169,15 +177,23 @@ def read_file(path: str | Path, bad: list[BadLine] | None = None) -> list[Record
     records: list[Record] = []
     for line, value, problem in iter_json_file(path):
         if problem is None and not isinstance(value, dict):
-            problem = BadLine(f"{path}:{line}", f"expected a JSON object, got {type(value).__name__}",
-                              json.dumps(value, ensure_ascii=False), kind="schema")
+            msg = f"expected a JSON object, got {type(value).__name__}"
+            item = name_is_json_array(path)
+            problem = BadLine(f"{path}:{line}", msg, json.dumps(value, ensure_ascii=False), kind="schema",
+                              strict=f"{path}: item {line}: {msg}" if item else None)
         if problem is None:
             records.append(Record(value, str(path), line))
         elif bad is not None:
             bad.append(problem)
         elif not problem.error.startswith("the file is empty"):
-            raise DataError(f"{problem.where}: {problem.error}")
+            raise DataError(problem.message)
     return records
+
+
+def name_is_json_array(path: Path) -> bool:
+    """Whether iter_json_file reads `path` as one JSON document (positions are array items, not lines)."""
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return name.endswith(".json") or json_array_text(path) is not None
 
 
 def require_hub(spec: str) -> None:

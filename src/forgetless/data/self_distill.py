@@ -144,25 +144,36 @@ def cache_key(model_fp: str, requests: list[Request], cfg: DataConfig, bf16: boo
 
 
 def _read_cache(path: Path) -> dict[int, dict[str, Any]]:
+    """The rows a cache file holds; a last line cut short by a kill is dropped from the file (generated again)."""
     done: dict[int, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill: generated again
-                continue
-            done[int(row["i"])] = row
+    if not path.is_file():
+        return done
+    text = path.read_text()
+    whole = text[: text.rfind("\n") + 1]
+    if whole != text:
+        with open(path, "r+") as f:
+            f.truncate(len(whole.encode()))
+    for line in whole.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        done[int(row["i"])] = row
     return done
 
 
 def self_distill(records: list[Record], cfg: DataConfig, model: Any, tokenizer: Any, cache_dir: Path, bf16: bool,
-                 quiet: bool = False) -> tuple[list[Record], dict[str, Any]]:
-    """The training records with accepted rewrites in place of their references, and the transform's statistics."""
+                 quiet: bool = False, model_key: str | None = None) -> tuple[list[Record], dict[str, Any]]:
+    """The training records with accepted rewrites in place of their references, and the transform's statistics.
+
+    `model_key`: what identifies the model the rewrites come from in the cache key (the run passes its base
+    model's fingerprint: the rewrites do not depend on a fresh adapter's random weights, so every seed, rank and
+    method of a sweep shares them); default a hash of all of `model`'s weights."""
     sd = cfg.self_distill
     assert sd is not None
     t0 = time.perf_counter()
     requests = build_requests(records, cfg, tokenizer)
-    key = cache_key(fingerprint_model(model), requests, cfg, bf16)
+    key = cache_key(model_key or fingerprint_model(model), requests, cfg, bf16)
     path = cache_dir / "self_distill" / f"{key}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     done = _read_cache(path)

@@ -28,7 +28,8 @@ When the penalty gradients are added: by default after the Trainer clips gradien
 an anchor is never scaled down by a large task gradient, and the logged `grad_norm` is the task's alone (KL, a
 loss term, is clipped with the task loss). `clip: true` on l2sp / ewc adds theirs before clipping instead:
 clipped together with the task gradient and counted in `grad_norm`. SI always adds its own after clipping (its
-path integral reads the clipped task gradient before the penalty is added).
+path integral reads the clipped gradient before SI's penalty is added; with l2sp / ewc `clip: true` beside it,
+that gradient includes their penalties).
 
 Each mitigation's set-up time, time inside its hooks and the memory it holds are reported in summary.json.
 """

@@ -120,7 +120,7 @@ class EWC(QuadraticPenalty):
         Fisher of the tasks before it (step i-1's saved state covers tasks 1..i-2; decayed by gamma)."""
         if step.index < 2:
             return None
-        ref = {**step.previous_data[-1], "validation": None, "validation_fraction": 0.0}
+        ref = {**step.previous_data[-1], "validation": None, "validation_fraction": 0.0, "self_distill": None}
         return {"name": cls.name, **options, "reference": ref,
                 "previous": [str(step.previous[-1])] if step.index >= 3 else []}
 

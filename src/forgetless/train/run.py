@@ -27,6 +27,7 @@ from ..data import build_examples, calibration_examples, load_datasets
 from ..data.check import cheap_checks, report_problems
 from ..data.self_distill import self_distill
 from ..errors import DataError, ForgetlessError
+from ..fingerprint import fingerprint_path
 from ..guard import MonitorCallback
 from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from ..lock import DirLock
@@ -315,7 +316,8 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         # the model as it is before training rewrites the responses; rank 0 first (it fills the cache the others read)
         with dist.main_first():
             records, data.self_distill = self_distill(data.train_records, recipe.data, model, tokenizer,
-                                                      home_dir() / "cache", bf16, quiet=quiet or not main)
+                                                      home_dir() / "cache", bf16, quiet=quiet or not main,
+                                                      model_key=fingerprint_path(model_path))
         data.train, data.train_stats = build_examples(records, recipe.data, tokenizer)
         data.train_records = records
         if not data.train:
@@ -325,9 +327,13 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         # from this, a standard LoRA against the original base. init_lora_weights True in the saved copy, so that
         # loading it does not decompose the (residual) base again.
         peft_model = cast(Any, model)  # a PeftModel (moves_base: a LoRA init)
-        peft_model.peft_config["default"].init_lora_weights = True
-        with atomic_dir(run_dir / "initial_adapter", overwrite=True) as tmp:
-            peft_model.save_pretrained(tmp, safe_serialization=True)
+        live = peft_model.peft_config["default"]
+        init, live.init_lora_weights = live.init_lora_weights, True
+        try:
+            with atomic_dir(run_dir / "initial_adapter", overwrite=True) as tmp:
+                peft_model.save_pretrained(tmp, safe_serialization=True)
+        finally:  # checkpoints keep saying what they are: an adapter against the residual base
+            live.init_lora_weights = init
     mitigations = build_mitigations(recipe.mitigations)
     mctx = TrainContext(recipe=recipe, model=model, tokenizer=tokenizer, run_dir=run_dir, device=device,
                         base_model_path=model_path, bf16=bf16, data=data, cache_dir=home_dir() / "cache")
@@ -460,7 +466,6 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         "diverged": diverged,
         "data": data.summary(),
         "mitigations": [m.report(train_time) for m in mitigations],
-        **({"self_distill": data.self_distill} if data.self_distill is not None else {}),
         "monitor": {
             "probes": monitor.state.probes,
             "probe_s": round(monitor.state.probe_s, 2),
