@@ -31,11 +31,15 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 # - the loss curve: DDP vs one process differs by at most 1e-7 relative (about one fp32 ulp: the gradient
 #   all-reduce adds two half-batch sums where one process sums the whole batch). 100x that is allowed; a
 #   gradient-sync bug shows at once (DDP that skipped the all-reduce: 5.5315 vs 5.5030 at step 2, 5e-3).
-# - the final weights: at most 1e-8 apart; 1e-6 allowed.
+# - the final weights, every parameter (102,720): 99.9% within 1.7e-7, 6 elements beyond 1e-6, the largest 7.4e-6
+#   (Adam normalises each element's update: where a gradient is a rounding error from zero, the two summation
+#   orders can move it by a visible fraction of the learning rate). Allowed: every element within 1e-4 and at most
+#   0.1% beyond 1e-6; a gradient-sync bug moves most elements by about the learning rate (3e-3).
 # - the Fisher: each rank sums half the samples' squared gradients, then the sums are added; at most 3.2e-7
 #   relative per element; 1e-5 allowed. Across ranks it is identical (bitwise).
 LOSS_RTOL = 1e-5
-WEIGHTS_ATOL = 1e-6
+WEIGHTS_ATOL = 1e-4
+WEIGHTS_CLOSE, WEIGHTS_FAR_SHARE = 1e-6, 1e-3
 FISHER_RTOL = 1e-5
 
 
@@ -249,7 +253,9 @@ def test_ddp_reaches_the_single_process_loss_curve_with_the_same_global_batch(dd
 
     wa, ws = (load_file(x["weights_file"])["weights"] for x in (a, r["single"]))
     assert wa.numel() == ws.numel() == r["single"]["summary"]["total_parameters"]  # every parameter
-    assert torch.allclose(wa, ws, rtol=0, atol=WEIGHTS_ATOL), (wa - ws).abs().max()
+    diff = (wa - ws).abs()
+    assert float(diff.max()) <= WEIGHTS_ATOL, float(diff.max())
+    assert int((diff > WEIGHTS_CLOSE).sum()) <= WEIGHTS_FAR_SHARE * diff.numel(), int((diff > WEIGHTS_CLOSE).sum())
 
 
 def test_ewc_fisher_is_all_reduced_and_equals_the_single_process_estimate(ddp_vs_single):

@@ -116,6 +116,7 @@ def test_guard_needs_a_replay_mitigation_for_more_replay(organism):
     assert r.monitor is not None and r.monitor.suite == "self"
 
 
+@pytest.mark.slow  # the organism trains 20 steps with probes (~15 s)
 def test_more_replay_is_carried_out_by_the_replay_mitigation(organism, probe_suite, tmp_path):
     # a guard action a mitigation offers (replay: more_replay), dispatched by its declaration
     replay = {"name": "replay", "ratio": 0.2,

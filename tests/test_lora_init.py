@@ -70,6 +70,7 @@ def test_every_init_leaves_the_output_unchanged_at_step_0(init, tiny_model):
     assert any(float(p.abs().max()) > 0 for p in lora_b) == moved
 
 
+@pytest.mark.slow  # three short trainings with a merge and reloads (~25 s)
 @pytest.mark.parametrize("init", ["pissa", "milora", "corda_ipm"])
 def test_moved_inits_save_a_standard_lora_that_reloads_and_merges(init, tiny_model, toy_data, tmp_path):
     spec = tiny_recipe(tiny_model, toy_data, tmp_path / init, optim__max_steps=3, train__merge=True)
@@ -96,6 +97,7 @@ def test_moved_inits_save_a_standard_lora_that_reloads_and_merges(init, tiny_mod
     assert cfg["r"] == 8 and cfg["init_lora_weights"] is True  # rank 2r: [A | A0], [B | -B0]
 
 
+@pytest.mark.slow
 def test_eva_calibrates_on_the_training_data_in_a_run(tiny_model, toy_data, tmp_path):
     spec = tiny_recipe(tiny_model, toy_data, tmp_path / "eva", optim__max_steps=2)
     spec["method"] = {"name": "lora", "r": 4, "init": "eva", "init_samples": 32}

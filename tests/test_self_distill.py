@@ -137,6 +137,7 @@ def test_chat_turns_are_rewritten_each_in_its_context(tiny_model, tmp_path):
                                                              "my second answer"]
 
 
+@pytest.mark.slow
 def test_real_generation_on_the_tiny_model(tiny_model, toy_data, tmp_path):
     spec = tiny_recipe(tiny_model, toy_data, tmp_path / "real", fmt="prompt_completion", optim__max_steps=1)
     spec["data"]["self_distill"] = {"max_new_tokens": 6, "accept": {"kind": "rouge_l", "min": 0.0}}
