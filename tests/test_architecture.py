@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "forgetless.config": 0,
     "forgetless.fingerprint": 0,
     "forgetless.blocks": 0,
+    "forgetless.plugins": 0,
     "forgetless.results": 0,
     "forgetless.tiny": 0,
     "forgetless.retention.lm": 0,

@@ -14,7 +14,8 @@ from forgetless.recipe import ModelConfig, recipe_from_dict
 from forgetless.train import train
 from forgetless.train.model import load_model, prepare_model
 
-INITS = ["default", "gaussian", "pissa", "orthonormal", "milora", "corda_kpm", "corda_ipm", "eva"]
+INITS = ["default", "gaussian", "pissa", "orthonormal", "milora",
+         *(pytest.param(i, marks=pytest.mark.slow) for i in ("corda_kpm", "corda_ipm", "eva"))]  # calibrate first
 
 
 def test_milora_takes_the_smallest_singular_components_by_hand():

@@ -297,7 +297,7 @@ def _one_step_grads(tiny_model, toy_data, out, monkeypatch, l2sp: dict | None, m
     return torch.cat([g.flatten() for g in seen["grads"]]), next(x["grad_norm"] for x in logged if "grad_norm" in x)
 
 
-@pytest.mark.parametrize(("clip", "c"), [(False, 0.01), (True, 0.01),
+@pytest.mark.parametrize(("clip", "c"), [(False, 0.01), pytest.param(True, 0.01, marks=pytest.mark.slow),
                                          pytest.param(True, None, marks=pytest.mark.slow)])
 def test_penalty_gradient_is_added_after_clipping_unless_clip(clip, c, tiny_model, toy_data, tmp_path, monkeypatch):
     # the task gradient alone, unclipped (weight 0: the penalty adds nothing)

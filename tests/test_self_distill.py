@@ -63,6 +63,7 @@ def _fake_generate(calls):
     return gen
 
 
+@pytest.mark.slow  # five tiny trainings (~20 s); the acceptance logic and the chat requests stay in make test
 def test_rewrites_replace_accepted_references_and_are_cached(tiny_model, toy_data, tmp_path, monkeypatch):
     calls: list[str] = []
     monkeypatch.setattr(sd_mod, "greedy_generate", _fake_generate(calls))

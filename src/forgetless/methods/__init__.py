@@ -7,27 +7,17 @@ point group. The recipe's `method:` schema is built from the registry when this 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Annotated, Union
 
 from pydantic import Field
 
+from ..plugins import discover
 from .base import REGISTRY, TrainingMethod, WrapContext, register
 
 _HELPERS = {"base", "bottleneck"}  # modules of this package that define no method
 
 
-def _discover() -> None:
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name not in _HELPERS and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-    for ep in entry_points(group="forgetless.methods"):
-        ep.load()
-
-
-_discover()
+discover(__name__, __path__, _HELPERS, "forgetless.methods")
 
 _ORDER = ("full", "lora", "dora", "qlora", "ia3", "prefix", "prompt", "adapter", "freeze")
 METHODS: dict[str, type[TrainingMethod]] = {

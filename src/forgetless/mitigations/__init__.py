@@ -8,13 +8,11 @@ The recipe's `mitigations:` schema is built from the registry when this package 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import Field
 
+from ..plugins import discover
 from .base import (
     REGISTRY,
     CarryStep,
@@ -29,15 +27,7 @@ from .base import (
 _HELPERS = {"base", "data"}  # modules of this package that define no mitigation
 
 
-def _discover() -> None:
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if info.name not in _HELPERS and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-    for ep in entry_points(group="forgetless.mitigations"):
-        ep.load()
-
-
-_discover()
+discover(__name__, __path__, _HELPERS, "forgetless.mitigations")
 
 #: Every mitigation by recipe name, in a fixed order (the built-ins' historical order, then the rest by name).
 _ORDER = ("l2sp", "ewc", "si", "kl", "replay", "self_replay", "freeze", "olora")
