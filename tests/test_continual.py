@@ -346,6 +346,7 @@ def ewc(world):
         world, "ewc", {"ewc": {"weight": 1000, "samples": 64}})), quiet=True, report=False)
 
 
+@pytest.mark.slow  # two 3-task sequences on the organism (~31 s); make test keeps the wiring and resume tests
 @pytest.mark.parametrize("name", ["replay", "ewc"])
 def test_carried_mitigation_reduces_forgetting_and_still_learns(name, plain, request):
     s = request.getfixturevalue(name)
