@@ -79,6 +79,7 @@ def _steps(run_dir: Path) -> list[int]:
 # ---------------------------------------------------------------- exact resume at every boundary
 
 
+@pytest.mark.slow  # a forked kill and resume at every boundary (~34 s); make test keeps the disk-full and lock cases
 def test_killed_at_every_boundary_resumes_to_identical_weights(capsys, forked, tiny_model, toy_data, tmp_path):
     """max_steps 10, a checkpoint every 5 steps (8 steps per epoch, so the last step is mid-epoch). One run is
     SIGKILLed at each boundary in turn and resumed from where the previous kill left it; every resume must
