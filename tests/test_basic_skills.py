@@ -19,15 +19,10 @@ from transformers import AutoModelForCausalLM
 from forgetless.retention.evaluate import compare, evaluate, result_from_cache
 from forgetless.retention.kinds import reference_likelihood as RL
 from forgetless.retention.kinds.base import EvalContext
-from forgetless.retention.kinds.generate import (
-    GenerateTask,
-    bleu_tokenizer,
-    gold_answers,
-    metrics,
-    rouge_scores,
-    translation_scores,
-    use_chat,
-)
+from forgetless.retention.kinds.generate import GenerateTask, metrics
+from forgetless.retention.kinds.generate.rouge import rouge_scores
+from forgetless.retention.kinds.generate.translation import bleu_tokenizer, translation_scores
+from forgetless.retention.kinds.prompting import gold_answers, use_chat
 from forgetless.retention.metrics import bootstrap_ci, paired_test
 from forgetless.retention.suite import Suite, load_suite
 from forgetless.retention.tasks import load_rows, render, resolve_data_root

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from forgetless.retention import metrics as M
 from forgetless.retention.evaluate import compare, evaluate
 from forgetless.retention.kinds import knowledge_qa as kqa
-from forgetless.retention.kinds.generate import score_prediction
+from forgetless.retention.kinds.generate.qa import qa_scores
 from forgetless.retention.suite import Suite, load_suite
 from forgetless.train.model import load_tokenizer
 
@@ -101,7 +101,7 @@ def test_exact_match_on_the_generated_subset_only(model_tok, tmp_path):
     assert gen.sum() == 2
     for i, d in enumerate(r.details):
         if gen[i]:
-            s = score_prediction(d["prediction"], list(dict.fromkeys(NQ[i]["answer"])), "aliases")
+            s = qa_scores(d["prediction"], list(dict.fromkeys(NQ[i]["answer"])))
             assert (r.columns["exact_match"][i], r.columns["contains"][i]) == (s["exact_match"], s["contains"])
             assert d["correct"] == bool(s["exact_match"])
         else:

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from forgetless.errors import DataError, ForgetlessError
 from forgetless.retention.evaluate import compare, evaluate, evaluate_cached, fingerprint_model
-from forgetless.retention.kinds.generate import parse_number, score_prediction, token_f1
+from forgetless.retention.kinds.generate.numeric import numeric_score, parse_number
+from forgetless.retention.kinds.generate.qa import qa_scores, token_f1
 from forgetless.retention.suite import Suite, load_suite
 from forgetless.train.model import load_tokenizer
 
@@ -112,13 +113,13 @@ def test_left_truncation_is_counted(model_tok, tmp_path):
 
 
 def test_generate_scorers_by_hand():
-    assert score_prediction("The Eiffel Tower!", ["eiffel tower"], "aliases")["exact_match"] == 1.0
-    assert score_prediction("It is in Paris, France", ["Paris"], "aliases")["contains"] == 1.0
+    assert qa_scores("The Eiffel Tower!", ["eiffel tower"])["exact_match"] == 1.0
+    assert qa_scores("It is in Paris, France", ["Paris"])["contains"] == 1.0
     assert math.isclose(token_f1("red big cat", "the red cat"), 2 * (2 / 3) * 1.0 / (2 / 3 + 1.0))
     assert parse_number("so the answer is 1,234.") == 1234.0
     assert parse_number("blah\n#### 42") == 42.0
-    assert score_prediction("Total: 18 dollars", ["... #### 18"], "numeric")["numeric"] == 1.0
-    assert score_prediction("Total: 17", ["#### 18"], "numeric")["numeric"] == 0.0
+    assert numeric_score("Total: 18 dollars", "... #### 18")["numeric"] == 1.0
+    assert numeric_score("Total: 17", "#### 18")["numeric"] == 0.0
 
 
 def test_generate_task_runs_and_scores(model_tok, tmp_path):
@@ -128,6 +129,35 @@ def test_generate_task_runs_and_scores(model_tok, tmp_path):
     r = _eval(model_tok, [task], tmp_path).tasks["qa"]
     assert set(r.columns) == {"exact_match", "contains", "f1"} and r.n == 2
     assert all("prediction" in d for d in r.details)
+
+
+def test_a_registered_scorer_is_one_file_behind_the_scorer_option(model_tok, tmp_path, monkeypatch):
+    """A scorer registered from outside the package (as a plugin module would) is accepted by `scorer:`, scores
+    each generated prediction, and restores its metrics from cached columns; an unknown name lists the known."""
+    from forgetless.retention.kinds.generate import GenerateTask
+    from forgetless.retention.kinds.generate.scorer import SCORERS, Scorer, register
+
+    monkeypatch.setattr("forgetless.retention.kinds.generate.scorer.SCORERS", dict(SCORERS))
+    import forgetless.retention.kinds.generate as G
+
+    monkeypatch.setattr(G, "SCORERS", G.scorer.SCORERS)
+    seen: list[tuple[str, list[str]]] = []
+
+    def length(task, pred, golds):
+        seen.append((pred, golds))
+        return {"pred_chars": float(len(pred))}
+
+    register(Scorer("length", ("pred_chars",), "pred_chars", length))
+    with pytest.raises(ValueError, match="unknown scorer 'nope'; one of numeric, qa, rouge, translation, length"):
+        GenerateTask(name="t", scorer="nope")
+    _jsonl(tmp_path / "qa.jsonl",
+           [{"question": "copy: red", "answer": "red"}, {"question": "copy: sun", "answer": "sun"}])
+    task = {"name": "qa", "kind": "generate", "data": {"path": "qa.jsonl"}, "max_new_tokens": 4, "scorer": "length"}
+    r = _eval(model_tok, [task], tmp_path).tasks["qa"]
+    assert r.main == "pred_chars" and [g for _, g in seen] == [["red"], ["sun"]]
+    assert r.columns["pred_chars"].tolist() == [float(len(d["prediction"])) for d in r.details]
+    assert r.main_metric.fn(r.columns) == pytest.approx(np.mean([len(d["prediction"]) for d in r.details]))
+    assert [m.name for m in G.metrics(r.columns)] == ["pred_chars"]
 
 
 def test_self_reference_is_zero_for_the_base_and_grows_when_perturbed(model_tok, tmp_path):

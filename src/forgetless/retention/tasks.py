@@ -84,6 +84,11 @@ class TaskBase(NoExtra):
         "basic_skills, or your own): abilities weigh equally in the retention score; a task without one is its own.",
     )
 
+    @property
+    def main(self) -> str:
+        """The metric the retention score uses: each kind's `main_metric` option."""
+        return str(self.main_metric)  # type: ignore[attr-defined]  # every kind declares it
+
 
 @dataclass
 class TaskResult:
@@ -98,6 +103,14 @@ class TaskResult:
     details: list[dict[str, Any]] = field(default_factory=list)  # per item: prediction, correct, text (for flips)
     info: dict[str, Any] = field(default_factory=dict)  # counts: truncated, seconds, tokens
     ability: str | None = None  # from the task definition (not cached: a suite may re-tag its tasks)
+
+    @classmethod
+    def of(cls, task: TaskBase, columns: Columns, metrics: list[Metric], item_ids: list[str],
+           details: list[dict[str, Any]] | None = None, info: dict[str, Any] | None = None,
+           main: str | None = None) -> TaskResult:
+        """A task's result: name and kind from the task, `main` its `main_metric` unless given."""
+        return cls(task.name, task.kind, columns, metrics, main or task.main, item_ids,
+                   details or [], info or {})
 
     def metric(self, name: str) -> Metric:
         return next(m for m in self.metrics if m.name == name)
@@ -281,6 +294,13 @@ def item_id(rec: Record) -> str:
 def fewshot_pool(task: TaskBase, rows: list[Record], chosen: list[Record]) -> list[Record]:
     ids = {id(r) for r in chosen}
     return [r for r in rows if id(r) not in ids] or rows
+
+
+def rows_and_shot_pool(task: TaskBase, data_root: Path | None) -> tuple[list[Record], list[Record]]:
+    """The task's scored rows and the rows its few-shot examples are drawn from (none without `shots`)."""
+    all_rows = load_rows(task, data_root)
+    rows = sample_rows(task, all_rows)
+    return rows, fewshot_pool(task, all_rows, rows) if task.shots else []
 
 
 _Shot = TypeVar("_Shot")  # a Record, or a kind's built item (multiple choice)

@@ -39,19 +39,10 @@ from pydantic import Field
 from ...errors import DataError
 from ..lm import EngineStats, Request, Score, greedy_generate, score_requests
 from ..metrics import Columns, Metric, mean_of, per_unit
-from ..tasks import (
-    TaskBase,
-    TaskResult,
-    as_array,
-    fewshot_pool,
-    item_id,
-    load_rows,
-    pick_shots,
-    render,
-    sample_rows,
-)
+from ..tasks import TaskBase, TaskResult, as_array, item_id, pick_shots, rows_and_shot_pool
 from .base import EvalContext, encode, encode_pair
-from .generate import chat_ids, gold_answers, score_prediction, use_chat
+from .generate.qa import qa_scores
+from .prompting import chat_ids, gold_answers, prompt_of, shots_chat, shots_text, use_chat
 
 
 class KnowledgeQATask(TaskBase):
@@ -106,14 +97,6 @@ def aliases(task: KnowledgeQATask, rec: Any) -> list[str]:
     return out[: task.max_aliases] if task.max_aliases else out
 
 
-def _prefix(task: KnowledgeQATask, shots: list[Any]) -> str:
-    return "".join(
-        str(render(task.prompt, s, task.name, "prompt")) + task.target_delimiter + aliases(task, s)[0]
-        + task.fewshot_delimiter
-        for s in shots
-    )
-
-
 def build_requests(task: KnowledgeQATask, ctx: EvalContext, rows: list[Any],
                    pool: list[Any]) -> tuple[list[Request], list[list[int]], list[list[str]]]:
     """Per item: one request (shared context, one continuation per alias), the generation prompt's ids, the aliases."""
@@ -122,20 +105,17 @@ def build_requests(task: KnowledgeQATask, ctx: EvalContext, rows: list[Any],
     requests, prompts, golds = [], [], []
     for k, rec in enumerate(rows):
         shots = pick_shots(pool, task.shots, task.seed + k, exclude=rec)
-        prompt = str(render(task.prompt, rec, task.name, "prompt"))
+        prompt = prompt_of(task, rec)
         al = aliases(task, rec)
         if not al:
             raise DataError(f"{rec.where}: task {task.name}: no gold answer")
         if chat:
-            msgs = []
-            for s in shots:
-                msgs += [{"role": "user", "content": str(render(task.prompt, s, task.name, "prompt"))},
-                         {"role": "assistant", "content": aliases(task, s)[0]}]
+            msgs = shots_chat(task, shots, lambda s: aliases(task, s)[0])
             context = chat_ids(tok, [*msgs, {"role": "user", "content": prompt}])
             conts = [encode(tok, a) for a in al]
             gen_prompt = context
         else:
-            text = _prefix(task, shots) + prompt
+            text = shots_text(task, shots, lambda s: aliases(task, s)[0]) + prompt
             pairs = [encode_pair(tok, text, task.target_delimiter + a) for a in al]
             context, conts = pairs[0][0], [p[1] for p in pairs]
             gen_prompt = encode(tok, text.rstrip(" "))
@@ -160,9 +140,7 @@ def _best_alias(scores: list[Score]) -> int:
 
 
 def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
-    all_rows = load_rows(task, ctx.data_root)
-    rows = sample_rows(task, all_rows)
-    pool = fewshot_pool(task, all_rows, rows) if task.shots else []
+    rows, pool = rows_and_shot_pool(task, ctx.data_root)
     requests, prompts, golds = build_requests(task, ctx, rows, pool)
     stats = EngineStats()
     scores = score_requests(
@@ -182,7 +160,7 @@ def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
                                progress=ctx.track(f"{task.name} (generate)", len(subset)))
         for i, ids in zip(subset, outs, strict=True):
             pred = ctx.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            s = score_prediction(pred, golds[i], "aliases")
+            s = qa_scores(pred, golds[i])
             em[i], contains[i], generated[i] = s["exact_match"], s["contains"], 1.0
             preds[i] = pred
     cols = {
@@ -198,18 +176,10 @@ def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
     for i, rec in enumerate(rows):
         details.append({
             "id": item_id(rec), "where": rec.where,
-            "question": str(render(task.prompt, rec, task.name, "prompt"))[-300:],
+            "question": prompt_of(task, rec)[-300:],
             "gold": golds[i][:5], "best_alias": golds[i][best[i]], "alias_logprob": round(-nll[i], 4),
             "prediction": preds.get(i), "correct": bool(em[i]) if i in preds else None,
         })
-    return TaskResult(
-        task=task.name,
-        kind=task.kind,
-        columns=cols,
-        metrics=metrics(cols, task),
-        main=task.main_metric,
-        item_ids=[d["id"] for d in details],
-        details=details,
-        info={"left_truncated": stats.left_truncated, "tokens": stats.tokens,
-              "aliases": int(sum(len(g) for g in golds)), "generated": len(subset)},
-    )
+    return TaskResult.of(task, cols, metrics(cols, task), [d["id"] for d in details], details,
+                         {"left_truncated": stats.left_truncated, "tokens": stats.tokens,
+                          "aliases": int(sum(len(g) for g in golds)), "generated": len(subset)})

@@ -63,13 +63,6 @@ def run(task: LmEvalTask, ctx: EvalContext) -> TaskResult:
         raise ForgetlessError(f"task {task.name}: lm-eval task {task.task} has no per-sample metric "
                               f"{task.main_metric!r}; has {metric_names}")
     cols = {m: as_array([float(s[m]) for s in samples]) for m in metric_names}
-    return TaskResult(
-        task=task.name,
-        kind=task.kind,
-        columns=cols,
-        metrics=metrics(cols, task),
-        main=task.main_metric,
-        item_ids=[str(s["doc_id"]) for s in samples],
-        info={"lm_eval_results": {k: v for k, v in out["results"][task.task].items()
-                                  if isinstance(v, (int, float, str))}},
-    )
+    return TaskResult.of(task, cols, metrics(cols, task), [str(s["doc_id"]) for s in samples],
+                         info={"lm_eval_results": {k: v for k, v in out["results"][task.task].items()
+                                                   if isinstance(v, (int, float, str))}})

@@ -19,12 +19,10 @@ from ..tasks import (
     TaskBase,
     TaskResult,
     as_array,
-    fewshot_pool,
     item_id,
-    load_rows,
     pick_shots,
     render,
-    sample_rows,
+    rows_and_shot_pool,
 )
 from .base import EvalContext, encode_pair
 
@@ -92,12 +90,11 @@ def metrics(cols, task=None) -> list:
 
 
 def run(task: MultipleChoiceTask, ctx: EvalContext) -> TaskResult:
-    all_rows = load_rows(task, ctx.data_root)
-    rows = sample_rows(task, all_rows)
+    rows, pool_rows = rows_and_shot_pool(task, ctx.data_root)
     items = build_items(task, rows)
     if not items:
         raise DataError(f"task {task.name}: no items to evaluate")
-    pool = build_items(task, fewshot_pool(task, all_rows, rows)) if task.shots else []
+    pool = build_items(task, pool_rows) if task.shots else []
     requests = []
     for k, it in enumerate(items):
         shots = pick_shots(pool, task.shots, task.seed + k)
@@ -131,13 +128,5 @@ def run(task: MultipleChoiceTask, ctx: EvalContext) -> TaskResult:
             "correct": bool((pred_norm if task.main_metric == "acc_norm" else pred) == it["gold"]),
         })
     cols = {"acc": as_array(acc), "acc_norm": as_array(acc_norm), "pgold": as_array(pgold)}
-    return TaskResult(
-        task=task.name,
-        kind=task.kind,
-        columns=cols,
-        metrics=metrics(cols),
-        main=task.main_metric,
-        item_ids=[d["id"] for d in details],
-        details=details,
-        info={"left_truncated": stats.left_truncated, "tokens": stats.tokens},
-    )
+    return TaskResult.of(task, cols, metrics(cols), [d["id"] for d in details], details,
+                         {"left_truncated": stats.left_truncated, "tokens": stats.tokens})

@@ -66,12 +66,5 @@ def run(task: PerplexityTask, ctx: EvalContext) -> TaskResult:
         "words": as_array([max(1, len(text.split())) for _, text, _ in docs]),
         "bytes": as_array([len(text.encode("utf-8")) for _, text, _ in docs]),
     }
-    return TaskResult(
-        task=task.name,
-        kind=task.kind,
-        columns=cols,
-        metrics=metrics(cols),
-        main=task.main_metric,
-        item_ids=[item_id(rec) for rec, _, _ in docs],
-        info={"documents": len(docs), "windows": len(requests), "tokens": int(cols["tokens"].sum())},
-    )
+    return TaskResult.of(task, cols, metrics(cols), [item_id(rec) for rec, _, _ in docs],
+                         info={"documents": len(docs), "windows": len(requests), "tokens": int(cols["tokens"].sum())})

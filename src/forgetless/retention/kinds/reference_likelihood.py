@@ -24,19 +24,9 @@ from pydantic import Field
 from ...errors import DataError
 from ..lm import EngineStats, Request, score_requests
 from ..metrics import LN2, Metric, per_unit
-from ..tasks import (
-    TaskBase,
-    TaskResult,
-    as_array,
-    fewshot_pool,
-    item_id,
-    load_rows,
-    pick_shots,
-    render,
-    sample_rows,
-)
+from ..tasks import TaskBase, TaskResult, as_array, item_id, pick_shots, rows_and_shot_pool
 from .base import EvalContext, encode, encode_pair
-from .generate import chat_ids, gold_answers, use_chat
+from .prompting import chat_ids, gold_answers, prompt_of, shots_chat, shots_text, use_chat
 
 
 class ReferenceLikelihoodTask(TaskBase):
@@ -72,23 +62,14 @@ def build_requests(task: ReferenceLikelihoodTask, ctx: EvalContext, rows: list[A
     requests, texts = [], []
     for k, rec in enumerate(rows):
         shots = pick_shots(pool, task.shots, task.seed + k, exclude=rec)
-        prompt = str(render(task.prompt, rec, task.name, "prompt"))
+        prompt = prompt_of(task, rec)
         ref = _reference(task, rec)
         if chat:
-            msgs = []
-            for s in shots:
-                msgs += [
-                    {"role": "user", "content": str(render(task.prompt, s, task.name, "prompt"))},
-                    {"role": "assistant", "content": _reference(task, s)},
-                ]
+            msgs = shots_chat(task, shots, lambda s: _reference(task, s))
             context = chat_ids(tok, [*msgs, {"role": "user", "content": prompt}])
             cont = encode(tok, ref)
         else:
-            prefix = "".join(
-                str(render(task.prompt, s, task.name, "prompt")) + task.target_delimiter + _reference(task, s)
-                + task.fewshot_delimiter
-                for s in shots
-            )
+            prefix = shots_text(task, shots, lambda s: _reference(task, s))
             context, cont = encode_pair(tok, prefix + prompt, task.target_delimiter + ref)
         cut = bool(task.max_reference_tokens and len(cont) > task.max_reference_tokens)
         if cut:
@@ -101,9 +82,7 @@ def build_requests(task: ReferenceLikelihoodTask, ctx: EvalContext, rows: list[A
 
 
 def run(task: ReferenceLikelihoodTask, ctx: EvalContext) -> TaskResult:
-    all_rows = load_rows(task, ctx.data_root)
-    rows = sample_rows(task, all_rows)
-    pool = fewshot_pool(task, all_rows, rows) if task.shots else []
+    rows, pool = rows_and_shot_pool(task, ctx.data_root)
     requests, texts = build_requests(task, ctx, rows, pool)
     stats = EngineStats()
     scores = score_requests(
@@ -120,14 +99,6 @@ def run(task: ReferenceLikelihoodTask, ctx: EvalContext) -> TaskResult:
         {"id": item_id(rec), "where": rec.where, "reference": t[:300], "ce": round(n / max(1, s[0].n_tokens), 4)}
         for rec, t, n, s in zip(rows, texts, nll, scores, strict=True)
     ]
-    return TaskResult(
-        task=task.name,
-        kind=task.kind,
-        columns=cols,
-        metrics=metrics(cols, task),
-        main=task.main_metric,
-        item_ids=[d["id"] for d in details],
-        details=details,
-        info={"left_truncated": stats.left_truncated, "reference_tokens": int(cols["tokens"].sum()),
-              "tokens": stats.tokens},
-    )
+    return TaskResult.of(task, cols, metrics(cols, task), [d["id"] for d in details], details,
+                         {"left_truncated": stats.left_truncated, "reference_tokens": int(cols["tokens"].sum()),
+                          "tokens": stats.tokens})

@@ -188,15 +188,7 @@ def run(task: SelfReferenceTask, ctx: EvalContext) -> TaskResult:
         {"id": i, "prompt": t, "reference": a, "ce": float(-s[0].logprob / max(1, s[0].n_tokens))}
         for i, t, a, s in zip(ref["ids"], ref["texts"], ref["answer_texts"], scores, strict=True)
     ]
-    return TaskResult(
-        task=task.name,
-        kind=task.kind,
-        columns=cols,
-        metrics=metrics(cols),
-        main=task.main_metric,
-        item_ids=list(ref["ids"]),
-        details=details,
-        info={"answers": len(answers), "answer_tokens": int(cols["tokens"].sum())},
-    )
+    return TaskResult.of(task, cols, metrics(cols), list(ref["ids"]), details,
+                         {"answers": len(answers), "answer_tokens": int(cols["tokens"].sum())})
 
 
