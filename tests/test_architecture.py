@@ -58,6 +58,7 @@ LAYERS: dict[str, int] = {
     # 3: reports: they read run, sweep and sequence directories; orchestration imports them, never the reverse
     "forgetless.report": 3,
     # 4: orchestration
+    "forgetless.orchestration": 4,
     "forgetless.sweep": 4,
     "forgetless.continual": 4,
     "forgetless.merge": 4,

@@ -38,7 +38,6 @@ recommendations (`recommended_point`, `recommended_95`); `recommended` is the on
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import json
@@ -52,14 +51,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from . import train as training  # training.train looked up at call time, as in continual.py
 from .config import EvalPrecisionOptions, parse_budget
 from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
-from .lock import DirLock
 from .models import resolve_model
+from .orchestration import claim_dir, locked, refuse_changed_recipes, safe_name, train_or_reuse
 from .precision import Precision
-from .recipe import Recipe, base_recipe_tree, load_config_file, load_recipe, recipe_from_dict
+from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 from .report import write_report
 from .results import RetentionChange, TaskGain, ability_names, task_gain  # noqa: F401 (task_gain re-exported)
 from .retention.api import baseline_result, eval_model, eval_precision
@@ -69,7 +67,6 @@ from .retention.seeds import combine_seeds
 from .retention.suite import Suite, load_suite
 from .retention.tasks import DataSource, resolve_data_root
 from .schema import Strict
-from .train.run import refuse_diverged
 
 
 class Variant(Strict):
@@ -81,9 +78,7 @@ class Variant(Strict):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=,-]*", v):
-            raise ValueError(f"{v!r}: a run name is letters, digits and . _ + = , - (it names a directory)")
-        return v
+        return safe_name(v, "run")
 
 
 class SweepConfig(EvalPrecisionOptions):
@@ -250,14 +245,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     run_dir = recipe.output_dir
     cfg = SweepConfig.model_validate(spec["config"])
     t0 = time.perf_counter()
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        refuse_diverged(summary, summary_path, f"sweep run {recipe.name}")
-    else:
-        resume = (run_dir / "recipe.yaml").is_file() and (run_dir / "checkpoints").is_dir()
-        summary = training.train(recipe, resume=resume, overwrite=not resume, quiet=spec["quiet"],
-                                 report=write_report).summary
+    summary = train_or_reuse(recipe, run_dir, f"sweep run {recipe.name}", spec["quiet"])
     scores = score_run(run_dir, spec["task_suite"], spec["retention_suite"], cfg, progress=not spec["quiet"],
                        precision=spec.get("eval_precision"))
     if recipe.train.report:
@@ -380,10 +368,9 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns the content of sweep.json. The sweep directory is locked while it runs
     (forgetless.lock): a second sweep on it is refused."""
-    with contextlib.ExitStack() as locks:
-        return _run_sweep(path_or_config, folder=folder, jobs=jobs, budget=budget, output_dir=output_dir,
-                          overwrite=overwrite, quiet=quiet, report=report,
-                          lock=lambda out: locks.enter_context(DirLock(out, "sweep directory", break_lock=break_lock)))
+    return locked("sweep directory", break_lock, lambda lock: _run_sweep(
+        path_or_config, folder=folder, jobs=jobs, budget=budget, output_dir=output_dir, overwrite=overwrite,
+        quiet=quiet, report=report, lock=lock))
 
 
 def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None, jobs: int, budget: float | None,
@@ -406,28 +393,13 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     recipes = {name: variant_recipe(base, v, out / "runs" / name, source, seed=seed, name=name)
                for name, v, seed in trainings}  # all errors up front
     lock(out)
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            import shutil
-
-            shutil.rmtree(out)
-        elif not state_path.is_file():
-            raise ForgetlessError(f"{out} exists and is not a sweep directory; pass --overwrite or choose another "
-                                  "output_dir")
-    out.mkdir(parents=True, exist_ok=True)
+    claim_dir(out, "sweep.json", "sweep", overwrite)
     prior = json.loads(state_path.read_text()) if state_path.is_file() else {}
     # finished training runs: unseeded ones are rows of `runs` (as in sweeps before seeds), seeded ones are in
     # `seed_runs`
     done = {r["run"]: r for r in prior.get("runs", []) if not r.get("seed_runs")}
     done.update({r["run"]: r for r in prior.get("seed_runs", [])})
-    for name, r in recipes.items():
-        saved = out / "runs" / name / "recipe.yaml"
-        if saved.is_file():
-            if load_recipe(saved).resolved() != r.resolved():
-                raise ForgetlessError(
-                    f"sweep run {name}: its recipe changed since {saved} was written; pass --overwrite to start the "
-                    "sweep again"
-                )
+    refuse_changed_recipes(((f"sweep run {name}", out / "runs" / name, r) for name, r in recipes.items()), "the sweep")
     atomic_write_text(out / "sweep.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     first = next(iter(recipes.values()))
