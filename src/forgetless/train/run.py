@@ -1,6 +1,12 @@
-"""`forgetless train`: one run, top to bottom.
+"""`forgetless train`: one run, top to bottom, in three parts (as a torchtune recipe reads):
 
-recipe -> run directory -> model + tokenizer -> data -> method -> Trainer -> final model + summary.json
+- set-up (`set_up`, `make_trainer`): processes and device, the run directory (locked; created, replaced or
+  resumed), precision, tokenizer, data (checked; self-distilled), the model with its method, the mitigations, and
+  the Trainer with forgetless's callbacks;
+- the loop (`train_loop`): the step-0 validation loss, the Trainer's loop, and what a divergence leaves;
+- finish (`finish`): mitigations' state files, the guard's final probe and choice of weights (`probe`,
+  `select_final`, called here, not from a callback), the final model and summary.json, then the report (the
+  caller passes the renderer: training never imports the reports).
 """
 
 from __future__ import annotations
@@ -269,7 +275,55 @@ def train(
 
 def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_lock: bool,
            locks: contextlib.ExitStack, report: Callable[[Path], Any] | None) -> TrainResult:
-    from transformers import DataCollatorForSeq2Seq, PrinterCallback, set_seed
+    run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet,
+                 lock=lambda: locks.enter_context(run_lock(recipe, break_lock)))
+    trainer, watch = make_trainer(run)
+    loop = train_loop(run, trainer, watch)
+    return finish(run, trainer, watch, loop, report)
+
+
+# ---------------------------------------------------------------- set-up
+
+
+@dataclass
+class Run:
+    """Everything set up before the first step: where the run lives, what it trains and on what."""
+
+    recipe: Recipe
+    quiet: bool
+    engine: str  # ddp (one process included), fsdp or deepspeed
+    device: torch.device
+    main: bool  # rank 0 (writes the run directory)
+    dir: Path
+    resume_from: Path | None  # the newest complete checkpoint, when resuming
+    model_path: str
+    provenance: Any
+    precision: Any  # precision.Precision
+    tokenizer: Any
+    data: Any  # data.Datasets
+    model: Any
+    mitigations: list[Any]
+    context: TrainContext
+    trainable: int
+    total: int
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision.bf16
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+
+def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: Callable[[], Any]) -> Run:
+    """Device and processes, the run directory, precision, tokenizer, data, model and mitigations. Everything
+    that can fail on bad input fails here, before training starts."""
+    from transformers import set_seed
 
     setup_torch(recipe.train.threads)
     engine = dist.check_recipe(recipe)  # what FSDP / DeepSpeed cannot run fails here, naming the recipe key
@@ -279,9 +333,8 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
     device = dist.device(device)
     reset_peak_memory(device)
     main = dist.is_main()
-    run_dir = prepare_run_dir(recipe, overwrite, resume, lambda: locks.enter_context(run_lock(recipe, break_lock)))
-    ckpt_root = run_dir / "checkpoints"
-    resume_from = latest_complete_checkpoint(ckpt_root) if resume else None
+    run_dir = prepare_run_dir(recipe, overwrite, resume, lock)
+    resume_from = latest_complete_checkpoint(run_dir / "checkpoints") if resume else None
     set_seed(recipe.train.seed)
 
     # Model reference: aliases from `forgetless models` resolve to a local directory.
@@ -295,7 +348,6 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
 
         Console(stderr=True).print(prec.line(), highlight=False)
 
-    # Everything that can fail on bad input fails here, before training starts.
     tokenizer = load_tokenizer(model_path, recipe.model)
     data = load_datasets(recipe.data, tokenizer, recipe.train.seed)
     data_problems = check_training_data(recipe, data)
@@ -323,17 +375,7 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         if not data.train:
             raise DataError(f"data.train ({recipe.data.train}): no usable examples after data.self_distill")
     if recipe.method.moves_base and main:
-        # the adapter as initialised (part of the base moved into it): the final adapter is saved as its difference
-        # from this, a standard LoRA against the original base. init_lora_weights True in the saved copy, so that
-        # loading it does not decompose the (residual) base again.
-        peft_model = cast(Any, model)  # a PeftModel (moves_base: a LoRA init)
-        live = peft_model.peft_config["default"]
-        init, live.init_lora_weights = live.init_lora_weights, True
-        try:
-            with atomic_dir(run_dir / "initial_adapter", overwrite=True) as tmp:
-                peft_model.save_pretrained(tmp, safe_serialization=True)
-        finally:  # checkpoints keep saying what they are: an adapter against the residual base
-            live.init_lora_weights = init
+        _save_initial_adapter(model, run_dir)
     mitigations = build_mitigations(recipe.mitigations)
     mctx = TrainContext(recipe=recipe, model=model, tokenizer=tokenizer, run_dir=run_dir, device=device,
                         base_model_path=model_path, bf16=bf16, data=data, cache_dir=home_dir() / "cache")
@@ -358,90 +400,174 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
         if not quiet:
             _report_data(data, data_problems)
             _report_distributed(recipe, engine, len(data.train))
+    return Run(recipe, quiet, engine, device, main, run_dir, resume_from, model_path, resolved.provenance, prec,
+               tokenizer, data, model, mitigations, mctx, trainable, total)
 
-    metrics = MetricsLogger(run_dir / "metrics.jsonl")
-    callbacks: list[Any] = [metrics, RichProgress(metrics, enabled=recipe.train.progress and not quiet and main),
-                            CheckpointMarker(), FaultPoints()]
+
+def _save_initial_adapter(model: Any, run_dir: Path) -> None:
+    """The adapter as initialised (part of the base moved into it): the final adapter is saved as its difference
+    from this, a standard LoRA against the original base. init_lora_weights True in the saved copy, so that
+    loading it does not decompose the (residual) base again."""
+    peft_model = cast(Any, model)  # a PeftModel (moves_base: a LoRA init)
+    live = peft_model.peft_config["default"]
+    init, live.init_lora_weights = live.init_lora_weights, True
+    try:
+        with atomic_dir(run_dir / "initial_adapter", overwrite=True) as tmp:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+    finally:  # checkpoints keep saying what they are: an adapter against the residual base
+        live.init_lora_weights = init
+
+
+@dataclass
+class Watch:
+    """The callbacks `train_loop` and `finish` read after training."""
+
+    metrics: MetricsLogger
+    divergence: DivergenceGuard
+    monitor: MonitorCallback | None
+    early: EarlyStopping | None
+
+
+def make_trainer(run: Run) -> tuple[Any, Watch]:
+    """The Trainer with forgetless's callbacks: metrics log, progress, checkpoint marks, fault points, the
+    divergence guard, the retention monitor / guard and early stopping."""
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback
+
+    from .trainer import ForgetlessTrainer, ReplayAwareCollator
+
+    recipe, data = run.recipe, run.data
+    metrics = MetricsLogger(run.metrics_path)
+    progress = RichProgress(metrics, enabled=recipe.train.progress and not run.quiet and run.main)
+    callbacks: list[Any] = [metrics, progress, CheckpointMarker(), FaultPoints()]
     divergence = DivergenceGuard(recipe.train.divergence_factor,
-                                 (dist.on_main(lambda: first_logged_loss(run_dir / "metrics.jsonl")) if resume_from
+                                 (dist.on_main(lambda: first_logged_loss(run.metrics_path)) if run.resume_from
                                   else None))
     callbacks.append(divergence)
     monitor = None
     if recipe.monitor is not None:
-        monitor = MonitorCallback(recipe.monitor, recipe.guard, tokenizer, metrics, run_dir / "metrics.jsonl", bf16,
-                                  mitigations, data.validation is not None)
+        monitor = MonitorCallback(recipe.monitor, recipe.guard, run.tokenizer, metrics, run.metrics_path, run.bf16,
+                                  run.mitigations, data.validation is not None)
         callbacks.append(monitor)
     early = None
     if recipe.train.early_stopping:
         early = EarlyStopping(recipe.train.early_stopping.patience, recipe.train.early_stopping.min_delta)
-        if resume_from is not None:
-            early.restore(resume_from)
+        if run.resume_from is not None:
+            early.restore(run.resume_from)
         callbacks.append(early)
 
-    from .trainer import ForgetlessTrainer, ReplayAwareCollator
-
     trainer = ForgetlessTrainer(
-        model=model,
-        args=training_args(recipe, ckpt_root, device, bf16, data.validation is not None),
+        model=run.model,
+        args=training_args(recipe, run.checkpoints, run.device, run.bf16, data.validation is not None),
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=ReplayAwareCollator(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)),
-        processing_class=tokenizer,
+        data_collator=ReplayAwareCollator(DataCollatorForSeq2Seq(run.tokenizer, label_pad_token_id=-100,
+                                                                 padding=True)),
+        processing_class=run.tokenizer,
         callbacks=callbacks,
-        mitigations=mitigations,
+        mitigations=run.mitigations,
     )
     trainer.remove_callback(PrinterCallback)
     divergence.trainer = trainer
     if monitor is not None:
         monitor.trainer = trainer
+    return trainer, Watch(metrics, divergence, monitor, early)
 
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class Loop:
+    """What training produced: the Trainer's output, its time, the step-0 validation loss, a divergence."""
+
+    output: Any
+    seconds: float
+    initial_loss: float | None
+    diverged: dict[str, Any] | None
+
+
+def train_loop(run: Run, trainer: Any, watch: Watch) -> Loop:
+    """The step-0 validation loss, the Trainer's loop (resumed from the newest complete checkpoint), and what a
+    divergence leaves: with a guard the weights roll back to the last probe within budget, else the run stops."""
     initial_loss = None
     step_zero = None
-    if data.validation and dist.world_size() == 1:
-        initial_loss = _initial_validation_loss(trainer, run_dir / "metrics.jsonl", resume_from is not None)
-    elif data.validation:
-        step_zero = StepZeroValidation(lambda: _initial_validation_loss(trainer, run_dir / "metrics.jsonl",
-                                                                        resume_from is not None))
+    resuming = run.resume_from is not None
+    if run.data.validation and dist.world_size() == 1:
+        initial_loss = _initial_validation_loss(trainer, run.metrics_path, resuming)
+    elif run.data.validation:
+        step_zero = StepZeroValidation(lambda: _initial_validation_loss(trainer, run.metrics_path, resuming))
         trainer.add_callback(step_zero)
     t0 = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_time = time.perf_counter() - t0
+    out = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    seconds = time.perf_counter() - t0
     if step_zero is not None:
         initial_loss = step_zero.loss
-    diverged = divergence.event
+    diverged = watch.divergence.event
     if diverged is not None:  # the weights in memory are diverged: never the final model
-        divergence.invalidate(ckpt_root)
-        last_good = dist.on_main(lambda: latest_complete_checkpoint(ckpt_root))
+        watch.divergence.invalidate(run.checkpoints)
+        last_good = dist.on_main(lambda: latest_complete_checkpoint(run.checkpoints))
         diverged["last_good_checkpoint"] = str(last_good) if last_good else None
-        if monitor is None or recipe.guard is None:
-            _stop_diverged(recipe, run_dir, diverged, trainer.state, metrics.last, resume_from)
-        diverged["rolled_back_to_step"] = monitor.rollback_before(diverged["step"] - 1)
-    if main:  # finish() saves state files (ewc_state, si_state) into the run directory
-        for m in mitigations:
-            m.finish(mctx)
+        if watch.monitor is None or run.recipe.guard is None:
+            _stop_diverged(run.recipe, run.dir, diverged, trainer.state, watch.metrics.last, run.resume_from)
+        diverged["rolled_back_to_step"] = watch.monitor.rollback_before(diverged["step"] - 1)
+    return Loop(out, seconds, initial_loss, diverged)
+
+
+# ---------------------------------------------------------------- finish
+
+
+def finish(run: Run, trainer: Any, watch: Watch, loop: Loop, report: Callable[[Path], Any] | None) -> TrainResult:
+    """Mitigations' state files, the guard's final probe and choice of weights, the final validation loss, the
+    final model, summary.json and the report."""
+    recipe, monitor = run.recipe, watch.monitor
+    if run.main:  # finish() saves state files (ewc_state, si_state) into the run directory
+        for m in run.mitigations:
+            m.finish(run.context)
     selection = None
     if monitor is not None:
         monitor.probe(trainer.model, trainer.state, final=True)  # the final weights, unless this step was probed
         selection = monitor.select_final(trainer.state.global_step)
-        if selection.get("warning") and not quiet and main:
+        if selection.get("warning") and not run.quiet and run.main:
             from rich.console import Console
 
             Console(stderr=True).print(f"[bold red]guard: {selection['why']}")
-    final_eval = trainer.evaluate() if data.validation is not None else {}  # logged by the Trainer's log event
+    final_eval = trainer.evaluate() if run.data.validation is not None else {}  # logged by the Trainer's log event
 
-    if engine == "ddp":  # every rank holds the whole model: rank 0 saves it
-        kind = dist.on_main(lambda: _save_final(recipe, trainer, tokenizer, run_dir, model_path, bf16))
+    if run.engine == "ddp":  # every rank holds the whole model: rank 0 saves it
+        kind = dist.on_main(lambda: _save_final(recipe, trainer, run.tokenizer, run.dir, run.model_path, run.bf16))
     else:  # sharded: every rank takes part in gathering the weights, rank 0 writes them
-        kind = _save_final_sharded(trainer, tokenizer, run_dir)
+        kind = _save_final_sharded(trainer, run.tokenizer, run.dir)
 
-    state = trainer.state
+    summary = _summary(run, trainer, watch, loop, final_eval, kind, selection)
+    if run.main:
+        faults.point("summary")
+        atomic_write_json(run.dir / "summary.json", summary)
+        if recipe.train.report and report is not None:
+            report(run.dir)
+    dist.barrier()  # every rank returns once the run directory is complete
+    diverged = loop.diverged
+    if diverged is not None:
+        raise ForgetlessError(
+            f"training diverged at step {diverged['step']}: {diverged['why']}. The guard rolled the weights back to "
+            f"step {diverged['rolled_back_to_step']} and stopped; the final model ({run.dir / 'final'}) is that "
+            f"state. Details in {run.dir / 'summary.json'}. {_DIVERGED_HINT}"
+        )
+    # accelerate patched forward() with bf16 autocast for training; hand back the plain model
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    return TrainResult(summary, model, run.tokenizer, run.dir)
+
+
+def _summary(run: Run, trainer: Any, watch: Watch, loop: Loop, final_eval: dict[str, Any], kind: str,
+             selection: dict[str, Any] | None) -> dict[str, Any]:
+    """summary.json: what was trained, how long and how fast, the losses, the mitigations, monitor and guard."""
+    recipe, state, monitor, train_time = run.recipe, trainer.state, watch.monitor, loop.seconds
     summary = {
         "name": recipe.name,
         "method": recipe.method.name,
-        "model": {"name": recipe.model.name, "path": model_path, "provenance": resolved.provenance},
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "trainable_share": trainable / total if total else 0.0,
+        "model": {"name": recipe.model.name, "path": run.model_path, "provenance": run.provenance},
+        "trainable_parameters": run.trainable,
+        "total_parameters": run.total,
+        "trainable_share": run.trainable / run.total if run.total else 0.0,
         "steps": state.global_step,
         "epochs": state.epoch,
         "tokens_seen": state.num_input_tokens_seen,
@@ -450,57 +576,43 @@ def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_
                               / train_time, 1)
         if train_time > 0
         else None,
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
-        "device": device.type,
+        "peak_memory_mb": round(peak_memory_mb(run.device), 1),
+        "device": run.device.type,
         "allocator": loaded_allocator(),
-        "bf16_compute": bf16,
-        "precision": prec.as_dict(),
+        "bf16_compute": run.bf16,
+        "precision": run.precision.as_dict(),
         "lr": recipe.lr,
-        "final_train_loss": metrics.last.get("loss"),
-        "mean_train_loss": out.training_loss if state.global_step > trainer._initial_global_step else None,
-        "initial_validation_loss": initial_loss,
+        "final_train_loss": watch.metrics.last.get("loss"),
+        "mean_train_loss": loop.output.training_loss if state.global_step > trainer._initial_global_step else None,
+        "initial_validation_loss": loop.initial_loss,
         "final_validation_loss": final_eval.get("eval_loss"),
-        "early_stopped_at": early.stopped_at if early else None,
-        "resumed_from": str(resume_from) if resume_from else None,
-        "status": "diverged" if diverged else "complete",
-        "diverged": diverged,
-        "data": data.summary(),
-        "mitigations": [m.report(train_time) for m in mitigations],
+        "early_stopped_at": watch.early.stopped_at if watch.early else None,
+        "resumed_from": str(run.resume_from) if run.resume_from else None,
+        "status": "diverged" if loop.diverged else "complete",
+        "diverged": loop.diverged,
+        "data": run.data.summary(),
+        "mitigations": [m.report(train_time) for m in run.mitigations],
         "monitor": {
             "probes": monitor.state.probes,
             "probe_s": round(monitor.state.probe_s, 2),
             "probe_share": round(monitor.state.probe_s / train_time, 4) if train_time else None,
         } if monitor else None,
         "guard": {"events": monitor.state.events, "selection": selection} if monitor and recipe.guard else None,
-        "output": {"final": str(run_dir / "final"), "kind": kind,
-                   "merged": str(run_dir / "merged") if recipe.train.merge and kind != "model" else None},
+        "output": {"final": str(run.dir / "final"), "kind": kind,
+                   "merged": str(run.dir / "merged") if recipe.train.merge and kind != "model" else None},
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "pid": os.getpid(),
     }
     if dist.world_size() > 1:
         summary["distributed"] = {
-            "engine": engine,
+            "engine": run.engine,
             "world_size": dist.world_size(),
             "backend": torch.distributed.get_backend(),
             "global_batch": recipe.optim.batch_size * recipe.optim.grad_accum * dist.world_size(),
-            "epoch_padding": _epoch_padding(len(data.train), recipe.optim.batch_size),
+            "epoch_padding": _epoch_padding(len(run.data.train), recipe.optim.batch_size),
         }
-    if main:
-        faults.point("summary")
-        atomic_write_json(run_dir / "summary.json", summary)
-        if recipe.train.report and report is not None:
-            report(run_dir)
-    dist.barrier()  # every rank returns once the run directory is complete
-    if diverged is not None:
-        raise ForgetlessError(
-            f"training diverged at step {diverged['step']}: {diverged['why']}. The guard rolled the weights back to "
-            f"step {diverged['rolled_back_to_step']} and stopped; the final model ({run_dir / 'final'}) is that "
-            f"state. Details in {run_dir / 'summary.json'}. {_DIVERGED_HINT}"
-        )
-    # accelerate patched forward() with bf16 autocast for training; hand back the plain model
-    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    return TrainResult(summary, model, tokenizer, run_dir)
+    return summary
 
 
 _DIVERGED_HINT = "Lower optim.lr, set optim.max_grad_norm, or raise train.divergence_factor (docs/reliability.md)."
