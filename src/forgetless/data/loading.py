@@ -118,17 +118,14 @@ def iter_json_file(path: str | Path) -> Iterator[tuple[int, Any, BadLine | None]
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    if not name.endswith((".jsonl", ".ndjson", ".json")):
+    if not plain_name(path).endswith((".jsonl", ".ndjson", ".json")):
         raise DataError(f"{path}: unsupported data file type; use .jsonl, .json (optionally .gz), or hf:<dataset id>")
     problem = file_problem(path)
     if problem:  # empty, binary or not UTF-8: one finding for the whole file
         yield 1, None, BadLine(f"{path}:1", problem, strict=f"{path}: {problem}",
                                kind="schema" if problem.startswith("the file is empty") else "malformed_json")
         return
-    if name.endswith((".jsonl", ".ndjson")) and json_array_text(path) is not None:
-        name = name + ".json"  # one JSON array under a .jsonl name: read as a .json file is
-    if name.endswith((".jsonl", ".ndjson")):
+    if not name_is_json_array(path):
         for i, line, bad in iter_lines(path):
             if bad:
                 yield i, None, BadLine(f"{path}:{i}", bad)
@@ -190,10 +187,15 @@ def read_file(path: str | Path, bad: list[BadLine] | None = None) -> list[Record
     return records
 
 
+def plain_name(path: Path) -> str:
+    """The file's name without a .gz suffix."""
+    return path.name[:-3] if path.name.endswith(".gz") else path.name
+
+
 def name_is_json_array(path: Path) -> bool:
-    """Whether iter_json_file reads `path` as one JSON document (positions are array items, not lines)."""
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return name.endswith(".json") or json_array_text(path) is not None
+    """Whether iter_json_file reads `path` as one JSON document (positions are array items, not lines): a .json
+    file, or one JSON array under a .jsonl name."""
+    return plain_name(path).endswith(".json") or json_array_text(path) is not None
 
 
 def require_hub(spec: str) -> None:

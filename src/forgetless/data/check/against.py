@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import DataError
-from ..loading import iter_json_file, read_file
+from ..loading import iter_json_file, plain_name, read_file
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -22,7 +22,7 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def _task_name(path: Path) -> str:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    name = plain_name(path)
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
@@ -30,7 +30,7 @@ def _against_file(path: Path) -> list[str]:
     texts = []
     for line, value, problem in iter_json_file(path):
         if problem is not None:
-            raise DataError(f"{problem.where}: {problem.error}")
+            raise DataError(problem.message)
         text = "\n".join(_strings(value))
         if text.strip():
             texts.append(text)
