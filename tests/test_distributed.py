@@ -476,10 +476,15 @@ def test_accelerate_config_file_selects_the_engine_and_its_options(tmp_path):
     ds = dist.trainer_options(r)["deepspeed"]["zero_optimization"]
     assert ds["stage"] == 3 and ds["offload_optimizer"]["device"] == "cpu" and "offload_param" not in ds
 
+    # forgetless checkpoints sharded and saves the final model whole, whichever the file names
     sharded = tmp_path / "sharded.yaml"
     sharded.write_text(fsdp.read_text().replace("FULL_STATE_DICT", "SHARDED_STATE_DICT"))
-    with pytest.raises(RecipeError, match="train.distributed.*FULL_STATE_DICT"):
-        recipe_from_dict({"model": "m", "data": {"train": "t.jsonl"}, "train": {"distributed": str(sharded)}})
+    r = recipe_from_dict({"model": "m", "data": {"train": "t.jsonl"}, "train": {"distributed": str(sharded)}})
+    assert dist.trainer_options(r)["fsdp_config"]["state_dict_type"] == "SHARDED_STATE_DICT"
+    local = tmp_path / "local.yaml"
+    local.write_text(fsdp.read_text().replace("FULL_STATE_DICT", "LOCAL_STATE_DICT"))
+    with pytest.raises(RecipeError, match="train.distributed.*LOCAL_STATE_DICT"):
+        recipe_from_dict({"model": "m", "data": {"train": "t.jsonl"}, "train": {"distributed": str(local)}})
     with pytest.raises(RecipeError, match="accelerate_config decides"):
         recipe_from_dict({"model": "m", "data": {"train": "t.jsonl"},
                           "train": {"distributed": {"accelerate_config": str(fsdp), "engine": "ddp"}}})
@@ -498,7 +503,7 @@ def test_fsdp_gpu_recipe_is_valid_and_maps_to_the_trainers_own_options(tmp_path)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, **opts)
     assert args.fsdp_plugin_args["fsdp_version"] == 2
     assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "Qwen2DecoderLayer"
-    assert args.fsdp_plugin_args["state_dict_type"] == "FULL_STATE_DICT"
+    assert args.fsdp_plugin_args["state_dict_type"] == "SHARDED_STATE_DICT"  # checkpoints; the final model whole
 
 
 def test_sharded_engines_refuse_what_they_cannot_run_naming_the_key():
@@ -513,13 +518,19 @@ def test_sharded_engines_refuse_what_they_cannot_run_naming_the_key():
         return dist.check_recipe(recipe_from_dict(spec))
 
     assert check(mitigations=[{"name": "freeze", "embeddings": True}]) == "fsdp"
+    # every penalty, KL, replay and merging run sharded (tests/test_fsdp.py), on GPUs and on CPUs
+    for m in ("l2sp", "ewc", "si", "kl", "replay"):
+        spec = {"name": m, "data": {"train": "r.jsonl"}} if m == "replay" else {"name": m}
+        assert check(mitigations=[spec]) == "fsdp"
+        assert check(mitigations=[spec], train={"distributed": "fsdp", "device": "cpu"}) == "fsdp"
+    assert check(method="lora", train={"distributed": "fsdp", "merge": True}) == "fsdp"
     cases = [
-        ({"mitigations": [{"name": "ewc"}]}, "mitigations.ewc"),
-        ({"mitigations": [{"name": "kl"}]}, "mitigations.kl"),
+        ({"mitigations": [{"name": "olora"}], "method": "lora"}, "mitigations.olora"),
+        ({"mitigations": [{"name": "ewc"}], "train": {"distributed": "zero2", "device": "cuda"}}, "mitigations.ewc"),
+        ({"mitigations": [{"name": "kl"}], "train": {"distributed": "zero3", "device": "cuda"}}, "mitigations.kl"),
         ({"guard": {"budget": 0.01}}, "guard"),
         ({"method": "qlora"}, "method.name"),
         ({"train": {"distributed": "zero2", "device": "cpu"}}, "train.device is cpu"),
-        ({"method": "lora", "train": {"distributed": "fsdp", "device": "cuda", "merge": True}}, "train.merge"),
         ({"method": {"name": "lora", "init": "pissa"}}, "method.init: pissa"),
     ]
     assert check(method={"name": "lora", "init": "gaussian"}) == "fsdp"

@@ -232,8 +232,9 @@ class GuardConfig(Strict):
 
 
 class FsdpOptions(Strict):
-    """FSDP2 through the Trainer's own `fsdp` / `fsdp_config` options (CUDA GPUs). The final model is always
-    saved whole (FULL_STATE_DICT), as an HF model or adapter like a single-process run."""
+    """FSDP2 through the Trainer's own `fsdp` / `fsdp_config` options (CUDA GPUs, or CPUs over gloo). Checkpoints
+    are saved sharded (each process its shard: SHARDED_STATE_DICT, torch.distributed.checkpoint); the final model
+    is gathered and saved whole, as an HF model or adapter like a single-process run."""
 
     version: Literal[2] = Field(2, description="FSDP2 (fully_shard); FSDP1 is deprecated in transformers.")
     reshard_after_forward: bool = Field(
@@ -269,7 +270,7 @@ class FsdpOptions(Strict):
             "auto_wrap_policy": self.auto_wrap_policy,
             "cpu_offload": self.cpu_offload,
             "activation_checkpointing": self.activation_checkpointing,
-            "state_dict_type": "FULL_STATE_DICT",
+            "state_dict_type": "SHARDED_STATE_DICT",  # checkpoints; the final model is gathered whole
         }
         if self.transformer_layer_cls_to_wrap:
             out["transformer_layer_cls_to_wrap"] = list(self.transformer_layer_cls_to_wrap)

@@ -70,6 +70,31 @@ def init(cpu: bool, use_deepspeed: bool = False) -> None:
     atexit.register(shutdown)
 
 
+def fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP2 over gloo on CPUs. accelerate 1.16 switches its state to FSDP only inside the
+    branch for multi-GPU-like devices (accelerate/state.py, AcceleratorState.__init__: `elif self.distributed_type
+    in [MULTI_GPU, ...]`); on CPUs the state stays MULTI_CPU, the FSDP plugin is dropped without a word and the
+    Trainer wraps the model in DDP. This makes the same switch for MULTI_CPU when an FSDP plugin is given (the
+    Trainer passes one for `fsdp: true`); nothing else changes. Idempotent; a no-op where accelerate already
+    switched (a later version that handles CPUs)."""
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    init = state.AcceleratorState.__init__
+    if getattr(init, "_forgetless_cpu_fsdp", False):
+        return
+
+    def patched(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    patched._forgetless_cpu_fsdp = True  # type: ignore[attr-defined]
+    state.AcceleratorState.__init__ = patched  # type: ignore[method-assign]
+
+
 def shutdown() -> None:
     if active():
         with contextlib.suppress(Exception):
@@ -187,6 +212,49 @@ def shard(items: list[T]) -> list[T]:
     return items[rank() :: world_size()]
 
 
+# ---------------------------------------------------------------- sharded parameters (FSDP2)
+#
+# Under FSDP2 every parameter is a DTensor: each rank holds a slice of it (dim 0, Shard(0)), and its .grad is
+# the matching slice of the averaged gradient. Elementwise state kept beside a parameter (an anchor, a Fisher, an
+# importance) is sliced the same way, so a penalty works on each rank's slice with no communication.
+
+
+def is_sharded(t: Any) -> bool:
+    """Whether `t` is a DTensor (an FSDP2 parameter or its gradient)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a sharded parameter or gradient (the tensor itself when it is not sharded); in place
+    operations on it change the DTensor."""
+    return cast(Any, t).to_local() if is_sharded(t) else t
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of `whole` (shaped like the parameter `like`), as `like` is sliced: no communication."""
+    if not is_sharded(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    d = cast(Any, like)
+    part = distribute_tensor(whole.to(d.device), d.device_mesh, d.placements, src_data_rank=None).to_local()
+    return part.contiguous()
+
+
+def gather_like(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from every rank's slice `part` (sliced as the parameter `like`): a collective, every rank
+    calls it and gets the whole tensor."""
+    if not is_sharded(like):
+        return part
+    from torch.distributed.tensor import DTensor
+
+    d = cast(Any, like)
+    return DTensor.from_local(part.to(d.device), d.device_mesh, d.placements, run_check=False, shape=d.shape,
+                              stride=d.stride()).full_tensor()
+
+
 # ---------------------------------------------------------------- engines
 
 
@@ -222,8 +290,9 @@ def check_recipe(recipe: Any) -> str:
     if eng == "ddp":
         return eng
     where = f"train.distributed.engine: {eng}"
-    if recipe.train.device == "cpu":
-        raise RecipeError(f"{where} needs CUDA GPUs but train.device is cpu; use engine: ddp on CPUs")
+    if eng == "deepspeed" and recipe.train.device == "cpu":
+        raise RecipeError(f"{where} needs CUDA GPUs but train.device is cpu (DeepSpeed's CPU accelerator is not "
+                          "installed with forgetless; docs/distributed.md); use engine: fsdp or ddp on CPUs")
     # each method and mitigation declares whether it works on sharded parameters (`shardable`; methods/,
     # mitigations/); DDP runs all of them
     if not recipe.method.shardable:
@@ -236,20 +305,16 @@ def check_recipe(recipe: Any) -> str:
                           "against the original base when saved, which the sharded save does not do); use engine: ddp "
                           "or init default / gaussian")
     for m, cls in zip(recipe.mitigations, recipe.mitigation_classes(), strict=True):
-        if not cls.shardable:
-            raise RecipeError(
-                f"mitigations.{m.name}: not supported with {where} ({cls.unsharded_why}); use engine: ddp, or "
-                f"{' / '.join(recipe.shardable_names('mitigations'))}, which work with every engine"
-            )
+        why = cls.unsharded_why if not cls.shardable else cls.deepspeed_why if eng == "deepspeed" else ""
+        if why:
+            raise RecipeError(f"mitigations.{m.name}: not supported with {where} ({why}); use engine: ddp"
+                              + (", or engine: fsdp" if cls.shardable else ""))
     if recipe.monitor is not None or recipe.guard is not None:
         key = "guard" if recipe.guard is not None else "monitor"
         raise RecipeError(
             f"{key}: the retention monitor and guard run with engine: ddp only (their probe and rollback need whole "
             f"weights on one process), not with {where}"
         )
-    if recipe.train.merge:
-        raise RecipeError(f"train.merge: not supported with {where}; merge the saved adapter afterwards "
-                          "(forgetless merge --alpha 1)")
     return eng
 
 
@@ -294,8 +359,9 @@ def read_accelerate_config(path: str) -> dict[str, Any]:
         if version != 2:
             raise ValueError(f"{path}: fsdp_version {version}; forgetless runs FSDP2 only (set fsdp_version: 2)")
         sdt = str(fc.get("state_dict_type") or "FULL_STATE_DICT")
-        if sdt != "FULL_STATE_DICT":
-            raise ValueError(f"{path}: fsdp_state_dict_type {sdt}; forgetless saves whole HF models (FULL_STATE_DICT)")
+        if sdt not in ("FULL_STATE_DICT", "SHARDED_STATE_DICT"):
+            raise ValueError(f"{path}: fsdp_state_dict_type {sdt}; forgetless checkpoints sharded and saves the final "
+                             "model whole (FULL_STATE_DICT or SHARDED_STATE_DICT: either is read as that)")
         fsdp: dict[str, Any] = {}
         for src, dst in (("reshard_after_forward", "reshard_after_forward"), ("auto_wrap_policy", "auto_wrap_policy"),
                          ("min_num_params", "min_num_params"), ("offload_params", "cpu_offload"),

@@ -94,7 +94,8 @@ class DistributedConfig(Strict):
 
     engine: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
-        description="ddp: data parallel, a whole model per process (CPU or GPU); fsdp / deepspeed: sharded (GPUs)."
+        description="ddp: data parallel, a whole model per process (CPU or GPU); fsdp: sharded (FSDP2; GPUs or "
+        "CPUs); deepspeed: ZeRO (GPUs)."
     )
     accelerate_config: str | None = Field(
         None,
@@ -272,7 +273,7 @@ class Recipe(Strict):
 
     @staticmethod
     def shardable_names(kind: Literal["methods", "mitigations"]) -> list[str]:
-        """The registered methods or mitigations that run on sharded parameters (FSDP / DeepSpeed)."""
+        """The registered methods or mitigations that run on sharded parameters (FSDP2)."""
         registry: dict[str, Any] = METHODS if kind == "methods" else MITIGATIONS
         return [n for n, c in registry.items() if c.shardable]
 

@@ -11,12 +11,16 @@ offers (class attributes below), and implements up to six hooks:
   quadratic penalties skip autograd entirely: their gradient lam * F * (theta - theta0) is added with
   fused foreach ops, once per optimizer step (so gradient accumulation does not multiply them);
 - `observe_step(phase)`: see the parameters before and after the optimizer step (SI's path integral);
-- `finish(ctx)`: after training (save importances for the next run);
+- `bind(model)`: the model as the Trainer trains it, at the start of training (under FSDP2 its parameters are
+  sharded DTensors: penalties take them by name and keep their own state sliced like them);
+- `finish(ctx)`: after training, on every process (save importances for the next run: gather what is sharded,
+  rank 0 writes);
 - `guard_action(action, dataset, factor)`: one of the guard's actions this mitigation offers (`guard_actions`).
 
 Declarations (class attributes, read by the recipe, the distributed checks, the run and the guard):
 
-- `shardable`: works on FSDP / DeepSpeed shards; if not, `unsharded_why` says why (the recipe is refused);
+- `shardable`: works on FSDP2 shards (each rank its slice of every parameter); if not, `unsharded_why` says why
+  (the recipe is refused); `deepspeed_why`, when set, why it is refused under DeepSpeed ZeRO;
 - `collective_setup`: `setup` runs on every rank at once (it uses collectives); otherwise rank 0 first;
 - `guard_actions`: guard actions it carries out (replay: `more_replay`);
 - `marks_replay`: the examples it mixes in carry the replay flag (`kl: {on: replay}` needs one such);
@@ -47,6 +51,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .. import distributed as dist
 from ..fingerprint import fingerprint_model
 
 
@@ -108,6 +113,7 @@ class Mitigation:
     config_model: ClassVar[type[Any]] = object  # the pydantic config (set by register)
     shardable: ClassVar[bool] = True
     unsharded_why: ClassVar[str] = ""
+    deepspeed_why: ClassVar[str] = ""  # non-empty: refused under DeepSpeed ZeRO, for this reason
     collective_setup: ClassVar[bool] = False
     guard_actions: ClassVar[tuple[str, ...]] = ()
     marks_replay: ClassVar[bool] = False
@@ -139,6 +145,9 @@ class Mitigation:
         pass
 
     def observe_step(self, phase: str) -> None:
+        pass
+
+    def bind(self, model: nn.Module) -> None:
         pass
 
     def finish(self, ctx: TrainContext) -> None:
@@ -248,22 +257,53 @@ class QuadraticPenalty(Mitigation):
 
     def __init__(self, config: Any):
         super().__init__(config)
+        self.names: list[str] = []
         self.params: list[nn.Parameter] = []
         self.anchor: list[torch.Tensor] = []
         self.weights: list[torch.Tensor] | None = None  # None: all ones
         self.lam = float(config.weight)
+        self.sharded = False  # FSDP2: params are DTensors; anchor and weights hold this rank's slices
+
+    def bind(self, model: nn.Module) -> None:
+        """Under FSDP2 the Trainer replaced the parameters by sharded ones: take them by name, and keep only this
+        rank's slice of the anchor and weights (sliced as the parameters are: the penalty needs no communication).
+        Without sharding nothing changes."""
+        if not self.names:
+            return
+        named = dict(model.named_parameters())
+        if not any(dist.is_sharded(named.get(n)) for n in self.names):
+            return
+        missing = [n for n in self.names if n not in named]
+        if missing:
+            raise RuntimeError(f"{self.name}: the sharded model has no parameter {missing[0]}")
+        self.params = [named[n] for n in self.names]
+        if self.anchor:  # SI without a previous importance has none yet
+            self.anchor = [dist.shard_like(a, p) for a, p in zip(self.anchor, self.params, strict=True)]
+        if self.weights is not None:
+            self.weights = [dist.shard_like(w, p) for w, p in zip(self.weights, self.params, strict=True)]
+        self.sharded = True
+        self.extra_bytes = tensor_bytes(self.anchor) + (tensor_bytes(self.weights) if self.weights else 0)
+
+    def whole(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Whole tensors from this rank's slices (a collective under FSDP2: every rank calls it)."""
+        if not self.sharded:
+            return parts
+        return [dist.gather_like(t, p) for t, p in zip(parts, self.params, strict=True)]
 
     @torch.no_grad()
     def penalty(self) -> torch.Tensor:
-        """The penalty's value (for logging and tests)."""
+        """The penalty's value (for logging and tests); under FSDP2 the slices' sums are all-reduced (every rank
+        calls it)."""
         total = torch.zeros((), dtype=torch.float64)
         if not self.anchor:
             return total
         for i, (p, a) in enumerate(zip(self.params, self.anchor, strict=True)):
-            d = (p.detach().float() - a).pow(2)
+            d = (dist.local(p.detach()).float() - a).pow(2)
             if self.weights is not None:
                 d = d * self.weights[i]
             total += d.sum().double().cpu()
+        if self.sharded:
+            dist.all_reduce_sum_([total])
         return self.lam / 2 * total
 
     def penalty_tensor(self) -> torch.Tensor:
@@ -284,6 +324,8 @@ class QuadraticPenalty(Mitigation):
         idx = [i for i, p in enumerate(self.params) if p.grad is not None]
         grads = cast("list[torch.Tensor]", [p.grad for p in params])  # params: those with a gradient
         theta, anchor = [p.detach() for p in params], [self.anchor[i] for i in idx]
+        if self.sharded:  # each rank its slice of the gradient, the weights, the anchor and the weights
+            grads, theta = [dist.local(g) for g in grads], [dist.local(t) for t in theta]
         # grad += lam * w * theta - lam * w * theta0, in place: no temporaries the size of the model (on CPU each
         # one is fresh pages to fault in, every step); fp32 rounding of the two terms is ~1e-7 of lam * w * theta
         if self.weights is None:
@@ -311,6 +353,11 @@ class MitigationCallback(TrainerCallback):
         for m in self.mitigations:
             if m.clip_penalty:
                 self._timed(m, m.penalty_grad)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if model is not None:
+            for m in self.mitigations:
+                m.bind(model)
 
     def on_pre_optimizer_step(self, args, state, control, **kw):
         for m in self.mitigations:

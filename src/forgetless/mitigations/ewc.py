@@ -109,9 +109,9 @@ def _state_path(p: str) -> Path:
 @register(EWCConfig)
 class EWC(QuadraticPenalty):
     name = "ewc"
+    deepspeed_why = ("DeepSpeed ZeRO keeps gradients in its own partitioned buffers, not in .grad, where the penalty "
+                     "adds its gradient")
     collective_setup = True  # set-up runs on every rank at once (the Fisher is shared out and all-reduced)
-    shardable = False
-    unsharded_why = "its Fisher, anchor and gradient act on whole parameters' .grad"
     carry_fills = ("reference", "previous")
 
     @classmethod
@@ -200,12 +200,16 @@ class EWC(QuadraticPenalty):
         return dist.broadcast_tensors_(fisher)
 
     def finish(self, ctx: TrainContext) -> None:
-        """Save the accumulated Fisher and the final weights: the next run's `previous:`."""
+        """Save the accumulated Fisher and the final weights: the next run's `previous:` (gathered whole from the
+        shards under FSDP2, on every rank; rank 0 writes)."""
         if self.weights is None:
             raise RuntimeError("ewc: finish() before setup(): no Fisher to save")
-        state = {f"fisher.{n}": f.cpu().contiguous() for n, f in zip(self.names, self.weights, strict=True)}
-        state.update({f"theta.{n}": p.detach().float().cpu().contiguous()
-                      for n, p in zip(self.names, self.params, strict=True)})
+        fisher = self.whole(self.weights)
+        theta = self.whole([dist.local(p.detach()).float() for p in self.params])
+        if not dist.is_main():
+            return
+        state = {f"fisher.{n}": f.cpu().contiguous() for n, f in zip(self.names, fisher, strict=True)}
+        state.update({f"theta.{n}": t.cpu().contiguous() for n, t in zip(self.names, theta, strict=True)})
         tmp = ctx.run_dir / (STATE_FILE + ".tmp")
         save_file(state, str(tmp))
         tmp.replace(ctx.run_dir / STATE_FILE)

@@ -23,8 +23,8 @@ class L2SPConfig(Strict):
 @register(L2SPConfig)
 class L2SP(QuadraticPenalty):
     name = "l2sp"
-    shardable = False
-    unsharded_why = "its anchor and gradient act on whole parameters' .grad"
+    deepspeed_why = ("DeepSpeed ZeRO keeps gradients in its own partitioned buffers, not in .grad, where the penalty "
+                     "adds its gradient")
 
     @classmethod
     def carry(cls, options: dict[str, Any], step: CarryStep) -> dict[str, Any]:
@@ -32,6 +32,8 @@ class L2SP(QuadraticPenalty):
         return {"name": cls.name, **options}
 
     def setup(self, ctx: TrainContext) -> None:
-        self.params = [p for _, p in ctx.trainable()]
+        named = ctx.trainable()
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
         self.anchor = file_backed([p.detach().float() for p in self.params], ctx.mmap_dir)
         self.extra_bytes = tensor_bytes(self.anchor)

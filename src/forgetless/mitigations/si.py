@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
+from .. import distributed as dist
 from ..errors import ForgetlessError
 from ..schema import Strict
 from .base import CarryStep, QuadraticPenalty, TrainContext, file_backed, register, tensor_bytes
@@ -41,8 +42,8 @@ class SIConfig(Strict):
 @register(SIConfig)
 class SI(QuadraticPenalty):
     name = "si"
-    shardable = False
-    unsharded_why = "its path integral reads whole parameters' .grad"
+    deepspeed_why = ("DeepSpeed ZeRO keeps gradients in its own partitioned buffers, not in .grad, where the penalty "
+                     "adds its gradient")
     carry_fills = ("previous", "anchor")
 
     @classmethod
@@ -84,6 +85,23 @@ class SI(QuadraticPenalty):
             tensor_bytes(self.prev_importance) * (1 if self.config.anchor == "start" else 2) if self.prev_importance
             else 0)
 
+    def bind(self, model: torch.nn.Module) -> None:
+        """Under FSDP2: the path integral, its start and scratch buffers, and any previous importance become this
+        rank's slices (sliced as the parameters are)."""
+        start_is_anchor = self.anchor is self.start
+        super().bind(model)
+        if not self.sharded:
+            return
+        self.start = [dist.shard_like(t, p) for t, p in zip(self.start, self.params, strict=True)]
+        if start_is_anchor:
+            self.anchor = self.start
+        if self.prev_importance is not None:
+            self.prev_importance = self.weights  # the same tensors, sliced by QuadraticPenalty.bind
+        if self.config.save:
+            self.omega = [torch.zeros_like(t) for t in self.start]
+            self._before = [torch.empty_like(t) for t in self.start]
+            self._grads = [torch.empty_like(t) for t in self.start]
+
     @torch.no_grad()
     def observe_step(self, phase: str) -> None:
         if not self.config.save:
@@ -92,18 +110,18 @@ class SI(QuadraticPenalty):
             self._has_grad = [p.grad is not None for p in self.params]
             for g, b, p in zip(self._grads, self._before, self.params, strict=True):
                 if p.grad is not None:
-                    g.copy_(p.grad.detach())
-                b.copy_(p.detach())
+                    g.copy_(dist.local(p.grad.detach()))
+                b.copy_(dist.local(p.detach()))
             return
         # omega -= g * (theta_after - theta_before), in place: before <- before - after, omega += g * before
         for w, g, b, p, has in zip(self.omega, self._grads, self._before, self.params, self._has_grad, strict=True):
             if has:
-                b.sub_(p.detach())
+                b.sub_(dist.local(p.detach()))
                 w.addcmul_(g, b)
         self._has_grad = []
 
     def importance(self) -> list[torch.Tensor]:
-        imp = [w.clamp_min(0) / ((p.detach().float() - s).pow(2) + self.config.damping)
+        imp = [w.clamp_min(0) / ((dist.local(p.detach()).float() - s).pow(2) + self.config.damping)
                for w, p, s in zip(self.omega, self.params, self.start, strict=True)]
         if self.prev_importance is not None:
             imp = [a + b for a, b in zip(imp, self.prev_importance, strict=True)]
@@ -112,9 +130,12 @@ class SI(QuadraticPenalty):
     def finish(self, ctx: TrainContext) -> None:
         if not self.config.save:
             return
-        state = {f"importance.{n}": t.cpu().contiguous() for n, t in zip(self.names, self.importance(), strict=True)}
-        state.update({f"theta.{n}": p.detach().float().cpu().contiguous()
-                      for n, p in zip(self.names, self.params, strict=True)})
+        importance = self.whole(self.importance())  # gathered from the shards under FSDP2 (every rank)
+        theta = self.whole([dist.local(p.detach()).float() for p in self.params])
+        if not dist.is_main():
+            return
+        state = {f"importance.{n}": t.cpu().contiguous() for n, t in zip(self.names, importance, strict=True)}
+        state.update({f"theta.{n}": t.cpu().contiguous() for n, t in zip(self.names, theta, strict=True)})
         tmp = ctx.run_dir / (STATE_FILE + ".tmp")
         save_file(state, str(tmp))
         tmp.replace(ctx.run_dir / STATE_FILE)

@@ -54,6 +54,7 @@ from .callbacks import (
 )
 from .model import (
     count_parameters,
+    load_model,
     load_tokenizer,
     merge_for_export,
     pick_device,
@@ -328,6 +329,8 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: 
     setup_torch(recipe.train.threads)
     engine = dist.check_recipe(recipe)  # what FSDP / DeepSpeed cannot run fails here, naming the recipe key
     device = pick_device(recipe.train.device)
+    if engine == "fsdp" and device.type == "cpu":
+        dist.fsdp_on_cpu()  # accelerate would fall back to DDP on CPUs without a word
     # under torchrun / accelerate launch: start the process group now (rank 0 alone writes the run directory)
     dist.init(cpu=device.type == "cpu", use_deepspeed=engine == "deepspeed")
     device = dist.device(device)
@@ -520,9 +523,8 @@ def finish(run: Run, trainer: Any, watch: Watch, loop: Loop, report: Callable[[P
     """Mitigations' state files, the guard's final probe and choice of weights, the final validation loss, the
     final model, summary.json and the report."""
     recipe, monitor = run.recipe, watch.monitor
-    if run.main:  # finish() saves state files (ewc_state, si_state) into the run directory
-        for m in run.mitigations:
-            m.finish(run.context)
+    for m in run.mitigations:  # every rank (sharded state is gathered); rank 0 writes ewc_state, si_state
+        m.finish(run.context)
     selection = None
     if monitor is not None:
         monitor.probe(trainer.model, trainer.state, final=True)  # the final weights, unless this step was probed
@@ -536,7 +538,7 @@ def finish(run: Run, trainer: Any, watch: Watch, loop: Loop, report: Callable[[P
     if run.engine == "ddp":  # every rank holds the whole model: rank 0 saves it
         kind = dist.on_main(lambda: _save_final(recipe, trainer, run.tokenizer, run.dir, run.model_path, run.bf16))
     else:  # sharded: every rank takes part in gathering the weights, rank 0 writes them
-        kind = _save_final_sharded(trainer, run.tokenizer, run.dir)
+        kind = _save_final_sharded(recipe, trainer, run.tokenizer, run.dir)
 
     summary = _summary(run, trainer, watch, loop, final_eval, kind, selection)
     if run.main:
@@ -666,24 +668,66 @@ def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, mod
     return kind
 
 
-def _save_final_sharded(trainer: Any, tokenizer: Any, run_dir: Path) -> str:
+def _save_final_sharded(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path) -> str:
     """FSDP / DeepSpeed: the Trainer's save_model gathers the whole weights (FULL_STATE_DICT, or ZeRO-3's
-    16-bit gather) from every rank and rank 0 writes an HF model or PEFT adapter; then rank 0 renames it into place."""
+    16-bit gather) from every rank and rank 0 writes an HF model or PEFT adapter; rank 0 then removes what the
+    Trainer adds beside it (its pickled training_args.bin; a tied head's second copy of the embedding), moves it
+    into place and, with train.merge, merges the saved adapter into the base it was trained on."""
     import tempfile
 
     tmp = Path(dist.on_main(lambda: tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=run_dir)))
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:  # checkpoints are sharded; the final model is gathered whole
+        plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(tmp))
     dist.barrier()
 
     def publish() -> str:
         tokenizer.save_pretrained(tmp)
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # safetensors only: no pickle in a model directory
+        _drop_tied_head(tmp)
         final = run_dir / "final"
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        return "peft" if (final / "adapter_config.json").is_file() else "model"
+        kind = "peft" if (final / "adapter_config.json").is_file() else "model"
+        if recipe.train.merge and kind != "model":
+            with atomic_dir(run_dir / "merged", overwrite=True) as out:
+                merged = merge_for_export(load_model(final)[0], recipe.method, final)
+                merged.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]  # a PreTrainedModel
+                tokenizer.save_pretrained(out)
+        return kind
 
     return dist.on_main(publish)
+
+
+def _drop_tied_head(folder: Path) -> None:
+    """The gathered state dict holds a tied head's weight beside the embedding it is tied to (one process saves
+    it once): drop the copy, so the files are those a single-process run writes."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return
+    config = json.loads(cfg.read_text())
+    if not (config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings")):
+        return
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            keys = set(h.keys())
+            meta = h.metadata()
+        if "lm_head.weight" in keys and len(keys) > 1:
+            state = load_file(str(f))
+            del state["lm_head.weight"]
+            save_file(state, str(f), metadata=meta)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data.get("weight_map", {}).pop("lm_head.weight", None)
+        atomic_write_text(index, json.dumps(data, indent=2))
 
 
 def _epoch_padding(examples: int, batch_size: int) -> int:

@@ -1,0 +1,226 @@
+"""FSDP2 on CPU: two processes over gloo (torchrun), each holding half of every parameter, against one process
+with the same global batch. Every mitigation that touches parameters (l2sp, ewc, si, kl on full fine-tuning and
+on LoRA) and replay train sharded and match one process; the checkpoints are sharded and a run killed mid-way
+resumes to bit-identical weights; the final model is one HF model (or adapter, and merged) that loads in one
+process with the same logits.
+
+This file is also the worker torchrun starts (`python tests/test_fsdp.py worker RECIPE...`): it trains the
+recipes one after another in the same process group, so one launch covers them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+pytestmark = pytest.mark.slow  # torchrun launches: minutes; CI runs them (make test-slow)
+
+# Tolerances (the issue's: 1e-5 relative on the loss curve and on the final weights), measured on these recipes
+# (fp32, 6 steps at lr 3e-3; gloo on this 2-core CPU): the loss curves differ by at most 2.5e-7 relative, the
+# final weights by at most 7.9e-6 relative (Frobenius norm of the difference over the tensor's, worst tensor;
+# 1.1e-6 over all weights), the Fisher and SI importance by at most 3e-7 relative. A sharded penalty that lost
+# its anchor slices, a KL averaged per rank (before its counts were all-reduced: 3e-4 on the weights) or a
+# gradient missing from the reduce-scatter shows at once.
+RTOL = 1e-5
+STEPS = 6
+
+
+def _worker(recipes: list[str]) -> None:
+    from forgetless.recipe import load_recipe
+    from forgetless.train import train
+
+    for r in recipes:
+        train(load_recipe(r), quiet=True, overwrite=True)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "FORGETLESS_HOME": str(home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO / "src"), **extra}
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str], home: Path, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(_free_port()), *args]
+    proc = subprocess.run(cmd, env=_env(home, **env), capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _worst(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert sorted(a) == sorted(b)
+    return max(_rel(a[k], b[k]) for k in b)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _recipe(name: str, model: Path, data: dict[str, Path], out: Path, sharded: bool, mitigations: list,
+            method: dict | None = None, **train) -> dict:
+    batch = 4 if sharded else 8  # per process: the same global batch of 8
+    r = {
+        "name": name, "model": str(model),
+        "data": {"train": str(data["chat"]), "validation": str(data["chat_val"]), "format": "chat", "max_length": 64},
+        "method": method or {"name": "full"},
+        "optim": {"lr": 3e-3, "max_steps": STEPS, "batch_size": batch, "eval_batch_size": batch, "warmup_steps": 0,
+                  "schedule": "constant"},
+        "train": {"output_dir": str(out / name), "save_steps": 3, "logging_steps": 1, "progress": False, "seed": 0,
+                  "bf16": False, "report": False, **train},
+        "mitigations": mitigations,
+    }
+    if sharded:
+        r["train"]["distributed"] = "fsdp"
+    return r
+
+
+# ---------------------------------------------------------------- the runs
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, toy_data, tmp_path_factory):
+    base = tmp_path_factory.mktemp("fsdp")
+    instr = {"train": str(toy_data["instruction"]), "format": "instruction"}
+    # SI regularised by an earlier run's importance (saved by one process), so its penalty acts here
+    import forgetless.train as ft
+    from forgetless.recipe import recipe_from_dict
+
+    with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(base / "home1")}):
+        ft.train(recipe_from_dict(_recipe("si-first", tiny_model, toy_data, base / "one", False,
+                                          [{"name": "si", "weight": 1.0}])), quiet=True)
+    si_prev = str(base / "one" / "si-first")
+    kinds: dict[str, tuple[list, dict | None, dict]] = {
+        "plain": ([], None, {}),
+        "l2sp": ([{"name": "l2sp", "weight": 1.0}], None, {}),
+        "ewc": ([{"name": "ewc", "weight": 100.0, "samples": 8, "labels": "data", "reference": instr}], None, {}),
+        "si": ([{"name": "si", "weight": 10.0, "previous": si_prev}], None, {}),
+        "kl": ([{"name": "kl", "weight": 1.0}], None, {}),
+        "replay": ([{"name": "replay", "ratio": 0.2, "data": instr}], None, {}),
+        # LoRA (dropout off: each process would draw its own masks), KL through the sharded model's disabled
+        # adapters, merged at the end
+        "lora-kl": ([{"name": "kl", "weight": 1.0}], {"name": "lora", "r": 4, "dropout": 0.0}, {"merge": True}),
+    }
+    files = []
+    for kind, (mit, method, train) in kinds.items():
+        for sharded, where in ((True, "fsdp"), (False, "one")):
+            spec = _recipe(kind, tiny_model, toy_data, base / where, sharded, mit, method, **train)
+            if sharded:
+                path = base / f"{kind}.yaml"
+                path.write_text(yaml.safe_dump(spec))
+                files.append(str(path))
+            else:
+                with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(base / "home1")}):
+                    ft.train(recipe_from_dict(spec), quiet=True)
+    _torchrun([str(Path(__file__)), "worker", *files], base / "home2")
+    return {"base": base, "kinds": list(kinds), "fsdp": base / "fsdp", "one": base / "one", "plain_yaml": files[0]}
+
+
+@pytest.mark.parametrize("kind", ["plain", "l2sp", "ewc", "si", "kl", "replay", "lora-kl"])
+def test_a_sharded_run_matches_one_process_with_the_same_global_batch(runs, kind):
+    a, b = runs["fsdp"] / kind, runs["one"] / kind
+    la, lb = _losses(a), _losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+    assert max(abs(la[s] - lb[s]) / abs(lb[s]) for s in lb) < RTOL, (la, lb)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sa["distributed"]["engine"] == "fsdp" and sa["distributed"]["world_size"] == 2
+    assert sa["final_validation_loss"] == pytest.approx(sb["final_validation_loss"], rel=RTOL)
+    weights = "adapter_model.safetensors" if kind == "lora-kl" else "model.safetensors"
+    assert _worst(_load(a / "final" / weights), _load(b / "final" / weights)) < RTOL
+    assert not (a / "final" / "training_args.bin").exists()  # no pickle beside the model
+    # checkpoints are sharded: each process wrote its part (torch.distributed.checkpoint)
+    ckpt = a / "checkpoints" / "checkpoint-3"
+    assert len(list((ckpt / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+    if kind == "lora-kl":
+        assert _worst(_load(a / "merged" / "model.safetensors"), _load(b / "merged" / "model.safetensors")) < RTOL
+
+
+def test_sharded_penalties_keep_a_slice_of_their_state_and_save_it_whole(runs):
+    """EWC's Fisher and SI's importance, gathered from the shards, equal one process's; the anchors a penalty keeps
+    per process are half of one process's (each holds its slice), and the penalty acts (it moves the weights)."""
+    fsdp, one = runs["fsdp"], runs["one"]
+    for kind, state in (("ewc", "ewc_state.safetensors"), ("si", "si_state.safetensors")):
+        sa, sb = _load(fsdp / kind / state), _load(one / kind / state)
+        stored = "fisher." if kind == "ewc" else "importance."
+        assert _worst({k: v for k, v in sa.items() if k.startswith(stored)},
+                      {k: v for k, v in sb.items() if k.startswith(stored)}) < RTOL
+    for kind in ("l2sp", "ewc"):
+        ma, mb = (json.loads((d / kind / "summary.json").read_text())["mitigations"][0]["extra_memory_mb"]
+                  for d in (fsdp, one))
+        assert ma == pytest.approx(mb / 2, rel=0.05), (ma, mb)
+        plain, regular = _load(one / "plain" / "final" / "model.safetensors"), _load(fsdp / kind / "final" /
+                                                                                    "model.safetensors")
+        assert _worst(regular, plain) > 1e-3  # the penalty changed the result (far beyond the tolerance)
+
+
+def test_the_final_model_loads_in_one_process_with_the_same_logits(runs, tiny_model):
+    from forgetless.train.model import load_model
+
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    for kind in ("plain", "lora-kl"):
+        logits = []
+        for where in ("fsdp", "one"):
+            model, _ = load_model(runs[where] / kind)
+            with torch.no_grad():
+                logits.append(model(input_ids=ids).logits)
+        assert _rel(logits[0], logits[1]) < RTOL
+    # the files are those one process writes: the tied head is not saved twice
+    assert sorted(_load(runs["fsdp"] / "plain" / "final" / "model.safetensors")) == sorted(
+        _load(runs["one"] / "plain" / "final" / "model.safetensors"))
+
+
+def test_a_sharded_run_killed_mid_way_resumes_to_bit_identical_weights(runs):
+    base = runs["base"]
+    spec = yaml.safe_load(Path(runs["plain_yaml"]).read_text())
+    spec["name"], spec["train"]["output_dir"] = "killed", str(base / "killed")
+    recipe = base / "killed.yaml"
+    recipe.write_text(yaml.safe_dump(spec))
+    args = ["-m", "forgetless", "train", str(recipe), "--quiet"]
+    proc = _torchrun([*args, "--overwrite"], base / "home3", check=False, FORGETLESS_FAULT="kill:step@4")
+    assert proc.returncode != 0 and not (base / "killed" / "summary.json").exists()
+    assert sorted(p.name for p in (base / "killed" / "checkpoints").iterdir()) == ["checkpoint-3"]
+    _torchrun([*args, "--resume"], base / "home3")
+    summary = json.loads((base / "killed" / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == STEPS
+    a, b = _load(base / "killed" / "final" / "model.safetensors"), _load(runs["fsdp"] / "plain" / "final" /
+                                                                          "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
+    la, lb = _losses(base / "killed"), _losses(runs["fsdp"] / "plain")
+    assert la == lb
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
+    _worker(sys.argv[2:])
