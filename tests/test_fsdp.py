@@ -2,7 +2,7 @@
 with the same global batch. Every mitigation that touches parameters (l2sp, ewc, si, kl on full fine-tuning and
 on LoRA) and replay train sharded and match one process; the checkpoints are sharded and a run killed mid-way
 resumes to bit-identical weights; the final model is one HF model (or adapter, and merged) that loads in one
-process with the same logits.
+process with the same logits; the retention monitor and guard probe, roll back and select on the sharded model.
 
 This file is also the worker torchrun starts (`python tests/test_fsdp.py worker RECIPE...`): it trains the
 recipes one after another in the same process group, so one launch covers them all.
@@ -135,6 +135,27 @@ def runs(tiny_model, toy_data, tmp_path_factory):
         "lora-kl": ([{"name": "kl", "weight": 1.0}], {"name": "lora", "r": 4, "dropout": 0.0}, {"merge": True}),
     }
     files = []
+    # the retention monitor and guard (EWC + replay + a probe every 3 steps that breaches at once: lower_lr; and one
+    # that rolls back, with its optimizer state, to the last state within budget and stops), as in the DDP test
+    from test_distributed import _probe_suite
+    from test_distributed import _recipe as guard_recipe
+
+    probe = _probe_suite(base)
+    for kind, guard in (("guard", {}), ("rollback", {"budget": 0.01, "actions": ["rollback", "stop"],
+                                                      "select": "best_within_budget"})):
+        for sharded, where in ((True, "fsdp"), (False, "one")):
+            spec = guard_recipe(tiny_model, toy_data, base / where / kind, batch=4 if sharded else 8, probe=probe)
+            spec["name"] = kind
+            spec["guard"].update(guard)
+            spec["monitor"]["every"] = 2 if kind == "rollback" else 3
+            if sharded:
+                spec["train"]["distributed"] = "fsdp"
+                path = base / f"{kind}.yaml"
+                path.write_text(yaml.safe_dump(spec))
+                files.append(str(path))
+            else:
+                with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(base / "home1")}):
+                    ft.train(recipe_from_dict(spec), quiet=True)
     for kind, (mit, method, train) in kinds.items():
         for sharded, where in ((True, "fsdp"), (False, "one")):
             spec = _recipe(kind, tiny_model, toy_data, base / where, sharded, mit, method, **train)
@@ -146,7 +167,8 @@ def runs(tiny_model, toy_data, tmp_path_factory):
                 with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(base / "home1")}):
                     ft.train(recipe_from_dict(spec), quiet=True)
     _torchrun([str(Path(__file__)), "worker", *files], base / "home2")
-    return {"base": base, "kinds": list(kinds), "fsdp": base / "fsdp", "one": base / "one", "plain_yaml": files[0]}
+    return {"base": base, "kinds": list(kinds), "fsdp": base / "fsdp", "one": base / "one",
+            "plain_yaml": next(f for f in files if f.endswith("plain.yaml"))}
 
 
 @pytest.mark.parametrize("kind", ["plain", "l2sp", "ewc", "si", "kl", "replay", "lora-kl"])
@@ -200,6 +222,31 @@ def test_the_final_model_loads_in_one_process_with_the_same_logits(runs, tiny_mo
     # the files are those one process writes: the tied head is not saved twice
     assert sorted(_load(runs["fsdp"] / "plain" / "final" / "model.safetensors")) == sorted(
         _load(runs["one"] / "plain" / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["guard", "rollback"])
+def test_the_monitor_and_guard_act_on_a_sharded_model_as_on_one_process(runs, kind):
+    """Every process runs the probe (the sharded forward is a collective); rank 0's verdict is acted on by all at
+    the same step: lower_lr; a rollback into every process's slices with their optimizer state; the selection of
+    the state within budget. Probes, events, losses and the final weights as in one process."""
+    a, b = runs["fsdp"] / kind, runs["one"] / kind
+    la, lb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (a, b))
+    events = [[(x["step"], x["guard"], x.get("to_step")) for x in lines if "guard" in x] for lines in (la, lb)]
+    assert events[0] == events[1] and events[0], events  # each logged once: rank 0 alone writes
+    probes = [{x["step"]: x["fl_retention"] for x in lines if "fl_retention" in x} for lines in (la, lb)]
+    assert sorted(probes[0]) == sorted(probes[1]) and len(probes[0]) >= 2
+    assert all(abs(probes[0][s] - probes[1][s]) < RTOL for s in probes[1])
+    losses = [{x["step"]: x["loss"] for x in lines if "loss" in x} for lines in (la, lb)]
+    assert sorted(losses[0]) == sorted(losses[1])
+    assert max(abs(losses[0][s] - losses[1][s]) / abs(losses[1][s]) for s in losses[1]) < RTOL
+    assert _worst(_load(a / "final" / "model.safetensors"), _load(b / "final" / "model.safetensors")) < RTOL
+    full = [json.loads((d / "summary.json").read_text()) for d in (a, b)]
+    # the validation loss after the chosen state was restored: the restored slices, not stale gathered weights
+    assert full[0]["final_validation_loss"] == pytest.approx(full[1]["final_validation_loss"], rel=RTOL)
+    sa, sb = (x["guard"]["selection"] for x in full)
+    assert sa["chosen_step"] == sb["chosen_step"]
+    if kind == "rollback":
+        assert ("rollback" in {e[1] for e in events[0]}) and sa["chosen_step"] < max(losses[0])
 
 
 def test_a_sharded_run_killed_mid_way_resumes_to_bit_identical_weights(runs):

@@ -309,12 +309,10 @@ def check_recipe(recipe: Any) -> str:
         if why:
             raise RecipeError(f"mitigations.{m.name}: not supported with {where} ({why}); use engine: ddp"
                               + (", or engine: fsdp" if cls.shardable else ""))
-    if recipe.monitor is not None or recipe.guard is not None:
+    if eng == "deepspeed" and (recipe.monitor is not None or recipe.guard is not None):
         key = "guard" if recipe.guard is not None else "monitor"
-        raise RecipeError(
-            f"{key}: the retention monitor and guard run with engine: ddp only (their probe and rollback need whole "
-            f"weights on one process), not with {where}"
-        )
+        raise RecipeError(f"{key}: the retention monitor and guard run with engine: ddp or fsdp (their probe and "
+                          f"rollback are not made to work with ZeRO's partitioned weights), not with {where}")
     return eng
 
 

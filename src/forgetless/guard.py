@@ -70,15 +70,27 @@ def snapshot(params: list[torch.nn.Parameter], step: int, optimizer=None, val_lo
     opt = None
     if optimizer is not None:
         opt = copy.deepcopy({k: v for k, v in optimizer.state_dict().items()})
-    return Snapshot(step, [p.detach().to("cpu", copy=True) for p in params], opt, val_loss)
+    # under FSDP2 each rank keeps its slice of every parameter (and its optimizer state holds its slices)
+    return Snapshot(step, [dist.local(p.detach()).to("cpu", copy=True) for p in params], opt, val_loss)
 
 
 @torch.no_grad()
 def restore(params: list[torch.nn.Parameter], snap: Snapshot, optimizer=None) -> None:
     for p, w in zip(params, snap.weights, strict=True):
-        p.copy_(w.to(p.device))
+        dist.local(p).copy_(w.to(p.device))
     if optimizer is not None and snap.optimizer is not None:
         optimizer.load_state_dict(snap.optimizer)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the whole parameters an FSDP2 forward left gathered: units that do not reshard after their forward
+    (accelerate's root unit: embedding, final norm, head) keep them after an evaluation, and the parameters a
+    penalty or a snapshot reads must be the slices again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 @dataclass
@@ -109,6 +121,8 @@ class MonitorCallback(TrainerCallback):
         self._ref_fp = None
         self._last_breaches: list[str] = []
         self.params: list[torch.nn.Parameter] = []
+        self.sharded = False  # FSDP2: parameters are DTensors (set at the start of training)
+        self.model: torch.nn.Module | None = None
 
     # ------------------------------------------------------------ set before use
 
@@ -138,6 +152,13 @@ class MonitorCallback(TrainerCallback):
 
     # ------------------------------------------------------------ probe
 
+    def _restore(self, snap: Snapshot, optimizer=None) -> None:
+        """Put a snapshot's weights (and optimizer state) back. Under FSDP2 into each rank's slices, after freeing
+        any whole parameters a forward left gathered (they would be used as they are by the next forward)."""
+        if self.sharded and self.model is not None:
+            reshard(self.model)
+        restore(self.params, snap, optimizer)
+
     def _probe_suite(self):
         s = load_suite(self.monitor.suite).only(self.monitor.tasks).with_limit(self.monitor.limit)
         if self.monitor.max_new_tokens:
@@ -154,13 +175,25 @@ class MonitorCallback(TrainerCallback):
                             reference_fingerprint=self._ref_fp, progress=False)
         finally:
             model.train(was_training)
+            if self.sharded:
+                reshard(model)
+
+
+    def _probes_here(self) -> bool:
+        """Whether this rank runs the probe: rank 0 alone when every rank holds the whole model (DDP); every rank
+        under FSDP2, whose forward is a collective (they score the same items; rank 0's result is used)."""
+        return dist.is_main() or self.sharded
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         t0 = time.perf_counter()
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sharded = any(dist.is_sharded(p) for p in self.params)
+        self.model = model
         self._suite = self._probe_suite()
-        if dist.is_main():  # the probe runs on rank 0 only (every rank holds the same weights)
-            self._ref_fp = fingerprint_model(model) if state.global_step == 0 else f"resumed-{id(self)}"
+        if self._probes_here():
+            # a sharded model has no one-process fingerprint: the reference is this run's own
+            fresh = state.global_step == 0 and not self.sharded
+            self._ref_fp = fingerprint_model(model) if fresh else f"resumed-{id(self)}"
             # step 0 (or the resume point) is the reference: the base model's own behaviour
             self._base_result = self._evaluate(model)
         self.state.base = snapshot(self.params, state.global_step)
@@ -185,7 +218,8 @@ class MonitorCallback(TrainerCallback):
         control = control if control is not None else _NoControl()
         t0 = time.perf_counter()
 
-        report = compare(self._base_reference, self._evaluate(model)) if dist.is_main() else None
+        candidate = self._evaluate(model) if self._probes_here() else None
+        report = compare(self._base_reference, candidate) if candidate is not None and dist.is_main() else None
         val_loss = None
         if self.has_validation and self.trainer is not None:
             should_log = control.should_log  # evaluate() logs, and logging resets the flag: keep this step's loss line
@@ -278,7 +312,7 @@ class MonitorCallback(TrainerCallback):
                         {"factor": self._guard_config.lr_factor, "lr": opt.param_groups[0]["lr"]})
         elif action == "rollback":
             snap = self._last_ok
-            restore(self.params, snap, optimizer if snap.optimizer is not None else None)
+            self._restore(snap, optimizer if snap.optimizer is not None else None)
             self._event(state.global_step, "rollback", {"to_step": snap.step})
             return self._act(state, control, optimizer, lr_scheduler)  # and continue with the next action
         elif action == "stop":
@@ -299,7 +333,7 @@ class MonitorCallback(TrainerCallback):
         else the start) and never select a later one. Returns the step restored."""
         ok = self.state.last_ok
         snap = ok if ok is not None and ok.step < step else self._base
-        restore(self.params, snap)
+        self._restore(snap)
         if self.state.best_ok is not None and self.state.best_ok.step >= step:
             self.state.best_ok = snap
         self.state.last_ok = snap
@@ -329,11 +363,11 @@ class MonitorCallback(TrainerCallback):
                                       or final_val_loss <= self.state.best_ok.val_loss):
             sel = {"chosen_step": step, "why": "the final state is within budget and has the best validation loss"}
         elif self.state.best_ok is not None and self.state.best_ok.step != self._base.step:
-            restore(self.params, self.state.best_ok)
+            self._restore(self.state.best_ok)
             sel = {"chosen_step": self.state.best_ok.step, "why": "best validation loss among the states within budget",
                    "val_loss": self.state.best_ok.val_loss}
         else:
-            restore(self.params, self._base)
+            self._restore(self._base)
             sel = {"chosen_step": self._base.step,
                    "why": "NO STATE STAYED WITHIN BUDGET: the final model is the base model", "warning": True}
         if g is not None:

@@ -75,7 +75,15 @@ def _lm_parts(model: nn.Module):
 
 def _supports_tree_mask(model: nn.Module) -> bool:
     impl = getattr(model.config, "_attn_implementation", None)
-    return impl in ("sdpa", "eager") and _lm_parts(model) is not None
+    return impl in ("sdpa", "eager") and _lm_parts(model) is not None and not _fsdp_sharded(model)
+
+
+def _fsdp_sharded(model: nn.Module) -> bool:
+    """FSDP2-sharded parameters (DTensors): the forward must enter through the root module (it gathers the
+    slices), so the shared-context path, which calls the body and the head separately, is not taken."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(next(model.parameters(), None), DTensor)
 
 
 def _tree(req: Request,
