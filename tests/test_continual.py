@@ -358,6 +358,7 @@ def test_carried_mitigation_reduces_forgetting_and_still_learns(name, plain, req
     assert s["matrix"]["score"][1] == plain["state"]["matrix"]["score"][1]  # step 1 carries nothing: identical
 
 
+@pytest.mark.slow  # two carried sequences (~29 s of the default run); make test-slow
 def test_replay_buffer_and_online_ewc_are_wired(replay, ewc, world):
     steps = {e["task"]: e for e in replay["steps"]}
     assert steps["copy"]["replay_buffer"] == {} and steps["rev"]["replay_buffer"] == {"copy": 32}

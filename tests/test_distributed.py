@@ -232,6 +232,7 @@ def ddp_vs_single(tiny_model, toy_data, tmp_path_factory):
     return {"ranks": ranks, "single": single, "ddp_dir": ddp_dir, "single_dir": single_dir}
 
 
+@pytest.mark.slow  # torchrun (the DDP run and its one-process twin): about 30 s of the default run; make test-slow
 def test_ddp_reaches_the_single_process_loss_curve_with_the_same_global_batch(ddp_vs_single):
     r = ddp_vs_single
     ddp, single = _losses(r["ddp_dir"]), _losses(r["single_dir"])
@@ -258,6 +259,7 @@ def test_ddp_reaches_the_single_process_loss_curve_with_the_same_global_batch(dd
     assert int((diff > WEIGHTS_CLOSE).sum()) <= WEIGHTS_FAR_SHARE * diff.numel(), int((diff > WEIGHTS_CLOSE).sum())
 
 
+@pytest.mark.slow  # torchrun (the DDP run and its one-process twin): about 30 s of the default run; make test-slow
 def test_ewc_fisher_is_all_reduced_and_equals_the_single_process_estimate(ddp_vs_single):
     a, b = ddp_vs_single["ranks"]
     single = ddp_vs_single["single"]["fisher"]
@@ -270,6 +272,7 @@ def test_ewc_fisher_is_all_reduced_and_equals_the_single_process_estimate(ddp_vs
     assert m0["fisher_cached"] is False and m0["samples"] == 9 and m0["fisher_samples_per_rank"] == 5  # 5 + 4
 
 
+@pytest.mark.slow  # torchrun (the DDP run and its one-process twin): about 30 s of the default run; make test-slow
 def test_replay_stream_is_covered_exactly_once_per_epoch_across_ranks(ddp_vs_single):
     a, b = ddp_vs_single["ranks"]
     assert a["stream"] == b["stream"] == ddp_vs_single["single"]["stream"]
@@ -287,6 +290,7 @@ def test_replay_stream_is_covered_exactly_once_per_epoch_across_ranks(ddp_vs_sin
         assert together == alone, step
 
 
+@pytest.mark.slow  # torchrun (the DDP run and its one-process twin): about 30 s of the default run; make test-slow
 def test_guard_acts_on_both_ranks_at_the_same_step_and_only_rank_0_writes(ddp_vs_single):
     a, b = ddp_vs_single["ranks"]
     assert a["events"] == b["events"]
@@ -311,6 +315,7 @@ def test_guard_acts_on_both_ranks_at_the_same_step_and_only_rank_0_writes(ddp_vs
     assert [(e["step"], e["guard"]) for e in guard_lines] == kinds  # once each, not once per rank
 
 
+@pytest.mark.slow  # torchrun (the DDP run and its one-process twin): about 30 s of the default run; make test-slow
 def test_rank_0_alone_holds_the_run_directory_lock_and_releases_it(ddp_vs_single):
     """One writer per run: under torchrun the lock beside the run directory names rank 0's process, both ranks
     see that while they train, and it is gone when the run ends."""
