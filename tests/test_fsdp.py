@@ -135,6 +135,17 @@ def runs(tiny_model, toy_data, tmp_path_factory):
         "lora-kl": ([{"name": "kl", "weight": 1.0}], {"name": "lora", "r": 4, "dropout": 0.0}, {"merge": True}),
     }
     files = []
+
+    def add(kind: str, spec: dict, sharded: bool) -> None:
+        """A sharded recipe is written for the one torchrun launch below; its one-process twin trains here."""
+        if sharded:
+            path = base / f"{kind}.yaml"
+            path.write_text(yaml.safe_dump(spec))
+            files.append(str(path))
+        else:
+            with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(base / "home1")}):
+                ft.train(recipe_from_dict(spec), quiet=True)
+
     # the retention monitor and guard (EWC + replay + a probe every 3 steps that breaches at once: lower_lr; and one
     # that rolls back, with its optimizer state, to the last state within budget and stops), as in the DDP test
     from test_distributed import _probe_suite
@@ -150,22 +161,10 @@ def runs(tiny_model, toy_data, tmp_path_factory):
             spec["monitor"]["every"] = 2 if kind == "rollback" else 3
             if sharded:
                 spec["train"]["distributed"] = "fsdp"
-                path = base / f"{kind}.yaml"
-                path.write_text(yaml.safe_dump(spec))
-                files.append(str(path))
-            else:
-                with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(base / "home1")}):
-                    ft.train(recipe_from_dict(spec), quiet=True)
+            add(kind, spec, sharded)
     for kind, (mit, method, train) in kinds.items():
         for sharded, where in ((True, "fsdp"), (False, "one")):
-            spec = _recipe(kind, tiny_model, toy_data, base / where, sharded, mit, method, **train)
-            if sharded:
-                path = base / f"{kind}.yaml"
-                path.write_text(yaml.safe_dump(spec))
-                files.append(str(path))
-            else:
-                with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(base / "home1")}):
-                    ft.train(recipe_from_dict(spec), quiet=True)
+            add(kind, _recipe(kind, tiny_model, toy_data, base / where, sharded, mit, method, **train), sharded)
     _torchrun([str(Path(__file__)), "worker", *files], base / "home2")
     return {"base": base, "kinds": list(kinds), "fsdp": base / "fsdp", "one": base / "one",
             "plain_yaml": next(f for f in files if f.endswith("plain.yaml"))}

@@ -25,6 +25,10 @@ from .base import CarryStep, QuadraticPenalty, TrainContext, file_backed, regist
 STATE_FILE = "si_state.safetensors"
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class SIConfig(Strict):
     name: Literal["si"] = "si"
     weight: float = Field(1.0, ge=0, description="c: strength of the penalty from previous importance.")
@@ -106,17 +110,18 @@ class SI(QuadraticPenalty):
     def observe_step(self, phase: str) -> None:
         if not self.config.save:
             return
+        local = dist.local if self.sharded else _whole  # this rank's slice under FSDP2
         if phase == "before":
             self._has_grad = [p.grad is not None for p in self.params]
             for g, b, p in zip(self._grads, self._before, self.params, strict=True):
                 if p.grad is not None:
-                    g.copy_(dist.local(p.grad.detach()))
-                b.copy_(dist.local(p.detach()))
+                    g.copy_(local(p.grad.detach()))
+                b.copy_(local(p.detach()))
             return
         # omega -= g * (theta_after - theta_before), in place: before <- before - after, omega += g * before
         for w, g, b, p, has in zip(self.omega, self._grads, self._before, self.params, self._has_grad, strict=True):
             if has:
-                b.sub_(dist.local(p.detach()))
+                b.sub_(local(p.detach()))
                 w.addcmul_(g, b)
         self._has_grad = []
 
