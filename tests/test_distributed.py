@@ -530,13 +530,13 @@ def test_sharded_engines_refuse_what_they_cannot_run_naming_the_key():
         assert check(mitigations=[spec], train={"distributed": "fsdp", "device": "cpu"}) == "fsdp"
     assert check(method="lora", train={"distributed": "fsdp", "merge": True}) == "fsdp"
     assert check(monitor={"suite": "self"}, guard={"budget": 0.01}) == "fsdp"  # probes on every rank (test_fsdp.py)
+    assert check(train={"distributed": "zero3", "device": "cpu"}) == "deepspeed"  # its CPU accelerator (test_deepspeed)
     cases = [
         ({"mitigations": [{"name": "olora"}], "method": "lora"}, "mitigations.olora"),
         ({"mitigations": [{"name": "ewc"}], "train": {"distributed": "zero2", "device": "cuda"}}, "mitigations.ewc"),
         ({"mitigations": [{"name": "kl"}], "train": {"distributed": "zero3", "device": "cuda"}}, "mitigations.kl"),
         ({"guard": {"budget": 0.01}, "train": {"distributed": "zero3", "device": "cuda"}}, "guard"),
         ({"method": "qlora"}, "method.name"),
-        ({"train": {"distributed": "zero2", "device": "cpu"}}, "train.device is cpu"),
         ({"method": {"name": "lora", "init": "pissa"}}, "method.init: pissa"),
     ]
     assert check(method={"name": "lora", "init": "gaussian"}) == "fsdp"

@@ -280,8 +280,9 @@ class FsdpOptions(Strict):
 
 
 class DeepSpeedOptions(Strict):
-    """DeepSpeed ZeRO through the Trainer's own `deepspeed` option (CUDA GPUs, `pip install deepspeed`).
-    Batch size, accumulation, clipping and precision come from the recipe (the config's "auto" values)."""
+    """DeepSpeed ZeRO through the Trainer's own `deepspeed` option (GPUs, or CPUs over gloo; `pip install
+    'forgetless[deepspeed]'`). Batch size, accumulation, clipping and precision come from the recipe (the
+    config's "auto" values)."""
 
     stage: Literal[2, 3] = Field(2,
                                  description="ZeRO-2 shards optimizer state and gradients; ZeRO-3 also the parameters.")

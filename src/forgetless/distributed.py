@@ -290,9 +290,6 @@ def check_recipe(recipe: Any) -> str:
     if eng == "ddp":
         return eng
     where = f"train.distributed.engine: {eng}"
-    if eng == "deepspeed" and recipe.train.device == "cpu":
-        raise RecipeError(f"{where} needs CUDA GPUs but train.device is cpu (DeepSpeed's CPU accelerator is not "
-                          "installed with forgetless; docs/distributed.md); use engine: fsdp or ddp on CPUs")
     # each method and mitigation declares whether it works on sharded parameters (`shardable`; methods/,
     # mitigations/); DDP runs all of them
     if not recipe.method.shardable:

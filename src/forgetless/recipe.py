@@ -95,7 +95,7 @@ class DistributedConfig(Strict):
     engine: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
         description="ddp: data parallel, a whole model per process (CPU or GPU); fsdp: sharded (FSDP2; GPUs or "
-        "CPUs); deepspeed: ZeRO (GPUs)."
+        "CPUs); deepspeed: ZeRO-2/3 (GPUs or CPUs)."
     )
     accelerate_config: str | None = Field(
         None,
