@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "forgetless.blocks": 0,
     "forgetless.plugins": 0,
     "forgetless.results": 0,
+    "forgetless.output": 0,
     "forgetless.tiny": 0,
     "forgetless.retention.lm": 0,
     "forgetless.retention.metrics": 0,

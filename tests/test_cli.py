@@ -67,3 +67,18 @@ def test_demo_tiny_runs_end_to_end(capsys, tmp_path):
     # the demo never overwrites a previous demo without being told to
     code, _, err = cli_out(capsys, "demo", "--tiny", "--out", str(tmp_path / "demo"), "--quiet")
     assert code == 2 and "--overwrite" in err, err
+
+
+def test_json_mode_keeps_stdout_for_the_json_alone(capsys):
+    """With --json, what a library prints to stdout meanwhile (DeepSpeed's logger, once transformers imports it)
+    goes to stderr: stdout parses as the command's JSON."""
+    from forgetless.output import json_mode, print_json
+
+    with json_mode(True):
+        print("[WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.")
+        print_json({"steps": 3})
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"steps": 3} and "Setting accelerator to CPU" in err
+    with json_mode(False):
+        print("plain")
+    assert capsys.readouterr().out == "plain\n"

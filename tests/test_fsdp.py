@@ -4,6 +4,8 @@ on LoRA) and replay train sharded and match one process; the checkpoints are sha
 resumes to bit-identical weights; the final model is one HF model (or adapter, and merged) that loads in one
 process with the same logits; the retention monitor and guard probe, roll back and select on the sharded model.
 
+self_replay (its pairs generated before sharding, rank 0 first) and freeze run sharded as in one process too.
+
 This file is also the worker torchrun starts (`python tests/test_fsdp.py worker RECIPE...`): it trains the
 recipes one after another in the same process group, so one launch covers them all.
 """
@@ -130,6 +132,9 @@ def runs(tiny_model, toy_data, tmp_path_factory):
         "si": ([{"name": "si", "weight": 10.0, "previous": si_prev}], None, {}),
         "kl": ([{"name": "kl", "weight": 1.0}], None, {}),
         "replay": ([{"name": "replay", "ratio": 0.2, "data": instr}], None, {}),
+        "self_replay": ([{"name": "self_replay", "source": "seeds", "n": 16, "ratio": 0.2, "max_new_tokens": 8,
+                          "min_answer_words": 1, "seeds": instr}], None, {}),
+        "freeze": ([{"name": "freeze", "embeddings": True, "bottom_k_blocks": 1}], None, {}),
         # LoRA (dropout off: each process would draw its own masks), KL through the sharded model's disabled
         # adapters, merged at the end
         "lora-kl": ([{"name": "kl", "weight": 1.0}], {"name": "lora", "r": 4, "dropout": 0.0}, {"merge": True}),
@@ -170,7 +175,7 @@ def runs(tiny_model, toy_data, tmp_path_factory):
             "plain_yaml": next(f for f in files if f.endswith("plain.yaml"))}
 
 
-@pytest.mark.parametrize("kind", ["plain", "l2sp", "ewc", "si", "kl", "replay", "lora-kl"])
+@pytest.mark.parametrize("kind", ["plain", "l2sp", "ewc", "si", "kl", "replay", "self_replay", "freeze", "lora-kl"])
 def test_a_sharded_run_matches_one_process_with_the_same_global_batch(runs, kind):
     a, b = runs["fsdp"] / kind, runs["one"] / kind
     la, lb = _losses(a), _losses(b)

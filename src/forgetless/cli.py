@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,6 +11,7 @@ import typer
 from rich.console import Console
 
 from .errors import ForgetlessError
+from .output import json_mode, print_json
 
 app = typer.Typer(
     name="forgetless",
@@ -72,7 +72,7 @@ def train(
     if not is_main():  # under torchrun / accelerate launch only rank 0 reports
         return
     if json_out:
-        print(json.dumps(summary, indent=2, default=str))
+        print_json(summary)
         return
     if not quiet:
         _print_summary(summary)
@@ -131,7 +131,7 @@ def eval_cmd(
         max_length=max_length, out=out, progress=not (quiet or json_out), refresh_baseline=refresh_baseline,
     )
     if json_out:
-        print(json.dumps(report, indent=2, default=str))
+        print_json(report)
         return
     print_report(report)
     if out:
@@ -196,7 +196,7 @@ def merge(
             raise typer.BadParameter(f"--alpha {alpha!r}: a number in [0, 1] or auto") from None
         result = merge_lib.merge(base, tuned, a, out, overwrite=overwrite, full=full)
     if json_out:
-        print(json.dumps(result, indent=2, default=str))
+        print_json(result)
         return
     if quiet:
         return
@@ -242,7 +242,7 @@ def sweep(
     state = run_sweep(sweep_file, jobs=jobs, budget=parse_budget(budget) if budget else None, output_dir=out,
                       overwrite=overwrite, quiet=quiet or json_out, break_lock=break_lock)
     if json_out:
-        print(json.dumps(state, indent=2))
+        print_json(state)
         return
     if not quiet:
         _table_console().print(sweep_table(state))
@@ -275,7 +275,7 @@ def continual(
     state = run_continual(sequence_file, output_dir=out, overwrite=overwrite, quiet=quiet or json_out,
                           break_lock=break_lock)
     if json_out:
-        print(json.dumps(state, indent=2))
+        print_json(state)
         return
     if not quiet:
         _table_console().print(continual_table(state))
@@ -315,7 +315,7 @@ def demo(
 
     state = run_demo(out, tiny=tiny, quiet=quiet or json_out, overwrite=overwrite)
     if json_out:
-        print(json.dumps(state, indent=2))
+        print_json(state)
         return
     if not quiet:
         _table_console().print(sweep_table(state))
@@ -345,7 +345,8 @@ def main() -> None:
 
     torch.set_flush_denormal(True)  # fp32 stalls on denormals on many CPUs
     try:
-        app()
+        with json_mode("--json" in sys.argv[1:]):  # stdout carries the JSON alone (forgetless.output)
+            app()
     except ForgetlessError as e:
         console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)

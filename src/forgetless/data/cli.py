@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import DataError, ForgetlessError
+from ..output import print_json
 
 app = typer.Typer(help="Training data tools: check SFT data for problems, write a cleaned copy.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -223,7 +223,7 @@ def check_cmd(
     except ForgetlessError as e:
         raise _fail(e) from None
     if as_json:
-        print(json.dumps(result, indent=2, ensure_ascii=False))
+        print_json(result, ensure_ascii=False)
     else:
         print_report(report)
         lines = report_problems(report)
@@ -265,7 +265,7 @@ def pull_cmd(
     except ForgetlessError as e:
         raise _fail(e) from None
     if as_json:
-        print(json.dumps(report, indent=2))
+        print_json(report)
         return
     rows = [[r["task"], r["status"],
              f"hf:{r['source']['hub']}" + (f" ({r['source']['config']})" if r["source"].get("config") else "")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -13,6 +12,7 @@ from forgetless.errors import ForgetlessError
 from forgetless.models.catalog import CATALOG, cache_dir, entry_dir, read_provenance
 from forgetless.models.llama2c import import_llama2c
 from forgetless.models.pull import pull
+from forgetless.output import print_json
 
 app = typer.Typer(help="Pretrained models: the catalog, the offline cache, importers.", no_args_is_help=True)
 out = Console()
@@ -59,7 +59,7 @@ def pull_cmd(
     except ForgetlessError as e:
         raise _fail(e) from None
     if json_out:
-        print(json.dumps({"alias": alias, "path": str(path)}))
+        print_json({"alias": alias, "path": str(path)}, indent=None)
         return
     out.print(str(path))
 
