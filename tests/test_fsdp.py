@@ -4,7 +4,8 @@ on LoRA) and replay train sharded and match one process; the checkpoints are sha
 resumes to bit-identical weights; the final model is one HF model (or adapter, and merged) that loads in one
 process with the same logits; the retention monitor and guard probe, roll back and select on the sharded model.
 
-self_replay (its pairs generated before sharding, rank 0 first) and freeze run sharded as in one process too.
+freeze runs sharded as in one process too, and self_replay on the model organism (a tiny Llama that learned a
+task, so it has answers to generate: a random one generates nothing).
 
 This file is also the worker torchrun starts (`python tests/test_fsdp.py worker RECIPE...`): it trains the
 recipes one after another in the same process group, so one launch covers them all.
@@ -132,8 +133,6 @@ def runs(tiny_model, toy_data, tmp_path_factory):
         "si": ([{"name": "si", "weight": 10.0, "previous": si_prev}], None, {}),
         "kl": ([{"name": "kl", "weight": 1.0}], None, {}),
         "replay": ([{"name": "replay", "ratio": 0.2, "data": instr}], None, {}),
-        "self_replay": ([{"name": "self_replay", "source": "seeds", "n": 16, "ratio": 0.2, "max_new_tokens": 8,
-                          "min_answer_words": 1, "seeds": instr}], None, {}),
         "freeze": ([{"name": "freeze", "embeddings": True, "bottom_k_blocks": 1}], None, {}),
         # LoRA (dropout off: each process would draw its own masks), KL through the sharded model's disabled
         # adapters, merged at the end
@@ -175,7 +174,7 @@ def runs(tiny_model, toy_data, tmp_path_factory):
             "plain_yaml": next(f for f in files if f.endswith("plain.yaml"))}
 
 
-@pytest.mark.parametrize("kind", ["plain", "l2sp", "ewc", "si", "kl", "replay", "self_replay", "freeze", "lora-kl"])
+@pytest.mark.parametrize("kind", ["plain", "l2sp", "ewc", "si", "kl", "replay", "freeze", "lora-kl"])
 def test_a_sharded_run_matches_one_process_with_the_same_global_batch(runs, kind):
     a, b = runs["fsdp"] / kind, runs["one"] / kind
     la, lb = _losses(a), _losses(b)
@@ -305,6 +304,35 @@ def test_ewc_kl_and_a_guard_sharded_resume_after_sigkill_to_the_uninterrupted_we
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
     model, _ = load_model(killed)
     assert sum(p.numel() for p in model.parameters()) == summary["total_parameters"]
+
+
+def test_self_replay_generates_before_sharding_and_trains_as_in_one_process(organism, tmp_path):
+    """The organism (it learned task A) fine-tuned on task B with self_replay of its own answers to A's prompts:
+    the pairs are generated before sharding (rank 0 first, the others read its cache), then mixed as replay."""
+    import forgetless.train as ft
+    from forgetless.recipe import recipe_from_dict
+
+    data_a = {"train": str(organism["a_train"]), "format": "prompt_completion", "chat_template": False}
+    specs = {}
+    for where in ("fsdp", "one"):
+        spec = _recipe("self-replay", organism["model"], {"chat": organism["b_train"], "chat_val": organism["b_val"]},
+                       tmp_path / where, where == "fsdp",
+                       [{"name": "self_replay", "source": "seeds", "seeds": data_a, "n": 32, "ratio": 0.2,
+                         "max_new_tokens": 12, "min_answer_words": 1}])
+        spec["data"] = {"train": str(organism["b_train"]), "validation": str(organism["b_val"]),
+                        "format": "prompt_completion", "chat_template": False, "max_length": 64}
+        specs[where] = spec
+    (tmp_path / "self-replay.yaml").write_text(yaml.safe_dump(specs["fsdp"]))
+    _torchrun([str(Path(__file__)), "worker", str(tmp_path / "self-replay.yaml")], tmp_path / "home2")
+    with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(tmp_path / "home1")}):
+        ft.train(recipe_from_dict(specs["one"]), quiet=True)
+    a, b = tmp_path / "fsdp" / "self-replay", tmp_path / "one" / "self-replay"
+    la, lb = _losses(a), _losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+    assert max(abs(la[s] - lb[s]) / abs(lb[s]) for s in lb) < RTOL, (la, lb)
+    assert _worst(_load(a / "final" / "model.safetensors"), _load(b / "final" / "model.safetensors")) < RTOL
+    sa, sb = (json.loads((d / "data_stats.json").read_text()) for d in (a, b))
+    assert sa == sb  # the same generated pairs mixed in
 
 
 def test_the_real_stories260k_trains_sharded_as_in_one_process(toy_data, tmp_path):
