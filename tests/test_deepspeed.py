@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
-from test_fsdp import RTOL, STEPS, _load, _losses, _recipe, _torchrun, _worst
+from test_fsdp import RTOL, STEPS, _load, _losses, _recipe, _torchrun, _worst, kill_and_resume
 
 pytestmark = [
     pytest.mark.slow,  # torchrun launches: about a minute; make test-slow
@@ -77,11 +77,7 @@ def test_zero3_killed_mid_way_resumes_to_bit_identical_weights(zero):
     spec["name"], spec["train"]["output_dir"] = "killed", str(zero / "killed")
     recipe = zero / "killed.yaml"
     recipe.write_text(yaml.safe_dump(spec))
-    args = ["-m", "forgetless", "train", str(recipe), "--quiet"]
-    proc = _torchrun([*args, "--overwrite"], zero / "home3", check=False, FORGETLESS_FAULT="kill:step@4")
-    assert proc.returncode != 0 and not (zero / "killed" / "summary.json").exists()
-    _torchrun([*args, "--resume"], zero / "home3")
-    assert json.loads((zero / "killed" / "summary.json").read_text())["resumed_from"].endswith("checkpoint-3")
+    kill_and_resume(recipe, zero / "home3", "step@4", "checkpoint-3")
     a, b = _load(zero / "killed" / "final" / "model.safetensors"), _load(zero / "zero3" / "plain" / "final" /
                                                                           "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)

@@ -111,6 +111,29 @@ def _recipe(name: str, model: Path, data: dict[str, Path], out: Path, sharded: b
     return r
 
 
+def _assert_as_one_process(a: Path, b: Path, weights: str = "model.safetensors") -> None:
+    """Run `a` (sharded) against `b` (one process): the same steps, losses and final weights within RTOL."""
+    la, lb = _losses(a), _losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+    assert max(abs(la[s] - lb[s]) / abs(lb[s]) for s in lb) < RTOL, (la, lb)
+    assert _worst(_load(a / "final" / weights), _load(b / "final" / weights)) < RTOL
+
+
+def _train_both(specs: dict[str, dict], tmp_path: Path) -> tuple[Path, Path]:
+    """specs["fsdp"] under torchrun, specs["one"] in this process; both agree; returns their run directories."""
+    import forgetless.train as ft
+    from forgetless.recipe import recipe_from_dict
+
+    recipe = tmp_path / f"{specs['fsdp']['name']}.yaml"
+    recipe.write_text(yaml.safe_dump(specs["fsdp"]))
+    _torchrun([str(Path(__file__)), "worker", str(recipe)], tmp_path / "home2")
+    with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(tmp_path / "home1")}):
+        ft.train(recipe_from_dict(specs["one"]), quiet=True)
+    a, b = (Path(specs[w]["train"]["output_dir"]) for w in ("fsdp", "one"))
+    _assert_as_one_process(a, b)
+    return a, b
+
+
 # ---------------------------------------------------------------- the runs
 
 
@@ -177,14 +200,10 @@ def runs(tiny_model, toy_data, tmp_path_factory):
 @pytest.mark.parametrize("kind", ["plain", "l2sp", "ewc", "si", "kl", "replay", "freeze", "lora-kl"])
 def test_a_sharded_run_matches_one_process_with_the_same_global_batch(runs, kind):
     a, b = runs["fsdp"] / kind, runs["one"] / kind
-    la, lb = _losses(a), _losses(b)
-    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
-    assert max(abs(la[s] - lb[s]) / abs(lb[s]) for s in lb) < RTOL, (la, lb)
+    _assert_as_one_process(a, b, "adapter_model.safetensors" if kind == "lora-kl" else "model.safetensors")
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sa["distributed"]["engine"] == "fsdp" and sa["distributed"]["world_size"] == 2
     assert sa["final_validation_loss"] == pytest.approx(sb["final_validation_loss"], rel=RTOL)
-    weights = "adapter_model.safetensors" if kind == "lora-kl" else "model.safetensors"
-    assert _worst(_load(a / "final" / weights), _load(b / "final" / weights)) < RTOL
     assert not (a / "final" / "training_args.bin").exists()  # no pickle beside the model
     # checkpoints are sharded: each process wrote its part (torch.distributed.checkpoint)
     ckpt = a / "checkpoints" / "checkpoint-3"
@@ -252,19 +271,29 @@ def test_the_monitor_and_guard_act_on_a_sharded_model_as_on_one_process(runs, ki
         assert ("rollback" in {e[1] for e in events[0]}) and sa["chosen_step"] < max(losses[0])
 
 
+def kill_and_resume(recipe: Path, home: Path, point: str, from_ckpt: str) -> dict:
+    """Train `recipe` under torchrun until FORGETLESS_FAULT=kill:`point` SIGKILLs both processes, then `--resume`
+    it; the run must not have finished before, and must resume from `from_ckpt`. Returns its summary."""
+    run_dir = Path(yaml.safe_load(recipe.read_text())["train"]["output_dir"])
+    args = ["-m", "forgetless", "train", str(recipe), "--quiet"]
+    proc = _torchrun([*args, "--overwrite"], home, check=False, FORGETLESS_FAULT=f"kill:{point}")
+    assert proc.returncode != 0 and not (run_dir / "summary.json").exists()
+    assert from_ckpt in {p.name for p in (run_dir / "checkpoints").iterdir()}
+    _torchrun([*args, "--resume"], home)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(from_ckpt)
+    return summary
+
+
 def test_a_sharded_run_killed_mid_way_resumes_to_bit_identical_weights(runs):
     base = runs["base"]
     spec = yaml.safe_load(Path(runs["plain_yaml"]).read_text())
     spec["name"], spec["train"]["output_dir"] = "killed", str(base / "killed")
     recipe = base / "killed.yaml"
     recipe.write_text(yaml.safe_dump(spec))
-    args = ["-m", "forgetless", "train", str(recipe), "--quiet"]
-    proc = _torchrun([*args, "--overwrite"], base / "home3", check=False, FORGETLESS_FAULT="kill:step@4")
-    assert proc.returncode != 0 and not (base / "killed" / "summary.json").exists()
-    assert sorted(p.name for p in (base / "killed" / "checkpoints").iterdir()) == ["checkpoint-3"]
-    _torchrun([*args, "--resume"], base / "home3")
-    summary = json.loads((base / "killed" / "summary.json").read_text())
-    assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == STEPS
+    summary = kill_and_resume(recipe, base / "home3", "step@4", "checkpoint-3")
+    assert summary["steps"] == STEPS
+    assert sorted(p.name for p in (base / "killed" / "checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-6"]
     a, b = _load(base / "killed" / "final" / "model.safetensors"), _load(runs["fsdp"] / "plain" / "final" /
                                                                           "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
@@ -292,13 +321,8 @@ def test_ewc_kl_and_a_guard_sharded_resume_after_sigkill_to_the_uninterrupted_we
         paths[name] = base / f"combo-{name}.yaml"
         paths[name].write_text(yaml.safe_dump(spec))
     _torchrun(["-m", "forgetless", "train", str(paths["whole"]), "--quiet"], base / "home4")
-    args = ["-m", "forgetless", "train", str(paths["killed"]), "--quiet"]
-    proc = _torchrun(args, base / "home4", check=False, FORGETLESS_FAULT="kill:step@5")
-    assert proc.returncode != 0 and not (base / "combo" / "killed" / "summary.json").exists()
-    _torchrun([*args, "--resume"], base / "home4")
+    summary = kill_and_resume(paths["killed"], base / "home4", "step@5", "checkpoint-4")
     whole, killed = base / "combo" / "whole", base / "combo" / "killed"
-    summary = json.loads((killed / "summary.json").read_text())
-    assert summary["resumed_from"].endswith("checkpoint-4")
     assert [m["name"] for m in summary["mitigations"]] == ["ewc", "replay", "kl"] and summary["guard"] is not None
     a, b = _load(killed / "final" / "model.safetensors"), _load(whole / "final" / "model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in b)
@@ -309,9 +333,6 @@ def test_ewc_kl_and_a_guard_sharded_resume_after_sigkill_to_the_uninterrupted_we
 def test_self_replay_generates_before_sharding_and_trains_as_in_one_process(organism, tmp_path):
     """The organism (it learned task A) fine-tuned on task B with self_replay of its own answers to A's prompts:
     the pairs are generated before sharding (rank 0 first, the others read its cache), then mixed as replay."""
-    import forgetless.train as ft
-    from forgetless.recipe import recipe_from_dict
-
     data_a = {"train": str(organism["a_train"]), "format": "prompt_completion", "chat_template": False}
     specs = {}
     for where in ("fsdp", "one"):
@@ -322,15 +343,7 @@ def test_self_replay_generates_before_sharding_and_trains_as_in_one_process(orga
         spec["data"] = {"train": str(organism["b_train"]), "validation": str(organism["b_val"]),
                         "format": "prompt_completion", "chat_template": False, "max_length": 64}
         specs[where] = spec
-    (tmp_path / "self-replay.yaml").write_text(yaml.safe_dump(specs["fsdp"]))
-    _torchrun([str(Path(__file__)), "worker", str(tmp_path / "self-replay.yaml")], tmp_path / "home2")
-    with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(tmp_path / "home1")}):
-        ft.train(recipe_from_dict(specs["one"]), quiet=True)
-    a, b = tmp_path / "fsdp" / "self-replay", tmp_path / "one" / "self-replay"
-    la, lb = _losses(a), _losses(b)
-    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
-    assert max(abs(la[s] - lb[s]) / abs(lb[s]) for s in lb) < RTOL, (la, lb)
-    assert _worst(_load(a / "final" / "model.safetensors"), _load(b / "final" / "model.safetensors")) < RTOL
+    a, b = _train_both(specs, tmp_path)
     sa, sb = (json.loads((d / "data_stats.json").read_text()) for d in (a, b))
     assert sa == sb  # the same generated pairs mixed in
 
@@ -348,20 +361,9 @@ def test_the_real_stories260k_trains_sharded_as_in_one_process(toy_data, tmp_pat
     text = {"train": str(toy_data["text"]), "validation": str(toy_data["text_val"]), "format": "text", "max_length": 64}
     mit = [{"name": "ewc", "weight": 100.0, "samples": 8, "labels": "data",
             "reference": {"train": str(toy_data["text_val"]), "format": "text"}}]
-    import forgetless.train as ft
-    from forgetless.recipe import recipe_from_dict
-
     specs = {where: {**_recipe("stories", model, toy_data, tmp_path / where, where == "fsdp", mit), "data": text}
              for where in ("fsdp", "one")}
-    (tmp_path / "stories.yaml").write_text(yaml.safe_dump(specs["fsdp"]))
-    _torchrun([str(Path(__file__)), "worker", str(tmp_path / "stories.yaml")], tmp_path / "home2")
-    with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(tmp_path / "home1")}):
-        ft.train(recipe_from_dict(specs["one"]), quiet=True)
-    a, b = tmp_path / "fsdp" / "stories", tmp_path / "one" / "stories"
-    la, lb = _losses(a), _losses(b)
-    assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
-    assert max(abs(la[s] - lb[s]) / abs(lb[s]) for s in lb) < RTOL, (la, lb)
-    assert _worst(_load(a / "final" / "model.safetensors"), _load(b / "final" / "model.safetensors")) < RTOL
+    _train_both(specs, tmp_path)
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
