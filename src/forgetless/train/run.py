@@ -329,6 +329,8 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: 
     setup_torch(recipe.train.threads)
     engine = dist.check_recipe(recipe)  # what FSDP / DeepSpeed cannot run fails here, naming the recipe key
     device = pick_device(recipe.train.device)
+    if device.type == "cpu":  # what DeepSpeed (when installed) detects anyway, without its warning on stdout
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if engine == "fsdp" and device.type == "cpu":
         dist.fsdp_on_cpu()  # accelerate would fall back to DDP on CPUs without a word
     # under torchrun / accelerate launch: start the process group now (rank 0 alone writes the run directory)
