@@ -84,8 +84,8 @@ def restore(params: list[torch.nn.Parameter], snap: Snapshot, optimizer=None) ->
 
 def reshard(model: torch.nn.Module) -> None:
     """Free the whole parameters an FSDP2 forward left gathered: units that do not reshard after their forward
-    (accelerate's root unit: embedding, final norm, head) keep them after an evaluation, and the parameters a
-    penalty or a snapshot reads must be the slices again."""
+    (accelerate's root unit: embedding, final norm, head) keep them after an evaluation, holding that memory, and
+    the next forward would use them as they are, not weights restored into the slices meanwhile."""
     from torch.distributed.fsdp import FSDPModule
 
     for m in model.modules():

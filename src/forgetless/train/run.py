@@ -663,11 +663,16 @@ def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, mod
         faults.point("final_save")
         recipe.method.export_files(tmp, bf16)
     if recipe.train.merge and kind != "model":
-        with atomic_dir(run_dir / "merged", overwrite=True) as tmp:
-            merged = merge_for_export(trainer.model, recipe.method, run_dir / "final")
-            merged.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]  # a PreTrainedModel
-            tokenizer.save_pretrained(tmp)
+        _save_merged(trainer.model, recipe, tokenizer, run_dir)
     return kind
+
+
+def _save_merged(model: Any, recipe: Recipe, tokenizer: Any, run_dir: Path) -> None:
+    """train.merge: the adapter in `model` (or saved in final/) folded into the base, written to merged/."""
+    with atomic_dir(run_dir / "merged", overwrite=True) as tmp:
+        merged = merge_for_export(model, recipe.method, run_dir / "final")
+        merged.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]  # a PreTrainedModel
+        tokenizer.save_pretrained(tmp)
 
 
 def _save_final_sharded(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path) -> str:
@@ -693,11 +698,8 @@ def _save_final_sharded(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: P
             shutil.rmtree(final)
         os.replace(tmp, final)
         kind = "peft" if (final / "adapter_config.json").is_file() else "model"
-        if recipe.train.merge and kind != "model":
-            with atomic_dir(run_dir / "merged", overwrite=True) as out:
-                merged = merge_for_export(load_model(final)[0], recipe.method, final)
-                merged.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]  # a PreTrainedModel
-                tokenizer.save_pretrained(out)
+        if recipe.train.merge and kind != "model":  # the sharded model is gone: merge the saved adapter
+            _save_merged(load_model(final)[0], recipe, tokenizer, run_dir)
         return kind
 
     return dist.on_main(publish)
