@@ -158,3 +158,36 @@ def test_general_probe_mirrors_general_on_other_items():
         ig = {r.where for r in sample_rows(tg, load_rows(tg, root))}
         ip = {r.where for r in sample_rows(tp, load_rows(tp, root))}
         assert ip and not ig & ip, tg.name
+
+
+def test_the_monitor_probes_general_probe_where_its_files_are_else_self(tmp_path, monkeypatch):
+    from forgetless.config import MonitorConfig
+    from forgetless.retention.suite import probe_suite
+
+    monkeypatch.delenv("FORGETLESS_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared/data or ./data to fall back on
+    assert MonitorConfig().suite == "auto" and MonitorConfig().limit is None
+    root = tmp_path / "files"
+    probe = load_suite("general-probe")
+    wanted = probe.missing_files(root)
+    assert len(wanted) == 9 and "commonsense_mc/piqa_valid-labels.lst" in wanted  # every file, labels too
+
+    s, why = probe_suite("auto", root, None)  # nothing there: self, on 50 prompts
+    assert s.name == "self" and [t.limit for t in s.tasks] == [50]
+    assert "general-probe's data is not under" in why and f"{wanted[0]} and 8 more" in why
+    assert "forgetless data pull general-probe --to DIR" in why
+
+    for rel in wanted[:-1]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("")
+    s, why = probe_suite("auto", root, None)  # one file short: still self
+    assert s.name == "self" and why.endswith("give the general probe)") and wanted[-1] in why
+    (root / wanted[-1]).write_text("")
+    s, why = probe_suite("auto", root, None)  # all there: the mirror of general at its own counts
+    assert s.name == "general-probe" and str(root) in why
+    assert [t.limit for t in s.tasks] == [t.limit for t in probe.tasks]
+    s, _ = probe_suite("auto", root, 20)  # a limit caps every task
+    assert [t.limit for t in s.tasks] == [min(20, t.limit or 20) for t in probe.tasks]
+    s, why = probe_suite("self", root, None)  # named: as asked, self at 50 unless told otherwise
+    assert s.name == "self" and s.tasks[0].limit == 50 and why == "probe suite self"
+    assert probe_suite("self", root, 8)[0].tasks[0].limit == 8

@@ -109,7 +109,8 @@ def eval_cmd(
     task: Annotated[list[str] | None, typer.Option(help="Only these tasks of the suite (repeatable).")] = None,
     data_root: Annotated[Path | None, typer.Option(help="Folder the suite's data paths are relative to "
                                                         "($FORGETLESS_DATA).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the JSON report here (flipped items beside it).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the JSON report here (beside it: flipped items, "
+                                                  ".flips.jsonl; both models' per-item scores, .items.json).")] = None,
     precision: Annotated[str, typer.Option(help="auto: bf16 autocast where a timed probe finds it faster on this CPU "
                                                 "(native bf16), else fp32; bf16; fp32 (reproduces lm-eval's numbers "
                                                 "exactly).")] = "auto",

@@ -193,9 +193,12 @@ class DataConfig(Strict):
 
 
 class MonitorConfig(Strict):
-    suite: str = Field("self", description="Probe suite: a built-in name or a suite YAML file.")
+    suite: str = Field("auto", description="Probe suite: auto (general-probe, a mirror of general on other items, "
+                                           "when its data files are under data_root; else self), a built-in name "
+                                           "or a suite YAML file.")
     tasks: list[str] | None = Field(None, description="Only these tasks of the suite.")
-    limit: int | None = Field(50, gt=0, description="Items per task (keep the probe fast).")
+    limit: int | None = Field(None, gt=0, description="Items per task (default: the suite's own counts; 50 "
+                                                      "prompts for self).")
     every: int = Field(100, gt=0, description="Probe every N optimizer steps.")
     data_root: str | None = None
     max_new_tokens: int | None = Field(64, gt=0, description="Self-reference answer length (shorter is faster).")

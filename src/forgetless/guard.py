@@ -42,7 +42,7 @@ from .fingerprint import fingerprint_model
 from .io import append_jsonl
 from .retention.evaluate import compare, evaluate
 from .retention.metrics import budget_check
-from .retention.suite import load_suite
+from .retention.suite import probe_suite
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -160,7 +160,12 @@ class MonitorCallback(TrainerCallback):
         restore(self.params, snap, optimizer)
 
     def _probe_suite(self):
-        s = load_suite(self.monitor.suite).only(self.monitor.tasks).with_limit(self.monitor.limit)
+        s, why = probe_suite(self.monitor.suite, self.monitor.data_root, self.monitor.limit)
+        s = s.only(self.monitor.tasks)
+        if dist.is_main():
+            from rich.console import Console
+
+            Console(stderr=True).print(f"monitor: {why}", highlight=False, markup=False)
         if self.monitor.max_new_tokens:
             s = s.model_copy(update={"tasks": [
                 t.model_copy(update={"max_new_tokens": self.monitor.max_new_tokens}) if t.kind == "self_reference"

@@ -3,7 +3,6 @@ suite (against the base model)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from ..fingerprint import fingerprint_path
 from ..io import atomic_write_json
 from ..results import RetentionChange
 from ..retention.api import eval_model, eval_precision, load_for_eval
-from ..retention.evaluate import compare, evaluate, evaluate_cached, result_from_cache
+from ..retention.evaluate import compare, evaluate, evaluate_cached, save_items
 from ..retention.suite import Suite, load_suite
 from ..retention.tasks import resolve_data_root
 from ..sweep import auto_task_suite
@@ -41,21 +40,6 @@ def task_suite(cfg: ContinualConfig, steps: list[Step], folder: Path) -> Any:
         tasks.append(t.model_copy(update={"name": step.task.name}))
     suite = Suite(name=f"{cfg.name}-tasks", description="each task's held-out evaluation", tasks=tasks)
     return suite.with_limit(cfg.limit)
-
-
-def save_items(path: Path, res: Any) -> None:
-    """A suite result with its per-item columns (what the score matrix resamples)."""
-    atomic_write_json(path, {"suite": res.suite, "model": res.model, "seconds": res.seconds,
-                             "tasks": {n: r.to_cache() for n, r in res.tasks.items()}})
-
-
-def load_items(path: Path, suite: Any) -> dict[str, Any]:
-    d = json.loads(path.read_text())
-    by_name = {t.name: t for t in suite.tasks}
-    missing = set(by_name) - set(d["tasks"])
-    if missing:
-        raise ForgetlessError(f"{path}: no scores for task(s) {', '.join(sorted(missing))}; run again with --overwrite")
-    return {n: result_from_cache(d["tasks"][n], by_name[n]) for n in by_name}
 
 
 class Evaluator:

@@ -17,8 +17,9 @@ from ..io import atomic_write_json, atomic_write_text
 from ..models import resolve_model
 from ..orchestration import claim_dir, locked, refuse_changed_recipes, train_or_reuse
 from ..report import write_continual_report, write_plots, write_report
+from ..retention.evaluate import load_items
 from ..retention.suite import load_suite
-from .evaluate import Evaluator, load_items, retention_entry, task_suite
+from .evaluate import Evaluator, retention_entry, task_suite
 from .matrix import fmt_interval, metric_of, score_matrix, summarize
 from .plan import Step, plan, resolve_path
 from .sequence import ContinualConfig, load_continual

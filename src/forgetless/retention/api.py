@@ -20,7 +20,7 @@ from ..precision import Precision, config_widths
 from ..precision import resolve as resolve_precision
 from ..recipe import load_recipe
 from ..train.model import load_model
-from .evaluate import SuiteResult, compare, evaluate, evaluate_cached
+from .evaluate import SuiteResult, compare, evaluate, evaluate_cached, save_items
 from .suite import Suite, load_suite
 from .tasks import resolve_data_root
 
@@ -178,6 +178,7 @@ def eval_model(
     if out:
         out = Path(out)
         atomic_write_json(out, report)
+        save_items(out.with_suffix(".items.json"), cand_res, base_res)
         if report["comparison"]:
             flips = [
                 {"task": name, **ex}

@@ -56,6 +56,33 @@ def result_from_cache(d: dict[str, Any], task: Any) -> TaskResult:
                       ability=getattr(task, "ability", None))
 
 
+def save_items(path: Path, res: SuiteResult, base: SuiteResult | None = None) -> None:
+    """A suite result with its per-item columns (what a paired resampling needs), and the baseline's when given
+    (under `base`): `forgetless eval --out X.json` writes X.items.json, the score matrix of a continual run and the
+    frontier bench's verdict over seeds read them."""
+    def tasks(r: SuiteResult) -> dict[str, Any]:
+        return {n: t.to_cache() for n, t in r.tasks.items()}
+
+    atomic_write_json(path, {"suite": res.suite, "model": res.model, "seconds": res.seconds, "tasks": tasks(res),
+                             "base": {"model": base.model, "tasks": tasks(base)} if base is not None else None})
+
+
+def load_items(path: Path, suite: Suite, which: str = "candidate") -> dict[str, TaskResult]:
+    """The per-task results save_items wrote (`which`: candidate, or base when it was saved)."""
+    from ..errors import ForgetlessError
+
+    d = json.loads(path.read_text())
+    if which == "base":
+        if not d.get("base"):
+            raise ForgetlessError(f"{path}: holds no baseline items (it was scored without a baseline)")
+        d = d["base"]
+    by_name = {t.name: t for t in suite.tasks}
+    missing = set(by_name) - set(d["tasks"])
+    if missing:
+        raise ForgetlessError(f"{path}: no scores for task(s) {', '.join(sorted(missing))}; run again with --overwrite")
+    return {n: result_from_cache(d["tasks"][n], by_name[n]) for n in by_name}
+
+
 def cache_root() -> Path:
     from ..models.catalog import cache_dir
 

@@ -92,6 +92,45 @@ class Suite(BaseModel):
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
+    def missing_files(self, data_root: Path | None) -> list[str]:
+        """The data files (relative paths as the suite names them) not found under `data_root`."""
+        missing = []
+        for t in self.tasks:
+            for rel in ([t.data.path, t.data.labels_path] if t.data else []):
+                if rel and not (Path(rel) if Path(rel).is_absolute() or data_root is None
+                                else data_root / rel).is_file():
+                    missing.append(rel)
+        return missing
+
+
+# the monitor's default probe: the mirror of `general` where its files are, else `self` (needs no files)
+AUTO_PROBE, FALLBACK_PROBE, FALLBACK_PROBE_LIMIT = "general-probe", "self", 50
+
+
+def probe_suite(name: str, data_root: str | Path | None, limit: int | None) -> tuple[Suite, str]:
+    """The training monitor's probe suite and a line saying which one and why. `auto`: `general-probe` (the same
+    retention score as `general`, on other items) when all its data files are found under the data root, else
+    `self` on its first 50 prompts. `limit` caps every task's items; without one, `self` (named or chosen) probes
+    50 prompts and any other suite its own counts."""
+    from .tasks import resolve_data_root
+
+    why = f"probe suite {name}"
+    if name == "auto":
+        root = resolve_data_root(data_root)
+        missing = load_suite(AUTO_PROBE).missing_files(root)
+        if missing:
+            name = FALLBACK_PROBE
+            why = (f"probe suite self (auto: general-probe's data is not under {root or 'any data root'}: "
+                   f"{missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; "
+                   f"`forgetless data pull general-probe --to DIR` and monitor.data_root: DIR give the general probe)")
+        else:
+            name = AUTO_PROBE
+            why = f"probe suite general-probe (auto: its data is under {root})"
+    if limit is None and name == FALLBACK_PROBE:
+        limit = FALLBACK_PROBE_LIMIT
+    return load_suite(name).with_limit(limit), why
+
+
 def builtin_suites() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
 

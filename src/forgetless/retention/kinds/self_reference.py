@@ -7,7 +7,7 @@ base's distributions (`kl`). The KL is computed on the top-k tokens plus one buc
 vocabulary: a coarsening of the full distributions, hence a lower bound of the full KL that is exactly 0
 for the base model itself.
 
-Prompts: the 100 built-in general instructions shipped with forgetless (default), any JSONL/JSON file,
+Prompts: the 300 built-in general instructions shipped with forgetless (default), any JSONL/JSON file,
 or prompts the reference model writes itself (`prompts: generated`, sampled with a fixed seed).
 """
 
