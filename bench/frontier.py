@@ -1,0 +1,651 @@
+"""The forgetting frontier, decided: does a forgetless recipe get tuned full fine-tuning's task gain without its
+forgetting? Two phases on a real model, selection on validation only, a verdict from paired statistics over seeds.
+
+    python bench/frontier.py --scenario med plan       # the compute plan (runs, steps, estimated hours); runs nothing
+    python bench/frontier.py --scenario med select     # phase 1: grids on validation, one seed
+    python bench/frontier.py --scenario med final      # phase 2: the pre-registered recipes x 3 seeds, scored once
+    python bench/frontier.py --scenario med report     # the tables and plot from the ledger alone (no compute)
+
+Scenarios and data: bench/forgetting.py's (med: MedMCQA chat data; math: GSM8K), with a validation split of
+SCALE["n_val"] (>= 200) items disjoint from training and test.
+
+**Phase 1, selection** (one seed, `SELECT_SEED`; nothing here reads a scored test item or the scored retention
+suite). Every run is scored on the task's validation split (cross-entropy of the reference answers) and on
+retention with `general-probe`, the monitor's probe: the same abilities as `general` on items `general` does not
+score. Stage A tunes the baselines: full FT and LoRA r16 each over a learning-rate grid of at most 3 points (LoRA
+up to 20x full FT's top rate); each takes the rate with the best validation gain. Stage B tunes each candidate
+family (CANDIDATE_FAMILIES) over at most 3 settings on top of the chosen rate; a setting is chosen by the best
+validation gain among those whose probe drop (point estimate) is within the 1% budget, else the smallest drop.
+The selection is written to bench/results/frontier-<scenario>/selection.json.
+
+**Pre-registration.** FINAL_CANDIDATES names at most 3 candidate families, written into this file after the
+selection and committed before the final pass (its commit is recorded with the results); `final` refuses to run
+without them. A candidate whose runs score exactly as a baseline's (every item, every seed) is dropped as no
+candidate (a tie is not a win).
+
+**Phase 2, final** (seeds FINAL_SEEDS): full FT and LoRA at their chosen rates and the pre-registered candidates at
+their chosen settings, trained at the scale's steps and scored once each: the task's test split, the `general`
+retention suite, and a replication suite (`frontier-replication`, REPLICATION below) whose items no selection used
+and which shares no item with the selection probe (checked before anything runs).
+
+**Verdict** (forgetless.retention.frontier, the rules in its docstring): with R = gain(candidate) / gain(full FT)
+and D = the candidate's retention drop in points (100 x (1 - score)), each with a 95% interval paired over the
+same items and combined over seeds:
+- MET when lower(R) >= 0.98 and upper(D) <= 1 and D <= LoRA's D (point estimates);
+- NOT MET when upper(R) < 0.98 or lower(D) > 1;
+- INCONCLUSIVE otherwise.
+It is computed on `general` and again on the replication suite; the table shows each ability's change.
+The scale is meant to make plain full FT forget: the report says whether full FT's mean drop over seeds reaches
+MIN_FULL_DROP points (4) on `general`, and a verdict where it does not is marked as such.
+
+**Ledger and resuming.** Each finished run is recorded in bench/results/frontier-<scenario>/ledger/<phase>/<run>.json
+(its settings, provenance line, task items of the main metric, retention comparisons): committed, so a later
+session or another machine of the same precision path resumes where the last stopped (runs in the ledger are not
+trained again; runs/ keeps the weights and per-run files while they exist). `report` regenerates
+frontier-<scenario>.json/.md/.png from the ledger alone; hand-written remarks go in frontier-<scenario>.notes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import forgetting as fb  # noqa: E402  (the scenarios' data preparation)
+
+RESULTS = ROOT / "bench" / "results"
+BUDGET = 0.01
+MIN_FULL_DROP = 4.0  # points: plain full FT must forget at least this much for the bench to mean anything
+SELECT_SEED = 42
+FINAL_SEEDS = (42, 43, 44)
+PROBE = "general-probe"
+REPORT_SUITE = "general"
+
+# The scale: enough steps that plain full FT forgets (quick-scale 40 med steps lost about 3 points), one epoch at
+# most over the training split; batch and length as the forgetting bench's quick scale.
+SCALE: dict[str, dict[str, Any]] = {
+    "med": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 300, "n_val": 200},
+    "math": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 250, "n_val": 200},
+}
+
+# For the plan: one training step at the scale's batch on a native-bf16 2-core AMD EPYC (med: 40 steps in 157 s;
+# math: GSM8K examples are about twice as long, an estimate) and one scoring of a run, validation + probe in the
+# selection, test + general + replication in the final pass (seconds, the same machine).
+SECONDS_PER_STEP = {"med": 3.9, "math": 8.0}
+SCORING_S = {"select": 120, "final": 400}
+
+LORA = {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
+ALPACA = {"train": "../shared/data/instruction_sft/llamafactory_alpaca_en_demo_1k.json", "format": "instruction"}
+
+# Stage A: the baselines' learning-rate grids (at most 3 points each; LoRA up to 20x full FT's top rate).
+BASELINES: dict[str, dict[str, Any]] = {
+    "full": {"set": {"method": "full"}, "grid": ("optim.lr", [2e-5, 5e-5, 1e-4])},
+    "lora": {"set": {"method": LORA}, "grid": ("optim.lr", [2e-4, 5e-4, 1e-3])},
+}
+
+
+def _ewc(weight: float) -> list[dict[str, Any]]:
+    return [{"name": "ewc", "samples": 64, "reference": ALPACA, "weight": weight}]
+
+
+def _replay_kl(weight: float) -> list[dict[str, Any]]:
+    return [{"name": "replay", "ratio": 0.05, "data": ALPACA}, {"name": "kl", "weight": weight}]
+
+
+# Stage B: candidate families, each on top of a tuned baseline (`on`), with at most 3 settings.
+CANDIDATE_FAMILIES: dict[str, dict[str, Any]] = {
+    "full-ewc": {"on": "full", "grid": ("mitigations", [_ewc(1e3), _ewc(1e4), _ewc(1e5)]),
+                 "label": "EWC weight", "values": [1e3, 1e4, 1e5]},
+    "full-replay-kl": {"on": "full", "grid": ("mitigations", [_replay_kl(0.3), _replay_kl(1.0), _replay_kl(3.0)]),
+                       "label": "replay 5% + KL weight", "values": [0.3, 1.0, 3.0]},
+    # med answers read 'D. Complex tongue thrust.', GSM8K ones end '#### 42': a rewrite must keep that answer
+    "full-self-distill": {"on": "full", "set": {"data.self_distill": {
+        "accept": {"kind": "answer", "pattern": r"####\s*(\S+)|(?:^|\s)([A-E])\.(?:\s|$)"}, "max_new_tokens": 128}}},
+    "lora-milora": {"on": "lora", "set": {"method": {**LORA, "init": "milora"}}},
+}
+
+# Pre-registered after the selection phase, before the final pass (at most 3 names from CANDIDATE_FAMILIES).
+FINAL_CANDIDATES: dict[str, tuple[str, ...]] = {"med": (), "math": ()}
+
+# The replication suite: retention on files neither `general` nor `general-probe` reads, plus the built-in
+# self-reference prompts `general` leaves out (general-probe's are generated): five abilities, continuous metrics.
+REPLICATION: dict[str, Any] = {
+    "name": "frontier-replication",
+    "description": "a second retention suite for the frontier verdict: items no selection used",
+    "tasks": [
+        {"name": "arc_challenge", "kind": "multiple_choice", "ability": "commonsense", "main_metric": "pgold",
+         "data": {"path": "commonsense_mc/arc_challenge_test.jsonl"}, "prompt": "Question: {{question}}\nAnswer:",
+         "choices": "choices", "gold": "gold", "limit": 300},
+        {"name": "mmlu", "kind": "multiple_choice", "ability": "knowledge", "main_metric": "pgold",
+         "data": {"path": "knowledge_qa/mmlu_validation.jsonl"},
+         "prompt": "Question: {{question}}\nAnswer:", "choices": "choices", "gold": "answer", "limit": 300},
+        {"name": "c4", "kind": "perplexity", "ability": "language_modelling",
+         "data": {"path": "general_text/llamafactory_c4_demo_300docs.jsonl"}, "text": "text", "limit": 60,
+         "max_tokens": 512},
+        {"name": "self_reference_rest", "kind": "self_reference", "ability": "own_distribution", "prompts": "builtin",
+         "max_new_tokens": 128, "batch_size": 50, "exclude": {"limit": 250, "seed": 1234}},
+        {"name": "dialogsum", "kind": "reference_likelihood", "ability": "basic_skills",
+         "data": {"path": "summarization/dialogsum.test.jsonl"},
+         "prompt": "Summarize the following dialogue.\n\n{{dialogue}}\n\nSummary:", "reference": "{{summary1}}",
+         "chat": "auto", "limit": 100},
+        {"name": "wmt22_en_de", "kind": "reference_likelihood", "ability": "basic_skills",
+         "data": {"path": "translation/wmt22_general.en-de.jsonl"},
+         "prompt": "Translate the following text from English into German.\n\nEnglish: {{src}}\nGerman:",
+         "reference": "ref", "chat": "auto", "limit": 100},
+    ],
+}
+
+
+# ---------------------------------------------------------------- suites and disjointness
+
+
+def replication_suite(d: Path) -> Path:
+    return fb._write_text(d / "replication_suite.yaml", yaml.safe_dump(REPLICATION, sort_keys=False))
+
+
+def val_suite(scenario: str, files: dict[str, Path]) -> Path:
+    """The selection's task suite: cross-entropy of the validation split's reference answers."""
+    spec = {"name": f"{scenario}-validation", "tasks": [{
+        "name": f"{scenario}_val_ce", "kind": "reference_likelihood", "data": {"path": str(files["val"])},
+        "prompt": "{{prompt}}", "reference": "{{reference}}", "chat": "auto", "sample": "first"}]}
+    return fb._write_text(fb.DATA / scenario / "val_suite.yaml", yaml.safe_dump(spec, sort_keys=False))
+
+
+def item_sets(suite: Any, data_root: Path | None) -> dict[str, set[str]]:
+    """Per data source (file path, or the built-in / generated self-reference prompts), the items a suite scores."""
+    from forgetless.data.loading import read_file
+    from forgetless.retention.kinds.self_reference import BUILTIN_PROMPTS
+    from forgetless.retention.tasks import load_rows, sample_rows
+
+    out: dict[str, set[str]] = {}
+    for t in suite.tasks:
+        if t.kind == "self_reference":
+            if t.prompts == "builtin":
+                rows = sample_rows(t, read_file(BUILTIN_PROMPTS))
+                out.setdefault("builtin-prompts", set()).update(str(r.data.get("id")) for r in rows)
+            else:  # prompts the base model writes: none is a built-in prompt or a file item
+                out.setdefault(f"{t.prompts}-prompts:{t.name}", set()).add("*")
+            continue
+        rows = sample_rows(t, load_rows(t, data_root))
+        out.setdefault(str(t.data.path), set()).update(f"{r.where}" for r in rows)
+    return out
+
+
+def check_disjoint(a: Any, b: Any, data_root: Path | None) -> None:
+    """Refuse to run when suite `b` scores an item suite `a` scores (same file and line, or the same prompt)."""
+    sa, sb = item_sets(a, data_root), item_sets(b, data_root)
+    shared = {k: sa[k] & sb[k] for k in sa.keys() & sb.keys() if sa[k] & sb[k]}
+    if shared:
+        k, items = next(iter(shared.items()))
+        raise SystemExit(f"error: suites {a.name} and {b.name} share {sum(len(v) for v in shared.values())} item(s), "
+                         f"e.g. {sorted(items)[:3]} of {k}: the replication must use items no selection used")
+
+
+# ---------------------------------------------------------------- ledger
+
+
+def out_dir(scenario: str) -> Path:
+    return RESULTS / f"frontier-{scenario}"
+
+
+def ledger_path(scenario: str, phase: str, run: str) -> Path:
+    return out_dir(scenario) / "ledger" / phase / f"{run}.json"
+
+
+def read_ledger(scenario: str, phase: str) -> dict[str, dict[str, Any]]:
+    d = out_dir(scenario) / "ledger" / phase
+    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
+
+
+def _main_items(items_path: Path) -> dict[str, Any]:
+    """The first task's per-item columns (base and candidate) from an eval's .items.json: what R resamples."""
+    d = json.loads(items_path.read_text())
+    name = next(iter(d["tasks"]))
+    return {"task": name, "candidate": d["tasks"][name], "base": d["base"]["tasks"][name]}
+
+
+def record_run(scenario: str, phase: str, run: str, family: str, settings: dict[str, Any], seed: int,
+               run_dir: Path, row: dict[str, Any], prov_line: str, extra_eval: dict[str, Path] | None = None) -> Path:
+    """One finished run's ledger entry (atomic)."""
+    from forgetless.io import atomic_write_json
+
+    entry: dict[str, Any] = {
+        "run": run, "phase": phase, "family": family, "settings": settings, "seed": seed, "machine": prov_line,
+        "task": row["task"], "retention": row["retention"],
+        "task_items": _main_items(run_dir / "eval-task.items.json"),
+        "wall_time_s": row.get("wall_time_s"), "tokens_per_s": row.get("tokens_per_s"),
+        "trainable_parameters": row.get("trainable_parameters"), "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for key, path in (extra_eval or {}).items():
+        rep = json.loads(path.read_text())
+        entry[key] = {k: rep["comparison"][k] for k in ("retention_score", "retention_ci", "abilities")}
+    path = ledger_path(scenario, phase, run)
+    atomic_write_json(path, entry)
+    return path
+
+
+# ---------------------------------------------------------------- runs
+
+
+def common_set(scenario: str, files: dict[str, Path], device: str, steps: int) -> dict[str, Any]:
+    sc = SCALE[scenario]
+    s = {"data.train": str(files["train"]), "data.validation": str(files["val"]), "data.max_length": sc["max_length"],
+         "optim.max_steps": steps, "optim.batch_size": sc["batch"], "optim.warmup_ratio": 0.05,
+         "optim.schedule": "cosine", "optim.weight_decay": 0.0, "train.device": device, "train.save_steps": None,
+         "train.progress": True}
+    if scenario == "math":
+        s["data.overlong"] = "drop"  # as the forgetting bench: a truncated GSM8K solution loses its "#### N"
+    return s
+
+
+def base_recipe(model: str) -> dict[str, Any]:
+    return {"name": "frontier", "model": model, "data": {"train": "x", "format": "chat"}, "method": "full"}
+
+
+def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list[int], task_suite: Path,
+              retention: str, args: Any, files: dict[str, Path], prov_line: str,
+              replication: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Train and score `runs` (each {name, family, settings}) once per seed, skipping what the ledger holds; every
+    finished run goes into the ledger. Returns the phase's ledger."""
+    from forgetless.retention.api import eval_model
+    from forgetless.sweep import SweepConfig, Variant, run_sweep
+
+    done = read_ledger(scenario, phase)
+    todo = [r for r in runs if any(f"{r['name']}-seed{s}" not in done for s in seeds)]
+    if not todo:
+        return done
+    sweep_dir = (args.out or ROOT / "runs" / f"frontier-{scenario}") / phase
+    common = common_set(scenario, files, args.device, args.steps or SCALE[scenario]["steps"])
+    variants = [Variant(name=r["name"], set={**r["settings"], **common},
+                        seeds=[s for s in seeds if f"{r['name']}-seed{s}" not in done]) for r in todo]
+    cfg = SweepConfig.model_validate({
+        "name": f"frontier-{scenario}-{phase}", "base": base_recipe(args.model), "runs": variants,
+        "task_suite": str(task_suite), "retention_suite": retention, "budget": BUDGET,
+        "output_dir": str(sweep_dir), "data_root": str(args.data_root), "eval_precision": "auto"})
+    state = run_sweep(cfg, folder=ROOT, report=False)
+    by_name = {r["name"]: r for r in todo}
+    for row in state["seed_runs"]:  # one row per (run, seed), the seeds' own scores
+        run, d = row["run"], Path(row["dir"])
+        name, seed = run.rsplit("-seed", 1)
+        if run in done or name not in by_name:
+            continue
+        extra = {}
+        if replication is not None:
+            rep_out = d / "eval-replication.json"
+            if not rep_out.is_file():
+                eval_model(str(d), str(replication), baseline="auto", data_root=args.data_root, precision="auto",
+                           out=rep_out, progress=True)
+            extra["replication"] = rep_out
+        record_run(scenario, phase, run, by_name[name]["family"], by_name[name]["settings"], int(seed), d, row,
+                   prov_line, extra)
+    return read_ledger(scenario, phase)
+
+
+def _grid(family: str, spec: dict[str, Any], on: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The family's grid points as runs (settings deep-copied: a sweep's dotted keys write into them)."""
+    base = json.loads(json.dumps({**(on or {}), **spec.get("set", {})}))
+    if "grid" not in spec:
+        return [{"name": family, "family": family, "settings": base}]
+    key, values = spec["grid"]
+    labels = spec.get("values", values)
+    return [{"name": f"{family}-{i}", "family": family, "settings": {**base, key: json.loads(json.dumps(v))},
+             "value": lab}
+            for i, (v, lab) in enumerate(zip(values, labels, strict=True))]
+
+
+def _val_gain(entry: dict[str, Any]) -> float:
+    return entry["task"]["gain"]
+
+
+def _probe_drop(entry: dict[str, Any]) -> float:
+    return -100 * entry["retention"]["change"]
+
+
+def choose(entries: list[tuple[dict[str, Any], dict[str, Any]]], within_budget: bool) -> dict[str, Any]:
+    """The chosen grid point: the best validation gain (baselines), or (candidates, within_budget) the best
+    validation gain among points whose probe drop is within the budget, else the smallest probe drop."""
+    if not within_budget:
+        return max(entries, key=lambda e: _val_gain(e[1]))[0]
+    ok = [e for e in entries if _probe_drop(e[1]) <= 100 * BUDGET]
+    if ok:
+        return max(ok, key=lambda e: _val_gain(e[1]))[0]
+    return min(entries, key=lambda e: _probe_drop(e[1]))[0]
+
+
+def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> dict[str, Any]:
+    vsuite = val_suite(scenario, files)
+    seeds = [SELECT_SEED]
+    stage_a = [g for fam, spec in BASELINES.items() for g in _grid(fam, {**spec, "set": spec["set"]})]
+    led = run_phase(scenario, "select", stage_a, seeds, vsuite, PROBE, args, files, prov_line)
+    chosen: dict[str, Any] = {}
+    for fam in BASELINES:
+        pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in stage_a if g["family"] == fam]
+        chosen[fam] = choose(pts, within_budget=False)
+    stage_b = [g for fam, spec in CANDIDATE_FAMILIES.items()
+               for g in _grid(fam, spec, chosen[spec["on"]]["settings"])]
+    led = run_phase(scenario, "select", stage_b, seeds, vsuite, PROBE, args, files, prov_line)
+    for fam in CANDIDATE_FAMILIES:
+        pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in stage_b if g["family"] == fam]
+        chosen[fam] = choose(pts, within_budget=True)
+    table = []
+    for g in stage_a + stage_b:
+        e = led[f"{g['name']}-seed{SELECT_SEED}"]
+        table.append({"run": g["name"], "family": g["family"], "value": g.get("value"),
+                      "val_gain": _val_gain(e), "val_gain_ci": e["task"]["ci"], "probe_drop": _probe_drop(e),
+                      "probe_drop_ci": [-100 * x for x in reversed(e["retention"]["ci"])],
+                      "chosen": chosen[g["family"]]["name"] == g["name"]})
+    sel = {"scenario": scenario, "seed": SELECT_SEED, "probe": PROBE, "chosen": chosen, "table": table}
+    from forgetless.io import atomic_write_json
+
+    atomic_write_json(out_dir(scenario) / "selection.json", sel)
+    return sel
+
+
+def final(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> dict[str, dict[str, Any]]:
+    sel_path = out_dir(scenario) / "selection.json"
+    if not sel_path.is_file():
+        raise SystemExit(f"error: {sel_path} not found: run the selection phase first (select)")
+    names = FINAL_CANDIDATES[scenario]
+    if not names:
+        raise SystemExit(f"error: FINAL_CANDIDATES['{scenario}'] in bench/frontier.py is empty: name at most 3 "
+                         "candidate families from the selection and commit that before the final pass")
+    if len(names) > 3 or set(names) - set(CANDIDATE_FAMILIES):
+        raise SystemExit(f"error: FINAL_CANDIDATES['{scenario}'] = {names}: at most 3 of {sorted(CANDIDATE_FAMILIES)}")
+    chosen = json.loads(sel_path.read_text())["chosen"]
+    runs = [{"name": fam, "family": fam, "settings": chosen[fam]["settings"]} for fam in ("full", "lora", *names)]
+    tsuite = fb.task_suite(scenario, files, 0)
+    rep = replication_suite(fb.DATA / scenario)
+    return run_phase(scenario, "final", runs, list(FINAL_SEEDS), tsuite, REPORT_SUITE, args, files, prov_line, rep)
+
+
+# ---------------------------------------------------------------- verdicts and output
+
+
+def _task_result(cols: dict[str, Any], name: str) -> Any:
+    from forgetless.retention.evaluate import result_from_cache
+    from forgetless.retention.kinds.reference_likelihood import ReferenceLikelihoodTask
+
+    return result_from_cache(cols, ReferenceLikelihoodTask(name=name))
+
+
+def verdicts(ledger: dict[str, dict[str, Any]], candidates: tuple[str, ...]) -> dict[str, Any]:
+    """Per candidate: the verdict on `general` and on the replication suite (retention.frontier.judge), or why it
+    has none (identical to a baseline, missing seeds)."""
+    from forgetless.retention.frontier import identical, judge
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for e in ledger.values():
+        by.setdefault(e["family"], []).append(e)
+    for v in by.values():
+        v.sort(key=lambda e: e["seed"])
+    out: dict[str, Any] = {}
+    full, lora = by.get("full", []), by.get("lora", [])
+    if not full:
+        return {"error": "no full-FT runs in the ledger"}
+
+    def tasks(rows: list[dict[str, Any]]) -> list[Any]:
+        return [_task_result(e["task_items"]["candidate"], e["task_items"]["task"]) for e in rows]
+
+    base = _task_result(full[0]["task_items"]["base"], full[0]["task_items"]["task"])
+    for fam in candidates:
+        rows = by.get(fam, [])
+        seeds = [e["seed"] for e in rows]
+        if seeds != [e["seed"] for e in full]:
+            out[fam] = {"verdict": None, "why": f"seeds {seeds} against full FT's {[e['seed'] for e in full]}"}
+            continue
+        twins = [b for b, rs in (("full FT", full), ("LoRA", lora))
+                 if identical([{"t": t} for t in tasks(rows)], [{"t": t} for t in tasks(rs)])
+                 and [e["retention"]["score"] for e in rows] == [e["retention"]["score"] for e in rs]]
+        if twins:
+            out[fam] = {"verdict": None, "why": f"identical to {twins[0]} on every item and seed: no candidate"}
+            continue
+        res = {}
+        for suite, key in (("general", "retention"), ("replication", "replication")):
+            def cmp(e: dict[str, Any], key: str = key) -> dict[str, Any]:
+                r = e[key]
+                if "retention_score" in r:
+                    return r
+                return {"retention_score": r["score"], "retention_ci": [1 + r["ci"][0], 1 + r["ci"][1]]}
+
+            if any(key not in e for e in rows + full + lora):
+                res[suite] = None
+                continue
+            v = judge(fam, base, tasks(rows), tasks(full), [cmp(e) for e in rows], [cmp(e) for e in lora])
+            res[suite] = v.as_dict()
+        out[fam] = res
+    return out
+
+
+def full_drop(ledger: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    from forgetless.retention.seeds import combine_seeds
+
+    rows = sorted((e for e in ledger.values() if e["family"] == "full"), key=lambda e: e["seed"])
+    if not rows:
+        return None
+    drops = [-100 * e["retention"]["change"] for e in rows]
+    cis = [[-100 * e["retention"]["ci"][1], -100 * e["retention"]["ci"][0]] for e in rows]
+    c = combine_seeds(drops, cis)
+    return {"mean": c["mean"], "ci": c["ci"], "n_seeds": len(rows), "reaches_min": c["mean"] >= MIN_FULL_DROP}
+
+
+def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
+    """The result JSON from the ledger and the selection (no compute)."""
+    sel_path = out_dir(scenario) / "selection.json"
+    sel = json.loads(sel_path.read_text()) if sel_path.is_file() else None
+    fin = read_ledger(scenario, "final")
+    cands = FINAL_CANDIDATES[scenario]
+    rows = []
+    from forgetless.retention.seeds import combine_seeds
+
+    for fam in ("full", "lora", *cands):
+        es = sorted((e for e in fin.values() if e["family"] == fam), key=lambda e: e["seed"])
+        if not es:
+            continue
+        gain = combine_seeds([e["task"]["gain"] for e in es], [e["task"]["ci"] for e in es])
+        drop = combine_seeds([-100 * e["retention"]["change"] for e in es],
+                             [[-100 * e["retention"]["ci"][1], -100 * e["retention"]["ci"][0]] for e in es])
+        abilities: dict[str, float] = {}
+        for e in es:
+            for ab, v in (e["retention"].get("abilities") or {}).items():
+                abilities[ab] = abilities.get(ab, 0.0) + 100 * v["change"] / len(es)
+        rep = None
+        if all("replication" in e for e in es):
+            rep = combine_seeds([100 * (1 - e["replication"]["retention_score"]) for e in es],
+                                [[100 * (1 - e["replication"]["retention_ci"][1]),
+                                  100 * (1 - e["replication"]["retention_ci"][0])] for e in es])
+        rows.append({"recipe": fam, "seeds": [e["seed"] for e in es], "settings": es[0]["settings"],
+                     "gain": gain, "drop": drop, "abilities": abilities, "replication_drop": rep,
+                     "wall_time_s": sum(e["wall_time_s"] or 0 for e in es) / len(es)})
+    return {"bench": "frontier", "scenario": scenario, "budget_points": 100 * BUDGET, "min_full_drop": MIN_FULL_DROP,
+            "scale": SCALE[scenario], "final_seeds": list(FINAL_SEEDS), "candidates": list(cands),
+            "selection": sel, "rows": rows, "full_drop": full_drop(fin), "verdicts": verdicts(fin, cands),
+            "provenance": prov, "machines": sorted({e["machine"] for e in fin.values()})}
+
+
+def _ci(x: dict[str, Any] | None, fmt: str = "{:+.2f}") -> str:
+    if not x:
+        return "-"
+    return (fmt + " [" + fmt + ", " + fmt + "]").format(x["mean"], x["ci"][0], x["ci"][1]) + (
+        " (1 seed)" if x.get("n_seeds") == 1 else "")
+
+
+def render_md(res: dict[str, Any]) -> str:
+    """The markdown table, from the result JSON alone."""
+    sc = res["scenario"]
+    lines = [f"# forgetting frontier, decided: {sc}", "",
+             f"Scale: {res['scale']['steps']} steps of {res['scale']['batch']} examples (max "
+             f"{res['scale']['max_length']} tokens); selection on {res['scale']['n_val']} validation items and the "
+             f"`{PROBE}` probe (seed {SELECT_SEED}); final: seeds {', '.join(map(str, res['final_seeds']))}, "
+             f"scored once on the test split, `{REPORT_SUITE}` and `frontier-replication`. Machines: "
+             f"{'; '.join(res['machines']) or '-'}.", ""]
+    fd = res["full_drop"]
+    if fd:
+        lines.append(f"Plain full FT's retention drop: {_ci(fd)} points over {fd['n_seeds']} seed(s): "
+                     + ("reaches" if fd["reaches_min"] else "**does not reach**")
+                     + f" the {res['min_full_drop']:g} points the bench is sized for.")
+        lines.append("")
+    for fam, v in res["verdicts"].items():
+        if fam == "error":
+            lines.append(f"No verdict: {v}.")
+            continue
+        if v.get("verdict", "") is None:
+            lines.append(f"- **{fam}**: no verdict ({v['why']}).")
+            continue
+        for suite in ("general", "replication"):
+            x = v.get(suite)
+            lines.append(f"- **{fam}** on {suite}: " + (f"**{x['verdict']}**: {x['why']}." if x else "not scored."))
+    if not res["candidates"]:
+        lines.append("No candidates pre-registered yet (FINAL_CANDIDATES): the selection phase comes first.")
+    lines += ["", "| recipe | seeds | task gain [95% CI] | retention drop, points | "
+              + " | ".join(sorted({a for r in res["rows"] for a in r["abilities"]}))
+              + " | replication drop | train s |", "|---|---|---|---|" + "---|" * (len({a for r in res["rows"]
+                                                                                         for a in r["abilities"]}) + 2)]
+    abil = sorted({a for r in res["rows"] for a in r["abilities"]})
+    for r in res["rows"]:
+        lines.append(f"| {r['recipe']} | {len(r['seeds'])} | {_ci(r['gain'], '{:+.3f}')} | {_ci(r['drop'])} | "
+                     + " | ".join(f"{r['abilities'].get(a, float('nan')):+.2f}" for a in abil)
+                     + f" | {_ci(r['replication_drop'])} | {r['wall_time_s']:.0f} |")
+    sel = res.get("selection")
+    if sel:
+        lines += ["", f"Selection (seed {sel['seed']}, validation gain and `{sel['probe']}` drop; * = chosen):", "",
+                  "| run | family | setting | validation gain [95% CI] | probe drop, points [95% CI] |",
+                  "|---|---|---|---|---|"]
+        for t in sel["table"]:
+            lines.append(f"| {t['run']}{' *' if t['chosen'] else ''} | {t['family']} | "
+                         f"{'-' if t['value'] is None else t['value']} | {t['val_gain']:+.3f} "
+                         f"[{t['val_gain_ci'][0]:+.3f}, {t['val_gain_ci'][1]:+.3f}] | {t['probe_drop']:+.2f} "
+                         f"[{t['probe_drop_ci'][0]:+.2f}, {t['probe_drop_ci'][1]:+.2f}] |")
+    if res.get("provenance"):
+        from forgetless.provenance import machine_line
+
+        lines += ["", f"Provenance of this rendering: {machine_line(res['provenance'])}."]
+    lines += ["", f"Remarks: frontier-{sc}.notes.md (hand-written)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any]) -> bytes | None:
+    """Task gain against retention drop, one point per recipe with both intervals (PNG bytes)."""
+    if not res["rows"]:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in res["rows"]:
+        g, d = r["gain"], r["drop"]
+        ax.errorbar(d["mean"], g["mean"], xerr=[[d["mean"] - d["ci"][0]], [d["ci"][1] - d["mean"]]],
+                    yerr=[[g["mean"] - g["ci"][0]], [g["ci"][1] - g["mean"]]], fmt="o", capsize=3, label=r["recipe"])
+    ax.axvline(100 * BUDGET, ls="--", c="grey", lw=1)
+    ax.set_xlabel("retention drop, points (95% CI over items and seeds)")
+    ax.set_ylabel("task gain")
+    ax.set_title(f"forgetting frontier: {res['scenario']}")
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_results(res: dict[str, Any]) -> Path:
+    from forgetless.io import atomic_write_json
+
+    stem = RESULTS / f"frontier-{res['scenario']}"
+    atomic_write_json(stem.with_suffix(".json"), res)
+    stem.with_suffix(".md").write_text(render_md(res))
+    png = plot(res)
+    if png:
+        stem.with_suffix(".png").write_bytes(png)
+    return stem
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def plan(scenario: str, args: Any) -> dict[str, Any]:
+    """How many trainings and scorings each phase takes, and an estimate of its hours: from the ledger's own runs
+    where it has some, else from the tokens per second this bench's runs reached on a native-bf16 2-core CPU."""
+    sc = SCALE[scenario]
+    steps = args.steps or sc["steps"]
+    n_a = sum(len(s["grid"][1]) for s in BASELINES.values())
+    n_b = sum(len(s["grid"][1]) if "grid" in s else 1 for s in CANDIDATE_FAMILIES.values())
+    n_final = (2 + (len(FINAL_CANDIDATES[scenario]) or 3)) * len(FINAL_SEEDS)
+    led = {**read_ledger(scenario, "select"), **read_ledger(scenario, "final")}
+    walls = [e["wall_time_s"] for e in led.values() if e.get("wall_time_s")]
+    per_run = sum(walls) / len(walls) if walls else steps * SECONDS_PER_STEP[scenario]
+    p = {"scenario": scenario, "steps": steps, "select_runs": n_a + n_b, "final_runs": n_final,
+         "done": {"select": len(read_ledger(scenario, "select")), "final": len(read_ledger(scenario, "final"))},
+         "hours_per_run": round(per_run / 3600, 2),
+         "estimate_from": "the ledger's runs" if walls else f"{SECONDS_PER_STEP[scenario]} s per step",
+         "select_hours": round((n_a + n_b) * (per_run + SCORING_S["select"]) / 3600, 1),
+         "final_hours": round(n_final * (per_run + SCORING_S["final"]) / 3600, 1)}
+    print(f"frontier {scenario}: selection {p['select_runs']} runs (stage A {n_a}: full FT and LoRA learning rates; "
+          f"stage B {n_b}: candidate settings), seed {SELECT_SEED}, validation + {PROBE}: about {p['select_hours']} h; "
+          f"final {n_final} runs ({len(FINAL_SEEDS)} seeds), test + {REPORT_SUITE} + replication: about "
+          f"{p['final_hours']} h; {steps} steps each, {p['hours_per_run']} h per run ({p['estimate_from']}); done: "
+          f"{p['done']['select']} selection, {p['done']['final']} final runs (ledger)", file=sys.stderr)
+    return p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("phase", choices=["plan", "select", "final", "report"])
+    ap.add_argument("--scenario", choices=sorted(SCALE), required=True)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--steps", type=int, default=None, help="override the scale's steps (smoke tests; such runs "
+                                                            "are not the bench's)")
+    ap.add_argument("--out", type=Path, default=None, help="runs directory (default: runs/frontier-<scenario>)")
+    args = ap.parse_args()
+    os.chdir(ROOT)
+    plan(args.scenario, args)
+    if args.phase == "plan":
+        return
+    from forgetless import provenance
+
+    if args.phase == "report":
+        res = summarize(args.scenario, provenance.finish(provenance.collect("not used: no compute")))
+        print(render_md(res))
+        write_results(res)
+        return
+    from forgetless.models import resolve_model
+    from forgetless.retention.suite import load_suite
+    from forgetless.retention.tasks import resolve_data_root
+
+    sc = SCALE[args.scenario]
+    files = (fb.prepare_med if args.scenario == "med" else fb.prepare_math)(args.data_root, sc["n_test"], sc["n_val"])
+    rep = replication_suite(fb.DATA / args.scenario)
+    check_disjoint(load_suite(PROBE), load_suite(str(rep)), resolve_data_root(args.data_root))
+    prec = fb.bench_precision(resolve_model(args.model).path, args.device)
+    prov = provenance.collect(prec, device=prec["device"])
+    line = provenance.machine_line(prov)
+    t0 = time.perf_counter()
+    if args.phase == "select":
+        selection(args.scenario, args, files, line)
+    else:
+        final(args.scenario, args, files, line)
+    prov = provenance.finish(prov)
+    prov["wall_s"] = round(time.perf_counter() - t0, 1)
+    res = summarize(args.scenario, prov)
+    print(render_md(res))
+    write_results(res)
+
+
+if __name__ == "__main__":
+    from forgetless.allocator import reexec
+
+    reexec()
+    sys.exit(main())

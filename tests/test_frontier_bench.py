@@ -1,0 +1,142 @@
+"""bench/frontier.py on constructed ledgers (no training): selection rules, pre-registration, the replication
+suite's disjointness from the selection probe, verdicts over seeds, and the markdown regenerated from the JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import SHARED
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def fr(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location("_bench_frontier", REPO / "bench" / "frontier.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
+    return mod
+
+
+def test_selection_rules(fr):
+    def e(gain, change):
+        return {"task": {"gain": gain}, "retention": {"change": change}}
+
+    pts = [({"name": "a"}, e(0.10, -0.05)), ({"name": "b"}, e(0.30, -0.02)), ({"name": "c"}, e(0.20, -0.005))]
+    assert fr.choose(pts, within_budget=False)["name"] == "b"  # a baseline: the best validation gain
+    assert fr.choose(pts, within_budget=True)["name"] == "c"  # a candidate: the best gain within the 1% probe budget
+    over = [({"name": "a"}, e(0.1, -0.05)), ({"name": "b"}, e(0.3, -0.02))]
+    assert fr.choose(over, within_budget=True)["name"] == "b"  # none within: the smallest drop
+
+
+def test_grids_have_at_most_three_points_and_lora_rates_up_to_20x(fr):
+    for spec in [*fr.BASELINES.values(), *fr.CANDIDATE_FAMILIES.values()]:
+        assert len(spec.get("grid", (None, [0]))[1]) <= 3
+    assert max(fr.BASELINES["lora"]["grid"][1]) <= 20 * max(fr.BASELINES["full"]["grid"][1])
+    runs = fr._grid("full-ewc", fr.CANDIDATE_FAMILIES["full-ewc"], {"method": "full", "optim.lr": 5e-5})
+    assert [r["settings"]["mitigations"][0]["weight"] for r in runs] == [1e3, 1e4, 1e5]
+    runs[0]["settings"]["mitigations"][0]["weight"] = 7  # copies: the family's definition is not touched
+    assert fr.CANDIDATE_FAMILIES["full-ewc"]["grid"][1][0][0]["weight"] == 1e3
+    assert all(len(v) <= 3 for v in fr.FINAL_CANDIDATES.values())
+
+
+def test_final_refuses_without_preregistered_candidates(fr, tmp_path):
+    (fr.out_dir("med")).mkdir(parents=True)
+    (fr.out_dir("med") / "selection.json").write_text(json.dumps({"chosen": {}}))
+    fr.FINAL_CANDIDATES["med"] = ()
+    with pytest.raises(SystemExit, match="FINAL_CANDIDATES.*empty"):
+        fr.final("med", SimpleNamespace(), {}, "m")
+    fr.FINAL_CANDIDATES["med"] = ("full-ewc", "not-a-family")
+    with pytest.raises(SystemExit, match="at most 3 of"):
+        fr.final("med", SimpleNamespace(), {}, "m")
+    (fr.out_dir("med") / "selection.json").unlink()
+    with pytest.raises(SystemExit, match="selection phase first"):
+        fr.final("med", SimpleNamespace(), {}, "m")
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "knowledge_qa" / "mmlu_validation.jsonl").is_file(),
+                    reason="../shared/data is absent")
+def test_the_replication_suite_shares_no_item_with_the_probe(fr, tmp_path):
+    from forgetless.retention.suite import load_suite
+
+    root = SHARED / "data"
+    rep = load_suite(str(fr.replication_suite(tmp_path)))
+    fr.check_disjoint(load_suite("general-probe"), rep, root)  # no error
+    sets = fr.item_sets(rep, root)
+    assert len(sets["builtin-prompts"]) == 50  # the built-in prompts general leaves out
+    general = fr.item_sets(load_suite("general"), root)
+    assert not sets["builtin-prompts"] & general["builtin-prompts"]
+    with pytest.raises(SystemExit, match="share .* item"):
+        fr.check_disjoint(load_suite("general"), load_suite("general"), root)
+
+
+def _cols(nll):
+    nll = np.asarray(nll, dtype=float)
+    return {"task": "med_answer_ce", "kind": "reference_likelihood", "main": "ce",
+            "item_ids": [f"i{k}" for k in range(len(nll))],
+            "columns": {"nll": nll.tolist(), "tokens": [10.0] * len(nll), "bytes": [40.0] * len(nll)},
+            "details": [], "info": {}}
+
+
+def _entry(fr, family, seed, cand_nll, base_nll, change, half=0.003, rep_change=None):
+    base = np.asarray(base_nll)
+    gain = float((base.sum() - np.asarray(cand_nll).sum()) / (10 * len(base)))
+    e = {"run": f"{family}-seed{seed}", "phase": "final", "family": family, "settings": {}, "seed": seed,
+         "machine": "test CPU", "task": {"gain": gain, "ci": [gain - 0.01, gain + 0.01]},
+         "retention": {"score": 1 + change, "change": change, "ci": [change - half, change + half],
+                       "abilities": {"knowledge": {"change": change}}},
+         "task_items": {"task": "med_answer_ce", "candidate": _cols(cand_nll), "base": _cols(base_nll)},
+         "wall_time_s": 600.0}
+    if rep_change is not None:
+        e["replication"] = {"retention_score": 1 + rep_change,
+                            "retention_ci": [1 + rep_change - half, 1 + rep_change + half], "abilities": {}}
+    path = fr.ledger_path("med", "final", e["run"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(e))
+    return e
+
+
+def test_verdicts_and_report_from_a_constructed_ledger(fr):
+    rng = np.random.default_rng(1)
+    base = rng.uniform(20, 30, 200)
+    fr.FINAL_CANDIDATES["med"] = ("full-ewc", "full-replay-kl", "full-self-distill")
+    for i, seed in enumerate((42, 43, 44)):
+        full = base - rng.normal(6, 1, 200)
+        _entry(fr, "full", seed, full, base, -0.05 - 0.005 * i, rep_change=-0.03)
+        _entry(fr, "lora", seed, base - rng.normal(3, 1, 200), base, -0.008, rep_change=-0.006)
+        # keeps full FT's gain item by item and forgets a third of a point
+        _entry(fr, "full-ewc", seed, full - rng.normal(0, 0.05, 200), base, -0.003, half=0.002, rep_change=-0.002)
+        # the same runs as full FT: no candidate
+        _entry(fr, "full-replay-kl", seed, full, base, -0.05 - 0.005 * i, rep_change=-0.03)
+    res = fr.summarize("med", None)
+    v = res["verdicts"]
+    assert v["full-ewc"]["general"]["verdict"] == "MET", v["full-ewc"]["general"]["why"]
+    assert v["full-ewc"]["replication"]["verdict"] == "MET"
+    assert v["full-replay-kl"] == {"verdict": None, "why": "identical to full FT on every item and seed: no candidate"}
+    assert v["full-self-distill"]["verdict"] is None and "seeds []" in v["full-self-distill"]["why"]
+    assert res["full_drop"]["reaches_min"] and res["full_drop"]["mean"] == pytest.approx(5.5)
+    assert [r["recipe"] for r in res["rows"]] == ["full", "lora", "full-ewc", "full-replay-kl"]
+    stem = fr.write_results(res)
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert fr.render_md(saved) == stem.with_suffix(".md").read_text()  # the markdown is the JSON's alone
+    md = stem.with_suffix(".md").read_text()
+    assert "**full-ewc** on general: **MET**" in md and "no candidate" in md and stem.with_suffix(".png").is_file()
+
+
+def test_a_bench_where_full_ft_barely_forgets_says_so(fr):
+    base = np.full(50, 25.0)
+    fr.FINAL_CANDIDATES["med"] = ("full-ewc",)
+    for seed in (42, 43, 44):
+        _entry(fr, "full", seed, base - 5, base, -0.01)
+        _entry(fr, "lora", seed, base - 3, base, -0.005)
+        _entry(fr, "full-ewc", seed, base - 5, base, -0.004)
+    res = fr.summarize("med", None)
+    assert not res["full_drop"]["reaches_min"]
+    assert "**does not reach** the 4 points" in fr.render_md(res)
