@@ -110,6 +110,8 @@ CANDIDATE_FAMILIES: dict[str, dict[str, Any]] = {
     "full-self-distill": {"on": "full", "set": {"data.self_distill": {
         "accept": {"kind": "answer", "pattern": r"####\s*(\S+)|(?:^|\s)([A-E])\.(?:\s|$)"}, "max_new_tokens": 128}}},
     "lora-milora": {"on": "lora", "set": {"method": {**LORA, "init": "milora"}}},
+    # WiSE-FT: no training of its own; full FT's runs interpolated toward the base, alpha chosen like a setting
+    "wise-full": {"on": "full", "wise": [0.25, 0.5, 0.75], "label": "WiSE-FT alpha"},
 }
 
 # Pre-registered after the selection phase, before the final pass (at most 3 names from CANDIDATE_FAMILIES).
@@ -289,9 +291,61 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
     return read_ledger(scenario, phase)
 
 
+def score_model(model_dir: Path, base_path: str, task_suite: Path, retention: str, args: Any,
+                replication: Path | None = None) -> tuple[dict[str, Any], dict[str, Path]]:
+    """A model directory scored as a sweep scores a run (task gain, retention change; per-item files beside it),
+    against the base model: what a WiSE-FT merge gets, having no run of its own."""
+    from forgetless.results import RetentionChange, TaskGain
+    from forgetless.retention.api import eval_model
+
+    kw = {"baseline": base_path, "data_root": args.data_root, "precision": "auto", "progress": True}
+    t0 = time.perf_counter()
+    task = eval_model(str(model_dir), str(task_suite), out=model_dir / "eval-task.json", **kw)
+    ret = eval_model(str(model_dir), retention, out=model_dir / "eval-retention.json", **kw)
+    extra = {}
+    if replication is not None:
+        eval_model(str(model_dir), str(replication), out=model_dir / "eval-replication.json", **kw)
+        extra["replication"] = model_dir / "eval-replication.json"
+    row = {"task": TaskGain.of(task["comparison"]).as_dict(),
+           "retention": RetentionChange.of(ret["comparison"]).as_dict(
+               "score", "change", "ci", "score_definition", "abilities", "significant_drops", "tasks",
+               task_fields=("main", "base", "candidate", "delta", "ci", "significant")),
+           "wall_time_s": None, "scoring_s": round(time.perf_counter() - t0, 1)}
+    return row, extra
+
+
+def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: dict[int, Path], task_suite: Path,
+              retention: str, args: Any, prov_line: str, replication: Path | None = None) -> None:
+    """WiSE-FT grid points / finals: each source run (by seed) merged at the run's alpha, scored, into the ledger.
+    The source runs' wall time is the merge's training cost (it has none of its own)."""
+    from forgetless.merge import merge
+    from forgetless.models import resolve_model
+
+    done = read_ledger(scenario, phase)
+    base_path = str(resolve_model(args.model).path)
+    root = (args.out or ROOT / "runs" / f"frontier-{scenario}") / phase / "wise"
+    for r in runs:
+        for seed, src in sorted(sources.items()):
+            run = f"{r['name']}-seed{seed}"
+            if run in done:
+                continue
+            if not (src / "summary.json").is_file():
+                raise SystemExit(f"error: {run} merges {src}, which is not here (runs/ does not travel with the "
+                                 "ledger): remove that run's ledger entry to train it again, then rerun")
+            d = root / run
+            if not (d / "forgetless_merge.json").is_file():
+                merge(base_path, str(src), r["settings"]["wise_alpha"], d, overwrite=True, full=True)
+            row, extra = score_model(d, base_path, task_suite, retention, args, replication)
+            row["wall_time_s"] = json.loads((src / "summary.json").read_text()).get("wall_time_s")
+            record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra)
+
+
 def _grid(family: str, spec: dict[str, Any], on: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The family's grid points as runs (settings deep-copied: a sweep's dotted keys write into them)."""
     base = json.loads(json.dumps({**(on or {}), **spec.get("set", {})}))
+    if "wise" in spec:
+        return [{"name": f"{family}-{i}", "family": family, "settings": {**base, "wise_alpha": a}, "value": a}
+                for i, a in enumerate(spec["wise"])]
     if "grid" not in spec:
         return [{"name": family, "family": family, "settings": base}]
     key, values = spec["grid"]
@@ -331,7 +385,12 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
         chosen[fam] = choose(pts, within_budget=False)
     stage_b = [g for fam, spec in CANDIDATE_FAMILIES.items()
                for g in _grid(fam, spec, chosen[spec["on"]]["settings"])]
-    led = run_phase(scenario, "select", stage_b, seeds, vsuite, PROBE, args, files, prov_line)
+    trained = [g for g in stage_b if "wise_alpha" not in g["settings"]]
+    run_phase(scenario, "select", trained, seeds, vsuite, PROBE, args, files, prov_line)
+    src = (args.out or ROOT / "runs" / f"frontier-{scenario}") / "select" / "runs"
+    wise_runs(scenario, "select", [g for g in stage_b if "wise_alpha" in g["settings"]],
+              {SELECT_SEED: src / f"{chosen['full']['name']}-seed{SELECT_SEED}"}, vsuite, PROBE, args, prov_line)
+    led = read_ledger(scenario, "select")
     for fam in CANDIDATE_FAMILIES:
         pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in stage_b if g["family"] == fam]
         chosen[fam] = choose(pts, within_budget=True)
@@ -342,7 +401,13 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
                       "val_gain": _val_gain(e), "val_gain_ci": e["task"]["ci"], "probe_drop": _probe_drop(e),
                       "probe_drop_ci": [-100 * x for x in reversed(e["retention"]["ci"])],
                       "chosen": chosen[g["family"]]["name"] == g["name"]})
-    sel = {"scenario": scenario, "seed": SELECT_SEED, "probe": PROBE, "chosen": chosen, "table": table}
+    full_drop_probe = _probe_drop(led[f"{chosen['full']['name']}-seed{SELECT_SEED}"])
+    if full_drop_probe < MIN_FULL_DROP:
+        print(f"warning: full FT at its chosen rate loses {full_drop_probe:.2f} points on {PROBE}, under the "
+              f"{MIN_FULL_DROP:g} the bench is sized for: raise SCALE['{scenario}']['steps'] before the final pass",
+              file=sys.stderr)
+    sel = {"scenario": scenario, "seed": SELECT_SEED, "probe": PROBE, "chosen": chosen, "table": table,
+           "full_probe_drop": full_drop_probe, "steps": args.steps or SCALE[scenario]["steps"]}
     from forgetless.io import atomic_write_json
 
     atomic_write_json(out_dir(scenario) / "selection.json", sel)
@@ -363,7 +428,12 @@ def final(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> d
     runs = [{"name": fam, "family": fam, "settings": chosen[fam]["settings"]} for fam in ("full", "lora", *names)]
     tsuite = fb.task_suite(scenario, files, 0)
     rep = replication_suite(fb.DATA / scenario)
-    return run_phase(scenario, "final", runs, list(FINAL_SEEDS), tsuite, REPORT_SUITE, args, files, prov_line, rep)
+    trained = [r for r in runs if "wise_alpha" not in r["settings"]]
+    run_phase(scenario, "final", trained, list(FINAL_SEEDS), tsuite, REPORT_SUITE, args, files, prov_line, rep)
+    src = (args.out or ROOT / "runs" / f"frontier-{scenario}") / "final" / "runs"
+    wise_runs(scenario, "final", [r for r in runs if "wise_alpha" in r["settings"]],
+              {s: src / f"full-seed{s}" for s in FINAL_SEEDS}, tsuite, REPORT_SUITE, args, prov_line, rep)
+    return read_ledger(scenario, "final")
 
 
 # ---------------------------------------------------------------- verdicts and output
@@ -464,7 +534,17 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
         rows.append({"recipe": fam, "seeds": [e["seed"] for e in es], "settings": es[0]["settings"],
                      "gain": gain, "drop": drop, "abilities": abilities, "replication_drop": rep,
                      "wall_time_s": sum(e["wall_time_s"] or 0 for e in es) / len(es)})
+    progress = None
+    if sel is None:  # the selection is under way: what the ledger holds so far
+        led = read_ledger(scenario, "select")
+        progress = {"done": len(led), "planned": sum(len(_grid(f, s)) for f, s in
+                                                     [*BASELINES.items(), *CANDIDATE_FAMILIES.items()]),
+                    "table": [{"run": e["run"], "family": e["family"], "value": None, "val_gain": _val_gain(e),
+                               "val_gain_ci": e["task"]["ci"], "probe_drop": _probe_drop(e),
+                               "probe_drop_ci": [-100 * x for x in reversed(e["retention"]["ci"])], "chosen": False,
+                               "settings": e["settings"]} for e in led.values()]}
     return {"bench": "frontier", "scenario": scenario, "budget_points": 100 * BUDGET, "min_full_drop": MIN_FULL_DROP,
+            "selection_progress": progress,
             "scale": SCALE[scenario], "final_seeds": list(FINAL_SEEDS), "candidates": list(cands),
             "selection": sel, "rows": rows, "full_drop": full_drop(fin), "verdicts": verdicts(fin, cands),
             "provenance": prov, "machines": sorted({e["machine"] for e in fin.values()})}
@@ -515,12 +595,25 @@ def render_md(res: dict[str, Any]) -> str:
                      + f" | {_ci(r['replication_drop'])} | {r['wall_time_s']:.0f} |")
     sel = res.get("selection")
     if sel:
-        lines += ["", f"Selection (seed {sel['seed']}, validation gain and `{sel['probe']}` drop; * = chosen):", "",
+        lines += ["", f"Selection (seed {sel['seed']}, {sel.get('steps', '?')} steps, validation gain and "
+                  f"`{sel['probe']}` drop; * = chosen). Full FT at its chosen rate: {sel['full_probe_drop']:.2f} "
+                  f"points on the probe ({'at least' if sel['full_probe_drop'] >= MIN_FULL_DROP else '**under**'} "
+                  f"the {MIN_FULL_DROP:g} the bench is sized for).", "",
                   "| run | family | setting | validation gain [95% CI] | probe drop, points [95% CI] |",
                   "|---|---|---|---|---|"]
         for t in sel["table"]:
             lines.append(f"| {t['run']}{' *' if t['chosen'] else ''} | {t['family']} | "
                          f"{'-' if t['value'] is None else t['value']} | {t['val_gain']:+.3f} "
+                         f"[{t['val_gain_ci'][0]:+.3f}, {t['val_gain_ci'][1]:+.3f}] | {t['probe_drop']:+.2f} "
+                         f"[{t['probe_drop_ci'][0]:+.2f}, {t['probe_drop_ci'][1]:+.2f}] |")
+    prog = res.get("selection_progress")
+    if prog and prog["table"]:
+        lines += ["", f"Selection under way: {prog['done']} of {prog['planned']} runs in the ledger (nothing chosen "
+                  "yet).", "", "| run | family | settings | validation gain [95% CI] | probe drop, points [95% CI] |",
+                  "|---|---|---|---|---|"]
+        for t in prog["table"]:
+            shown = {k: v for k, v in t["settings"].items() if k in ("optim.lr", "wise_alpha")}
+            lines.append(f"| {t['run']} | {t['family']} | {json.dumps(shown) if shown else '-'} | {t['val_gain']:+.3f} "
                          f"[{t['val_gain_ci'][0]:+.3f}, {t['val_gain_ci'][1]:+.3f}] | {t['probe_drop']:+.2f} "
                          f"[{t['probe_drop_ci'][0]:+.2f}, {t['probe_drop_ci'][1]:+.2f}] |")
     if res.get("provenance"):
@@ -580,7 +673,7 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
     sc = SCALE[scenario]
     steps = args.steps or sc["steps"]
     n_a = sum(len(s["grid"][1]) for s in BASELINES.values())
-    n_b = sum(len(s["grid"][1]) if "grid" in s else 1 for s in CANDIDATE_FAMILIES.values())
+    n_b = sum(len(_grid(f, s)) for f, s in CANDIDATE_FAMILIES.items())
     n_final = (2 + (len(FINAL_CANDIDATES[scenario]) or 3)) * len(FINAL_SEEDS)
     led = {**read_ledger(scenario, "select"), **read_ledger(scenario, "final")}
     walls = [e["wall_time_s"] for e in led.values() if e.get("wall_time_s")]

@@ -217,19 +217,27 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {x['run']} | {x['measured_half_width']:.2f} | {x['measured_seconds']:.0f} | "
                          f"{x['probe_half_width']:.2f} | {x['probe_seconds']:.0f} |")
         lines.append("")
+    native = bool(m.get("native_bf16")) and "bf16" in str(result.get("eval_precision", ""))
+
+    def timed(seconds: float, target: float) -> str:
+        """The time against its target, judged only where it was measured as the target states (native bf16)."""
+        if native:
+            return f"target <= {target:.0f} s on a native-bf16 2-core CPU: {'MET' if seconds <= target else 'NOT MET'}"
+        return f"target <= {target:.0f} s on a native-bf16 2-core CPU; this one is not, so not judged here"
+
     for x in result.get("probe_measured") or []:
         ok = x["half_width"] <= PROBE_HALF_WIDTH
         lines += [f"Probe measured ({x['suite']}, {x['model']}, {x['precision']}): {x['change']:+.2f} points, item "
                   f"half-width {x['half_width']:.2f} (target <= {PROBE_HALF_WIDTH}: {'MET' if ok else 'NOT MET'}), "
-                  f"one scoring {x['seconds']:.0f} s (target <= {PROBE_SECONDS:.0f} s on a native-bf16 CPU). Shares: "
+                  f"one scoring {x['seconds']:.0f} s ({timed(x['seconds'], PROBE_SECONDS)}). Shares: "
                   + ", ".join(f"{n} {t['variance_share']:.0%}" for n, t in x["tasks"].items()
                               if t["variance_share"] is not None) + ".", ""]
     if worst:
         ok = max(worst) <= TARGET_HALF_WIDTH
         lines.append(f"Largest item half-width of the score: {max(worst):.2f} points: target (<= {TARGET_HALF_WIDTH}) "
                      f"{'MET' if ok else 'NOT MET'}. Slowest scoring: "
-                     f"{max(r['seconds'] for r in result['recipes']):.0f} s (target <= {TARGET_SECONDS:.0f} s on a "
-                     "native-bf16 2-core CPU).")
+                     f"{max(r['seconds'] for r in result['recipes']):.0f} s "
+                     f"({timed(max(r['seconds'] for r in result['recipes']), TARGET_SECONDS)}).")
     return "\n".join(lines) + "\n"
 
 

@@ -37,8 +37,11 @@ def test_selection_rules(fr):
 
 
 def test_grids_have_at_most_three_points_and_lora_rates_up_to_20x(fr):
-    for spec in [*fr.BASELINES.values(), *fr.CANDIDATE_FAMILIES.values()]:
-        assert len(spec.get("grid", (None, [0]))[1]) <= 3
+    for fam, spec in [*fr.BASELINES.items(), *fr.CANDIDATE_FAMILIES.items()]:
+        assert 1 <= len(fr._grid(fam, spec)) <= 3, fam
+    wise = fr._grid("wise-full", fr.CANDIDATE_FAMILIES["wise-full"], {"method": "full", "optim.lr": 5e-5})
+    assert [r["settings"]["wise_alpha"] for r in wise] == [0.25, 0.5, 0.75]
+    assert all(r["settings"]["optim.lr"] == 5e-5 for r in wise)  # merges of the chosen full-FT run
     assert max(fr.BASELINES["lora"]["grid"][1]) <= 20 * max(fr.BASELINES["full"]["grid"][1])
     runs = fr._grid("full-ewc", fr.CANDIDATE_FAMILIES["full-ewc"], {"method": "full", "optim.lr": 5e-5})
     assert [r["settings"]["mitigations"][0]["weight"] for r in runs] == [1e3, 1e4, 1e5]
@@ -140,3 +143,17 @@ def test_a_bench_where_full_ft_barely_forgets_says_so(fr):
     res = fr.summarize("med", None)
     assert not res["full_drop"]["reaches_min"]
     assert "**does not reach** the 4 points" in fr.render_md(res)
+
+
+def test_a_selection_under_way_is_shown_from_the_ledger(fr):
+    e = _entry(fr, "full", 42, np.full(20, 24.0), np.full(20, 25.0), -0.045)
+    e.update(phase="select", settings={"method": "full", "optim.lr": 5e-5})
+    path = fr.ledger_path("med", "select", "full-1-seed42")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({**e, "run": "full-1-seed42"}))
+    res = fr.summarize("med", None)
+    assert res["selection"] is None and res["selection_progress"]["done"] == 1
+    assert res["selection_progress"]["planned"] == 17
+    md = fr.render_md(res)
+    assert "Selection under way: 1 of 17 runs" in md and '| full-1-seed42 | full | {"optim.lr": 5e-05} | +0.100' in md
+    assert "+4.50 [+4.20, +4.80]" in md

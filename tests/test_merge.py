@@ -118,3 +118,36 @@ def test_merge_cli_refuses_to_overwrite(organism, tuned_full, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert (again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
             and "Traceback" not in again.stderr)
+
+
+def test_auto_alpha_chooses_on_selection_suites_and_reports_on_others(organism, tuned_full, tmp_path):
+    """The alpha is chosen on validation-like items (the first 32 of each file) and the choice is reported on the
+    other 32: the reporting suites never move the choice, and their numbers are those of their own items."""
+    def half(name, path, first):
+        s = _ppl_suite(name, path).tasks[0]
+        pick = {"limit": 32, "sample": "first"} if first else {"exclude": {"limit": 32, "sample": "first"}}
+        return Suite(name=name, tasks=[s.model_copy(update=pick)])
+
+    kw = {"budget": 0.05, "alphas": [0.0, 0.5, 1.0], "progress": False, "precision": "fp32"}
+    sel = {"task_suite": half("task_sel", organism["b_val"], True),
+           "retention_suite": half("ret_sel", organism["a_val"], True)}
+    alone = auto_alpha(str(organism["model"]), str(tuned_full), **sel, **kw)
+    both = auto_alpha(str(organism["model"]), str(tuned_full), **sel, **kw,
+                      report_task_suite=half("task_rep", organism["b_val"], False),
+                      report_retention_suite=half("ret_rep", organism["a_val"], False))
+    assert both["chosen"] == alone["chosen"] and both["curve"] == alone["curve"]
+    assert both["selection"]["comparison"] == alone["comparison"]
+    assert both["reported_on"] == {"task_suite": "task_rep", "retention_suite": "ret_rep"}
+    rep = both["comparison"]["retention"]
+    # the reported retention is that of the merged model on the other items: scored independently here
+    from forgetless.merge import interpolate, load_endpoints
+    from forgetless.retention.evaluate import compare, evaluate
+
+    ends = load_endpoints(str(organism["model"]), str(tuned_full))
+    suite = half("ret_rep", organism["a_val"], False)
+    base = evaluate(ends.base, ends.tokenizer, suite, bf16=False, progress=False)
+    merged = interpolate(ends, both["chosen"]["alpha"])
+    want = compare(base, evaluate(merged, ends.tokenizer, suite, bf16=False, progress=False))
+    assert rep["retention_score"] == pytest.approx(want["retention_score"], abs=1e-9)
+    assert rep["retention_score"] != pytest.approx(both["selection"]["comparison"]["retention"]["retention_score"],
+                                                   abs=1e-9)

@@ -174,6 +174,11 @@ def merge(
                                                    "confident (its 95% upper bound within budget).")] = "point",
     precision: Annotated[str, typer.Option(help="With --alpha auto: evaluation compute, auto | bf16 | fp32 (as "
                                                 "in eval).")] = "auto",
+    report_task_suite: Annotated[str | None, typer.Option(
+        help="With --alpha auto: score the chosen alpha on this task suite (the choice uses --task-suite).")] = None,
+    report_retention_suite: Annotated[str | None, typer.Option(
+        help="With --alpha auto: score the chosen alpha on this retention suite (the choice uses "
+             "--retention-suite).")] = None,
     full: Annotated[bool, typer.Option(help="Write a full model even for a LoRA adapter.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
@@ -189,7 +194,9 @@ def merge(
                                       retention_suite=retention_suite, data_root=data_root, out=out,
                                       overwrite=overwrite,
                                       progress=not (json_out or quiet), search=search, decide_on=decide_on,
-                                      precision=_precision_option(precision, None))
+                                      precision=_precision_option(precision, None),
+                                      report_task_suite=report_task_suite,
+                                      report_retention_suite=report_retention_suite)
     else:
         try:
             a = float(alpha)
@@ -218,6 +225,12 @@ def merge(
                                          else 'point estimate'}"""
                       " (--decide-on)")
         console.print(f"chosen alpha {result['chosen']['alpha']}; saved to {out} (curve: {out / 'alpha_curve.png'})")
+        if "reported_on" in result:
+            rep, on = result["comparison"], result["reported_on"]
+            console.print(f"reported on {on['task_suite']} / {on['retention_suite']} (not used to choose): task "
+                          f"score {rep['task']['retention_score']:.4f}, retention "
+                          f"{rep['retention']['retention_score']:.4f} [{rep['retention']['retention_ci'][0]:.4f}, "
+                          f"{rep['retention']['retention_ci'][1]:.4f}]")
     else:
         console.print(f"wrote {result['kind']} with alpha {result['alpha']} to {out}")
 

@@ -133,9 +133,17 @@ def auto_alpha(
     search: str = "grid",
     decide_on: str = "point",
     precision: Any = "auto",
+    report_task_suite: Any = None,
+    report_retention_suite: Any = None,
 ) -> dict[str, Any]:
     """Measure the interpolation curve and keep the best task score whose retention drop is within `budget`
     (a fraction: 0.01 = 1%). Task score: the task suite's retention score against the base (>1 = gained).
+
+    Selection apart from reporting: with `report_task_suite` and/or `report_retention_suite`, the curve and the
+    choice use `task_suite` / `retention_suite` (validation items, a held-out probe), and the chosen alpha alone
+    is then scored on the reporting suites (the items a result quotes): `comparison` holds those, `selection`
+    the chosen alpha's comparisons on the selection suites, `reported_on` the suites' names. The reporting suites
+    never influence the choice.
 
     Every alpha reports the budget both ways: `within_budget` (the drop's point estimate) and
     `within_budget_95` (the drop's 95% upper bound, 1 - the retention interval's lower end). The choice acts on
@@ -191,6 +199,24 @@ def auto_alpha(
     result: dict[str, Any] = {"base": base, "tuned": tuned, "budget": budget, "search": search, "decide_on": decide_on,
                               "curve": curve, "chosen": best, "comparison": comparisons[best["alpha"]],
                               "precision": {"dtype": prec.dtype, "reason": prec.reason}}
+    if report_task_suite is not None or report_retention_suite is not None:
+        rts = ts if report_task_suite is None else (
+            load_suite(report_task_suite) if isinstance(report_task_suite, (str, Path)) else report_task_suite)
+        rrs = rs if report_retention_suite is None else (
+            load_suite(report_retention_suite) if isinstance(report_retention_suite, (str, Path))
+            else report_retention_suite)
+        interpolate(ends, best["alpha"], into=work)
+        reported = {}
+        for key, sel_suite, suite in (("task", ts, rts), ("retention", rs, rrs)):
+            if suite is sel_suite:  # not asked apart: the selection's own comparison
+                reported[key] = comparisons[best["alpha"]][key]
+                continue
+            base_res = baseline_result(base_path, suite, root, progress=progress, loader=reference, bf16=prec.bf16)[0]
+            reported[key] = compare(base_res, run(work, suite))
+        result["selection"] = {"task_suite": ts.name, "retention_suite": rs.name,
+                               "comparison": comparisons[best["alpha"]]}
+        result["comparison"] = reported
+        result["reported_on"] = {"task_suite": rts.name, "retention_suite": rrs.name}
     if out is not None:
         out = Path(out)
         # the models loaded above
