@@ -72,8 +72,8 @@ REPORT_SUITE = "general"
 # The scale: enough steps that plain full FT forgets (quick-scale 40 med steps lost about 3 points), one epoch at
 # most over the training split; batch and length as the forgetting bench's quick scale.
 SCALE: dict[str, dict[str, Any]] = {
-    "med": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 300, "n_val": 200},
-    "math": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 250, "n_val": 200},
+    "med": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 300, "n_val": 200, "n_exact": 0},
+    "math": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 250, "n_val": 200, "n_exact": 50},
 }
 
 # For the plan: one training step at the scale's batch on a native-bf16 2-core AMD EPYC (med: 40 steps in 157 s;
@@ -215,12 +215,14 @@ def _main_items(items_path: Path) -> dict[str, Any]:
 
 
 def record_run(scenario: str, phase: str, run: str, family: str, settings: dict[str, Any], seed: int,
-               run_dir: Path, row: dict[str, Any], prov_line: str, extra_eval: dict[str, Path] | None = None) -> Path:
+               run_dir: Path, row: dict[str, Any], prov_line: str, extra_eval: dict[str, Path] | None = None,
+               steps: int | None = None) -> Path:
     """One finished run's ledger entry (atomic)."""
     from forgetless.io import atomic_write_json
 
     entry: dict[str, Any] = {
-        "run": run, "phase": phase, "family": family, "settings": settings, "seed": seed, "machine": prov_line,
+        "run": run, "phase": phase, "family": family, "settings": settings, "seed": seed, "steps": steps,
+        "machine": prov_line,
         "task": row["task"], "retention": row["retention"],
         "task_items": _main_items(run_dir / "eval-task.items.json"),
         "wall_time_s": row.get("wall_time_s"), "tokens_per_s": row.get("tokens_per_s"),
@@ -260,12 +262,14 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
     from forgetless.retention.api import eval_model
     from forgetless.sweep import SweepConfig, Variant, run_sweep
 
+    steps = args.steps or SCALE[scenario]["steps"]
     done = read_ledger(scenario, phase)
+    stale(done, runs, seeds, steps)
     todo = [r for r in runs if any(f"{r['name']}-seed{s}" not in done for s in seeds)]
     if not todo:
         return done
     sweep_dir = (args.out or ROOT / "runs" / f"frontier-{scenario}") / phase
-    common = common_set(scenario, files, args.device, args.steps or SCALE[scenario]["steps"])
+    common = common_set(scenario, files, args.device, steps)
     variants = [Variant(name=r["name"], set={**r["settings"], **common},
                         seeds=[s for s in seeds if f"{r['name']}-seed{s}" not in done]) for r in todo]
     cfg = SweepConfig.model_validate({
@@ -287,8 +291,22 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
                            out=rep_out, progress=True)
             extra["replication"] = rep_out
         record_run(scenario, phase, run, by_name[name]["family"], by_name[name]["settings"], int(seed), d, row,
-                   prov_line, extra)
+                   prov_line, extra, steps)
     return read_ledger(scenario, phase)
+
+
+def stale(done: dict[str, dict[str, Any]], runs: list[dict[str, Any]], seeds: list[int] | tuple[int, ...],
+          steps: int) -> None:
+    """Refuse to reuse a ledger entry whose settings or steps differ from the run's now (a committed result is not
+    overwritten silently: remove the entry to run it again)."""
+    for r in runs:
+        for s in seeds:
+            e = done.get(f"{r['name']}-seed{s}")
+            if e is not None and (e["settings"] != json.loads(json.dumps(r["settings"])) or e.get("steps") != steps):
+                raise SystemExit(f"error: the ledger's {e['run']} was run with other settings or steps "
+                                 f"({e.get('steps')} steps) than now ({steps}): remove "
+                                 f"bench/results/frontier-<scenario>/ledger/{e['phase']}/{e['run']}.json to run it "
+                                 "again")
 
 
 def score_model(model_dir: Path, base_path: str, task_suite: Path, retention: str, args: Any,
@@ -322,6 +340,8 @@ def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: di
     from forgetless.models import resolve_model
 
     done = read_ledger(scenario, phase)
+    steps = args.steps or SCALE[scenario]["steps"]
+    stale(done, runs, sorted(sources), steps)
     base_path = str(resolve_model(args.model).path)
     root = (args.out or ROOT / "runs" / f"frontier-{scenario}") / phase / "wise"
     for r in runs:
@@ -337,7 +357,7 @@ def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: di
                 merge(base_path, str(src), r["settings"]["wise_alpha"], d, overwrite=True, full=True)
             row, extra = score_model(d, base_path, task_suite, retention, args, replication)
             row["wall_time_s"] = json.loads((src / "summary.json").read_text()).get("wall_time_s")
-            record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra)
+            record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
 
 
 def _grid(family: str, spec: dict[str, Any], on: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -426,7 +446,7 @@ def final(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> d
         raise SystemExit(f"error: FINAL_CANDIDATES['{scenario}'] = {names}: at most 3 of {sorted(CANDIDATE_FAMILIES)}")
     chosen = json.loads(sel_path.read_text())["chosen"]
     runs = [{"name": fam, "family": fam, "settings": chosen[fam]["settings"]} for fam in ("full", "lora", *names)]
-    tsuite = fb.task_suite(scenario, files, 0)
+    tsuite = fb.task_suite(scenario, files, SCALE[scenario]["n_exact"])
     rep = replication_suite(fb.DATA / scenario)
     trained = [r for r in runs if "wise_alpha" not in r["settings"]]
     run_phase(scenario, "final", trained, list(FINAL_SEEDS), tsuite, REPORT_SUITE, args, files, prov_line, rep)

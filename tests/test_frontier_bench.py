@@ -157,3 +157,15 @@ def test_a_selection_under_way_is_shown_from_the_ledger(fr):
     md = fr.render_md(res)
     assert "Selection under way: 1 of 17 runs" in md and '| full-1-seed42 | full | {"optim.lr": 5e-05} | +0.100' in md
     assert "+4.50 [+4.20, +4.80]" in md
+
+
+def test_a_ledger_entry_from_other_settings_or_steps_is_refused_not_reused(fr):
+    runs = [{"name": "full-0", "family": "full", "settings": {"method": "full", "optim.lr": 2e-5}}]
+    done = {"full-0-seed42": {"run": "full-0-seed42", "phase": "select", "settings": runs[0]["settings"],
+                              "steps": 160}}
+    fr.stale(done, runs, [42], 160)  # the same: reused
+    with pytest.raises(SystemExit, match="other settings or steps"):
+        fr.stale(done, runs, [42], 200)
+    moved = [{**runs[0], "settings": {"method": "full", "optim.lr": 5e-5}}]
+    with pytest.raises(SystemExit, match="remove .*full-0-seed42.json"):
+        fr.stale(done, moved, [42], 160)
