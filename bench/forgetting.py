@@ -133,7 +133,7 @@ def prepare_math(root: Path, n_test: int, n_val: int = 200, d: Path = DATA / "ma
             "test": _write(d / "test.jsonl", [conv(r, i) for i, r in enumerate(test[:n_test])])}
 
 
-def task_suite(scenario: str, files: dict[str, Path], n_exact: int) -> Path:
+def task_suite(scenario: str, files: dict[str, Path], n_exact: int, d: Path | None = None) -> Path:
     tasks: list[dict[str, Any]] = [{
         "name": f"{scenario}_answer_ce", "kind": "reference_likelihood", "data": {"path": str(files["test"])},
         "prompt": "{{prompt}}", "reference": "{{reference}}", "chat": "auto", "sample": "first",
@@ -142,7 +142,7 @@ def task_suite(scenario: str, files: dict[str, Path], n_exact: int) -> Path:
         tasks.append({"name": "gsm8k_exact", "kind": "generate", "data": {"path": str(files["test"])},
                       "prompt": "{{prompt}}", "answers": "number", "answer_type": "numeric", "chat": "auto",
                       "limit": n_exact, "sample": "first", "max_new_tokens": 256, "stop": []})
-    path = DATA / scenario / "task_suite.yaml"
+    path = (d or DATA / scenario) / "task_suite.yaml"
     return _write_text(path, yaml.safe_dump({"name": f"{scenario}-target", "tasks": tasks}, sort_keys=False))
 
 

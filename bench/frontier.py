@@ -6,8 +6,9 @@ forgetting? Two phases on a real model, selection on validation only, a verdict 
     python bench/frontier.py --scenario med final      # phase 2: the pre-registered recipes x 3 seeds, scored once
     python bench/frontier.py --scenario med report     # the tables and plot from the ledger alone (no compute)
 
-Scenarios and data: bench/forgetting.py's (med: MedMCQA chat data; math: GSM8K), with a validation split of
-SCALE["n_val"] (>= 200) items disjoint from training and test.
+Scenarios and data: bench/forgetting.py's (med: MedMCQA chat data; math: GSM8K), written to
+bench/data/frontier-<scenario>/ (not the other benches' folders), with a validation split of SCALE["n_val"] = 200
+items disjoint from training and test (the preparation reserves 200; more would overlap training).
 
 **Phase 1, selection** (one seed, `SELECT_SEED`; nothing here reads a scored test item or the scored retention
 suite). Every run is scored on the task's validation split (cross-entropy of the reference answers) and on
@@ -20,8 +21,8 @@ The selection is written to bench/results/frontier-<scenario>/selection.json.
 
 **Pre-registration.** FINAL_CANDIDATES names at most 3 candidate families, written into this file after the
 selection and committed before the final pass (its commit is recorded with the results); `final` refuses to run
-without them. A candidate whose runs score exactly as a baseline's (every item, every seed) is dropped as no
-candidate (a tie is not a win).
+without them. A candidate whose runs score exactly as a baseline's (every task item, every retention task's score,
+every seed) is dropped as no candidate (a tie is not a win).
 
 **Phase 2, final** (seeds FINAL_SEEDS): full FT and LoRA at their chosen rates and the pre-registered candidates at
 their chosen settings, trained at the scale's steps and scored once each: the task's test split, the `general`
@@ -65,7 +66,7 @@ RESULTS = ROOT / "bench" / "results"
 BUDGET = 0.01
 MIN_FULL_DROP = 4.0  # points: plain full FT must forget at least this much for the bench to mean anything
 SELECT_SEED = 42
-FINAL_SEEDS = (42, 43, 44)
+FINAL_SEEDS = (43, 44, 45)  # not the selection's seed: its runs chose the settings, they do not also judge them
 PROBE = "general-probe"
 REPORT_SUITE = "general"
 
@@ -108,7 +109,7 @@ CANDIDATE_FAMILIES: dict[str, dict[str, Any]] = {
                        "label": "replay 5% + KL weight", "values": [0.3, 1.0, 3.0]},
     # med answers read 'D. Complex tongue thrust.', GSM8K ones end '#### 42': a rewrite must keep that answer
     "full-self-distill": {"on": "full", "set": {"data.self_distill": {
-        "accept": {"kind": "answer", "pattern": r"####\s*(\S+)|(?:^|\s)([A-E])\.(?:\s|$)"}, "max_new_tokens": 128}}},
+        "accept": {"kind": "answer", "pattern": r"####\s*(\S+)|(?:^|\s)([A-E])\.(?:\s|$)"}, "max_new_tokens": 256}}},
     "lora-milora": {"on": "lora", "set": {"method": {**LORA, "init": "milora"}}},
     # WiSE-FT: no training of its own; full FT's runs interpolated toward the base, alpha chosen like a setting
     "wise-full": {"on": "full", "wise": [0.25, 0.5, 0.75], "label": "WiSE-FT alpha"},
@@ -149,6 +150,10 @@ REPLICATION: dict[str, Any] = {
 # ---------------------------------------------------------------- suites and disjointness
 
 
+def data_dir(scenario: str) -> Path:
+    return fb.DATA / f"frontier-{scenario}"
+
+
 def replication_suite(d: Path) -> Path:
     return fb._write_text(d / "replication_suite.yaml", yaml.safe_dump(REPLICATION, sort_keys=False))
 
@@ -158,7 +163,7 @@ def val_suite(scenario: str, files: dict[str, Path]) -> Path:
     spec = {"name": f"{scenario}-validation", "tasks": [{
         "name": f"{scenario}_val_ce", "kind": "reference_likelihood", "data": {"path": str(files["val"])},
         "prompt": "{{prompt}}", "reference": "{{reference}}", "chat": "auto", "sample": "first"}]}
-    return fb._write_text(fb.DATA / scenario / "val_suite.yaml", yaml.safe_dump(spec, sort_keys=False))
+    return fb._write_text(data_dir(scenario) / "val_suite.yaml", yaml.safe_dump(spec, sort_keys=False))
 
 
 def item_sets(suite: Any, data_root: Path | None) -> dict[str, set[str]]:
@@ -266,32 +271,30 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
     done = read_ledger(scenario, phase)
     stale(done, runs, seeds, steps)
     todo = [r for r in runs if any(f"{r['name']}-seed{s}" not in done for s in seeds)]
-    if not todo:
-        return done
     sweep_dir = (args.out or ROOT / "runs" / f"frontier-{scenario}") / phase
     common = common_set(scenario, files, args.device, steps)
-    variants = [Variant(name=r["name"], set={**r["settings"], **common},
-                        seeds=[s for s in seeds if f"{r['name']}-seed{s}" not in done]) for r in todo]
-    cfg = SweepConfig.model_validate({
-        "name": f"frontier-{scenario}-{phase}", "base": base_recipe(args.model), "runs": variants,
-        "task_suite": str(task_suite), "retention_suite": retention, "budget": BUDGET,
-        "output_dir": str(sweep_dir), "data_root": str(args.data_root), "eval_precision": "auto"})
-    state = run_sweep(cfg, folder=ROOT, report=False)
-    by_name = {r["name"]: r for r in todo}
-    for row in state["seed_runs"]:  # one row per (run, seed), the seeds' own scores
-        run, d = row["run"], Path(row["dir"])
-        name, seed = run.rsplit("-seed", 1)
-        if run in done or name not in by_name:
-            continue
-        extra = {}
-        if replication is not None:
-            rep_out = d / "eval-replication.json"
-            if not rep_out.is_file():
-                eval_model(str(d), str(replication), baseline="auto", data_root=args.data_root, precision="auto",
-                           out=rep_out, progress=True)
-            extra["replication"] = rep_out
-        record_run(scenario, phase, run, by_name[name]["family"], by_name[name]["settings"], int(seed), d, row,
-                   prov_line, extra, steps)
+    for r in todo:  # one training at a time, into the ledger as soon as it is scored: hours are never lost
+        for seed in seeds:
+            run = f"{r['name']}-seed{seed}"
+            if run in done:
+                continue
+            cfg = SweepConfig.model_validate({
+                "name": f"frontier-{scenario}-{phase}", "base": base_recipe(args.model),
+                "runs": [Variant(name=r["name"], set={**r["settings"], **common}, seeds=[seed])],
+                "task_suite": str(task_suite), "retention_suite": retention, "budget": BUDGET,
+                "output_dir": str(sweep_dir), "data_root": str(args.data_root), "eval_precision": "auto"})
+            state = run_sweep(cfg, folder=ROOT, report=False)
+            row = next(x for x in state["seed_runs"] if x["run"] == run)
+            d = Path(row["dir"])
+            extra = {}
+            if replication is not None:
+                rep_out = d / "eval-replication.json"
+                if not rep_out.is_file():
+                    eval_model(str(d), str(replication), baseline="auto", data_root=args.data_root,
+                               precision="auto", out=rep_out, progress=True)
+                extra["replication"] = rep_out
+            record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
+            done[run] = {}
     return read_ledger(scenario, phase)
 
 
@@ -304,9 +307,9 @@ def stale(done: dict[str, dict[str, Any]], runs: list[dict[str, Any]], seeds: li
             e = done.get(f"{r['name']}-seed{s}")
             if e is not None and (e["settings"] != json.loads(json.dumps(r["settings"])) or e.get("steps") != steps):
                 raise SystemExit(f"error: the ledger's {e['run']} was run with other settings or steps "
-                                 f"({e.get('steps')} steps) than now ({steps}): remove "
-                                 f"bench/results/frontier-<scenario>/ledger/{e['phase']}/{e['run']}.json to run it "
-                                 "again")
+                                 f"({e.get('steps')} steps) than now ({steps}): to run it again, remove "
+                                 f"bench/results/frontier-<scenario>/ledger/{e['phase']}/{e['run']}.json and its run "
+                                 f"directory runs/frontier-<scenario>/{e['phase']}/runs/{e['run']}")
 
 
 def score_model(model_dir: Path, base_path: str, task_suite: Path, retention: str, args: Any,
@@ -444,10 +447,15 @@ def final(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> d
                          "candidate families from the selection and commit that before the final pass")
     if len(names) > 3 or set(names) - set(CANDIDATE_FAMILIES):
         raise SystemExit(f"error: FINAL_CANDIDATES['{scenario}'] = {names}: at most 3 of {sorted(CANDIDATE_FAMILIES)}")
-    chosen = json.loads(sel_path.read_text())["chosen"]
+    sel = json.loads(sel_path.read_text())
+    steps = args.steps or SCALE[scenario]["steps"]
+    if sel.get("steps") != steps:
+        raise SystemExit(f"error: the selection ran at {sel.get('steps')} steps, the final pass would run at {steps}: "
+                         "select again at the final scale")
+    chosen = sel["chosen"]
     runs = [{"name": fam, "family": fam, "settings": chosen[fam]["settings"]} for fam in ("full", "lora", *names)]
-    tsuite = fb.task_suite(scenario, files, SCALE[scenario]["n_exact"])
-    rep = replication_suite(fb.DATA / scenario)
+    tsuite = fb.task_suite(scenario, files, SCALE[scenario]["n_exact"], data_dir(scenario))
+    rep = replication_suite(data_dir(scenario))
     trained = [r for r in runs if "wise_alpha" not in r["settings"]]
     run_phase(scenario, "final", trained, list(FINAL_SEEDS), tsuite, REPORT_SUITE, args, files, prov_line, rep)
     src = (args.out or ROOT / "runs" / f"frontier-{scenario}") / "final" / "runs"
@@ -488,12 +496,18 @@ def verdicts(ledger: dict[str, dict[str, Any]], candidates: tuple[str, ...]) -> 
     for fam in candidates:
         rows = by.get(fam, [])
         seeds = [e["seed"] for e in rows]
-        if seeds != [e["seed"] for e in full]:
-            out[fam] = {"verdict": None, "why": f"seeds {seeds} against full FT's {[e['seed'] for e in full]}"}
+        if seeds != [e["seed"] for e in full] or seeds != [e["seed"] for e in lora]:
+            out[fam] = {"verdict": None, "why": f"seeds {seeds} against full FT's {[e['seed'] for e in full]} and "
+                                               f"LoRA's {[e['seed'] for e in lora]}"}
             continue
+
+        def scores(rs: list[dict[str, Any]]) -> list[Any]:
+            return [{n: t.get("candidate") for n, t in e["retention"].get("tasks", {}).items()} for e in rs]
+
         twins = [b for b, rs in (("full FT", full), ("LoRA", lora))
                  if identical([{"t": t} for t in tasks(rows)], [{"t": t} for t in tasks(rs)])
-                 and [e["retention"]["score"] for e in rows] == [e["retention"]["score"] for e in rs]]
+                 and scores(rows) == scores(rs) and [e["retention"]["score"] for e in rows]
+                 == [e["retention"]["score"] for e in rs]]
         if twins:
             out[fam] = {"verdict": None, "why": f"identical to {twins[0]} on every item and seed: no candidate"}
             continue
@@ -508,7 +522,11 @@ def verdicts(ledger: dict[str, dict[str, Any]], candidates: tuple[str, ...]) -> 
             if any(key not in e for e in rows + full + lora):
                 res[suite] = None
                 continue
-            v = judge(fam, base, tasks(rows), tasks(full), [cmp(e) for e in rows], [cmp(e) for e in lora])
+            try:
+                v = judge(fam, base, tasks(rows), tasks(full), [cmp(e) for e in rows], [cmp(e) for e in lora])
+            except ValueError as err:  # full FT gained nothing on a seed: no share of its gain exists
+                res[suite] = {"verdict": None, "why": str(err)}
+                continue
             res[suite] = v.as_dict()
         out[fam] = res
     return out
@@ -605,7 +623,7 @@ def render_md(res: dict[str, Any]) -> str:
     if not res["candidates"]:
         lines.append("No candidates pre-registered yet (FINAL_CANDIDATES): the selection phase comes first.")
     lines += ["", "| recipe | seeds | task gain [95% CI] | retention drop, points | "
-              + " | ".join(sorted({a for r in res["rows"] for a in r["abilities"]}))
+              + " | ".join(f"{a} change" for a in sorted({a for r in res["rows"] for a in r["abilities"]}))
               + " | replication drop | train s |", "|---|---|---|---|" + "---|" * (len({a for r in res["rows"]
                                                                                          for a in r["abilities"]}) + 2)]
     abil = sorted({a for r in res["rows"] for a in r["abilities"]})
@@ -693,19 +711,22 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
     sc = SCALE[scenario]
     steps = args.steps or sc["steps"]
     n_a = sum(len(s["grid"][1]) for s in BASELINES.values())
-    n_b = sum(len(_grid(f, s)) for f, s in CANDIDATE_FAMILIES.items())
+    n_b = sum(len(_grid(f, s)) for f, s in CANDIDATE_FAMILIES.items() if "wise" not in s)
+    n_wise = sum(len(_grid(f, s)) for f, s in CANDIDATE_FAMILIES.items() if "wise" in s)
     n_final = (2 + (len(FINAL_CANDIDATES[scenario]) or 3)) * len(FINAL_SEEDS)
     led = {**read_ledger(scenario, "select"), **read_ledger(scenario, "final")}
     walls = [e["wall_time_s"] for e in led.values() if e.get("wall_time_s")]
     per_run = sum(walls) / len(walls) if walls else steps * SECONDS_PER_STEP[scenario]
-    p = {"scenario": scenario, "steps": steps, "select_runs": n_a + n_b, "final_runs": n_final,
+    p = {"scenario": scenario, "steps": steps, "select_runs": n_a + n_b + n_wise, "final_runs": n_final,
          "done": {"select": len(read_ledger(scenario, "select")), "final": len(read_ledger(scenario, "final"))},
          "hours_per_run": round(per_run / 3600, 2),
          "estimate_from": "the ledger's runs" if walls else f"{SECONDS_PER_STEP[scenario]} s per step",
-         "select_hours": round((n_a + n_b) * (per_run + SCORING_S["select"]) / 3600, 1),
+         "select_hours": round(((n_a + n_b) * (per_run + SCORING_S["select"]) + n_wise * SCORING_S["select"])
+                               / 3600, 1),
          "final_hours": round(n_final * (per_run + SCORING_S["final"]) / 3600, 1)}
     print(f"frontier {scenario}: selection {p['select_runs']} runs (stage A {n_a}: full FT and LoRA learning rates; "
-          f"stage B {n_b}: candidate settings), seed {SELECT_SEED}, validation + {PROBE}: about {p['select_hours']} h; "
+          f"stage B {n_b + n_wise}: candidate settings, {n_wise} of them WiSE-FT merges), seed {SELECT_SEED}, "
+          f"validation + {PROBE}: about {p['select_hours']} h; "
           f"final {n_final} runs ({len(FINAL_SEEDS)} seeds), test + {REPORT_SUITE} + replication: about "
           f"{p['final_hours']} h; {steps} steps each, {p['hours_per_run']} h per run ({p['estimate_from']}); done: "
           f"{p['done']['select']} selection, {p['done']['final']} final runs (ledger)", file=sys.stderr)
@@ -724,6 +745,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="runs directory (default: runs/frontier-<scenario>)")
     args = ap.parse_args()
     os.chdir(ROOT)
+    if args.steps and args.steps != SCALE[args.scenario]["steps"]:
+        # a smoke run at other steps is not the bench's: its ledger and results stay out of bench/results
+        global RESULTS
+        RESULTS = ROOT / "runs" / f"frontier-smoke-steps{args.steps}" / "results"
+        print(f"--steps {args.steps}: not the bench's scale; results go to {RESULTS}", file=sys.stderr)
     plan(args.scenario, args)
     if args.phase == "plan":
         return
@@ -739,12 +765,18 @@ def main() -> None:
     from forgetless.retention.tasks import resolve_data_root
 
     sc = SCALE[args.scenario]
-    files = (fb.prepare_med if args.scenario == "med" else fb.prepare_math)(args.data_root, sc["n_test"], sc["n_val"])
-    rep = replication_suite(fb.DATA / args.scenario)
+    assert sc["n_val"] <= 200, "the preparation reserves 200 validation items: more would overlap training"
+    files = (fb.prepare_med if args.scenario == "med" else fb.prepare_math)(args.data_root, sc["n_test"], sc["n_val"],
+                                                                            d=data_dir(args.scenario))
+    rep = replication_suite(data_dir(args.scenario))
     check_disjoint(load_suite(PROBE), load_suite(str(rep)), resolve_data_root(args.data_root))
     prec = fb.bench_precision(resolve_model(args.model).path, args.device)
     prov = provenance.collect(prec, device=prec["device"])
     line = provenance.machine_line(prov)
+    # a ledger resumed here must have been started on this CPU and precision path (its start's provenance is kept)
+    any_runs = bool(read_ledger(args.scenario, "select") or read_ledger(args.scenario, "final"))
+    start = fb.resume_guard(out_dir(args.scenario) / "provenance.json", prov, f"the {args.scenario} frontier ledger",
+                            resuming=any_runs)
     t0 = time.perf_counter()
     if args.phase == "select":
         selection(args.scenario, args, files, line)
@@ -752,6 +784,8 @@ def main() -> None:
         final(args.scenario, args, files, line)
     prov = provenance.finish(prov)
     prov["wall_s"] = round(time.perf_counter() - t0, 1)
+    if start:
+        prov["started"] = fb.started(start)
     res = summarize(args.scenario, prov)
     print(render_md(res))
     write_results(res)

@@ -169,3 +169,17 @@ def test_a_ledger_entry_from_other_settings_or_steps_is_refused_not_reused(fr):
     moved = [{**runs[0], "settings": {"method": "full", "optim.lr": 5e-5}}]
     with pytest.raises(SystemExit, match="remove .*full-0-seed42.json"):
         fr.stale(done, moved, [42], 160)
+
+
+def test_no_verdict_where_full_ft_gained_nothing_or_lora_lacks_seeds(fr):
+    base = np.full(30, 25.0)
+    fr.FINAL_CANDIDATES["med"] = ("full-ewc",)
+    for seed in (43, 44, 45):
+        _entry(fr, "full", seed, base + 0.5, base, -0.05, rep_change=-0.03)  # full FT got worse on the task
+        _entry(fr, "lora", seed, base - 1, base, -0.01, rep_change=-0.01)
+        _entry(fr, "full-ewc", seed, base - 1, base, -0.004, rep_change=-0.002)
+    v = fr.summarize("med", None)["verdicts"]["full-ewc"]
+    assert v["general"] == {"verdict": None, "why": v["general"]["why"]} and "gained nothing" in v["general"]["why"]
+    fr.ledger_path("med", "final", "lora-seed45").unlink()
+    v = fr.summarize("med", None)["verdicts"]["full-ewc"]
+    assert v["verdict"] is None and "LoRA's [43, 44]" in v["why"]

@@ -20,7 +20,7 @@ The rules (the `1%` budget and the `0.98` share are arguments):
 - **INCONCLUSIVE** otherwise: the intervals admit both.
 
 A tie is not a win: a candidate whose every seed scored exactly as a baseline's (the same per-item values on the
-task and on retention, say a guard that never acted) is no candidate (`identical_to`).
+task and on retention, say a guard that never acted) is no candidate (`identical`).
 """
 
 from __future__ import annotations
