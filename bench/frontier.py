@@ -280,7 +280,8 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
                 continue
             cfg = SweepConfig.model_validate({
                 "name": f"frontier-{scenario}-{phase}", "base": base_recipe(args.model),
-                "runs": [Variant(name=r["name"], set={**r["settings"], **common}, seeds=[seed])],
+                "runs": [Variant(name=r["name"], set={**localize(r["settings"], args.data_root), **common},
+                                 seeds=[seed])],
                 "task_suite": str(task_suite), "retention_suite": retention, "budget": BUDGET,
                 "output_dir": str(sweep_dir), "data_root": str(args.data_root), "eval_precision": "auto"})
             state = run_sweep(cfg, folder=ROOT, report=False)
@@ -296,6 +297,12 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
             record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
             done[run] = {}
     return read_ledger(scenario, phase)
+
+
+def localize(settings: dict[str, Any], data_root: Path) -> dict[str, Any]:
+    """The settings with the families' `../shared/data/` paths (as the ledger records them) under `data_root`."""
+    text = json.dumps(settings)
+    return json.loads(text.replace('"../shared/data/', json.dumps(str(Path(data_root).resolve()) + "/")[:-1]))
 
 
 def stale(done: dict[str, dict[str, Any]], runs: list[dict[str, Any]], seeds: list[int] | tuple[int, ...],

@@ -115,10 +115,12 @@ def analyse_sweep(sweep_dir: str | Path) -> dict[str, Any]:
 
 
 def suite_counts(suite: str) -> dict[str, int | None]:
-    """Items per task of a built-in suite (its `limit:`; None: the whole file)."""
+    """Items per task of a built-in suite (its `limit:`, or the prompts a self_reference task generates; None: the
+    whole file)."""
     from forgetless.retention.suite import load_suite
 
-    return {t.name: t.limit for t in load_suite(suite).tasks}
+    return {t.name: (getattr(t, "n_generated", None) if getattr(t, "prompts", None) == "generated" else t.limit)
+            for t in load_suite(suite).tasks}
 
 
 def project(seed_run: dict[str, Any], counts: dict[str, int | None]) -> dict[str, float]:

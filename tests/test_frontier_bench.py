@@ -183,3 +183,10 @@ def test_no_verdict_where_full_ft_gained_nothing_or_lora_lacks_seeds(fr):
     fr.ledger_path("med", "final", "lora-seed45").unlink()
     v = fr.summarize("med", None)["verdicts"]["full-ewc"]
     assert v["verdict"] is None and "LoRA's [43, 44]" in v["why"]
+
+
+def test_family_data_paths_follow_the_data_root(fr, tmp_path):
+    s = fr.localize({"mitigations": fr._replay_kl(1.0), "optim.lr": 1e-4}, tmp_path / "d")
+    assert s["mitigations"][0]["data"]["train"] == str((tmp_path / "d").resolve()) + (
+        "/instruction_sft/llamafactory_alpaca_en_demo_1k.json")
+    assert s["optim.lr"] == 1e-4 and fr._replay_kl(1.0)[0]["data"]["train"].startswith("../shared/data/")
