@@ -124,9 +124,9 @@ def test_auto_alpha_chooses_on_selection_suites_and_reports_on_others(organism, 
     """The alpha is chosen on validation-like items (the first 32 of each file) and the choice is reported on the
     other 32: the reporting suites never move the choice, and their numbers are those of their own items."""
     def half(name, path, first):
-        s = _ppl_suite(name, path).tasks[0]
+        task = _ppl_suite(name, path).tasks[0].model_dump()
         pick = {"limit": 32, "sample": "first"} if first else {"exclude": {"limit": 32, "sample": "first"}}
-        return Suite(name=name, tasks=[s.model_copy(update=pick)])
+        return Suite.model_validate({"name": name, "tasks": [{**task, **pick}]})
 
     kw = {"budget": 0.05, "alphas": [0.0, 0.5, 1.0], "progress": False, "precision": "fp32"}
     sel = {"task_suite": half("task_sel", organism["b_val"], True),
