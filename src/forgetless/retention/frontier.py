@@ -136,7 +136,7 @@ def judge(recipe: str, base_task: TaskResult, cand_task: Sequence[TaskResult], f
     if not (len(cand_task) == len(full_task) == len(cand_retention)) or not cand_task:
         raise ValueError(f"{recipe}: the candidate, full FT and the retention comparisons need the same seeds "
                          f"({len(cand_task)}, {len(full_task)}, {len(cand_retention)})")
-    per_seed = []
+    per_seed: list[dict[str, Any]] = []
     for i, (c, f, ret) in enumerate(zip(cand_task, full_task, cand_retention, strict=True)):
         per_seed.append({"seed_index": i, "ratio": gain_ratio(base_task, c, f, seed=i),
                          "drop": retention_drop(ret)})
