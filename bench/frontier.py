@@ -65,6 +65,7 @@ import forgetting as fb  # noqa: E402  (the scenarios' data preparation)
 RESULTS = ROOT / "bench" / "results"
 BUDGET = 0.01
 MIN_FULL_DROP = 4.0  # points: plain full FT must forget at least this much for the bench to mean anything
+RUN_PROVENANCE: dict[str, Any] = {}  # this invocation's forgetless.provenance block: each ledger entry names its commit
 SELECT_SEED = 42
 FINAL_SEEDS = (43, 44, 45)  # not the selection's seed: its runs chose the settings, they do not also judge them
 PROBE = "general-probe"
@@ -227,7 +228,8 @@ def record_run(scenario: str, phase: str, run: str, family: str, settings: dict[
 
     entry: dict[str, Any] = {
         "run": run, "phase": phase, "family": family, "settings": settings, "seed": seed, "steps": steps,
-        "machine": prov_line,
+        "machine": prov_line, "commit": RUN_PROVENANCE.get("commit"), "dirty": RUN_PROVENANCE.get("dirty"),
+        "precision": RUN_PROVENANCE.get("precision"), "cpu": RUN_PROVENANCE.get("machine"),
         "task": row["task"], "retention": row["retention"],
         "task_items": _main_items(run_dir / "eval-task.items.json"),
         "wall_time_s": row.get("wall_time_s"), "tokens_per_s": row.get("tokens_per_s"),
@@ -780,6 +782,7 @@ def main() -> None:
     prec = fb.bench_precision(resolve_model(args.model).path, args.device)
     prov = provenance.collect(prec, device=prec["device"])
     line = provenance.machine_line(prov)
+    RUN_PROVENANCE.update(prov)
     # a ledger resumed here must have been started on this CPU and precision path (its start's provenance is kept)
     any_runs = bool(read_ledger(args.scenario, "select") or read_ledger(args.scenario, "final"))
     start = fb.resume_guard(out_dir(args.scenario) / "provenance.json", prov, f"the {args.scenario} frontier ledger",
