@@ -159,8 +159,7 @@ def auto_alpha(
         raise ForgetlessError(f"search must be 'grid' or 'descending', got {search!r}")
     if decide_on not in ("point", "confident"):
         raise ForgetlessError(f"decide_on must be 'point' or 'confident', got {decide_on!r}")
-    ts = load_suite(task_suite) if isinstance(task_suite, (str, Path)) else task_suite
-    rs = load_suite(retention_suite) if isinstance(retention_suite, (str, Path)) else retention_suite
+    ts, rs = load_suite(task_suite), load_suite(retention_suite)
     ends = load_endpoints(base, tuned)
     alphas = alphas or [round(0.1 * i, 2) for i in range(11)]
     if search == "descending":
@@ -200,11 +199,8 @@ def auto_alpha(
                               "curve": curve, "chosen": best, "comparison": comparisons[best["alpha"]],
                               "precision": {"dtype": prec.dtype, "reason": prec.reason}}
     if report_task_suite is not None or report_retention_suite is not None:
-        rts = ts if report_task_suite is None else (
-            load_suite(report_task_suite) if isinstance(report_task_suite, (str, Path)) else report_task_suite)
-        rrs = rs if report_retention_suite is None else (
-            load_suite(report_retention_suite) if isinstance(report_retention_suite, (str, Path))
-            else report_retention_suite)
+        rts = ts if report_task_suite is None else load_suite(report_task_suite)
+        rrs = rs if report_retention_suite is None else load_suite(report_retention_suite)
         interpolate(ends, best["alpha"], into=work)
         reported = {}
         for key, sel_suite, suite in (("task", ts, rts), ("retention", rs, rrs)):

@@ -132,7 +132,7 @@ def eval_model(
     "none", or a model path / alias. precision: auto (bf16 where measured faster, precision.py), bf16, fp32;
     True / False are read as bf16 / fp32."""
     torch.set_flush_denormal(True)
-    s = load_suite(suite) if isinstance(suite, (str, Path)) else suite
+    s = load_suite(suite)
     s = s.only(tasks).with_limit(limit)
     root = resolve_data_root(data_root)
     base_path: str | None = None

@@ -67,15 +67,11 @@ def save_items(path: Path, res: SuiteResult, base: SuiteResult | None = None) ->
                              "base": {"model": base.model, "tasks": tasks(base)} if base is not None else None})
 
 
-def load_items(path: Path, suite: Suite, which: str = "candidate") -> dict[str, TaskResult]:
-    """The per-task results save_items wrote (`which`: candidate, or base when it was saved)."""
+def load_items(path: Path, suite: Suite) -> dict[str, TaskResult]:
+    """The candidate's per-task results save_items wrote."""
     from ..errors import ForgetlessError
 
     d = json.loads(path.read_text())
-    if which == "base":
-        if not d.get("base"):
-            raise ForgetlessError(f"{path}: holds no baseline items (it was scored without a baseline)")
-        d = d["base"]
     by_name = {t.name: t for t in suite.tasks}
     missing = set(by_name) - set(d["tasks"])
     if missing:

@@ -78,29 +78,27 @@ class Suite(BaseModel):
                                   f"{', '.join(t.name for t in self.tasks)}")
         return self.model_copy(update={"tasks": [t for t in self.tasks if t.name in names]})
 
+    def data_files(self, data_root: Path | None) -> list[tuple[str, Path]]:
+        """Every data file the suite reads: (the path as the suite names it, where it is under `data_root`)."""
+        out = []
+        for t in self.tasks:
+            for rel in ([t.data.path, t.data.labels_path] if t.data else []):
+                if rel:
+                    out.append((rel, Path(rel) if Path(rel).is_absolute() or data_root is None else data_root / rel))
+        return out
+
     def fingerprint(self, data_root: Path | None) -> str:
         """Hash of the suite definition and of the data files it reads (by path, size and mtime)."""
         spec: dict[str, Any] = {"suite": self.model_dump(mode="json"), "files": {}}
-        for t in self.tasks:
-            for rel in ([t.data.path, t.data.labels_path] if t.data else []):
-                if not rel:
-                    continue
-                p = Path(rel) if Path(rel).is_absolute() or data_root is None else data_root / rel
-                if p.is_file():
-                    st = p.stat()
-                    spec["files"][rel] = [st.st_size, int(st.st_mtime)]
+        for rel, p in self.data_files(data_root):
+            if p.is_file():
+                st = p.stat()
+                spec["files"][rel] = [st.st_size, int(st.st_mtime)]
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-
 
     def missing_files(self, data_root: Path | None) -> list[str]:
         """The data files (relative paths as the suite names them) not found under `data_root`."""
-        missing = []
-        for t in self.tasks:
-            for rel in ([t.data.path, t.data.labels_path] if t.data else []):
-                if rel and not (Path(rel) if Path(rel).is_absolute() or data_root is None
-                                else data_root / rel).is_file():
-                    missing.append(rel)
-        return missing
+        return [rel for rel, p in self.data_files(data_root) if not p.is_file()]
 
 
 # the monitor's default probe: the mirror of `general` where its files are, else `self` (needs no files)
@@ -135,8 +133,10 @@ def builtin_suites() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
-    """A built-in suite by name (`general`, `self`) or a suite YAML file."""
+def load_suite(name_or_path: str | Path | Suite) -> Suite:
+    """A built-in suite by name (`general`, `self`) or a suite YAML file (a Suite is returned as it is)."""
+    if isinstance(name_or_path, Suite):
+        return name_or_path
     path = Path(name_or_path)
     if not path.is_file():
         builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
