@@ -395,6 +395,23 @@ def _probe_drop(entry: dict[str, Any]) -> float:
     return -100 * entry["retention"]["change"]
 
 
+def _drop_ci(entry: dict[str, Any]) -> list[float]:
+    """The retention drop's interval in points (the change's interval turned around)."""
+    return [-100 * x for x in reversed(entry["retention"]["ci"])]
+
+
+def _drop_over_seeds(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    from forgetless.retention.seeds import combine_seeds
+
+    return combine_seeds([_probe_drop(e) for e in entries], [_drop_ci(e) for e in entries])
+
+
+def _selection_row(e: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """One selection run as the tables show it: validation gain and probe drop with their intervals."""
+    return {"family": e["family"], "val_gain": _val_gain(e), "val_gain_ci": e["task"]["ci"],
+            "probe_drop": _probe_drop(e), "probe_drop_ci": _drop_ci(e), **extra}
+
+
 def choose(entries: list[tuple[dict[str, Any], dict[str, Any]]], within_budget: bool) -> dict[str, Any]:
     """The chosen grid point: the best validation gain (baselines), or (candidates, within_budget) the best
     validation gain among points whose probe drop is within the budget, else the smallest probe drop."""
@@ -429,10 +446,8 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     table = []
     for g in stage_a + stage_b:
         e = led[f"{g['name']}-seed{SELECT_SEED}"]
-        table.append({"run": g["name"], "family": g["family"], "value": g.get("value"),
-                      "val_gain": _val_gain(e), "val_gain_ci": e["task"]["ci"], "probe_drop": _probe_drop(e),
-                      "probe_drop_ci": [-100 * x for x in reversed(e["retention"]["ci"])],
-                      "chosen": chosen[g["family"]]["name"] == g["name"]})
+        table.append(_selection_row(e, run=g["name"], value=g.get("value"),
+                                    chosen=chosen[g["family"]]["name"] == g["name"]))
     full_drop_probe = _probe_drop(led[f"{chosen['full']['name']}-seed{SELECT_SEED}"])
     if full_drop_probe < MIN_FULL_DROP:
         print(f"warning: full FT at its chosen rate loses {full_drop_probe:.2f} points on {PROBE}, under the "
@@ -542,14 +557,10 @@ def verdicts(ledger: dict[str, dict[str, Any]], candidates: tuple[str, ...]) -> 
 
 
 def full_drop(ledger: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    from forgetless.retention.seeds import combine_seeds
-
     rows = sorted((e for e in ledger.values() if e["family"] == "full"), key=lambda e: e["seed"])
     if not rows:
         return None
-    drops = [-100 * e["retention"]["change"] for e in rows]
-    cis = [[-100 * e["retention"]["ci"][1], -100 * e["retention"]["ci"][0]] for e in rows]
-    c = combine_seeds(drops, cis)
+    c = _drop_over_seeds(rows)
     return {"mean": c["mean"], "ci": c["ci"], "n_seeds": len(rows), "reaches_min": c["mean"] >= MIN_FULL_DROP}
 
 
@@ -567,17 +578,16 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
         if not es:
             continue
         gain = combine_seeds([e["task"]["gain"] for e in es], [e["task"]["ci"] for e in es])
-        drop = combine_seeds([-100 * e["retention"]["change"] for e in es],
-                             [[-100 * e["retention"]["ci"][1], -100 * e["retention"]["ci"][0]] for e in es])
+        drop = _drop_over_seeds(es)
         abilities: dict[str, float] = {}
         for e in es:
             for ab, v in (e["retention"].get("abilities") or {}).items():
                 abilities[ab] = abilities.get(ab, 0.0) + 100 * v["change"] / len(es)
         rep = None
         if all("replication" in e for e in es):
-            rep = combine_seeds([100 * (1 - e["replication"]["retention_score"]) for e in es],
-                                [[100 * (1 - e["replication"]["retention_ci"][1]),
-                                  100 * (1 - e["replication"]["retention_ci"][0])] for e in es])
+            from forgetless.retention.frontier import over_seeds, retention_drop
+
+            rep = over_seeds([retention_drop(e["replication"]) for e in es], "drop")
         rows.append({"recipe": fam, "seeds": [e["seed"] for e in es], "settings": es[0]["settings"],
                      "gain": gain, "drop": drop, "abilities": abilities, "replication_drop": rep,
                      "wall_time_s": sum(e["wall_time_s"] or 0 for e in es) / len(es)})
@@ -586,10 +596,8 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
         led = read_ledger(scenario, "select")
         progress = {"done": len(led), "planned": sum(len(_grid(f, s)) for f, s in
                                                      [*BASELINES.items(), *CANDIDATE_FAMILIES.items()]),
-                    "table": [{"run": e["run"], "family": e["family"], "value": None, "val_gain": _val_gain(e),
-                               "val_gain_ci": e["task"]["ci"], "probe_drop": _probe_drop(e),
-                               "probe_drop_ci": [-100 * x for x in reversed(e["retention"]["ci"])], "chosen": False,
-                               "settings": e["settings"]} for e in led.values()]}
+                    "table": [_selection_row(e, run=e["run"], value=None, chosen=False, settings=e["settings"])
+                              for e in led.values()]}
     return {"bench": "frontier", "scenario": scenario, "budget_points": 100 * BUDGET, "min_full_drop": MIN_FULL_DROP,
             "selection_progress": progress,
             "scale": SCALE[scenario], "final_seeds": list(FINAL_SEEDS), "candidates": list(cands),
