@@ -113,24 +113,34 @@ def _ci(x: dict[str, Any] | None) -> str:
 
 def write_results(rows: list[dict[str, Any]], tasks: list[str], args: Any, wall: float,
                   provenance: dict[str, Any] | None = None) -> None:
-    from forgetless.provenance import machine_line
+    from forgetless.io import atomic_write_text
 
     machine = f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(args, k) for k in ("model", "steps", "batch", "max_length", "limit", "n_test")}
     result = {"bench": "continual", "machine": machine, "tasks": tasks, "settings": settings, "wall_s": round(wall, 1),
               "rows": rows}
     if provenance is not None:
         result["provenance"] = provenance
-    (RESULTS / "continual.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    compute = ((provenance or {}).get("precision") or {}).get("dtype", "bf16")
-    lines = [f"# continual fine-tuning: {' -> '.join(tasks)}, {args.model}", "",
-             f"Machine: {machine}. Each step {args.steps} steps of {args.batch} chat examples (max {args.max_length} "
-             f"tokens), {compute} compute with fp32 master weights; whole bench {wall / 60:.0f} min. Scores: minus the "
-             f"cross-entropy (nats per answer token) of {args.limit} held-out reference answers per task, higher is "
-             "better; 95% paired bootstrap intervals over the items (evaluation noise, one training seed). Retention: "
-             "the `self` suite (the base model's own answers) after the last step, change against the base model.",
-             *([] if provenance is None else ["", f"Provenance: {machine_line(provenance)}."]), "",
+    atomic_write_text(RESULTS / "continual.json", json.dumps(result, indent=2, default=str) + "\n")
+    md = render_md(result)
+    atomic_write_text(RESULTS / "continual.md", md)
+    print(md)
+
+
+def render_md(result: dict[str, Any]) -> str:
+    """The markdown tables, from the JSON result alone (`--render FILE` re-renders a saved result)."""
+    from forgetless.provenance import provenance_line
+
+    st, tasks, rows, wall = result["settings"], result["tasks"], result["rows"], result["wall_s"]
+    dtype = ((result.get("provenance") or {}).get("precision") or {}).get("dtype")
+    compute = f"{dtype} compute" if dtype else "compute precision not recorded"
+    lines = [f"# continual fine-tuning: {' -> '.join(tasks)}, {st['model']}", "",
+             f"Machine: {result['machine']}. Each step {st['steps']} steps of {st['batch']} chat examples (max "
+             f"{st['max_length']} tokens), {compute} with fp32 master weights; whole bench {wall / 60:.0f} min. "
+             f"Scores: minus the cross-entropy (nats per answer token) of {st['limit']} held-out reference answers per "
+             "task, higher is better; 95% paired bootstrap intervals over the items (evaluation noise, one training "
+             "seed). Retention: the `self` suite (the base model's own answers) after the last step, change against "
+             "the base model.", "", provenance_line(result), "",
              "| strategy | average | BWT | FWT | forgetting | R[j][j] (just trained) | retention change | train s | "
              "peak MB | trainable |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -150,8 +160,7 @@ def write_results(rows: list[dict[str, Any]], tasks: list[str], args: Any, wall:
     for r in rows:
         lines.append(f"| {r['strategy']} | " + " | ".join(f"{x:+.3f}" for x in r["final"]) + " |")
     lines += ["", "Each sequence's heat-map, trajectory and report: `runs/bench-continual/<strategy>/`."]
-    (RESULTS / "continual.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -169,7 +178,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-continual")
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--overwrite", action="store_true", help="start the named strategies' sequences afresh")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="only re-render bench/results/continual.md from this saved JSON result and exit")
     args = ap.parse_args()
+    if args.render:
+        from forgetless.io import atomic_write_text
+
+        atomic_write_text(RESULTS / "continual.md", render_md(json.loads(args.render.read_text())))
+        return
     os.chdir(ROOT)
     args.data_root = args.data_root.resolve()
     d = DATA / "continual"

@@ -483,8 +483,7 @@ def render_md(result: dict[str, Any]) -> str:
              f"batch_tokens {result['settings']['forgetless']['batch_tokens']}. Wall time of the whole call; one run "
              f"each, interleaved per task (order in the JSON). Headline: forgetless {fl_head} vs lm-eval {lm_head}.",
              ""]
-    if result.get("provenance"):
-        lines += [f"Provenance: {provenance.machine_line(result['provenance'])}.", ""]
+    lines += [provenance.provenance_line(result), ""]
     if result.get("note"):
         lines += [f"Note: {result['note']}", ""]
     lines += ["## verdict", ""]

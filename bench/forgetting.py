@@ -23,7 +23,8 @@ batch to all recipes alike. Headline recipes run with a second training seed. Af
 full-lr1e-4 with auto alpha at a 1% budget is added as one more row (quick: alphas 0.75, 0.5, 0.25 from the
 top down, stopping at the first within budget; full: the whole grid 0-1).
 
-Writes bench/results/forgetting-<scenario>-<scale>.json, .md and .png (the frontier). The JSON's `provenance`
+Writes bench/results/forgetting-<scenario>-<scale>.json, then the .md and .png from it (`--render FILE` redoes
+them from a saved JSON; hand-written remarks live in forgetting-<scenario>-<scale>.notes.md). The JSON's `provenance`
 block (forgetless.provenance) names the commit, versions, CPU and the precision path the runs took; the provenance
 of the sweep's start is saved beside its directory (<out>.provenance.json), and resuming the sweep on another CPU
 or precision path is refused (`--overwrite` starts it afresh).
@@ -366,41 +367,59 @@ def seed_spread(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, scale: dict[str, Any], wall: float,
-                  machine: str | None = None, notes: tuple[str, ...] = (),
                   provenance: dict[str, Any] | None = None) -> None:
-    """Write forgetting-<scenario>-<scale>.json/.md/.png. `machine` and `notes` let a saved result be re-rendered
-    (its own machine line kept) with remarks on it; `provenance`: the block from forgetless.provenance."""
-    import base64
-
-    from forgetless.provenance import machine_line
-    from forgetless.report import frontier_plot
+    """Write forgetting-<scenario>-<scale>.json, then the .md and .png from it (`--render` redoes those two from
+    a saved JSON). Hand-written remarks go in forgetting-<scenario>-<scale>.notes.md, never in these files."""
+    from forgetless.allocator import loaded_allocator
+    from forgetless.io import atomic_write_text
 
     stem = RESULTS / f"forgetting-{args.scenario}-{args.scale}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    png = frontier_plot(rows, BUDGET, None)
-    if png:
-        stem.with_suffix(".png").write_bytes(base64.b64decode(png))
-    tasks = list(next(iter(rows))["retention"]["tasks"]) if rows else []
-    extra = list(rows[0].get("task_tasks", {}))[1:] if rows else []  # secondary target metrics (math: exact match)
-    from forgetless.allocator import loaded_allocator
-
-    machine = machine or (f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}, "
-                          f"allocator {loaded_allocator()}")
+    machine = (f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}, "
+               f"allocator {loaded_allocator()}")
     out = {"bench": "forgetting", "scenario": args.scenario, "scale": args.scale, "model": args.model,
-           "machine": machine,
-           "settings": scale, "budget": BUDGET, "wall_s": round(wall, 1), "rows": rows, "verdict": verdict(rows),
-           "notes": list(notes)}
+           "machine": machine, "settings": scale, "budget": BUDGET, "wall_s": round(wall, 1), "rows": rows,
+           "verdict": verdict(rows), "sweep_dir": str(state["dir"])}
     if provenance is not None:
         out["provenance"] = provenance
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    lines = [f"# forgetting frontier: {args.scenario}, {args.scale} scale, {args.model}", "",
-             f"Machine: {machine}. {scale['steps']} steps of {scale['batch']} examples (max {scale['max_length']} "
-             f"tokens), {((provenance or {}).get('precision') or {}).get('dtype', 'bf16')} compute with fp32 master "
-             f"weights; whole bench {wall / 60:.0f} min (sum of its runs' times). Task gain: "
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(out, indent=2, default=str) + "\n")
+    print(render(out, stem))
+
+
+def render(result: dict[str, Any], stem: Path) -> str:
+    """The .md and .png of a saved result, from its JSON alone; returns the markdown."""
+    import base64
+
+    from forgetless.io import atomic_write_text
+    from forgetless.report import frontier_plot
+
+    rows = result["rows"]
+    png = frontier_plot(rows, result["budget"], None)
+    if png:
+        stem.with_suffix(".png").write_bytes(base64.b64decode(png))
+    md = render_md(result, stem.with_suffix(".png").name)
+    atomic_write_text(stem.with_suffix(".md"), md)
+    return md
+
+
+def render_md(result: dict[str, Any], png_name: str) -> str:
+    """The markdown, from the JSON result alone."""
+    from forgetless.provenance import provenance_line
+
+    rows, scale, wall = result["rows"], result["settings"], result["wall_s"]
+    tasks = list(next(iter(rows))["retention"]["tasks"]) if rows else []
+    extra = list(rows[0].get("task_tasks", {}))[1:] if rows else []  # secondary target metrics (math: exact match)
+    dtype = ((result.get("provenance") or {}).get("precision") or {}).get("dtype")
+    lines = [f"# forgetting frontier: {result['scenario']}, {result['scale']} scale, {result['model']}", "",
+             f"Machine: {result['machine']}. {scale['steps']} steps of {scale['batch']} examples (max "
+             f"{scale['max_length']} tokens), {f'{dtype} compute' if dtype else 'compute precision not recorded'} "
+             f"with fp32 master weights; whole bench {wall / 60:.0f} min (sum of its runs' times). Task gain: "
              f"{rows[0]['task']['task'] if rows else ''} (positive is better), paired 95% CI. Retention: change of "
-             "each task's main metric (paired 95% CI, * = significant) and the mean retention score.",
-             *([] if provenance is None else ["", f"Provenance: {machine_line(provenance)}."]),
-             "", *verdict(rows), *(x for n in notes for x in ("", n)), "",
+             "each task's main metric (paired 95% CI, * = significant) and the mean retention score.", "",
+             provenance_line(result), "",
+             "**A screen, not a verdict**: one training seed per recipe (a second for a few), every setting and the "
+             "best row picked on the scored items themselves, baselines untuned. The decided comparison (tuned "
+             "baselines, selection on validation, 3 seeds, paired intervals) is `bench/frontier.py`.", "",
+             *result["verdict"], "",
              "| run | task gain [95% CI] | " + "".join(f"{e} change | " for e in extra) + " | ".join(tasks)
              + " | retention score | wall s | tok/s | peak MB | trainable |",
              "|---|---|" + "---|" * (len(extra) + len(tasks)) + "---|---|---|---|---|"]
@@ -418,14 +437,14 @@ def write_results(state: dict[str, Any], rows: list[dict[str, Any]], args: Any, 
                      + ("-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}") + " | "
                      f"{r['trainable_parameters']:,} |")
     lines += seed_spread(rows)
-    lines += ["", f"Frontier plot: `{stem.with_suffix('.png').name}`. Sweep directory: `{state['dir']}`."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += ["", f"Frontier plot: `{png_name}`."
+              + (f" Sweep directory: `{result['sweep_dir']}`." if result.get("sweep_dir") else "")]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", choices=["med", "math"], required=True)
+    ap.add_argument("--scenario", choices=["med", "math"], default=None, help="required unless --render")
     ap.add_argument("--scale", choices=list(SCALES), default="quick")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--recipes", default=None, help="comma-separated names from bench/recipes/ (default: all)")
@@ -437,7 +456,14 @@ def main() -> None:
     ap.add_argument("--no-wise", action="store_true", help="skip the WiSE-FT row")
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--overwrite", action="store_true", help="start the sweep afresh (its directory is removed)")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="only re-render the .md and .png beside this saved JSON result, and exit")
     args = ap.parse_args()
+    if args.render:
+        render(json.loads(args.render.read_text()), args.render.with_suffix(""))
+        return
+    if args.scenario is None:
+        ap.error("--scenario is required (med or math)")
     os.chdir(ROOT)  # the recipes' data paths are relative to the repository root
     scale = scale_for(args.scale, args.scenario)
     if args.steps:

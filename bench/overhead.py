@@ -17,10 +17,11 @@ plain run (what the allocator buys), l2sp against the plain system-malloc run (t
     python bench/overhead.py                      # smollm2-135m-instruct, 8 x 128 tokens, 30 steps
     python bench/overhead.py --model stories260k --steps 40
     python bench/overhead.py --configs full+l2sp,full+ewc --repeats 3 --out bench/results/overhead-penalties.json
+    python bench/overhead.py --render bench/results/overhead.json   # only re-render the markdown beside it
 
 The JSON's `provenance` block (forgetless.provenance) names the commit, versions, CPU, allocator and the precision
 path the runs took (every recipe sets train.bf16 to the resolved --precision, default auto; each run's summary.json
-`precision` is kept in `runs`).
+`precision` is kept in `runs`). The .md beside the JSON is rendered from the JSON alone.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 import yaml
 
 from forgetless import precision, provenance
+from forgetless.io import atomic_write_json, atomic_write_text
 from forgetless.models import resolve_model
 from forgetless.testing import WORDS
 
@@ -139,7 +141,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                     help="compute of every run (auto: bf16 only where this CPU runs it fast)")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="only re-render the markdown of this saved JSON result (beside it) and exit")
     args = ap.parse_args()
+    if args.render:
+        atomic_write_text(args.render.with_suffix(".md"), render_md(json.loads(args.render.read_text())))
+        return
 
     model = resolve_model(args.model).path
     # every configuration trains at the resolved precision (recipe(): train.bf16): that is the path measured
@@ -193,22 +200,10 @@ def main() -> None:
             "mitigations": results[n][-1]["mitigations"],
         }
         table.append(row)
-    print(f"\nmitigation overhead, {args.model}, batch {args.batch} x {args.seq}, {args.steps} steps, {prec.dtype} "
-          f"compute + fp32 masters, allocator {table[0]['allocator']}, {args.repeats} repeat(s)")
-    print(f"{'config':<28}{'vs':<22}{'tok/s':>9}{'base tok/s':>12}{'step time x':>13}{'steady x':>10}{'tokens x':>10}"
-          f"{'peak MiB':>10}{'base MiB':>10}{'hook share':>12}  paired median x (each repeat)")
-    for r in table:
-        share = sum(m["step_time_share"] or 0 for m in r["mitigations"])
-        print(f"{r['config']:<28}{r['baseline']:<22}{r['tokens_per_s']:>9.1f}{r['baseline_tokens_per_s']:>12.1f}"
-              f"{r['step_time_ratio']:>13.3f}{r['steady_step_time_ratio']:>10.3f}{r['token_ratio']:>10.3f}"
-              f"{r['peak_memory_mb']:>10}{r['baseline_peak_memory_mb']:>10}"
-              f"{100 * share:>11.1f}%  {r['paired_median_step_ratio']:.3f} "
-              f"({', '.join(f'{x:.3f}' for x in r['paired_median_step_ratios'])})")
     prov = provenance.finish(prov)
     prov["precision"] = {**prov["precision"], "observed": sorted(
         {(r.get("precision") or {}).get("dtype") for rs in results.values() for r in rs} - {None})}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    result = {
         "bench": "overhead", "model": args.model, "steps": args.steps, "batch": args.batch, "seq": args.seq,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "targets": {"full+l2sp": "<= 1.10x", "full+ewc": "<= 1.10x", "lora+kl": "<= 1.6x",
@@ -218,8 +213,37 @@ def main() -> None:
                 "first third, pooled; paired_median_step_ratio: median over repeats of (median step time after the "
                 "first third) / (the same of the plain run just before it)",
         "rows": table, "runs": results, "provenance": prov,
-    }, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    }
+    atomic_write_json(args.out, result)
+    md = render_md(result)
+    atomic_write_text(args.out.with_suffix(".md"), md)
+    print(md)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def render_md(result: dict) -> str:
+    """The markdown table, from the JSON result alone."""
+    prov = result.get("provenance") or {}
+    dtype = (prov.get("precision") or {}).get("dtype")
+    rows = result["rows"]
+    lines = [f"# mitigation overhead: {result['model']}, batch {result['batch']} x {result['seq']} tokens, "
+             f"{result['steps']} steps, {result.get('repeats', 1)} repeat(s)", "",
+             f"{f'{dtype} compute' if dtype else 'Compute precision not recorded'}, fp32 master weights; each run a "
+             f"fresh `forgetless train` process. {result['note']}.", "",
+             provenance.provenance_line(result), "",
+             "Targets: " + "; ".join(f"{k} {v}" for k, v in result["targets"].items()) + ".", "",
+             "| config | vs | allocator | tok/s | base tok/s | step time x | steady x | "
+             "paired median x (each repeat) | tokens x | peak MiB | base MiB | hook share |", "|---" * 12 + "|"]
+    for r in rows:
+        share = sum(m.get("step_time_share") or 0 for m in r["mitigations"])
+        paired = r.get("paired_median_step_ratios") or []
+        pm = (f"{r['paired_median_step_ratio']:.3f} ({', '.join(f'{x:.3f}' for x in paired)})"
+              if "paired_median_step_ratio" in r else "-")
+        lines.append(f"| {r['config']} | {r['baseline']} | {r.get('allocator', '-')} | {r['tokens_per_s']:.1f} | "
+                     f"{r['baseline_tokens_per_s']:.1f} | {r['step_time_ratio']:.3f} | "
+                     f"{r['steady_step_time_ratio']:.3f} | {pm} | {r['token_ratio']:.3f} | {r['peak_memory_mb']} | "
+                     f"{r['baseline_peak_memory_mb']} | {100 * share:.1f}% |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -261,7 +261,12 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and markdown go")
     ap.add_argument("--probe-eval", type=Path, nargs="*", default=[],
                     help="forgetless eval --suite general-probe --out reports of tuned runs: the probe as measured")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="only re-render the markdown of this saved JSON result (beside it) and exit")
     args = ap.parse_args()
+    if args.render:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT / "bench"))
     import forgetting as fb

@@ -15,6 +15,7 @@ what `auto`, the evaluation default, resolves to here).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
@@ -50,7 +51,12 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true",
                     help="also time fp32 compute (cold and warm: the answers are keyed by precision)")
     ap.add_argument("--out", type=Path, default=RESULTS / "suite_time.json")
+    ap.add_argument("--render", type=Path, default=None,
+                    help="only re-render the markdown of this saved JSON result (beside it) and exit")
     args = ap.parse_args()
+    if args.render:
+        atomic_write_text(args.render.with_suffix(".md"), render_md(json.loads(args.render.read_text())))
+        return
     torch.set_flush_denormal(True)
     path = resolve_model(args.model).path
     auto = precision.resolve("auto", "cpu", widths=precision.config_widths(path))
@@ -80,11 +86,22 @@ def main() -> None:
         "provenance": provenance.finish(prov),
     }
     atomic_write_json(args.out, result)
+    md = render_md(result)
+    atomic_write_text(args.out.with_suffix(".md"), md)
+    print(md)
+
+
+def render_md(result: dict) -> str:
+    """The markdown table, from the JSON result alone."""
+    runs, m = result["runs"], result["machine"]
     tasks = list(runs["warm bf16"]["tasks_s"])
-    lines = [f"# suite_time: `{args.suite}` suite on {args.model}", "",
-             f"{platform.platform()}, {torch.get_num_threads()} torch threads, load average {load0:.1f} at start, "
-             f"{load1:.1f} at end. Model load {load_s:.1f} s (not counted). Target: <= {BUDGET_S:.0f} s.", "",
-             f"Provenance: {provenance.machine_line(result['provenance'])}.", "",
+    ratio = result.get("fp32_over_bf16")
+    budget = result["budget_s"]
+    lines = [f"# suite_time: `{result['suite']}` suite on {result['model']}", "",
+             f"{m['platform']}, {m['threads']} torch threads, load average {m['loadavg_start']:.1f} at start, "
+             f"{m['loadavg_end']:.1f} at end. Model load {result['model_load_s']:.1f} s (not counted). Target: <= "
+             f"{budget:.0f} s.", "",
+             provenance.provenance_line(result), "",
              "| run | wall s | verdict | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
     for k, v in runs.items():
         lines.append(f"| {k} | {v['wall_s']} | {result['verdict'][k]} | "
@@ -92,8 +109,7 @@ def main() -> None:
     lines += ["", (f"fp32 / bf16 wall time (warm): {ratio:.2f}x. " if ratio else "")
               + "Cold: the self-reference answers of the base model are generated (once per base model and "
               "precision; cached afterwards). Warm: every later evaluation against the same base."]
-    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

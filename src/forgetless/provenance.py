@@ -93,6 +93,16 @@ def machine_line(prov: dict[str, Any]) -> str:
             f"torch {prov.get('versions', {}).get('torch')}, commit {commit}, {prov.get('date')}")
 
 
+def provenance_line(result: dict[str, Any]) -> str:
+    """The "Provenance: ..." line of a bench's markdown, from its JSON result alone; a result saved before
+    provenance was recorded says so instead of inventing a machine."""
+    prov = result.get("provenance")
+    if not prov:
+        return ("Provenance: not recorded (this result predates provenance recording: its commit, CPU flags and "
+                "precision path are unknown; rerun the bench for them).")
+    return f"Provenance: {machine_line(prov)}."
+
+
 def check_same_machine(saved: dict[str, Any] | None, current: dict[str, Any], *, what: str,
                        allow_mixed: bool = False) -> bool:
     """Before resuming `what` (a result file or bench directory) recorded under `saved`: True when the CPU
