@@ -21,7 +21,9 @@ The selection is written to bench/results/frontier-<scenario>/selection.json.
 
 **Pre-registration.** FINAL_CANDIDATES names at most 3 candidate families, written into this file after the
 selection and committed before the final pass (its commit is recorded with the results); `final` refuses to run
-without them. A candidate whose runs score exactly as a baseline's (every task item, every retention task's score,
+without them. They are named by a fixed rule (`preregister`, printed at the end of `select`): the families whose
+chosen setting's probe drop is within the budget, ranked by validation gain, the top 3; where fewer than 3 are
+within it, the rest by smallest probe drop. A candidate whose runs score exactly as a baseline's (every task item, every retention task's score,
 every seed) is dropped as no candidate (a tie is not a win).
 
 **Phase 2, final** (seeds FINAL_SEEDS): full FT and LoRA at their chosen rates and the pre-registered candidates at
@@ -423,6 +425,16 @@ def choose(entries: list[tuple[dict[str, Any], dict[str, Any]]], within_budget: 
     return min(entries, key=lambda e: _probe_drop(e[1]))[0]
 
 
+def preregister(sel: dict[str, Any], k: int = 3) -> tuple[str, ...]:
+    """The families to pre-register by the docstring's rule, from a selection (selection.json's `chosen` and
+    `table`): those within the budget on the probe by validation gain, then the others by smallest probe drop."""
+    rows = {r["run"]: r for r in sel["table"]}
+    fams = [(fam, rows[c["name"]]) for fam, c in sel["chosen"].items() if fam in CANDIDATE_FAMILIES]
+    inside = sorted((f for f in fams if f[1]["probe_drop"] <= 100 * BUDGET), key=lambda f: -f[1]["val_gain"])
+    outside = sorted((f for f in fams if f[1]["probe_drop"] > 100 * BUDGET), key=lambda f: f[1]["probe_drop"])
+    return tuple(f for f, _ in (inside + outside)[:k])
+
+
 def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> dict[str, Any]:
     vsuite = val_suite(scenario, files)
     seeds = [SELECT_SEED]
@@ -458,6 +470,7 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     from forgetless.io import atomic_write_json
 
     atomic_write_json(out_dir(scenario) / "selection.json", sel)
+    print(f"pre-registration rule: FINAL_CANDIDATES['{scenario}'] = {preregister(sel)}", file=sys.stderr)
     return sel
 
 

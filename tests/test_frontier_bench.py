@@ -36,6 +36,19 @@ def test_selection_rules(fr):
     assert fr.choose(over, within_budget=True)["name"] == "b"  # none within: the smallest drop
 
 
+def test_preregistration_rule(fr):
+    fams = list(fr.CANDIDATE_FAMILIES)  # five families: a, b inside the budget; c, d, e outside it
+    drops = {fams[0]: 0.5, fams[1]: -0.2, fams[2]: 3.0, fams[3]: 1.5, fams[4]: 2.0}
+    gains = {fams[0]: 0.20, fams[1]: 0.25, fams[2]: 0.30, fams[3]: 0.10, fams[4]: 0.29}
+    sel = {"chosen": {"full": {"name": "full-0"}, **{f: {"name": f + "-1"} for f in fams}},
+           "table": [{"run": "full-0", "probe_drop": 9.0, "val_gain": 0.31}]
+           + [{"run": f + "-1", "probe_drop": drops[f], "val_gain": gains[f]} for f in fams]}
+    # within the budget by validation gain (b before a), then the smallest drop outside it (d at 1.5, not the
+    # better-gaining e or c); a baseline is never a candidate
+    assert fr.preregister(sel) == (fams[1], fams[0], fams[3])
+    assert fr.preregister(sel, k=1) == (fams[1],)
+
+
 def test_grids_have_at_most_three_points_and_lora_rates_up_to_20x(fr):
     for fam, spec in [*fr.BASELINES.items(), *fr.CANDIDATE_FAMILIES.items()]:
         assert 1 <= len(fr._grid(fam, spec)) <= 3, fam
