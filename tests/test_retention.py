@@ -241,3 +241,33 @@ def test_unknown_task_kind_in_a_suite_file(tmp_path):
         load_suite(p)
     with pytest.raises(ForgetlessError, match="unknown suite 'nope'"):
         load_suite("nope")
+
+
+def test_bf16_scoring_casts_the_weights_once_per_call_with_the_same_numbers(model_tok):
+    """One autocast region around every batch: autocast keeps its bf16 copy of each weight (a leaf that requires
+    grad) for the whole call, where a region per batch cast every weight again for each batch. Same casts, so
+    the same numbers, bit for bit, as the uncached path (weights that do not require grad are not cached)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from forgetless.retention.lm import Request, score_requests
+
+    model, tok = model_tok
+    reqs = [Request(tok(f"red cat {w}", add_special_tokens=False)["input_ids"],
+                    [tok(" sun moon", add_special_tokens=False)["input_ids"], tok(" dog", add_special_tokens=False)[
+                        "input_ids"]]) for w in ("one", "two three", "four five six", "seven")]
+
+    def run(requires_grad: bool):
+        for p in model.parameters():
+            p.requires_grad_(requires_grad)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = score_requests(model, reqs, batch_tokens=16, bf16=True)  # a batch per item
+        casts = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+        return [[(s.logprob, s.n_tokens, s.greedy) for s in item] for item in out], casts
+
+    cached, cached_casts = run(True)
+    uncached, uncached_casts = run(False)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    assert cached == uncached
+    n_weights = sum(1 for n, _ in model.named_parameters() if n.endswith("proj.weight"))
+    assert uncached_casts - cached_casts >= 3 * n_weights  # 4 batches: 3 fewer casts of every projection

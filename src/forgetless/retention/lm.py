@@ -181,6 +181,16 @@ def _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, pro
     results: list[list[Score] | None] = [None] * len(requests)
     parts = _lm_parts(model)
     pad = 0
+    # one autocast region for every batch: autocast caches its bf16 copy of each weight (a leaf that requires
+    # grad) until the region ends, so the weights are cast once per call instead of once per batch; the same
+    # casts, so the same numbers
+    with autocast(model, bf16):
+        _score_batches(model, packed, batch_tokens, device, stats, progress, tree, row_hook, parts, pad, results)
+    return results  # type: ignore[return-value]
+
+
+def _score_batches(model, packed, batch_tokens, device, stats, progress, tree, row_hook, parts, pad,
+                   results) -> None:
     for batch in _batches([len(p[0]) for p in packed], batch_tokens):
         length = len(packed[batch[0]][0])
         ids = torch.full((len(batch), length), pad, dtype=torch.long)
@@ -200,37 +210,36 @@ def _score_tree(model, requests, batch_tokens, bf16, max_len, device, stats, pro
                 rows += [row] * len(pred)
                 cols += pred
         rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
-        with autocast(model, bf16):
-            if tree:
-                mask = _tree_mask([packed[i][2] for i in batch], length, device)
-                if getattr(model.config, "_attn_implementation", None) == "eager":
-                    mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-                hidden = parts[0](input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-                logits = parts[1](hidden[rows_t, cols_t])
-                if parts[2]:
-                    logits = torch.tanh(logits / parts[2]) * parts[2]
-            else:
-                out = model(input_ids=ids, attention_mask=attn2d.to(device))
-                shift = out.logits.shape[1] - ids.shape[1]  # prompt tuning prepends virtual tokens
-                logits = out.logits[rows_t, cols_t + shift]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        argmax = logprobs.argmax(-1)  # once per batch, not once per choice
-        offset = 0
-        for i in batch:
-            item = []
-            for k, (pred, targets) in enumerate(packed[i][3]):
-                n = len(pred)
-                lp = logprobs[offset : offset + n]
-                if row_hook is not None:
-                    row_hook(i, k, lp)
-                tgt = torch.tensor(targets, device=device)
-                item.append(Score(float(lp.gather(1, tgt[:, None]).sum()), n,
-                                  bool((argmax[offset : offset + n] == tgt).all())))
-                offset += n
-            results[i] = item
+        if tree:
+            mask = _tree_mask([packed[i][2] for i in batch], length, device)
+            if getattr(model.config, "_attn_implementation", None) == "eager":
+                mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+            hidden = parts[0](input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+            logits = parts[1](hidden[rows_t, cols_t])
+            if parts[2]:
+                logits = torch.tanh(logits / parts[2]) * parts[2]
+        else:
+            out = model(input_ids=ids, attention_mask=attn2d.to(device))
+            shift = out.logits.shape[1] - ids.shape[1]  # prompt tuning prepends virtual tokens
+            logits = out.logits[rows_t, cols_t + shift]
+        with torch.autocast(device.type, enabled=False):  # fp32 from here (row hooks too); the cache stays
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            argmax = logprobs.argmax(-1)  # once per batch, not once per choice
+            offset = 0
+            for i in batch:
+                item = []
+                for k, (pred, targets) in enumerate(packed[i][3]):
+                    n = len(pred)
+                    lp = logprobs[offset : offset + n]
+                    if row_hook is not None:
+                        row_hook(i, k, lp)
+                    tgt = torch.tensor(targets, device=device)
+                    item.append(Score(float(lp.gather(1, tgt[:, None]).sum()), n,
+                                      bool((argmax[offset : offset + n] == tgt).all())))
+                    offset += n
+                results[i] = item
         if progress is not None:
             progress(len(batch))
-    return results  # type: ignore[return-value]
 
 
 def rolling_windows(tokens: list[int], max_len: int, prefix_token: int | None) -> list[Request]:
