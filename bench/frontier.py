@@ -23,8 +23,8 @@ The selection is written to bench/results/frontier-<scenario>/selection.json.
 selection and committed before the final pass (its commit is recorded with the results); `final` refuses to run
 without them. They are named by a fixed rule (`preregister`, printed at the end of `select`): the families whose
 chosen setting's probe drop is within the budget, ranked by validation gain, the top 3; where fewer than 3 are
-within it, the rest by smallest probe drop. A candidate whose runs score exactly as a baseline's (every task item, every retention task's score,
-every seed) is dropped as no candidate (a tie is not a win).
+within it, the rest by smallest probe drop. A candidate whose runs score exactly as a baseline's (every task item,
+every retention task's score, every seed) is dropped as no candidate (a tie is not a win).
 
 **Phase 2, final** (seeds FINAL_SEEDS): full FT and LoRA at their chosen rates and the pre-registered candidates at
 their chosen settings, trained at the scale's steps and scored once each: the task's test split, the `general`
