@@ -17,6 +17,8 @@ score. Stage A tunes the baselines: full FT and LoRA r16 each over a learning-ra
 up to 20x full FT's top rate); each takes the rate with the best validation gain. Stage B tunes each candidate
 family (CANDIDATE_FAMILIES) over at most 3 settings on top of the chosen rate; a setting is chosen by the best
 validation gain among those whose probe drop (point estimate) is within the 1% budget, else the smallest drop.
+Stage C does the same for the combinations built on a stage-B family's chosen setting (replay added to EWC;
+WiSE-FT of EWC's run).
 The selection is written to bench/results/frontier-<scenario>/selection.json.
 
 **Pre-registration.** FINAL_CANDIDATES names at most 3 candidate families, written into this file after the
@@ -87,6 +89,8 @@ SECONDS_PER_STEP = {"med": 3.9, "math": 8.0}
 SCORING_S = {"select": 120, "final": 400}
 
 LORA = {"name": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
+KQA_FILE = "bench/data/frontier-kqa/calibration.jsonl"  # written by kqa_calibration(); relative to the repository
+KQA_N = 256
 ALPACA = {"train": "../shared/data/instruction_sft/llamafactory_alpaca_en_demo_1k.json", "format": "instruction"}
 
 # Stage A: the baselines' learning-rate grids (at most 3 points each; LoRA up to 20x full FT's top rate).
@@ -114,8 +118,15 @@ CANDIDATE_FAMILIES: dict[str, dict[str, Any]] = {
     "full-self-distill": {"on": "full", "set": {"data.self_distill": {
         "accept": {"kind": "answer", "pattern": r"####\s*(\S+)|(?:^|\s)([A-E])\.(?:\s|$)"}, "max_new_tokens": 256}}},
     "lora-milora": {"on": "lora", "set": {"method": {**LORA, "init": "milora"}}},
+    # CorDA, knowledge-preserved: LoRA built from each layer's least important directions under the covariance of
+    # world-knowledge questions (KQA_CALIBRATION: NQ-open / TriviaQA items no suite of this bench scores)
+    "lora-corda": {"on": "lora", "set": {"method": {**LORA, "init": "corda_kpm", "init_samples": KQA_N,
+                                                    "init_data": {"train": KQA_FILE, "format": "text"}}}},
     # WiSE-FT: no training of its own; full FT's runs interpolated toward the base, alpha chosen like a setting
     "wise-full": {"on": "full", "wise": [0.25, 0.5, 0.75], "label": "WiSE-FT alpha"},
+    # Stage C, combinations on a candidate family's chosen setting: replay added to EWC, and EWC's runs WiSE-FT'd
+    "full-replay-ewc": {"on": "full-ewc", "add": [{"name": "replay", "ratio": 0.05, "data": ALPACA}]},
+    "wise-ewc": {"on": "full-ewc", "wise": [0.5, 0.75, 0.9], "label": "WiSE-FT alpha (of EWC)"},
 }
 
 # Pre-registered after the selection phase, before the final pass (at most 3 names from CANDIDATE_FAMILIES).
@@ -187,6 +198,33 @@ def item_sets(suite: Any, data_root: Path | None) -> dict[str, set[str]]:
         rows = sample_rows(t, load_rows(t, data_root))
         out.setdefault(str(t.data.path), set()).update(f"{r.where}" for r in rows)
     return out
+
+
+def kqa_calibration(data_root: Path | None) -> Path:
+    """CorDA's knowledge-preserved calibration data (KQA_FILE): KQA_N world-knowledge questions with their first
+    gold answer, half NQ-open and half TriviaQA, drawn (fixed seed) from the items that neither `general` nor
+    `general-probe` scores, in the same prompt format. Rewritten only when its content changes."""
+    import random
+
+    from forgetless.retention.kinds.knowledge_qa import aliases
+    from forgetless.retention.kinds.prompting import prompt_of
+    from forgetless.retention.suite import load_suite
+    from forgetless.retention.tasks import load_rows
+
+    used: dict[str, set[str]] = {}
+    for suite in (load_suite(REPORT_SUITE), load_suite(PROBE)):
+        for k, v in item_sets(suite, data_root).items():
+            used.setdefault(k, set()).update(v)
+    tasks = [t for t in load_suite(REPORT_SUITE).tasks if t.kind == "knowledge_qa"]
+    lines = []
+    for t in tasks:
+        rows = [r for r in load_rows(t, data_root) if r.where not in used.get(str(t.data.path), set())]
+        random.Random(0).shuffle(rows)
+        for r in rows[: KQA_N // len(tasks)]:
+            lines.append(json.dumps({"text": f"{prompt_of(t, r)} {aliases(t, r)[0]}", "source": r.where}))
+    path = ROOT / KQA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return fb._write_text(path, "\n".join(lines) + "\n")
 
 
 def check_disjoint(a: Any, b: Any, data_root: Path | None) -> None:
@@ -304,8 +342,9 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
 
 
 def localize(settings: dict[str, Any], data_root: Path) -> dict[str, Any]:
-    """The settings with the families' `../shared/data/` paths (as the ledger records them) under `data_root`."""
-    text = json.dumps(settings)
+    """The settings with the families' `../shared/data/` paths (as the ledger records them) under `data_root`, and
+    their `bench/data/` paths (files this script writes) under the repository."""
+    text = json.dumps(settings).replace('"bench/data/', json.dumps(str(ROOT / "bench" / "data") + "/")[:-1])
     return json.loads(text.replace('"../shared/data/', json.dumps(str(Path(data_root).resolve()) + "/")[:-1]))
 
 
@@ -380,6 +419,8 @@ def _grid(family: str, spec: dict[str, Any], on: dict[str, Any] | None = None) -
     if "wise" in spec:
         return [{"name": f"{family}-{i}", "family": family, "settings": {**base, "wise_alpha": a}, "value": a}
                 for i, a in enumerate(spec["wise"])]
+    if "add" in spec:  # mitigations appended to those of the setting it is on
+        base["mitigations"] = [*base.get("mitigations", []), *json.loads(json.dumps(spec["add"]))]
     if "grid" not in spec:
         return [{"name": family, "family": family, "settings": base}]
     key, values = spec["grid"]
@@ -444,17 +485,26 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     for fam in BASELINES:
         pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in stage_a if g["family"] == fam]
         chosen[fam] = choose(pts, within_budget=False)
-    stage_b = [g for fam, spec in CANDIDATE_FAMILIES.items()
-               for g in _grid(fam, spec, chosen[spec["on"]]["settings"])]
-    trained = [g for g in stage_b if "wise_alpha" not in g["settings"]]
-    run_phase(scenario, "select", trained, seeds, vsuite, PROBE, args, files, prov_line)
     src = (args.out or ROOT / "runs" / f"frontier-{scenario}") / "select" / "runs"
-    wise_runs(scenario, "select", [g for g in stage_b if "wise_alpha" in g["settings"]],
-              {SELECT_SEED: src / f"{chosen['full']['name']}-seed{SELECT_SEED}"}, vsuite, PROBE, args, prov_line)
-    led = read_ledger(scenario, "select")
-    for fam in CANDIDATE_FAMILIES:
-        pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in stage_b if g["family"] == fam]
-        chosen[fam] = choose(pts, within_budget=True)
+    stage_b: list[dict[str, Any]] = []
+    # stage B: families on a baseline's chosen rate; stage C: families on a stage-B family's chosen setting
+    on_baseline = [f for f, sp in CANDIDATE_FAMILIES.items() if sp["on"] in BASELINES]
+    for fams in (on_baseline, [f for f in CANDIDATE_FAMILIES if f not in on_baseline]):
+        grid = [g for fam in fams for g in _grid(fam, CANDIDATE_FAMILIES[fam],
+                                                 chosen[CANDIDATE_FAMILIES[fam]["on"]]["settings"])]
+        run_phase(scenario, "select", [g for g in grid if "wise_alpha" not in g["settings"]], seeds, vsuite, PROBE,
+                  args, files, prov_line)
+        for fam in fams:
+            spec = CANDIDATE_FAMILIES[fam]
+            if "wise" in spec:
+                wise_runs(scenario, "select", [g for g in grid if g["family"] == fam],
+                          {SELECT_SEED: src / f"{chosen[spec['on']]['name']}-seed{SELECT_SEED}"}, vsuite, PROBE,
+                          args, prov_line)
+        led = read_ledger(scenario, "select")
+        for fam in fams:
+            pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in grid if g["family"] == fam]
+            chosen[fam] = choose(pts, within_budget=True)
+        stage_b += grid
     table = []
     for g in stage_a + stage_b:
         e = led[f"{g['name']}-seed{SELECT_SEED}"]
@@ -490,14 +540,21 @@ def final(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> d
         raise SystemExit(f"error: the selection ran at {sel.get('steps')} steps, the final pass would run at {steps}: "
                          "select again at the final scale")
     chosen = sel["chosen"]
-    runs = [{"name": fam, "family": fam, "settings": chosen[fam]["settings"]} for fam in ("full", "lora", *names)]
+    # a WiSE-FT family merges the final runs of the family it is on: those are trained too (in the ledger and the
+    # table, not judged unless named)
+    sources = [CANDIDATE_FAMILIES[f]["on"] for f in names if "wise" in CANDIDATE_FAMILIES[f]]
+    fams = list(dict.fromkeys(("full", "lora", *sources, *names)))
+    runs = [{"name": fam, "family": fam, "settings": chosen[fam]["settings"]} for fam in fams]
     tsuite = fb.task_suite(scenario, files, SCALE[scenario]["n_exact"], data_dir(scenario))
     rep = replication_suite(data_dir(scenario))
     trained = [r for r in runs if "wise_alpha" not in r["settings"]]
     run_phase(scenario, "final", trained, list(FINAL_SEEDS), tsuite, REPORT_SUITE, args, files, prov_line, rep)
     src = (args.out or ROOT / "runs" / f"frontier-{scenario}") / "final" / "runs"
-    wise_runs(scenario, "final", [r for r in runs if "wise_alpha" in r["settings"]],
-              {s: src / f"full-seed{s}" for s in FINAL_SEEDS}, tsuite, REPORT_SUITE, args, prov_line, rep)
+    for r in runs:
+        if "wise_alpha" in r["settings"]:
+            on = CANDIDATE_FAMILIES[r["family"]]["on"]
+            wise_runs(scenario, "final", [r], {s: src / f"{on}-seed{s}" for s in FINAL_SEEDS}, tsuite, REPORT_SUITE,
+                      args, prov_line, rep)
     return read_ledger(scenario, "final")
 
 
@@ -800,6 +857,7 @@ def main() -> None:
                                                                             d=data_dir(args.scenario))
     rep = replication_suite(data_dir(args.scenario))
     check_disjoint(load_suite(PROBE), load_suite(str(rep)), resolve_data_root(args.data_root))
+    kqa_calibration(resolve_data_root(args.data_root))
     prec = fb.bench_precision(resolve_model(args.model).path, args.device)
     prov = provenance.collect(prec, device=prec["device"])
     line = provenance.machine_line(prov)

@@ -37,7 +37,7 @@ def test_selection_rules(fr):
 
 
 def test_preregistration_rule(fr):
-    fams = list(fr.CANDIDATE_FAMILIES)  # five families: a, b inside the budget; c, d, e outside it
+    fams = list(fr.CANDIDATE_FAMILIES)[:5]  # five families: a, b inside the budget; c, d, e outside it
     drops = {fams[0]: 0.5, fams[1]: -0.2, fams[2]: 3.0, fams[3]: 1.5, fams[4]: 2.0}
     gains = {fams[0]: 0.20, fams[1]: 0.25, fams[2]: 0.30, fams[3]: 0.10, fams[4]: 0.29}
     sel = {"chosen": {"full": {"name": "full-0"}, **{f: {"name": f + "-1"} for f in fams}},
@@ -166,9 +166,11 @@ def test_a_selection_under_way_is_shown_from_the_ledger(fr):
     path.write_text(json.dumps({**e, "run": "full-1-seed42"}))
     res = fr.summarize("med", None)
     assert res["selection"] is None and res["selection_progress"]["done"] == 1
-    assert res["selection_progress"]["planned"] == 17
+    planned = sum(len(fr._grid(f, s)) for f, s in [*fr.BASELINES.items(), *fr.CANDIDATE_FAMILIES.items()])
+    assert res["selection_progress"]["planned"] == planned
     md = fr.render_md(res)
-    assert "Selection under way: 1 of 17 runs" in md and '| full-1-seed42 | full | {"optim.lr": 5e-05} | +0.100' in md
+    assert f"Selection under way: 1 of {planned} runs" in md
+    assert '| full-1-seed42 | full | {"optim.lr": 5e-05} | +0.100' in md
     assert "+4.50 [+4.20, +4.80]" in md
 
 
@@ -203,3 +205,53 @@ def test_family_data_paths_follow_the_data_root(fr, tmp_path):
     assert s["mitigations"][0]["data"]["train"] == str((tmp_path / "d").resolve()) + (
         "/instruction_sft/llamafactory_alpaca_en_demo_1k.json")
     assert s["optim.lr"] == 1e-4 and fr._replay_kl(1.0)[0]["data"]["train"].startswith("../shared/data/")
+
+
+def test_combinations_build_on_a_chosen_candidate_setting(fr):
+    ewc = fr._grid("full-ewc", fr.CANDIDATE_FAMILIES["full-ewc"], {"method": "full", "optim.lr": 1e-4})[1]["settings"]
+    (combo,) = fr._grid("full-replay-ewc", fr.CANDIDATE_FAMILIES["full-replay-ewc"], ewc)
+    assert [m["name"] for m in combo["settings"]["mitigations"]] == ["ewc", "replay"]
+    assert combo["settings"]["mitigations"][0]["weight"] == 1e4 and combo["settings"]["optim.lr"] == 1e-4
+    assert [m["name"] for m in ewc["mitigations"]] == ["ewc"]  # the chosen setting itself is not touched
+    wise = fr._grid("wise-ewc", fr.CANDIDATE_FAMILIES["wise-ewc"], ewc)
+    assert all(w["settings"]["mitigations"] == ewc["mitigations"] and 0 < w["settings"]["wise_alpha"] < 1
+               for w in wise)
+    corda = fr.localize(fr._grid("lora-corda", fr.CANDIDATE_FAMILIES["lora-corda"], {"optim.lr": 5e-4})[0][
+        "settings"], Path("/d"))
+    assert corda["method"]["init"] == "corda_kpm" and corda["method"]["init_data"]["train"] == str(
+        REPO / fr.KQA_FILE)
+
+
+def test_final_trains_the_runs_a_preregistered_wise_family_merges(fr, monkeypatch):
+    ewc = {"method": "full", "optim.lr": 1e-4, "mitigations": fr._ewc(1e4)}
+    chosen = {"full": {"settings": {"method": "full", "optim.lr": 1e-4}}, "lora": {"settings": {"method": fr.LORA}},
+              "full-ewc": {"settings": ewc}, "wise-ewc": {"settings": {**ewc, "wise_alpha": 0.75}}}
+    fr.out_dir("med").mkdir(parents=True)
+    (fr.out_dir("med") / "selection.json").write_text(json.dumps({"chosen": chosen, "steps": 160}))
+    fr.FINAL_CANDIDATES["med"] = ("wise-ewc",)
+    calls = []
+    monkeypatch.setattr(fr.fb, "task_suite", lambda *a, **k: Path("t.yaml"))
+    monkeypatch.setattr(fr, "replication_suite", lambda d: Path("r.yaml"))
+    monkeypatch.setattr(fr, "read_ledger", lambda *a: {})
+    monkeypatch.setattr(fr, "run_phase",
+                        lambda sc, ph, runs, *a, **k: calls.append(("train", [r["name"] for r in runs])))
+    monkeypatch.setattr(fr, "wise_runs", lambda sc, ph, runs, sources, *a, **k: calls.append(
+        ("merge", [r["name"] for r in runs], sorted(p.name for p in sources.values()))))
+    fr.final("med", SimpleNamespace(steps=None, out=Path("/o")), {}, "m")
+    assert calls == [("train", ["full", "lora", "full-ewc"]),
+                     ("merge", ["wise-ewc"], ["full-ewc-seed43", "full-ewc-seed44", "full-ewc-seed45"])]
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "knowledge_qa").is_dir(), reason="needs ../shared/data/knowledge_qa")
+def test_corda_calibration_questions_are_scored_by_no_suite(fr, monkeypatch, tmp_path):
+    from forgetless.retention.suite import load_suite
+
+    monkeypatch.setattr(fr, "ROOT", tmp_path)
+    path = fr.kqa_calibration(SHARED / "data")
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) == fr.KQA_N and len({r["source"] for r in rows}) == fr.KQA_N
+    used = set()
+    for suite in (load_suite("general"), load_suite("general-probe")):
+        used |= {w for v in fr.item_sets(suite, SHARED / "data").values() for w in v}
+    assert not used & {r["source"] for r in rows}
+    assert rows[0]["text"].startswith("Q: ") and "?\nA: " in rows[0]["text"]  # NQ's prompt, then its first answer
