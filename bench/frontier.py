@@ -301,33 +301,41 @@ def base_recipe(model: str) -> dict[str, Any]:
     return {"name": "frontier", "model": model, "data": {"train": "x", "format": "chat"}, "method": "full"}
 
 
+def train_run(scenario: str, phase: str, r: dict[str, Any], seed: int, task_suite: Path, retention: str, args: Any,
+              files: dict[str, Path]) -> dict[str, Any]:
+    """Train run `r` ({name, settings}) with `seed` into runs/frontier-<scenario>/<phase>/runs/<name>-seed<seed>
+    and score it (a one-run sweep; a finished one is not trained again). Returns the sweep's row."""
+    from forgetless.sweep import SweepConfig, Variant, run_sweep
+
+    steps = args.steps or SCALE[scenario]["steps"]
+    cfg = SweepConfig.model_validate({
+        "name": f"frontier-{scenario}-{phase}", "base": base_recipe(args.model),
+        "runs": [Variant(name=r["name"], set={**localize(r["settings"], args.data_root),
+                                               **common_set(scenario, files, args.device, steps)}, seeds=[seed])],
+        "task_suite": str(task_suite), "retention_suite": retention, "budget": BUDGET,
+        "output_dir": str((args.out or ROOT / "runs" / f"frontier-{scenario}") / phase),
+        "data_root": str(args.data_root), "eval_precision": "auto"})
+    state = run_sweep(cfg, folder=ROOT, report=False)
+    return next(x for x in state["seed_runs"] if x["run"] == f"{r['name']}-seed{seed}")
+
+
 def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list[int], task_suite: Path,
               retention: str, args: Any, files: dict[str, Path], prov_line: str,
               replication: Path | None = None) -> dict[str, dict[str, Any]]:
     """Train and score `runs` (each {name, family, settings}) once per seed, skipping what the ledger holds; every
     finished run goes into the ledger. Returns the phase's ledger."""
     from forgetless.retention.api import eval_model
-    from forgetless.sweep import SweepConfig, Variant, run_sweep
 
     steps = args.steps or SCALE[scenario]["steps"]
     done = read_ledger(scenario, phase)
     stale(done, runs, seeds, steps)
     todo = [r for r in runs if any(f"{r['name']}-seed{s}" not in done for s in seeds)]
-    sweep_dir = (args.out or ROOT / "runs" / f"frontier-{scenario}") / phase
-    common = common_set(scenario, files, args.device, steps)
     for r in todo:  # one training at a time, into the ledger as soon as it is scored: hours are never lost
         for seed in seeds:
             run = f"{r['name']}-seed{seed}"
             if run in done:
                 continue
-            cfg = SweepConfig.model_validate({
-                "name": f"frontier-{scenario}-{phase}", "base": base_recipe(args.model),
-                "runs": [Variant(name=r["name"], set={**localize(r["settings"], args.data_root), **common},
-                                 seeds=[seed])],
-                "task_suite": str(task_suite), "retention_suite": retention, "budget": BUDGET,
-                "output_dir": str(sweep_dir), "data_root": str(args.data_root), "eval_precision": "auto"})
-            state = run_sweep(cfg, folder=ROOT, report=False)
-            row = next(x for x in state["seed_runs"] if x["run"] == run)
+            row = train_run(scenario, phase, r, seed, task_suite, retention, args, files)
             d = Path(row["dir"])
             extra = {}
             if replication is not None:
@@ -386,9 +394,12 @@ def score_model(model_dir: Path, base_path: str, task_suite: Path, retention: st
 
 
 def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: dict[int, Path], task_suite: Path,
-              retention: str, args: Any, prov_line: str, replication: Path | None = None) -> None:
+              retention: str, args: Any, prov_line: str, files: dict[str, Path],
+              replication: Path | None = None) -> None:
     """WiSE-FT grid points / finals: each source run (by seed) merged at the run's alpha, scored, into the ledger.
-    The source runs' wall time is the merge's training cost (it has none of its own)."""
+    The source runs' wall time is the merge's training cost (it has none of its own). A source run that is in the
+    ledger but whose weights are not here (runs/ does not travel with the ledger) is trained again with its
+    ledger settings and seed; whether it reproduced its ledger scores is recorded with each merge."""
     from forgetless.merge import merge
     from forgetless.models import resolve_model
 
@@ -402,15 +413,38 @@ def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: di
             run = f"{r['name']}-seed{seed}"
             if run in done:
                 continue
+            reproduced = None
             if not (src / "summary.json").is_file():
-                raise SystemExit(f"error: {run} merges {src}, which is not here (runs/ does not travel with the "
-                                 "ledger): remove that run's ledger entry to train it again, then rerun")
+                reproduced = retrain_source(scenario, phase, src, seed, task_suite, retention, args, files)
             d = root / run
             if not (d / "forgetless_merge.json").is_file():
                 merge(base_path, str(src), r["settings"]["wise_alpha"], d, overwrite=True, full=True)
             row, extra = score_model(d, base_path, task_suite, retention, args, replication)
             row["wall_time_s"] = json.loads((src / "summary.json").read_text()).get("wall_time_s")
-            record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
+            path = record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
+            if reproduced is not None:
+                from forgetless.io import atomic_write_json
+
+                atomic_write_json(path, {**json.loads(path.read_text()), "source_retrained": reproduced})
+
+
+def retrain_source(scenario: str, phase: str, src: Path, seed: int, task_suite: Path, retention: str, args: Any,
+                   files: dict[str, Path]) -> dict[str, Any]:
+    """Train a merge's source run again from its ledger entry; returns how its scores compare with the ledger's."""
+    entry = read_ledger(scenario, phase).get(src.name)
+    if entry is None:
+        raise SystemExit(f"error: the merge source {src} is neither here nor in the {phase} ledger: train it first")
+    print(f"{src.name}: its weights are not here (runs/ does not travel with the ledger): training it again",
+          file=sys.stderr)
+    name = src.name.removesuffix(f"-seed{seed}")
+    row = train_run(scenario, phase, {"name": name, "settings": entry["settings"]}, seed, task_suite, retention,
+                    args, files)
+    out = {"task_gain": [entry["task"]["gain"], row["task"]["gain"]],
+           "retention_change": [entry["retention"]["change"], row["retention"]["change"]]}
+    out["identical"] = all(a == b for a, b in out.values())
+    if not out["identical"]:
+        print(f"warning: {src.name} trained again scores {out} (ledger, now): not bit-identical", file=sys.stderr)
+    return out
 
 
 def _grid(family: str, spec: dict[str, Any], on: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -499,7 +533,7 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
             if "wise" in spec:
                 wise_runs(scenario, "select", [g for g in grid if g["family"] == fam],
                           {SELECT_SEED: src / f"{chosen[spec['on']]['name']}-seed{SELECT_SEED}"}, vsuite, PROBE,
-                          args, prov_line)
+                          args, prov_line, files)
         led = read_ledger(scenario, "select")
         for fam in fams:
             pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in grid if g["family"] == fam]
@@ -554,7 +588,7 @@ def final(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> d
         if "wise_alpha" in r["settings"]:
             on = CANDIDATE_FAMILIES[r["family"]]["on"]
             wise_runs(scenario, "final", [r], {s: src / f"{on}-seed{s}" for s in FINAL_SEEDS}, tsuite, REPORT_SUITE,
-                      args, prov_line, rep)
+                      args, prov_line, files, rep)
     return read_ledger(scenario, "final")
 
 

@@ -255,3 +255,22 @@ def test_corda_calibration_questions_are_scored_by_no_suite(fr, monkeypatch, tmp
         used |= {w for v in fr.item_sets(suite, SHARED / "data").values() for w in v}
     assert not used & {r["source"] for r in rows}
     assert rows[0]["text"].startswith("Q: ") and "?\nA: " in rows[0]["text"]  # NQ's prompt, then its first answer
+
+
+def test_a_merge_source_missing_here_is_trained_again_from_its_ledger_entry(fr, monkeypatch, tmp_path):
+    e = _entry(fr, "full-ewc-1", 45, np.full(10, 24.0), np.full(10, 25.0), -0.004)
+    e["settings"] = {"method": "full", "optim.lr": 1e-4, "mitigations": fr._ewc(1e4)}
+    fr.ledger_path("med", "final", "full-ewc-1-seed45").write_text(json.dumps(e))
+    trained = []
+
+    def train_run(sc, ph, r, seed, *a, **k):
+        trained.append((r["name"], r["settings"], seed))
+        return {"task": {"gain": e["task"]["gain"]}, "retention": {"change": -0.004 if len(trained) == 1 else -0.0041}}
+
+    monkeypatch.setattr(fr, "train_run", train_run)
+    args = (Path("t.yaml"), "general", SimpleNamespace(), {})
+    got = fr.retrain_source("med", "final", tmp_path / "full-ewc-1-seed45", 45, *args)
+    assert trained == [("full-ewc-1", e["settings"], 45)] and got["identical"]
+    assert not fr.retrain_source("med", "final", tmp_path / "full-ewc-1-seed45", 45, *args)["identical"]
+    with pytest.raises(SystemExit, match="neither here nor in the final ledger"):
+        fr.retrain_source("med", "final", tmp_path / "full-seed45", 45, *args)
