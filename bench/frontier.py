@@ -25,8 +25,11 @@ The selection is written to bench/results/frontier-<scenario>/selection.json.
 selection and committed before the final pass (its commit is recorded with the results); `final` refuses to run
 without them. They are named by a fixed rule (`preregister`, printed at the end of `select`): the families whose
 chosen setting's probe drop is within the budget, ranked by validation gain, the top 3; where fewer than 3 are
-within it, the rest by smallest probe drop. A candidate whose runs score exactly as a baseline's (every task item,
-every retention task's score, every seed) is dropped as no candidate (a tie is not a win).
+within it, the rest by smallest probe drop; a family whose chosen setting is its baseline's own is skipped.
+`full-gentle` is gentle optimisation as a candidate: full FT's own learning-rate grid, the rate chosen by the
+candidates' rule, so the verdict also says whether a recipe beats simply lowering the rate. A candidate whose
+runs score exactly as a baseline's (every task item, every retention task's score, every seed) is dropped as no
+candidate (a tie is not a win).
 
 **Phase 2, final** (seeds FINAL_SEEDS): full FT and LoRA at their chosen rates and the pre-registered candidates at
 their chosen settings, trained at the scale's steps and scored once each: the task's test split, the `general`
@@ -122,6 +125,9 @@ CANDIDATE_FAMILIES: dict[str, dict[str, Any]] = {
     # world-knowledge questions (KQA_CALIBRATION: NQ-open / TriviaQA items no suite of this bench scores)
     "lora-corda": {"on": "lora", "set": {"method": {**LORA, "init": "corda_kpm", "init_samples": KQA_N,
                                                     "init_data": {"train": KQA_FILE, "format": "text"}}}},
+    # Gentle optimisation: full FT's own learning-rate grid (stage A's runs, no training of its own), the rate chosen
+    # by the candidates' rule (the best validation gain within the budget): does a recipe beat a lower rate?
+    "full-gentle": {"on": "full", "reuse": "full", "label": "learning rate"},
     # WiSE-FT: no training of its own; full FT's runs interpolated toward the base, alpha chosen like a setting
     "wise-full": {"on": "full", "wise": [0.25, 0.5, 0.75], "label": "WiSE-FT alpha"},
     # Stage C, combinations on a candidate family's chosen setting: replay added to EWC, and EWC's runs WiSE-FT'd
@@ -450,6 +456,8 @@ def retrain_source(scenario: str, phase: str, src: Path, seed: int, task_suite: 
 def _grid(family: str, spec: dict[str, Any], on: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The family's grid points as runs (settings deep-copied: a sweep's dotted keys write into them)."""
     base = json.loads(json.dumps({**(on or {}), **spec.get("set", {})}))
+    if "reuse" in spec:  # chooses among another family's runs: none of its own
+        return []
     if "wise" in spec:
         return [{"name": f"{family}-{i}", "family": family, "settings": {**base, "wise_alpha": a}, "value": a}
                 for i, a in enumerate(spec["wise"])]
@@ -504,7 +512,10 @@ def preregister(sel: dict[str, Any], k: int = 3) -> tuple[str, ...]:
     """The families to pre-register by the docstring's rule, from a selection (selection.json's `chosen` and
     `table`): those within the budget on the probe by validation gain, then the others by smallest probe drop."""
     rows = {r["run"]: r for r in sel["table"]}
-    fams = [(fam, rows[c["name"]]) for fam, c in sel["chosen"].items() if fam in CANDIDATE_FAMILIES]
+    # a family whose chosen setting is its baseline's own (full-gentle at full FT's rate) would repeat the baseline
+    fams = [(fam, rows[c["name"]]) for fam, c in sel["chosen"].items() if fam in CANDIDATE_FAMILIES
+            and not ("reuse" in CANDIDATE_FAMILIES[fam]
+                     and c["name"] == sel["chosen"][CANDIDATE_FAMILIES[fam]["on"]]["name"])]
     inside = sorted((f for f in fams if f[1]["probe_drop"] <= 100 * BUDGET), key=lambda f: -f[1]["val_gain"])
     outside = sorted((f for f in fams if f[1]["probe_drop"] > 100 * BUDGET), key=lambda f: f[1]["probe_drop"])
     return tuple(f for f, _ in (inside + outside)[:k])
@@ -536,7 +547,8 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
                           args, prov_line, files)
         led = read_ledger(scenario, "select")
         for fam in fams:
-            pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in grid if g["family"] == fam]
+            own = CANDIDATE_FAMILIES[fam].get("reuse", fam)
+            pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in stage_a + grid if g["family"] == own]
             chosen[fam] = choose(pts, within_budget=True)
         stage_b += grid
     table = []
@@ -553,8 +565,10 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
            "full_probe_drop": full_drop_probe, "steps": args.steps or SCALE[scenario]["steps"]}
     from forgetless.io import atomic_write_json
 
+    sel["preregister_rule"] = list(preregister(sel))
     atomic_write_json(out_dir(scenario) / "selection.json", sel)
-    print(f"pre-registration rule: FINAL_CANDIDATES['{scenario}'] = {preregister(sel)}", file=sys.stderr)
+    print(f"pre-registration rule: FINAL_CANDIDATES['{scenario}'] = {tuple(sel['preregister_rule'])}",
+          file=sys.stderr)
     return sel
 
 
@@ -765,6 +779,9 @@ def render_md(res: dict[str, Any]) -> str:
                          f"{'-' if t['value'] is None else t['value']} | {t['val_gain']:+.3f} "
                          f"[{t['val_gain_ci'][0]:+.3f}, {t['val_gain_ci'][1]:+.3f}] | {t['probe_drop']:+.2f} "
                          f"[{t['probe_drop_ci'][0]:+.2f}, {t['probe_drop_ci'][1]:+.2f}] |")
+        lines += ["", "Chosen per family: " + "; ".join(f"{f}: {c['name']}" for f, c in sel["chosen"].items()) + "."]
+        if "preregister_rule" in sel:
+            lines.append(f"The pre-registration rule names: {', '.join(sel['preregister_rule']) or 'none'}.")
     prog = res.get("selection_progress")
     if prog and prog["table"]:
         lines += ["", f"Selection under way: {prog['done']} of {prog['planned']} runs in the ledger (nothing chosen "

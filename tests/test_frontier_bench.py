@@ -47,11 +47,19 @@ def test_preregistration_rule(fr):
     # better-gaining e or c); a baseline is never a candidate
     assert fr.preregister(sel) == (fams[1], fams[0], fams[3])
     assert fr.preregister(sel, k=1) == (fams[1],)
+    # full-gentle chooses among full FT's own runs: at full FT's chosen rate it would repeat the baseline
+    sel["chosen"]["full"] = {"name": "full-2", "settings": {"optim.lr": 1e-4}}
+    sel["table"] += [{"run": "full-2", "probe_drop": 9.0, "val_gain": 0.41},
+                     {"run": "full-1", "probe_drop": 0.2, "val_gain": 0.40}]
+    sel["chosen"]["full-gentle"] = {"name": "full-1", "settings": {"optim.lr": 5e-5}}
+    assert fr.preregister(sel)[0] == "full-gentle"
+    sel["chosen"]["full-gentle"] = sel["chosen"]["full"]
+    assert "full-gentle" not in fr.preregister(sel)
 
 
 def test_grids_have_at_most_three_points_and_lora_rates_up_to_20x(fr):
     for fam, spec in [*fr.BASELINES.items(), *fr.CANDIDATE_FAMILIES.items()]:
-        assert 1 <= len(fr._grid(fam, spec)) <= 3, fam
+        assert 1 <= len(fr._grid(fam, spec)) <= 3 or "reuse" in spec, fam
     wise = fr._grid("wise-full", fr.CANDIDATE_FAMILIES["wise-full"], {"method": "full", "optim.lr": 5e-5})
     assert [r["settings"]["wise_alpha"] for r in wise] == [0.25, 0.5, 0.75]
     assert all(r["settings"]["optim.lr"] == 5e-5 for r in wise)  # merges of the chosen full-FT run
