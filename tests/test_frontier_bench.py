@@ -282,3 +282,10 @@ def test_a_merge_source_missing_here_is_trained_again_from_its_ledger_entry(fr, 
     assert not fr.retrain_source("med", "final", tmp_path / "full-ewc-1-seed45", 45, *args)["identical"]
     with pytest.raises(SystemExit, match="neither here nor in the final ledger"):
         fr.retrain_source("med", "final", tmp_path / "full-seed45", 45, *args)
+
+
+def test_math_trains_on_one_epoch_of_its_first_examples(fr):
+    files = {"train": Path("t.jsonl"), "val": Path("v.jsonl")}
+    math, med = fr.common_set("math", files, "cpu", 160), fr.common_set("med", files, "cpu", 160)
+    assert math["data.limit"] == 160 * 8 == fr.SCALE["math"]["steps"] * fr.SCALE["math"]["batch"]
+    assert "data.limit" not in med  # med's ledger was trained on its whole training split
