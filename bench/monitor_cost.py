@@ -1,7 +1,7 @@
 """Cost of the retention monitor at its default settings, side by side with the same run unmonitored.
 
 Target (issue: forgetting budget): the monitor adds under 15% to training's wall time at its defaults
-(`monitor: {}`: suite auto, every 100 steps). Every run trains smollm2-135m-instruct with the same data, steps and
+(`monitor: {}`: suite auto, every auto). Every run trains smollm2-135m-instruct with the same data, steps and
 seed, each in a fresh subprocess, alternating plain and monitored (plain, monitored, plain, ...: --repeats
 monitored runs). The verdict is on the side-by-side wall ratio: each monitored run over the mean of the plain runs
 on either side (the machine's drift shows in those), averaged over the repeats. Also reported: the monitor's own
@@ -50,7 +50,7 @@ def recipe(name: str, model: str, data: Path, out: Path, steps: int, batch: int,
                   "logging_steps": 10, "report": False},
     }
     if monitor:
-        r["monitor"] = {}  # every default: the self suite, 50 items, every 100 steps
+        r["monitor"] = {}  # every default: suite auto, every auto (probes at most 10% of the time)
     return r
 
 
@@ -103,7 +103,7 @@ def main() -> None:
         "bench": "monitor_cost", "model": args.model, "steps": args.steps, "batch": args.batch, "seq": args.seq,
         "repeats": args.repeats,
         "monitor": "defaults (monitor: {}): suite auto (general-probe where its data files are, else self on 50 "
-                   "prompts), every 100 steps",
+                   "prompts), every auto (probes at most 10% of the training time)",
         "machine": {"platform": platform.platform(), "loadavg_start": load0, "loadavg_end": load1},
         "order": order, "runs": runs, "target_share": TARGET, **judge(runs, order),
     }

@@ -25,7 +25,7 @@ def probe_suite(organism, tmp_path_factory):
     return str(p)
 
 
-def _run(org, out, probe, guard=None, every=10, steps=80, mitigations=None):
+def _run(org, out, probe, guard=None, every=10, steps=80, mitigations=None, **monitor):
     spec = {
         "name": out.name,
         "model": str(org["model"]),
@@ -35,7 +35,7 @@ def _run(org, out, probe, guard=None, every=10, steps=80, mitigations=None):
         "optim": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "warmup_steps": 5, "schedule": "constant"},
         # fp32 pinned: whether a probe breaches must not depend on this CPU's precision path
         "train": {"output_dir": str(out), "save_steps": None, "progress": False, "seed": 0, "bf16": False},
-        "monitor": {"suite": probe, "every": every, "limit": None},
+        "monitor": {"suite": probe, "every": every, "limit": None, **monitor},
     }
     if guard:
         spec["guard"] = guard
@@ -151,3 +151,33 @@ def test_selection_reports_the_95_percent_verdict_of_the_chosen_state():
     cb.state.best_ok = None
     sel = cb.select_final(step=30)
     assert sel["warning"] and sel["chosen_step"] == 0 and sel["within_budget_95"] is True  # the base loses nothing
+
+
+def test_auto_interval_is_the_share_of_training_time_a_probe_may_take():
+    from forgetless.guard import auto_interval
+
+    # a 6 s probe at 10% of the time, steps of 0.5 s: 6 / (0.1 x 0.5) = 120 steps between probes
+    assert auto_interval(6.0, 0.5, 0.1) == 120
+    assert auto_interval(6.01, 0.5, 0.1) == 121  # 120.2 rounds up: never over the share
+    assert auto_interval(0.01, 2.0, 0.1) == 1  # a probe cheaper than a step's share: every step
+
+
+def test_every_auto_places_each_probe_from_the_measured_times(organism, probe_suite, tmp_path):
+    # a generous share, so that the tiny model's cheap probes come several times in 20 steps
+    res = _run(organism, tmp_path / "auto", probe_suite, every="auto", steps=20, max_share=0.9)
+    mon = res.summary["monitor"]
+    assert mon["every"] == "auto"
+    iv = mon["intervals"]
+    # the first interval is placed once the warm-up steps are timed, each next one right after a probe
+    assert iv[0]["step"] == 5
+    from forgetless.guard import auto_interval
+
+    for x in iv:  # recorded rounded: the interval from the rounded inputs is within a step of it
+        assert abs(x["every"] - auto_interval(x["probe_s"], x["step_s"], 0.9)) <= max(1, 0.01 * x["every"])
+    probed = [p["step"] for p in mon["probes"]]
+    planned = [x["step"] + x["every"] for x in iv if x["step"] + x["every"] <= 20]
+    assert len(planned) >= 2 and probed[: len(planned)] == planned
+    assert all(b["step"] == a["step"] + a["every"] for a, b in zip(iv, iv[1:], strict=False))  # placed at each probe
+    # the probes' own time stays near the share (the reference at step 0 is extra, and the last interval is cut
+    # short by the end of training)
+    assert mon["probe_s"] > 0

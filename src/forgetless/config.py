@@ -199,7 +199,12 @@ class MonitorConfig(Strict):
     tasks: list[str] | None = Field(None, description="Only these tasks of the suite.")
     limit: int | None = Field(None, gt=0, description="Items per task (default: the suite's own counts; 50 "
                                                       "prompts for self).")
-    every: int = Field(100, gt=0, description="Probe every N optimizer steps.")
+    every: int | Literal["auto"] = Field(
+        "auto", description="Probe every N optimizer steps; auto: as often as keeps the probes' time under "
+                            "max_share of the training time (from the measured probe and step times, re-estimated "
+                            "after every probe).")
+    max_share: float = Field(0.1, gt=0, lt=1, description="every: auto: the largest share of the training time the "
+                                                          "probes may take.")
     data_root: str | None = None
     max_new_tokens: int | None = Field(64, gt=0, description="Self-reference answer length (shorter is faster).")
 

@@ -1,9 +1,12 @@
 """The forgetting budget during training: a retention monitor, a guard that acts on breaches, and the
 selection of the final model among the states that stayed within budget.
 
-monitor: every N steps the current weights are scored on a fast probe suite (default: `self`, the
-  base model's own answers) against the base model measured at step 0; the retention score, its
-  interval and per-task significance go to metrics.jsonl and the progress bar.
+monitor: every N steps the current weights are scored on a fast probe suite (default `auto`: general-probe
+  where its data files are, else `self`, the base model's own answers) against the base model measured at
+  step 0; the retention score, its interval and per-task significance go to metrics.jsonl and the progress
+  bar. `every: auto` (the default) places the probes so that they take at most `max_share` (10%) of the
+  training time: the first after AUTO_WARMUP_STEPS steps have been timed (estimated from the step-0 reference,
+  which costs more than a probe), each next one from the last probe's time and the mean step time so far.
 guard: when the retention drop exceeds the budget (and, by default, is significant, so noise does not
   trigger it) the next action of an ordered list is taken: lower_lr, more_replay, rollback (restore the
   last state within budget, then take the next action), stop. Every breach and action is logged.
@@ -28,6 +31,7 @@ Only rank 0 writes metrics.jsonl.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +97,22 @@ def reshard(model: torch.nn.Module) -> None:
             m.reshard()
 
 
+AUTO_WARMUP_STEPS = 5  # every: auto measures this many training steps before it places the first probe
+
+
+def auto_interval(probe_s: float, step_s: float, max_share: float) -> int:
+    """Steps between probes so that a probe of `probe_s` seconds costs at most `max_share` of the training time
+    around it, at `step_s` seconds per step: ceil(probe_s / (max_share x step_s)), at least 1."""
+    return max(1, math.ceil(probe_s / (max_share * max(step_s, 1e-9))))
+
+
 @dataclass
 class GuardState:
     events: list[dict[str, Any]] = field(default_factory=list)
     probes: list[dict[str, Any]] = field(default_factory=list)
     probe_s: float = 0.0
+    next_probe: int | None = None  # every: auto: the step of the next probe
+    intervals: list[dict[str, Any]] = field(default_factory=list)  # every: auto: each interval and its inputs
     next_action: int = 0
     last_ok: Snapshot | None = None
     best_ok: Snapshot | None = None
@@ -123,6 +138,8 @@ class MonitorCallback(TrainerCallback):
         self.params: list[torch.nn.Parameter] = []
         self.sharded = False  # FSDP2: parameters are DTensors (set at the start of training)
         self.model: torch.nn.Module | None = None
+        self._last_probe_s = 0.0  # the last probe's seconds (every: auto)
+        self._train_clock = (0, 0.0, 0.0)  # (step, time, probe seconds so far) at the start of training
 
     # ------------------------------------------------------------ set before use
 
@@ -203,11 +220,41 @@ class MonitorCallback(TrainerCallback):
             self._base_result = self._evaluate(model)
         self.state.base = snapshot(self.params, state.global_step)
         self.state.last_ok = self.state.base
-        self.state.probe_s += time.perf_counter() - t0
+        self._last_probe_s = time.perf_counter() - t0  # every: auto's first estimate (the reference costs more)
+        self.state.probe_s += self._last_probe_s
+        self._train_clock = (state.global_step, time.perf_counter(), self.state.probe_s)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
-        if state.global_step % self.monitor.every == 0:
+        every = self.monitor.every
+        if every != "auto":
+            if state.global_step % every == 0:
+                self.probe(model, state, control, optimizer=optimizer, lr_scheduler=lr_scheduler)
+            return
+        step0 = self._train_clock[0]
+        if self.state.next_probe is None and state.global_step - step0 >= AUTO_WARMUP_STEPS:
+            self._place_next_probe(state.global_step)
+        if self.state.next_probe is not None and state.global_step >= self.state.next_probe:
             self.probe(model, state, control, optimizer=optimizer, lr_scheduler=lr_scheduler)
+            self._place_next_probe(state.global_step)
+
+    def _place_next_probe(self, step: int) -> None:
+        """every: auto: the next probe's step, from the last probe's time and the mean training step time so far
+        (wall time less the probes'), decided on rank 0 and the same on every rank."""
+        step0, t0, probes0 = self._train_clock
+        train_s = (time.perf_counter() - t0) - (self.state.probe_s - probes0)
+        step_s = train_s / max(1, step - step0)
+        n = auto_interval(self._last_probe_s, step_s, self.monitor.max_share)
+        n = dist.broadcast_object(n)
+        self.state.next_probe = step + n
+        self.state.intervals.append({"step": step, "every": n, "probe_s": round(self._last_probe_s, 2),
+                                     "step_s": round(step_s, 3)})
+        if dist.is_main() and len(self.state.intervals) == 1:
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"monitor: every auto: a probe every {n} steps (probe about {self._last_probe_s:.1f} s, a training "
+                f"step {step_s:.2f} s, probes at most {self.monitor.max_share:.0%} of the training time; "
+                "re-estimated after every probe)", highlight=False, markup=False)
 
     def probe(self, model, state, control=None, optimizer=None, lr_scheduler=None, final: bool = False
               ) -> dict[str, Any] | None:
@@ -261,7 +308,8 @@ class MonitorCallback(TrainerCallback):
                 self._last_breaches = why
             else:
                 self._guard(why, probe["fl_retention"], state, control, val_loss, optimizer, lr_scheduler)
-        self.state.probe_s += time.perf_counter() - t0
+        self._last_probe_s = time.perf_counter() - t0
+        self.state.probe_s += self._last_probe_s
         return probe
 
     # ------------------------------------------------------------ guard
