@@ -40,8 +40,10 @@ def timed(model, tok, suite, bf16: bool, cache: Path) -> dict:
     res = evaluate(model, tok, suite, bf16=bf16, cache_dir=cache, progress=False)
     wall = time.perf_counter() - t0
     print(f"{'bf16' if bf16 else 'fp32'}: {wall:.1f} s {dict(res.seconds)}", flush=True)
+    info = {k: {x: t.info[x] for x in ("tokens", "generate_s", "generated") if x in t.info}
+            for k, t in res.tasks.items()}
     return {"wall_s": round(wall, 1), "tasks_s": {k: round(v, 1) for k, v in res.seconds.items()},
-            "scores": {k: v["metrics"][v["main"]] for k, v in res.summary().items()}}
+            "tasks_info": info, "scores": {k: v["metrics"][v["main"]] for k, v in res.summary().items()}}
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ canonical forms).
 from __future__ import annotations
 
 import random
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -153,6 +154,7 @@ def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
     subset = generation_subset(task, n)
     em, contains, generated = np.zeros(n), np.zeros(n), np.zeros(n)
     preds: dict[int, str] = {}
+    t_gen = time.perf_counter()
     if subset:
         outs = greedy_generate(ctx.model, ctx.tokenizer, [prompts[i] for i in subset],
                                max_new_tokens=task.max_new_tokens,
@@ -163,6 +165,7 @@ def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
             s = qa_scores(pred, golds[i])
             em[i], contains[i], generated[i] = s["exact_match"], s["contains"], 1.0
             preds[i] = pred
+    generate_s = time.perf_counter() - t_gen
     cols = {
         "nll": as_array(nll),
         "tokens": as_array([sc[b].n_tokens for sc, b in zip(scores, best, strict=True)]),
@@ -182,4 +185,5 @@ def run(task: KnowledgeQATask, ctx: EvalContext) -> TaskResult:
         })
     return TaskResult.of(task, cols, metrics(cols, task), [d["id"] for d in details], details,
                          {"left_truncated": stats.left_truncated, "tokens": stats.tokens,
-                          "aliases": int(sum(len(g) for g in golds)), "generated": len(subset)})
+                          "aliases": int(sum(len(g) for g in golds)), "generated": len(subset),
+                          "generate_s": round(generate_s, 2)})
