@@ -139,7 +139,8 @@ CANDIDATE_FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 # Pre-registered after the selection phase, before the final pass (at most 3 names from CANDIDATE_FAMILIES).
-FINAL_CANDIDATES: dict[str, tuple[str, ...]] = {"med": (), "math": ()}
+# med: named by the rule from bench/results/frontier-med/selection.json (seed 42, 160 steps), 2026-12-03.
+FINAL_CANDIDATES: dict[str, tuple[str, ...]] = {"med": ("full-ewc", "wise-ewc", "full-replay-ewc"), "math": ()}
 
 # The replication suite: retention on files neither `general` nor `general-probe` reads, plus the built-in
 # self-reference prompts `general` leaves out (general-probe's are generated): five abilities, continuous metrics.
@@ -634,7 +635,7 @@ def verdicts(ledger: dict[str, dict[str, Any]], candidates: tuple[str, ...]) -> 
     out: dict[str, Any] = {}
     full, lora = by.get("full", []), by.get("lora", [])
     if not full:
-        return {"error": "no full-FT runs in the ledger"}
+        return {"error": "the final pass has not run yet (no final full-FT runs in the ledger)"}
 
     def tasks(rows: list[dict[str, Any]]) -> list[Any]:
         return [_task_result(e["task_items"]["candidate"], e["task_items"]["task"]) for e in rows]
