@@ -572,6 +572,11 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     from forgetless.io import atomic_write_json
 
     sel["preregister_rule"] = list(preregister(sel))
+    entries = [led[f"{g['name']}-seed{SELECT_SEED}"] for g in stage_a + stage_b]
+    # what it was computed from: this invocation's commit and machine, and the ledger entries' own commits
+    sel["provenance"] = {"commit": RUN_PROVENANCE.get("commit"), "date": RUN_PROVENANCE.get("date"),
+                         "cpu": RUN_PROVENANCE.get("machine"), "precision": RUN_PROVENANCE.get("precision"),
+                         "ledger_commits": sorted({e.get("commit") or "unknown" for e in entries})}
     atomic_write_json(out_dir(scenario) / "selection.json", sel)
     print(f"pre-registration rule: FINAL_CANDIDATES['{scenario}'] = {tuple(sel['preregister_rule'])}",
           file=sys.stderr)
