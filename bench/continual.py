@@ -129,11 +129,10 @@ def write_results(rows: list[dict[str, Any]], tasks: list[str], args: Any, wall:
 
 def render_md(result: dict[str, Any]) -> str:
     """The markdown tables, from the JSON result alone (`--render FILE` re-renders a saved result)."""
-    from forgetless.provenance import provenance_line
+    from forgetless.provenance import compute_of, provenance_line
 
     st, tasks, rows, wall = result["settings"], result["tasks"], result["rows"], result["wall_s"]
-    dtype = ((result.get("provenance") or {}).get("precision") or {}).get("dtype")
-    compute = f"{dtype} compute" if dtype else "compute precision not recorded"
+    compute = compute_of(result)
     lines = [f"# continual fine-tuning: {' -> '.join(tasks)}, {st['model']}", "",
              f"Machine: {result['machine']}. Each step {st['steps']} steps of {st['batch']} chat examples (max "
              f"{st['max_length']} tokens), {compute} with fp32 master weights; whole bench {wall / 60:.0f} min. "

@@ -403,15 +403,14 @@ def render(result: dict[str, Any], stem: Path) -> str:
 
 def render_md(result: dict[str, Any], png_name: str) -> str:
     """The markdown, from the JSON result alone."""
-    from forgetless.provenance import provenance_line
+    from forgetless.provenance import compute_of, provenance_line
 
     rows, scale, wall = result["rows"], result["settings"], result["wall_s"]
     tasks = list(next(iter(rows))["retention"]["tasks"]) if rows else []
     extra = list(rows[0].get("task_tasks", {}))[1:] if rows else []  # secondary target metrics (math: exact match)
-    dtype = ((result.get("provenance") or {}).get("precision") or {}).get("dtype")
     lines = [f"# forgetting frontier: {result['scenario']}, {result['scale']} scale, {result['model']}", "",
              f"Machine: {result['machine']}. {scale['steps']} steps of {scale['batch']} examples (max "
-             f"{scale['max_length']} tokens), {f'{dtype} compute' if dtype else 'compute precision not recorded'} "
+             f"{scale['max_length']} tokens), {compute_of(result)} "
              f"with fp32 master weights; whole bench {wall / 60:.0f} min (sum of its runs' times). Task gain: "
              f"{rows[0]['task']['task'] if rows else ''} (positive is better), paired 95% CI. Retention: change of "
              "each task's main metric (paired 95% CI, * = significant) and the mean retention score.", "",

@@ -136,9 +136,7 @@ def judge(runs: dict[str, dict], order: list[str]) -> dict:
 def render_md(result: dict) -> str:
     """The markdown table, from the JSON result alone (a result saved before the repeats is rendered as it was
     judged then: on the monitor's own timed share)."""
-    prov = result.get("provenance") or {}
-    dtype = (prov.get("precision") or {}).get("dtype")
-    compute = f"{dtype} compute" if dtype else "compute precision not recorded"
+    compute = provenance.compute_of(result)
     m = result["machine"]
     lines = [
         f"# monitor_cost: {result['model']}, {result['steps']} steps of {result['batch']} x {result['seq']} tokens, "

@@ -170,8 +170,7 @@ def main() -> None:
 def render_md(result: dict) -> str:
     """The markdown table, from the JSON result alone."""
     prov = result.get("provenance") or {}
-    dtype = (prov.get("precision") or {}).get("dtype")
-    compute = f"{dtype} compute" if dtype else "compute precision not recorded"
+    compute = provenance.compute_of(result)
     target = result.get("target_ratio", TARGET)
     lines = [f"# throughput: {result['model']}, {result['batch']} x {result['seq']} tokens, {result['steps']} steps",
              "",

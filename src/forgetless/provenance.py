@@ -93,6 +93,12 @@ def machine_line(prov: dict[str, Any]) -> str:
             f"torch {prov.get('versions', {}).get('torch')}, commit {commit}, {prov.get('date')}")
 
 
+def compute_of(result: dict[str, Any]) -> str:
+    """A bench result's compute precision for its markdown ("bf16 compute"), or that it was not recorded."""
+    dtype = ((result.get("provenance") or {}).get("precision") or {}).get("dtype")
+    return f"{dtype} compute" if dtype else "compute precision not recorded"
+
+
 def provenance_line(result: dict[str, Any]) -> str:
     """The "Provenance: ..." line of a bench's markdown, from its JSON result alone; a result saved before
     provenance was recorded says so instead of inventing a machine."""
