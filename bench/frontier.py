@@ -4,6 +4,7 @@ forgetting? Two phases on a real model, selection on validation only, a verdict 
     python bench/frontier.py --scenario med plan       # the compute plan (runs, steps, estimated hours); runs nothing
     python bench/frontier.py --scenario med select     # phase 1: grids on validation, one seed
     python bench/frontier.py --scenario med final      # phase 2: the pre-registered recipes x 3 seeds, scored once
+    python bench/frontier.py --scenario med extras     # FINAL_EXTRAS x 3 seeds, measured beside them (no verdict)
     python bench/frontier.py --scenario med report     # the tables and plot from the ledger alone (no compute)
 
 Scenarios and data: bench/forgetting.py's (med: MedMCQA chat data; math: GSM8K), written to
@@ -35,6 +36,10 @@ candidate (a tie is not a win).
 their chosen settings, trained at the scale's steps and scored once each: the task's test split, the `general`
 retention suite, and a replication suite (`frontier-replication`, REPLICATION below) whose items no selection used
 and which shares no item with the selection probe (checked before anything runs).
+
+**Extras** (`extras`, after the final pass): the families in FINAL_EXTRAS that the rule did not name (the new
+defences) are trained and scored as the final recipes are, at their selection's chosen setting, so their rows rest
+on 3 seeds too. They are shown as "measured", get no verdict, and nothing is chosen from them.
 
 **Verdict** (forgetless.retention.frontier, the rules in its docstring): with R = gain(candidate) / gain(full FT)
 and D = the candidate's retention drop in points (100 x (1 - score)), each with a 95% interval paired over the
@@ -141,6 +146,11 @@ CANDIDATE_FAMILIES: dict[str, dict[str, Any]] = {
 # Pre-registered after the selection phase, before the final pass (at most 3 names from CANDIDATE_FAMILIES).
 # med: named by the rule from bench/results/frontier-med/selection.json (seed 42, 160 steps), 2026-12-03.
 FINAL_CANDIDATES: dict[str, tuple[str, ...]] = {"med": ("full-ewc", "wise-ewc", "full-replay-ewc"), "math": ()}
+
+# Measured over the final seeds beside the verdict, never judged: the new defences (self-distilled targets,
+# knowledge-preserving adapter inits) that the rule did not name, so their forgetting also rests on 3 seeds.
+# `extras` trains them at their selection's chosen setting into the final ledger; no choice is made from them.
+FINAL_EXTRAS: dict[str, tuple[str, ...]] = {s: ("full-self-distill", "lora-milora", "lora-corda") for s in ("med", "math")}
 
 # The replication suite: retention on files neither `general` nor `general-probe` reads, plus the built-in
 # self-reference prompts `general` leaves out (general-probe's are generated): five abilities, continuous metrics.
@@ -583,26 +593,52 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     return sel
 
 
-def final(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> dict[str, dict[str, Any]]:
+def _selection_of(scenario: str) -> dict[str, Any]:
     sel_path = out_dir(scenario) / "selection.json"
     if not sel_path.is_file():
         raise SystemExit(f"error: {sel_path} not found: run the selection phase first (select)")
+    return dict(json.loads(sel_path.read_text()))
+
+
+def final(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> dict[str, dict[str, Any]]:
+    """Full FT, LoRA and FINAL_CANDIDATES at their chosen settings over FINAL_SEEDS, into the final ledger."""
+    _selection_of(scenario)
     names = FINAL_CANDIDATES[scenario]
     if not names:
         raise SystemExit(f"error: FINAL_CANDIDATES['{scenario}'] in bench/frontier.py is empty: name at most 3 "
                          "candidate families from the selection and commit that before the final pass")
     if len(names) > 3 or set(names) - set(CANDIDATE_FAMILIES):
         raise SystemExit(f"error: FINAL_CANDIDATES['{scenario}'] = {names}: at most 3 of {sorted(CANDIDATE_FAMILIES)}")
-    sel = json.loads(sel_path.read_text())
+    return final_runs(scenario, args, files, prov_line, ("full", "lora", *names))
+
+
+def extras(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> dict[str, dict[str, Any]]:
+    """FINAL_EXTRAS (those not pre-registered) at their chosen settings over FINAL_SEEDS, into the final ledger."""
+    names = tuple(f for f in FINAL_EXTRAS[scenario] if f not in FINAL_CANDIDATES[scenario])
+    if not names:
+        raise SystemExit(f"error: FINAL_EXTRAS['{scenario}'] names no family outside FINAL_CANDIDATES")
+    if set(names) - set(CANDIDATE_FAMILIES):
+        raise SystemExit(f"error: FINAL_EXTRAS['{scenario}'] = {names}: not in {sorted(CANDIDATE_FAMILIES)}")
+    return final_runs(scenario, args, files, prov_line, names)
+
+
+def final_runs(scenario: str, args: Any, files: dict[str, Path], prov_line: str,
+               names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Families `names` at the selection's chosen settings, trained (or merged) per final seed and scored once on
+    the test split, `general` and the replication suite, into the final ledger."""
+    sel = _selection_of(scenario)
     steps = args.steps or SCALE[scenario]["steps"]
     if sel.get("steps") != steps:
         raise SystemExit(f"error: the selection ran at {sel.get('steps')} steps, the final pass would run at {steps}: "
                          "select again at the final scale")
     chosen = sel["chosen"]
+    missing = [f for f in names if f not in chosen]
+    if missing:
+        raise SystemExit(f"error: the selection chose no setting for {missing[0]}: select again with it")
     # a WiSE-FT family merges the final runs of the family it is on: those are trained too (in the ledger and the
     # table, not judged unless named)
-    sources = [CANDIDATE_FAMILIES[f]["on"] for f in names if "wise" in CANDIDATE_FAMILIES[f]]
-    fams = list(dict.fromkeys(("full", "lora", *sources, *names)))
+    fams = list(dict.fromkeys(g for f in names for g in (
+        (CANDIDATE_FAMILIES[f]["on"], f) if "wise" in CANDIDATE_FAMILIES.get(f, {}) else (f,))))
     runs = [{"name": fam, "family": fam, "settings": chosen[fam]["settings"]} for fam in fams]
     tsuite = fb.task_suite(scenario, files, SCALE[scenario]["n_exact"], data_dir(scenario))
     rep = replication_suite(data_dir(scenario))
@@ -699,10 +735,11 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
     sel = json.loads(sel_path.read_text()) if sel_path.is_file() else None
     fin = read_ledger(scenario, "final")
     cands = FINAL_CANDIDATES[scenario]
+    extra = tuple(f for f in FINAL_EXTRAS[scenario] if f not in cands)
     rows = []
     from forgetless.retention.seeds import combine_seeds
 
-    for fam in ("full", "lora", *cands):
+    for fam in ("full", "lora", *cands, *extra):
         es = sorted((e for e in fin.values() if e["family"] == fam), key=lambda e: e["seed"])
         if not es:
             continue
@@ -717,7 +754,8 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
             from forgetless.retention.frontier import over_seeds, retention_drop
 
             rep = over_seeds([retention_drop(e["replication"]) for e in es], "drop")
-        rows.append({"recipe": fam, "seeds": [e["seed"] for e in es], "settings": es[0]["settings"],
+        role = "baseline" if fam in ("full", "lora") else "candidate" if fam in cands else "measured"
+        rows.append({"recipe": fam, "role": role, "seeds": [e["seed"] for e in es], "settings": es[0]["settings"],
                      "gain": gain, "drop": drop, "abilities": abilities, "replication_drop": rep,
                      "wall_time_s": sum(e["wall_time_s"] or 0 for e in es) / len(es)})
     progress = None
@@ -730,6 +768,7 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
     return {"bench": "frontier", "scenario": scenario, "budget_points": 100 * BUDGET, "min_full_drop": MIN_FULL_DROP,
             "selection_progress": progress,
             "scale": SCALE[scenario], "final_seeds": list(FINAL_SEEDS), "candidates": list(cands),
+            "extras": list(extra),
             "selection": sel, "rows": rows, "full_drop": full_drop(fin), "verdicts": verdicts(fin, cands),
             "provenance": prov, "machines": sorted({e["machine"] for e in fin.values()})}
 
@@ -768,13 +807,16 @@ def render_md(res: dict[str, Any]) -> str:
             lines.append(f"- **{fam}** on {suite}: " + (f"**{x['verdict']}**: {x['why']}." if x else "not scored."))
     if not res["candidates"]:
         lines.append("No candidates pre-registered yet (FINAL_CANDIDATES): the selection phase comes first.")
-    lines += ["", "| recipe | seeds | task gain [95% CI] | retention drop, points | "
+    if res.get("extras"):
+        lines.append(f"Measured beside them, no verdict (not pre-registered): {', '.join(res['extras'])}.")
+    lines += ["", "| recipe | role | seeds | task gain [95% CI] | retention drop, points | "
               + " | ".join(f"{a} change" for a in sorted({a for r in res["rows"] for a in r["abilities"]}))
-              + " | replication drop | train s |", "|---|---|---|---|" + "---|" * (len({a for r in res["rows"]
+              + " | replication drop | train s |", "|---|---|---|---|---|" + "---|" * (len({a for r in res["rows"]
                                                                                          for a in r["abilities"]}) + 2)]
     abil = sorted({a for r in res["rows"] for a in r["abilities"]})
     for r in res["rows"]:
-        lines.append(f"| {r['recipe']} | {len(r['seeds'])} | {_ci(r['gain'], '{:+.3f}')} | {_ci(r['drop'])} | "
+        lines.append(f"| {r['recipe']} | {r.get('role', '-')} | {len(r['seeds'])} | {_ci(r['gain'], '{:+.3f}')} | "
+                     f"{_ci(r['drop'])} | "
                      + " | ".join(f"{r['abilities'].get(a, float('nan')):+.2f}" for a in abil)
                      + f" | {_ci(r['replication_drop'])} | {r['wall_time_s']:.0f} |")
     sel = res.get("selection")
@@ -863,6 +905,7 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
     n_b = sum(len(_grid(f, s)) for f, s in CANDIDATE_FAMILIES.items() if "wise" not in s)
     n_wise = sum(len(_grid(f, s)) for f, s in CANDIDATE_FAMILIES.items() if "wise" in s)
     n_final = (2 + (len(FINAL_CANDIDATES[scenario]) or 3)) * len(FINAL_SEEDS)
+    n_extra = len(set(FINAL_EXTRAS[scenario]) - set(FINAL_CANDIDATES[scenario])) * len(FINAL_SEEDS)
     led = {**read_ledger(scenario, "select"), **read_ledger(scenario, "final")}
     walls = [e["wall_time_s"] for e in led.values() if e.get("wall_time_s")]
     per_run = sum(walls) / len(walls) if walls else steps * SECONDS_PER_STEP[scenario]
@@ -872,19 +915,20 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
          "estimate_from": "the ledger's runs" if walls else f"{SECONDS_PER_STEP[scenario]} s per step",
          "select_hours": round(((n_a + n_b) * (per_run + SCORING_S["select"]) + n_wise * SCORING_S["select"])
                                / 3600, 1),
-         "final_hours": round(n_final * (per_run + SCORING_S["final"]) / 3600, 1)}
+         "final_hours": round(n_final * (per_run + SCORING_S["final"]) / 3600, 1), "extra_runs": n_extra,
+         "extra_hours": round(n_extra * (per_run + SCORING_S["final"]) / 3600, 1)}
     print(f"frontier {scenario}: selection {p['select_runs']} runs (stage A {n_a}: full FT and LoRA learning rates; "
           f"stage B {n_b + n_wise}: candidate settings, {n_wise} of them WiSE-FT merges), seed {SELECT_SEED}, "
           f"validation + {PROBE}: about {p['select_hours']} h; "
           f"final {n_final} runs ({len(FINAL_SEEDS)} seeds), test + {REPORT_SUITE} + replication: about "
-          f"{p['final_hours']} h; {steps} steps each, {p['hours_per_run']} h per run ({p['estimate_from']}); done: "
+          f"{p['final_hours']} h; extras {n_extra} runs: about {p['extra_hours']} h; {steps} steps each, {p['hours_per_run']} h per run ({p['estimate_from']}); done: "
           f"{p['done']['select']} selection, {p['done']['final']} final runs (ledger)", file=sys.stderr)
     return p
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["plan", "select", "final", "report"])
+    ap.add_argument("phase", choices=["plan", "select", "final", "extras", "report"])
     ap.add_argument("--scenario", choices=sorted(SCALE), required=True)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
@@ -931,6 +975,8 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.phase == "select":
         selection(args.scenario, args, files, line)
+    elif args.phase == "extras":
+        extras(args.scenario, args, files, line)
     else:
         final(args.scenario, args, files, line)
     prov = provenance.finish(prov)

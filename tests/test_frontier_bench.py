@@ -250,6 +250,43 @@ def test_final_trains_the_runs_a_preregistered_wise_family_merges(fr, monkeypatc
                      ("merge", ["wise-ewc"], ["full-ewc-seed43", "full-ewc-seed44", "full-ewc-seed45"])]
 
 
+def test_extras_are_trained_into_the_final_ledger_and_shown_without_a_verdict(fr, monkeypatch):
+    chosen = {f: {"settings": {"method": "full", "optim.lr": 1e-4, "tag": f}}
+              for f in ("full", "lora", "full-ewc", "full-self-distill", "lora-milora")}
+    fr.out_dir("med").mkdir(parents=True)
+    (fr.out_dir("med") / "selection.json").write_text(json.dumps({"chosen": chosen, "steps": 160}))
+    fr.FINAL_CANDIDATES["med"] = ("full-ewc", "full-self-distill")
+    fr.FINAL_EXTRAS["med"] = ("full-self-distill", "lora-milora")
+    calls = []
+    monkeypatch.setattr(fr.fb, "task_suite", lambda *a, **k: Path("t.yaml"))
+    monkeypatch.setattr(fr, "replication_suite", lambda d: Path("r.yaml"))
+    monkeypatch.setattr(fr, "run_phase", lambda sc, ph, runs, seeds, *a, **k: calls.append(
+        (ph, [(r["name"], r["settings"]["tag"]) for r in runs], seeds)))
+    fr.extras("med", SimpleNamespace(steps=None, out=Path("/o")), {}, "m")
+    # a pre-registered family is the final pass's, not an extra
+    assert calls == [("final", [("lora-milora", "lora-milora")], [43, 44, 45])]
+    fr.FINAL_EXTRAS["med"] = ("full-ewc",)
+    with pytest.raises(SystemExit, match="no family outside FINAL_CANDIDATES"):
+        fr.extras("med", SimpleNamespace(steps=None, out=Path("/o")), {}, "m")
+    fr.FINAL_EXTRAS["med"] = ("lora-corda",)  # chosen has no setting for it
+    with pytest.raises(SystemExit, match="chose no setting for lora-corda"):
+        fr.extras("med", SimpleNamespace(steps=None, out=Path("/o")), {}, "m")
+    # in the results: a row marked measured, no verdict for it
+    fr.FINAL_EXTRAS["med"] = ("lora-milora",)
+    (fr.out_dir("med") / "selection.json").unlink()
+    rng = np.random.default_rng(2)
+    base = rng.uniform(20, 30, 100)
+    for seed in (43, 44, 45):
+        _entry(fr, "full", seed, base - rng.normal(6, 1, 100), base, -0.05)
+        _entry(fr, "lora", seed, base - rng.normal(3, 1, 100), base, -0.01)
+        _entry(fr, "lora-milora", seed, base - rng.normal(3, 1, 100), base, -0.02)
+    res = fr.summarize("med", None)
+    assert [(r["recipe"], r["role"]) for r in res["rows"]] == [("full", "baseline"), ("lora", "baseline"),
+                                                               ("lora-milora", "measured")]
+    assert "lora-milora" not in res["verdicts"] and res["extras"] == ["lora-milora"]
+    assert "| lora-milora | measured | 3 |" in fr.render_md(res)
+
+
 @pytest.mark.skipif(not (SHARED / "data" / "knowledge_qa").is_dir(), reason="needs ../shared/data/knowledge_qa")
 def test_corda_calibration_questions_are_scored_by_no_suite(fr, monkeypatch, tmp_path):
     from forgetless.retention.suite import load_suite
