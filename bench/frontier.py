@@ -150,7 +150,8 @@ FINAL_CANDIDATES: dict[str, tuple[str, ...]] = {"med": ("full-ewc", "wise-ewc", 
 # Measured over the final seeds beside the verdict, never judged: the new defences (self-distilled targets,
 # knowledge-preserving adapter inits) that the rule did not name, so their forgetting also rests on 3 seeds.
 # `extras` trains them at their selection's chosen setting into the final ledger; no choice is made from them.
-FINAL_EXTRAS: dict[str, tuple[str, ...]] = {s: ("full-self-distill", "lora-milora", "lora-corda") for s in ("med", "math")}
+FINAL_EXTRAS: dict[str, tuple[str, ...]] = {s: ("full-self-distill", "lora-milora", "lora-corda")
+                                            for s in ("med", "math")}
 
 # The replication suite: retention on files neither `general` nor `general-probe` reads, plus the built-in
 # self-reference prompts `general` leaves out (general-probe's are generated): five abilities, continuous metrics.
@@ -921,7 +922,8 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
           f"stage B {n_b + n_wise}: candidate settings, {n_wise} of them WiSE-FT merges), seed {SELECT_SEED}, "
           f"validation + {PROBE}: about {p['select_hours']} h; "
           f"final {n_final} runs ({len(FINAL_SEEDS)} seeds), test + {REPORT_SUITE} + replication: about "
-          f"{p['final_hours']} h; extras {n_extra} runs: about {p['extra_hours']} h; {steps} steps each, {p['hours_per_run']} h per run ({p['estimate_from']}); done: "
+          f"{p['final_hours']} h; extras {n_extra} runs: about {p['extra_hours']} h; {steps} steps each,"
+          f" {p['hours_per_run']} h per run ({p['estimate_from']}); done: "
           f"{p['done']['select']} selection, {p['done']['final']} final runs (ledger)", file=sys.stderr)
     return p
 
