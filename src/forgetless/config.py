@@ -112,18 +112,45 @@ class SelfDistillAccept(Strict):
         return self
 
 
-class SelfDistillConfig(Strict):
-    """Rewrite every training response in the model's own words before training (SDFT, Yang et al. 2024)."""
+#: data.self_distill options that only one mode reads (a recipe setting the other mode's is refused).
+OFFLINE_ONLY = ("accept", "batch_size")
+ON_POLICY_ONLY = ("teacher", "ema_rate", "temperature")
 
-    template: str = Field(SELF_DISTILL_TEMPLATE, description="The rewrite request: {prompt} and {answer} are "
-                          "replaced by the training prompt and its reference answer.")
-    accept: SelfDistillAccept = Field(default_factory=SelfDistillAccept)
-    max_new_tokens: int = Field(256, gt=0, description="Longest rewrite; one that reaches it is truncated and "
-                                "rejected.")
-    batch_size: int = Field(16, gt=0, description="Rewrites generated at once (greedy).")
+
+class SelfDistillConfig(Strict):
+    """Self-distilled targets. offline: rewrite every training response in the model's own words before training
+    (SDFT, Yang et al. 2024). on_policy: no rewrite; at every step the model samples its own response to each
+    training prompt and learns toward itself shown the reference answer (Shenfeld et al. 2026)."""
+
+    mode: Literal["offline", "on_policy"] = Field(
+        "offline", description="offline: rewrite the responses once, before training, and train on them. on_policy: "
+        "sample a response to each training prompt at every step; the loss is the per-token KL from the model to "
+        "the teacher (the same model given `template`, with the reference answer) over the sampled tokens.")
+    template: str = Field(SELF_DISTILL_TEMPLATE, description="The rewrite request (offline), the teacher's prompt "
+                          "(on_policy): {prompt} and {answer} are replaced by the training prompt and its reference "
+                          "answer.")
+    accept: SelfDistillAccept = Field(default_factory=SelfDistillAccept, description="offline: when a rewrite "
+                                      "replaces the reference.")
+    max_new_tokens: int = Field(256, gt=0, description="Longest rewrite (offline: one that reaches it is truncated "
+                                "and rejected) or sampled response (on_policy: cut there, and scored as far as it "
+                                "goes).")
+    batch_size: int = Field(16, gt=0, description="offline: rewrites generated at once (greedy).")
+    teacher: Literal["ema", "base", "live"] = Field(
+        "ema", description="on_policy: the teacher's weights. ema: an exponential moving average of the trained "
+        "weights (the paper's); base: the weights before training; live: the weights being trained (no gradient).")
+    ema_rate: float = Field(0.05, gt=0, le=1, description="on_policy, teacher ema: after each optimizer step the "
+                            "teacher moves this share of the way to the trained weights.")
+    temperature: float = Field(1.0, gt=0, description="on_policy: sampling temperature of the model's responses.")
 
     @model_validator(mode="after")
     def _placeholders(self) -> SelfDistillConfig:
+        # the other mode's options set to anything but their defaults (a written-out recipe holds every default)
+        other = OFFLINE_ONLY if self.mode == "on_policy" else ON_POLICY_ONLY
+        fresh = SelfDistillConfig.model_construct()
+        given = [k for k in other if k in self.model_fields_set and getattr(self, k) != getattr(fresh, k)]
+        if given:
+            raise ValueError(f"{given[0]}: not read in mode {self.mode} (mode "
+                             f"{'offline' if self.mode == 'on_policy' else 'on_policy'} only)")
         for key in ("{prompt}", "{answer}"):
             if key not in self.template:
                 raise ValueError(f"template needs {key}")
@@ -169,8 +196,10 @@ class DataConfig(Strict):
         "truncation): warn reports them, strict makes them errors."
     )
     self_distill: SelfDistillConfig | None = Field(
-        None, description="Training data only: before training, the model rewrites each response in its own words "
-        "(chat: each assistant turn, given its context); accepted rewrites replace the references (SDFT).")
+        None, description="Training data only: self-distilled targets (SDFT). offline: before training, the model "
+        "rewrites each response in its own words (chat: each assistant turn, given its context); accepted rewrites "
+        "replace the references. on_policy: the model learns from its own sampled responses toward itself shown "
+        "the reference.")
 
     @model_validator(mode="after")
     def _check_fields(self) -> DataConfig:

@@ -249,6 +249,14 @@ class Recipe(Strict):
                                  "(the base model "
                                  "is no longer the model with adapters disabled: part of it moved into the adapter); "
                                  "use init default or gaussian")
+        sd = self.data.self_distill
+        if sd is not None and sd.mode == "on_policy":
+            if "kl" in names:
+                raise ValueError("mitigations.kl: not combined with data.self_distill mode on_policy (the training "
+                                 "examples are prompts only: the KL term would score no response)")
+            if self.data.packing or self.data.format == "text":
+                raise ValueError("data.self_distill mode on_policy needs one prompt per example: not "
+                                 + ("data.packing" if self.data.packing else "data.format text"))
         for m in self.mitigations:
             MITIGATIONS[m.name].check_recipe(m, self)
             for key in type(m).model_fields:  # type: ignore[attr-defined]  # each is a pydantic model

@@ -192,10 +192,16 @@ def encode_chat(rec: Record, msgs: list[dict[str, str]], tokenizer: Any,
     return ids, labels
 
 
-def encode_plain(tokenizer: Any, prompt: str, completion: str, completion_only: bool) -> tuple[list[int], list[int]]:
+def plain_prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """A prompt's tokens without a chat template, as training renders them (special tokens; a lone BOS if empty)."""
     p = list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) if prompt else []
     if not p and tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", True):
         p = [tokenizer.bos_token_id]
+    return p
+
+
+def encode_plain(tokenizer: Any, prompt: str, completion: str, completion_only: bool) -> tuple[list[int], list[int]]:
+    p = plain_prompt_ids(tokenizer, prompt)
     c = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is not None:
         c.append(tokenizer.eos_token_id)

@@ -27,7 +27,7 @@ from ..errors import DataError
 from ..fingerprint import fingerprint_model
 from ..progress import bar
 from ..retention.lm import greedy_generate
-from .examples import prompt_completion, to_messages, uses_chat_template
+from .examples import IGNORE, plain_prompt_ids, prompt_completion, to_messages, uses_chat_template
 from .loading import Record
 
 DEFAULT_ANSWER_PATTERN = r"####\s*(\S+)"
@@ -40,7 +40,8 @@ class Request:
     record: int
     turn: int | None  # chat: index of the assistant message; else None (the completion / output)
     reference: str
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # the rewrite request (offline) / the teacher's prompt (on_policy)
+    student_ids: list[int] | None = None  # the prompt as training renders it, up to where the response starts
 
 
 # ---------------------------------------------------------------- acceptance
@@ -106,15 +107,45 @@ def build_requests(records: list[Record], cfg: DataConfig, tokenizer: Any) -> li
                 user = context[-1]["content"] if context and context[-1]["role"] == "user" else ""
                 ask = {"role": "user", "content": sd.template.format(prompt=user, answer=m["content"])}
                 head = context[:-1] if context and context[-1]["role"] == "user" else context
-                out.append(Request(i, j, m["content"], _chat_prompt(tokenizer, [*head, ask])))
+                out.append(Request(i, j, m["content"], _chat_prompt(tokenizer, [*head, ask]),
+                                   _chat_prompt(tokenizer, context)))
             continue
         prompt, answer = prompt_completion(rec, cfg)
         text = sd.template.format(prompt=prompt, answer=answer)
         msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [
             {"role": "user", "content": text}]
         ids = _chat_prompt(tokenizer, msgs) if chat else list(tokenizer(text, add_special_tokens=True)["input_ids"])
-        out.append(Request(i, None, answer, ids))
+        # the student's prompt exactly as training renders the record (examples.encode_record)
+        if chat:
+            student = _chat_prompt(tokenizer, to_messages(rec, cfg)[:-1])
+        else:
+            plain, _ = prompt_completion(rec, cfg, alpaca_template=cfg.format == "instruction")
+            student = plain_prompt_ids(tokenizer, plain)
+        out.append(Request(i, None, answer, ids, student))
     return out
+
+
+def on_policy_examples(records: list[Record], cfg: DataConfig, tokenizer: Any) -> tuple[list[dict], dict[str, Any]]:
+    """data.self_distill mode on_policy: one training example per response (chat: per assistant turn), holding the
+    student's prompt (`input_ids`, no target token) and the teacher's (`teacher_ids`: the template with the
+    reference answer). A prompt that leaves no room for a response within data.max_length is dropped and
+    counted."""
+    sd = cfg.self_distill
+    assert sd is not None and sd.mode == "on_policy"
+    examples: list[dict] = []
+    dropped, first = 0, list[str]()
+    for r in build_requests(records, cfg, tokenizer):
+        student = list(r.student_ids or [])
+        if len(student) >= cfg.max_length:
+            dropped += 1
+            if len(first) < 5:
+                first.append(f"{records[r.record].where} ({len(student)} tokens)")
+            continue
+        examples.append({"input_ids": student, "labels": [IGNORE] * len(student), "teacher_ids": r.prompt_ids})
+    stats = {"mode": "on_policy", "responses": len(examples) + dropped, "prompts": len(examples),
+             "dropped_overlong_prompts": dropped, "first_dropped": first, "teacher": sd.teacher,
+             "max_new_tokens": sd.max_new_tokens, "temperature": sd.temperature}
+    return examples, stats
 
 
 def _replace(rec: Record, cfg: DataConfig, turn: int | None, text: str) -> Record:

@@ -2,7 +2,7 @@
 
 A mitigation is one file in this package: a pydantic config (its recipe options, `name: Literal["..."]`) and
 a class registered with `@register`, which points at the config (`config = ...`), declares what it needs and
-offers (class attributes below), and implements up to six hooks:
+offers (class attributes below), and implements any of these hooks:
 
 - `setup(ctx)`: before training (snapshot weights, estimate a Fisher, freeze parameters, build data);
 - `prepare_data(ctx, train)`: change the training examples (replay mixes data in);
@@ -15,7 +15,10 @@ offers (class attributes below), and implements up to six hooks:
   sharded DTensors: penalties take them by name and keep their own state sliced like them);
 - `finish(ctx)`: after training, on every process (save importances for the next run: gather what is sharded,
   rank 0 writes);
-- `guard_action(action, dataset, factor)`: one of the guard's actions this mitigation offers (`guard_actions`).
+- `guard_action(action, dataset, factor)`: one of the guard's actions this mitigation offers (`guard_actions`);
+- `checkpoint_state()` / `restore_state(state)`: tensors a checkpoint keeps beside the weights so that a resumed run
+  continues exactly (on-policy self-distillation's EMA teacher); written into the checkpoint folder before it is
+  marked complete, given back after `setup` on resume.
 
 Declarations (class attributes, read by the recipe, the distributed checks, the run and the guard):
 
@@ -152,6 +155,13 @@ class Mitigation:
 
     def finish(self, ctx: TrainContext) -> None:
         pass
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor] | None:
+        """Tensors a checkpoint keeps so that a resumed run continues exactly (an EMA teacher); None: nothing."""
+        return None
+
+    def restore_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back what checkpoint_state saved (called after setup, when the run resumes from a checkpoint)."""
 
     def guard_action(self, action: str, dataset: list[dict], factor: float) -> dict[str, Any]:
         """Carry out one of `guard_actions` mid-run; returns the details for the guard's event."""
@@ -335,6 +345,36 @@ class QuadraticPenalty(Mitigation):
             weights = [self.weights[i] for i in idx]
             torch._foreach_addcmul_(grads, weights, theta, value=self.lam)
             torch._foreach_addcmul_(grads, weights, anchor, value=-self.lam)
+
+
+def state_file(m: Mitigation) -> str:
+    return f"mitigation-{m.name}.safetensors"
+
+
+def save_states(mitigations: list[Mitigation], folder: Path) -> None:
+    """Each mitigation's checkpoint_state into a checkpoint folder (safetensors; written before the folder is
+    marked complete)."""
+    from safetensors.torch import save_file
+
+    for m in mitigations:
+        state = m.checkpoint_state()
+        if state:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / state_file(m)))
+
+
+def load_states(mitigations: list[Mitigation], folder: Path) -> None:
+    """Give each mitigation that keeps checkpoint state what `folder` holds of it; a checkpoint without it (saved
+    by a recipe without that mitigation) is an error naming the file."""
+    from safetensors.torch import load_file
+
+    for m in mitigations:
+        if m.checkpoint_state() is None:
+            continue
+        path = folder / state_file(m)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the checkpoint has no state of {m.name} to resume from (was it "
+                                    "saved by another recipe?)")
+        m.restore_state(load_file(str(path)))
 
 
 class MitigationCallback(TrainerCallback):

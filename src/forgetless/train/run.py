@@ -31,7 +31,7 @@ from .. import precision as precisions
 from ..allocator import loaded_allocator, release_free_memory
 from ..data import build_examples, calibration_examples, load_datasets
 from ..data.check import cheap_checks, report_problems
-from ..data.self_distill import self_distill
+from ..data.self_distill import on_policy_examples, self_distill
 from ..errors import DataError, ForgetlessError
 from ..fingerprint import fingerprint_path
 from ..guard import MonitorCallback
@@ -39,6 +39,7 @@ from ..io import atomic_dir, atomic_write_json, atomic_write_text
 from ..lock import DirLock
 from ..mitigations import TrainContext
 from ..mitigations import build as build_mitigations
+from ..mitigations.base import load_states
 from ..models import resolve_model
 from ..models.catalog import cache_dir as models_cache_dir
 from ..recipe import Recipe, dump_recipe, load_recipe
@@ -61,6 +62,7 @@ from .model import (
     prepare_model,
     save_trained,
 )
+from .on_policy import OnPolicyDistill
 
 
 def setup_torch(threads: int | None = None) -> None:
@@ -369,7 +371,14 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: 
         tokenizer=tokenizer,
         calibration=lambda cfg, n: calibration_examples(cfg, n, data.train, tokenizer, recipe.train.seed),
     )
-    if recipe.data.self_distill is not None:
+    on_policy = recipe.data.self_distill is not None and recipe.data.self_distill.mode == "on_policy"
+    if on_policy:
+        if dist.world_size() > 1:
+            raise ForgetlessError("data.self_distill mode on_policy runs in one process (it samples a response per "
+                                  "prompt at every step; not made to work under DDP, FSDP or DeepSpeed yet)")
+        # (an example with a target token has a prompt within data.max_length: load_datasets kept at least one)
+        data.train, data.self_distill = on_policy_examples(data.train_records, recipe.data, tokenizer)
+    elif recipe.data.self_distill is not None:
         # the model as it is before training rewrites the responses; rank 0 first (it fills the cache the others read)
         with dist.main_first():
             records, data.self_distill = self_distill(data.train_records, recipe.data, model, tokenizer,
@@ -382,6 +391,8 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: 
     if recipe.method.moves_base and main:
         _save_initial_adapter(model, run_dir)
     mitigations = build_mitigations(recipe.mitigations)
+    if on_policy:
+        mitigations.insert(0, OnPolicyDistill(recipe.data.self_distill))
     mctx = TrainContext(recipe=recipe, model=model, tokenizer=tokenizer, run_dir=run_dir, device=device,
                         base_model_path=model_path, bf16=bf16, data=data, cache_dir=home_dir() / "cache")
     for m in mitigations:
@@ -392,6 +403,8 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: 
             m.setup(mctx)
             data.train = m.prepare_data(mctx, data.train)
         m.setup_s = time.perf_counter() - t0
+    if resume_from is not None:  # state a mitigation keeps beside the weights (an EMA teacher)
+        load_states(mitigations, resume_from)
     if dist.world_size() > 1:
         # Every rank must build the same mixed stream (task + replay): the sampler then gives each example to one rank.
         dist.check_same(_digest_examples(data.train), "the training data (after mitigations)")

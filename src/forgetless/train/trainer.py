@@ -13,13 +13,15 @@ import torch
 from transformers import Trainer
 
 from ..mitigations import Mitigation, MitigationCallback, loss_term
+from ..mitigations.base import save_states
 
 # A loss term: (model, inputs, outputs) -> tensor to add to the task loss, or None.
 LossTerm = Callable[[torch.nn.Module, dict[str, Any], Any], "torch.Tensor | None"]
 
 
 class ReplayAwareCollator:
-    """Pads like `inner`, and turns the per-example `replay` flag into a `replay_mask` tensor.
+    """Pads like `inner`, and turns the per-example `replay` flag into a `replay_mask` tensor; on-policy
+    self-distillation's `teacher_ids` (the teacher's prompt) pass as a list, None for examples without one.
 
     It sees only this process's share of each global batch (the sampler splits the batch across ranks
     before collation), so the mask always lines up with the rows this rank's loss terms score."""
@@ -29,9 +31,12 @@ class ReplayAwareCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         flags = [bool(f.get("replay", False)) for f in features]
-        batch = self.inner([{k: v for k, v in f.items() if k != "replay"} for f in features])
+        teacher = [f.get("teacher_ids") for f in features]
+        batch = self.inner([{k: v for k, v in f.items() if k not in ("replay", "teacher_ids")} for f in features])
         if any(flags):
             batch["replay_mask"] = torch.tensor(flags)
+        if any(t is not None for t in teacher):
+            batch["teacher_ids"] = teacher
         return batch
 
 
@@ -80,17 +85,35 @@ class ForgetlessTrainer(Trainer):
             return None
         return super()._run_epoch(*args, **kwargs)
 
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        # beside the weights, before the on_save callbacks mark the checkpoint complete
+        if self.mitigation_hooks is not None and self.args.should_save:
+            from pathlib import Path
+
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_states(self.mitigation_hooks.mitigations, folder)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         replay_mask = inputs.pop("replay_mask", None)
+        teacher_ids = inputs.pop("teacher_ids", None)
         if not self.loss_terms or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if "labels" in inputs and not bool((inputs["labels"] != -100).any()):
+            # no token of this micro-batch carries the task loss (on-policy self-distillation's prompts): the loss
+            # terms are all of it, and the task forward is skipped
+            loss, outputs = torch.zeros((), device=inputs["labels"].device), None
+        else:
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         # When the task loss is already normalised over the whole accumulated batch, the Trainer does not
         # divide by the accumulation steps: do it for the per-micro-batch terms so each counts once per step.
         scale = 1.0
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             scale = 1.0 / max(1, self.current_gradient_accumulation_steps)
-        term_inputs = {**inputs, "replay_mask": replay_mask} if replay_mask is not None else inputs
+        term_inputs = {**inputs, **({"replay_mask": replay_mask} if replay_mask is not None else {}),
+                       **({"teacher_ids": teacher_ids} if teacher_ids is not None else {})}
         for term in self.loss_terms:
             extra = term(model, term_inputs, outputs)
             if extra is not None:
