@@ -26,7 +26,8 @@ The selection is written to bench/results/frontier-<scenario>/selection.json.
 selection and committed before the final pass (its commit is recorded with the results); `final` refuses to run
 without them. They are named by a fixed rule (`preregister`, printed at the end of `select`): the families whose
 chosen setting's probe drop is within the budget, ranked by validation gain, the top 3; where fewer than 3 are
-within it, the rest by smallest probe drop; a family whose chosen setting is its baseline's own is skipped.
+within it, the rest by smallest probe drop; a family whose chosen setting is its baseline's own is skipped, and so
+is a family added to the bench after the scenario's pre-registration (LATE_FAMILIES: measured as an extra only).
 `full-gentle` is gentle optimisation as a candidate: full FT's own learning-rate grid, the rate chosen by the
 candidates' rule, so the verdict also says whether a recipe beats simply lowering the rate. A candidate whose
 runs score exactly as a baseline's (every task item, every retention task's score, every seed) is dropped as no
@@ -128,6 +129,9 @@ CANDIDATE_FAMILIES: dict[str, dict[str, Any]] = {
     # med answers read 'D. Complex tongue thrust.', GSM8K ones end '#### 42': a rewrite must keep that answer
     "full-self-distill": {"on": "full", "set": {"data.self_distill": {
         "accept": {"kind": "answer", "pattern": r"####\s*(\S+)|(?:^|\s)([A-E])\.(?:\s|$)"}, "max_new_tokens": 256}}},
+    # on-policy self-distillation (data.self_distill mode on_policy): the model's own samples, pulled toward itself
+    # shown the reference (EMA teacher, the paper's defaults)
+    "full-sdft-on-policy": {"on": "full", "set": {"data.self_distill": {"mode": "on_policy", "max_new_tokens": 256}}},
     "lora-milora": {"on": "lora", "set": {"method": {**LORA, "init": "milora"}}},
     # CorDA, knowledge-preserved: LoRA built from each layer's least important directions under the covariance of
     # world-knowledge questions (KQA_CALIBRATION: NQ-open / TriviaQA items no suite of this bench scores)
@@ -150,8 +154,12 @@ FINAL_CANDIDATES: dict[str, tuple[str, ...]] = {"med": ("full-ewc", "wise-ewc", 
 # Measured over the final seeds beside the verdict, never judged: the new defences (self-distilled targets,
 # knowledge-preserving adapter inits) that the rule did not name, so their forgetting also rests on 3 seeds.
 # `extras` trains them at their selection's chosen setting into the final ledger; no choice is made from them.
-FINAL_EXTRAS: dict[str, tuple[str, ...]] = {s: ("full-self-distill", "lora-milora", "lora-corda")
-                                            for s in ("med", "math")}
+FINAL_EXTRAS: dict[str, tuple[str, ...]] = {
+    s: ("full-self-distill", "full-sdft-on-policy", "lora-milora", "lora-corda") for s in ("med", "math")}
+
+# Families added to the bench after a scenario's pre-registration was committed: the rule does not name them there
+# (a late family could only be judged after the fact); they are measured as extras.
+LATE_FAMILIES: dict[str, tuple[str, ...]] = {"med": ("full-sdft-on-policy",), "math": ()}
 
 # The replication suite: retention on files neither `general` nor `general-probe` reads, plus the built-in
 # self-reference prompts `general` leaves out (general-probe's are generated): five abilities, continuous metrics.
@@ -530,8 +538,9 @@ def preregister(sel: dict[str, Any], k: int = 3) -> tuple[str, ...]:
     `table`): those within the budget on the probe by validation gain, then the others by smallest probe drop."""
     rows = {r["run"]: r for r in sel["table"]}
     # a family whose chosen setting is its baseline's own (full-gentle at full FT's rate) would repeat the baseline
+    late = LATE_FAMILIES.get(sel.get("scenario", ""), ())
     fams = [(fam, rows[c["name"]]) for fam, c in sel["chosen"].items() if fam in CANDIDATE_FAMILIES
-            and not ("reuse" in CANDIDATE_FAMILIES[fam]
+            and fam not in late and not ("reuse" in CANDIDATE_FAMILIES[fam]
                      and c["name"] == sel["chosen"][CANDIDATE_FAMILIES[fam]["on"]]["name"])]
     inside = sorted((f for f in fams if f[1]["probe_drop"] <= 100 * BUDGET), key=lambda f: -f[1]["val_gain"])
     outside = sorted((f for f in fams if f[1]["probe_drop"] > 100 * BUDGET), key=lambda f: f[1]["probe_drop"])

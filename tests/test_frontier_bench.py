@@ -55,6 +55,11 @@ def test_preregistration_rule(fr):
     assert fr.preregister(sel)[0] == "full-gentle"
     sel["chosen"]["full-gentle"] = sel["chosen"]["full"]
     assert "full-gentle" not in fr.preregister(sel)
+    # a family added after the scenario's pre-registration is never named there (an extra only)
+    late = fr.preregister(sel)[0]
+    fr.LATE_FAMILIES["med"] = (late,)
+    assert late in fr.preregister({**sel, "scenario": "math"}) and late not in fr.preregister({**sel,
+                                                                                             "scenario": "med"})
 
 
 def test_grids_have_at_most_three_points_and_lora_rates_up_to_20x(fr):
