@@ -629,6 +629,14 @@ def extras(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> 
         raise SystemExit(f"error: FINAL_EXTRAS['{scenario}'] names no family outside FINAL_CANDIDATES")
     if set(names) - set(CANDIDATE_FAMILIES):
         raise SystemExit(f"error: FINAL_EXTRAS['{scenario}'] = {names}: not in {sorted(CANDIDATE_FAMILIES)}")
+    chosen = _selection_of(scenario)["chosen"]
+    unselected = [f for f in names if f not in chosen]
+    if unselected:  # a family added to the bench after the selection ran: `select` trains its grid first
+        print(f"extras: no selection yet for {', '.join(unselected)} (run select, which trains only what its "
+              "ledger lacks); measuring the others", file=sys.stderr)
+    names = tuple(f for f in names if f in chosen)
+    if not names:
+        raise SystemExit(f"error: the selection chose no setting for any of FINAL_EXTRAS['{scenario}']: run select")
     return final_runs(scenario, args, files, prov_line, names)
 
 

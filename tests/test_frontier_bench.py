@@ -273,9 +273,13 @@ def test_extras_are_trained_into_the_final_ledger_and_shown_without_a_verdict(fr
     fr.FINAL_EXTRAS["med"] = ("full-ewc",)
     with pytest.raises(SystemExit, match="no family outside FINAL_CANDIDATES"):
         fr.extras("med", SimpleNamespace(steps=None, out=Path("/o")), {}, "m")
-    fr.FINAL_EXTRAS["med"] = ("lora-corda",)  # chosen has no setting for it
-    with pytest.raises(SystemExit, match="chose no setting for lora-corda"):
+    fr.FINAL_EXTRAS["med"] = ("lora-corda",)  # not selected yet: nothing to measure
+    with pytest.raises(SystemExit, match="chose no setting for any of FINAL_EXTRAS"):
         fr.extras("med", SimpleNamespace(steps=None, out=Path("/o")), {}, "m")
+    calls.clear()  # one not selected yet beside one that is: the other is measured
+    fr.FINAL_EXTRAS["med"] = ("lora-corda", "lora-milora")
+    fr.extras("med", SimpleNamespace(steps=None, out=Path("/o")), {}, "m")
+    assert [r[0] for r in calls[0][1]] == ["lora-milora"]
     # in the results: a row marked measured, no verdict for it
     fr.FINAL_EXTRAS["med"] = ("lora-milora",)
     (fr.out_dir("med") / "selection.json").unlink()
