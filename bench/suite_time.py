@@ -9,7 +9,13 @@ with a `provenance` block (forgetless.provenance: commit, versions, CPU, allocat
 what `auto`, the evaluation default, resolves to here).
 
     python bench/suite_time.py                         # general suite, smollm2-135m-instruct
+    python bench/suite_time.py --candidate runs/x/final --repeats 3   # + a tuned model against the cached base
     python bench/suite_time.py --suite self --model stories260k
+
+It runs as `forgetless eval` does: re-executed under the caching allocator the command uses (tcmalloc where
+installed; FORGETLESS_MALLOC=system for the C library's malloc), recorded in the provenance. `--candidate` times
+what a user's evaluation of a fine-tune costs: the tuned model scored with the base's answers cached, `--repeats`
+times in a row (each judged against the target; the verdict is on the slowest).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +59,9 @@ def main() -> None:
     ap.add_argument("--suite", default="general")
     ap.add_argument("--fp32", action="store_true",
                     help="also time fp32 compute (cold and warm: the answers are keyed by precision)")
+    ap.add_argument("--candidate", type=Path, default=None,
+                    help="a tuned model (directory) to time against the cached base, warm, in bf16")
+    ap.add_argument("--repeats", type=int, default=1, help="warm scorings of each model, one after another")
     ap.add_argument("--out", type=Path, default=RESULTS / "suite_time.json")
     ap.add_argument("--render", type=Path, default=None,
                     help="only re-render the markdown of this saved JSON result (beside it) and exit")
@@ -73,16 +83,23 @@ def main() -> None:
     suite = load_suite(args.suite)
     cache = Path(tempfile.mkdtemp(prefix="fl-suite-time-"))  # a cold cache: the answers are generated here
     runs = {"cold bf16": timed(model.eval(), tok, suite, True, cache)}
-    runs["warm bf16"] = timed(model, tok, suite, True, cache)
+    for r in range(args.repeats):
+        runs["warm bf16" + (f" #{r + 1}" if r else "")] = timed(model, tok, suite, True, cache)
     if args.fp32:
         runs["cold fp32"] = timed(model, tok, suite, False, cache)
         runs["warm fp32"] = timed(model, tok, suite, False, cache)
+    if args.candidate:
+        tuned, _ = load_model(str(args.candidate))
+        for r in range(args.repeats):
+            runs["tuned bf16" + (f" #{r + 1}" if r else "")] = timed(tuned.eval(), tok, suite, True, cache)
     load1 = os.getloadavg()[0]
     ratio = runs["warm fp32"]["wall_s"] / runs["warm bf16"]["wall_s"] if args.fp32 else None
     result = {
         "bench": "suite_time", "model": args.model, "suite": args.suite, "model_load_s": round(load_s, 1),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "loadavg_start": load0,
                     "loadavg_end": load1},
+        "candidate": str(args.candidate) if args.candidate else None, "repeats": args.repeats,
+        "command": "python bench/suite_time.py" + "".join(f" {a}" for a in sys.argv[1:]),
         "budget_s": BUDGET_S, "runs": runs, "fp32_over_bf16": round(ratio, 2) if ratio else None,
         "verdict": {k: ("PASS" if v["wall_s"] <= BUDGET_S else "FAIL") for k, v in runs.items()},
         "provenance": provenance.finish(prov),
@@ -108,11 +125,21 @@ def render_md(result: dict) -> str:
     for k, v in runs.items():
         lines.append(f"| {k} | {v['wall_s']} | {result['verdict'][k]} | "
                      + " | ".join(str(v['tasks_s'].get(t, '-')) for t in tasks) + " |")
+    timed_runs = [k for k in runs if not k.startswith("cold")]
+    slowest = max(timed_runs, key=lambda k: runs[k]["wall_s"])
     lines += ["", (f"fp32 / bf16 wall time (warm): {ratio:.2f}x. " if ratio else "")
               + "Cold: the self-reference answers of the base model are generated (once per base model and "
-              "precision; cached afterwards). Warm: every later evaluation against the same base."]
+              "precision; cached afterwards). Warm: every later evaluation against the same base."
+              + (f" Tuned: `{result['candidate']}` scored against the cached base, what evaluating a fine-tune "
+                 "costs." if result.get("candidate") else ""),
+              "", f"Slowest warm scoring: {runs[slowest]['wall_s']} s ({slowest}): "
+              + ("**within** the target." if runs[slowest]["wall_s"] <= budget else "**over** the target.")
+              + (f" Command: `{result['command']}`." if result.get("command") else "")]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
+    from forgetless.allocator import reexec
+
+    reexec()  # as the `forgetless` command runs
     main()
