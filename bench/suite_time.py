@@ -42,9 +42,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUDGET_S = 180.0
 
 
-def timed(model, tok, suite, bf16: bool, cache: Path) -> dict:
+def timed(model, tok, suite, bf16: bool, cache: Path, base=None) -> dict:
+    """One scoring of `model`; `base` (model, fingerprint): the base whose self-reference answers it is scored on,
+    as `forgetless eval` scores a fine-tune against its base (default: the model is its own base)."""
+    kw = {"reference": lambda: (base[0], tok), "reference_fingerprint": base[1]} if base else {}
     t0 = time.perf_counter()
-    res = evaluate(model, tok, suite, bf16=bf16, cache_dir=cache, progress=False)
+    res = evaluate(model, tok, suite, bf16=bf16, cache_dir=cache, progress=False, **kw)
     wall = time.perf_counter() - t0
     print(f"{'bf16' if bf16 else 'fp32'}: {wall:.1f} s {dict(res.seconds)}", flush=True)
     info = {k: {x: t.info[x] for x in ("tokens", "generate_s", "generated") if x in t.info}
@@ -89,9 +92,12 @@ def main() -> None:
         runs["cold fp32"] = timed(model, tok, suite, False, cache)
         runs["warm fp32"] = timed(model, tok, suite, False, cache)
     if args.candidate:
+        from forgetless.fingerprint import fingerprint_model
+
         tuned, _ = load_model(str(args.candidate))
+        base = (model, fingerprint_model(model))  # the key the base's cold run cached its answers under
         for r in range(args.repeats):
-            runs["tuned bf16" + (f" #{r + 1}" if r else "")] = timed(tuned.eval(), tok, suite, True, cache)
+            runs["tuned bf16" + (f" #{r + 1}" if r else "")] = timed(tuned.eval(), tok, suite, True, cache, base)
     load1 = os.getloadavg()[0]
     ratio = runs["warm fp32"]["wall_s"] / runs["warm bf16"]["wall_s"] if args.fp32 else None
     result = {
