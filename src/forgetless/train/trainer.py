@@ -101,7 +101,7 @@ class ForgetlessTrainer(Trainer):
         teacher_ids = inputs.pop("teacher_ids", None)
         if not self.loss_terms or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if "labels" in inputs and not bool((inputs["labels"] != -100).any()):
+        if teacher_ids is not None and not bool((inputs["labels"] != -100).any()):
             # no token of this micro-batch carries the task loss (on-policy self-distillation's prompts): the loss
             # terms are all of it, and the task forward is skipped
             loss, outputs = torch.zeros((), device=inputs["labels"].device), None
