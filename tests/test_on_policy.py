@@ -194,6 +194,29 @@ def test_a_real_on_policy_run_and_its_resume(tiny_model, toy_data, tmp_path):
     assert all(torch.allclose(first[k], v, atol=1e-6) for k, v in res2.model.state_dict().items())
 
 
+def test_replayed_examples_keep_their_loss_beside_on_policy_prompts(tiny_model, toy_data, tmp_path, monkeypatch):
+    import forgetless.train.trainer as trainer_mod
+
+    seen = []
+    real = trainer_mod.Trainer.compute_loss
+
+    def spy(self, model, inputs, *a, **k):  # the task (cross-entropy) forward: which rows carry targets
+        if model.training:  # not the validation loss
+            seen.append(int((inputs["labels"] != -100).any(-1).sum()))
+        return real(self, model, inputs, *a, **k)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "compute_loss", spy)
+    spec = tiny_recipe(tiny_model, toy_data, tmp_path / "mix", fmt="chat", optim__max_steps=3, optim__batch_size=4)
+    spec["data"]["self_distill"] = {"mode": "on_policy", "max_new_tokens": 3}
+    spec["mitigations"] = [{"name": "replay", "ratio": 0.5, "data": {"train": str(toy_data["text"]),
+                                                                     "format": "text"}}]
+    s = train(recipe_from_dict(spec), quiet=True).summary
+    assert [m["name"] for m in s["mitigations"]] == ["self_distill_on_policy", "replay"]
+    sd = s["mitigations"][0]
+    # every step holds prompts and replayed texts; only the replayed rows have targets, the prompts are sampled
+    assert seen and all(0 < n < 4 for n in seen) and sd["responses"] == 12 - sum(seen)
+
+
 def test_on_policy_errors():
     with pytest.raises(ValueError, match="accept: not read in mode on_policy"):
         DataConfig(train="t", self_distill={"mode": "on_policy", "accept": {"kind": "answer"}})
