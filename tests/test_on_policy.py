@@ -167,11 +167,12 @@ def test_the_ema_teacher_moves_after_each_step_and_is_checkpointed(tiny_model, t
         load_states([fresh], tmp_path / "elsewhere")
 
 
-def test_a_real_on_policy_run_and_its_resume(tiny_model, toy_data, tmp_path):
+def test_a_real_on_policy_run_and_its_resume(tiny_model, toy_data, tmp_path, capsys):
     spec = tiny_recipe(tiny_model, toy_data, tmp_path / "run", fmt="chat", optim__max_steps=2, optim__batch_size=4)
     spec["data"]["self_distill"] = {"mode": "on_policy", "max_new_tokens": 5}
     spec["train"]["save_steps"] = 1
-    res = train(recipe_from_dict(spec), quiet=True)
+    res = train(recipe_from_dict(spec))
+    assert "self_distill (on_policy): 64 prompts" in capsys.readouterr().err
     s = res.summary
     sd = next(x for x in s["mitigations"] if x["name"] == "self_distill_on_policy")
     assert sd["responses"] == 8 and 1 <= sd["mean_response_tokens"] <= 5 and sd["teacher"] == "ema"

@@ -139,10 +139,11 @@ def test_chat_turns_are_rewritten_each_in_its_context(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_generation_on_the_tiny_model(tiny_model, toy_data, tmp_path):
+def test_real_generation_on_the_tiny_model(tiny_model, toy_data, tmp_path, capsys):
     spec = tiny_recipe(tiny_model, toy_data, tmp_path / "real", fmt="prompt_completion", optim__max_steps=1)
     spec["data"]["self_distill"] = {"max_new_tokens": 6, "accept": {"kind": "rouge_l", "min": 0.0}}
-    s = train(recipe_from_dict(spec), quiet=True).summary["data"]["self_distill"]
+    s = train(recipe_from_dict(spec)).summary["data"]["self_distill"]
+    assert f"self_distill: {s['accepted']} of 64 responses rewritten" in " ".join(capsys.readouterr().err.split())
     assert s["responses"] == 64 and s["generated"] == 64 and s["generated_tokens"] > 0
     # min 0 accepts every rewrite but the empty and the truncated ones (6 tokens: a random model rarely stops)
     assert s["accepted"] + sum(s["rejected"].values()) == 64 and set(s["rejected"]) <= {"empty", "truncated"}

@@ -811,3 +811,14 @@ def _report_data(data: Any, problems: list[str]) -> None:
     if s.empty_answers:
         console.print(f"[yellow]{s.empty_answers} of {s.records} training example(s) have an empty answer (first: "
                       f"{', '.join(s.first_empty[:3])}): they teach the model to answer nothing")
+    sd = data.self_distill
+    if sd and sd.get("mode") == "on_policy":
+        console.print(f"self_distill (on_policy): {sd['prompts']} prompts, a response sampled for each at every step "
+                      f"(at most {sd['max_new_tokens']} tokens), teacher {sd['teacher']}")
+        if sd["dropped_overlong_prompts"]:
+            console.print(f"[yellow]self_distill: {sd['dropped_overlong_prompts']} prompt(s) over data.max_length "
+                          f"were dropped (first: {', '.join(sd['first_dropped'][:3])})")
+    elif sd:
+        console.print(f"self_distill: {sd['accepted']} of {sd['responses']} responses rewritten by the model "
+                      f"(kept the original: {sd['rejected'] or 'none'}; {sd['generated']} generated, "
+                      f"{sd['from_cache']} from the cache, {sd['seconds']:.0f} s)")
