@@ -271,6 +271,26 @@ def greedy_generate(
     progress=None,
 ) -> list[list[int]]:
     """Greedy continuations (token ids, stop sequence and EOS removed), batched with left padding."""
+    return generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
+                        bf16=bf16, progress=progress)
+
+
+def generate_ids(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int = 128,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    bf16: bool = True,
+    progress=None,
+    temperature: float | None = None,
+    keep_eos: bool = False,
+) -> list[list[int]]:
+    """Continuations (token ids, stop sequence removed), batched with left padding: greedy, or sampled at
+    `temperature` from the whole distribution (no top-k, top-p or penalty of the model's generation_config).
+    `keep_eos`: a continuation that ended with EOS keeps that token (it was generated, and can be scored)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs: list[list[int] | None] = [None] * len(prompts)
@@ -284,30 +304,32 @@ def greedy_generate(
             p = prompts[i]
             ids[row, length - len(p) :] = torch.tensor(p)
             attn[row, length - len(p) :] = 1
-        kw = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
+        kw: dict = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
+        if temperature is None:
+            kw.update(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        else:
+            from transformers import GenerationConfig
+
+            kw["generation_config"] = GenerationConfig(
+                do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         with autocast(model, bf16):
             gen = model.generate(  # type: ignore[operator]  # a PreTrainedModel
-                input_ids=ids.to(device),
-                attention_mask=attn.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                **kw,
-            )
+                input_ids=ids.to(device), attention_mask=attn.to(device), **kw)
         for row, i in enumerate(batch):
             new = gen[row, length:].tolist()
-            outputs[i] = _cut(new, tokenizer, stop)
+            outputs[i] = _cut(new, tokenizer, stop, keep_eos)
         if progress is not None:
             progress(len(batch))
     return outputs  # type: ignore[return-value]
 
 
-def _cut(ids: list[int], tokenizer, stop: Sequence[str]) -> list[int]:
+def _cut(ids: list[int], tokenizer, stop: Sequence[str], keep_eos: bool = False) -> list[int]:
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
     for j, t in enumerate(ids):
         if t == eos or (pad is not None and t == pad and pad != eos):
-            ids = ids[:j]
+            ids = ids[: j + 1] if keep_eos and t == eos else ids[:j]
             break
     if stop:
         text = tokenizer.decode(ids)

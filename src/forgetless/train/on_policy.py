@@ -31,7 +31,7 @@ from typing import Any, cast
 import torch
 
 from ..mitigations.base import Mitigation, TrainContext, tensor_bytes
-from ..retention.lm import autocast
+from ..retention.lm import autocast, generate_ids
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -111,32 +111,14 @@ class OnPolicyDistill(Mitigation):
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, prompts: list[list[int]]) -> list[list[int]]:
         """One sampled response per prompt (token ids, up to and including EOS, at most max_new_tokens)."""
-        from transformers import GenerationConfig
-
-        cfg = self.config
-        device = next(model.parameters()).device
-        length = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), length), self.pad, dtype=torch.long)
-        attn = torch.zeros((len(prompts), length), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left-padded: every response starts at the same column
-            ids[i, length - len(p):] = torch.tensor(p, dtype=torch.long)
-            attn[i, length - len(p):] = 1
-        # the sampling settings in full: none inherited from the model's generation_config (top_p, penalties)
-        gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                                   max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad, eos_token_id=self.eos)
         was_training = model.training
         model.eval()
         try:
-            with autocast(model, self.bf16):
-                out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),  # type: ignore[operator]
-                                     generation_config=gen_cfg)
+            return generate_ids(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
+                                batch_size=len(prompts), bf16=self.bf16, temperature=self.config.temperature,
+                                keep_eos=True)
         finally:
             model.train(was_training)
-        responses = []
-        for row in out[:, length:].tolist():
-            cut = row.index(self.eos) + 1 if self.eos in row else len(row)
-            responses.append(row[:cut])
-        return responses
 
     def _teacher_logits(self, model: torch.nn.Module, seqs: list[list[int]]) -> torch.Tensor:
         ids, attn = _right_padded(seqs, self.pad, next(model.parameters()).device)
