@@ -228,3 +228,23 @@ def test_on_policy_errors():
         recipe_from_dict({**base, "mitigations": ["kl"]})
     with pytest.raises(RecipeError, match="needs one prompt per example: not data.packing"):
         recipe_from_dict({**base, "data": {**base["data"], "packing": True}})
+
+
+def test_sampled_generation_keeps_eos_and_ignores_the_models_sampling_defaults(tiny_model):
+    from types import SimpleNamespace
+
+    from forgetless.retention.lm import _cut, generate_ids
+    from forgetless.train import load_model
+
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    assert _cut([5, 6, 2, 7], tok, ()) == [5, 6] and _cut([5, 6, 2, 7], tok, (), keep_eos=True) == [5, 6, 2]
+    assert _cut([5, 0, 0], tok, (), keep_eos=True) == [5]  # padding is never kept
+    model, real_tok = load_model(str(tiny_model))
+    # the model's generation_config asks for greedy top-k 1: sampling must not inherit it
+    model.generation_config.top_k, model.generation_config.do_sample = 1, False
+    prompts = [[5, 6, 7]] * 8
+    torch.manual_seed(0)
+    sampled = generate_ids(model, real_tok, prompts, max_new_tokens=6, batch_size=8, bf16=False, temperature=1.0)
+    greedy = generate_ids(model, real_tok, prompts, max_new_tokens=6, batch_size=8, bf16=False)
+    assert len({tuple(g) for g in greedy}) == 1  # the same prompt, the same greedy answer
+    assert len({tuple(s) for s in sampled}) > 1  # a random tiny model's samples differ
