@@ -233,7 +233,7 @@ def test_on_policy_errors():
 def test_sampled_generation_keeps_eos_and_ignores_the_models_sampling_defaults(tiny_model):
     from types import SimpleNamespace
 
-    from forgetless.retention.lm import _cut, generate_ids
+    from forgetless.retention.lm import _cut, greedy_generate
     from forgetless.train import load_model
 
     tok = SimpleNamespace(eos_token_id=2, pad_token_id=0)
@@ -244,7 +244,7 @@ def test_sampled_generation_keeps_eos_and_ignores_the_models_sampling_defaults(t
     model.generation_config.top_k, model.generation_config.do_sample = 1, False
     prompts = [[5, 6, 7]] * 8
     torch.manual_seed(0)
-    sampled = generate_ids(model, real_tok, prompts, max_new_tokens=6, batch_size=8, bf16=False, temperature=1.0)
-    greedy = generate_ids(model, real_tok, prompts, max_new_tokens=6, batch_size=8, bf16=False)
+    sampled = greedy_generate(model, real_tok, prompts, max_new_tokens=6, batch_size=8, bf16=False, temperature=1.0)
+    greedy = greedy_generate(model, real_tok, prompts, max_new_tokens=6, batch_size=8, bf16=False)
     assert len({tuple(g) for g in greedy}) == 1  # the same prompt, the same greedy answer
     assert len({tuple(s) for s in sampled}) > 1  # a random tiny model's samples differ

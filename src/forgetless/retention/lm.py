@@ -269,27 +269,11 @@ def greedy_generate(
     batch_size: int = 8,
     bf16: bool = True,
     progress=None,
-) -> list[list[int]]:
-    """Greedy continuations (token ids, stop sequence and EOS removed), batched with left padding."""
-    return generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size,
-                        bf16=bf16, progress=progress)
-
-
-def generate_ids(
-    model: nn.Module,
-    tokenizer,
-    prompts: Sequence[list[int]],
-    *,
-    max_new_tokens: int = 128,
-    stop: Sequence[str] = (),
-    batch_size: int = 8,
-    bf16: bool = True,
-    progress=None,
     temperature: float | None = None,
     keep_eos: bool = False,
 ) -> list[list[int]]:
-    """Continuations (token ids, stop sequence removed), batched with left padding: greedy, or sampled at
-    `temperature` from the whole distribution (no top-k, top-p or penalty of the model's generation_config).
+    """Greedy continuations (token ids, stop sequence and EOS removed), batched with left padding. `temperature`:
+    sampled instead, from the whole distribution (no top-k, top-p or penalty of the model's generation_config).
     `keep_eos`: a continuation that ended with EOS keeps that token (it was generated, and can be scored)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -31,7 +31,7 @@ from typing import Any, cast
 import torch
 
 from ..mitigations.base import Mitigation, TrainContext, tensor_bytes
-from ..retention.lm import autocast, generate_ids
+from ..retention.lm import autocast, greedy_generate
 
 
 def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -108,13 +108,12 @@ class OnPolicyDistill(Mitigation):
 
     # ------------------------------------------------------------ sampling and the loss
 
-    @torch.no_grad()
     def sample(self, model: torch.nn.Module, prompts: list[list[int]]) -> list[list[int]]:
         """One sampled response per prompt (token ids, up to and including EOS, at most max_new_tokens)."""
         was_training = model.training
         model.eval()
         try:
-            return generate_ids(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
+            return greedy_generate(model, self.tokenizer, prompts, max_new_tokens=self.config.max_new_tokens,
                                 batch_size=len(prompts), bf16=self.bf16, temperature=self.config.temperature,
                                 keep_eos=True)
         finally:
