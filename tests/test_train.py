@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 
 import pytest
@@ -109,6 +110,33 @@ def test_run_directory_contents(tiny_model, toy_data, tmp_path):
     assert s["tokens_seen"] > 0 and s["steps"] == 20
     assert s["allocator"] == ("glibc" if platform.libc_ver()[0] == "glibc" else "system")  # in-process: no re-exec
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-20"]
+    # what the run publishes has the modes plain open() / mkdir give here (atomic writes are not private)
+    (tmp_path / "plain-file").write_text("")
+    (tmp_path / "plain-dir").mkdir()
+    modes = {True: (tmp_path / "plain-dir").stat().st_mode & 0o777,
+             False: (tmp_path / "plain-file").stat().st_mode & 0o777}
+    wrong = {str(p.relative_to(d)): oct(p.stat().st_mode & 0o777) for p in [d, *d.rglob("*")]
+             if p.stat().st_mode & 0o777 != modes[p.is_dir()]}
+    assert not wrong, f"expected {oct(modes[True])} / {oct(modes[False])}: {wrong}"
+
+
+def test_written_files_and_folders_follow_the_umask_not_mkstemp_or_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from forgetless.io import atomic_dir, atomic_write_text, save_safetensors
+
+    old = os.umask(0o027)
+    try:
+        save_safetensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
+        atomic_write_text(tmp_path / "y.json", "{}")
+        with atomic_dir(tmp_path / "d") as tmp:
+            save_file({"a": torch.zeros(2)}, str(tmp / "w.safetensors"))  # safetensors alone: 0600
+            (tmp / "sub").mkdir(mode=0o700)
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")}
+    assert modes == {"x.safetensors": "0o640", "y.json": "0o640", "d": "0o750", "w.safetensors": "0o640",
+                     "sub": "0o750"}
 
 
 def test_existing_run_is_never_overwritten_without_the_flag(tiny_model, toy_data, tmp_path):

@@ -56,6 +56,7 @@ from transformers import TrainerCallback
 
 from .. import distributed as dist
 from ..fingerprint import fingerprint_model
+from ..io import save_safetensors
 
 
 class MitigationOptions(Protocol):
@@ -354,12 +355,10 @@ def state_file(m: Mitigation) -> str:
 def save_states(mitigations: list[Mitigation], folder: Path) -> None:
     """Each mitigation's checkpoint_state into a checkpoint folder (safetensors; written before the folder is
     marked complete)."""
-    from safetensors.torch import save_file
-
     for m in mitigations:
         state = m.checkpoint_state()
         if state:
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(folder / state_file(m)))
+            save_safetensors({k: v.detach().cpu().contiguous() for k, v in state.items()}, folder / state_file(m))
 
 
 def load_states(mitigations: list[Mitigation], folder: Path) -> None:

@@ -24,11 +24,12 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import distributed as dist
 from ..config import DataConfig
 from ..errors import ForgetlessError
+from ..io import save_safetensors
 from ..schema import Strict
 from .base import CarryStep, QuadraticPenalty, TrainContext, file_backed, register, tensor_bytes
 from .data import examples_from, sample, self_reference_examples
@@ -163,9 +164,7 @@ class EWC(QuadraticPenalty):
             ctx.model.zero_grad(set_to_none=True)
             if dist.is_main():
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(".tmp")
-                save_file({n: f.cpu().contiguous() for n, f in zip(self.names, fisher, strict=True)}, str(tmp))
-                tmp.replace(cache)
+                save_safetensors({n: f.cpu().contiguous() for n, f in zip(self.names, fisher, strict=True)}, cache)
             self.notes["fisher_cached"] = False
         if cfg.normalize != "none":
             scale = max(float(f.max()) for f in fisher) if cfg.normalize == "max" else (
@@ -210,6 +209,4 @@ class EWC(QuadraticPenalty):
             return
         state = {f"fisher.{n}": f.cpu().contiguous() for n, f in zip(self.names, fisher, strict=True)}
         state.update({f"theta.{n}": t.cpu().contiguous() for n, t in zip(self.names, theta, strict=True)})
-        tmp = ctx.run_dir / (STATE_FILE + ".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(ctx.run_dir / STATE_FILE)
+        save_safetensors(state, ctx.run_dir / STATE_FILE)

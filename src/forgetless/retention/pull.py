@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ForgetlessError
-from ..io import atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text
 from .suite import Suite
 
 FLORES_LANGS = {"eng_Latn": "en", "deu_Latn": "de", "fra_Latn": "fr", "zho_Hans": "zh"}
@@ -40,21 +40,10 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> str:
 def _write(path: Path, text: str) -> None:
     """Atomic write; gzipped (deterministic header) when the name ends in .gz."""
     if path.name.endswith(".gz"):
-        import os
-        import tempfile
-
-        path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz:
             gz.write(text.encode("utf-8"))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, buf.getvalue())
         return
     atomic_write_text(path, text)
 

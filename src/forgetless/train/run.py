@@ -35,7 +35,7 @@ from ..data.self_distill import on_policy_examples, self_distill
 from ..errors import DataError, ForgetlessError
 from ..fingerprint import fingerprint_path
 from ..guard import MonitorCallback
-from ..io import atomic_dir, atomic_write_json, atomic_write_text
+from ..io import atomic_dir, atomic_write_json, atomic_write_text, plain_modes, save_safetensors
 from ..lock import DirLock
 from ..mitigations import TrainContext
 from ..mitigations import build as build_mitigations
@@ -708,6 +708,7 @@ def _save_final_sharded(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: P
         tokenizer.save_pretrained(tmp)
         (tmp / "training_args.bin").unlink(missing_ok=True)  # safetensors only: no pickle in a model directory
         _drop_tied_head(tmp)
+        plain_modes(tmp)
         final = run_dir / "final"
         if final.exists():
             shutil.rmtree(final)
@@ -726,7 +727,7 @@ def _drop_tied_head(folder: Path) -> None:
     import json
 
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     cfg = folder / "config.json"
     if not cfg.is_file():
@@ -741,7 +742,7 @@ def _drop_tied_head(folder: Path) -> None:
         if "lm_head.weight" in keys and len(keys) > 1:
             state = load_file(str(f))
             del state["lm_head.weight"]
-            save_file(state, str(f), metadata=meta)
+            save_safetensors(state, f, metadata=meta)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         data = json.loads(index.read_text())

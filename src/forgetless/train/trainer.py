@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ..io import plain_modes
 from ..mitigations import Mitigation, MitigationCallback, loss_term
 from ..mitigations.base import save_states
 
@@ -88,13 +89,15 @@ class ForgetlessTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         # beside the weights, before the on_save callbacks mark the checkpoint complete
-        if self.mitigation_hooks is not None and self.args.should_save:
+        if self.args.should_save:
             from pathlib import Path
 
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            save_states(self.mitigation_hooks.mitigations, folder)
+            if self.mitigation_hooks is not None:
+                save_states(self.mitigation_hooks.mitigations, folder)
+            plain_modes(folder)  # the Trainer's safetensors are written 0600 (forgetless.io.plain_modes)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         replay_mask = inputs.pop("replay_mask", None)

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ...errors import DataError
-from ...io import atomic_write_text
+from ...io import atomic_write_text, save_safetensors
 from ...lock import DirLock
 from ..lm import EngineStats, Request, greedy_generate, score_requests
 from ..metrics import per_unit
@@ -141,9 +140,8 @@ def build_reference(task: SelfReferenceTask, ctx: EvalContext) -> dict:
         with DirLock(cache, "evaluation cache entry", wait=True):
             if not (cache / "meta.json").is_file():
                 cache.mkdir(parents=True, exist_ok=True)
-                tmp = cache / ".topk.safetensors.tmp"
-                save_file({"ids": topk_ids, "logprobs": topk_lp, "lengths": ref["lengths"]}, str(tmp))
-                os.replace(tmp, cache / "topk.safetensors")
+                save_safetensors({"ids": topk_ids, "logprobs": topk_lp, "lengths": ref["lengths"]},
+                                 cache / "topk.safetensors")
                 meta = {k: ref[k] for k in ("ids", "texts", "prompts", "answers", "answer_texts")}
                 atomic_write_text(cache / "meta.json", json.dumps(meta))
     return ref
