@@ -82,3 +82,11 @@ def test_json_mode_keeps_stdout_for_the_json_alone(capsys):
     with json_mode(False):
         print("plain")
     assert capsys.readouterr().out == "plain\n"
+
+
+def test_version_flag_and_command_print_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    for args in (["--version"], ["version"]):
+        code, out, _ = cli_out(capsys, *args)
+        assert code == 0 and out.strip() == version("forgetless"), args

@@ -23,6 +23,22 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Fine-tune LLMs without catastrophic forgetting: train, measure retention, stay inside a forgetting budget."""
+
+
 def _models_app() -> typer.Typer:
     from .models.cli import app as models_app
 
