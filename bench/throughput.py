@@ -5,7 +5,9 @@ same compute (bf16 autocast where this CPU runs it fast, else fp32; --precision)
 tokens/s of both and the ratio, and writes bench/results/throughput.json (with a `provenance` block: commit, versions,
 CPU, the precision path both loops ran at, allocator) and throughput.md, rendered from the JSON alone. Target:
 forgetless >= 0.95x the bare loop. The two loops alternate (bare, forgetless, bare, ...; --repeats pairs): each
-pair's ratio is in the JSON and the table, and the headline is the ratio of the means.
+pair's ratio is in the JSON and the table, and the headline is the ratio of the means. The bench re-executes
+itself under the allocator the `forgetless` command uses (forgetless.allocator: tcmalloc where installed), so
+both loops run as a user's training does.
 
     python bench/throughput.py                       # smollm2-135m-instruct, 8 x 256 tokens, 12 steps
     python bench/throughput.py --model stories260k --steps 50
@@ -104,6 +106,9 @@ def main() -> None:
         atomic_write_text(args.render.with_suffix(".md"), render_md(json.loads(args.render.read_text())))
         return
 
+    from forgetless.allocator import reexec
+
+    reexec()  # both loops under the allocator the `forgetless` command runs with (tcmalloc where installed)
     setup_torch()
     resolved = resolve_model(args.model)
     # both loops run the resolved compute (the bare loop's autocast by hand, forgetless with train.bf16 set to it)
