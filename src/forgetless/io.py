@@ -51,17 +51,14 @@ def plain_modes(root: str | os.PathLike) -> None:
         dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
 
 
-def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """safetensors.torch.save_file through a temporary file beside `path`, renamed over it with a plain file's
-    mode (plain_mode): a crash leaves no half-written file and the result is as readable as its folder."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[tuple[int, str]]:
+    """A temporary file beside `path` (its open descriptor and name) that replaces `path` when the block ends
+    without error, with a plain file's mode (plain_mode); on any error it is removed and `path` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        faults.write(path)
+        yield fd, tmp
         plain_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -70,25 +67,26 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata:
         raise
 
 
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.torch.save_file through a temporary file beside `path`, renamed over it with a plain file's
+    mode (plain_mode): a crash leaves no half-written file and the result is as readable as its folder."""
+    from safetensors.torch import save_file
+
+    with _replacing(Path(path)) as (fd, tmp):
+        os.close(fd)  # safetensors writes the file by its name
+        save_file(tensors, tmp, metadata=metadata)
+        faults.write(path)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same directory, then rename over it.
 
     The file gets the mode a plain open() would give it (0666 less the umask), not mkstemp's private 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            plain_mode(tmp)
-            f.write(data)
-            faults.write(path)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _replacing(Path(path)) as (fd, _), os.fdopen(fd, "wb") as f:
+        f.write(data)
+        faults.write(path)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
