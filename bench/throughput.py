@@ -6,9 +6,8 @@ tokens/s of both and the ratio, and writes bench/results/throughput.json (with a
 CPU, the precision path both loops ran at, allocator) and throughput.md, rendered from the JSON alone. Target:
 forgetless >= 0.95x the bare loop. The two loops alternate (bare, forgetless, bare, ...; --repeats pairs): each
 pair's ratio is in the JSON and the table, and the headline is the ratio of the means. Each method starts with
-an untimed 1-step run of both loops. The bench re-executes
-itself under the allocator the `forgetless` command uses (forgetless.allocator: tcmalloc where installed), so
-both loops run as a user's training does.
+an untimed WARMUP_STEPS-step run of both loops. The bench re-executes itself under the allocator the `forgetless`
+command uses (forgetless.allocator: tcmalloc where installed), so both loops run as a user's training does.
 
     python bench/throughput.py                       # smollm2-135m-instruct, 8 x 256 tokens, 12 steps
     python bench/throughput.py --model stories260k --steps 50
@@ -41,6 +40,7 @@ from forgetless.train.run import setup_torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0.95
+WARMUP_STEPS = 1  # untimed steps of both loops before each method's pairs
 SUSPECT = 1.10  # forgetless cannot beat a loop doing the same work by more than noise: past this, the two differ
 
 
@@ -132,9 +132,10 @@ def main() -> None:
         bare, ours = [], []
         # untimed warm-up of both loops: the first run in a process pays one-off costs (imports, oneDNN primitive
         # creation, first reads of the weights) that would otherwise land on whichever loop goes first
-        print(f"[{name}] warm-up (1 step of each loop, not timed) ...", file=sys.stderr, flush=True)
-        bare_loop(resolved.path, method, blocks, 1, args.batch, lr, prec.bf16)
-        forgetless_run(resolved.path, method, data_file, 1, args.batch, args.seq, lr, tmp / f"warm-{name}", prec.bf16)
+        print(f"[{name}] warm-up ({WARMUP_STEPS} step(s) of each loop, not timed) ...", file=sys.stderr, flush=True)
+        bare_loop(resolved.path, method, blocks, WARMUP_STEPS, args.batch, lr, prec.bf16)
+        forgetless_run(resolved.path, method, data_file, WARMUP_STEPS, args.batch, args.seq, lr, tmp / f"warm-{name}",
+                       prec.bf16)
         for i in range(args.repeats):
             print(f"[{name}] repeat {i + 1}/{args.repeats}: bare loop ...", file=sys.stderr, flush=True)
             bare.append(bare_loop(resolved.path, method, blocks, args.steps, args.batch, lr, prec.bf16))
@@ -162,7 +163,7 @@ def main() -> None:
         "batch": args.batch,
         "seq": args.seq,
         "repeats": args.repeats,
-        "warmup_steps": 1,
+        "warmup_steps": WARMUP_STEPS,
         "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
         "target": f"forgetless >= {TARGET}x bare loop",
         "target_ratio": TARGET,

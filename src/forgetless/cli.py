@@ -36,7 +36,7 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
-    """Fine-tune LLMs without catastrophic forgetting: train, measure retention, stay inside a forgetting budget."""
+    pass
 
 
 def _models_app() -> typer.Typer:
@@ -361,9 +361,7 @@ def demo(
 @app.command()
 def version() -> None:
     """Print the version."""
-    from . import __version__
-
-    print(__version__)
+    _print_version(True)
 
 
 def main() -> None:

@@ -163,7 +163,6 @@ class EWC(QuadraticPenalty):
             ctx.model.train(was_training)
             ctx.model.zero_grad(set_to_none=True)
             if dist.is_main():
-                cache.parent.mkdir(parents=True, exist_ok=True)
                 save_safetensors({n: f.cpu().contiguous() for n, f in zip(self.names, fisher, strict=True)}, cache)
             self.notes["fisher_cached"] = False
         if cfg.normalize != "none":
