@@ -72,26 +72,34 @@ def test_every_init_leaves_the_output_unchanged_at_step_0(init, tiny_model):
 
 
 @pytest.mark.slow  # three short trainings with a merge and reloads (~25 s)
-@pytest.mark.parametrize("init", ["pissa", "milora", "corda_ipm"])
+@pytest.mark.parametrize("init", ["pissa", "orthonormal", "milora", "corda_ipm"])
 def test_moved_inits_save_a_standard_lora_that_reloads_and_merges(init, tiny_model, toy_data, tmp_path):
-    spec = tiny_recipe(tiny_model, toy_data, tmp_path / init, optim__max_steps=3, train__merge=True)
+    from transformers import AutoModelForCausalLM
+
+    spec = tiny_recipe(tiny_model, toy_data, tmp_path / init, optim__max_steps=3, train__merge=True,
+                       train__save_steps=2)
     spec["method"] = {"name": "lora", "r": 4, "init": init, **({"init_samples": 32} if init == "corda_ipm" else {})}
     res = train(recipe_from_dict(spec), quiet=True)
     run = tmp_path / init
     assert (run / "initial_adapter" / "adapter_config.json").is_file()
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
     with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()(ids).logits
         trained = res.model.eval()(ids).logits
         reloaded, _ = load_model(run)  # the original base + the converted adapter
         merged, _ = load_model(run / "merged")
         torch.testing.assert_close(reloaded(ids).logits, trained, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(merged(ids).logits, trained, atol=1e-4, rtol=1e-4)
+        # a checkpoint holds the adapter against the residual base: loaded, it is converted like the final one
+        ckpt, _ = load_model(run / "checkpoints" / "checkpoint-3")
+        torch.testing.assert_close(ckpt(ids).logits, trained, atol=1e-4, rtol=1e-4)
+        with ckpt.disable_adapter():
+            torch.testing.assert_close(ckpt(ids).logits, base_logits, atol=1e-5, rtol=1e-5)
+        early, _ = load_model(run / "checkpoints" / "checkpoint-2")  # one step before: another model
+        assert not torch.allclose(early(ids).logits, trained, atol=1e-4)
         # the saved adapter is a LoRA against the original base: disabled, it is the base model itself
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
         with reloaded.disable_adapter():
-            torch.testing.assert_close(reloaded(ids).logits, base(ids).logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(reloaded(ids).logits, base_logits, atol=1e-5, rtol=1e-5)
     import json
 
     cfg = json.loads((run / "final" / "adapter_config.json").read_text())
@@ -111,17 +119,60 @@ def test_eva_calibrates_on_the_training_data_in_a_run(tiny_model, toy_data, tmp_
         torch.testing.assert_close(reloaded(ids).logits, res.model.eval()(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+def test_eva_with_dora_starts_at_the_base_and_reloads(tiny_model, toy_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    spec = tiny_recipe(tiny_model, toy_data, tmp_path / "dora-eva", optim__max_steps=2, optim__lr=1e-2)
+    spec["method"] = {"name": "dora", "r": 4, "init": "eva", "init_samples": 32}
+    recipe = recipe_from_dict(spec)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    from forgetless.data import build_examples, load_records
+    from forgetless.data import calibration_examples as calib
+    from forgetless.train.model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    examples, _ = build_examples(load_records(recipe.data.train), recipe.data, tok)
+    model = prepare_model(str(tiny_model), ModelConfig(name=str(tiny_model)), recipe.method, torch.device("cpu"),
+                          tokenizer=tok, calibration=lambda cfg, n: calib(cfg, n, examples, tok, 0)).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=2e-5, rtol=1e-4)
+        assert any(n.endswith("lora_magnitude_vector.default.weight") for n, _ in model.named_parameters())
+    res = train(recipe, quiet=True)
+    reloaded, _ = load_model(tmp_path / "dora-eva")
+    with torch.no_grad():
+        trained = res.model.eval()(ids).logits
+        assert not torch.allclose(trained, base(ids).logits, atol=1e-4)  # it trained
+        torch.testing.assert_close(reloaded(ids).logits, trained, atol=1e-4, rtol=1e-4)
+
+
 def test_inits_refuse_what_they_would_make_wrong():
     def recipe(method, **extra):
         return recipe_from_dict({"model": "m", "data": {"train": "t"}, "method": method, **extra})
 
     with pytest.raises(RecipeError, match="mitigations.kl: not supported with method.init pissa"):
         recipe({"name": "lora", "init": "pissa"}, mitigations=[{"name": "kl"}])
+    for name in ("self_replay", "olora"):  # each reads the base behind disabled adapters or pulls B toward zero
+        with pytest.raises(RecipeError, match=f"mitigations.{name}: not supported with method.init milora"):
+            recipe({"name": "lora", "init": "milora"}, mitigations=[{"name": name}])
+    with pytest.raises(RecipeError, match="data.self_distill: not supported with method.init orthonormal"):
+        recipe({"name": "lora", "init": "orthonormal"}, data={"train": "t", "self_distill": {}})
+    with pytest.raises(RecipeError, match="bias: all is not supported with init pissa"):
+        recipe({"name": "lora", "init": "pissa", "bias": "all"})
+    assert recipe({"name": "lora", "init": "gaussian", "bias": "all"}).method.bias == "all"
+    with pytest.raises(RecipeError, match="init_data.self_distill: only the training data"):
+        recipe({"name": "lora", "init": "eva", "init_data": {"train": "q.jsonl", "self_distill": {}}})
     with pytest.raises(RecipeError, match="init: corda_kpm needs init_data"):
         recipe({"name": "lora", "init": "corda_kpm"})
     with pytest.raises(RecipeError, match="init_data: used by init corda_kpm, corda_ipm or eva only"):
         recipe({"name": "lora", "init": "pissa", "init_data": {"train": "q.jsonl"}})
-    with pytest.raises(RecipeError, match="init: milora is supported with method lora only"):
+    with pytest.raises(RecipeError, match="init: milora is supported with method lora only.*no DoRA magnitude"):
         recipe({"name": "dora", "init": "milora"})
+    with pytest.raises(RecipeError, match=r"init: pissa is supported with method lora only.*Quant\(W_res\)"):
+        recipe({"name": "qlora", "init": "pissa"})
+    with pytest.raises(RecipeError, match="init: eva is not supported with method qlora"):
+        recipe({"name": "qlora", "init": "eva"})
+    assert recipe({"name": "dora", "init": "eva"}).method.init == "eva"
     assert recipe({"name": "dora", "init": "gaussian"}).method.init == "gaussian"
     assert not recipe({"name": "lora", "init": "gaussian"}).method.moves_base

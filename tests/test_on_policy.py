@@ -140,8 +140,13 @@ def test_a_live_teacher_shown_the_students_own_prompt_gives_zero_loss(tiny_model
     ids = torch.tensor([[5, 6, 7]])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100),
               "teacher_ids": [[5, 6, 7]]}
+    model.train()  # as the Trainer calls it: the teacher still scores in eval mode (no dropout), the student not
+    modes: list[bool] = []
+    hook = model.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
     loss = m.loss(model, inputs, None)  # really sampled (4 tokens at most)
+    hook.remove()
     assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    assert modes[-2:] == [False, True] and model.training  # teacher, then student; the mode restored
     assert 1 <= m.response_tokens <= 4 and m.responses == 1
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import tiny_recipe
 
 import forgetless.data.self_distill as sd_mod
@@ -150,6 +151,12 @@ def test_real_generation_on_the_tiny_model(tiny_model, toy_data, tmp_path, capsy
 
 
 def test_self_distill_errors():
+    # the shorthand forms of accept
+    assert DataConfig(train="t", self_distill={"accept": "answer"}).self_distill.accept.kind == "answer"
+    short = DataConfig(train="t", self_distill={"accept": "rouge_l >= 0.5"}).self_distill.accept
+    assert (short.kind, short.min) == ("rouge_l", 0.5)
+    with pytest.raises(ValueError, match="accept: 'bleu' is not one of: answer, rouge_l"):
+        DataConfig(train="t", self_distill={"accept": "bleu"})
     with pytest.raises(ValueError, match="template needs {answer}"):
         DataConfig(train="t", self_distill={"template": "{prompt}"})
     with pytest.raises(ValueError, match=r"template: only \{prompt\} and \{answer\} may stand in braces"):
@@ -157,3 +164,13 @@ def test_self_distill_errors():
     with pytest.raises(RecipeError, match=r"mitigations.replay.data.self_distill: only the training data"):
         recipe_from_dict({"model": "m", "data": {"train": "t"}, "mitigations": [
             {"name": "replay", "data": {"train": "g", "self_distill": {}}}]})
+
+
+def test_the_cache_key_tells_how_the_weights_are_held(tiny_model):
+    from forgetless.data.self_distill import weights_tag
+    from forgetless.train import load_model
+
+    model, _ = load_model(str(tiny_model))
+    assert weights_tag(model) == ""  # fp32, not quantized: the default load (existing caches keep their key)
+    assert weights_tag(model.to(torch.bfloat16)) == "weights:torch.bfloat16"
+

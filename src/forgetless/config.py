@@ -98,6 +98,18 @@ class SelfDistillAccept(Strict):
                                 "'####\\s*(\\S+)'; with alternatives, the first group that matched); regex: what "
                                 "the rewrite must contain.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        """`accept: answer`, `accept: rouge_l` or `accept: rouge_l >= 0.5` for the mapping forms."""
+        if not isinstance(v, str):
+            return v
+        m = re.fullmatch(r"\s*(answer|rouge_l)\s*(?:>=\s*([0-9.]+)\s*)?", v)
+        if not m or (m.group(1) == "answer" and m.group(2)):
+            raise ValueError(f"accept: {v!r} is not one of: answer, rouge_l, rouge_l >= <min> (or a mapping such "
+                             "as {kind: regex, pattern: ...})")
+        return {"kind": m.group(1), **({"min": float(m.group(2))} if m.group(2) else {})}
+
     @model_validator(mode="after")
     def _pattern(self) -> SelfDistillAccept:
         if self.kind == "regex" and not self.pattern:

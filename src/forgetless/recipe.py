@@ -242,7 +242,9 @@ class Recipe(Strict):
             raise ValueError(f"mitigations: {', '.join(sorted(dup))} listed twice; combine their options into "
                              "one entry")
         if self.method.moves_base:
-            needs = [f"mitigations.{m.name}" for m in self.mitigations if m.name in ("kl", "self_replay")]
+            # kl and self_replay read the base behind disabled adapters; olora's penalties pull the adapter (which
+            # now holds part of the base) toward zero and away from earlier adapters' directions
+            needs = [f"mitigations.{m.name}" for m in self.mitigations if m.name in ("kl", "self_replay", "olora")]
             needs += ["data.self_distill"] if self.data.self_distill is not None else []
             if needs:
                 raise ValueError(f"{needs[0]}: not supported with method.init {getattr(self.method, 'init', '?')} "

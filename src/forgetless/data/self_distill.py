@@ -193,6 +193,22 @@ def _read_cache(path: Path) -> dict[int, dict[str, Any]]:
     return done
 
 
+def weights_tag(model: Any) -> str:
+    """How the model's base weights are held, for the rewrite cache's key beside the base's fingerprint: '' for
+    fp32 weights (the default load), else the 4-bit quantization and the floating dtypes (a QLoRA run's rewrites
+    come from the quantized model, not the one a full or LoRA run loads)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tags = []
+    quant = getattr(getattr(base, "config", None), "quantization_config", None)
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        q = quant.to_dict() if quant is not None and hasattr(quant, "to_dict") else dict(quant or {})
+        tags.append("quant:" + json.dumps({k: str(v) for k, v in sorted(q.items())}, sort_keys=True))
+    dtypes = sorted({str(p.dtype) for p in base.parameters() if p.is_floating_point()})
+    if dtypes != ["torch.float32"]:
+        tags.append("weights:" + ",".join(dtypes))
+    return "|".join(tags)
+
+
 def self_distill(records: list[Record], cfg: DataConfig, model: Any, tokenizer: Any, cache_dir: Path, bf16: bool,
                  quiet: bool = False, model_key: str | None = None) -> tuple[list[Record], dict[str, Any]]:
     """The training records with accepted rewrites in place of their references, and the transform's statistics.

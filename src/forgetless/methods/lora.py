@@ -18,7 +18,10 @@
 pissa, orthonormal, milora and corda move part of the base weights into the adapter, so "adapters disabled" is no
 longer the base model: the final adapter is saved converted to a standard LoRA against the original base (PEFT's
 conversion, rank 2r; the initial adapter is kept in the run's initial_adapter/), and mitigations that need the base
-behind disabled adapters (kl, self_replay) or data.self_distill are refused with them.
+behind disabled adapters (kl, self_replay), olora (its penalties pull the adapter, now part of the base, toward
+zero), data.self_distill, biases (the conversion keeps LoRA weights only), DoRA (no magnitude vectors in the
+conversion) and QLoRA (a quantized residual) are refused with them. Their checkpoints stay relative to the moved
+base; train.model.load_model converts a checkpoint from the run's initial_adapter/ as it loads it.
 """
 
 from __future__ import annotations
@@ -105,10 +108,22 @@ class LoraMethod(TrainingMethod):
                              "TriviaQA / NQ questions, format text); forgetless ships none")
         if self.init_data is not None and self.init not in DATA_DRIVEN:
             raise ValueError(f"init_data: used by init corda_kpm, corda_ipm or eva only, not {self.init}")
-        if self.init in DATA_DRIVEN + MOVES_BASE and self.name != "lora":
+        if self.init_data is not None and self.init_data.self_distill is not None:
+            raise ValueError("init_data.self_distill: only the training data (data.self_distill) is rewritten")
+        if self.init in MOVES_BASE and self.bias != "none":
+            raise ValueError(f"bias: {self.bias} is not supported with init {self.init} (the adapter saved against "
+                             "the original base carries LoRA weights only: trained biases would be lost); use bias "
+                             "none")
+        if self.init in MOVES_BASE and self.name != "lora":
+            why = {"dora": "the adapter is saved converted to a standard LoRA against the original base, and that "
+                           "conversion (PEFT's) keeps no DoRA magnitude vectors",
+                   "qlora": "the residual base would be quantized, and a LoRA against the original 4-bit base does "
+                            "not give back the trained model (Quant(W_res) + BA differs from Quant(W) + dW)"}
             raise ValueError(f"init: {self.init} is supported with method lora only (not {self.name}): it moves part "
-                             "of the base weights into the adapter, which forgetless has not made correct for "
-                             f"{self.name}")
+                             f"of the base weights into the adapter; {why.get(self.name, 'not made correct there')}")
+        if self.init == "eva" and self.name == "qlora":
+            raise ValueError("init: eva is not supported with method qlora: its calibration pass on a 4-bit base is "
+                             "not made to work in forgetless yet; use method lora or dora")
         return self
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,46 @@ def save_trained(model: nn.Module, tokenizer: Any, out_dir: Path, base_path: str
     return kind
 
 
+def moved_base_initial_adapter(path: Path) -> Path | None:
+    """For a checkpoint (`<run>/checkpoints/checkpoint-N`) of a run whose LoRA init moved part of the base into the
+    adapter (pissa, orthonormal, milora, corda): the run's `initial_adapter/`. Such a checkpoint's adapter is
+    relative to the residual base, not the original one (the final adapter is saved converted; checkpoints are not,
+    so that a resume continues exactly)."""
+    initial = path.parent.parent / "initial_adapter"
+    if path.parent.name == "checkpoints" and (initial / "adapter_config.json").is_file():
+        return initial
+    return None
+
+
+def _checkpoint_against_base(base: nn.Module, path: Path, initial: Path) -> nn.Module:
+    """The checkpoint's adapter (A, B, against W_res = W - s B0 A0) as a standard LoRA of rank 2r against the
+    original base W: W_res + s B A = W + s [B | -B0] [A ; A0] (PEFT's conversion of the final adapter, done here on
+    the saved tensors)."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    if cfg.get("use_dora") or cfg.get("peft_type") != "LORA":
+        raise ForgetlessError(f"{path}: a checkpoint of a moved-base init must be a plain LoRA adapter")
+    now, init = load_file(path / "adapter_model.safetensors"), load_file(initial / "adapter_model.safetensors")
+    if set(now) != set(init):
+        raise ForgetlessError(f"{path}: its adapter's tensors differ from {initial}'s: not the same run's adapter")
+    tensors = {k: torch.cat([v, init[k]], 0) if "lora_A" in k else torch.cat([v, -init[k]], 1) if "lora_B" in k
+               else v for k, v in now.items()}
+    cfg["init_lora_weights"], cfg["r"] = True, 2 * cfg["r"]
+    cfg["lora_alpha"] *= 2 ** 0.5 if cfg.get("use_rslora") else 2  # the same scale at rank 2r
+    for key in ("rank_pattern", "alpha_pattern"):
+        cfg[key] = {k: 2 * v for k, v in (cfg.get(key) or {}).items()}
+    drop = ("corda_config", "eva_config", "loftq_config")  # the init's own settings: the LoRA is a plain one now
+    known = {f.name for f in dataclasses.fields(LoraConfig) if f.init and f.name not in drop}
+    config = LoraConfig(**{k: v for k, v in cfg.items() if k in known})
+    model = get_peft_model(base, config)
+    unexpected = list(getattr(set_peft_model_state_dict(model, tensors), "unexpected_keys", None) or [])
+    if unexpected:
+        raise ForgetlessError(f"{path}: adapter tensors that fit no layer: {unexpected[:3]}")
+    return model
+
+
 def merge_for_export(model: nn.Module, method: Any, adapter_dir: Path | None = None) -> nn.Module:
     """A plain HF model with the adapter folded in (LoRA, DoRA, IA3, identity bottleneck adapters).
 
@@ -200,7 +241,11 @@ def load_model(
             )
             kw["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, **kw)
-        model = PeftModel.from_pretrained(model, str(path))
+        initial = moved_base_initial_adapter(path)
+        if initial is not None:  # a checkpoint of a run whose init moved part of the base into the adapter
+            model = _checkpoint_against_base(model, path, initial)
+        else:
+            model = PeftModel.from_pretrained(model, str(path))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     if not getattr(model, "is_loaded_in_4bit", False):

@@ -121,11 +121,16 @@ class OnPolicyDistill(Mitigation):
 
     def _teacher_logits(self, model: torch.nn.Module, seqs: list[list[int]]) -> torch.Tensor:
         ids, attn = _right_padded(seqs, self.pad, next(model.parameters()).device)
-        with torch.no_grad(), autocast(model, self.bf16):
-            if self.teacher_params is None:  # live: the weights being trained
-                return model(input_ids=ids, attention_mask=attn).logits
-            return torch.func.functional_call(model, self.teacher_params, (),
-                                              {"input_ids": ids, "attention_mask": attn}).logits
+        was_training = model.training
+        model.eval()  # the teacher's targets without dropout (the student's forward keeps the Trainer's mode)
+        try:
+            with torch.no_grad(), autocast(model, self.bf16):
+                if self.teacher_params is None:  # live: the weights being trained
+                    return model(input_ids=ids, attention_mask=attn).logits
+                return torch.func.functional_call(model, self.teacher_params, (),
+                                                  {"input_ids": ids, "attention_mask": attn}).logits
+        finally:
+            model.train(was_training)
 
     def loss(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         teacher_prompts = inputs.get("teacher_ids")

@@ -31,7 +31,7 @@ from .. import precision as precisions
 from ..allocator import loaded_allocator, release_free_memory
 from ..data import build_examples, calibration_examples, load_datasets
 from ..data.check import cheap_checks, report_problems
-from ..data.self_distill import on_policy_examples, self_distill
+from ..data.self_distill import on_policy_examples, self_distill, weights_tag
 from ..errors import DataError, ForgetlessError
 from ..fingerprint import fingerprint_path
 from ..guard import MonitorCallback
@@ -383,7 +383,7 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: 
         with dist.main_first():
             records, data.self_distill = self_distill(data.train_records, recipe.data, model, tokenizer,
                                                       home_dir() / "cache", bf16, quiet=quiet or not main,
-                                                      model_key=fingerprint_path(model_path))
+                                                      model_key=fingerprint_path(model_path) + weights_tag(model))
         data.train, data.train_stats = build_examples(records, recipe.data, tokenizer)
         data.train_records = records
         if not data.train:
