@@ -130,6 +130,13 @@ def test_chat_turns_are_rewritten_each_in_its_context(tiny_model, tmp_path):
     assert [m["content"] for m in new.data["messages"]] == ["first question", "first answer", "second question",
                                                              "my second answer"]
     assert rec.data["messages"][3]["content"] == "second answer"  # the original record is not changed
+    # an assistant turn after a tool result: the whole conversation is the request, shown before the rewrite request
+    tool = {"messages": [{"role": "user", "content": "weather in Oslo?"}, {"role": "assistant", "content": "call"},
+                         {"role": "tool", "content": "rain, 4 C"}, {"role": "assistant", "content": "Rain, 4 C."}]}
+    reqs = build_requests(load_records(str(write_jsonl(tmp_path / "tool.jsonl", [tool]))), cfg, tok)
+    last = tok.decode(reqs[1].prompt_ids)
+    assert last.index("weather in Oslo?") < last.index("rain, 4 C") < last.index(
+        f"### Request\n{sd_mod.CONVERSATION_ABOVE}\n\n### Reference answer\nRain, 4 C.")
     # with data.system_prompt, to_messages puts a system message first that the record does not hold
     sys_cfg = cfg.model_copy(update={"system_prompt": "Be brief."})
     reqs = build_requests([rec], sys_cfg, tok)

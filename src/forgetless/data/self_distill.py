@@ -104,7 +104,9 @@ def build_requests(records: list[Record], cfg: DataConfig, tokenizer: Any) -> li
                 if m["role"] != "assistant":
                     continue
                 context = msgs[:j]
-                user = context[-1]["content"] if context and context[-1]["role"] == "user" else ""
+                # the request is the user message the turn answers; after a tool result (or another assistant
+                # turn) the conversation so far is the request, shown whole before the rewrite request
+                user = context[-1]["content"] if context and context[-1]["role"] == "user" else CONVERSATION_ABOVE
                 ask = {"role": "user", "content": sd.template.format(prompt=user, answer=m["content"])}
                 head = context[:-1] if context and context[-1]["role"] == "user" else context
                 out.append(Request(i, j, m["content"], _chat_prompt(tokenizer, [*head, ask]),
@@ -123,6 +125,10 @@ def build_requests(records: list[Record], cfg: DataConfig, tokenizer: Any) -> li
             student = plain_prompt_ids(tokenizer, plain)
         out.append(Request(i, None, answer, ids, student))
     return out
+
+
+#: {prompt} for an assistant turn that follows a tool result, not a user message (its context is shown above).
+CONVERSATION_ABOVE = "(the conversation above)"
 
 
 def on_policy_examples(records: list[Record], cfg: DataConfig, tokenizer: Any) -> tuple[list[dict], dict[str, Any]]:
