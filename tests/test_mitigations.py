@@ -221,6 +221,9 @@ def test_mitigations_compose_and_save_state_for_the_next_run(organism, tmp_path)
     assert [m["name"] for m in summary["mitigations"]] == ["l2sp", "ewc", "si", "replay"]
     run = tmp_path / "combo"
     assert (run / "ewc_state.safetensors").is_file() and (run / "si_state.safetensors").is_file()
+    (tmp_path / "plain").write_text("")  # the states are as readable as a plain open() makes a file here
+    mode = (tmp_path / "plain").stat().st_mode & 0o777
+    assert {(run / f).stat().st_mode & 0o777 for f in ("ewc_state.safetensors", "si_state.safetensors")} == {mode}
     # online EWC: the next run adds the saved Fisher, decayed by gamma. Both runs start from the same model with the
     # same 16 reference samples, so the second reads the first's Fisher from the cache, and saves
     # F_new + gamma * F_saved = (1 + 0.5) * F_first

@@ -15,10 +15,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import distributed as dist
 from ..errors import ForgetlessError
+from ..io import save_safetensors
 from ..schema import Strict
 from .base import CarryStep, QuadraticPenalty, TrainContext, file_backed, register, tensor_bytes
 
@@ -141,6 +142,4 @@ class SI(QuadraticPenalty):
             return
         state = {f"importance.{n}": t.cpu().contiguous() for n, t in zip(self.names, importance, strict=True)}
         state.update({f"theta.{n}": t.cpu().contiguous() for n, t in zip(self.names, theta, strict=True)})
-        tmp = ctx.run_dir / (STATE_FILE + ".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(ctx.run_dir / STATE_FILE)
+        save_safetensors(state, ctx.run_dir / STATE_FILE)  # atomic, and readable as the run folder is
