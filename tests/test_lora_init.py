@@ -84,7 +84,8 @@ def test_moved_inits_save_a_standard_lora_that_reloads_and_merges(init, tiny_mod
     assert (run / "initial_adapter" / "adapter_config.json").is_file()
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
     with torch.no_grad():
-        base_logits = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+        base_logits = base(ids).logits
         trained = res.model.eval()(ids).logits
         reloaded, _ = load_model(run)  # the original base + the converted adapter
         merged, _ = load_model(run / "merged")
@@ -100,6 +101,14 @@ def test_moved_inits_save_a_standard_lora_that_reloads_and_merges(init, tiny_mod
         # the saved adapter is a LoRA against the original base: disabled, it is the base model itself
         with reloaded.disable_adapter():
             torch.testing.assert_close(reloaded(ids).logits, base_logits, atol=1e-5, rtol=1e-5)
+        # WiSE-FT (forgetless merge --alpha) scales the converted adapter: halfway between the base and the tuned
+        from forgetless.merge import merge
+
+        assert merge(str(tiny_model), str(run), 0.5, tmp_path / "half")["kind"] == "lora adapter (scaled)"
+        half = load_model(tmp_path / "half")[0].merge_and_unload().state_dict()
+        tuned, b = merged.state_dict(), base.state_dict()
+        for k in b:
+            torch.testing.assert_close(half[k], (b[k] + tuned[k]) / 2, atol=2e-6, rtol=1e-5)
     import json
 
     cfg = json.loads((run / "final" / "adapter_config.json").read_text())
