@@ -45,6 +45,8 @@ from typing import Any
 
 import yaml
 
+from forgetless.schema import load_yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "bench" / "recipes"
 DATA = ROOT / "bench" / "data"
@@ -152,7 +154,7 @@ def retention_suite(scenario: str, limits: dict[str, int | None]) -> str:
         return "general"
     from forgetless.retention.suite import BUILTIN_DIR
 
-    spec = yaml.safe_load((BUILTIN_DIR / "general.yaml").read_text())
+    spec = load_yaml((BUILTIN_DIR / "general.yaml").read_text())
     spec["name"] = f"general-{scenario}-bench"
     for t in spec["tasks"]:
         if t["name"] in limits:
@@ -177,7 +179,7 @@ def recipe_set(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_recipes(names: list[str] | None) -> dict[str, dict[str, Any]]:
-    found = {p.stem: yaml.safe_load(p.read_text()) for p in sorted(RECIPES.glob("*.yaml"))}
+    found = {p.stem: load_yaml(p.read_text()) for p in sorted(RECIPES.glob("*.yaml"))}
     if names:
         unknown = sorted(set(names) - set(found))
         if unknown:

@@ -37,9 +37,34 @@ def test_overrides_set_nested_keys():
     assert r.lr == 1e-5 and r.method.r == 4 and r.train.report_to == ["tensorboard"]
 
 
+def test_yaml_reads_on_yes_no_as_strings_and_only_true_false_as_booleans(tmp_path):
+    # PyYAML's YAML 1.1 reads on/off/yes/no as booleans: kl's documented `on: all` became the key True
+    f = tmp_path / "r.yaml"
+    f.write_text("model: m\ndata: {train: t.jsonl, system_prompt: no}\nmitigations:\n  - {name: kl, on: all}\n"
+                 "  - name: replay\n    data: {train: g.jsonl}\ntrain: {merge: true, bf16: False}\n")
+    r = load_recipe(f, ["mitigations.0.on=replay"])
+    assert r.mitigations[0].on == "replay" and r.data.system_prompt == "no"
+    assert r.train.merge is True and r.train.bf16 is False
+    assert load_recipe(f).mitigations[0].on == "all"
+    assert recipe_from_dict(MINIMAL, ["data.system_prompt=yes"]).data.system_prompt == "yes"
+    # and what dump_recipe writes reads back the same
+    again = tmp_path / "again.yaml"
+    again.write_text(dump_recipe(r))
+    assert load_recipe(again).resolved() == r.resolved()
+
+
 def test_override_without_equals_is_an_error():
     with pytest.raises(RecipeError, match="KEY.PATH=VALUE"):
         recipe_from_dict(MINIMAL, ["optim.lr"])
+
+
+def test_overrides_index_lists():
+    spec = {**MINIMAL, "mitigations": ["l2sp", {"name": "kl", "weight": 1.0}]}
+    r = recipe_from_dict(spec, ["mitigations.1.weight=0.3", "mitigations.0.weight=0.05"])
+    assert (r.mitigations[0].weight, r.mitigations[1].weight) == (0.05, 0.3)
+    with pytest.raises(RecipeError, match=r"--set mitigations.2.weight: mitigations is a list of 2: '2' is not an "
+                                          r"index in it \(0 to 1\)"):
+        recipe_from_dict(spec, ["mitigations.2.weight=1"])
 
 
 def _err(tmp_path, text: str, overrides=None) -> str:

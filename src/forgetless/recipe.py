@@ -30,7 +30,7 @@ from .distributed import read_accelerate_config
 from .errors import RecipeError
 from .methods import METHOD_NAMES, METHODS, MethodConfig
 from .mitigations import MITIGATION_NAMES, MITIGATIONS, Mitigation, MitigationConfig
-from .schema import Strict
+from .schema import Strict, compose_yaml, load_yaml
 
 # ---------------------------------------------------------------- methods
 
@@ -319,13 +319,28 @@ def format_validation_error(
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in the tree (missing mappings are made); a number indexes a list (`mitigations.0.weight`)."""
     keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        if not isinstance(node.get(k), dict):
+    node: Any = tree
+    for depth, k in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise RecipeError(f"--set {dotted}: {'.'.join(keys[:depth]) or 'the recipe'} is a list of "
+                                  f"{len(node)}: {k!r} is not an index in it (0 to {len(node) - 1})")
+            if last:
+                node[int(k)] = value
+                return
+            if isinstance(node[int(k)], str):
+                node[int(k)] = {"name": node[int(k)]}
+            node = node[int(k)]
+            continue
+        if last:
+            node[k] = value
+            return
+        if not isinstance(node.get(k), dict | list):
             node[k] = {} if node.get(k) is None else ({"name": node[k]} if isinstance(node[k], str) else node[k])
         node = node[k]
-    node[keys[-1]] = value
 
 
 def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
@@ -336,7 +351,7 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
             raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set optim.lr=1e-5")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
         except yaml.YAMLError as e:
             raise RecipeError(f"--set {item!r}: value is not valid YAML: {e}") from None
         # YAML 1.1 reads 1e-5 as a string; accept it as a number
@@ -368,8 +383,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: recipe file not found")
     text = path.read_text(encoding="utf-8")
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
+        root = compose_yaml(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -388,7 +403,7 @@ def base_recipe_tree(base: dict[str, Any] | str | Path, label: str) -> tuple[dic
     if not path.is_file():
         raise RecipeError(f"{label}: recipe file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

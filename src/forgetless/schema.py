@@ -6,6 +6,7 @@ Recipes (`forgetless.recipe`), sweep and sequence files and retention suites are
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,28 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import RecipeError
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true / false. YAML 1.1 (PyYAML's default) also reads
+    on, off, yes, no, y and n as booleans, so `on: all` (kl's option) became the key True."""
+
+    yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in rs if tag != "tag:yaml.org,2002:bool"]
+                               for first, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely (no Python objects) with YAML 1.2's booleans (YamlLoader)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506  # a SafeLoader subclass
+
+
+def compose_yaml(text: str) -> Any:
+    """The node tree of YAML text (for the line numbers errors give), parsed as load_yaml parses it."""
+    return yaml.compose(text, Loader=YamlLoader)
 
 
 class Strict(BaseModel):
@@ -103,7 +126,7 @@ def load_config_file(
         raise error(f"{path}: {what} file not found")
     text = path.read_text(encoding="utf-8")
     try:
-        data, root = yaml.safe_load(text), yaml.compose(text)
+        data, root = load_yaml(text), compose_yaml(text)
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):

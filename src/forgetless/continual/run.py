@@ -19,6 +19,7 @@ from ..orchestration import claim_dir, locked, refuse_changed_recipes, train_or_
 from ..report import write_continual_report, write_plots, write_report
 from ..retention.evaluate import load_items
 from ..retention.suite import load_suite
+from ..schema import load_yaml
 from .evaluate import Evaluator, retention_entry, task_suite
 from .matrix import fmt_interval, metric_of, score_matrix, summarize
 from .plan import Step, plan, resolve_path
@@ -84,7 +85,7 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
     seq_dump = {k: v for k, v in cfg.dump().items() if k != "output_dir"}
     lock(out)
     if claim_dir(out, "continual.json", "continual", overwrite):
-        saved = yaml.safe_load((out / "sequence.yaml").read_text()) if (out / "sequence.yaml").is_file() else None
+        saved = load_yaml((out / "sequence.yaml").read_text()) if (out / "sequence.yaml").is_file() else None
         if saved is not None:  # read through today's schema: a sequence.yaml of an older version compares equal
             try:
                 saved = {k: v for k, v in ContinualConfig.model_validate(saved).dump().items() if k != "output_dir"}

@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import ForgetlessError
 from ..io import atomic_write_json
 from ..results import RetentionChange, TaskGain, ability_names
+from ..schema import load_yaml
 
 LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -53,9 +54,7 @@ def gather(path: Path) -> dict[str, Any]:
                 "abilities": ability_names(rows)}
     if (path / "summary.json").is_file() or (path / "recipe.yaml").is_file():
         row = run_row(path)
-        import yaml
-
-        rec = yaml.safe_load((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
+        rec = load_yaml((path / "recipe.yaml").read_text()) if (path / "recipe.yaml").is_file() else {}
         budget = ((rec or {}).get("guard") or {}).get("budget")
         return {"title": f"run {path.name}", "kind": "run", "sweep": None, "rows": [row] if row else [],
                 "runs": [path], "budget": budget, "recommended": None, "decide_on": "point",
