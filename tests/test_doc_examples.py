@@ -1,5 +1,6 @@
-"""The README's YAML examples are copy-paste ready: every block parses (as forgetless reads YAML) and validates as
-what it shows: a recipe (or a fragment of one, on a minimal recipe), a retention suite, a sweep or a sequence."""
+"""The YAML examples in the README and docs/ are copy-paste ready: every block parses (as forgetless reads YAML)
+and validates as what it shows: a recipe (or a fragment of one, on a minimal recipe), a retention suite (or a list
+of its tasks), a sweep or a sequence."""
 
 from __future__ import annotations
 
@@ -15,13 +16,17 @@ from forgetless.retention.suite import Suite
 from forgetless.schema import load_yaml
 from forgetless.sweep import SweepConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = [textwrap.dedent(b) for b in re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S)]
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [(f"{doc.name}-{i}", textwrap.dedent(b)) for doc in DOCS
+          for i, b in enumerate(re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S))]
 #: what a fragment lacks to be a whole recipe (a guard's more_replay needs a replay mitigation to act on)
 MINIMAL = {"model": "m", "data": {"train": "t.jsonl"}, "mitigations": [{"name": "replay", "data": {"train": "g"}}]}
 
 
-def _kind(tree: dict) -> str:
+def _kind(tree: dict | list) -> str:
+    if isinstance(tree, list):
+        return "suite tasks"
     if "runs" in tree or "grid" in tree:
         return "sweep"
     if "tasks" in tree and "base" in tree:
@@ -32,12 +37,15 @@ def _kind(tree: dict) -> str:
     return "recipe"
 
 
-def test_the_readme_has_its_examples():
-    assert len(BLOCKS) >= 8 and {_kind(load_yaml(b)) for b in BLOCKS} == {"recipe", "suite", "sweep", "sequence"}
+def test_the_docs_have_their_examples():
+    kinds = {_kind(load_yaml(b)) for _, b in BLOCKS}
+    assert len(BLOCKS) >= 14 and kinds == {"recipe", "suite", "suite tasks", "sweep", "sequence"}
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[f"yaml-{i}" for i in range(len(BLOCKS))])
-def test_every_readme_yaml_example_validates(block):
+@pytest.mark.parametrize("block", [b for _, b in BLOCKS], ids=[name for name, _ in BLOCKS])
+def test_every_yaml_example_validates(block, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # files an example names and validation reads: an accelerate config
+    (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\nnum_processes: 2\nfsdp_config: {fsdp_version: 2}\n")
     tree = load_yaml(block)
     kind = _kind(tree)
     if kind == "recipe":
@@ -45,6 +53,8 @@ def test_every_readme_yaml_example_validates(block):
         recipe_from_dict(spec)
     elif kind == "suite":
         Suite.model_validate(tree)
+    elif kind == "suite tasks":
+        Suite.model_validate({"name": "example", "tasks": tree})
     elif kind == "sweep":
         SweepConfig.model_validate({**tree, "base": MINIMAL})
     else:
