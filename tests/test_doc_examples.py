@@ -59,3 +59,58 @@ def test_every_yaml_example_validates(block, tmp_path, monkeypatch):
         SweepConfig.model_validate({**tree, "base": MINIMAL})
     else:
         ContinualConfig.model_validate({**tree, "base": MINIMAL})
+
+
+def _cli_lines() -> list[str]:
+    """Every `forgetless ...` line in the README's code blocks (continuation lines joined, comments cut)."""
+    out = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        lines, i = block.splitlines(), 0
+        while i < len(lines):
+            line = lines[i]
+            while i + 1 < len(lines) and (line.rstrip().endswith("\\") or lines[i + 1].startswith("     ")):
+                i += 1
+                line = line.rstrip().removesuffix("\\") + " " + lines[i].strip()
+            if line.startswith("forgetless "):
+                out.append(re.split(r"\s#\s", line)[0])
+            i += 1
+    return out
+
+
+def _commands() -> dict[str, object]:
+    import typer
+
+    from forgetless.cli import app
+
+    found: dict[str, object] = {}
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                walk(sub, [*path, name])
+        else:
+            found[" ".join(path)] = cmd
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def test_readme_command_lines_use_real_commands_and_options():
+    commands, lines = _commands(), _cli_lines()
+    assert len(lines) >= 30
+    for line in lines:
+        words = line.split()[1:]
+        name = next((n for n in sorted(commands, key=len, reverse=True) if words[: len(n.split())] == n.split()), None)
+        assert name is not None, f"README: {line!r} names no forgetless command"
+        opts = {o for p in commands[name].params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+        unknown = [f for f in re.findall(r"(?<![\w-])(--[a-z0-9-]+)", line) if f not in opts]
+        assert not unknown, f"README: {line!r}: {unknown} are not options of forgetless {name}"
+
+
+def test_the_cli_reference_lists_every_command_and_option():
+    text = (ROOT / "README.md").read_text()
+    ref = text[text.index("## CLI reference"):text.index("## Models offline")]
+    for name, cmd in _commands().items():
+        assert f"forgetless {name}" in ref, f"the CLI reference lacks forgetless {name}"
+        missing = [o for p in cmd.params for o in p.opts if o.startswith("--") and o != "--help" and o not in ref]
+        assert not missing, f"the CLI reference lacks {missing} of forgetless {name}"
