@@ -181,3 +181,28 @@ def test_the_cache_key_tells_how_the_weights_are_held(tiny_model):
     assert weights_tag(model) == ""  # fp32, not quantized: the default load (existing caches keep their key)
     assert weights_tag(model.to(torch.bfloat16)) == "weights:torch.bfloat16"
 
+
+
+def test_the_cache_key_changes_with_what_the_rewrites_depend_on(tiny_model, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "2+2?", "completion": "#### 4"},
+                                              {"prompt": "3+3?", "completion": "#### 6"}])
+    tok = load_tokenizer(str(tiny_model))
+    cfg = DataConfig(train=str(path), format="prompt_completion", self_distill={})
+    reqs = build_requests(load_records(str(path)), cfg, tok)
+    key = sd_mod.cache_key("model-a", reqs, cfg, True)
+    other_template = cfg.model_copy(update={"self_distill": cfg.self_distill.model_copy(
+        update={"template": "Say it again: {prompt} -> {answer}\n"})})
+    changed = {
+        "model": sd_mod.cache_key("model-b", reqs, cfg, True),
+        "precision": sd_mod.cache_key("model-a", reqs, cfg, False),
+        "template": sd_mod.cache_key("model-a", build_requests(load_records(str(path)), other_template, tok),
+                                     other_template, True),
+        "length": sd_mod.cache_key("model-a", reqs, cfg.model_copy(update={"self_distill": cfg.self_distill.model_copy(
+            update={"max_new_tokens": 7})}), True),
+        "data": sd_mod.cache_key("model-a", reqs[:1], cfg, True),
+    }
+    assert key == sd_mod.cache_key("model-a", reqs, cfg, True)  # stable
+    assert all(k != key for k in changed.values()) and len(set(changed.values())) == len(changed)
+    # the acceptance rule is not in the key: rewrites are judged again on reading, so a new rule reuses them
+    assert sd_mod.cache_key("model-a", reqs, cfg.model_copy(update={"self_distill": cfg.self_distill.model_copy(
+        update={"accept": SelfDistillAccept(kind="rouge_l", min=0.9)})}), True) == key
