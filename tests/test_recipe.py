@@ -19,6 +19,16 @@ def test_minimal_recipe_gets_defaults():
     assert r.train.report_to == ["none"]
 
 
+def test_the_resolved_recipe_shows_the_defaults_applied_at_run_time():
+    r = recipe_from_dict({**MINIMAL, "name": "x", "method": "lora", "optim": {"batch_size": 4}}).resolved()
+    assert r["optim"]["lr"] == 2e-4 and r["optim"]["warmup_ratio"] == 0.03 and r["optim"]["warmup_steps"] is None
+    assert r["optim"]["eval_batch_size"] == 4 and r["train"]["output_dir"] == "runs/x"
+    steps = recipe_from_dict({**MINIMAL, "optim": {"warmup_steps": 5}}).resolved()["optim"]
+    assert (steps["warmup_steps"], steps["warmup_ratio"]) == (5, None)  # the two stay exclusive
+    # what a run writes reads back as the same recipe (resume and sweeps compare resolved recipes)
+    assert recipe_from_dict(r).resolved() == r
+
+
 def test_method_shorthand_and_method_default_lr():
     r = recipe_from_dict({**MINIMAL, "method": "lora"})
     assert r.method.name == "lora" and r.method.r == 16 and r.lr == 2e-4

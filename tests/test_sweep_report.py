@@ -169,6 +169,28 @@ def test_report_for_a_lone_run_without_evaluation(tmp_path, tiny_model, toy_data
         build_report(tmp_path)
 
 
+def test_drift_of_a_run_whose_base_is_a_hub_id(tmp_path, tiny_model, toy_data, monkeypatch):
+    import forgetless.train.model as model_mod
+    from forgetless.recipe import recipe_from_dict
+    from forgetless.report.gather import layer_drift
+    from forgetless.train import train
+
+    run = tmp_path / "run"
+    train(recipe_from_dict(tiny_recipe(tiny_model, toy_data, run, optim__max_steps=3, optim__lr=1e-2)), quiet=True)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["model"]["path"] = "someone/tiny"  # as a run from the hub records it: the id, not a folder
+    (run / "summary.json").write_text(json.dumps(summary))
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # read when imported: the env var set by conftest is too late
+    assert layer_drift(run) is None  # neither cached here nor reachable: no chart, no error
+    real = model_mod.load_model
+    monkeypatch.setattr(model_mod, "load_model", lambda p, *a, **k: real(tiny_model if p == "someone/tiny" else p,
+                                                                          *a, **k))
+    drift = layer_drift(run)  # loadable (here: from the cache the run filled): the chart is made
+    assert drift is not None and all(v > 0 for v in drift["relative_change"])
+
+
 def test_sweep_file_errors_name_the_key(tmp_path, tiny_model, toy_data):
     p = _sweep_file(tmp_path, tiny_model, toy_data, budget="lots")
     with pytest.raises(RecipeError, match=r"budget.*line \d+.*1%"):

@@ -43,6 +43,10 @@ RECIPE_TAGS = METHOD_NAMES + MITIGATION_NAMES
 # ---------------------------------------------------------------- optimisation
 
 
+#: optim.warmup_ratio when neither warmup_steps nor warmup_ratio is set
+DEFAULT_WARMUP_RATIO = 0.03
+
+
 class OptimConfig(Strict):
     optimizer: Literal["adamw"] = "adamw"
     lr: float | None = Field(None, gt=0, description="Peak learning rate. None: the method's default.")
@@ -296,9 +300,15 @@ class Recipe(Strict):
         return Path(self.train.output_dir or f"runs/{self.name}")
 
     def resolved(self) -> dict[str, Any]:
-        """The recipe with every default filled in, as written to the run directory."""
+        """The recipe with the defaults applied at run time filled in (learning rate, warmup, eval batch size,
+        run directory), as written to the run directory."""
         out = self.model_dump(mode="json")
-        out["optim"]["lr"] = self.lr
+        o = out["optim"]
+        o["lr"] = self.lr
+        if o["warmup_steps"] is None and o["warmup_ratio"] is None:
+            o["warmup_ratio"] = DEFAULT_WARMUP_RATIO
+        o["eval_batch_size"] = o["eval_batch_size"] or o["batch_size"]
+        out["train"]["output_dir"] = str(self.output_dir)
         return out
 
 

@@ -42,7 +42,7 @@ from ..mitigations import build as build_mitigations
 from ..mitigations.base import load_states
 from ..models import resolve_model
 from ..models.catalog import cache_dir as models_cache_dir
-from ..recipe import Recipe, dump_recipe, load_recipe
+from ..recipe import DEFAULT_WARMUP_RATIO, Recipe, dump_recipe, load_recipe
 from .callbacks import (
     CheckpointMarker,
     DivergenceGuard,
@@ -155,7 +155,8 @@ def training_args(recipe: Recipe, ckpt_dir: Path, device: torch.device, bf16: bo
     from transformers import TrainingArguments
 
     o, t = recipe.optim, recipe.train
-    warmup = o.warmup_steps if o.warmup_steps is not None else (o.warmup_ratio if o.warmup_ratio is not None else 0.03)
+    warmup = o.warmup_steps if o.warmup_steps is not None else (
+        o.warmup_ratio if o.warmup_ratio is not None else DEFAULT_WARMUP_RATIO)
     return TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=o.batch_size,
