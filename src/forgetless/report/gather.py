@@ -75,19 +75,15 @@ def layer_drift(run_dir: Path, force: bool = False) -> dict[str, Any] | None:
     if not summary or not (run_dir / "final").is_dir():
         return None
     base_path = summary["model"]["path"]
-    # a local directory, or a hub id (owner/name: from the Hugging Face cache the run filled, or the hub)
-    hub_id = not base_path.startswith((".", "/", "~")) and base_path.count("/") == 1
-    if not Path(base_path).is_dir() and not hub_id:
-        return None
     # torch and the model loaders only here: reading a run's files needs neither
     import torch
 
     from ..retention.api import load_for_eval
     from ..train.model import load_model
 
-    try:
+    try:  # a local directory, or a hub id (from the Hugging Face cache the run filled, or the hub)
         base, _ = load_model(base_path)
-    except (OSError, ValueError):  # the hub id is neither cached here nor reachable
+    except (ForgetlessError, OSError, ValueError):  # the folder is gone; the hub id neither cached nor reachable
         return None
     tuned, _, _ = load_for_eval(str(run_dir))
     base_sd = {k: v for k, v in base.state_dict().items()}
