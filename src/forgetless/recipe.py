@@ -329,28 +329,24 @@ def format_validation_error(
 
 
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c` in the tree (missing mappings are made); a number indexes a list (`mitigations.0.weight`)."""
+    """Set `a.b.c` in the tree (missing mappings are made, a name alone becomes {name: ...}); a number indexes a
+    list (`mitigations.0.weight`)."""
     keys = dotted.split(".")
     node: Any = tree
     for depth, k in enumerate(keys):
-        last = depth == len(keys) - 1
+        key: int | str = k
         if isinstance(node, list):
             if not k.isdigit() or int(k) >= len(node):
                 raise RecipeError(f"--set {dotted}: {'.'.join(keys[:depth]) or 'the recipe'} is a list of "
                                   f"{len(node)}: {k!r} is not an index in it (0 to {len(node) - 1})")
-            if last:
-                node[int(k)] = value
-                return
-            if isinstance(node[int(k)], str):
-                node[int(k)] = {"name": node[int(k)]}
-            node = node[int(k)]
-            continue
-        if last:
-            node[k] = value
+            key = int(k)
+        if depth == len(keys) - 1:
+            node[key] = value
             return
-        if not isinstance(node.get(k), dict | list):
-            node[k] = {} if node.get(k) is None else ({"name": node[k]} if isinstance(node[k], str) else node[k])
-        node = node[k]
+        child = node[key] if isinstance(key, int) else node.get(key)
+        if child is None or isinstance(child, str):
+            child = node[key] = {} if child is None else {"name": child}
+        node = child
 
 
 def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
