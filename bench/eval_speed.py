@@ -465,6 +465,11 @@ def main() -> None:
     write(result, args.out)
 
 
+
+def _calibration_text(calibration: dict) -> str:
+    """The batch-size calibration as the markdown shows it, the same from the run (int keys) and its JSON (str)."""
+    return ", ".join(f"batch {k}: {v} s" for k, v in calibration.items()) or "none"
+
 def render_md(result: dict[str, Any]) -> str:
     """The markdown report, from the JSON result alone (`--render FILE` re-renders a saved run)."""
     mach, rows, speed = result["machine"], result["rows"], result["speed"]
@@ -479,7 +484,7 @@ def render_md(result: dict[str, Any]) -> str:
              f"{mach['loadavg_start'][0]:.1f} at start, {mach['loadavg_end'][0]:.1f} at end (the 2 cores were shared "
              "with other work: compare the ratios, not the seconds).", "",
              f"lm-eval: `HFLM(pretrained=model, tokenizer=tok, batch_size={lm_l['batch_size']})`, fp32 weights "
-             f"(calibration, seconds: {lm_l['batch_calibration_s'] or 'n/a'}). forgetless: `evaluate(..., bf16=...)`, "
+             f"(calibration: {_calibration_text(lm_l['batch_calibration_s'])}). forgetless: `evaluate(..., bf16=...)`, "
              f"batch_tokens {result['settings']['forgetless']['batch_tokens']}. Wall time of the whole call; one run "
              f"each, interleaved per task (order in the JSON). Headline: forgetless {fl_head} vs lm-eval {lm_head}.",
              ""]
