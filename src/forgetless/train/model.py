@@ -145,12 +145,16 @@ def save_trained(model: nn.Module, tokenizer: Any, out_dir: Path, base_path: str
     return kind
 
 
+#: the run's adapter as initialised by an init that moved part of the base into it (written by the run, read here)
+INITIAL_ADAPTER = "initial_adapter"
+
+
 def moved_base_initial_adapter(path: Path) -> Path | None:
     """For a checkpoint (`<run>/checkpoints/checkpoint-N`) of a run whose LoRA init moved part of the base into the
     adapter (pissa, orthonormal, milora, corda): the run's `initial_adapter/`. Such a checkpoint's adapter is
     relative to the residual base, not the original one (the final adapter is saved converted; checkpoints are not,
     so that a resume continues exactly)."""
-    initial = path.parent.parent / "initial_adapter"
+    initial = path.parent.parent / INITIAL_ADAPTER
     if path.parent.name == "checkpoints" and (initial / "adapter_config.json").is_file():
         return initial
     return None

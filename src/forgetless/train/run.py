@@ -54,6 +54,7 @@ from .callbacks import (
     latest_complete_checkpoint,
 )
 from .model import (
+    INITIAL_ADAPTER,
     count_parameters,
     load_model,
     load_tokenizer,
@@ -431,7 +432,7 @@ def _save_initial_adapter(model: Any, run_dir: Path) -> None:
     live = peft_model.peft_config["default"]
     init, live.init_lora_weights = live.init_lora_weights, True
     try:
-        with atomic_dir(run_dir / "initial_adapter", overwrite=True) as tmp:
+        with atomic_dir(run_dir / INITIAL_ADAPTER, overwrite=True) as tmp:
             peft_model.save_pretrained(tmp, safe_serialization=True)
     finally:  # checkpoints keep saying what they are: an adapter against the residual base
         live.init_lora_weights = init
@@ -675,7 +676,7 @@ def refuse_diverged(summary: dict[str, Any], path: Path, what: str) -> None:
 def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, model_path: str, bf16: bool) -> str:
     with atomic_dir(run_dir / "final", overwrite=True) as tmp:
         kind = save_trained(trainer.model, tokenizer, tmp, model_path,
-                            run_dir / "initial_adapter" if recipe.method.moves_base else None)
+                            run_dir / INITIAL_ADAPTER if recipe.method.moves_base else None)
         faults.point("final_save")
         recipe.method.export_files(tmp, bf16)
     if recipe.train.merge and kind != "model":
