@@ -317,6 +317,28 @@ def test_a_crash_in_the_first_step_resumes_too(world, monkeypatch):
     assert state["complete"] and state["metrics"]["bwt"] is None and state["metrics"]["average_accuracy"]["value"] < 0
 
 
+def test_an_interruption_while_the_base_is_scored_resumes(world, monkeypatch):
+    """sequence.yaml is written before the base row is scored and continual.json after it: a rerun after a crash
+    in between resumes (it was refused as "not a continual directory")."""
+    from forgetless.continual.evaluate import Evaluator
+
+    spec = _sequence(world, "base-crash", tasks=("copy",), retention_suite=None)
+    spec["tasks"][0]["set"] = {"optim.max_steps": 5}
+    path = _write(world, spec)
+    real = Evaluator.base_row
+
+    def crash(self, out):
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(Evaluator, "base_row", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_continual(path, quiet=True, report=False)
+    out = world["dir"] / "base-crash"
+    assert (out / "sequence.yaml").is_file() and not (out / "continual.json").exists()
+    monkeypatch.setattr(Evaluator, "base_row", real)
+    assert run_continual(path, quiet=True, report=False)["complete"]
+
+
 def test_changed_sequence_or_foreign_directory_is_refused(plain, world):
     spec = yaml.safe_load(plain["path"].read_text())
     spec["tasks"][1]["set"] = {"optim.lr": 1e-3}

@@ -151,3 +151,100 @@ def test_auto_alpha_chooses_on_selection_suites_and_reports_on_others(organism, 
     assert rep["retention_score"] == pytest.approx(want["retention_score"], abs=1e-9)
     assert rep["retention_score"] != pytest.approx(both["selection"]["comparison"]["retention"]["retention_score"],
                                                    abs=1e-9)
+
+
+# ---- what merge writes is the interpolation it measured ----------------------------------------------------------
+
+
+def _tiny_run(tiny_model, toy_data, out, method, **over):
+    from conftest import tiny_recipe
+
+    return train(recipe_from_dict(tiny_recipe(tiny_model, toy_data, out, method=method, optim__lr=1e-2, **over)),
+                 quiet=True).run_dir
+
+
+def _assert_saved_is_the_interpolation(base, tuned, out, alpha=0.5):
+    """The written model (adapter or full) computes theta(alpha) as `interpolate` builds it from the endpoints."""
+    from forgetless.merge import interpolate, load_endpoints
+
+    info = merge(str(base), str(tuned), alpha, out)
+    want = interpolate(load_endpoints(str(base), str(tuned)), alpha)
+    with torch.no_grad():
+        want_logits = want(input_ids=IDS).logits
+    assert torch.allclose(_logits(out, IDS), want_logits, atol=1e-5), info
+    return info
+
+
+def test_a_lora_of_another_base_is_written_as_the_full_interpolated_model(tiny_model, toy_data, tmp_path):
+    """A LoRA trained on top of a fine-tuned model, merged against the original base: base + alpha * BA would be
+    the wrong model (the adapter is relative to its own base), so the full interpolation is written."""
+    step1 = _tiny_run(tiny_model, toy_data, tmp_path / "s1", {"name": "full"}, optim__max_steps=10)
+    step2 = _tiny_run(step1 / "final", toy_data, tmp_path / "s2", {"name": "lora", "r": 4}, optim__max_steps=10)
+    info = _assert_saved_is_the_interpolation(tiny_model, step2, tmp_path / "m")
+    assert info["kind"] == "model"
+    # against its own base the scaled adapter is written, and it is the same interpolation
+    own = _assert_saved_is_the_interpolation(step1 / "final", step2, tmp_path / "own")
+    assert own["kind"] == "lora adapter (scaled)"
+
+
+def test_a_moved_base_checkpoint_is_written_as_the_full_interpolated_model(tiny_model, toy_data, tmp_path):
+    """A PiSSA run's checkpoint holds an adapter relative to the residual base: scaling its B would not give
+    theta(alpha); load_model converts it, and merge writes the full model it measured."""
+    run = _tiny_run(tiny_model, toy_data, tmp_path / "p", {"name": "lora", "r": 4, "init": "pissa", "dropout": 0.0},
+                    optim__max_steps=10, train__save_steps=10)
+    ckpt = run / "checkpoints" / "checkpoint-10"
+    assert (ckpt / "adapter_config.json").is_file()
+    assert _assert_saved_is_the_interpolation(tiny_model, ckpt, tmp_path / "m")["kind"] == "model"
+
+
+def test_qlora_merges_into_the_full_precision_base(tiny_model, toy_data, tmp_path):
+    run = _tiny_run(tiny_model, toy_data, tmp_path / "q", {"name": "qlora", "r": 4}, optim__max_steps=10)
+    info = _assert_saved_is_the_interpolation(tiny_model, run, tmp_path / "m", alpha=1.0)
+    assert info["kind"] == "model" and not (tmp_path / "m" / "forgetless_quantization.json").exists()
+    full, _ = load_model(run, full_precision_base=True)
+    with torch.no_grad():
+        assert torch.allclose(_logits(tmp_path / "m", IDS), full(input_ids=IDS).logits, atol=1e-5)
+
+
+def test_a_non_linear_bottleneck_adapter_is_refused_for_what_it_is(tiny_model, toy_data, tmp_path):
+    run = _tiny_run(tiny_model, toy_data, tmp_path / "a", {"name": "adapter", "bottleneck": 8}, optim__max_steps=2)
+    with pytest.raises(ForgetlessError, match="non-linear activation cannot be merged"):
+        merge(str(tiny_model), str(run), 0.5, tmp_path / "m")
+
+
+def test_merge_takes_a_catalog_alias_as_base(organism, tmp_path, monkeypatch):
+    """The README's `merge --base smollm2-135m-instruct`: an alias is resolved to its cache entry (here the
+    stories260k entry, built from a copy of the organism's base), for a full run and for a LoRA adapter."""
+    import importlib
+    import shutil
+
+    pull_module = importlib.import_module("forgetless.models.pull")  # the package's `pull` is the function
+    monkeypatch.setenv("FORGETLESS_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(pull_module.BUILDERS, "llama2c",
+                        lambda entry, out, ui: shutil.copytree(organism["model"], out, dirs_exist_ok=True) and {})
+    lora = _finetune(organism, tmp_path / "lora", {"name": "lora", "r": 4}, lr=1e-2, steps=10)
+    by_path = merge(str(organism["model"]), str(lora), 0.5, tmp_path / "by-path")
+    by_alias = merge("stories260k", str(lora), 0.5, tmp_path / "by-alias")
+    # the alias's entry is a copy of the adapter's own base: still the scaled adapter, the same model
+    assert by_alias["kind"] == by_path["kind"] == "lora adapter (scaled)"
+    assert torch.equal(_logits(tmp_path / "by-alias", IDS), _logits(tmp_path / "by-path", IDS))
+
+
+def test_auto_alpha_refuses_an_existing_output_before_scoring_and_full_writes_a_model(organism, tmp_path, monkeypatch):
+    import forgetless.merge as merge_mod
+    from forgetless.errors import OutputExistsError
+
+    lora = _finetune(organism, tmp_path / "lora", {"name": "lora", "r": 4}, lr=1e-2, steps=10)
+    suites = {"task_suite": _ppl_suite("task_b", organism["b_val"]),
+              "retention_suite": _ppl_suite("retain_a", organism["a_val"])}
+    (tmp_path / "taken").mkdir()
+    loads = []
+    real = merge_mod.load_endpoints
+    monkeypatch.setattr(merge_mod, "load_endpoints", lambda *a: loads.append(a) or real(*a))
+    with pytest.raises(OutputExistsError, match="already exists"):
+        auto_alpha(str(organism["model"]), str(lora), budget=0.5, alphas=[0.0, 1.0], out=tmp_path / "taken",
+                   progress=False, precision="fp32", **suites)
+    assert loads == [], "the existing output should be refused before anything is loaded or scored"
+    res = auto_alpha(str(organism["model"]), str(lora), budget=0.5, alphas=[0.0, 1.0], out=tmp_path / "full",
+                     progress=False, precision="fp32", full=True, **suites)
+    assert res["saved"]["kind"] == "model" and (tmp_path / "full" / "model.safetensors").is_file()

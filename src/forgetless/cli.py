@@ -212,7 +212,7 @@ def merge(
                                       progress=not (json_out or quiet), search=search, decide_on=decide_on,
                                       precision=_precision_option(precision, None),
                                       report_task_suite=report_task_suite,
-                                      report_retention_suite=report_retention_suite)
+                                      report_retention_suite=report_retention_suite, full=full)
     else:
         try:
             a = float(alpha)

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ForgetlessError
+from .errors import ForgetlessError, OutputExistsError
 from .fingerprint import fingerprint_path
 from .io import atomic_dir, atomic_write_json
+from .methods.bottleneck import adapter_modules
 from .models import resolve_model
 from .retention.api import baseline_result, eval_precision, is_run_dir, merge_for_eval
 from .retention.evaluate import compare, evaluate
@@ -38,25 +39,68 @@ class Endpoints:
     base: nn.Module
     tuned: nn.Module
     tokenizer: Any
-    lora_dir: Path | None  # set when `tuned` came from a LoRA adapter (then a scaled adapter can be saved)
+    lora_dir: Path | None  # set when a scaled LoRA adapter is the same interpolation (`scalable_lora`)
+
+
+def _model_path(name: str) -> str:
+    """A local directory, a catalog alias (its cache entry) or a hub id, as `from_pretrained` loads it."""
+    return name if Path(name).expanduser().is_dir() else str(resolve_model(name).path)
+
+
+def _weights_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted([*path.glob("*.safetensors"), path / "config.json"]):
+        h.update(p.name.encode() + (p.read_bytes() if p.is_file() else b""))
+    return h.hexdigest()
+
+
+def _same_model(a: str, b: str) -> bool:
+    """The same weights: the same hub id, or model directories with the same weight files and config (a copy
+    counts, such as a catalog alias's cache entry, which adds its provenance file)."""
+    pa, pb = Path(a), Path(b)
+    return a == b or (pa.is_dir() and pb.is_dir() and (pa.resolve() == pb.resolve()
+                                                        or _weights_digest(pa) == _weights_digest(pb)))
+
+
+def scalable_lora(tuned_path: Path, base_path: str) -> Path | None:
+    """`tuned_path` when `base + alpha * (its adapter)` is exactly the interpolation the curve measures, so the
+    adapter scaled by alpha can be saved instead of a full model; None otherwise (then a full model is written).
+    That needs a plain LoRA (not DoRA, not on a 4-bit base) whose own base is `base_path`, whose trained weights
+    are all in lora_A/lora_B (no trained biases, no modules_to_save), and which is not a checkpoint of a
+    moved-base init (its adapter is relative to the residual base; the final adapter is saved converted)."""
+    from .methods.qlora import QUANT_FILE
+    from .train.model import moved_base_initial_adapter
+
+    cfg_file = tuned_path / "adapter_config.json"
+    if not cfg_file.is_file():
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    plain = (cfg.get("peft_type") == "LORA" and not cfg.get("use_dora") and cfg.get("bias", "none") == "none"
+             and not cfg.get("modules_to_save") and not (tuned_path / QUANT_FILE).is_file()
+             and moved_base_initial_adapter(tuned_path) is None)
+    own_base = str(cfg.get("base_model_name_or_path") or "")
+    return tuned_path if plain and _same_model(own_base, base_path) else None
 
 
 def load_endpoints(base: str, tuned: str) -> Endpoints:
     tuned_path = Path(tuned) / "final" if is_run_dir(tuned) else Path(tuned)
-    lora_dir = None
-    if (tuned_path / "adapter_config.json").is_file():
-        cfg = json.loads((tuned_path / "adapter_config.json").read_text())
-        lora_dir = tuned_path if cfg.get("peft_type") == "LORA" and not cfg.get("use_dora") else None
-    t_model, tok = load_model(tuned_path)
+    base_path = _model_path(base)
+    # a QLoRA adapter goes on a full-precision base: the merge is of full-precision weights
+    t_model, tok = load_model(tuned_path, full_precision_base=True)
     t_model = merge_for_eval(t_model)
     if hasattr(t_model, "peft_config"):
         raise ForgetlessError(f"{tuned}: this adapter kind (prompt or prefix tuning) has no weights to interpolate")
-    b_model, _ = load_model(base)
+    if adapter_modules(t_model):
+        raise ForgetlessError(f"{tuned}: bottleneck adapters with a non-linear activation cannot be merged into the "
+                              "weights, so there is nothing to interpolate (train them with `activation: identity`)")
+    b_model, _ = load_model(base_path)
     b_state, t_state = b_model.state_dict(), t_model.state_dict()
     if set(b_state) != set(t_state) or any(b_state[k].shape != t_state[k].shape for k in b_state):
         raise ForgetlessError(f"{base} and {tuned} do not have the same parameters; merge needs the tuned model's "
                               "own base")
-    return Endpoints(b_model.eval(), t_model.eval(), tok, lora_dir)
+    return Endpoints(b_model.eval(), t_model.eval(), tok, scalable_lora(tuned_path, base_path))
 
 
 @torch.no_grad()
@@ -100,12 +144,20 @@ def merge(base: str, tuned: str, alpha: float, out: str | Path, overwrite: bool 
     """Write theta(alpha). A LoRA adapter is written as a scaled adapter unless `full`."""
     if not 0.0 <= alpha <= 1.0:
         raise ForgetlessError(f"--alpha must be in [0, 1], got {alpha}")
+    refuse_existing(out, overwrite)
     return write_merged(load_endpoints(base, tuned), base, tuned, alpha, out, overwrite, full)
+
+
+def refuse_existing(out: str | Path | None, overwrite: bool) -> None:
+    """Refuse an existing output directory before any loading or scoring (atomic_dir checks again on writing)."""
+    if out is not None and Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
 
 
 def write_merged(ends: Endpoints, base: str, tuned: str, alpha: float, out: str | Path, overwrite: bool = False,
                  full: bool = False) -> dict[str, Any]:
-    """`merge` from endpoints already loaded."""
+    """`merge` from endpoints already loaded. A scaled adapter only where `ends.lora_dir` says it is the same
+    interpolation; else (or with `full`) the full model."""
     out = Path(out)
     if ends.lora_dir is not None and not full:
         save_scaled_lora(ends.lora_dir, alpha, out, overwrite)
@@ -135,6 +187,7 @@ def auto_alpha(
     precision: Any = "auto",
     report_task_suite: Any = None,
     report_retention_suite: Any = None,
+    full: bool = False,
 ) -> dict[str, Any]:
     """Measure the interpolation curve and keep the best task score whose retention drop is within `budget`
     (a fraction: 0.01 = 1%). Task score: the task suite's retention score against the base (>1 = gained).
@@ -148,7 +201,8 @@ def auto_alpha(
     Every alpha reports the budget both ways: `within_budget` (the drop's point estimate) and
     `within_budget_95` (the drop's 95% upper bound, 1 - the retention interval's lower end). The choice acts on
     the point estimate by default (decide_on="point"); decide_on="confident" keeps only alphas whose budget
-    holds with 95% confidence. The curve's `eligible` says what the choice used.
+    holds with 95% confidence. The curve's `eligible` says what the choice used. With `out`, the chosen alpha is
+    written there as `merge` writes it (`full`: a full model even for a LoRA adapter).
 
     search: "grid" scores every alpha; "descending" scores them from the largest down and stops at the first
     within the budget (the largest alpha that meets it: right when retention falls as alpha grows, WiSE-FT's
@@ -159,15 +213,13 @@ def auto_alpha(
         raise ForgetlessError(f"search must be 'grid' or 'descending', got {search!r}")
     if decide_on not in ("point", "confident"):
         raise ForgetlessError(f"decide_on must be 'point' or 'confident', got {decide_on!r}")
+    refuse_existing(out, overwrite)
     ts, rs = load_suite(task_suite), load_suite(retention_suite)
     ends = load_endpoints(base, tuned)
     alphas = alphas or [round(0.1 * i, 2) for i in range(11)]
     if search == "descending":
         alphas = sorted(alphas, reverse=True)
-    if Path(base).is_dir():
-        base_path = base
-    else:
-        base_path = str(resolve_model(base).path)
+    base_path = _model_path(base)
     ref_fp = fingerprint_path(base_path)
     root = resolve_data_root(data_root)
     prec = eval_precision(precision, base_path)
@@ -216,7 +268,7 @@ def auto_alpha(
     if out is not None:
         out = Path(out)
         # the models loaded above
-        result["saved"] = write_merged(ends, base, tuned, best["alpha"], out, overwrite=overwrite)
+        result["saved"] = write_merged(ends, base, tuned, best["alpha"], out, overwrite=overwrite, full=full)
         atomic_write_json(out / "alpha_curve.json", result)
         plot_curve(curve, best, budget, out / "alpha_curve.png")
     return result

@@ -36,14 +36,16 @@ def locked(kind: str, break_lock: bool, run: Callable[[Callable[[Path], Any]], T
         return run(lambda out: locks.enter_context(DirLock(out, kind, break_lock=break_lock)))
 
 
-def claim_dir(out: Path, state_file: str, kind: str, overwrite: bool) -> bool:
-    """Make `out` this orchestrator's directory: empty or absent (created), or one with `state_file` (resumed),
-    or emptied with `overwrite`; any other directory is refused. Returns whether a run is resumed."""
+def claim_dir(out: Path, state_file: str | tuple[str, ...], kind: str, overwrite: bool) -> bool:
+    """Make `out` this orchestrator's directory: empty or absent (created), or one with `state_file` (or any of
+    several marker files: resumed), or emptied with `overwrite`; any other directory is refused. Returns whether a
+    run is resumed."""
     resumed = False
+    markers = (state_file,) if isinstance(state_file, str) else state_file
     if out.exists() and any(out.iterdir()):
         if overwrite:
             shutil.rmtree(out)
-        elif not (out / state_file).is_file():
+        elif not any((out / m).is_file() for m in markers):
             raise ForgetlessError(f"{out} exists and is not a {kind} directory; pass --overwrite or choose another "
                                   "output_dir")
         else:

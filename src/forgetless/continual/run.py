@@ -84,7 +84,9 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
 
     seq_dump = {k: v for k, v in cfg.dump().items() if k != "output_dir"}
     lock(out)
-    if claim_dir(out, "continual.json", "continual", overwrite):
+    # sequence.yaml is written before the base row is scored, continual.json after it: either marks a sequence
+    # directory (an interruption while the base was scored resumes too)
+    if claim_dir(out, ("continual.json", "sequence.yaml"), "continual", overwrite):
         saved = load_yaml((out / "sequence.yaml").read_text()) if (out / "sequence.yaml").is_file() else None
         if saved is not None:  # read through today's schema: a sequence.yaml of an older version compares equal
             try:
