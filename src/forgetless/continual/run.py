@@ -99,7 +99,8 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
         refuse_changed_recipes(((f"step {s.index} ({s.task.name})", s.dir, s.recipe) for s in steps), "the sequence")
     atomic_write_text(out / "sequence.yaml", yaml.safe_dump(cfg.dump(), sort_keys=False))
 
-    base_path = resolve_model(steps[0].recipe.model.name).path
+    first = steps[0].recipe.model
+    base_path = resolve_model(first.name, revision=first.revision, allow_pickle=first.allow_pickle).path
     evaluator = Evaluator(cfg, suite, retention, base_path, quiet)
     prior = json.loads(state_path.read_text()) if state_path.is_file() else {}
     done = {e["step"]: e for e in prior.get("steps", []) if e.get("complete")}

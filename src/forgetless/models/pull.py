@@ -449,14 +449,22 @@ def resolve_model(
     source: str | None = None,
     accept_license: bool = False,
     quiet: bool = False,
+    revision: str | None = None,
+    allow_pickle: bool = False,
 ) -> ResolvedModel:
     """Turn a local dir, a catalog alias or an HF hub id into something `from_pretrained` can load.
 
     A local dir is used as is. An alias maps to its cache entry, which is checked against its recorded sha256s
     and pulled (again, if corrupt) when `allow_download`. Anything else is an HF hub id, provided the hub is
-    reachable or the id is already in the HF cache.
+    reachable or the id is already in the HF cache. A hub id pinned to a `revision` (model.revision) resolves to
+    that revision's local snapshot (huggingface_hub's cache), so that everything loading it later (evaluation,
+    an adapter's base, the reference model, caches keyed by the model's files) sees that revision, not `main`;
+    `allow_pickle` adds .bin weights to the files fetched.
     """
     local = Path(name_or_path).expanduser()
+    if revision is not None and (local.is_dir() or name_or_path.lower() in CATALOG):
+        raise ForgetlessError(f"model.revision {revision!r} applies to a Hugging Face hub id; {name_or_path!r} is "
+                              f"{'a local directory' if local.is_dir() else 'a catalog alias'} (remove revision)")
     if local.is_dir():
         provenance: dict[str, Any] = {"source": "local", "path": str(local.resolve())}
         if (recorded := read_provenance(local)) is not None:
@@ -498,7 +506,26 @@ def resolve_model(
                 f"{where}, so it would be fetched from the Hugging Face hub, but the hub is unreachable: {reason}. "
                 "Give a local HF model directory instead, or an alias (see `forgetless models list`)."
             )
+    if revision is not None:
+        return _hub_snapshot(name_or_path, revision, allow_pickle)
     return ResolvedModel(path=name_or_path, alias=None, provenance={"source": "hub", "id": name_or_path})
+
+
+#: what a hub snapshot needs to load (weights, config, tokenizer, chat template, remote code if it is allowed)
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.jinja", "*.txt", "*.py"]
+
+
+def _hub_snapshot(repo_id: str, revision: str, allow_pickle: bool) -> ResolvedModel:
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES + (["*.bin"] if allow_pickle
+                                                                                           else []))
+    except Exception as e:  # noqa: BLE001 - unknown revision, gated repo, network, offline without it cached
+        raise ForgetlessError(f"hub id {repo_id!r} at model.revision {revision!r}: cannot fetch it: "
+                              f"{type(e).__name__}: {e}") from None
+    return ResolvedModel(path=str(path), alias=None,
+                         provenance={"source": "hub", "id": repo_id, "revision": revision, "snapshot": str(path)})
 
 
 def _cached(entry: CatalogEntry, path: Path) -> ResolvedModel:

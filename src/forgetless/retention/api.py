@@ -36,7 +36,8 @@ def run_base_model(run_dir: Path) -> str:
     if s.is_file():
         return json.loads(s.read_text())["model"]["path"]
 
-    return resolve_model(load_recipe(run_dir / "recipe.yaml").model.name).path
+    m = load_recipe(run_dir / "recipe.yaml").model
+    return resolve_model(m.name, revision=m.revision, allow_pickle=m.allow_pickle).path
 
 
 def merge_for_eval(model: torch.nn.Module) -> torch.nn.Module:

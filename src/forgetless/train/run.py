@@ -347,7 +347,8 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: 
     set_seed(recipe.train.seed)
 
     # Model reference: aliases from `forgetless models` resolve to a local directory.
-    resolved = resolve_model(recipe.model.name)
+    resolved = resolve_model(recipe.model.name, revision=recipe.model.revision,
+                             allow_pickle=recipe.model.allow_pickle)
     model_path = resolved.path
     # bf16 compute only where it is measurably faster here (precision.py): emulated bf16 runs 50x+ slower
     prec = precisions.resolve(recipe.train.bf16, device, widths=precisions.config_widths(model_path))
