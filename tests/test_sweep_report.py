@@ -290,3 +290,66 @@ def test_frontier_labels_of_a_tight_cluster_do_not_overlap():
     assert not overlapping
     assert any(a.arrow_patch is not None for a in anns)  # labels pushed away from a crowded point get a leader line
     plt.close(fig)
+
+
+def test_a_resumed_sweep_scores_again_what_its_evaluation_change_made_stale(tmp_path, tiny_model, toy_data,
+                                                                            monkeypatch):
+    """Resuming after --limit (or a suite, its items, the precision) changed scores every finished run again on
+    the new items (its training reused); a run whose evaluation files are gone is scored again; a lone run left
+    for `--jobs 2` gets every core; `--budget 2` (meant as 2%) is refused as the file's budget would be."""
+    path = _sweep_file(tmp_path, tiny_model, toy_data)
+    spec = yaml.safe_load(path.read_text())
+    spec["runs"] = spec["runs"][:1]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(ForgetlessError, match=r"--budget 2\b.*a fraction"):
+        run_sweep(path, quiet=True, report=False, budget=2.0)
+    real, specs = sweep_mod.run_one, []
+    monkeypatch.setattr(sweep_mod, "run_one", lambda s: specs.append(s) or real(s))
+    first = run_sweep(path, quiet=True, report=False, jobs=2)
+    assert [s["threads"] for s in specs] == [None]
+    summary = (tmp_path / "sweep" / "runs" / "low-lr" / "summary.json").read_text()
+    again = run_sweep(path, quiet=True, report=False)["runs"][0]
+    assert len(specs) == 1 and again["retention"]["change"] == first["runs"][0]["retention"]["change"]
+
+    spec["limit"] = 4
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    changed = run_sweep(path, quiet=True, report=False)
+    assert len(specs) == 2, "the finished run should be scored again on the new items"
+    assert (tmp_path / "sweep" / "runs" / "low-lr" / "summary.json").read_text() == summary  # training reused
+    ret = json.loads((tmp_path / "sweep" / "runs" / "low-lr" / "eval-retention.json").read_text())
+    assert ret["settings"]["limit"] == 4 and all(t["n"] == 4 for t in ret["candidate"].values())
+    assert changed["eval_key"] != first["eval_key"]
+
+    (tmp_path / "sweep" / "runs" / "low-lr" / "eval-task.json").unlink()
+    run_sweep(path, quiet=True, report=False)
+    assert len(specs) == 3 and (tmp_path / "sweep" / "runs" / "low-lr" / "eval-task.json").is_file()
+
+
+def test_a_sweep_reported_from_elsewhere_finds_its_runs(finished_sweep, tmp_path):
+    """Rows record their run directory as the sweep was run (relative by default): a report run from another
+    directory, or of a moved sweep, finds the runs under the sweep's own runs/."""
+    from forgetless.report.gather import gather
+
+    moved = tmp_path / "moved"
+    shutil.copytree(finished_sweep["dir"], moved)
+    state = json.loads((moved / "sweep.json").read_text())
+    for r in state["runs"]:
+        r["dir"] = f"sweeps/tiny/runs/{Path(r['dir']).name}"  # relative to a working directory we are not in
+    (moved / "sweep.json").write_text(json.dumps(state))
+    assert gather(moved)["runs"] == [moved / "runs" / r["run"] for r in state["runs"]]
+
+
+@pytest.mark.slow  # worker processes: about a minute
+def test_with_jobs_a_failed_run_starts_no_queued_run(tmp_path, tiny_model, toy_data):
+    """A run that fails (here it diverges at once) stops the sweep without starting the runs still queued (they
+    used to train on unrecorded until the pool emptied); the runs that finished are in sweep.json."""
+    path = _sweep_file(tmp_path, tiny_model, toy_data, runs=[
+        {"name": "boom", "set": {"optim.lr": 3.0, "optim.schedule": "constant_with_warmup", "optim.warmup_steps": 8,
+                                 "train.logging_steps": 1}},
+        *({"name": f"r{i}", "set": {"optim.max_steps": 60}} for i in range(4))], limit=4)
+    with pytest.raises(Exception, match="diverged"):
+        run_sweep(path, jobs=2, quiet=True, report=False)
+    started = [n for n in ("r0", "r1", "r2", "r3") if (tmp_path / "sweep" / "runs" / n / "recipe.yaml").is_file()]
+    assert len(started) < 4, started
+    state = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert {r["run"] for r in state["runs"]} <= set(started)

@@ -33,5 +33,14 @@ def fingerprint_dir(path: str | Path) -> str:
 
 
 def fingerprint_path(path: str) -> str:
-    """A model directory's fingerprint; anything else (a hub id) stands for itself."""
-    return fingerprint_dir(path) if Path(path).is_dir() else path
+    """A model directory's fingerprint; a hub id stands for itself at the commit its cached `main` points to
+    (`id@commit`: a moved `main` is another model), or for itself alone when it is not cached."""
+    if Path(path).is_dir():
+        return fingerprint_dir(path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid repo id for the hub client: the name alone
+        return path
+    return f"{path}@{Path(cached).parent.name}" if isinstance(cached, str) else path

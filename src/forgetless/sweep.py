@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .config import EvalPrecisionOptions, parse_budget
 from .errors import ForgetlessError
@@ -382,8 +382,12 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
         cfg, folder = path_or_config, folder or Path.cwd()
     else:
         cfg, folder = load_sweep(path_or_config)
-    if budget is not None:
-        cfg = cfg.model_copy(update={"budget": budget})
+    if budget is not None:  # validated as the file's budget is (model_copy would skip the 0 < budget < 1 check)
+        try:
+            cfg = SweepConfig.model_validate({**cfg.model_dump(), "budget": budget})
+        except ValidationError as e:
+            raise ForgetlessError(f"--budget {budget}: {e.errors()[0]['msg']} (a fraction: 0.01 or 1% is a 1% "
+                                  "retention drop)") from None
     console = Console(stderr=True, quiet=quiet)
     out = Path(output_dir or cfg.output_dir or f"sweeps/{cfg.name}")
     state_path = out / "sweep.json"
@@ -405,11 +409,27 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     first = next(iter(recipes.values()))
     task_suite = auto_task_suite(first) if cfg.task_suite == "auto" else load_any_suite(cfg.task_suite)
     retention_suite = load_any_suite(cfg.retention_suite)
-    todo = [(name, v, seed) for name, v, seed in trainings if name not in done]
-
     # resolved once, so every run and the base model are scored at the same precision (caches key on it)
     prec = eval_precision(cfg.eval_setting(), resolve_model(first.model.name, revision=first.model.revision,
                                                             allow_pickle=first.model.allow_pickle).path)
+    # what a finished run's scores depend on besides its training: when it changed since they were written
+    # (suites, their items, --limit, precision, the score's definition), every run is scored again; the
+    # training is reused
+    root = resolve_data_root(cfg.data_root)
+    eval_key = {"task_suite": task_suite.with_limit(cfg.limit).fingerprint(root),
+                "retention_suite": retention_suite.with_limit(cfg.limit).fingerprint(root),
+                "precision": prec.dtype, "score_definition": SCORE_VERSION}
+    if done and prior.get("eval_key", eval_key) != eval_key:
+        changed = ", ".join(k for k in eval_key if prior["eval_key"].get(k) != eval_key[k])
+        console.print(f"[yellow]the evaluation changed since {state_path} was written ({changed}): every finished "
+                      "run is scored again (its training is reused)[/yellow]")
+        done = {}
+    # a finished row whose evaluation files are gone (a run directory deleted to train it again) is not finished
+    done = {name: row for name, row in done.items()
+            if all((out / "runs" / name / f).is_file() for f in ("summary.json", "eval-task.json",
+                                                                 "eval-retention.json"))}
+    todo = [(name, v, seed) for name, v, seed in trainings if name not in done]
+
     console.print(f"[bold]sweep {cfg.name}[/bold]: {len(variants)} runs, {len(trainings)} trainings "
                   f"({len(trainings) - len(todo)} finished), task suite {task_suite.name}, retention suite "
                   f"{retention_suite.name} -> {out}")
@@ -419,7 +439,7 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
         "name": cfg.name, "dir": str(out), "budget": cfg.budget, "task_suite": task_suite.name,
         "retention_suite": retention_suite.name, "base_model": first.model.name, "score_definition": SCORE_VERSION,
         "eval_precision": {"dtype": prec.dtype, "reason": prec.reason},
-        "decide_on": cfg.decide_on, "runs": [], "seed_runs": [], "recommended": None,
+        "decide_on": cfg.decide_on, "eval_key": eval_key, "runs": [], "seed_runs": [], "recommended": None,
     }
 
     def save() -> None:
@@ -437,7 +457,8 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
         "recipe": recipes[name].model_dump(mode="json"), "config": cfg.model_dump(mode="json"), "set": v.set,
         "variant": v.name, "seed": seed,
         "task_suite": task_suite, "retention_suite": retention_suite, "quiet": quiet, "eval_precision": prec,
-        "threads": max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None,
+        # worker processes share the cores; a run trained here (one left, or --jobs 1) has them all
+        "threads": max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 and len(todo) > 1 else None,
     } for name, v, seed in todo]
     if jobs > 1 and len(specs) > 1:
         _prime_base(first, task_suite, retention_suite, cfg, quiet, prec.dtype)
@@ -447,7 +468,13 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(run_one, s): s for s in specs}
             for f in as_completed(futures):
-                row = f.result()
+                try:
+                    row = f.result()
+                except BaseException:
+                    # no queued run starts after a failure; those running finish (their training is kept and
+                    # a rerun reuses it), and every run finished so far is in sweep.json
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
                 finished[row["run"]] = row
                 save()
                 console.print(f"finished {row['run']}")

@@ -5,8 +5,8 @@ and the budget line); training curves (loss, validation loss, monitor probe, gua
 retention table with significance; a few flipped examples per task; and the layer-wise drift chart
 (relative weight change per block, and the EWC penalty per block where the run estimated a Fisher).
 
-A run directory needs its evaluations for the frontier and the retention table (`forgetless eval RUN
---out RUN/eval-retention.json`, and eval-task.json for the target task); `forgetless sweep` writes them.
+A run directory needs its evaluations for the frontier and the retention table (`forgetless eval --model RUN
+--suite general --out RUN/eval-retention.json`, and eval-task.json for the target task); `forgetless sweep` writes them.
 
 Reports only read run, sweep and sequence directories: training, sweeps and sequences import this package (or
 are handed `write_report`), never the reverse. gather.py reads the directories, plots.py draws, html.py renders

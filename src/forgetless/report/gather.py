@@ -43,13 +43,21 @@ def run_row(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
+def _run_dir(sweep_dir: Path, recorded: str) -> Path:
+    """A sweep row's run directory: as recorded (relative to where the sweep ran, by default), else where the
+    sweep keeps its runs (the report is run from elsewhere, or the sweep directory moved)."""
+    p = Path(recorded)
+    return p if (p / "summary.json").is_file() else sweep_dir / "runs" / p.name
+
+
 def gather(path: Path) -> dict[str, Any]:
     path = Path(path)
     sweep = read_json(path / "sweep.json")
     if sweep is not None:
         rows = sweep["runs"]
         return {"title": f"sweep {sweep['name']}", "kind": "sweep", "sweep": sweep, "rows": rows,
-                "runs": [Path(d) for r in rows for d in r.get("dirs", [r["dir"]])], "budget": sweep.get("budget"),
+                "runs": [_run_dir(path, d) for r in rows for d in r.get("dirs", [r["dir"]])],
+                "budget": sweep.get("budget"),
                 "recommended": sweep.get("recommended"), "decide_on": sweep.get("decide_on", "point"),
                 "abilities": ability_names(rows)}
     if (path / "summary.json").is_file() or (path / "recipe.yaml").is_file():
