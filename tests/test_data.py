@@ -38,6 +38,47 @@ def test_chat_labels_cover_exactly_the_assistant_turns(tok):
     assert stats.target_tokens == sum(lab != IGNORE for lab in ex["labels"])
 
 
+def test_a_chat_template_error_names_the_record(tok):
+    """A template's own check (many templates raise on roles that do not alternate) is a DataError naming the
+    file and line, not a jinja traceback."""
+    import copy
+
+    from forgetless.errors import DataError
+
+    strict = copy.deepcopy(tok)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('System role not supported') }}{% endif %}"
+                            "{{ m['content'] }}{% endfor %}")
+    rec = Record({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                               {"role": "assistant", "content": "red"}]}, "data.jsonl", 7)
+    with pytest.raises(DataError, match=r"data.jsonl:7: the tokenizer's chat template failed.*System role not sup"):
+        build_examples([rec], _cfg(format="chat"), strict)
+
+
+def test_a_generation_prompt_the_conversation_does_not_start_with_is_refused(tok):
+    """The loss of an assistant turn starts where the generation prompt ends: a template that renders that
+    prompt differently from the turn itself (an inserted think block, say) would move the mask silently."""
+    import copy
+
+    from forgetless.errors import DataError
+
+    odd = copy.deepcopy(tok)
+    odd.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think></think>"
+                         "{% endif %}")
+    rec = Record({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red cat"}]},
+                 "d.jsonl", 3)
+    with pytest.raises(DataError, match=r"d.jsonl:3: the chat template does not render conversations prefix"):
+        build_examples([rec], _cfg(format="chat"), odd)
+
+
+def test_chat_template_settings_that_cannot_apply_are_refused():
+    with pytest.raises(ValueError, match="chat_template: true needs conversations; format text"):
+        _cfg(format="text", chat_template=True)
+    with pytest.raises(ValueError, match="chat_template: false with format chat"):
+        _cfg(format="chat", chat_template=False)
+
+
 def test_chat_loss_on_all_tokens(tok):
     rec = Record({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "red"}]}, "m", 1)
     (ex,), _ = build_examples([rec], _cfg(format="chat", loss_on="all"), tok)

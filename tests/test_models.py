@@ -330,3 +330,17 @@ def test_a_pinned_hub_revision_resolves_to_its_snapshot_and_trains_from_it(tiny_
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, res.model.eval()(input_ids=ids).logits, atol=1e-5)
+
+
+def test_a_cached_hub_id_is_fingerprinted_at_its_commit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Caches keyed by a hub-id base (the baseline's evaluation, Fishers) must not outlive a moved `main`."""
+    import huggingface_hub
+
+    from forgetless.fingerprint import fingerprint_path
+
+    where = {"someone/m": str(tmp_path / "models--someone--m" / "snapshots" / "c0ffee" / "config.json")}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f: where.get(repo))
+    assert fingerprint_path("someone/m") == "someone/m@c0ffee"
+    where["someone/m"] = where["someone/m"].replace("c0ffee", "beef01")
+    assert fingerprint_path("someone/m") == "someone/m@beef01"
+    assert fingerprint_path("someone/not-cached") == "someone/not-cached"

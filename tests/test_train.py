@@ -200,6 +200,41 @@ def test_early_stopping_counter_survives_a_resume(tiny_model, toy_data, tmp_path
     assert sum(1 for x in lines if x["step"] == 0 and "eval_loss" in x) == 1  # step 0's validation loss, logged once
 
 
+def test_early_stopping_is_kept_by_a_resume_from_the_checkpoint_at_the_stop(tiny_model, toy_data, tmp_path):
+    """Killed after the checkpoint written at the step where early stopping stopped the run (before the final
+    save): the resumed run stops there too, it does not train on to max_steps."""
+    import shutil
+
+    r = recipe_from_dict(tiny_recipe(
+        tiny_model, toy_data, tmp_path / "run", optim__lr=1e-9, optim__max_steps=40, train__eval_steps=2,
+        train__save_steps=2, train__early_stopping={"patience": 3, "min_delta": 0.01},
+    ))
+    first = train(r)
+    assert first.summary["early_stopped_at"] == 6 and first.summary["steps"] == 6
+    shutil.rmtree(tmp_path / "run" / "final")
+    (tmp_path / "run" / "summary.json").unlink()
+    again = train(r, resume=True).summary
+    assert again["resumed_from"].endswith("checkpoint-6")
+    assert again["steps"] == 6 and again["early_stopped_at"] == 6
+
+
+def test_early_stopping_counts_only_the_scheduled_evaluations(tiny_model, toy_data, tmp_path):
+    """patience 1 with a falling validation loss: the final evaluation (the same weights as the last scheduled
+    one, at max_steps) is not a second evaluation without improvement, nor are the monitor's probes."""
+    r = recipe_from_dict(tiny_recipe(
+        tiny_model, toy_data, tmp_path / "run", optim__max_steps=12, train__eval_steps=4,
+        train__early_stopping={"patience": 1, "min_delta": 0.0},
+        monitor={"suite": "self", "limit": 4, "every": 2, "max_new_tokens": 8},
+    ))
+    s = train(r).summary
+    by_step = {x["step"]: x["eval_loss"] for x in map(json.loads,
+                                                      (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+               if "eval_loss" in x}
+    losses = [by_step[k] for k in (0, 4, 8, 12)]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # it kept improving at every scheduled one
+    assert s["early_stopped_at"] is None and s["steps"] == 12
+
+
 def test_resume_before_the_first_checkpoint_starts_the_metric_lines_again(tiny_model, toy_data, tmp_path):
     import shutil
 

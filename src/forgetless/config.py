@@ -220,6 +220,12 @@ class DataConfig(Strict):
         for key in self.fields:
             if key not in known:
                 raise ValueError(f"fields: unknown canonical field {key!r}; valid: {', '.join(sorted(known))}")
+        if self.format == "text" and self.chat_template:
+            raise ValueError("chat_template: true needs conversations; format text is plain text (remove "
+                             "chat_template, or use format chat / instruction / prompt_completion)")
+        if self.format == "chat" and self.chat_template is False:
+            raise ValueError("chat_template: false with format chat: conversations are always rendered with the "
+                             "tokenizer's chat template (remove chat_template, or use format prompt_completion)")
         return self
 
     @property

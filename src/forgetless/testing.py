@@ -71,7 +71,7 @@ def task_loss(model: Any, tokenizer: Any, path: str | Path, fmt: str = "prompt_c
     from .config import DataConfig
     from .data import build_examples, read_file
 
-    cfg = DataConfig(train=str(path), format=fmt, chat_template=False, max_length=128)
+    cfg = DataConfig(train=str(path), format=fmt, chat_template=None if fmt == "chat" else False, max_length=128)
     examples, _ = build_examples(read_file(path), cfg, tokenizer)
     total, count = 0.0, 0
     model.eval()

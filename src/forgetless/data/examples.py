@@ -173,6 +173,17 @@ def _chat_ids(tokenizer: Any, msgs: list[dict[str, str]], **kw: Any) -> list[int
 
 def encode_chat(rec: Record, msgs: list[dict[str, str]], tokenizer: Any,
                 completion_only: bool) -> tuple[list[int], list[int]]:
+    try:
+        return _encode_chat(rec, msgs, tokenizer, completion_only)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the template's own checks (roles must alternate, no system role ...)
+        raise DataError(f"{rec.where}: the tokenizer's chat template failed on this conversation: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def _encode_chat(rec: Record, msgs: list[dict[str, str]], tokenizer: Any,
+                 completion_only: bool) -> tuple[list[int], list[int]]:
     ids = _chat_ids(tokenizer, msgs)
     if not completion_only:
         return ids, list(ids)
@@ -180,10 +191,12 @@ def encode_chat(rec: Record, msgs: list[dict[str, str]], tokenizer: Any,
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        start = len(_chat_ids(tokenizer, msgs[:i], add_generation_prompt=True))
+        prompt_ids = _chat_ids(tokenizer, msgs[:i], add_generation_prompt=True)
+        start = len(prompt_ids)
         end_ids = _chat_ids(tokenizer, msgs[: i + 1])
         end = len(end_ids)
-        if end_ids != ids[:end] or start > end:
+        # the turn's loss starts where the generation prompt ends: only if the conversation begins with it
+        if end_ids != ids[:end] or start > end or prompt_ids != ids[:start]:
             raise DataError(
                 f"{rec.where}: the chat template does not render conversations prefix-consistently, so "
                 "assistant turns cannot be located for completion-only loss; set data.loss_on: all"

@@ -131,10 +131,11 @@ class EarlyStopping(TrainerCallback, ExportableState):
         self.best: float | None = None
         self.bad = 0
         self.stopped_at: int | None = None
+        self._counted_step: int | None = None
 
     def state(self) -> dict[str, Any]:
         return {"args": {"patience": self.patience, "min_delta": self.min_delta},
-                "attributes": {"best": self.best, "bad": self.bad}}
+                "attributes": {"best": self.best, "bad": self.bad, "stopped_at": self.stopped_at}}
 
     def restore(self, checkpoint: Path) -> None:
         """Take the counter and best loss saved in `checkpoint`/trainer_state.json, if there are any."""
@@ -145,13 +146,24 @@ class EarlyStopping(TrainerCallback, ExportableState):
         if isinstance(saved, list):  # the Trainer stores a list when several callbacks share a class name
             saved = saved[0]
         for k, v in (saved or {}).get("attributes", {}).items():
-            if k in ("best", "bad"):
+            if k in ("best", "bad", "stopped_at"):
                 setattr(self, k, v)
+
+    @property
+    def stopped(self) -> bool:
+        """The run has stopped early (also when restored from the checkpoint written at the stop)."""
+        return self.stopped_at is not None
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         loss = (metrics or {}).get("eval_loss")
         if loss is None:
             return
+        # only the scheduled evaluations count, once per step: the final evaluation (the same weights as the last
+        # scheduled one) and the monitor's probes (placed by wall time with every: auto) do not use up patience
+        every = args.eval_steps if isinstance(args.eval_steps, int) and args.eval_steps >= 1 else None
+        if (every and state.global_step % every) or state.global_step == self._counted_step:
+            return
+        self._counted_step = state.global_step
         if self.best is None or loss < self.best - self.min_delta:
             self.best, self.bad = loss, 0
         else:

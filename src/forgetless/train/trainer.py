@@ -81,7 +81,9 @@ class ForgetlessTrainer(Trainer):
         # Resumed from the checkpoint of the last step (killed during the final evaluation or save), the
         # Trainer would still start the epoch the step budget ends in and take one optimizer step more than
         # max_steps: nothing is left to train, so no epoch starts.
-        if 0 < self.state.max_steps <= self.state.global_step:
+        # Likewise resumed from the checkpoint written where early stopping stopped the run.
+        early = any(getattr(cb, "stopped", False) for cb in self.callback_handler.callbacks)
+        if 0 < self.state.max_steps <= self.state.global_step or early:
             self.control.should_training_stop = True
             return None
         return super()._run_epoch(*args, **kwargs)
