@@ -151,6 +151,11 @@ def test_selection_reports_the_95_percent_verdict_of_the_chosen_state():
     cb.state.best_ok = None
     sel = cb.select_final(step=30)
     assert sel["warning"] and sel["chosen_step"] == 0 and sel["within_budget_95"] is True  # the base loses nothing
+    assert sel["why"].endswith("the final model is the base model")
+    # a resumed run's fallback is the weights it resumed from, and says so (not "the base model")
+    cb.state.base, cb.state.resumed_at = Snapshot(10, [], None), 10
+    sel = cb.select_final(step=30)
+    assert sel["chosen_step"] == 10 and "the weights this resumed run started from (step 10)" in sel["why"]
 
 
 def test_auto_interval_is_the_share_of_training_time_a_probe_may_take():
@@ -181,3 +186,28 @@ def test_every_auto_places_each_probe_from_the_measured_times(organism, probe_su
     # the probes' own time stays near the share (the reference at step 0 is extra, and the last interval is cut
     # short by the end of training)
     assert mon["probe_s"] > 0
+
+
+def test_a_resumed_guarded_run_says_its_reference_is_the_resume_point(organism, probe_suite, tmp_path, capsys):
+    """The guard's state (the base model's reference probe, the snapshots) is not in checkpoints: a resumed run
+    measures forgetting from the resumed weights: recorded and said (the fallback selection's wording is tested
+    in test_selection_reports_the_95_percent_verdict_of_the_chosen_state)."""
+    import shutil
+
+    from forgetless.recipe import load_recipe
+
+    guard = {"budget": 0.0001, "require_significant": False, "actions": ["stop"], "select": "best_within_budget"}
+    first = _run(organism, tmp_path / "g", probe_suite, guard=guard, every=10, steps=20)
+    assert first.summary["monitor"]["resumed_at"] is None
+    r = load_recipe(tmp_path / "g" / "recipe.yaml").model_copy(deep=True)
+    r.train.save_steps = 10
+    shutil.rmtree(tmp_path / "g")
+    train(r, quiet=True)
+    shutil.rmtree(tmp_path / "g" / "final")
+    (tmp_path / "g" / "summary.json").unlink()
+    shutil.rmtree(tmp_path / "g" / "checkpoints" / "checkpoint-20", ignore_errors=True)
+    capsys.readouterr()
+    again = train(r, resume=True, quiet=True).summary
+    assert again["resumed_from"].endswith("checkpoint-10") and again["monitor"]["resumed_at"] == 10
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps the line
+    assert "resumed at step 10: the retention reference is the weights at this step" in err

@@ -118,6 +118,7 @@ class GuardState:
     best_ok: Snapshot | None = None
     base: Snapshot | None = None
     selection: dict[str, Any] = field(default_factory=dict)
+    resumed_at: int | None = None  # the step a resumed run started from: its reference (see on_train_begin)
 
 
 class MonitorCallback(TrainerCallback):
@@ -218,6 +219,20 @@ class MonitorCallback(TrainerCallback):
             self._ref_fp = fingerprint_model(model) if fresh else f"resumed-{id(self)}"
             # step 0 (or the resume point) is the reference: the base model's own behaviour
             self._base_result = self._evaluate(model)
+        if state.global_step > 0:
+            # Not in checkpoints (yet): the reference probe of the base model, the snapshots rollback and the
+            # final selection restore, the next action. A resumed run measures forgetting from here, and a guard
+            # acts on that: said loudly, and recorded (summary.json's monitor.resumed_at).
+            self.state.resumed_at = state.global_step
+            if dist.is_main():
+                from rich.console import Console
+
+                Console(stderr=True).print(
+                    f"monitor: resumed at step {state.global_step}: the retention reference is the weights at this "
+                    "step, not the base model (the monitor's and guard's state is not in checkpoints), so probes "
+                    "measure forgetting since here and a guard's budget counts from here. For a guarded run "
+                    "that must match an uninterrupted one, train again with --overwrite.",
+                    style="bold yellow", highlight=False, markup=False)
         self.state.base = snapshot(self.params, state.global_step)
         self.state.last_ok = self.state.base
         self._last_probe_s = time.perf_counter() - t0  # every: auto's first estimate (the reference costs more)
@@ -421,8 +436,10 @@ class MonitorCallback(TrainerCallback):
                    "val_loss": self.state.best_ok.val_loss}
         else:
             self._restore(self._base)
+            what = ("the base model" if self.state.resumed_at is None
+                    else f"the weights this resumed run started from (step {self.state.resumed_at})")
             sel = {"chosen_step": self._base.step,
-                   "why": "NO STATE STAYED WITHIN BUDGET: the final model is the base model", "warning": True}
+                   "why": f"NO STATE STAYED WITHIN BUDGET: the final model is {what}", "warning": True}
         if g is not None:
             by_step = {p["step"]: p for p in self.state.probes if p}
             chosen = by_step.get(sel["chosen_step"], {})

@@ -618,6 +618,8 @@ def _summary(run: Run, trainer: Any, watch: Watch, loop: Loop, final_eval: dict[
             "probe_share": round(monitor.state.probe_s / train_time, 4) if train_time else None,
             "every": recipe.monitor.every if recipe.monitor else None,
             **({"intervals": monitor.state.intervals} if monitor.state.intervals else {}),
+            # a resumed run's probes measure forgetting since this step, not since the base model
+            "resumed_at": monitor.state.resumed_at,
         } if monitor else None,
         "guard": {"events": monitor.state.events, "selection": selection} if monitor and recipe.guard else None,
         "output": {"final": str(run.dir / "final"), "kind": kind,
