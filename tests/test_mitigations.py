@@ -154,6 +154,39 @@ def test_interleave_spreads_replay_evenly_and_keeps_orders():
     assert max(b - a for a, b in zip(gaps, gaps[1:], strict=False)) <= 4
 
 
+def _replay(by: str, ratio: float = 0.1):
+    from forgetless.mitigations.replay import Replay, ReplayConfig
+
+    r = Replay(ReplayConfig(data={"train": "unused", "format": "text"}, ratio=ratio, by=by))
+    r.pool = [{"input_ids": [1] * 5, "replay": True} for _ in range(40)]  # short replay examples
+    return r
+
+
+def test_more_replay_raises_the_share_in_the_unit_of_by():
+    """by: tokens counts the share in tokens: with replay examples 20x shorter than the task's, the swap
+    continues until the replay tokens reach the new share (counted in examples it barely moved them)."""
+    for by in ("tokens", "examples"):
+        r = _replay(by)
+        task = [{"input_ids": [2] * 100} for _ in range(90)]
+        dataset = task[:81] + [{"input_ids": [1] * 5, "replay": True} for _ in range(9)]
+        assert r.raise_ratio(dataset, 2.0) == pytest.approx(0.2) and len(dataset) == 90
+        replay = [e for e in dataset if e.get("replay")]
+        share = (sum(len(e["input_ids"]) for e in replay) / sum(len(e["input_ids"]) for e in dataset)
+                 if by == "tokens" else len(replay) / len(dataset))
+        assert share >= 0.2 and share == pytest.approx(r.notes["ratio_reached"], abs=1e-4), (by, share)
+        if by == "tokens":
+            assert share < 0.2 + 5 / 100, share  # it stopped at the first swap that reached it
+
+
+def test_a_replay_ratio_that_rounds_to_no_example_is_an_error():
+    from forgetless.errors import DataError
+
+    r = _replay("examples", ratio=0.05)
+    with pytest.raises(DataError, match="ratio 0.05 of 5 training examples rounds to no replay example"):
+        r.replay_examples([{"input_ids": [2] * 10} for _ in range(5)], 0.05)
+    assert len(_replay("tokens", ratio=0.05).replay_examples([{"input_ids": [2] * 10} for _ in range(5)], 0.05)) == 1
+
+
 # ---------------------------------------------------------------- the model organism
 
 

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from ..config import DataConfig
+from ..errors import DataError
 from ..schema import Strict
 from .base import CarryStep, Mitigation, TrainContext, register
 from .data import count_tokens, examples_from, sample
@@ -103,7 +104,11 @@ class Replay(Mitigation):
     def replay_examples(self, task: list[dict], ratio: float) -> list[dict]:
         want = ratio / (1 - ratio)
         if self.config.by == "examples":
-            return sample(self.pool, round(want * len(task)), self.config.seed)
+            n = round(want * len(task))
+            if n == 0:
+                raise DataError(f"mitigations.replay: ratio {ratio:g} of {len(task)} training examples rounds to no "
+                                "replay example at all; raise the ratio, or count it in tokens (by: tokens)")
+            return sample(self.pool, n, self.config.seed)
         budget = want * count_tokens(task)
         chosen, tokens = [], 0
         for e in sample(self.pool, 10 * len(self.pool) + len(task), self.config.seed):
@@ -132,11 +137,24 @@ class Replay(Mitigation):
 
         new = min(0.5, self.ratio * factor)
         task_idx = [i for i, e in enumerate(dataset) if not e.get("replay")]
-        want = round(new * len(dataset)) - (len(dataset) - len(task_idx))
         rng = random.Random(self.config.seed + 1)
-        swap = rng.sample(task_idx, max(0, min(want, len(task_idx))))
-        for i, e in zip(swap, sample(self.pool, len(swap), self.config.seed + 2), strict=True):
-            dataset[i] = e
+        if self.config.by == "tokens":  # the share in tokens: swap until the replay tokens reach it
+            total, rep = count_tokens(dataset), count_tokens([e for e in dataset if e.get("replay")])
+            order = rng.sample(task_idx, len(task_idx))
+            for i, e in zip(order, sample(self.pool, len(order), self.config.seed + 2), strict=True):
+                if rep >= new * total:
+                    break
+                total += len(e["input_ids"]) - len(dataset[i]["input_ids"])
+                rep += len(e["input_ids"])
+                dataset[i] = e
+            reached = rep / total if total else 0.0
+        else:
+            want = round(new * len(dataset)) - (len(dataset) - len(task_idx))
+            swap = rng.sample(task_idx, max(0, min(want, len(task_idx))))
+            for i, e in zip(swap, sample(self.pool, len(swap), self.config.seed + 2), strict=True):
+                dataset[i] = e
+            reached = sum(1 for e in dataset if e.get("replay")) / len(dataset) if dataset else 0.0
         self.ratio = new
         self.notes["ratio_raised_to"] = new
+        self.notes["ratio_reached"] = round(reached, 4)  # in the unit of `by`, as the dataset now holds it
         return new
