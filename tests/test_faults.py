@@ -19,6 +19,7 @@ import pytest
 import yaml
 from conftest import cli_out, tiny_recipe
 
+from forgetless.errors import ForgetlessError
 from forgetless.lock import DirLock, lock_path
 from forgetless.testing import ForkedCli
 from forgetless.train.callbacks import COMPLETE_MARKER, DIVERGED_MARKER
@@ -296,19 +297,30 @@ def _dead_pid() -> int:
     return p.pid
 
 
+def test_overwrite_never_deletes_a_directory_that_is_not_a_run(capsys, tiny_model, toy_data, tmp_path):
+    """`output_dir: .` or a mistyped project path with --overwrite: refused, nothing deleted."""
+    r = _recipe(tmp_path, "project", tiny_model, toy_data, optim__max_steps=2, train__save_steps=None,
+                train__report=False)
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "notes.md").write_text("mine")
+    code, err = cli(capsys, "train", str(r), "--quiet", "--overwrite")
+    assert code == 2 and "is not a run directory" in err and "not deleted" in err, err
+    assert (tmp_path / "project" / "notes.md").read_text() == "mine"
+
+
 def test_second_writer_is_refused_and_a_stale_lock_taken_over(capsys, tiny_model, toy_data, tmp_path):
     r = _recipe(tmp_path, "run", tiny_model, toy_data, optim__max_steps=2, train__save_steps=None,
                 train__report=False)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "precious.txt").write_text("the first run's")
+    (run_dir / "metrics.jsonl").write_text("the first run's")  # a run directory: --overwrite may replace it
     holder = _hold(run_dir)
     try:
         for extra in ([], ["--overwrite"], ["--resume"]):
             code, err = cli(capsys, "train", str(r), "--quiet", *extra)
             assert code == 2 and f"run directory {run_dir} is in use by another forgetless process: pid {holder.pid}" \
                 in err, (extra, err)
-        assert (run_dir / "precious.txt").read_text() == "the first run's"  # --overwrite did not touch it
+        assert (run_dir / "metrics.jsonl").read_text() == "the first run's"  # --overwrite did not touch it
     finally:
         holder.kill()
         holder.wait()
@@ -497,3 +509,17 @@ def test_empty_and_binary_files(capsys, tiny_model, toy_data, tmp_path):
 def test_eval_limit_below_one_is_an_error(capsys, tiny_model):
     code, err = cli(capsys, "eval", "--model", str(tiny_model), "--limit", "-3", "--baseline", "none")
     assert code == 2 and "--limit -3: the number of items per task must be a whole number of at least 1" in err, err
+
+
+def test_overwrite_of_a_sweep_or_sequence_directory_needs_its_marker(tmp_path):
+    from forgetless.orchestration import claim_dir
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.md").write_text("mine")
+    with pytest.raises(ForgetlessError, match="is not a sweep directory .*not deleted"):
+        claim_dir(foreign, ("sweep.json", "sweep.yaml"), "sweep", overwrite=True)
+    assert (foreign / "notes.md").read_text() == "mine"
+    (foreign / "sweep.yaml").write_text("name: x\n")
+    assert claim_dir(foreign, ("sweep.json", "sweep.yaml"), "sweep", overwrite=True) is False
+    assert list(foreign.iterdir()) == []  # replaced: an empty directory for the new sweep

@@ -397,7 +397,7 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     recipes = {name: variant_recipe(base, v, out / "runs" / name, source, seed=seed, name=name)
                for name, v, seed in trainings}  # all errors up front
     lock(out)
-    claim_dir(out, "sweep.json", "sweep", overwrite)
+    claim_dir(out, ("sweep.json", "sweep.yaml"), "sweep", overwrite)  # sweep.yaml: written first
     prior = json.loads(state_path.read_text()) if state_path.is_file() else {}
     # finished training runs: unseeded ones are rows of `runs` (as in sweeps before seeds), seeded ones are in
     # `seed_runs`

@@ -127,6 +127,10 @@ def prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool, lock: Callabl
     return dist.on_main(main)
 
 
+#: what a run directory holds from its first moments on: --overwrite deletes only a directory with one of them
+RUN_MARKERS = ("recipe.yaml", "summary.json", "metrics.jsonl", "checkpoints", "final")
+
+
 def _prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
     run_dir = recipe.output_dir
     if resume:
@@ -146,6 +150,11 @@ def _prepare_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
             raise ForgetlessError(
                 f"run directory {run_dir} already exists; pass --overwrite to replace it, --resume to continue it, "
                 "or set train.output_dir"
+            )
+        if not any((run_dir / m).exists() for m in RUN_MARKERS):  # `output_dir: .`, a mistyped project path
+            raise ForgetlessError(
+                f"--overwrite: {run_dir} is not a run directory (none of {', '.join(RUN_MARKERS)}), so it is not "
+                "deleted; choose another train.output_dir, or empty it yourself"
             )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
