@@ -119,6 +119,11 @@ def test_killed_at_every_boundary_resumes_to_identical_weights(capsys, forked, t
     assert not list(run_dir.glob(".*.tmp")) and not lock_path(run_dir).exists()
     steps = _steps(run_dir)
     assert steps == sorted(set(steps)) and max(steps) == 10
+    # the final evaluation is logged once, as in the uninterrupted run (killed after it, it was logged again)
+    def evals(d: Path) -> list[int]:
+        return [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines() if "eval_loss" in x]
+
+    assert evals(run_dir) == evals(tmp_path / "ref") and evals(run_dir).count(10) == 1, evals(run_dir)
     _assert_same_weights(run_dir, tmp_path / "ref")
 
 

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .trainer import ForgetlessTrainer
 
 COMPLETE_MARKER = "FORGETLESS_COMPLETE"
+#: in each checkpoint: how many lines metrics.jsonl had when it was written (a resume keeps those, no more)
+METRICS_LINES = "forgetless_metrics_lines"
 DIVERGED_MARKER = "FORGETLESS_DIVERGED"
 
 

@@ -44,6 +44,7 @@ from ..models import resolve_model
 from ..models.catalog import cache_dir as models_cache_dir
 from ..recipe import DEFAULT_WARMUP_RATIO, Recipe, dump_recipe, load_recipe
 from .callbacks import (
+    METRICS_LINES,
     CheckpointMarker,
     DivergenceGuard,
     EarlyStopping,
@@ -204,13 +205,20 @@ def training_args(recipe: Recipe, ckpt_dir: Path, device: torch.device, bf16: bo
     )
 
 
-def _trim_metrics(path: Path, up_to_step: int) -> None:
-    """On resume, drop metric lines logged after the checkpoint we restart from."""
+def _trim_metrics(path: Path, up_to_step: int, checkpoint: Path | None = None) -> None:
+    """On resume, drop metric lines logged after the checkpoint we restart from: the first N lines, N as the
+    checkpoint recorded it (METRICS_LINES), so the final evaluation and probe of a run killed after its last
+    checkpoint are not logged twice; else (older checkpoints) the lines of later steps."""
     if not path.is_file():
         return
     import json
 
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= up_to_step]
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    count = checkpoint / METRICS_LINES if checkpoint is not None else None
+    if count is not None and count.is_file():
+        keep = lines[: int(count.read_text())]
+    else:
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= up_to_step]
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
@@ -426,7 +434,8 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: 
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         atomic_write_json(run_dir / "data_stats.json", {**data.summary(), "check": data_problems})
         if resume:  # killed before its first complete checkpoint: the run starts again, so do its metric lines
-            _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else -1)
+            _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else -1,
+                          resume_from)
         if not quiet:
             _report_data(data, data_problems)
             _report_distributed(recipe, engine, len(data.train))
@@ -497,6 +506,7 @@ def make_trainer(run: Run) -> tuple[Any, Watch]:
         mitigations=run.mitigations,
     )
     trainer.remove_callback(PrinterCallback)
+    trainer.metrics_path = run.metrics_path  # each checkpoint records how many lines it had (METRICS_LINES)
     divergence.trainer = trainer
     if monitor is not None:
         monitor.trainer = trainer

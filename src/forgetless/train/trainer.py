@@ -7,14 +7,16 @@ with `clip: true`, whose gradients are added just before the Trainer clips (see 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
 
-from ..io import plain_modes
+from ..io import atomic_write_text, plain_modes
 from ..mitigations import Mitigation, MitigationCallback, loss_term
 from ..mitigations.base import save_states
+from .callbacks import METRICS_LINES
 
 # A loss term: (model, inputs, outputs) -> tensor to add to the task loss, or None.
 LossTerm = Callable[[torch.nn.Module, dict[str, Any], Any], "torch.Tensor | None"]
@@ -45,6 +47,7 @@ class ForgetlessTrainer(Trainer):
     def __init__(self, *args: Any, mitigations: list[Mitigation] | None = None,
                  loss_terms: list[LossTerm] | None = None, **kwargs: Any):
         mitigations = list(mitigations or [])
+        self.metrics_path: Path | None = None  # set by the run: checkpoints record its line count
         self.mitigation_hooks = MitigationCallback(mitigations) if mitigations else None
         if self.mitigation_hooks is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.mitigation_hooks]
@@ -92,13 +95,14 @@ class ForgetlessTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         # beside the weights, before the on_save callbacks mark the checkpoint complete
         if self.args.should_save:
-            from pathlib import Path
-
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             if self.mitigation_hooks is not None:
                 save_states(self.mitigation_hooks.mitigations, folder)
+            if self.metrics_path is not None and self.args.process_index == 0:
+                lines = self.metrics_path.read_text().count("\n") if self.metrics_path.is_file() else 0
+                atomic_write_text(folder / METRICS_LINES, f"{lines}\n")
             plain_modes(folder)  # the Trainer's safetensors are written 0600 (forgetless.io.plain_modes)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
