@@ -300,3 +300,13 @@ def test_progress_bar_names_the_step_of_a_stale_validation_loss(tmp_path):
     log.on_log(None, state, None, logs={"eval_loss": 0.5})
     assert progress_info(log.last, log.eval_step, 10).endswith("val 0.5000")
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 10, 10]
+
+
+def test_truncated_validation_examples_are_reported(tiny_model, toy_data, tmp_path, capsys):
+    r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", optim__max_steps=1,
+                                     data__max_length=36))
+    res = train(r)
+    v = json.loads((res.run_dir / "data_stats.json").read_text())["validation"]
+    assert v["truncated"] > 0, v
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"validation: {v['truncated']} truncated" in err and f"of {v['records']} example(s)" in err, err

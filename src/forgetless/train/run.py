@@ -836,6 +836,11 @@ def _report_data(data: Any, problems: list[str]) -> None:
     if s.empty_answers:
         console.print(f"[yellow]{s.empty_answers} of {s.records} training example(s) have an empty answer (first: "
                       f"{', '.join(s.first_empty[:3])}): they teach the model to answer nothing")
+    v = data.validation_stats
+    lost = [f"{n} {what}" for n, what in ((v.truncated, "truncated"), (v.dropped_overlong, "dropped as overlong"),
+                                           (v.dropped_no_target, "dropped without a target")) if n] if v else []
+    if lost:  # the validation loss is measured on what is left
+        console.print(f"[yellow]validation: {', '.join(lost)} of {v.records} example(s) at data.max_length")
     sd = data.self_distill
     if sd and sd.get("mode") == "on_policy":
         console.print(f"self_distill (on_policy): {sd['prompts']} prompts, a response sampled for each at every step "
