@@ -351,3 +351,39 @@ def test_penalty_gradient_is_added_after_clipping_unless_clip(clip, c, tiny_mode
         want, want_norm = g * (c / float(g.norm())) + pen, float(g.norm())
     torch.testing.assert_close(final, want, rtol=1e-4, atol=1e-7)
     assert logged == pytest.approx(want_norm, rel=1e-4)
+
+
+def test_self_replay_seed_prompts_follow_the_seed_files_format_and_key_the_cache(tmp_path, tiny_model, monkeypatch):
+    """Instruction seeds keep their input, chat seeds go through data.fields, `limit` caps them; an edited seed
+    file is another pool of pairs (the cache was keyed by the settings alone and kept the old pairs)."""
+    from types import SimpleNamespace
+
+    from forgetless.mitigations.self_replay import SelfReplay, SelfReplayConfig
+    from forgetless.testing import write_jsonl
+    from forgetless.train.model import load_tokenizer
+
+    inst = write_jsonl(tmp_path / "inst.jsonl", [{"instruction": "Sum these", "input": "2 and 3", "output": "5"},
+                                                 {"instruction": "Say hi", "output": "hi"},
+                                                 {"instruction": "unused", "output": "x"}])
+    sr = SelfReplay(SelfReplayConfig(source="seeds", seeds={"train": str(inst), "format": "instruction", "limit": 2}))
+    assert sr._seed_prompts(None) == ["Sum these\n\n2 and 3", "Say hi"]
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": [{"from": "system", "value": "be brief"},
+                                                                    {"from": "human", "value": "What is 2+2?"},
+                                                                    {"from": "gpt", "value": "4"}]}])
+    sr = SelfReplay(SelfReplayConfig(source="seeds", seeds={
+        "train": str(chat), "format": "chat", "fields": {"messages": "conversations", "role": "from",
+                                                         "content": "value"}}))
+    assert sr._seed_prompts(None) == ["What is 2+2?"]
+
+    calls = []
+    monkeypatch.setattr(SelfReplay, "_generate_pairs",
+                        lambda self, ctx: calls.append(1) or ([{"prompt": "a b c", "completion": "one two three"}], {}))
+    ctx = SimpleNamespace(recipe=SimpleNamespace(data=SimpleNamespace(chat_template=False, max_length=64)),
+                          tokenizer=load_tokenizer(str(tiny_model)), fingerprint=lambda: "m", cache_dir=tmp_path)
+    cfg = SelfReplayConfig(source="seeds", seeds={"train": str(inst), "format": "instruction"})
+    SelfReplay(cfg).setup(ctx)
+    SelfReplay(cfg).setup(ctx)
+    assert calls == [1]  # the same seeds: the cached pairs
+    write_jsonl(inst, [{"instruction": "Another question", "output": "y"}])
+    SelfReplay(cfg).setup(ctx)
+    assert calls == [1, 1]

@@ -18,7 +18,8 @@ from pydantic import Field, model_validator
 
 from ..config import DataConfig
 from ..data import build_examples
-from ..data.loading import Record, read_file
+from ..data.examples import text_field, to_messages
+from ..data.loading import Record, load_records, read_file
 from ..errors import ForgetlessError
 from ..io import atomic_write_text
 from ..progress import bar
@@ -114,19 +115,25 @@ class SelfReplay(Replay):
         return out
 
     def _seed_prompts(self, ctx: TrainContext) -> list[str]:
+        """The seed file's prompts as its format and `fields` say (instruction: with its input; chat: the first
+        user message), from its `split`, at most `limit` records, then at most n."""
         cfg = self.config.seeds
-        records: list[Record] = []
-        for f in [cfg.train] if isinstance(cfg.train, str) else cfg.train:
-            records += read_file(f)
-        key = {"instruction": "instruction", "prompt_completion": "prompt", "text": "text",
-               "chat": "messages"}[cfg.format]
+        assert cfg is not None  # SelfReplayConfig requires it with source: seeds
+        records = load_records(cfg.train, cfg.split)
+        if cfg.limit:
+            records = records[: cfg.limit]
         prompts = []
         for r in records[: self.config.n]:
-            v = r.data.get(cfg.field(key))
-            if isinstance(v, list):  # chat: the first user message
-                v = next((m.get("content") for m in v if isinstance(m, dict) and m.get("role") == "user"), None)
-            if not isinstance(v, str):
-                raise ForgetlessError(f"{r.where}: mitigations.self_replay.seeds: no prompt field {cfg.field(key)!r}")
+            if cfg.format == "chat":
+                v = next((m["content"] for m in to_messages(r, cfg) if m["role"] == "user"), None)
+                if v is None:
+                    raise ForgetlessError(f"{r.where}: mitigations.self_replay.seeds: the conversation has no user "
+                                          "message to answer")
+            elif cfg.format == "instruction":
+                inp = text_field(r, cfg, "input", required=False)
+                v = text_field(r, cfg, "instruction") + (f"\n\n{inp}" if inp.strip() else "")
+            else:
+                v = text_field(r, cfg, "prompt" if cfg.format == "prompt_completion" else "text")
             prompts.append(v)
         return prompts
 
@@ -171,6 +178,8 @@ class SelfReplay(Replay):
         # the recipe turned it off or the tokenizer has none
         self.chat = ctx.recipe.data.chat_template is not False and bool(getattr(ctx.tokenizer, "chat_template", None))
         spec = {**self.config.model_dump(exclude={"ratio", "by"}, mode="json"), "chat": self.chat}
+        if self.config.source == "seeds":  # the prompts themselves: an edited seed file is another pool
+            spec["prompts"] = hashlib.sha256(json.dumps(self._seed_prompts(ctx)).encode()).hexdigest()
         key = hashlib.sha256(json.dumps({"model": ctx.fingerprint(), **spec}, sort_keys=True).encode()).hexdigest()[:24]
         cache = ctx.cache_dir / "self_replay" / f"{key}.jsonl"
         if cache.is_file():
