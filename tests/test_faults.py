@@ -127,6 +127,29 @@ def test_killed_at_every_boundary_resumes_to_identical_weights(capsys, forked, t
     _assert_same_weights(run_dir, tmp_path / "ref")
 
 
+@pytest.mark.slow  # forked kills (~30 s)
+def test_save_total_limit_keeps_a_complete_checkpoint_until_the_next_is_complete(forked, capsys, tiny_model,
+                                                                                 toy_data, tmp_path):
+    """save_total_limit 1: the Trainer deleted the old checkpoint while writing the new one, before it was marked
+    complete; killed in between, nothing was left to resume from. Now the old one goes once the new one is
+    complete, and the resumed run ends as the uninterrupted one."""
+    ref = _recipe(tmp_path, "ref", tiny_model, toy_data, train__save_total_limit=1)
+    code, err = cli(capsys, "train", str(ref), "--quiet")
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "ref" / "checkpoints").glob("checkpoint-*")] == ["checkpoint-10"]
+    run = _recipe(tmp_path, "run", tiny_model, toy_data, train__save_total_limit=1)
+    code, out = _train_proc(forked, run, fault="kill:written@10")
+    assert code == -signal.SIGKILL, out[-2000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "checkpoint-5" / COMPLETE_MARKER).is_file()  # still there: checkpoint-10 is not complete
+    assert not (ckpts / "checkpoint-10" / COMPLETE_MARKER).exists()
+    code, out = _train_proc(forked, run, "--resume")
+    assert code == 0, out[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_from"].endswith("checkpoint-5")
+    assert [p.name for p in ckpts.glob("checkpoint-*")] == ["checkpoint-10"]
+    _assert_same_weights(tmp_path / "run", tmp_path / "ref")
+
+
 def test_disk_full_during_the_final_save_names_the_path_and_keeps_the_run(capsys, tiny_model, toy_data, tmp_path,
                                                                          monkeypatch):
     r = _recipe(tmp_path, "run", tiny_model, toy_data)

@@ -7,7 +7,8 @@ FORGETLESS_FAULT holds one or more comma-separated specs:
   enospc:<name>     the write of a file or directory named <name> fails with OSError ENOSPC (disk full)
 
 Points of a training run (see docs/reliability.md): `step@N` (optimizer step N done, before its checkpoint),
-`checkpoint@N` (checkpoint-N written and marked complete), `final_save` (inside the final model's
+`written@N` (checkpoint-N written, not yet marked complete), `checkpoint@N` (checkpoint-N written and marked
+complete), `final_save` (inside the final model's
 temporary directory, half written), `summary` (before summary.json), `report` (while writing report.html).
 Writes named for `enospc:` are the atomic writes of forgetless.io: `final`, `summary.json`, `metrics.jsonl`, ...
 """

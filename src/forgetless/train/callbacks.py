@@ -176,13 +176,20 @@ class EarlyStopping(TrainerCallback, ExportableState):
 
 
 class CheckpointMarker(TrainerCallback):
-    """Marks a checkpoint complete once the Trainer has written all of it; resume uses only marked ones."""
+    """Marks a checkpoint complete once the Trainer has written all of it; resume uses only marked ones. Then
+    runs `after_mark` (the Trainer's deletion of checkpoints beyond save_total_limit, deferred to here)."""
+
+    def __init__(self) -> None:
+        self.after_mark: list[Any] = []
 
     def on_save(self, args, state, control, **kw):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
                 (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
+        pending, self.after_mark = self.after_mark, []
+        for run in pending:
+            run()
 
 
 class DivergenceGuard(TrainerCallback):

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from .. import faults
 from ..io import atomic_write_text, plain_modes
 from ..mitigations import Mitigation, MitigationCallback, loss_term
 from ..mitigations.base import save_states
-from .callbacks import METRICS_LINES
+from .callbacks import METRICS_LINES, CheckpointMarker
 
 # A loss term: (model, inputs, outputs) -> tensor to add to the task loss, or None.
 LossTerm = Callable[[torch.nn.Module, dict[str, Any], Any], "torch.Tensor | None"]
@@ -92,7 +93,23 @@ class ForgetlessTrainer(Trainer):
         return super()._run_epoch(*args, **kwargs)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        # The Trainer deletes checkpoints beyond save_total_limit as it writes a new one, before that one is marked
+        # complete: a kill in between left no complete checkpoint to resume from. The deletion is deferred to the
+        # CheckpointMarker, which runs it once the new checkpoint is marked.
+        import transformers.trainer as hf_trainer
+
+        rotate, deferred = hf_trainer.rotate_checkpoints, []
+        hf_trainer.rotate_checkpoints = lambda **kw: deferred.append(kw)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            hf_trainer.rotate_checkpoints = rotate
+        marker = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, CheckpointMarker)), None)
+        for kw in deferred:
+            if marker is not None:
+                marker.after_mark.append(lambda kw=kw: rotate(**kw))
+            else:
+                rotate(**kw)
         # beside the weights, before the on_save callbacks mark the checkpoint complete
         if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -104,6 +121,7 @@ class ForgetlessTrainer(Trainer):
                 lines = self.metrics_path.read_text().count("\n") if self.metrics_path.is_file() else 0
                 atomic_write_text(folder / METRICS_LINES, f"{lines}\n")
             plain_modes(folder)  # the Trainer's safetensors are written 0600 (forgetless.io.plain_modes)
+        faults.point(f"written@{self.state.global_step}")  # written, not yet marked complete
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         replay_mask = inputs.pop("replay_mask", None)
