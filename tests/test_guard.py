@@ -107,6 +107,25 @@ def test_rollback_restores_exact_weights(organism, probe_suite, tmp_path):
         assert torch.equal(p0.detach().cpu(), p1.detach().cpu()), name
 
 
+def test_rollback_restores_the_optimizer_state_but_keeps_the_learning_rate_of_now():
+    """lower_lr then rollback: the snapshot's moments come back, not its (higher) learning rate."""
+    from forgetless.guard import restore, snapshot
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    p.grad = torch.ones(3)
+    opt.step()
+    snap = snapshot([p], 1, opt)
+    moment = opt.state[p]["exp_avg"].clone()
+    p.grad = torch.full((3,), 5.0)
+    opt.step()
+    opt.param_groups[0]["lr"] = 0.5  # lower_lr
+    restore([p], snap, opt)
+    assert opt.param_groups[0]["lr"] == 0.5
+    assert torch.equal(opt.state[p]["exp_avg"], moment) and int(opt.state[p]["step"]) == 1
+    assert torch.equal(p.detach(), snap.weights[0])
+
+
 def test_guard_needs_a_replay_mitigation_for_more_replay(organism):
     from forgetless.errors import RecipeError
 

@@ -83,7 +83,12 @@ def restore(params: list[torch.nn.Parameter], snap: Snapshot, optimizer=None) ->
     for p, w in zip(params, snap.weights, strict=True):
         dist.local(p).copy_(w.to(p.device))
     if optimizer is not None and snap.optimizer is not None:
+        # the moments and step counts of the snapshot, the learning rates of now: the schedule (and a lower_lr
+        # taken since the snapshot) sets them, and the snapshot's would drive the next step at the old rate
+        lrs = [{k: g[k] for k in ("lr", "initial_lr") if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict(snap.optimizer)
+        for g, now in zip(optimizer.param_groups, lrs, strict=True):
+            g.update(now)
 
 
 def reshard(model: torch.nn.Module) -> None:
