@@ -271,3 +271,50 @@ def test_bf16_scoring_casts_the_weights_once_per_call_with_the_same_numbers(mode
     assert cached == uncached
     n_weights = sum(1 for n, _ in model.named_parameters() if n.endswith("proj.weight"))
     assert uncached_casts - cached_casts >= 3 * n_weights  # 4 batches: 3 fewer casts of every projection
+
+
+def test_sliding_window_models_are_scored_exactly_not_through_the_shared_context_mask():
+    """Gemma-3's sliding layers would see the whole packed row through the tree mask (a 4-D mask reaches every
+    layer as it is): such models take the plain causal path, and their scores equal a direct forward's."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from forgetless.retention.lm import Request, score_requests
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, head_dim=32, vocab_size=97, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"], attn_implementation="sdpa")
+    model = Gemma3ForCausalLM(cfg).eval()
+    ctx, conts = list(range(3, 15)), [[20, 21, 22, 23], [30, 31, 32]]
+
+    def direct(cont):
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0]
+        return sum(lp[len(ctx) + i - 1, t].item() for i, t in enumerate(cont))
+
+    got = [s.logprob for s in score_requests(model, [Request(ctx, conts)], bf16=False)[0]]
+    assert got == pytest.approx([direct(c) for c in conts], abs=1e-4)
+    forced = [s.logprob for s in score_requests(model, [Request(ctx, conts)], bf16=False, share_context=True)[0]]
+    assert forced != pytest.approx(got, abs=1e-4), "the tree mask was expected to ignore the sliding window"
+
+
+def test_multiple_choice_shots_never_show_an_item_its_own_answer(model_tok, tmp_path, monkeypatch):
+    """Every row scored (no limit): the shot pool is every row, and an item could be shown its own question with
+    its gold answer as an example."""
+    import forgetless.retention.kinds.multiple_choice as mc
+
+    _jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    seen = []
+    real = mc.score_requests
+    monkeypatch.setattr(mc, "score_requests", lambda model, reqs, **kw: seen.extend(reqs) or real(model, reqs, **kw))
+    task = {"name": "mc", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "prompt": "Q: {{question}}\nA:",
+            "shots": 2}
+    _eval(model_tok, [task], tmp_path)
+    tok = model_tok[1]
+    assert len(seen) == len(MC_ROWS)
+    for row, req in zip(MC_ROWS, seen, strict=True):
+        context = tok.decode(req.context)
+        own = f"Q: {row['question']}\nA: {row['choices'][row['gold']]}"
+        others = [f"Q: {r['question']}\nA: {r['choices'][r['gold']]}" for r in MC_ROWS if r is not row]
+        assert own not in context and sum(o in context for o in others) == 2, context

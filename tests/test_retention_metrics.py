@@ -144,3 +144,17 @@ def test_budget_check_reports_the_point_and_the_95_percent_verdict():
     assert out["within_budget"] is True and out["within_budget_95"] is False
     assert M.budget_check(0.995, (0.992, 0.998), 0.01)["within_budget_95"] is True
     assert M.budget_check(0.98, (0.97, 0.99), 0.01)["within_budget"] is False
+
+
+def test_a_lower_is_better_metric_whose_base_is_zero_has_no_ratio():
+    """main_metric: kl: the base's KL from itself is 0, and 0 / x would read as everything lost (-100%); the
+    task has no ratio and is left out, as a higher-is-better task with base 0 is."""
+    kl = M.mean_of("kl", higher_is_better=False)
+    acc = M.mean_of("acc")
+    base_kl, cand_kl = {"kl": np.zeros(30)}, {"kl": np.full(30, 0.2)}
+    assert math.isnan(M.retention_ratio(kl, 0.0, 0.2))
+    b, c = _acc_pair(20, 18)
+    out = M.ability_score([("drift", kl, base_kl, cand_kl, 1.0, "own"), ("t", acc, b, c, 1.0, "skill")])
+    assert math.isclose(out["score"], 0.9), out["score"]  # the acc task alone: 18 / 20
+    v1, (lo, hi) = M.retention_score([(kl, base_kl, cand_kl, 1.0), (acc, b, c, 1.0)])
+    assert math.isclose(v1, 0.9) and lo <= 0.9 <= hi

@@ -75,7 +75,22 @@ def _lm_parts(model: nn.Module):
 
 def _supports_tree_mask(model: nn.Module) -> bool:
     impl = getattr(model.config, "_attn_implementation", None)
-    return impl in ("sdpa", "eager") and _lm_parts(model) is not None and not _fsdp_sharded(model)
+    return (impl in ("sdpa", "eager") and _lm_parts(model) is not None and not _fsdp_sharded(model)
+            and not _mask_or_head_differs(model))
+
+
+def _mask_or_head_differs(model: nn.Module) -> bool:
+    """Models the shared-context path would score wrongly: sliding-window attention layers (Gemma-3, Mistral-
+    style; a custom 4-D mask reaches every layer as it is, so a sliding layer would see the whole row) and heads
+    that scale logits beyond final_logit_softcapping (Granite's logits_scaling, Cohere's logit_scale). They are
+    scored through the plain causal path (each choice its own row: slower, exact)."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg  # multimodal configs hold the text model's
+    sliding = ("sliding_attention" in (getattr(cfg, "layer_types", None) or [])
+               or (getattr(cfg, "sliding_window", None) is not None
+                   and getattr(cfg, "use_sliding_window", True) is not False))
+    scaled = any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("logits_scaling", "logit_scale"))
+    return sliding or scaled
 
 
 def _fsdp_sharded(model: nn.Module) -> bool:

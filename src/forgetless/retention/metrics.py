@@ -114,7 +114,8 @@ def retention_ratio(metric: Metric, base_value: float, cand_value: float) -> flo
     """candidate / base for higher-is-better metrics, base / candidate otherwise (1.0 = nothing lost)."""
     if metric.higher_is_better:
         return cand_value / base_value if base_value else float("nan")
-    return base_value / cand_value if cand_value else float("nan")
+    # a lower-is-better base of 0 (the base's KL from itself) has no ratio: 0 / x would read as all lost
+    return base_value / cand_value if cand_value and base_value else float("nan")
 
 
 def retention_score(
@@ -131,9 +132,7 @@ def retention_score(
         n = len(next(iter(base.values())))
         idx = _resample_index(n, n_boot, seed + k)
         bv, cv = metric.fn(_take(base, idx)), metric.fn(_take(cand, idx))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = cv / bv if metric.higher_is_better else bv / cv
-        dists.append(np.where(np.isfinite(ratio), ratio, np.nan))  # a resample with base 0 has no ratio
+        dists.append(_ratios(metric, bv, cv))  # a resample with base 0 has no ratio
         point.append(retention_ratio(metric, value(metric, base), value(metric, cand)))
         weights.append(weight)
     # a task whose base score is 0 (for example an exact-match task the base model cannot do at all) has no
@@ -165,9 +164,14 @@ def _ratio_dist(metric: Metric, base: Columns, cand: Columns, n_boot: int, seed:
     n = len(next(iter(base.values())))
     idx = _resample_index(n, n_boot, seed)
     bv, cv = metric.fn(_take(base, idx)), metric.fn(_take(cand, idx))
+    return _ratios(metric, bv, cv)
+
+
+def _ratios(metric: Metric, bv: np.ndarray, cv: np.ndarray) -> np.ndarray:
+    """retention_ratio over resamples: NaN where the base is 0 (no ratio, either orientation)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = cv / bv if metric.higher_is_better else bv / cv
-    return np.where(np.isfinite(ratio), ratio, np.nan)
+    return np.where(np.isfinite(ratio) & (bv != 0), ratio, np.nan)
 
 
 def ability_score(

@@ -97,7 +97,9 @@ def run(task: MultipleChoiceTask, ctx: EvalContext) -> TaskResult:
     pool = build_items(task, pool_rows) if task.shots else []
     requests = []
     for k, it in enumerate(items):
-        shots = pick_shots(pool, task.shots, task.seed + k)
+        # never the item itself (the pool is every row when every row is scored; its items are built apart)
+        own = next((s for s in pool if s["rec"] is it["rec"]), None)
+        shots = pick_shots(pool, task.shots, task.seed + k, exclude=own)
         prefix = "".join(
             s["context"] + task.target_delimiter + s["choices"][s["gold"]] + task.fewshot_delimiter for s in shots
         )
