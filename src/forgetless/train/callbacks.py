@@ -18,7 +18,7 @@ from ..distributed import is_main
 from ..io import append_jsonl
 
 if TYPE_CHECKING:
-    from .trainer import ForgetlessTrainer
+    from transformers import Trainer
 
 COMPLETE_MARKER = "FORGETLESS_COMPLETE"
 #: in each checkpoint: how many lines metrics.jsonl had when it was written (a resume keeps those, no more)
@@ -206,7 +206,8 @@ class DivergenceGuard(TrainerCallback):
     def __init__(self, factor: float | None, reference: float | None = None):
         self.factor = factor
         self.reference = reference  # the first logged training loss (restored from metrics.jsonl on resume)
-        self.trainer: ForgetlessTrainer | None = None  # set by the run: the step's loss and gradient norm live there
+        # set by the run (a ForgetlessTrainer, which imports this module): the step's loss and gradient norm
+        self.trainer: Trainer | None = None
         self.event: dict[str, Any] | None = None
 
     def on_log(self, args, state, control, logs=None, **kw):
