@@ -20,11 +20,14 @@ def fingerprint_model(model: nn.Module) -> str:
     return h.hexdigest()[:20]
 
 
-def fingerprint_dir(path: str | Path) -> str:
-    """Hash of a model directory's weight and config files (contents)."""
+def fingerprint_dir(path: str | Path, weights_only: bool = False) -> str:
+    """Hash of a model directory's weight and config files (contents). `weights_only`: the weights and
+    config.json alone (the same model in a folder with other metadata, a catalog entry's provenance say)."""
     h = hashlib.sha256()
     for p in sorted(Path(path).iterdir()):
-        if p.suffix in (".safetensors", ".json", ".bin", ".model") and p.is_file():
+        wanted = (p.suffix in (".safetensors", ".bin") or p.name == "config.json") if weights_only else \
+            p.suffix in (".safetensors", ".json", ".bin", ".model")
+        if wanted and p.is_file():
             h.update(p.name.encode())
             with open(p, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 24), b""):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import ForgetlessError, OutputExistsError
-from .fingerprint import fingerprint_path
+from .fingerprint import fingerprint_dir, fingerprint_path
 from .io import atomic_dir, atomic_write_json
 from .methods.bottleneck import adapter_modules
 from .models import resolve_model
@@ -47,21 +47,12 @@ def _model_path(name: str) -> str:
     return name if Path(name).expanduser().is_dir() else str(resolve_model(name).path)
 
 
-def _weights_digest(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in sorted([*path.glob("*.safetensors"), path / "config.json"]):
-        h.update(p.name.encode() + (p.read_bytes() if p.is_file() else b""))
-    return h.hexdigest()
-
-
 def _same_model(a: str, b: str) -> bool:
     """The same weights: the same hub id, or model directories with the same weight files and config (a copy
     counts, such as a catalog alias's cache entry, which adds its provenance file)."""
     pa, pb = Path(a), Path(b)
     return a == b or (pa.is_dir() and pb.is_dir() and (pa.resolve() == pb.resolve()
-                                                        or _weights_digest(pa) == _weights_digest(pb)))
+                                                        or fingerprint_dir(pa, True) == fingerprint_dir(pb, True)))
 
 
 def scalable_lora(tuned_path: Path, base_path: str) -> Path | None:
