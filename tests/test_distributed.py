@@ -360,7 +360,7 @@ def test_torchrun_refuses_a_second_writer_and_stops_every_rank_at_the_same_diver
     recipe.write_text(yaml.safe_dump(spec))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "precious.txt").write_text("the first run's")
+    (run_dir / "metrics.jsonl").write_text("the first run's")  # a run directory: --overwrite may replace it
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
                                "from forgetless.lock import DirLock; lock = DirLock(sys.argv[2], 'run directory', "
                                "quiet=True); lock.__enter__(); print('held', flush=True); time.sleep(600)",
@@ -371,7 +371,7 @@ def test_torchrun_refuses_a_second_writer_and_stops_every_rank_at_the_same_diver
         err = " ".join(proc.stderr.split())
         assert proc.returncode != 0 and f"is in use by another forgetless process: pid {holder.pid}" in err, err
         assert _no_forgetless_traceback(proc.stderr)
-        assert (run_dir / "precious.txt").read_text() == "the first run's"
+        assert (run_dir / "metrics.jsonl").read_text() == "the first run's"
     finally:
         holder.kill()
         holder.wait()
