@@ -43,12 +43,13 @@ def claim_dir(out: Path, state_file: str | tuple[str, ...], kind: str, overwrite
     resumed = False
     markers = (state_file,) if isinstance(state_file, str) else state_file
     if out.exists() and any(out.iterdir()):
-        if overwrite and not any((out / m).is_file() for m in markers):  # never delete a foreign directory
+        ours = any((out / m).is_file() for m in markers)
+        if overwrite and not ours:  # never delete a foreign directory
             raise ForgetlessError(f"--overwrite: {out} is not a {kind} directory (no {' or '.join(markers)}), so it "
                                   "is not deleted; choose another output_dir, or empty it yourself")
         if overwrite:
             shutil.rmtree(out)
-        elif not any((out / m).is_file() for m in markers):
+        elif not ours:
             raise ForgetlessError(f"{out} exists and is not a {kind} directory; pass --overwrite or choose another "
                                   "output_dir")
         else:
