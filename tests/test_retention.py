@@ -318,3 +318,15 @@ def test_multiple_choice_shots_never_show_an_item_its_own_answer(model_tok, tmp_
         own = f"Q: {row['question']}\nA: {row['choices'][row['gold']]}"
         others = [f"Q: {r['question']}\nA: {r['choices'][r['gold']]}" for r in MC_ROWS if r is not row]
         assert own not in context and sum(o in context for o in others) == 2, context
+
+
+def test_a_continuation_as_long_as_the_window_is_an_error_not_a_wrong_score(model_tok):
+    """No context token would be left to predict the continuation's first token from (it was scored from the
+    last position of the row, silently)."""
+    from forgetless.errors import DataError
+    from forgetless.retention.lm import Request, score_requests
+
+    model, _ = model_tok
+    with pytest.raises(DataError, match="a continuation of 8 tokens does not fit the 8-token window"):
+        score_requests(model, [Request([1, 2, 3], [list(range(10, 18))])], bf16=False, max_len=8)
+    assert len(score_requests(model, [Request([1, 2, 3], [list(range(10, 17))])], bf16=False, max_len=8)[0]) == 1

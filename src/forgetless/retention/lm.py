@@ -16,6 +16,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from ..errors import DataError
+
 
 @dataclass
 class Request:
@@ -110,6 +112,9 @@ def _tree(req: Request,
     truncated = False
     # the context must leave room for the longest branch, and the packed row must fit a batch sensibly
     room = max_len - longest
+    if room < 1:  # no context token left to predict the first continuation token from: it would be scored wrongly
+        raise DataError(f"a continuation of {longest} tokens does not fit the {max_len}-token window with any "
+                        "context before it; cap it (reference_likelihood: max_reference_tokens) or raise max_length")
     if len(ctx) > room:
         ctx, truncated = ctx[len(ctx) - room :], True
     tokens = list(ctx)
