@@ -46,6 +46,12 @@ class DataStats:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def losses(self) -> list[str]:
+        """What max_length cost, as "N truncated" etc. (empty when nothing was lost)."""
+        return [f"{n} {what}" for n, what in ((self.truncated, "truncated"), (self.dropped_overlong,
+                                              "dropped as overlong"), (self.dropped_no_target,
+                                                                       "dropped without a target")) if n]
+
 
 def _get(rec: Record, cfg: DataConfig, canonical: str, required: bool = True) -> Any:
     key = cfg.field(canonical)

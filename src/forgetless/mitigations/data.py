@@ -25,14 +25,11 @@ def examples_from(cfg: DataConfig, ctx: TrainContext, what: str) -> list[dict]:
     examples, stats = build_examples(records, cfg, ctx.tokenizer)
     if not examples:
         raise DataError(f"{what}: no usable examples in {cfg.train} after tokenization")
-    lost = {k: v for k, v in (("truncated", stats.truncated), ("dropped as overlong", stats.dropped_overlong),
-                              ("dropped without a target", stats.dropped_no_target)) if v}
-    if lost:  # reported as the task data's are (never silent)
+    if lost := stats.losses():  # reported as the task data's are (never silent)
         from rich.console import Console
 
-        Console(stderr=True).print(
-            f"{what}: {', '.join(f'{v} {k}' for k, v in lost.items())} of {stats.records} records at max_length "
-            f"{cfg.max_length} ({cfg.train})", style="yellow", highlight=False, markup=False)
+        Console(stderr=True).print(f"{what}: {', '.join(lost)} of {stats.records} records at max_length "
+                                   f"{cfg.max_length} ({cfg.train})", style="yellow", highlight=False, markup=False)
     return examples
 
 

@@ -205,10 +205,10 @@ def training_args(recipe: Recipe, ckpt_dir: Path, device: torch.device, bf16: bo
     )
 
 
-def _trim_metrics(path: Path, up_to_step: int, checkpoint: Path | None = None) -> None:
-    """On resume, drop metric lines logged after the checkpoint we restart from: the first N lines, N as the
-    checkpoint recorded it (METRICS_LINES), so the final evaluation and probe of a run killed after its last
-    checkpoint are not logged twice; else (older checkpoints) the lines of later steps."""
+def _trim_metrics(path: Path, checkpoint: Path | None) -> None:
+    """On resume, drop metric lines logged after the checkpoint we restart from (None: all of them): the first
+    N lines, N as the checkpoint recorded it (METRICS_LINES), so the final evaluation and probe of a run killed
+    after its last checkpoint are not logged twice; else (older checkpoints) the lines of later steps."""
     if not path.is_file():
         return
     import json
@@ -218,6 +218,7 @@ def _trim_metrics(path: Path, up_to_step: int, checkpoint: Path | None = None) -
     if count is not None and count.is_file():
         keep = lines[: int(count.read_text())]
     else:
+        up_to_step = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else -1
         keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= up_to_step]
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
@@ -434,8 +435,7 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: 
         atomic_write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
         atomic_write_json(run_dir / "data_stats.json", {**data.summary(), "check": data_problems})
         if resume:  # killed before its first complete checkpoint: the run starts again, so do its metric lines
-            _trim_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]) if resume_from else -1,
-                          resume_from)
+            _trim_metrics(run_dir / "metrics.jsonl", resume_from)
         if not quiet:
             _report_data(data, data_problems)
             _report_distributed(recipe, engine, len(data.train))
@@ -837,9 +837,7 @@ def _report_data(data: Any, problems: list[str]) -> None:
         console.print(f"[yellow]{s.empty_answers} of {s.records} training example(s) have an empty answer (first: "
                       f"{', '.join(s.first_empty[:3])}): they teach the model to answer nothing")
     v = data.validation_stats
-    lost = [f"{n} {what}" for n, what in ((v.truncated, "truncated"), (v.dropped_overlong, "dropped as overlong"),
-                                           (v.dropped_no_target, "dropped without a target")) if n] if v else []
-    if lost:  # the validation loss is measured on what is left
+    if v and (lost := v.losses()):  # the validation loss is measured on what is left
         console.print(f"[yellow]validation: {', '.join(lost)} of {v.records} example(s) at data.max_length")
     sd = data.self_distill
     if sd and sd.get("mode") == "on_policy":
