@@ -235,6 +235,19 @@ def test_combinations_build_on_a_chosen_candidate_setting(fr):
         REPO / fr.KQA_FILE)
 
 
+def test_the_moved_base_inits_get_their_own_rate_grid_without_dropout(fr):
+    lora = {"method": fr.LORA, "optim.lr": 5e-4}  # default-init LoRA's chosen setting
+    for fam, init in (("lora-milora-lr", "milora"), ("lora-corda-lr", "corda_kpm")):
+        runs = fr._grid(fam, fr.CANDIDATE_FAMILIES[fam], lora)
+        assert [r["settings"]["optim.lr"] for r in runs] == [2e-5, 6e-5, 2e-4]
+        assert [r["name"] for r in runs] == [f"{fam}-0", f"{fam}-1", f"{fam}-2"]
+        assert all(r["settings"]["method"]["init"] == init and r["settings"]["method"]["dropout"] == 0
+                   and r["settings"]["method"]["r"] == 16 for r in runs)
+    assert "dropout" not in fr.LORA and lora["optim.lr"] == 5e-4  # the baseline's setting is not touched
+    # added after med's pre-registration: measured there, never named by the rule
+    assert {"lora-milora-lr", "lora-corda-lr"} <= set(fr.LATE_FAMILIES["med"]) & set(fr.FINAL_EXTRAS["med"])
+
+
 def test_final_trains_the_runs_a_preregistered_wise_family_merges(fr, monkeypatch):
     ewc = {"method": "full", "optim.lr": 1e-4, "mitigations": fr._ewc(1e4)}
     chosen = {"full": {"settings": {"method": "full", "optim.lr": 1e-4}}, "lora": {"settings": {"method": fr.LORA}},
