@@ -89,8 +89,12 @@ REPORT_SUITE = "general"
 SCALE: dict[str, dict[str, Any]] = {
     "med": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 300, "n_val": 200, "n_exact": 0},
     # math: the first steps x batch training examples (one epoch of them): self_distill rewrites every training
-    # example before training, and 7,273 GSM8K solutions at up to 256 new tokens would take hours on 2 cores
-    "math": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 250, "n_val": 200, "n_exact": 50,
+    # example before training, and 7,273 GSM8K solutions at up to 256 new tokens would take hours on 2 cores.
+    # Its test split is all 1,319 GSM8K test items (the training and validation splits come from GSM8K's train
+    # file, so this moves nothing else): med's final pass (300 test items) left R's interval too wide to decide,
+    # mostly from item noise (half-width 0.015 of 0.016 for EWC); about 4x the items halves that part. Set before
+    # any math run. The exact-match generation stays on the first 50 (256 new tokens each).
+    "math": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 1319, "n_val": 200, "n_exact": 50,
              "train_limit": 1280},
 }
 

@@ -104,3 +104,32 @@ def test_loglikelihoods_and_accuracy_match_lm_eval(tiny_model, tmp_path, monkeyp
     assert r.columns["acc_norm"].tolist() == [float(s["acc_norm"]) for s in samples]
     assert float(r.columns["acc"].mean()) == pytest.approx(out["results"][name]["acc,none"], abs=1e-12)
     assert float(r.columns["acc_norm"].mean()) == pytest.approx(out["results"][name]["acc_norm,none"], abs=1e-12)
+
+
+def test_the_lm_eval_kind_samples_items_as_the_native_kinds_do(tiny_model, tmp_path, monkeypatch):
+    """limit / seed / sample / exclude pick the same documents as for a native kind (lm-eval's own limit would take
+    the first ones and ignore the rest)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forgetless.retention.evaluate import evaluate
+    from forgetless.retention.suite import Suite
+
+    items = _items(N_ITEMS)
+    name = _write_task(tmp_path, items)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    mc = {"kind": "multiple_choice", "data": {"path": str(tmp_path / "toy_mc.jsonl")}, "prompt": "{{query}}",
+          "choices": "choices", "gold": "gold", "limit": 5, "seed": 7}
+    le = {"kind": "lm_eval", "task": name, "include_path": str(tmp_path), "limit": 5, "seed": 7, "batch_size": 4}
+    probe = {"exclude": {"limit": 5, "seed": 7}, "limit": 6, "seed": 3}
+    suite = Suite.model_validate({"name": "t", "tasks": [{"name": "mc", **mc}, {"name": "le", **le},
+                                                         {"name": "mc_probe", **mc, **probe},
+                                                         {"name": "le_probe", **le, **probe}]})
+    res = evaluate(model, tok, suite, bf16=False, progress=False).tasks
+    ids = {k: [items[int(i)]["id"] for i in res[k].item_ids] for k in ("le", "le_probe")}  # lm-eval: doc ids
+    assert ids["le"] == res["mc"].item_ids and len(ids["le"]) == 5
+    assert ids["le"] != [d["id"] for d in items[:5]], "a random sample, not the first documents"
+    assert ids["le_probe"] == res["mc_probe"].item_ids and not set(ids["le_probe"]) & set(ids["le"])
+    assert res["le"].columns["acc"].tolist() == res["mc"].columns["acc"].tolist()

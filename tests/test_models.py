@@ -344,3 +344,21 @@ def test_a_cached_hub_id_is_fingerprinted_at_its_commit(monkeypatch: pytest.Monk
     where["someone/m"] = where["someone/m"].replace("c0ffee", "beef01")
     assert fingerprint_path("someone/m") == "someone/m@beef01"
     assert fingerprint_path("someone/not-cached") == "someone/not-cached"
+
+
+def test_a_changed_chat_template_is_another_model_to_the_caches(tmp_path: Path) -> None:
+    """transformers 5 saves the chat template as chat_template.jinja: baselines evaluated with one template must
+    not be reused for another (the fingerprint keys every cache); notes beside the model are not the model."""
+    from forgetless.fingerprint import fingerprint_dir
+
+    for name, text in (("config.json", "{}"), ("model.safetensors", "w"), ("chat_template.jinja", "{{ a }}"),
+                       ("merges.txt", "a b")):
+        (tmp_path / name).write_text(text)
+    before, weights = fingerprint_dir(tmp_path), fingerprint_dir(tmp_path, weights_only=True)
+    (tmp_path / "README.md").write_text("notes")
+    assert fingerprint_dir(tmp_path) == before
+    (tmp_path / "chat_template.jinja").write_text("{{ b }}")
+    after = fingerprint_dir(tmp_path)
+    assert after != before and fingerprint_dir(tmp_path, weights_only=True) == weights
+    (tmp_path / "merges.txt").write_text("a c")
+    assert fingerprint_dir(tmp_path) not in (before, after)

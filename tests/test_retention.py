@@ -183,6 +183,25 @@ def test_self_reference_is_zero_for_the_base_and_grows_when_perturbed(model_tok,
     assert report["retention_score"] < 1.0
 
 
+def test_self_reference_prompts_from_an_edited_file_are_not_served_from_the_cache(model_tok, tmp_path, monkeypatch):
+    import forgetless.retention.kinds.self_reference as S
+
+    calls: list[int] = []
+    real = S.greedy_generate
+    monkeypatch.setattr(S, "greedy_generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    task = {"name": "own", "kind": "self_reference", "prompts": "file", "data": {"path": "p.jsonl"},
+            "max_new_tokens": 6}
+    fp = fingerprint_model(model_tok[0])
+    _jsonl(tmp_path / "p.jsonl", [{"instruction": "Name a colour."}, {"instruction": "Name a fruit."}])
+    first = _eval(model_tok, [task], tmp_path, reference_fingerprint=fp).tasks["own"]
+    again = _eval(model_tok, [task], tmp_path, reference_fingerprint=fp).tasks["own"]
+    assert len(calls) == 1 and again.columns["nll"].tolist() == first.columns["nll"].tolist()
+    _jsonl(tmp_path / "p.jsonl", [{"instruction": "Name a river."}, {"instruction": "Name a city."}])
+    edited = _eval(model_tok, [task], tmp_path, reference_fingerprint=fp).tasks["own"]
+    assert len(calls) == 2, "the edited prompts got their own reference answers"
+    assert [d["prompt"] for d in edited.details] == ["Name a river.", "Name a city."]
+
+
 def test_baseline_is_cached_by_fingerprint(model_tok, tmp_path):
     _jsonl(tmp_path / "mc.jsonl", MC_ROWS)
     suite = _suite([{"name": "mc", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "prompt": "{{question}}"}])

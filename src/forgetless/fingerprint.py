@@ -20,13 +20,20 @@ def fingerprint_model(model: nn.Module) -> str:
     return h.hexdigest()[:20]
 
 
+# what makes a model directory the model it is: weights, configs, tokenizer files (sentencepiece .model, BPE
+# merges/vocab .txt, tiktoken) and chat templates (.jinja)
+MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".bin", ".model", ".jinja", ".txt", ".tiktoken")
+
+
 def fingerprint_dir(path: str | Path, weights_only: bool = False) -> str:
-    """Hash of a model directory's weight and config files (contents). `weights_only`: the weights and
-    config.json alone (the same model in a folder with other metadata, a catalog entry's provenance say)."""
+    """Hash of a model directory's weight, config and tokenizer files (contents), the chat template included
+    (transformers 5 keeps it in chat_template.jinja: a changed template is another model to every cache).
+    `weights_only`: the weights and config.json alone (the same model in a folder with other metadata, a catalog
+    entry's provenance say)."""
     h = hashlib.sha256()
     for p in sorted(Path(path).iterdir()):
         wanted = (p.suffix in (".safetensors", ".bin") or p.name == "config.json") if weights_only else \
-            p.suffix in (".safetensors", ".json", ".bin", ".model")
+            p.suffix in MODEL_FILE_SUFFIXES
         if wanted and p.is_file():
             h.update(p.name.encode())
             with open(p, "rb") as f:

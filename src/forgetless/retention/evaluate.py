@@ -46,8 +46,8 @@ KINDS = {
     "reference_likelihood": reference_likelihood,
     "knowledge_qa": knowledge_qa,
 }
-ENGINE_VERSION = "2"  # bump when scoring changes, to invalidate cached baselines (2: MC shots never the item
-# itself; sliding-window models off the shared-context path)
+ENGINE_VERSION = "3"  # bump when scoring changes, to invalidate cached baselines (2: MC shots never the item
+# itself; sliding-window models off the shared-context path; 3: lm_eval tasks sample their items as native kinds)
 
 
 def result_from_cache(d: dict[str, Any], task: Any) -> TaskResult:

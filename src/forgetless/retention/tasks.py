@@ -242,17 +242,22 @@ def _sample_indices(n: int, limit: int | None, seed: int, how: str, pool: list[i
     return sorted(random.Random(seed).sample(pool, limit))
 
 
-def sample_rows(task: TaskBase, rows: list[Record]) -> list[Record]:
-    """The task's fixed-seed sample of `rows` (all of them without a limit), outside `exclude`'s sample if set."""
-    pool: list[int] | range = range(len(rows))
+def sample_indices(task: TaskBase, n: int) -> list[int]:
+    """The indices of the task's fixed-seed sample of `n` items (all of them without a limit), outside
+    `exclude`'s sample if set."""
+    pool: list[int] | range = range(n)
     if task.exclude is not None:
         ex = task.exclude
-        taken = set(_sample_indices(len(rows), ex.limit, ex.seed, ex.sample))
+        taken = set(_sample_indices(n, ex.limit, ex.seed, ex.sample))
         pool = [i for i in pool if i not in taken]
         if not pool:
-            raise DataError(f"task {task.name}: exclude (limit {ex.limit}, seed {ex.seed}) leaves no item of "
-                            f"{len(rows)}")
-    return [rows[i] for i in _sample_indices(len(rows), task.limit, task.seed, task.sample, pool)]
+            raise DataError(f"task {task.name}: exclude (limit {ex.limit}, seed {ex.seed}) leaves no item of {n}")
+    return _sample_indices(n, task.limit, task.seed, task.sample, pool)
+
+
+def sample_rows(task: TaskBase, rows: list[Record]) -> list[Record]:
+    """The task's fixed-seed sample of `rows` (sample_indices)."""
+    return [rows[i] for i in sample_indices(task, len(rows))]
 
 
 # ---------------------------------------------------------------- templates

@@ -2,7 +2,9 @@
 
 Offline, point `include_path` at a folder of local lm-eval YAML tasks (`dataset_path: json` with
 `data_files`). Per-sample metrics come back from lm-eval's logged samples, so intervals and paired tests
-work as for the native kinds.
+work as for the native kinds. `limit`, `sample`, `seed` and `exclude` pick the items as they do for the native
+kinds (a fixed-seed sample of the task's evaluation documents, passed to lm-eval as its `samples`), not
+lm-eval's own `limit` (the first documents).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pydantic import Field
 
 from ...errors import ForgetlessError
 from ..metrics import mean_of
-from ..tasks import TaskBase, TaskResult, as_array
+from ..tasks import TaskBase, TaskResult, as_array, sample_indices
 from .base import EvalContext
 
 
@@ -44,15 +46,26 @@ def run(task: LmEvalTask, ctx: EvalContext) -> TaskResult:
     include = task.include_path
     if include and ctx.data_root and not include.startswith("/"):
         include = str(ctx.data_root / include)
+    manager = TaskManager(include_path=include) if include else TaskManager()
+    chosen = None
+    if task.limit is not None or task.exclude is not None:  # the items, as the native kinds sample them
+        if hasattr(manager, "load"):  # lm-eval >= 0.4.10: flat dicts of tasks and groups
+            loaded = manager.load([task.task])["tasks"].get(task.task)
+        else:
+            loaded = manager.load_task_or_group([task.task]).get(task.task)
+        if loaded is None or not hasattr(loaded, "eval_docs"):
+            raise ForgetlessError(f"task {task.name}: lm-eval {task.task!r} is a group, not one task: limit and "
+                                  "exclude sample one task's documents (name its tasks one by one)")
+        chosen = {task.task: sample_indices(task, len(loaded.eval_docs))}
     lm = HFLM(pretrained=ctx.model, tokenizer=ctx.tokenizer, batch_size=task.batch_size)
     out = simple_evaluate(
         model=lm,
         tasks=[task.task],
         num_fewshot=task.num_fewshot if task.num_fewshot is not None else (task.shots or None),
-        limit=task.limit,
+        samples=chosen,
         log_samples=True,
         bootstrap_iters=0,
-        task_manager=TaskManager(include_path=include) if include else TaskManager(),
+        task_manager=manager,
     )
     samples = out["samples"][task.task]
     if not samples:

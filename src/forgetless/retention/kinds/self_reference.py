@@ -82,25 +82,29 @@ def _prompt_ids(task: SelfReferenceTask, tok, text: str) -> list[int]:
     return encode(tok, f"Instruction: {text}\nResponse:")
 
 
-def _cache_key(task: SelfReferenceTask, ctx: EvalContext) -> str:
+def _cache_key(task: SelfReferenceTask, ctx: EvalContext, prompts: tuple[list[str], list[str]] | None) -> str:
+    """The reference's cache key: the task's settings, the reference model, the precision and, for file and
+    built-in prompts, the prompts themselves (an edited prompt file at the same path is other prompts)."""
     spec = task.model_dump(exclude={"name", "weight", "main_metric", "batch_size"})
     spec["reference"] = ctx.reference_fingerprint
     spec["bf16"] = ctx.bf16
-    if task.prompts == "file" and task.data and task.data.path:
-        spec["file"] = str(task.data.path)
+    if prompts is not None:
+        spec["prompts_sha256"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def build_reference(task: SelfReferenceTask, ctx: EvalContext) -> dict:
     """The reference answers and the reference model's top-k distributions along them (cached on disk)."""
-    cache = (ctx.cache_dir / "self_reference" / _cache_key(task, ctx) if ctx.cache_dir and ctx.reference_fingerprint
-             else None)
+    # file and built-in prompts are read before the key (cheap, no model); generated ones are the model's own
+    listed = None if task.prompts == "generated" else _prompt_texts(task, ctx, None, None)
+    cache = (ctx.cache_dir / "self_reference" / _cache_key(task, ctx, listed)
+             if ctx.cache_dir and ctx.reference_fingerprint else None)
     if cache and (cache / "meta.json").is_file():
         meta = json.loads((cache / "meta.json").read_text())
         tensors = load_file(str(cache / "topk.safetensors"))
         return {**meta, "topk_ids": tensors["ids"], "topk_logprobs": tensors["logprobs"], "lengths": tensors["lengths"]}
     model, tok = ctx.reference() if ctx.reference else (ctx.model, ctx.tokenizer)
-    texts, ids = _prompt_texts(task, ctx, model, tok)
+    texts, ids = listed or _prompt_texts(task, ctx, model, tok)
     if not texts:
         raise DataError(f"task {task.name}: no prompts")
     prompts = [_prompt_ids(task, tok, t) for t in texts]
