@@ -5,6 +5,7 @@ forgetting? Two phases on a real model, selection on validation only, a verdict 
     python bench/frontier.py --scenario med select     # phase 1: grids on validation, one seed
     python bench/frontier.py --scenario med final      # phase 2: the pre-registered recipes x 3 seeds, scored once
     python bench/frontier.py --scenario med extras     # FINAL_EXTRAS x 3 seeds, measured beside them (no verdict)
+    python bench/frontier.py --scenario med extras --only lora-milora-lr   # some of them now, the rest later
     python bench/frontier.py --scenario med report     # the tables and plot from the ledger alone (no compute)
 
 Scenarios and data: bench/forgetting.py's (med: MedMCQA chat data; math: GSM8K), written to
@@ -648,6 +649,12 @@ def final(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> d
 def extras(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> dict[str, dict[str, Any]]:
     """FINAL_EXTRAS (those not pre-registered) at their chosen settings over FINAL_SEEDS, into the final ledger."""
     names = tuple(f for f in FINAL_EXTRAS[scenario] if f not in FINAL_CANDIDATES[scenario])
+    only = getattr(args, "only", None)
+    if only:  # a part of the extras now (a sitting's time), the rest later
+        if set(only) - set(names):
+            raise SystemExit(f"error: --only {' '.join(only)}: not among FINAL_EXTRAS['{scenario}'] outside "
+                             f"FINAL_CANDIDATES: {', '.join(names)}")
+        names = tuple(f for f in names if f in only)
     if not names:
         raise SystemExit(f"error: FINAL_EXTRAS['{scenario}'] names no family outside FINAL_CANDIDATES")
     if set(names) - set(CANDIDATE_FAMILIES):
@@ -978,6 +985,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the scale's steps (smoke tests; such runs "
                                                             "are not the bench's)")
     ap.add_argument("--out", type=Path, default=None, help="runs directory (default: runs/frontier-<scenario>)")
+    ap.add_argument("--only", nargs="+", metavar="FAMILY", help="extras: measure only these of FINAL_EXTRAS now")
     args = ap.parse_args()
     os.chdir(ROOT)
     if args.steps and args.steps != SCALE[args.scenario]["steps"]:

@@ -293,6 +293,13 @@ def test_extras_are_trained_into_the_final_ledger_and_shown_without_a_verdict(fr
     fr.FINAL_EXTRAS["med"] = ("lora-corda", "lora-milora")
     fr.extras("med", SimpleNamespace(steps=None, out=Path("/o")), {}, "m")
     assert [r[0] for r in calls[0][1]] == ["lora-milora"]
+    calls.clear()  # --only: some of them now
+    chosen["lora-corda"] = {"settings": {"method": "full", "optim.lr": 1e-4, "tag": "lora-corda"}}
+    (fr.out_dir("med") / "selection.json").write_text(json.dumps({"chosen": chosen, "steps": 160}))
+    fr.extras("med", SimpleNamespace(steps=None, out=Path("/o"), only=["lora-corda"]), {}, "m")
+    assert [r[0] for r in calls[0][1]] == ["lora-corda"]
+    with pytest.raises(SystemExit, match="--only full-ewc: not among"):
+        fr.extras("med", SimpleNamespace(steps=None, out=Path("/o"), only=["full-ewc"]), {}, "m")
     # in the results: a row marked measured, no verdict for it
     fr.FINAL_EXTRAS["med"] = ("lora-milora",)
     (fr.out_dir("med") / "selection.json").unlink()
