@@ -25,7 +25,7 @@ def probe_suite(organism, tmp_path_factory):
     return str(p)
 
 
-def _run(org, out, probe, guard=None, every=10, steps=80, mitigations=None, **monitor):
+def _run(org, out, probe, guard=None, every=10, steps=80, mitigations=None, save_steps=None, **monitor):
     spec = {
         "name": out.name,
         "model": str(org["model"]),
@@ -34,7 +34,7 @@ def _run(org, out, probe, guard=None, every=10, steps=80, mitigations=None, **mo
         "method": "full",
         "optim": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "warmup_steps": 5, "schedule": "constant"},
         # fp32 pinned: whether a probe breaches must not depend on this CPU's precision path
-        "train": {"output_dir": str(out), "save_steps": None, "progress": False, "seed": 0, "bf16": False},
+        "train": {"output_dir": str(out), "save_steps": save_steps, "progress": False, "seed": 0, "bf16": False},
         "monitor": {"suite": probe, "every": every, "limit": None, **monitor},
     }
     if guard:
@@ -207,12 +207,72 @@ def test_every_auto_places_each_probe_from_the_measured_times(organism, probe_su
     assert mon["probe_s"] > 0
 
 
-def test_a_resumed_guarded_run_says_its_reference_is_the_resume_point(organism, probe_suite, tmp_path, capsys):
-    """The guard's state (the base model's reference probe, the snapshots) is not in checkpoints: a resumed run
+def _cut_at(run_dir, step):
+    """What a kill just after checkpoint-`step` leaves: no final model or summary, no later checkpoint."""
+    import shutil
+
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "summary.json").unlink()
+    for c in (run_dir / "checkpoints").glob("checkpoint-*"):
+        if int(c.name.split("-")[1]) > step:
+            shutil.rmtree(c)
+
+
+def test_a_resumed_guarded_run_continues_exactly_as_the_uninterrupted_one(organism, probe_suite, tmp_path, capsys):
+    """The monitor's and guard's state is in every checkpoint: the base model's reference probe (and the
+    self-reference answers it scored against, even when the evaluation cache lost them), the probes, events and
+    next action, the snapshots, and more_replay's swaps of the training data."""
+    import shutil
+
+    import forgetless.retention.evaluate as E
+    from forgetless.recipe import load_recipe
+
+    probe = yaml.safe_load(open(probe_suite).read())
+    probe["tasks"].append({"name": "own", "kind": "self_reference", "limit": 4, "max_new_tokens": 6})
+    (tmp_path / "probe.yaml").write_text(yaml.safe_dump(probe))
+    replay = {"name": "replay", "ratio": 0.2,
+              "data": {"train": str(organism["a_train"]), "format": "prompt_completion", "chat_template": False}}
+    guard = {"budget": 0.001, "require_significant": False, "select": "best_within_budget",
+             "actions": ["lower_lr", "more_replay", "rollback", "lower_lr", "stop"]}
+    runs = {name: _run(organism, tmp_path / name, str(tmp_path / "probe.yaml"), guard=guard, every=10, steps=60,
+                       mitigations=[replay], save_steps=10) for name in ("whole", "cut")}
+    whole = runs["whole"].summary
+    kinds = [e["guard"] for e in whole["guard"]["events"]]
+    assert {"lower_lr", "more_replay", "rollback"} <= set(kinds), kinds  # the actions straddle the cut below
+    rec = load_recipe(tmp_path / "cut" / "recipe.yaml").model_copy(deep=True)
+    assert rec.train.save_steps == 10
+    shutil.rmtree(E.cache_root() / "self_reference")  # the evaluation cache lost the base's answers meanwhile
+    _cut_at(tmp_path / "cut", 30)
+    capsys.readouterr()
+    again = train(rec, resume=True, quiet=True)
+    assert again.summary["resumed_from"].endswith("checkpoint-30")
+    assert "without the monitor's state" not in capsys.readouterr().err
+    got = again.summary
+    assert got["monitor"]["resumed_at"] is None  # the reference is still the base model
+    assert got["guard"]["events"] == whole["guard"]["events"]
+    assert [p["fl_retention"] for p in got["monitor"]["probes"]] == [p["fl_retention"]
+                                                                    for p in whole["monitor"]["probes"]]
+    assert got["guard"]["selection"] == whole["guard"]["selection"]
+    assert got["mitigations"][0]["ratio_raised_to"] == whole["mitigations"][0]["ratio_raised_to"]
+    for (name, a), b in zip(runs["whole"].model.named_parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(a.detach(), b.detach()), name
+
+    def logged(name):  # metrics.jsonl without wall-clock fields
+        return [{k: v for k, v in json.loads(x).items()
+                 if not (k.endswith("_s") or any(t in k for t in ("runtime", "per_s", "_time")))}
+                for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert logged("cut") == logged("whole")
+
+
+def test_a_guarded_run_resumed_without_the_monitor_state_says_its_reference_is_the_resume_point(
+        organism, probe_suite, tmp_path, capsys):
+    """A checkpoint without the monitor's state (an older forgetless; sharded runs keep none): the resumed run
     measures forgetting from the resumed weights: recorded and said (the fallback selection's wording is tested
     in test_selection_reports_the_95_percent_verdict_of_the_chosen_state)."""
     import shutil
 
+    from forgetless.guard import MONITOR_DIR
     from forgetless.recipe import load_recipe
 
     guard = {"budget": 0.0001, "require_significant": False, "actions": ["stop"], "select": "best_within_budget"}
@@ -222,11 +282,11 @@ def test_a_resumed_guarded_run_says_its_reference_is_the_resume_point(organism, 
     r.train.save_steps = 10
     shutil.rmtree(tmp_path / "g")
     train(r, quiet=True)
-    shutil.rmtree(tmp_path / "g" / "final")
-    (tmp_path / "g" / "summary.json").unlink()
-    shutil.rmtree(tmp_path / "g" / "checkpoints" / "checkpoint-20", ignore_errors=True)
+    _cut_at(tmp_path / "g", 10)
+    shutil.rmtree(tmp_path / "g" / "checkpoints" / "checkpoint-10" / MONITOR_DIR)
     capsys.readouterr()
     again = train(r, resume=True, quiet=True).summary
     assert again["resumed_from"].endswith("checkpoint-10") and again["monitor"]["resumed_at"] == 10
     err = " ".join(capsys.readouterr().err.split())  # rich wraps the line
-    assert "resumed at step 10: the retention reference is the weights at this step" in err
+    assert "resumed at step 10 without the monitor's state" in err
+    assert "the retention reference is the weights at this step" in err

@@ -22,6 +22,14 @@ breach; `within_budget_95` says whether the budget also held with 95% confidence
 whose half-width is wider than the budget, the 95% verdict is rarely yes: use a probe that resolves the
 budget (more items, continuous metrics) before acting on it.
 
+Checkpoints: every checkpoint holds the monitor's and guard's state (`forgetless_monitor/`: the base model's
+reference probe and the self-reference answers it scored against, the probes and events so far, the next
+action, the snapshots that rollback and the final selection restore; the base snapshot once, in
+`checkpoints/guard_base.safetensors`), so a resumed run continues exactly as the uninterrupted one would: the
+same reference, budget, actions and selection (more_replay's swaps are made again from the events). Not for
+sharded runs (FSDP2: each rank holds slices): those, and checkpoints without the state, resume measuring
+forgetting from the resumed weights, said loudly and recorded as `monitor.resumed_at`.
+
 With several processes (DDP) every rank holds the same weights, so the retention probe runs once, on rank 0,
 while the others wait; rank 0 broadcasts the probe and its breaches, and every rank then takes the same
 action at the same step (lower_lr on its optimizer, more_replay on its copy of the data, rollback to its
@@ -43,15 +51,14 @@ from transformers import TrainerCallback
 from . import distributed as dist
 from .config import GuardConfig, MonitorConfig
 from .fingerprint import fingerprint_model
-from .io import append_jsonl
-from .retention.evaluate import compare, evaluate
+from .io import append_jsonl, atomic_write_bytes, atomic_write_json, save_safetensors
+from .retention.evaluate import SuiteResult, cache_root, compare, evaluate, result_from_cache
 from .retention.metrics import budget_check
 from .retention.suite import probe_suite
+from .retention.tasks import resolve_data_root
 
 if TYPE_CHECKING:
     from transformers import Trainer
-
-    from .retention.evaluate import SuiteResult
 
 
 class _NoControl:
@@ -102,6 +109,31 @@ def reshard(model: torch.nn.Module) -> None:
             m.reshard()
 
 
+MONITOR_DIR = "forgetless_monitor"  # in a checkpoint: the monitor's and guard's state
+BASE_SNAPSHOT = "guard_base.safetensors"  # in the checkpoints folder: the snapshot of the start, written once
+MONITOR_STATE_VERSION = 1
+
+
+def _save_snapshot(snap: Snapshot, path: Path) -> None:
+    save_safetensors({f"p{i}": w.contiguous() for i, w in enumerate(snap.weights)}, path)
+    if snap.optimizer is not None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(snap.optimizer, buf)
+        atomic_write_bytes(path.with_suffix(".optimizer.pt"), buf.getvalue())
+
+
+def _load_snapshot(meta: dict[str, Any], path: Path) -> Snapshot:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    opt = path.with_suffix(".optimizer.pt")
+    optimizer = torch.load(opt, weights_only=True) if meta.get("optimizer") else None  # tensors and numbers only
+    return Snapshot(meta["step"], [tensors[f"p{i}"] for i in range(len(tensors))], optimizer, meta.get("val_loss"),
+                    meta.get("within_95"))
+
+
 AUTO_WARMUP_STEPS = 5  # every: auto measures this many training steps before it places the first probe
 
 
@@ -137,7 +169,7 @@ class MonitorCallback(TrainerCallback):
         self.state = GuardState()
         # set by the run: validation at a probe, and the training set more_replay changes
         self.trainer: Trainer | None = None
-        self._suite = None
+        self._suite: Any = None  # the probe suite (set at the start of training)
         self._base_result: SuiteResult | None = None
         self._ref_fp = None
         self._last_breaches: list[str] = []
@@ -146,6 +178,8 @@ class MonitorCallback(TrainerCallback):
         self.model: torch.nn.Module | None = None
         self._last_probe_s = 0.0  # the last probe's seconds (every: auto)
         self._train_clock = (0, 0.0, 0.0)  # (step, time, probe seconds so far) at the start of training
+        self.resume_from: Path | None = None  # set by the run: the checkpoint it resumes from
+        self.checkpoints: Path | None = None  # set by the run: where the start's snapshot is kept (BASE_SNAPSHOT)
 
     # ------------------------------------------------------------ set before use
 
@@ -218,6 +252,11 @@ class MonitorCallback(TrainerCallback):
         self.sharded = any(dist.is_sharded(p) for p in self.params)
         self.model = model
         self._suite = self._probe_suite()
+        saved = None if self.resume_from is None else self.resume_from / MONITOR_DIR / "state.json"
+        if state.global_step > 0 and not self.sharded and saved is not None and saved.is_file():
+            self._restore_state(saved)
+            self._train_clock = (state.global_step, time.perf_counter(), self.state.probe_s)
+            return
         if self._probes_here():
             # a sharded model has no one-process fingerprint: the reference is this run's own
             fresh = state.global_step == 0 and not self.sharded
@@ -225,24 +264,124 @@ class MonitorCallback(TrainerCallback):
             # step 0 (or the resume point) is the reference: the base model's own behaviour
             self._base_result = self._evaluate(model)
         if state.global_step > 0:
-            # Not in checkpoints (yet): the reference probe of the base model, the snapshots rollback and the
-            # final selection restore, the next action. A resumed run measures forgetting from here, and a guard
-            # acts on that: said loudly, and recorded (summary.json's monitor.resumed_at).
+            # a sharded run, or a checkpoint without the monitor's state (written by an older version): the
+            # reference probe of the base model, the snapshots and the next action are not there. The run measures
+            # forgetting from here, and a guard acts on that: said loudly, and recorded (monitor.resumed_at).
             self.state.resumed_at = state.global_step
             if dist.is_main():
                 from rich.console import Console
 
+                why = ("a sharded run keeps it in no checkpoint" if self.sharded
+                       else f"{self.resume_from} has no {MONITOR_DIR}/ (written by an older forgetless)")
                 Console(stderr=True).print(
-                    f"monitor: resumed at step {state.global_step}: the retention reference is the weights at this "
-                    "step, not the base model (the monitor's and guard's state is not in checkpoints), so probes "
-                    "measure forgetting since here and a guard's budget counts from here. For a guarded run "
-                    "that must match an uninterrupted one, train again with --overwrite.",
+                    f"monitor: resumed at step {state.global_step} without the monitor's state ({why}): the "
+                    "retention reference is the weights at this step, not the base model, so probes measure "
+                    "forgetting since here and a guard's budget counts from here. For a guarded run that must "
+                    "match an uninterrupted one, train again with --overwrite.",
                     style="bold yellow", highlight=False, markup=False)
         self.state.base = snapshot(self.params, state.global_step)
         self.state.last_ok = self.state.base
+        if state.global_step == 0 and self.guard is not None and not self.sharded and dist.is_main() \
+                and args.save_strategy != "no" and self.checkpoints is not None:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)  # the start's weights, once: a resumed run's base
+            _save_snapshot(self.state.base, self.checkpoints / BASE_SNAPSHOT)
         self._last_probe_s = time.perf_counter() - t0  # every: auto's first estimate (the reference costs more)
         self.state.probe_s += self._last_probe_s
         self._train_clock = (state.global_step, time.perf_counter(), self.state.probe_s)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _reference_entries(self) -> list[Path]:
+        """The self-reference cache entries the reference probe scored against (the base's answers)."""
+        from .retention.kinds.self_reference import reference_cache_entry
+
+        if self._ref_fp is None:
+            return []
+        root = resolve_data_root(self.monitor.data_root)
+        return [reference_cache_entry(t, cache_root(), self._ref_fp, self.bf16, root)
+                for t in self._suite.tasks if t.kind == "self_reference"]
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """The monitor's and guard's state into checkpoint `folder` (rank 0; before it is marked complete)."""
+        if self.sharded or self._base_result is None or not dist.is_main():
+            return
+        import shutil
+
+        d = folder / MONITOR_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        snaps: dict[str, Any] = {}
+        for name in ("last_ok", "best_ok"):
+            snap = getattr(self.state, name)
+            if snap is None or snap is self.state.base:
+                snaps[name] = None if snap is None else "base"
+                continue
+            file = d / f"snapshot-{snap.step}.safetensors"
+            if not file.is_file():
+                _save_snapshot(snap, file)
+            snaps[name] = {"step": snap.step, "val_loss": snap.val_loss, "within_95": snap.within_95,
+                           "optimizer": snap.optimizer is not None, "file": file.name}
+        for entry in self._reference_entries():
+            if entry.is_dir() and not (d / "self_reference" / entry.name).is_dir():
+                shutil.copytree(entry, d / "self_reference" / entry.name)
+        st = self.state
+        atomic_write_json(d / "state.json", {
+            "version": MONITOR_STATE_VERSION, "ref_fp": self._ref_fp, "suite": self._suite.name,
+            "reference": {n: r.to_cache() for n, r in self._base_reference.tasks.items()},
+            "base_step": self._base.step, "snapshots": snaps, "last_breaches": self._last_breaches,
+            "last_probe_s": self._last_probe_s,
+            "state": {"events": st.events, "probes": st.probes, "probe_s": st.probe_s, "next_probe": st.next_probe,
+                      "intervals": st.intervals, "next_action": st.next_action, "selection": st.selection,
+                      "resumed_at": st.resumed_at}})
+
+    def _restore_state(self, path: Path) -> None:
+        """Continue from a checkpoint's monitor state: the base model's reference probe (and the self-reference
+        answers it scored against, put back in the cache if gone), the probes, events, next action and snapshots,
+        and the training data as more_replay left it (its swaps made again, in order: they are seeded)."""
+        import json
+        import shutil
+
+        saved = json.loads(path.read_text())
+        if saved.get("version") != MONITOR_STATE_VERSION:
+            raise RuntimeError(f"{path}: monitor state version {saved.get('version')}, this forgetless reads "
+                               f"{MONITOR_STATE_VERSION}: train again with --overwrite")
+        if saved["suite"] != self._suite.name:
+            raise RuntimeError(f"{path}: saved for probe suite {saved['suite']!r}, the recipe's is "
+                               f"{self._suite.name!r}: a resumed run keeps its recipe")
+        self._ref_fp = saved["ref_fp"]
+        for entry in self._reference_entries():
+            kept = path.parent / "self_reference" / entry.name
+            if not entry.is_dir() and kept.is_dir():
+                shutil.copytree(kept, entry, dirs_exist_ok=True)
+        by_name = {t.name: t for t in self._suite.tasks}
+        self._base_result = SuiteResult(self._suite.name, {n: result_from_cache(d, by_name[n])
+                                                           for n, d in saved["reference"].items()})
+        st = saved["state"]
+        self.state = GuardState(events=st["events"], probes=st["probes"], probe_s=st["probe_s"],
+                                next_probe=st["next_probe"], intervals=st["intervals"],
+                                next_action=st["next_action"], selection=st["selection"], resumed_at=st["resumed_at"])
+        self._last_breaches = list(saved["last_breaches"])
+        self._last_probe_s = saved["last_probe_s"]
+        base_file = (self.checkpoints or path.parents[2]) / BASE_SNAPSHOT
+        if self.guard is not None:
+            if not base_file.is_file():
+                raise RuntimeError(f"{base_file}: the guard's snapshot of the start is missing (needed to resume "
+                                   "a guarded run): train again with --overwrite")
+            self.state.base = _load_snapshot({"step": saved["base_step"]}, base_file)
+        else:  # a monitor alone never restores a snapshot
+            self.state.base = Snapshot(saved["base_step"], [], None)
+        for name, meta in saved["snapshots"].items():
+            snap = self.state.base if meta == "base" else None if meta is None else (
+                self.state.last_ok if self.state.last_ok is not None and self.state.last_ok.step == meta["step"]
+                else _load_snapshot(meta, path.parent / meta["file"]))
+            setattr(self.state, name, snap)
+        if self.state.last_ok is None:
+            self.state.last_ok = self.state.base
+        for ev in self.state.events:  # more_replay's swaps (and any mitigation's data action), again
+            doer = next((m for m in self.mitigations if ev["guard"] in m.guard_actions), None)
+            if doer is not None and "skipped" not in ev and self.trainer is not None:
+                doer.guard_action(ev["guard"], self.trainer.train_dataset, self._guard_config.replay_factor)
+        if self.state.probes:
+            self.metrics.last.update(self.state.probes[-1])
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
         every = self.monitor.every

@@ -510,6 +510,8 @@ def make_trainer(run: Run) -> tuple[Any, Watch]:
     divergence.trainer = trainer
     if monitor is not None:
         monitor.trainer = trainer
+        monitor.resume_from, monitor.checkpoints = run.resume_from, run.checkpoints
+        trainer.monitor = monitor
     return trainer, Watch(metrics, divergence, monitor, early)
 
 

@@ -49,6 +49,7 @@ class ForgetlessTrainer(Trainer):
                  loss_terms: list[LossTerm] | None = None, **kwargs: Any):
         mitigations = list(mitigations or [])
         self.metrics_path: Path | None = None  # set by the run: checkpoints record its line count
+        self.monitor: Any = None  # set by the run: the retention monitor (guard.MonitorCallback), saved in checkpoints
         self.mitigation_hooks = MitigationCallback(mitigations) if mitigations else None
         if self.mitigation_hooks is not None:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.mitigation_hooks]
@@ -117,6 +118,8 @@ class ForgetlessTrainer(Trainer):
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             if self.mitigation_hooks is not None:
                 save_states(self.mitigation_hooks.mitigations, folder)
+            if self.monitor is not None:  # the retention monitor's and guard's state (rank 0 writes it)
+                self.monitor.save_checkpoint(folder)
             if self.metrics_path is not None and self.args.process_index == 0:
                 lines = self.metrics_path.read_text().count("\n") if self.metrics_path.is_file() else 0
                 atomic_write_text(folder / METRICS_LINES, f"{lines}\n")
