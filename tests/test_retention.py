@@ -129,6 +129,9 @@ def test_generate_task_runs_and_scores(model_tok, tmp_path):
     r = _eval(model_tok, [task], tmp_path).tasks["qa"]
     assert set(r.columns) == {"exact_match", "contains", "f1"} and r.n == 2
     assert all("prediction" in d for d in r.details)
+    # a generation as long as the window leaves no room for a prompt: an error, not a wrong slice
+    with pytest.raises(DataError, match="max_new_tokens 64 leaves no room for a prompt in the 64-token window"):
+        _eval(model_tok, [{**task, "max_new_tokens": 64}], tmp_path, max_length=64)
 
 
 def test_a_registered_scorer_is_one_file_behind_the_scorer_option(model_tok, tmp_path, monkeypatch):

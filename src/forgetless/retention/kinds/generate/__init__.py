@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from ....errors import DataError
 from ....plugins import discover
 from ...lm import greedy_generate
 from ...metrics import Columns, Metric, mean_of
@@ -133,6 +134,9 @@ def run(task: GenerateTask, ctx: EvalContext) -> TaskResult:
         prompts.append(_prompt_ids(task, ctx, prefix + prompt_of(task, rec)))
         golds.append(_golds(task, rec))
     window = ctx.window() - task.max_new_tokens
+    if window < 1:  # p[-0:] would be the whole prompt, a negative window a wrong slice
+        raise DataError(f"task {task.name}: max_new_tokens {task.max_new_tokens} leaves no room for a prompt in the "
+                        f"{ctx.window()}-token window (the model's context, or max_length): lower it")
     truncated = sum(len(p) > window for p in prompts)
     prompts = [p[-window:] for p in prompts]
     outs = greedy_generate(
