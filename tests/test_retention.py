@@ -205,6 +205,32 @@ def test_self_reference_prompts_from_an_edited_file_are_not_served_from_the_cach
     assert [d["prompt"] for d in edited.details] == ["Name a river.", "Name a city."]
 
 
+def test_the_retention_score_weighs_tasks_by_the_suite_without_being_told(model_tok, tmp_path):
+    """compare() takes each task's weight from the suite it was scored with (the guard's probes and merge's alpha
+    search call it without weights): the same score as with the weights given, another than equal weights."""
+    _jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    _jsonl(tmp_path / "t.jsonl", [{"text": "the cat sat on the mat and looked at the dog"},
+                                  {"text": "red green blue yellow are colours of the sun"}])
+    tasks = [{"name": "mc", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "prompt": "{{question}}",
+              "main_metric": "pgold", "weight": 3.0},
+             {"name": "ppl", "kind": "perplexity", "data": {"path": "t.jsonl"}, "text": "text"}]
+    m, tok = model_tok
+    base = _eval(model_tok, tasks, tmp_path)
+    perturbed = AutoModelForCausalLM.from_pretrained(tok.name_or_path, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    cand = evaluate(perturbed, tok, _suite(tasks), data_root=tmp_path, bf16=False, progress=False,
+                    cache_dir=tmp_path / "cache")
+    told = compare(base, cand, {"mc": 3.0, "ppl": 1.0})
+    assert compare(base, cand)["retention_score"] == told["retention_score"]
+    equal = compare(base, cand, {"mc": 1.0, "ppl": 1.0})
+    assert equal["retention_score"] != pytest.approx(told["retention_score"], abs=1e-6)
+    r = [told["tasks"][n]["retention"] for n in ("mc", "ppl")]
+    assert told["retention_score"] == pytest.approx((3 * r[0] + r[1]) / 4)  # tasks without abilities: weighted
+
+
 def test_baseline_is_cached_by_fingerprint(model_tok, tmp_path):
     _jsonl(tmp_path / "mc.jsonl", MC_ROWS)
     suite = _suite([{"name": "mc", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "prompt": "{{question}}"}])

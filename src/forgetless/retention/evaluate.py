@@ -54,7 +54,7 @@ def result_from_cache(d: dict[str, Any], task: Any) -> TaskResult:
     cols = {k: np.asarray(v, dtype=np.float64) for k, v in d["columns"].items()}
     metrics = KINDS[d["kind"]].metrics(cols, task)
     return TaskResult(d["task"], d["kind"], cols, metrics, d["main"], d["item_ids"], d["details"], d["info"],
-                      ability=getattr(task, "ability", None))
+                      ability=getattr(task, "ability", None), weight=getattr(task, "weight", 1.0))
 
 
 def save_items(path: Path, res: SuiteResult, base: SuiteResult | None = None) -> None:
@@ -159,7 +159,7 @@ def evaluate(
             except MissingDataError as e:  # name the suite in the pull command
                 raise MissingDataError(str(e).replace("forgetless data pull SUITE",
                                                       f"forgetless data pull {suite.name}")) from None
-            results[task.name].ability = task.ability
+            results[task.name].ability, results[task.name].weight = task.ability, task.weight
             seconds[task.name] = time.perf_counter() - t0
             results[task.name].info["seconds"] = round(seconds[task.name], 2)
     return SuiteResult(suite.name, results, seconds, model_name)
@@ -204,7 +204,8 @@ def compare(
     """Per task: every metric's change with a paired interval and significance; the retention score
     (definition `metrics.SCORE_VERSION`: by ability) with each ability's change and interval, each task's share
     of the score's variance, and the definition-1 score (task-weighted mean) for comparison with old results.
-    `abilities` overrides the tasks' own tags (default: each result's `ability`)."""
+    `abilities` overrides the tasks' own tags (default: each result's `ability`), `weights` their weights
+    (default: each result's `weight`, the suite's)."""
     tasks: dict[str, Any] = {}
     retention_inputs = []
     ability_inputs = []
@@ -242,7 +243,7 @@ def compare(
             "flipped": len(flips),
             "flipped_examples": flips[:max_flips],
         }
-        w = (weights or {}).get(name, 1.0)
+        w = (weights or {}).get(name, c.weight)
         retention_inputs.append((main, b.columns, c.columns, w))
         ability_inputs.append((name, main, b.columns, c.columns, w, ability))
     nan2 = (float("nan"), float("nan"))

@@ -103,6 +103,7 @@ class TaskResult:
     details: list[dict[str, Any]] = field(default_factory=list)  # per item: prediction, correct, text (for flips)
     info: dict[str, Any] = field(default_factory=dict)  # counts: truncated, seconds, tokens
     ability: str | None = None  # from the task definition (not cached: a suite may re-tag its tasks)
+    weight: float = 1.0  # from the task definition (not cached): its weight in the retention score
 
     @classmethod
     def of(cls, task: TaskBase, columns: Columns, metrics: list[Metric], item_ids: list[str],
