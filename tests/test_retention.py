@@ -186,6 +186,19 @@ def test_self_reference_is_zero_for_the_base_and_grows_when_perturbed(model_tok,
     assert report["retention_score"] < 1.0
 
 
+def test_generated_prompts_leave_the_callers_random_state_alone(model_tok, tmp_path):
+    """self_reference's generated prompts come from their own seed, and a cache miss does not reseed the global
+    generator (a run's monitor or a mitigation generating before training would change what training draws)."""
+    task = {"name": "gen", "kind": "self_reference", "prompts": "generated", "n_generated": 6, "seed": 5,
+            "max_new_tokens": 4}
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = _eval(model_tok, [task], tmp_path / "a").tasks["gen"]
+    assert torch.equal(torch.get_rng_state(), before)
+    again = _eval(model_tok, [task], tmp_path / "b").tasks["gen"]  # another cache: generated again, the same
+    assert [d["prompt"] for d in again.details] == [d["prompt"] for d in first.details] and first.n > 0
+
+
 def test_self_reference_prompts_from_an_edited_file_are_not_served_from_the_cache(model_tok, tmp_path, monkeypatch):
     import forgetless.retention.kinds.self_reference as S
 

@@ -24,7 +24,7 @@ from ..errors import ForgetlessError
 from ..io import atomic_write_text
 from ..progress import bar
 from ..retention.kinds.self_reference import BUILTIN_PROMPTS
-from ..retention.lm import greedy_generate
+from ..retention.lm import greedy_generate, seeded
 from ..schema import Strict
 from .base import TrainContext, register
 from .replay import Replay
@@ -99,11 +99,14 @@ class SelfReplay(Replay):
 
     @torch.no_grad()
     def _invent(self, model, tok, n: int, progress=None) -> list[str]:
-        torch.manual_seed(self.config.seed)
+        device = next(model.parameters()).device
+        with seeded(self.config.seed, device):  # training's random state is left as it was
+            return self._sample_prompts(model, tok, n, device, progress)
+
+    def _sample_prompts(self, model, tok, n: int, device, progress) -> list[str]:
         ids = self._prompt_ids(tok, INSTRUCTION_REQUEST if self.chat else PLAIN_SEED)
         out: list[str] = []
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        device = next(model.parameters()).device
         for s in range(0, n, GEN_BATCH):
             b = min(GEN_BATCH, n - s)
             batch = torch.tensor([ids] * b, device=device)  # the same prompt in every row: no padding to mask

@@ -279,6 +279,20 @@ def rolling_windows(tokens: list[int], max_len: int, prefix_token: int | None) -
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Sampling from a fixed seed without touching the caller's random state: the CPU generator (and `device`'s,
+    on a GPU) is seeded inside and put back afterwards, so whether a cache was hit never changes what training
+    draws next."""
+    dev = torch.device(device)
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
+        yield
+
+
 def greedy_generate(
     model: nn.Module,
     tokenizer,

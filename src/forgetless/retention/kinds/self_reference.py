@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from ...errors import DataError
 from ...io import atomic_write_text, save_safetensors
 from ...lock import DirLock
-from ..lm import EngineStats, Request, greedy_generate, score_requests
+from ..lm import EngineStats, Request, greedy_generate, score_requests, seeded
 from ..metrics import per_unit
 from ..tasks import TaskBase, TaskResult, as_array, load_rows, render, sample_rows
 from .base import EvalContext, encode
@@ -51,8 +51,7 @@ def _prompt_texts(task: SelfReferenceTask, ctx: EvalContext, model, tok) -> tupl
     if task.prompts == "generated":
         seed_ids = encode(tok, GENERATE_SEED)
         texts = []
-        torch.manual_seed(task.seed)
-        with torch.no_grad():
+        with torch.no_grad(), seeded(task.seed, next(model.parameters()).device):
             out = model.generate(
                 input_ids=torch.tensor([seed_ids] * task.n_generated, device=next(model.parameters()).device),
                 do_sample=True, top_p=0.9, temperature=1.0, max_new_tokens=40,
