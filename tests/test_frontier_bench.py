@@ -248,6 +248,23 @@ def test_the_moved_base_inits_get_their_own_rate_grid_without_dropout(fr):
     assert {"lora-milora-lr", "lora-corda-lr"} <= set(fr.LATE_FAMILIES["med"]) & set(fr.FINAL_EXTRAS["med"])
 
 
+def test_a_scenario_selects_its_families_and_measures_only_selected_ones(fr):
+    from forgetless.recipe import recipe_from_dict
+
+    assert set(fr.families("med")) == set(fr.CANDIDATE_FAMILIES)
+    math = fr.families("math")
+    assert "full-sdft-on-policy" not in math and "full-sdft-on-policy-base" in math
+    for s in fr.SCALE:  # every extra is a family the scenario selects, and every family's settings are a recipe
+        assert set(fr.FINAL_EXTRAS[s]) <= set(fr.families(s)), s
+    on_policy = fr._grid("full-sdft-on-policy-base", math["full-sdft-on-policy-base"],
+                         {"method": "full", "optim.lr": 1e-4})
+    assert [g["settings"]["optim.lr"] for g in on_policy] == [2e-5, 5e-5]
+    sd = on_policy[0]["settings"]["data.self_distill"]
+    r = recipe_from_dict({"name": "x", "model": "m", "data": {"train": "t.jsonl", "self_distill": sd},
+                          "method": "full"})
+    assert r.data.self_distill.teacher == "base" and r.data.self_distill.max_new_tokens == 64
+
+
 def test_final_trains_the_runs_a_preregistered_wise_family_merges(fr, monkeypatch):
     ewc = {"method": "full", "optim.lr": 1e-4, "mitigations": fr._ewc(1e4)}
     chosen = {"full": {"settings": {"method": "full", "optim.lr": 1e-4}}, "lora": {"settings": {"method": fr.LORA}},
