@@ -17,8 +17,9 @@ suite). Every run is scored on the task's validation split (cross-entropy of the
 retention with `general-probe`, the monitor's probe: the same abilities as `general` on items `general` does not
 score. Stage A tunes the baselines: full FT and LoRA r16 each over a learning-rate grid of at most 3 points (LoRA
 up to 20x full FT's top rate); each takes the rate with the best validation gain. Stage B tunes each candidate
-family (CANDIDATE_FAMILIES, less the scenario's SKIPPED) over at most 3 settings on top of the chosen rate; a setting is chosen by the best
-validation gain among those whose probe drop (point estimate) is within the 1% budget, else the smallest drop.
+family (CANDIDATE_FAMILIES, less the scenario's SKIPPED) over at most 3 settings on top of the chosen rate; a
+setting is chosen by the best validation gain among those whose probe drop (point estimate) is within the 1%
+budget, else the smallest drop.
 Stage C does the same for the combinations built on a stage-B family's chosen setting (replay added to EWC;
 WiSE-FT of EWC's run).
 The selection is written to bench/results/frontier-<scenario>/selection.json.
