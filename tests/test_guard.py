@@ -34,7 +34,8 @@ def _run(org, out, probe, guard=None, every=10, steps=80, mitigations=None, save
         "method": "full",
         "optim": {"lr": 3e-3, "max_steps": steps, "batch_size": 16, "warmup_steps": 5, "schedule": "constant"},
         # fp32 pinned: whether a probe breaches must not depend on this CPU's precision path
-        "train": {"output_dir": str(out), "save_steps": save_steps, "progress": False, "seed": 0, "bf16": False},
+        "train": {"output_dir": str(out), "save_steps": save_steps, "save_total_limit": None, "progress": False,
+                  "seed": 0, "bf16": False},
         "monitor": {"suite": probe, "every": every, "limit": None, **monitor},
     }
     if guard:
@@ -233,19 +234,20 @@ def test_a_resumed_guarded_run_continues_exactly_as_the_uninterrupted_one(organi
     replay = {"name": "replay", "ratio": 0.2,
               "data": {"train": str(organism["a_train"]), "format": "prompt_completion", "chat_template": False}}
     guard = {"budget": 0.001, "require_significant": False, "select": "best_within_budget",
-             "actions": ["lower_lr", "more_replay", "rollback", "lower_lr", "stop"]}
-    runs = {name: _run(organism, tmp_path / name, str(tmp_path / "probe.yaml"), guard=guard, every=10, steps=60,
+             "actions": ["lower_lr", "more_replay", "rollback", "stop"]}
+    runs = {name: _run(organism, tmp_path / name, str(tmp_path / "probe.yaml"), guard=guard, every=10, steps=40,
                        mitigations=[replay], save_steps=10) for name in ("whole", "cut")}
     whole = runs["whole"].summary
-    kinds = [e["guard"] for e in whole["guard"]["events"]]
-    assert {"lower_lr", "more_replay", "rollback"} <= set(kinds), kinds  # the actions straddle the cut below
+    steps = {e["guard"]: e["step"] for e in whole["guard"]["events"]}
+    # the actions straddle the cut below: lower_lr and more_replay before it, rollback after it
+    assert steps.get("more_replay", 99) <= 20 < steps.get("rollback", 0), whole["guard"]["events"]
     rec = load_recipe(tmp_path / "cut" / "recipe.yaml").model_copy(deep=True)
     assert rec.train.save_steps == 10
     shutil.rmtree(E.cache_root() / "self_reference")  # the evaluation cache lost the base's answers meanwhile
-    _cut_at(tmp_path / "cut", 30)
+    _cut_at(tmp_path / "cut", 20)
     capsys.readouterr()
     again = train(rec, resume=True, quiet=True)
-    assert again.summary["resumed_from"].endswith("checkpoint-30")
+    assert again.summary["resumed_from"].endswith("checkpoint-20")
     assert "without the monitor's state" not in capsys.readouterr().err
     got = again.summary
     assert got["monitor"]["resumed_at"] is None  # the reference is still the base model
