@@ -53,23 +53,31 @@ def _write_task(tmp_path, items: list[dict]) -> str:
     return name
 
 
-def test_loglikelihoods_and_accuracy_match_lm_eval(tiny_model, tmp_path, monkeypatch):
+@pytest.fixture
+def toy_task(tiny_model, tmp_path, monkeypatch):
+    """The generated items as a local lm-eval task (offline) and the tiny model in fp32:
+    (items, task name, tokenizer, model)."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    items = _items(N_ITEMS)
+    name = _write_task(tmp_path, items)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    return items, name, tok, AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+def test_loglikelihoods_and_accuracy_match_lm_eval(toy_task, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from forgetless.retention.evaluate import evaluate
     from forgetless.retention.kinds.base import encode_pair
     from forgetless.retention.lm import Request, score_requests
     from forgetless.retention.suite import Suite
 
-    items = _items(N_ITEMS)
-    name = _write_task(tmp_path, items)
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    items, name, tok, model = toy_task
 
     out = simple_evaluate(
         model=HFLM(pretrained=model, tokenizer=tok, batch_size=4),
@@ -106,20 +114,13 @@ def test_loglikelihoods_and_accuracy_match_lm_eval(tiny_model, tmp_path, monkeyp
     assert float(r.columns["acc_norm"].mean()) == pytest.approx(out["results"][name]["acc_norm,none"], abs=1e-12)
 
 
-def test_the_lm_eval_kind_samples_items_as_the_native_kinds_do(tiny_model, tmp_path, monkeypatch):
+def test_the_lm_eval_kind_samples_items_as_the_native_kinds_do(toy_task, tmp_path):
     """limit / seed / sample / exclude pick the same documents as for a native kind (lm-eval's own limit would take
     the first ones and ignore the rest)."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets"))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from forgetless.retention.evaluate import evaluate
     from forgetless.retention.suite import Suite
 
-    items = _items(N_ITEMS)
-    name = _write_task(tmp_path, items)
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    items, name, tok, model = toy_task
     mc = {"kind": "multiple_choice", "data": {"path": str(tmp_path / "toy_mc.jsonl")}, "prompt": "{{query}}",
           "choices": "choices", "gold": "gold", "limit": 5, "seed": 7}
     le = {"kind": "lm_eval", "task": name, "include_path": str(tmp_path), "limit": 5, "seed": 7, "batch_size": 4}
