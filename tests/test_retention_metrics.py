@@ -135,6 +135,9 @@ def test_variance_share_goes_to_the_noisy_task():
     two = M.ability_score([("n1", acc, noisy_b, noisy_c, 1.0, "a"), ("n2", acc, nb2, nc2, 1.0, "a")])
     assert 0.3 < two["tasks"]["n1"]["variance_share"] < 0.7
     assert math.isclose(two["tasks"]["n1"]["variance_share"] + two["tasks"]["n2"]["variance_share"], 1.0)
+    # a model scored against itself: no variance, so no shares (None: comparable and valid JSON, unlike NaN)
+    same = M.ability_score([("n1", acc, noisy_b, noisy_b, 1.0, "a"), ("flat", acc, flat, flat, 1.0, "b")])
+    assert same["score"] == 1.0 and [t["variance_share"] for t in same["tasks"].values()] == [None, None]
 
 
 def test_budget_check_reports_the_point_and_the_95_percent_verdict():

@@ -223,7 +223,9 @@ def ability_score(
     var_total = sum(contrib_var.values())
     z = NormalDist().inv_cdf((1 + level) / 2)
     for n, v in contrib_var.items():
-        task_out[n]["variance_share"] = v / var_total if var_total > 0 else float("nan")
+        # no variance at all (a model scored against itself): no task has a share of it; None, not NaN (NaN !=
+        # NaN, and it is no JSON value)
+        task_out[n]["variance_share"] = v / var_total if var_total > 0 else None
         task_out[n]["half_width"] = z * float(np.nanstd(dists[n]))  # the task's own ratio, 95% (normal approximation)
     score = sum(ability_weight[k] / total * (abilities[k]["change"] + 1) for k in abilities)
     return {
