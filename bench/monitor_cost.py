@@ -57,8 +57,9 @@ def recipe(name: str, model: str, data: Path, out: Path, steps: int, batch: int,
 def run(spec: dict, tmp: Path) -> dict:
     path = tmp / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    # a cold evaluation cache: the base answers are generated
-    env = {**os.environ, "FORGETLESS_HOME": str(tmp / "home")}
+    # a cold evaluation cache for every run, its own: the base answers are generated in each monitored run
+    # (one home shared by the runs left the second monitored run a warm cache)
+    env = {**os.environ, "FORGETLESS_HOME": str(tmp / f"home-{spec['name']}")}
     out = subprocess.run([sys.executable, "-m", "forgetless", "train", str(path), "--json", "--overwrite"],
                          capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
