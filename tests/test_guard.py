@@ -209,6 +209,23 @@ def test_every_auto_places_each_probe_from_the_measured_times(organism, probe_su
     assert mon["probe_s"] > 0
 
 
+def test_every_auto_warns_when_the_reference_and_final_probes_outweigh_the_share(organism, probe_suite, tmp_path,
+                                                                                   capfd):
+    """max_share caps the probes between the step-0 reference and the final probe, not those two: a run too short
+    for its probe suite is told so when the first interval is placed, with the share they take."""
+    short = _run(organism, tmp_path / "short", probe_suite, every="auto", steps=10, max_share=0.05)
+    iv = short.summary["monitor"]["intervals"][0]
+    # 2 probes of the reference's time over the planned training time (probe_s is recorded rounded to 0.01 s)
+    assert iv["fixed_share"] == pytest.approx(2 * iv["probe_s"] / (10 * iv["step_s"]), rel=0.1)
+    assert iv["fixed_share"] > 0.05
+    err = capfd.readouterr().err
+    assert "the reference probe at step 0 and the final probe" in err and f"about {iv['fixed_share']:.0%}" in err
+    # the same probes over 4x the steps at a 90% share: within it, no warning
+    long = _run(organism, tmp_path / "long", probe_suite, every="auto", steps=40, max_share=0.9)
+    assert long.summary["monitor"]["intervals"][0]["fixed_share"] < 0.9
+    assert "the reference probe at step 0" not in capfd.readouterr().err
+
+
 def _cut_at(run_dir, step):
     """What a kill just after checkpoint-`step` leaves: no final model or summary, no later checkpoint."""
     import shutil

@@ -252,7 +252,9 @@ class MonitorConfig(Strict):
                             "max_share of the training time (from the measured probe and step times, re-estimated "
                             "after every probe).")
     max_share: float = Field(0.1, gt=0, lt=1, description="every: auto: the largest share of the training time the "
-                                                          "probes may take.")
+                                                          "probes between the step-0 reference and the final probe "
+                                                          "may take (those two are not capped: a run too short for "
+                                                          "its suite is warned at the first placement).")
     data_root: str | None = None
     max_new_tokens: int | None = Field(64, gt=0, description="Self-reference answer length (shorter is faster).")
 

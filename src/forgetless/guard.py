@@ -391,29 +391,45 @@ class MonitorCallback(TrainerCallback):
             return
         step0 = self._train_clock[0]
         if self.state.next_probe is None and state.global_step - step0 >= AUTO_WARMUP_STEPS:
-            self._place_next_probe(state.global_step)
+            self._place_next_probe(state.global_step, state.max_steps)
         if self.state.next_probe is not None and state.global_step >= self.state.next_probe:
             self.probe(model, state, control, optimizer=optimizer, lr_scheduler=lr_scheduler)
-            self._place_next_probe(state.global_step)
+            self._place_next_probe(state.global_step, state.max_steps)
 
-    def _place_next_probe(self, step: int) -> None:
+    def _place_next_probe(self, step: int, max_steps: int = 0) -> None:
         """every: auto: the next probe's step, from the last probe's time and the mean training step time so far
-        (wall time less the probes'), decided on rank 0 and the same on every rank."""
+        (wall time less the probes'), decided on rank 0 and the same on every rank.
+        At the first placement it also estimates what `max_share` does not cap: the reference probe at step 0 and
+        the final probe at the end, about 2 x the reference's time, as a share of the planned training time
+        (`max_steps` x the step time); over `max_share` it warns (a run too short for this probe suite)."""
         step0, t0, probes0 = self._train_clock
         train_s = (time.perf_counter() - t0) - (self.state.probe_s - probes0)
         step_s = train_s / max(1, step - step0)
         n = auto_interval(self._last_probe_s, step_s, self.monitor.max_share)
         n = dist.broadcast_object(n)
         self.state.next_probe = step + n
-        self.state.intervals.append({"step": step, "every": n, "probe_s": round(self._last_probe_s, 2),
-                                     "step_s": round(step_s, 3)})
-        if dist.is_main() and len(self.state.intervals) == 1:
+        record: dict[str, Any] = {"step": step, "every": n, "probe_s": round(self._last_probe_s, 2),
+                                  "step_s": round(step_s, 3)}
+        first = not self.state.intervals
+        fixed = 2 * self._last_probe_s / (max_steps * step_s) if first and max_steps > 0 and step_s > 0 else None
+        if fixed is not None:
+            record["fixed_share"] = round(fixed, 4)
+        self.state.intervals.append(record)
+        if dist.is_main() and first:
             from rich.console import Console
 
-            Console(stderr=True).print(
+            console = Console(stderr=True)
+            console.print(
                 f"monitor: every auto: a probe every {n} steps (probe about {self._last_probe_s:.1f} s, a training "
                 f"step {step_s:.2f} s, probes at most {self.monitor.max_share:.0%} of the training time; "
                 "re-estimated after every probe)", highlight=False, markup=False)
+            if fixed is not None and fixed > self.monitor.max_share:
+                console.print(
+                    f"monitor: warning: the reference probe at step 0 and the final probe (about "
+                    f"{self._last_probe_s:.0f} s each) take about {fixed:.0%} of this run's training time "
+                    f"({max_steps} steps x {step_s:.2f} s), over max_share {self.monitor.max_share:.0%}, which caps "
+                    "only the probes between them: this run is short for its probe suite; a smaller one "
+                    "(monitor.suite, monitor.limit) costs less", highlight=False, markup=False)
 
     def probe(self, model, state, control=None, optimizer=None, lr_scheduler=None, final: bool = False
               ) -> dict[str, Any] | None:
