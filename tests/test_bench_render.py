@@ -37,7 +37,7 @@ def _render(script: str, result: dict, saved: Path) -> str:
 
 
 # (script, JSON results it renders); eval_speed's writer adds no newline at the end of its markdown
-CASES = [("throughput", "throughput*.json"), ("monitor_cost", "monitor_cost.json"), ("overhead", "overhead*.json"),
+CASES = [("throughput", "throughput*.json"), ("monitor_cost", "monitor_cost*.json"), ("overhead", "overhead*.json"),
          ("continual", "continual.json"), ("suite_time", "suite_time.json"), ("forgetting", "forgetting-*.json"),
          ("retention_precision", "retention-precision-*.json"), ("eval_speed", "eval_speed.json"),
          ("frontier", "frontier-*.json")]

@@ -114,6 +114,7 @@ def test_loglikelihoods_and_accuracy_match_lm_eval(toy_task, tmp_path):
     assert float(r.columns["acc_norm"].mean()) == pytest.approx(out["results"][name]["acc_norm,none"], abs=1e-12)
 
 
+@pytest.mark.slow  # 30 s of lm-eval runs on an AVX2-only CPU: make test stays under 7 min there; CI runs it
 def test_the_lm_eval_kind_samples_items_as_the_native_kinds_do(toy_task, tmp_path):
     """limit / seed / sample / exclude pick the same documents as for a native kind (lm-eval's own limit would take
     the first ones and ignore the rest)."""
