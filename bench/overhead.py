@@ -238,7 +238,7 @@ def render_md(result: dict) -> str:
         share = sum(m.get("step_time_share") or 0 for m in r["mitigations"])
         paired = r.get("paired_median_step_ratios") or []
         pm = (f"{r['paired_median_step_ratio']:.3f} ({', '.join(f'{x:.3f}' for x in paired)})"
-              if "paired_median_step_ratio" in r else "-")
+              if paired else "-")  # a baseline is not paired with itself
         lines.append(f"| {r['config']} | {r['baseline']} | {r.get('allocator', '-')} | {r['tokens_per_s']:.1f} | "
                      f"{r['baseline_tokens_per_s']:.1f} | {r['step_time_ratio']:.3f} | "
                      f"{r['steady_step_time_ratio']:.3f} | {pm} | {r['token_ratio']:.3f} | {r['peak_memory_mb']} | "

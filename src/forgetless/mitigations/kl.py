@@ -6,7 +6,8 @@ batch, the task examples, or only replay examples mixed in by a replay mitigatio
 average is over the positions of every process's micro-batch (the counts are all-reduced), as one process with
 the whole batch takes it.
 For PEFT methods the base distribution comes from the same model with its adapters disabled (no second
-copy in memory); for full fine-tuning from a frozen bf16 copy of the starting weights.
+copy in memory); for full fine-tuning from a frozen copy of the starting weights (bf16 when training
+computes in bf16, else fp32).
 
 Under FSDP2 the frozen copy is sharded as the trained model is (each rank keeps its slice), and the base forward,
 a collective then, runs on every rank for every micro-batch, also where `on:` selects no example of it.
