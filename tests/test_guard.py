@@ -226,6 +226,37 @@ def test_every_auto_warns_when_the_reference_and_final_probes_outweigh_the_share
     assert "the reference probe at step 0" not in capfd.readouterr().err
 
 
+def test_every_auto_counts_the_fixed_probes_over_the_steps_left_when_resumed(organism, probe_suite, tmp_path,
+                                                                            capfd):
+    """A resumed run's fixed probes are weighed against the steps it still has to train: a reference restored from
+    the checkpoint costs nothing again (the final probe alone counts); a run resumed without the monitor's state
+    scores a new reference at the resume point (both count)."""
+    import shutil
+
+    from forgetless.guard import MONITOR_DIR
+    from forgetless.recipe import load_recipe
+
+    _run(organism, tmp_path / "r", probe_suite, every="auto", steps=20, max_share=0.05, save_steps=4)
+    r = load_recipe(tmp_path / "r" / "recipe.yaml").model_copy(deep=True)
+    _cut_at(tmp_path / "r", 4)  # before the first placement (step 5): the saved state has no interval yet
+    capfd.readouterr()
+    restored = train(r, resume=True, quiet=True).summary["monitor"]
+    iv = restored["intervals"][0]
+    assert restored["resumed_at"] is None and iv["step"] == 4 + 5
+    assert iv["fixed_share"] == pytest.approx(iv["probe_s"] / (16 * iv["step_s"]), rel=0.1)
+    err = " ".join(capfd.readouterr().err.split())
+    assert iv["fixed_share"] > 0.05 and "warning: the final probe (about" in err  # a probe is 5-9 steps' time
+    assert "the reference probe at step" not in err
+    _cut_at(tmp_path / "r", 12)
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "checkpoint-12" / MONITOR_DIR)
+    fallback = train(r, resume=True, quiet=True).summary["monitor"]
+    iv = fallback["intervals"][0]
+    assert fallback["resumed_at"] == 12 and iv["step"] == 12 + 5
+    assert iv["fixed_share"] == pytest.approx(2 * iv["probe_s"] / (8 * iv["step_s"]), rel=0.1)
+    err = " ".join(capfd.readouterr().err.split())
+    assert iv["fixed_share"] > 0.05 and "the reference probe at step 12 and the final probe" in err
+
+
 def _cut_at(run_dir, step):
     """What a kill just after checkpoint-`step` leaves: no final model or summary, no later checkpoint."""
     import shutil

@@ -254,7 +254,9 @@ class MonitorConfig(Strict):
     max_share: float = Field(0.1, gt=0, lt=1, description="every: auto: the largest share of the training time the "
                                                           "probes between the step-0 reference and the final probe "
                                                           "may take (those two are not capped: a run too short for "
-                                                          "its suite is warned at the first placement).")
+                                                          "its suite is warned at the first placement, with their "
+                                                          "share of the steps left; a resumed run's restored "
+                                                          "reference is not counted).")
     data_root: str | None = None
     max_new_tokens: int | None = Field(64, gt=0, description="Self-reference answer length (shorter is faster).")
 

@@ -178,6 +178,7 @@ class MonitorCallback(TrainerCallback):
         self.model: torch.nn.Module | None = None
         self._last_probe_s = 0.0  # the last probe's seconds (every: auto)
         self._train_clock = (0, 0.0, 0.0)  # (step, time, probe seconds so far) at the start of training
+        self._reference_here = True  # whether this process scored the reference (not restored from a checkpoint)
         self.resume_from: Path | None = None  # set by the run: the checkpoint it resumes from
         self.checkpoints: Path | None = None  # set by the run: where the start's snapshot is kept (BASE_SNAPSHOT)
 
@@ -255,6 +256,7 @@ class MonitorCallback(TrainerCallback):
         saved = None if self.resume_from is None else self.resume_from / MONITOR_DIR / "state.json"
         if state.global_step > 0 and not self.sharded and saved is not None and saved.is_file():
             self._restore_state(saved)
+            self._reference_here = False
             self._train_clock = (state.global_step, time.perf_counter(), self.state.probe_s)
             return
         if self._probes_here():
@@ -399,9 +401,11 @@ class MonitorCallback(TrainerCallback):
     def _place_next_probe(self, step: int, max_steps: int = 0) -> None:
         """every: auto: the next probe's step, from the last probe's time and the mean training step time so far
         (wall time less the probes'), decided on rank 0 and the same on every rank.
-        At the first placement it also estimates what `max_share` does not cap: the reference probe at step 0 and
-        the final probe at the end, about 2 x the reference's time, as a share of the planned training time
-        (`max_steps` x the step time); over `max_share` it warns (a run too short for this probe suite)."""
+        At the first placement it also estimates what `max_share` does not cap: the reference probe at the start
+        (step 0, or the resume point of a run resumed without the monitor's state; a reference restored from a
+        checkpoint costs nothing now) and the final probe at the end, each about the reference's time, as a share
+        of the training still to run (`max_steps` less the start's step, x the step time); over `max_share` it warns
+        (a run too short for this probe suite)."""
         step0, t0, probes0 = self._train_clock
         train_s = (time.perf_counter() - t0) - (self.state.probe_s - probes0)
         step_s = train_s / max(1, step - step0)
@@ -411,7 +415,9 @@ class MonitorCallback(TrainerCallback):
         record: dict[str, Any] = {"step": step, "every": n, "probe_s": round(self._last_probe_s, 2),
                                   "step_s": round(step_s, 3)}
         first = not self.state.intervals
-        fixed = 2 * self._last_probe_s / (max_steps * step_s) if first and max_steps > 0 and step_s > 0 else None
+        left = max_steps - step0
+        n_fixed = 1 + self._reference_here  # the final probe, and the reference if this process scored it
+        fixed = n_fixed * self._last_probe_s / (left * step_s) if first and left > 0 and step_s > 0 else None
         if fixed is not None:
             record["fixed_share"] = round(fixed, 4)
         self.state.intervals.append(record)
@@ -424,10 +430,12 @@ class MonitorCallback(TrainerCallback):
                 f"step {step_s:.2f} s, probes at most {self.monitor.max_share:.0%} of the training time; "
                 "re-estimated after every probe)", highlight=False, markup=False)
             if fixed is not None and fixed > self.monitor.max_share:
+                which = (f"the reference probe at step {step0} and the final probe (about "
+                         f"{self._last_probe_s:.0f} s each) take" if self._reference_here else
+                         f"the final probe (about {self._last_probe_s:.0f} s) takes")
                 console.print(
-                    f"monitor: warning: the reference probe at step 0 and the final probe (about "
-                    f"{self._last_probe_s:.0f} s each) take about {fixed:.0%} of this run's training time "
-                    f"({max_steps} steps x {step_s:.2f} s), over max_share {self.monitor.max_share:.0%}, which caps "
+                    f"monitor: warning: {which} about {fixed:.0%} of this run's training time "
+                    f"({left} steps x {step_s:.2f} s), over max_share {self.monitor.max_share:.0%}, which caps "
                     "only the probes between them: this run is short for its probe suite; a smaller one "
                     "(monitor.suite, monitor.limit) costs less", highlight=False, markup=False)
 
