@@ -7,6 +7,8 @@ forgetting? Two phases on a real model, selection on validation only, a verdict 
     python bench/frontier.py --scenario med extras     # FINAL_EXTRAS x 3 seeds, measured beside them (no verdict)
     python bench/frontier.py --scenario med extras --only lora-milora-lr   # some of them now, the rest later
     python bench/frontier.py --scenario med report     # the tables and plot from the ledger alone (no compute)
+    python bench/frontier.py --scenario med --device cuda pair   # full FT and the best candidate on a GPU, one seed
+    python bench/frontier.py --scenario med --tag cuda-nvidia-h200 report   # that pair's table, beside the ledger's
 
 Scenarios and data: bench/forgetting.py's (med: MedMCQA chat data; math: GSM8K), written to
 bench/data/frontier-<scenario>/ (not the other benches' folders), with a validation split of SCALE["n_val"] = 200
@@ -54,6 +56,14 @@ It is computed on `general` and again on the replication suite; the table shows 
 The scale is meant to make plain full FT forget: the report says whether full FT's mean drop over seeds reaches
 MIN_FULL_DROP points (4) on `general`, and a verdict where it does not is marked as such.
 
+**Another machine** (`pair`): some final recipes (default: full FT and the first pre-registered candidate) at their
+chosen settings and final scale, seeds given (default the first final seed), trained and scored as the final pass
+on another machine, a GPU say: what the table rests on, rerun at full speed elsewhere. Its ledger, provenance and
+results go to bench/results/frontier-<scenario>-<tag>/ and frontier-<scenario>-<tag>.json/.md (tag: `cuda-<GPU
+name>` unless given), never into the main ledger; each run is shown beside the main ledger's run of the same recipe
+and seed, and with full FT, LoRA and a candidate over the same seeds it gets its own verdict, marked as that
+machine's.
+
 **Ledger and resuming.** Each finished run is recorded in bench/results/frontier-<scenario>/ledger/<phase>/<run>.json
 (its settings, provenance line, task items of the main metric, retention comparisons): committed, so a later
 session or another machine of the same precision path resumes where the last stopped (runs in the ledger are not
@@ -80,6 +90,7 @@ import forgetting as fb  # noqa: E402  (the scenarios' data preparation)
 RESULTS = ROOT / "bench" / "results"
 BUDGET = 0.01
 MIN_FULL_DROP = 4.0  # points: plain full FT must forget at least this much for the bench to mean anything
+TAG: str | None = None  # `pair` (and its report): ledger, provenance and results under frontier-<scenario>-<tag>
 RUN_PROVENANCE: dict[str, Any] = {}  # this invocation's forgetless.provenance block: each ledger entry names its commit
 SELECT_SEED = 42
 FINAL_SEEDS = (43, 44, 45)  # not the selection's seed: its runs chose the settings, they do not also judge them
@@ -309,16 +320,22 @@ def check_disjoint(a: Any, b: Any, data_root: Path | None) -> None:
 # ---------------------------------------------------------------- ledger
 
 
-def out_dir(scenario: str) -> Path:
-    return RESULTS / f"frontier-{scenario}"
+def out_dir(scenario: str, tagged: bool = True) -> Path:
+    """The scenario's results folder: the main one, or another machine's (`pair`, TAG) unless `tagged` is False."""
+    return RESULTS / (f"frontier-{scenario}-{TAG}" if TAG and tagged else f"frontier-{scenario}")
+
+
+def runs_root(scenario: str, args: Any) -> Path:
+    """Where runs train: --out, else runs/frontier-<scenario> (another machine's: runs/frontier-<scenario>-<tag>)."""
+    return args.out or ROOT / "runs" / (f"frontier-{scenario}-{TAG}" if TAG else f"frontier-{scenario}")
 
 
 def ledger_path(scenario: str, phase: str, run: str) -> Path:
     return out_dir(scenario) / "ledger" / phase / f"{run}.json"
 
 
-def read_ledger(scenario: str, phase: str) -> dict[str, dict[str, Any]]:
-    d = out_dir(scenario) / "ledger" / phase
+def read_ledger(scenario: str, phase: str, tagged: bool = True) -> dict[str, dict[str, Any]]:
+    d = out_dir(scenario, tagged) / "ledger" / phase
     return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
 
 
@@ -384,7 +401,7 @@ def train_run(scenario: str, phase: str, r: dict[str, Any], seed: int, task_suit
         "runs": [Variant(name=r["name"], set={**localize(r["settings"], args.data_root),
                                                **common_set(scenario, files, args.device, steps)}, seeds=[seed])],
         "task_suite": str(task_suite), "retention_suite": retention, "budget": BUDGET,
-        "output_dir": str((args.out or ROOT / "runs" / f"frontier-{scenario}") / phase),
+        "output_dir": str(runs_root(scenario, args) / phase),
         "data_root": str(args.data_root), "eval_precision": "auto"})
     state = run_sweep(cfg, folder=ROOT, report=False)
     return next(x for x in state["seed_runs"] if x["run"] == f"{r['name']}-seed{seed}")
@@ -478,7 +495,7 @@ def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: di
     steps = args.steps or SCALE[scenario]["steps"]
     stale(done, runs, sorted(sources), steps)
     base_path = str(resolve_model(args.model).path)
-    root = (args.out or ROOT / "runs" / f"frontier-{scenario}") / phase / "wise"
+    root = runs_root(scenario, args) / phase / "wise"
     for r in runs:
         for seed, src in sorted(sources.items()):
             run = f"{r['name']}-seed{seed}"
@@ -596,7 +613,7 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     for fam in BASELINES:
         pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in stage_a if g["family"] == fam]
         chosen[fam] = choose(pts, within_budget=False)
-    src = (args.out or ROOT / "runs" / f"frontier-{scenario}") / "select" / "runs"
+    src = runs_root(scenario, args) / "select" / "runs"
     stage_b: list[dict[str, Any]] = []
     # stage B: families on a baseline's chosen rate; stage C: families on a stage-B family's chosen setting
     fams_here = families(scenario)
@@ -645,7 +662,7 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
 
 
 def _selection_of(scenario: str) -> dict[str, Any]:
-    sel_path = out_dir(scenario) / "selection.json"
+    sel_path = out_dir(scenario, tagged=False) / "selection.json"  # another machine's pair runs the main choices
     if not sel_path.is_file():
         raise SystemExit(f"error: {sel_path} not found: run the selection phase first (select)")
     return dict(json.loads(sel_path.read_text()))
@@ -687,10 +704,23 @@ def extras(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> 
     return final_runs(scenario, args, files, prov_line, names)
 
 
+def pair(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> dict[str, dict[str, Any]]:
+    """Some final recipes on another machine (TAG): `--families` (default full FT and the first pre-registered
+    candidate) over `--seeds` (default the first final seed), into that machine's final ledger."""
+    if not FINAL_CANDIDATES[scenario] and not args.families:
+        raise SystemExit(f"error: FINAL_CANDIDATES['{scenario}'] is empty: name the recipes with --families")
+    names = tuple(args.families or ("full", FINAL_CANDIDATES[scenario][0]))
+    unknown = set(names) - set(CANDIDATE_FAMILIES) - set(BASELINES)
+    if unknown:
+        raise SystemExit(f"error: --families {' '.join(sorted(unknown))}: not among "
+                         f"{', '.join([*BASELINES, *CANDIDATE_FAMILIES])}")
+    return final_runs(scenario, args, files, prov_line, names, seeds=tuple(args.seeds or FINAL_SEEDS[:1]))
+
+
 def final_runs(scenario: str, args: Any, files: dict[str, Path], prov_line: str,
-               names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Families `names` at the selection's chosen settings, trained (or merged) per final seed and scored once on
-    the test split, `general` and the replication suite, into the final ledger."""
+               names: tuple[str, ...], seeds: tuple[int, ...] = FINAL_SEEDS) -> dict[str, dict[str, Any]]:
+    """Families `names` at the selection's chosen settings, trained (or merged) per seed (the final seeds unless
+    given) and scored once on the test split, `general` and the replication suite, into the final ledger."""
     sel = _selection_of(scenario)
     steps = args.steps or SCALE[scenario]["steps"]
     if sel.get("steps") != steps:
@@ -708,12 +738,12 @@ def final_runs(scenario: str, args: Any, files: dict[str, Path], prov_line: str,
     tsuite = fb.task_suite(scenario, files, SCALE[scenario]["n_exact"], data_dir(scenario))
     rep = replication_suite(data_dir(scenario))
     trained = [r for r in runs if "wise_alpha" not in r["settings"]]
-    run_phase(scenario, "final", trained, list(FINAL_SEEDS), tsuite, REPORT_SUITE, args, files, prov_line, rep)
-    src = (args.out or ROOT / "runs" / f"frontier-{scenario}") / "final" / "runs"
+    run_phase(scenario, "final", trained, list(seeds), tsuite, REPORT_SUITE, args, files, prov_line, rep)
+    src = runs_root(scenario, args) / "final" / "runs"
     for r in runs:
         if "wise_alpha" in r["settings"]:
             on = CANDIDATE_FAMILIES[r["family"]]["on"]
-            wise_runs(scenario, "final", [r], {s: src / f"{on}-seed{s}" for s in FINAL_SEEDS}, tsuite, REPORT_SUITE,
+            wise_runs(scenario, "final", [r], {s: src / f"{on}-seed{s}" for s in seeds}, tsuite, REPORT_SUITE,
                       args, prov_line, files, rep)
     return read_ledger(scenario, "final")
 
@@ -801,10 +831,28 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
     fin = read_ledger(scenario, "final")
     cands = FINAL_CANDIDATES[scenario]
     extra = tuple(f for f in FINAL_EXTRAS[scenario] if f not in cands)
-    rows = []
+    rows = family_rows(fin, ("full", "lora", *cands, *extra), cands)
+    progress = None
+    if sel is None:  # the selection is under way: what the ledger holds so far
+        led = read_ledger(scenario, "select")
+        progress = {"done": len(led), "planned": sum(len(_grid(f, s)) for f, s in
+                                                     [*BASELINES.items(), *families(scenario).items()]),
+                    "table": [_selection_row(e, run=e["run"], value=None, chosen=False, settings=e["settings"])
+                              for e in led.values()]}
+    return {"bench": "frontier", "scenario": scenario, "budget_points": 100 * BUDGET, "min_full_drop": MIN_FULL_DROP,
+            "selection_progress": progress,
+            "scale": SCALE[scenario], "final_seeds": list(FINAL_SEEDS), "candidates": list(cands),
+            "extras": list(extra),
+            "selection": sel, "rows": rows, "full_drop": full_drop(fin), "verdicts": verdicts(fin, cands),
+            "provenance": prov, "machines": sorted({e["machine"] for e in fin.values()})}
+
+
+def family_rows(fin: dict[str, dict[str, Any]], fams: tuple[str, ...], cands: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Per recipe in `fams` that the ledger `fin` has: gain, drop, abilities and replication drop over its seeds."""
     from forgetless.retention.seeds import combine_seeds
 
-    for fam in ("full", "lora", *cands, *extra):
+    rows = []
+    for fam in fams:
         es = sorted((e for e in fin.values() if e["family"] == fam), key=lambda e: e["seed"])
         if not es:
             continue
@@ -823,19 +871,77 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
         rows.append({"recipe": fam, "role": role, "seeds": [e["seed"] for e in es], "settings": es[0]["settings"],
                      "gain": gain, "drop": drop, "abilities": abilities, "replication_drop": rep,
                      "wall_time_s": sum(e["wall_time_s"] or 0 for e in es) / len(es)})
-    progress = None
-    if sel is None:  # the selection is under way: what the ledger holds so far
-        led = read_ledger(scenario, "select")
-        progress = {"done": len(led), "planned": sum(len(_grid(f, s)) for f, s in
-                                                     [*BASELINES.items(), *families(scenario).items()]),
-                    "table": [_selection_row(e, run=e["run"], value=None, chosen=False, settings=e["settings"])
-                              for e in led.values()]}
-    return {"bench": "frontier", "scenario": scenario, "budget_points": 100 * BUDGET, "min_full_drop": MIN_FULL_DROP,
-            "selection_progress": progress,
-            "scale": SCALE[scenario], "final_seeds": list(FINAL_SEEDS), "candidates": list(cands),
-            "extras": list(extra),
-            "selection": sel, "rows": rows, "full_drop": full_drop(fin), "verdicts": verdicts(fin, cands),
-            "provenance": prov, "machines": sorted({e["machine"] for e in fin.values()})}
+    return rows
+
+
+def summarize_pair(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
+    """Another machine's runs (TAG's ledger), each beside the main ledger's run of the same recipe and seed, the
+    per-recipe rows over its seeds, and its own verdicts where full FT, LoRA and a candidate share seeds."""
+    fin, main = read_ledger(scenario, "final"), read_ledger(scenario, "final", tagged=False)
+    runs = []
+    for name, e in sorted(fin.items(), key=lambda kv: (kv[1]["seed"], kv[1]["family"] != "full", kv[0])):
+        m = main.get(name)
+
+        def side(x: dict[str, Any] | None) -> dict[str, Any] | None:
+            if x is None:
+                return None
+            from forgetless.retention.frontier import retention_drop
+
+            return {"gain": x["task"]["gain"], "gain_ci": x["task"]["ci"], "drop": _probe_drop(x),
+                    "drop_ci": _drop_ci(x), "replication_drop": retention_drop(x["replication"])
+                    if "replication" in x else None, "wall_time_s": x.get("wall_time_s"),
+                    "tokens_per_s": x.get("tokens_per_s"), "machine": x["machine"]}
+
+        runs.append({"run": name, "family": e["family"], "seed": e["seed"], "here": side(e), "main": side(m)})
+    fams = tuple(dict.fromkeys(e["family"] for e in sorted(fin.values(), key=lambda e: e["family"] != "full")))
+    cands = tuple(f for f in fams if f not in BASELINES)
+    return {"bench": "frontier-pair", "scenario": scenario, "tag": TAG, "scale": SCALE[scenario], "runs": runs,
+            "rows": family_rows(fin, fams, cands) if fin else [],
+            "verdicts": verdicts(fin, cands) if cands else {}, "machines": sorted({e["machine"] for e in fin.values()}),
+            "main_machines": sorted({r["main"]["machine"] for r in runs if r["main"]}), "provenance": prov}
+
+
+def render_pair_md(res: dict[str, Any]) -> str:
+    """The pair's markdown, from its JSON alone."""
+    sc = res["scale"]
+    lines = [f"# forgetting frontier on another machine: {res['scenario']} ({res['tag']})", "",
+             f"The main ledger's recipes at their chosen settings and its scale ({sc['steps']} steps of {sc['batch']} "
+             f"examples, max {sc['max_length']} tokens), trained and scored as its final pass on this machine: "
+             f"{'; '.join(res['machines']) or '-'}. Beside each run, the main ledger's run of the same recipe and "
+             f"seed ({'; '.join(res['main_machines']) or 'none'}). Drops in points of `{REPORT_SUITE}` and of the "
+             "replication suite; 95% intervals over items.", "",
+             "| run | task gain here | main ledger | retention drop here | main ledger | replication drop here | "
+             "main ledger | train s here | main ledger |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(x: dict[str, Any] | None, key: str, fmt: str) -> str:
+        if not x or x.get(key) is None:
+            return "-"
+        ci = x.get(f"{key}_ci")
+        return (fmt + " [" + fmt + ", " + fmt + "]").format(x[key], *ci) if ci else fmt.format(x[key])
+
+    def rep_cell(x: dict[str, Any] | None) -> str:
+        r = x and x.get("replication_drop")
+        return "-" if not r else "{:+.2f} [{:+.2f}, {:+.2f}]".format(r["drop"], *r["ci"])
+
+    for r in res["runs"]:
+        h, m = r["here"], r["main"]
+        lines.append(f"| {r['run']} | {cell(h, 'gain', '{:+.3f}')} | {cell(m, 'gain', '{:+.3f}')} | "
+                     f"{cell(h, 'drop', '{:+.2f}')} | {cell(m, 'drop', '{:+.2f}')} | {rep_cell(h)} | {rep_cell(m)} | "
+                     f"{cell(h, 'wall_time_s', '{:.0f}')} | {cell(m, 'wall_time_s', '{:.0f}')} |")
+    for fam, v in res["verdicts"].items():
+        if fam == "error" or v.get("verdict", "") is None:
+            lines += ["", f"- **{fam}**: no verdict on this machine ({v if fam == 'error' else v['why']})."]
+            continue
+        for suite in ("general", "replication"):
+            x = v.get(suite)
+            lines.append(f"- **{fam}** on {suite}, this machine's runs: "
+                         + (f"**{x['verdict']}**: {x['why']}." if x else "not scored."))
+    if res.get("provenance"):
+        from forgetless.provenance import machine_line
+
+        lines += ["", f"Provenance of this rendering: {machine_line(res['provenance'])}."]
+    lines += ["", f"Remarks: frontier-{res['scenario']}-{res['tag']}.notes.md (hand-written)."]
+    return "\n".join(lines) + "\n"
 
 
 def _ci(x: dict[str, Any] | None, fmt: str = "{:+.2f}") -> str:
@@ -949,6 +1055,11 @@ def plot(res: dict[str, Any]) -> bytes | None:
 def write_results(res: dict[str, Any]) -> Path:
     from forgetless.io import atomic_write_json
 
+    if res["bench"] == "frontier-pair":
+        stem = RESULTS / f"frontier-{res['scenario']}-{res['tag']}"
+        atomic_write_json(stem.with_suffix(".json"), res)
+        stem.with_suffix(".md").write_text(render_pair_md(res))
+        return stem
     stem = RESULTS / f"frontier-{res['scenario']}"
     atomic_write_json(stem.with_suffix(".json"), res)
     stem.with_suffix(".md").write_text(render_md(res))
@@ -994,7 +1105,7 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["plan", "select", "final", "extras", "report"])
+    ap.add_argument("phase", choices=["plan", "select", "final", "extras", "pair", "report"])
     ap.add_argument("--scenario", choices=sorted(SCALE), required=True)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
@@ -1003,8 +1114,22 @@ def main() -> None:
                                                             "are not the bench's)")
     ap.add_argument("--out", type=Path, default=None, help="runs directory (default: runs/frontier-<scenario>)")
     ap.add_argument("--only", nargs="+", metavar="FAMILY", help="extras: measure only these of FINAL_EXTRAS now")
+    ap.add_argument("--families", nargs="+", metavar="FAMILY", help="pair: the recipes (default: full and the first "
+                                                                      "of FINAL_CANDIDATES)")
+    ap.add_argument("--seeds", nargs="+", type=int, help=f"pair: the seeds (default {FINAL_SEEDS[0]})")
+    ap.add_argument("--tag", help="pair (and report): another machine's results folder, frontier-<scenario>-<tag> "
+                                  "(pair's default: cuda-<GPU name>)")
     args = ap.parse_args()
     os.chdir(ROOT)
+    global TAG
+    if args.tag:
+        if not args.tag.replace("-", "").replace("_", "").isalnum():
+            raise SystemExit(f"error: --tag {args.tag!r}: letters, digits, '-' and '_' only")
+        if args.phase not in ("pair", "report"):
+            raise SystemExit(f"error: --tag is for pair and report, not {args.phase}")
+        TAG = args.tag
+    if (args.families or args.seeds) and args.phase != "pair":
+        raise SystemExit("error: --families and --seeds are for pair")
     if args.steps and args.steps != SCALE[args.scenario]["steps"]:
         # a smoke run at other steps is not the bench's: its ledger and results stay out of bench/results
         global RESULTS
@@ -1016,8 +1141,9 @@ def main() -> None:
     from forgetless import provenance
 
     if args.phase == "report":
-        res = summarize(args.scenario, provenance.finish(provenance.collect("not used: no compute")))
-        print(render_md(res))
+        prov = provenance.finish(provenance.collect("not used: no compute"))
+        res = summarize_pair(args.scenario, prov) if TAG else summarize(args.scenario, prov)
+        print(render_pair_md(res) if TAG else render_md(res))
         write_results(res)
         return
     from forgetless.models import resolve_model
@@ -1033,6 +1159,11 @@ def main() -> None:
     kqa_calibration(resolve_data_root(args.data_root))
     prec = fb.bench_precision(resolve_model(args.model).path, args.device)
     prov = provenance.collect(prec, device=prec["device"])
+    if args.phase == "pair" and TAG is None:
+        gpu = prov["machine"]["gpu"]
+        if gpu is None:
+            raise SystemExit("error: pair runs on another machine than the main ledger's: on a CPU, name it with --tag")
+        TAG = "cuda-" + "".join(c if c.isalnum() else "-" for c in gpu["name"].lower()).strip("-")
     line = provenance.machine_line(prov)
     RUN_PROVENANCE.update(prov)
     # a ledger resumed here must have been started on this CPU and precision path (its start's provenance is kept)
@@ -1044,14 +1175,16 @@ def main() -> None:
         selection(args.scenario, args, files, line)
     elif args.phase == "extras":
         extras(args.scenario, args, files, line)
+    elif args.phase == "pair":
+        pair(args.scenario, args, files, line)
     else:
         final(args.scenario, args, files, line)
     prov = provenance.finish(prov)
     prov["wall_s"] = round(time.perf_counter() - t0, 1)
     if start:
         prov["started"] = fb.started(start)
-    res = summarize(args.scenario, prov)
-    print(render_md(res))
+    res = summarize_pair(args.scenario, prov) if TAG else summarize(args.scenario, prov)
+    print(render_pair_md(res) if TAG else render_md(res))
     write_results(res)
 
 

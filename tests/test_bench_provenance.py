@@ -83,6 +83,25 @@ def test_collect_records_commit_versions_cpu_and_precision():
     assert m["cpu"] in line and "precision bf16" in line and torch.__version__ in line
 
 
+def test_collect_names_the_gpu_of_a_cuda_device(monkeypatch):
+    """A result computed on a GPU names it (the host CPU alone would describe the wrong machine); a CPU run has none.
+    The CUDA calls are stood in for (CI has no GPU); the values reach the record and the table's line unchanged."""
+    class Props:
+        total_memory, major, minor = 150_000_000_000, 9, 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    gpu = provenance.collect("bf16", device="cuda")["machine"]["gpu"]
+    assert gpu == {"name": "NVIDIA H200", "memory_gib": 139.7, "capability": "9.0", "cuda": "13.0", "count": 1}
+    line = provenance.machine_line(provenance.collect("bf16", device="cuda"))
+    assert "device cuda (NVIDIA H200, 139.7 GiB, CUDA 13.0)" in line
+    assert provenance.collect("bf16", device="cpu")["machine"]["gpu"] is None
+
+
 def _prov(cpu: str = "AMD EPYC", flags_sha: str = "6a93d771884c", dtype: str = "bf16") -> dict:
     return {"commit": "0" * 40, "machine": {"cpu": cpu, "flags_sha": flags_sha, "threads": 2},
             "precision": {"dtype": dtype, "reason": "measured"}}
@@ -97,6 +116,7 @@ def test_check_same_machine_accepts_the_same_cpu_and_precision():
     (_prov(flags_sha="0123456789ab"), ["6a93d771884c", "0123456789ab"]),  # same model name, other flags (a VM)
     (_prov(cpu="Intel Xeon"), ["AMD EPYC", "Intel Xeon"]),
     (_prov(dtype="fp32"), ["precision bf16 vs fp32"]),
+    ({**_prov(), "machine": {**_prov()["machine"], "gpu": {"name": "NVIDIA H200"}}}, ["GPU none vs NVIDIA H200"]),
 ])
 def test_check_same_machine_refuses_another_cpu_or_precision(other, words):
     with pytest.raises(ForgetlessError) as e:

@@ -372,3 +372,79 @@ def test_math_trains_on_one_epoch_of_its_first_examples(fr):
     math, med = fr.common_set("math", files, "cpu", 160), fr.common_set("med", files, "cpu", 160)
     assert math["data.limit"] == 160 * 8 == fr.SCALE["math"]["steps"] * fr.SCALE["math"]["batch"]
     assert "data.limit" not in med  # med's ledger was trained on its whole training split
+
+
+def test_pair_runs_the_chosen_recipes_on_another_machine_into_its_own_ledger(fr, monkeypatch):
+    """`pair`: full FT and the first pre-registered candidate (or --families) at the main selection's settings, the
+    first final seed (or --seeds), into frontier-<scenario>-<tag>/ and runs/frontier-<scenario>-<tag>/: the main
+    ledger and runs are never touched."""
+    chosen = {f: {"settings": {"method": "full", "optim.lr": 1e-4, "tag": f}} for f in ("full", "lora", "full-ewc")}
+    fr.out_dir("med").mkdir(parents=True)
+    (fr.out_dir("med") / "selection.json").write_text(json.dumps({"chosen": chosen, "steps": 160}))
+    fr.FINAL_CANDIDATES["med"] = ("full-ewc", "wise-ewc")
+    monkeypatch.setattr(fr, "TAG", "cuda-nvidia-h200")
+    assert fr.out_dir("med").name == "frontier-med-cuda-nvidia-h200"
+    assert fr.out_dir("med", tagged=False).name == "frontier-med"
+    assert fr.runs_root("med", SimpleNamespace(out=None)) == fr.ROOT / "runs" / "frontier-med-cuda-nvidia-h200"
+    calls = []
+    monkeypatch.setattr(fr.fb, "task_suite", lambda *a, **k: Path("t.yaml"))
+    monkeypatch.setattr(fr, "replication_suite", lambda d: Path("r.yaml"))
+    monkeypatch.setattr(fr, "run_phase", lambda sc, ph, runs, seeds, *a, **k: calls.append(
+        (ph, [(r["name"], r["settings"]["tag"]) for r in runs], seeds)))
+    args = SimpleNamespace(steps=None, out=None, families=None, seeds=None)
+    fr.pair("med", args, {}, "m")  # the selection is read from the main folder, not the tagged one
+    assert calls == [("final", [("full", "full"), ("full-ewc", "full-ewc")], [43])]
+    calls.clear()
+    fr.pair("med", SimpleNamespace(steps=None, out=None, families=["full", "lora", "full-ewc"], seeds=[43, 44, 45]),
+            {}, "m")
+    assert calls == [("final", [("full", "full"), ("lora", "lora"), ("full-ewc", "full-ewc")], [43, 44, 45])]
+    with pytest.raises(SystemExit, match="--families full-nonsense: not among"):
+        fr.pair("med", SimpleNamespace(steps=None, out=None, families=["full", "full-nonsense"], seeds=None), {}, "m")
+    fr.FINAL_CANDIDATES["math"] = ()
+    with pytest.raises(SystemExit, match="name the recipes with --families"):
+        fr.pair("math", args, {}, "m")
+    with pytest.raises(SystemExit, match="the selection ran at 160 steps"):  # the main selection's steps only
+        fr.pair("med", SimpleNamespace(steps=40, out=None, families=None, seeds=None), {}, "m")
+
+
+def test_pair_report_shows_each_run_beside_the_main_ledgers_and_its_own_verdict(fr, monkeypatch):
+    rng = np.random.default_rng(3)
+    base = rng.uniform(20, 30, 200)
+    fr.FINAL_CANDIDATES["med"] = ("full-ewc",)
+    for seed in (43, 44, 45):  # the main ledger (a CPU)
+        _entry(fr, "full", seed, base - rng.normal(6, 1, 200), base, -0.07)
+        _entry(fr, "full-ewc", seed, base - rng.normal(6, 1, 200), base, -0.001)
+    main_md = fr.render_md(fr.summarize("med", None))
+    monkeypatch.setattr(fr, "TAG", "cuda-nvidia-h200")
+    full = base - rng.normal(6, 1, 200)
+    _entry(fr, "full", 43, full, base, -0.06, rep_change=-0.08)
+    _entry(fr, "full-ewc", 43, full - rng.normal(0, 0.05, 200), base, -0.002, rep_change=-0.01)
+    res = fr.summarize_pair("med", None)
+    assert [(r["run"], r["main"] is not None) for r in res["runs"]] == [("full-seed43", True),
+                                                                       ("full-ewc-seed43", True)]
+    here, main = res["runs"][0]["here"], res["runs"][0]["main"]
+    assert here["drop"] == pytest.approx(6.0) and main["drop"] == pytest.approx(7.0)
+    assert here["replication_drop"]["drop"] == pytest.approx(8.0) and main["replication_drop"] is None
+    # one seed and no LoRA: the candidate has no verdict on this machine, and says why
+    assert res["verdicts"]["full-ewc"]["verdict"] is None and "LoRA's []" in res["verdicts"]["full-ewc"]["why"]
+    stem = fr.write_results(res)
+    assert stem.name == "frontier-med-cuda-nvidia-h200"
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    md = stem.with_suffix(".md").read_text()
+    assert fr.render_pair_md(saved) == md  # the markdown is the JSON's alone
+    assert "| full-seed43 | " in md and "+6.00 [+5.70, +6.30] | +7.00 [+6.70, +7.30]" in md
+    assert "no verdict on this machine" in md
+    # the main ledger's results are the same as before the pair ran
+    monkeypatch.setattr(fr, "TAG", None)
+    assert fr.render_md(fr.summarize("med", None)) == main_md
+    # with full FT, LoRA and the candidate over the same seeds, the machine gets a verdict of its own
+    monkeypatch.setattr(fr, "TAG", "cuda-nvidia-h200")
+    for seed in (44, 45):
+        full = base - rng.normal(6, 1, 200)
+        _entry(fr, "full", seed, full, base, -0.06, rep_change=-0.08)
+        _entry(fr, "full-ewc", seed, full - rng.normal(0, 0.05, 200), base, -0.002, rep_change=-0.01)
+    for seed in (43, 44, 45):
+        _entry(fr, "lora", seed, base - rng.normal(3, 1, 200), base, -0.03, rep_change=-0.03)
+    res = fr.summarize_pair("med", None)
+    assert res["verdicts"]["full-ewc"]["general"]["verdict"] == "MET"
+    assert "**full-ewc** on general, this machine's runs: **MET**" in fr.render_pair_md(res)

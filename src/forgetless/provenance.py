@@ -51,6 +51,22 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def accelerator(device: str) -> dict[str, Any] | None:
+    """The GPU a `cuda` device means (name, memory, CUDA and driver-visible capability), else None: a result from a
+    GPU names it beside the host CPU."""
+    if device != "cuda":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    i = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(i)
+    return {"name": torch.cuda.get_device_name(i), "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
+            "count": torch.cuda.device_count()}
+
+
 def collect(precision: Precision | dict[str, Any] | str | None = None, *, device: str = "cpu",
             argv: list[str] | None = None, repo: str | Path | None = None) -> dict[str, Any]:
     """The provenance block of a bench result. `precision`: the resolved compute path the bench ran on."""
@@ -72,6 +88,7 @@ def collect(precision: Precision | dict[str, Any] | str | None = None, *, device
             "cpu": ident["cpu"], "flags": ident["flags"], "flags_sha": ident["flags_sha"],
             "capability": ident["capability"], "mkldnn_bf16": ident["mkldnn_bf16"], "threads": ident["threads"],
             "cpus": os.cpu_count(), "platform": platform.platform(), "device": device,
+            "gpu": accelerator(device),
         },
         "precision": prec,
         "allocator": loaded_allocator(),
@@ -88,8 +105,12 @@ def machine_line(prov: dict[str, Any]) -> str:
     """One line for a results table: CPU, ISA level, threads, precision, allocator, commit."""
     m, p = prov.get("machine", {}), prov.get("precision") or {}
     commit = (prov.get("commit") or "unknown")[:10] + ("+dirty" if prov.get("dirty") else "")
-    return (f"{m.get('cpu')} ({m.get('capability')}, native bf16: {m.get('mkldnn_bf16')}), {m.get('threads')} threads, "
-            f"device {m.get('device')}, precision {p.get('dtype', 'n/a')}, allocator {prov.get('allocator')}, "
+    gpu = m.get("gpu")
+    dev = f"device {m.get('device')}"
+    if gpu:
+        dev += f" ({gpu['name']}, {gpu['memory_gib']:g} GiB, CUDA {gpu['cuda']})"
+    return (f"{m.get('cpu')} ({m.get('capability')}, native bf16: {m.get('mkldnn_bf16')}), {m.get('threads')} "
+            f"threads, {dev}, precision {p.get('dtype', 'n/a')}, allocator {prov.get('allocator')}, "
             f"torch {prov.get('versions', {}).get('torch')}, commit {commit}, {prov.get('date')}")
 
 
@@ -122,6 +143,9 @@ def check_same_machine(saved: dict[str, Any] | None, current: dict[str, Any], *,
     if (sm.get("cpu"), sm.get("flags_sha")) != (cm.get("cpu"), cm.get("flags_sha")):
         differences.append(f"CPU {sm.get('cpu')} [flags {sm.get('flags_sha')}] vs {cm.get('cpu')} [flags "
                            f"{cm.get('flags_sha')}]")
+    sg, cg = (sm.get("gpu") or {}).get("name"), (cm.get("gpu") or {}).get("name")
+    if sg != cg:
+        differences.append(f"GPU {sg or 'none'} vs {cg or 'none'}")
     if sp != cp:
         differences.append(f"precision {sp} vs {cp}")
     if not differences:

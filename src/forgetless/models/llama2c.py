@@ -111,6 +111,14 @@ def sentencepiece_tokenizer(model_path: str | os.PathLike):
     if spec.model_type != 2:  # 2 = BPE, what llama2.c's trainer and run.c use
         raise ForgetlessError(f"{model_path}: SentencePiece model type {spec.model_type} is not BPE")
     vocab = extractor.extract(models.BPE)["vocab"]  # type: ignore[call-overload]  # a dict in transformers 5
+    import inspect
+
+    if "legacy" not in inspect.signature(SpmConverter.build_tokenizer_from_spm_proto).parameters:
+        import transformers
+
+        # without it the tokenizer splits text unlike SentencePiece (seen on transformers 5.17; 5.25 has it)
+        raise ForgetlessError(f"importing a llama2.c tokenizer needs a transformers whose SpmConverter takes `legacy`"
+                              f" (5.25 does; this is {transformers.__version__}): pip install -U transformers")
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto=extractor.proto, vocab=vocab, legacy=True)
     bos, eos, unk = spec.bos_piece or "<s>", spec.eos_piece or "</s>", spec.unk_piece or "<unk>"
     backend.post_processor = processors.TemplateProcessing(

@@ -36,10 +36,15 @@ class MetricsLogger(TrainerCallback):
         self._tokens = None
         self.last: dict[str, Any] = {}
         self.eval_step: int | None = None  # the step of the validation loss in `last`
+        # where this session started (a resumed run starts at its checkpoint's step): recorded here rather than read
+        # from the Trainer's private attributes, which not every transformers 5.x has
+        self.start_step = 0
+        self.start_tokens = 0
 
     def on_train_begin(self, args, state, control, **kw):
         self._t = time.perf_counter()
         self._tokens = state.num_input_tokens_seen
+        self.start_step, self.start_tokens = state.global_step, state.num_input_tokens_seen or 0
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         logs = dict(logs or {})

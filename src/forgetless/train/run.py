@@ -613,8 +613,7 @@ def _summary(run: Run, trainer: Any, watch: Watch, loop: Loop, final_eval: dict[
         "epochs": state.epoch,
         "tokens_seen": state.num_input_tokens_seen,
         "wall_time_s": round(train_time, 2),
-        "tokens_per_s": round((state.num_input_tokens_seen - (trainer._initial_num_input_tokens_seen or 0))
-                              / train_time, 1)
+        "tokens_per_s": round((state.num_input_tokens_seen - watch.metrics.start_tokens) / train_time, 1)
         if train_time > 0
         else None,
         "peak_memory_mb": round(peak_memory_mb(run.device), 1),
@@ -624,7 +623,7 @@ def _summary(run: Run, trainer: Any, watch: Watch, loop: Loop, final_eval: dict[
         "precision": run.precision.as_dict(),
         "lr": recipe.lr,
         "final_train_loss": watch.metrics.last.get("loss"),
-        "mean_train_loss": loop.output.training_loss if state.global_step > trainer._initial_global_step else None,
+        "mean_train_loss": loop.output.training_loss if state.global_step > watch.metrics.start_step else None,
         "initial_validation_loss": loop.initial_loss,
         "final_validation_loss": final_eval.get("eval_loss"),
         "early_stopped_at": watch.early.stopped_at if watch.early else None,
