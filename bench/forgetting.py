@@ -224,15 +224,16 @@ def bench_precision(model_path: str, device: str) -> dict[str, Any]:
     """The precision path a sweep or sequence of this model takes here: training (the recipes leave
     `train.bf16` at auto) and evaluation (`eval_precision: auto`), resolved as forgetless resolves them."""
     from forgetless import precision
-    from forgetless.retention.api import eval_precision
+    from forgetless.retention.api import eval_device, eval_precision
     from forgetless.train.model import pick_device
 
     dev = pick_device(device)
     train = precision.resolve("auto", dev, widths=precision.config_widths(model_path))
-    ev = eval_precision("auto", model_path)
+    ev = eval_precision("auto", model_path, eval_device())
     dtype = train.dtype if train.dtype == ev.dtype else f"train {train.dtype} / eval {ev.dtype}"
     return {"dtype": dtype, "reason": f"train: {train.reason}; eval: {ev.reason}", "device": dev.type,
-            "train": {"dtype": train.dtype, "reason": train.reason}, "eval": {"dtype": ev.dtype, "reason": ev.reason}}
+            "train": {"dtype": train.dtype, "reason": train.reason},
+            "eval": {"dtype": ev.dtype, "reason": ev.reason, "device": ev.device}}
 
 
 def observed_precision(dirs: list[str | Path]) -> dict[str, dict[str, int]]:

@@ -391,3 +391,45 @@ def test_a_continuation_as_long_as_the_window_is_an_error_not_a_wrong_score(mode
     with pytest.raises(DataError, match="a continuation of 8 tokens does not fit the 8-token window"):
         score_requests(model, [Request([1, 2, 3], [list(range(10, 18))])], bf16=False, max_len=8)
     assert len(score_requests(model, [Request([1, 2, 3], [list(range(10, 17))])], bf16=False, max_len=8)[0]) == 1
+
+
+def test_evaluation_runs_on_the_gpu_when_there_is_one_and_keys_its_baseline_apart(tiny_model, tmp_path,
+                                                                                  monkeypatch):
+    """`eval --device auto` scores on the GPU when CUDA has one (CI has none: the check is stood in for), refuses a
+    device that is not there, and a baseline scored on a GPU is cached apart from one scored on the CPU, so a
+    candidate is compared with a base scored where it is (the CPU's key is what it was before devices were keyed)."""
+    from forgetless.retention import api
+
+    assert api.eval_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert api.eval_device("cpu").type == "cpu"
+    with pytest.raises(ForgetlessError, match="use auto, cpu, cuda or mps"):
+        api.eval_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ForgetlessError, match="no CUDA device"):
+            api.eval_device("cuda")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert api.eval_device("auto").type == "cuda"
+        monkeypatch.undo()
+    # a Precision resolved for the CPU is resolved again for another device, from what it requested
+    from forgetless.precision import Precision
+
+    cpu_bf16 = Precision("bf16", "measured", "auto", "cpu")
+    assert api.eval_precision(cpu_bf16, None, "cpu") is cpu_bf16
+    again = api.eval_precision(Precision("fp32", "requested", "fp32", "cpu"), None, "meta")
+    assert (again.dtype, again.device, again.requested) == ("fp32", "meta", "fp32")
+
+    _jsonl(tmp_path / "mc.jsonl", MC_ROWS)
+    suite = _suite([{"name": "mc", "kind": "multiple_choice", "data": {"path": "mc.jsonl"}, "prompt": "{{question}}"}])
+    calls = []
+
+    def loader():  # what a cuda loader would hand over, here on the CPU
+        calls.append(1)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        return m, load_tokenizer(str(tiny_model))
+
+    kw = {"bf16": False, "progress": False, "loader": loader}
+    gpu, hit_gpu = api.baseline_result(str(tiny_model), suite, tmp_path, device="cuda", **kw)
+    cpu, hit_cpu = api.baseline_result(str(tiny_model), suite, tmp_path, device="cpu", **kw)
+    again_gpu, hit_again = api.baseline_result(str(tiny_model), suite, tmp_path, device="cuda", **kw)
+    assert (hit_gpu, hit_cpu, hit_again) == (False, False, True) and len(calls) == 2
+    assert again_gpu.tasks["mc"].columns["acc"].tolist() == gpu.tasks["mc"].columns["acc"].tolist()

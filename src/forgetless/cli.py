@@ -137,6 +137,8 @@ def eval_cmd(
                                                         "its cache.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    device: Annotated[str, typer.Option(help="auto (the GPU when there is one, else the CPU), cpu, cuda or mps: "
+                                             "candidate and baseline are scored there.")] = "auto",
 ) -> None:
     """Score a model on a retention suite; against a baseline, show what was forgotten and whether it is noise."""
     from .retention.api import eval_model
@@ -146,6 +148,7 @@ def eval_cmd(
         model, suite, baseline=baseline, limit=limit, tasks=task, data_root=data_root,
         precision=_precision_option(precision, bf16),
         max_length=max_length, out=out, progress=not (quiet or json_out), refresh_baseline=refresh_baseline,
+        device=device,
     )
     if json_out:
         print_json(report)

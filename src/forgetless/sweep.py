@@ -60,7 +60,7 @@ from .precision import Precision
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 from .report import write_report
 from .results import RetentionChange, TaskGain, ability_names, task_gain  # noqa: F401 (task_gain re-exported)
-from .retention.api import baseline_result, eval_model, eval_precision
+from .retention.api import baseline_result, eval_device, eval_model, eval_precision
 from .retention.kinds.reference_likelihood import ReferenceLikelihoodTask
 from .retention.metrics import SCORE_VERSION, budget_check
 from .retention.seeds import combine_seeds
@@ -411,7 +411,8 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     retention_suite = load_any_suite(cfg.retention_suite)
     # resolved once, so every run and the base model are scored at the same precision (caches key on it)
     prec = eval_precision(cfg.eval_setting(), resolve_model(first.model.name, revision=first.model.revision,
-                                                            allow_pickle=first.model.allow_pickle).path)
+                                                            allow_pickle=first.model.allow_pickle).path,
+                          eval_device())
     # what a finished run's scores depend on besides its training: when it changed since they were written
     # (suites, their items, --limit, precision, the score's definition), every run is scored again; the
     # training is reused
@@ -419,6 +420,8 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     eval_key = {"task_suite": task_suite.with_limit(cfg.limit).fingerprint(root),
                 "retention_suite": retention_suite.with_limit(cfg.limit).fingerprint(root),
                 "precision": prec.dtype, "score_definition": SCORE_VERSION}
+    if prec.device != "cpu":  # scored on a GPU: rescored when it moves to the CPU or back (CPU keys as before)
+        eval_key["device"] = prec.device
     if done and prior.get("eval_key", eval_key) != eval_key:
         changed = ", ".join(k for k in eval_key if prior["eval_key"].get(k) != eval_key[k])
         console.print(f"[yellow]the evaluation changed since {state_path} was written ({changed}): every finished "
@@ -498,7 +501,8 @@ def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: Swee
                          allow_pickle=recipe.model.allow_pickle).path
     root = resolve_data_root(cfg.data_root)
     for s in (task_suite, retention_suite):
-        baseline_result(path, s.with_limit(cfg.limit), root, bf16=precision == "bf16", progress=not quiet)
+        baseline_result(path, s.with_limit(cfg.limit), root, bf16=precision == "bf16", progress=not quiet,
+                        device=eval_device())
 
 
 # ---------------------------------------------------------------- table
