@@ -895,9 +895,16 @@ def summarize_pair(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]
         runs.append({"run": name, "family": e["family"], "seed": e["seed"], "here": side(e), "main": side(m)})
     fams = tuple(dict.fromkeys(e["family"] for e in sorted(fin.values(), key=lambda e: e["family"] != "full")))
     cands = tuple(f for f in fams if f not in BASELINES)
+    judged, verdict_seeds = {}, {}
+    for c in cands:  # over the seeds full FT, LoRA and the candidate all have here (a run of one alone waits)
+        seeds = set.intersection(*({e["seed"] for e in fin.values() if e["family"] == f} for f in ("full", "lora", c)))
+        verdict_seeds[c] = sorted(seeds)
+        judged[c] = verdicts({k: e for k, e in fin.items() if e["family"] in ("full", "lora", c)
+                              and e["seed"] in seeds}, (c,)).get(c, {"verdict": None, "why": "no seed shared by "
+                                                                      "full FT, LoRA and it"})
     return {"bench": "frontier-pair", "scenario": scenario, "tag": TAG, "scale": SCALE[scenario], "runs": runs,
-            "rows": family_rows(fin, fams, cands) if fin else [],
-            "verdicts": verdicts(fin, cands) if cands else {}, "machines": sorted({e["machine"] for e in fin.values()}),
+            "rows": family_rows(fin, fams, cands) if fin else [], "verdicts": judged, "verdict_seeds": verdict_seeds,
+            "machines": sorted({e["machine"] for e in fin.values()}),
             "main_machines": sorted({r["main"]["machine"] for r in runs if r["main"]}), "provenance": prov}
 
 
@@ -932,10 +939,11 @@ def render_pair_md(res: dict[str, Any]) -> str:
         if fam == "error" or v.get("verdict", "") is None:
             lines += ["", f"- **{fam}**: no verdict on this machine ({v if fam == 'error' else v['why']})."]
             continue
+        seeds = ", ".join(map(str, res.get("verdict_seeds", {}).get(fam, [])))
         for suite in ("general", "replication"):
             x = v.get(suite)
-            lines.append(f"- **{fam}** on {suite}, this machine's runs: "
-                         + (f"**{x['verdict']}**: {x['why']}." if x else "not scored."))
+            lines.append(f"- **{fam}** on {suite}, this machine's runs (seeds {seeds}, those full FT, LoRA and it "
+                         "share): " + (f"**{x['verdict']}**: {x['why']}." if x else "not scored."))
     if res.get("provenance"):
         from forgetless.provenance import machine_line
 
@@ -952,7 +960,9 @@ def _ci(x: dict[str, Any] | None, fmt: str = "{:+.2f}") -> str:
 
 
 def render_md(res: dict[str, Any]) -> str:
-    """The markdown table, from the result JSON alone."""
+    """The markdown table, from the result JSON alone (another machine's pair: render_pair_md)."""
+    if res.get("bench") == "frontier-pair":
+        return render_pair_md(res)
     sc = res["scenario"]
     lines = [f"# forgetting frontier, decided: {sc}", "",
              f"Scale: {res['scale']['steps']} steps of {res['scale']['batch']} examples (max "

@@ -426,7 +426,7 @@ def test_pair_report_shows_each_run_beside_the_main_ledgers_and_its_own_verdict(
     assert here["drop"] == pytest.approx(6.0) and main["drop"] == pytest.approx(7.0)
     assert here["replication_drop"]["drop"] == pytest.approx(8.0) and main["replication_drop"] is None
     # one seed and no LoRA: the candidate has no verdict on this machine, and says why
-    assert res["verdicts"]["full-ewc"]["verdict"] is None and "LoRA's []" in res["verdicts"]["full-ewc"]["why"]
+    assert res["verdicts"]["full-ewc"] == {"verdict": None, "why": "no seed shared by full FT, LoRA and it"}
     stem = fr.write_results(res)
     assert stem.name == "frontier-med-cuda-nvidia-h200"
     saved = json.loads(stem.with_suffix(".json").read_text())
@@ -445,6 +445,10 @@ def test_pair_report_shows_each_run_beside_the_main_ledgers_and_its_own_verdict(
         _entry(fr, "full-ewc", seed, full - rng.normal(0, 0.05, 200), base, -0.002, rep_change=-0.01)
     for seed in (43, 44, 45):
         _entry(fr, "lora", seed, base - rng.normal(3, 1, 200), base, -0.03, rep_change=-0.03)
+    _entry(fr, "full", 46, full, base, -0.06, rep_change=-0.08)  # a seed the others lack: not in the verdict
     res = fr.summarize_pair("med", None)
-    assert res["verdicts"]["full-ewc"]["general"]["verdict"] == "MET"
-    assert "**full-ewc** on general, this machine's runs: **MET**" in fr.render_pair_md(res)
+    assert res["verdicts"]["full-ewc"]["general"]["verdict"] == "MET" and res["verdict_seeds"]["full-ewc"] == [43, 44,
+                                                                                                              45]
+    assert len(res["verdicts"]["full-ewc"]["general"]["per_seed"]) == 3
+    assert ("**full-ewc** on general, this machine's runs (seeds 43, 44, 45, those full FT, LoRA and it share): "
+            "**MET**") in fr.render_pair_md(res)

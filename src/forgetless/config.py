@@ -32,8 +32,10 @@ class ModelConfig(Strict):
     name: str = Field(description="HF hub id, local HF directory, or a `forgetless models` alias.")
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto",
-        description="Storage dtype of frozen weights. Trainable weights are always fp32 (master weights). "
-        "auto: fp32 on CPU, bf16 on a GPU that supports it.",
+        description="Storage dtype of frozen weights. Trainable weights are always fp32 (master weights), loaded "
+        "from the checkpoint without rounding. auto: fp32 on CPU; on a GPU that supports bf16, bf16 for the frozen "
+        "base of adapter methods (LoRA and the like), fp32 for full and freeze (their saved model holds every "
+        "weight). bf16: frozen weights in bf16 everywhere (freeze then saves its frozen layers rounded).",
     )
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code.")
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights. Off: safetensors only.")

@@ -61,9 +61,11 @@ def load_tokenizer(path: str, cfg: ModelConfig | None = None) -> Any:
 
 
 def load_base_model(
-    path: str, cfg: ModelConfig, device: torch.device, quantization_config: Any = None
+    path: str, cfg: ModelConfig, device: torch.device, quantization_config: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Load weights from safetensors only (pickle only if the recipe allows it), remote code off by default."""
+    """Load weights from safetensors only (pickle only if the recipe allows it), remote code off by default.
+    `dtype`: load in this dtype rather than the recipe's storage dtype (`model.dtype`)."""
     from transformers import AutoModelForCausalLM
 
     local = Path(path)
@@ -76,7 +78,7 @@ def load_base_model(
                 "them to safetensors, or set model.allow_pickle: true if you trust this file."
             )
     kwargs: dict[str, Any] = {
-        "dtype": storage_dtype(cfg.dtype, device),
+        "dtype": dtype or storage_dtype(cfg.dtype, device),
         "trust_remote_code": cfg.trust_remote_code,
         "revision": cfg.revision,
     }
@@ -107,11 +109,17 @@ def prepare_model(
     """Load the base model and wrap it for `method` (its plugin in forgetless.methods). Trainable weights are
     always fp32. `calibration`: tokenized examples for data-driven inits (see methods.base.WrapContext)."""
     quant = method.quantization(compute_dtype)
-    model = load_base_model(path, cfg, device, quant)
+    # full and freeze train the base's own weights and save them all: loaded in fp32, so training starts from the
+    # checkpoint's values, not from their bf16 rounding (which moved 79% of SmolLM2's weights), and the layers that
+    # freeze leaves alone are saved as they were; `model.dtype: bf16` still stores the frozen ones in bf16
+    exact = not method.peft and quant is None
+    model = load_base_model(path, cfg, device, quant, torch.float32 if exact else None)
     model = method.wrap(model, WrapContext(path, device, gradient_checkpointing, tokenizer, calibration))
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+        elif exact and cfg.dtype == "bf16" and not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(torch.bfloat16)
     if gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
