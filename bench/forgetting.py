@@ -229,7 +229,7 @@ def bench_precision(model_path: str, device: str) -> dict[str, Any]:
 
     dev = pick_device(device)
     train = precision.resolve("auto", dev, widths=precision.config_widths(model_path))
-    ev = eval_precision("auto", model_path, eval_device())
+    ev = eval_precision("auto", model_path, eval_device(device))  # scored where the runs train
     dtype = train.dtype if train.dtype == ev.dtype else f"train {train.dtype} / eval {ev.dtype}"
     return {"dtype": dtype, "reason": f"train: {train.reason}; eval: {ev.reason}", "device": dev.type,
             "train": {"dtype": train.dtype, "reason": train.reason},

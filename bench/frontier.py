@@ -326,8 +326,11 @@ def out_dir(scenario: str, tagged: bool = True) -> Path:
 
 
 def runs_root(scenario: str, args: Any) -> Path:
-    """Where runs train: --out, else runs/frontier-<scenario> (another machine's: runs/frontier-<scenario>-<tag>)."""
-    return args.out or ROOT / "runs" / (f"frontier-{scenario}-{TAG}" if TAG else f"frontier-{scenario}")
+    """Where runs train: --out, else runs/; under it frontier-<scenario>/ is --out itself, another machine's
+    frontier-<scenario>-<tag>/ (a pair given the main runs' --out must not reuse their trainings)."""
+    if TAG:
+        return (args.out or ROOT / "runs") / f"frontier-{scenario}-{TAG}"
+    return args.out or ROOT / "runs" / f"frontier-{scenario}"
 
 
 def ledger_path(scenario: str, phase: str, run: str) -> Path:
@@ -430,7 +433,7 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
                 rep_out = d / "eval-replication.json"
                 if not rep_out.is_file():
                     eval_model(str(d), str(replication), baseline="auto", data_root=args.data_root,
-                               precision="auto", out=rep_out, progress=True)
+                               precision="auto", out=rep_out, progress=True, device=args.device)
                 extra["replication"] = rep_out
             record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
             done[run] = {}
@@ -465,7 +468,8 @@ def score_model(model_dir: Path, base_path: str, task_suite: Path, retention: st
     from forgetless.results import RetentionChange, TaskGain
     from forgetless.retention.api import eval_model
 
-    kw = {"baseline": base_path, "data_root": args.data_root, "precision": "auto", "progress": True}
+    kw = {"baseline": base_path, "data_root": args.data_root, "precision": "auto", "progress": True,
+          "device": args.device}
     t0 = time.perf_counter()
     task = eval_model(str(model_dir), str(task_suite), out=model_dir / "eval-task.json", **kw)
     ret = eval_model(str(model_dir), retention, out=model_dir / "eval-retention.json", **kw)

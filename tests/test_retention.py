@@ -433,3 +433,14 @@ def test_evaluation_runs_on_the_gpu_when_there_is_one_and_keys_its_baseline_apar
     again_gpu, hit_again = api.baseline_result(str(tiny_model), suite, tmp_path, device="cuda", **kw)
     assert (hit_gpu, hit_cpu, hit_again) == (False, False, True) and len(calls) == 2
     assert again_gpu.tasks["mc"].columns["acc"].tolist() == gpu.tasks["mc"].columns["acc"].tolist()
+    # the self-reference answers and distributions too: a GPU's are cached apart, the CPU's key is as it was
+    import hashlib
+
+    from forgetless.retention.kinds.self_reference import _cache_key
+
+    task = load_suite("self").tasks[0]
+    spec = task.model_dump(exclude={"name", "weight", "main_metric", "batch_size"})
+    spec.update(reference="fp", bf16=False)
+    old = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    assert _cache_key(task, "fp", False, None) == _cache_key(task, "fp", False, None, "cpu") == old
+    assert _cache_key(task, "fp", False, None, "cuda") != old

@@ -300,7 +300,8 @@ class MonitorCallback(TrainerCallback):
         if self._ref_fp is None:
             return []
         root = resolve_data_root(self.monitor.data_root)
-        return [reference_cache_entry(t, cache_root(), self._ref_fp, self.bf16, root)
+        device = next(self.model.parameters()).device.type if self.model is not None else "cpu"
+        return [reference_cache_entry(t, cache_root(), self._ref_fp, self.bf16, root, device)
                 for t in self._suite.tasks if t.kind == "self_reference"]
 
     def save_checkpoint(self, folder: Path) -> None:

@@ -222,7 +222,9 @@ def score_run(run_dir: Path, task_suite: Any, retention_suite: Any, cfg: SweepCo
     """Task gain and retention change of one run. `precision`: the sweep's resolved evaluation precision
     (a Precision, or bf16 / fp32), so every run and the base are scored alike; None resolves cfg's setting here."""
     kw: dict[str, Any] = {"baseline": "auto", "limit": cfg.limit, "data_root": cfg.data_root,
-          "precision": precision or cfg.eval_setting(), "progress": progress}
+          "precision": precision or cfg.eval_setting(), "progress": progress,
+          # scored where the sweep resolved its precision: the runs' training device
+          "device": precision.device if isinstance(precision, Precision) else "auto"}
     task = eval_model(str(run_dir), task_suite, out=run_dir / "eval-task.json", **kw)
     ret = eval_model(str(run_dir), retention_suite, out=run_dir / "eval-retention.json", **kw)
     return {
@@ -412,7 +414,7 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     # resolved once, so every run and the base model are scored at the same precision (caches key on it)
     prec = eval_precision(cfg.eval_setting(), resolve_model(first.model.name, revision=first.model.revision,
                                                             allow_pickle=first.model.allow_pickle).path,
-                          eval_device())
+                          eval_device(first.train.device))  # scored where the runs train
     # what a finished run's scores depend on besides its training: when it changed since they were written
     # (suites, their items, --limit, precision, the score's definition), every run is scored again; the
     # training is reused
@@ -423,7 +425,8 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     if prec.device != "cpu":  # scored on a GPU: rescored when it moves to the CPU or back (CPU keys as before)
         eval_key["device"] = prec.device
     if done and prior.get("eval_key", eval_key) != eval_key:
-        changed = ", ".join(k for k in eval_key if prior["eval_key"].get(k) != eval_key[k])
+        changed = ", ".join(k for k in {**prior["eval_key"], **eval_key}
+                            if prior["eval_key"].get(k) != eval_key.get(k))
         console.print(f"[yellow]the evaluation changed since {state_path} was written ({changed}): every finished "
                       "run is scored again (its training is reused)[/yellow]")
         done = {}
@@ -502,7 +505,7 @@ def _prime_base(recipe: Recipe, task_suite: Any, retention_suite: Any, cfg: Swee
     root = resolve_data_root(cfg.data_root)
     for s in (task_suite, retention_suite):
         baseline_result(path, s.with_limit(cfg.limit), root, bf16=precision == "bf16", progress=not quiet,
-                        device=eval_device())
+                        device=eval_device(recipe.train.device))
 
 
 # ---------------------------------------------------------------- table

@@ -86,7 +86,8 @@ class Evaluator:
         if self.retention is not None:
             ret = eval_model(str(step.dir), self.retention, baseline=self.base_path, limit=self.cfg.limit,
                              data_root=self.cfg.data_root, precision=self.precision.dtype,
-                             out=step.dir / "eval-retention.json", progress=not self.quiet)
+                             out=step.dir / "eval-retention.json", progress=not self.quiet,
+                             device=self.precision.device)  # where the sequence's task scores are computed
         return res, ret
 
 

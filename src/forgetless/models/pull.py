@@ -275,6 +275,39 @@ PYPI_GGUF = {
 }
 
 
+GGUF_SPECIALS = ("bos", "eos", "unknown", "padding")  # tokenizer.ggml.<name>_token_id
+
+
+def gguf_special_ids(gguf: Path) -> dict[str, int]:
+    """The special-token ids a GGUF file declares (tokenizer.ggml.bos_token_id and the like)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+    out = {}
+    for name in GGUF_SPECIALS:
+        f = fields.get(f"tokenizer.ggml.{name}_token_id")
+        if f is not None and f.data:
+            out[name] = int(f.parts[f.data[0]][0])
+    return out
+
+
+def align_special_tokens(tokenizer: Any, ids: dict[str, int]) -> dict[str, list[Any]]:
+    """Set the tokenizer's bos / eos / unk / pad tokens to the ids the GGUF declares where the conversion read
+    others (transformers 5.17 made SmolLM2's eos `<|im_start|>`, id 1, where its GGUF says 2, `<|im_end|>`: the
+    model then trained and generated with the wrong end of turn). Returns what changed: {attribute: [was, now]}."""
+    attr = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+    changed: dict[str, list[Any]] = {}
+    for name, i in ids.items():
+        if not 0 <= i < len(tokenizer):
+            raise ForgetlessError(f"the GGUF's {name} token id {i} is outside its vocabulary of {len(tokenizer)}")
+        want = tokenizer.convert_ids_to_tokens(i)
+        was = getattr(tokenizer, attr[name])
+        if was != want:
+            setattr(tokenizer, attr[name], want)
+            changed[attr[name]] = [was, want]
+    return changed
+
+
 def gguf_to_hf(gguf: Path, out: Path, ui: UI) -> dict[str, Any]:
     """Dequantize a GGUF into a float32 HF safetensors dir, then check the saved copy gives the same logits."""
     import torch
@@ -294,6 +327,13 @@ def gguf_to_hf(gguf: Path, out: Path, ui: UI) -> dict[str, Any]:
             quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    fixed = align_special_tokens(tokenizer, gguf_special_ids(gguf))
+    for a, (was, now) in fixed.items():
+        ui.say(f"[yellow]{gguf.name}: the conversion read {a} {was!r}; the GGUF declares {now!r}: using it[/yellow]")
+    if fixed.get("eos_token"):  # generation stops where the GGUF says a turn ends
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if fixed.get("pad_token"):
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)  # type: ignore[union-attr,operator]  # set by from_pretrained
     with ui.step("Saving as safetensors"):
@@ -306,7 +346,8 @@ def gguf_to_hf(gguf: Path, out: Path, ui: UI) -> dict[str, Any]:
             diff = (model(**ids).logits - reloaded(**ids).logits).abs().max().item()
     if diff > 1e-5:
         raise ForgetlessError(f"the saved copy of {gguf.name} differs from the GGUF: max |logit diff| = {diff}")
-    return {"logits_check": {"prompt": CHECK_PROMPT, "max_abs_diff": diff}}
+    return {"logits_check": {"prompt": CHECK_PROMPT, "max_abs_diff": diff},
+            **({"special_tokens_set_from_gguf": fixed} if fixed else {})}
 
 
 def from_pypi(entry: CatalogEntry, out: Path, ui: UI) -> dict[str, Any]:

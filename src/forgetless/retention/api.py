@@ -61,6 +61,8 @@ def eval_device(setting: str = "auto") -> torch.device:
         raise ForgetlessError(f"evaluation device {setting!r}: use auto, cpu, cuda or mps")
     if setting == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ForgetlessError("evaluation device cuda: no CUDA device is available (--device auto or cpu)")
     return pick_device(setting)
 
 

@@ -598,6 +598,17 @@ def finish(run: Run, trainer: Any, watch: Watch, loop: Loop, report: Callable[[P
     return TrainResult(summary, model, run.tokenizer, run.dir)
 
 
+def _session_mean_loss(trainer: Any, loop: Loop, watch: Watch) -> float | None:
+    """The mean training loss over the steps this session ran (None if it ran none). transformers 5.25 averages the
+    Trainer's `training_loss` over them; 5.17 (no `_initial_global_step`) over every step since the run began,
+    which a resumed run's share of the steps would shrink: scaled back here."""
+    step, start = trainer.state.global_step, watch.metrics.start_step
+    if step <= start:
+        return None
+    loss = loop.output.training_loss
+    return loss if hasattr(trainer, "_initial_global_step") else loss * step / (step - start)
+
+
 def _summary(run: Run, trainer: Any, watch: Watch, loop: Loop, final_eval: dict[str, Any], kind: str,
              selection: dict[str, Any] | None) -> dict[str, Any]:
     """summary.json: what was trained, how long and how fast, the losses, the mitigations, monitor and guard."""
@@ -623,7 +634,7 @@ def _summary(run: Run, trainer: Any, watch: Watch, loop: Loop, final_eval: dict[
         "precision": run.precision.as_dict(),
         "lr": recipe.lr,
         "final_train_loss": watch.metrics.last.get("loss"),
-        "mean_train_loss": loop.output.training_loss if state.global_step > watch.metrics.start_step else None,
+        "mean_train_loss": _session_mean_loss(trainer, loop, watch),
         "initial_validation_loss": loop.initial_loss,
         "final_validation_loss": final_eval.get("eval_loss"),
         "early_stopped_at": watch.early.stopped_at if watch.early else None,

@@ -82,31 +82,35 @@ def _prompt_ids(task: SelfReferenceTask, tok, text: str) -> list[int]:
 
 
 def _cache_key(task: SelfReferenceTask, reference_fingerprint: str | None, bf16: bool,
-               prompts: tuple[list[str], list[str]] | None) -> str:
-    """The reference's cache key: the task's settings, the reference model, the precision and, for file and
-    built-in prompts, the prompts themselves (an edited prompt file at the same path is other prompts)."""
+               prompts: tuple[list[str], list[str]] | None, device: str = "cpu") -> str:
+    """The reference's cache key: the task's settings, the reference model, the precision, the device type when
+    not the CPU (a GPU's answers and distributions are its own; CPU keys as before devices were keyed) and, for
+    file and built-in prompts, the prompts themselves (an edited prompt file at the same path is other prompts)."""
     spec = task.model_dump(exclude={"name", "weight", "main_metric", "batch_size"})
     spec["reference"] = reference_fingerprint
     spec["bf16"] = bf16
+    if device != "cpu":
+        spec["device"] = device
     if prompts is not None:
         spec["prompts_sha256"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def reference_cache_entry(task: SelfReferenceTask, cache_dir: Path, reference_fingerprint: str, bf16: bool,
-                          data_root: Path | None) -> Path:
+                          data_root: Path | None, device: str = "cpu") -> Path:
     """Where `build_reference` caches this task's reference for that reference model and precision: what a run's
     monitor keeps beside its checkpoints, so a resumed run scores against the same reference answers."""
     ctx = EvalContext(model=cast(Any, None), tokenizer=None, data_root=data_root, bf16=bf16)  # prompts only
     listed = None if task.prompts == "generated" else _prompt_texts(task, ctx, None, None)
-    return cache_dir / "self_reference" / _cache_key(task, reference_fingerprint, bf16, listed)
+    return cache_dir / "self_reference" / _cache_key(task, reference_fingerprint, bf16, listed, device)
 
 
 def build_reference(task: SelfReferenceTask, ctx: EvalContext) -> dict:
     """The reference answers and the reference model's top-k distributions along them (cached on disk)."""
     # file and built-in prompts are read before the key (cheap, no model); generated ones are the model's own
     listed = None if task.prompts == "generated" else _prompt_texts(task, ctx, None, None)
-    cache = (ctx.cache_dir / "self_reference" / _cache_key(task, ctx.reference_fingerprint, ctx.bf16, listed)
+    device = next(ctx.model.parameters()).device.type if ctx.model is not None else "cpu"
+    cache = (ctx.cache_dir / "self_reference" / _cache_key(task, ctx.reference_fingerprint, ctx.bf16, listed, device)
              if ctx.cache_dir and ctx.reference_fingerprint else None)
     if cache and (cache / "meta.json").is_file():
         meta = json.loads((cache / "meta.json").read_text())
