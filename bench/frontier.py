@@ -939,14 +939,16 @@ def render_pair_md(res: dict[str, Any]) -> str:
         lines.append(f"| {r['run']} | {cell(h, 'gain', '{:+.3f}')} | {cell(m, 'gain', '{:+.3f}')} | "
                      f"{cell(h, 'drop', '{:+.2f}')} | {cell(m, 'drop', '{:+.2f}')} | {rep_cell(h)} | {rep_cell(m)} | "
                      f"{cell(h, 'wall_time_s', '{:.0f}')} | {cell(m, 'wall_time_s', '{:.0f}')} |")
+    if res["verdicts"]:
+        lines.append("")
     for fam, v in res["verdicts"].items():
         if fam == "error" or v.get("verdict", "") is None:
-            lines += ["", f"- **{fam}**: no verdict on this machine ({v if fam == 'error' else v['why']})."]
+            lines += [f"- **{fam}**: no verdict on this machine ({v if fam == 'error' else v['why']})."]
             continue
         seeds = ", ".join(map(str, res.get("verdict_seeds", {}).get(fam, [])))
         for suite in ("general", "replication"):
             x = v.get(suite)
-            lines.append(f"- **{fam}** on {suite}, this machine's runs (seeds {seeds}, those full FT, LoRA and it "
+            lines.append(f"- **{fam}** on {suite}, this machine's runs (seeds {seeds}: those full FT, LoRA and it "
                          "share): " + (f"**{x['verdict']}**: {x['why']}." if x else "not scored."))
     if res.get("provenance"):
         from forgetless.provenance import machine_line

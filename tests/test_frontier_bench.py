@@ -452,5 +452,5 @@ def test_pair_report_shows_each_run_beside_the_main_ledgers_and_its_own_verdict(
     assert res["verdicts"]["full-ewc"]["general"]["verdict"] == "MET" and res["verdict_seeds"]["full-ewc"] == [43, 44,
                                                                                                               45]
     assert len(res["verdicts"]["full-ewc"]["general"]["per_seed"]) == 3
-    assert ("**full-ewc** on general, this machine's runs (seeds 43, 44, 45, those full FT, LoRA and it share): "
+    assert ("**full-ewc** on general, this machine's runs (seeds 43, 44, 45: those full FT, LoRA and it share): "
             "**MET**") in fr.render_pair_md(res)
