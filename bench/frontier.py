@@ -881,22 +881,18 @@ def family_rows(fin: dict[str, dict[str, Any]], fams: tuple[str, ...], cands: tu
 def summarize_pair(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
     """Another machine's runs (TAG's ledger), each beside the main ledger's run of the same recipe and seed, the
     per-recipe rows over its seeds, and its own verdicts where full FT, LoRA and a candidate share seeds."""
+    from forgetless.retention.frontier import retention_drop
+
+    def side(x: dict[str, Any] | None) -> dict[str, Any] | None:
+        if x is None:
+            return None
+        return {"gain": x["task"]["gain"], "gain_ci": x["task"]["ci"], "drop": _probe_drop(x), "drop_ci": _drop_ci(x),
+                "replication_drop": retention_drop(x["replication"]) if "replication" in x else None,
+                "wall_time_s": x.get("wall_time_s"), "tokens_per_s": x.get("tokens_per_s"), "machine": x["machine"]}
+
     fin, main = read_ledger(scenario, "final"), read_ledger(scenario, "final", tagged=False)
-    runs = []
-    for name, e in sorted(fin.items(), key=lambda kv: (kv[1]["seed"], kv[1]["family"] != "full", kv[0])):
-        m = main.get(name)
-
-        def side(x: dict[str, Any] | None) -> dict[str, Any] | None:
-            if x is None:
-                return None
-            from forgetless.retention.frontier import retention_drop
-
-            return {"gain": x["task"]["gain"], "gain_ci": x["task"]["ci"], "drop": _probe_drop(x),
-                    "drop_ci": _drop_ci(x), "replication_drop": retention_drop(x["replication"])
-                    if "replication" in x else None, "wall_time_s": x.get("wall_time_s"),
-                    "tokens_per_s": x.get("tokens_per_s"), "machine": x["machine"]}
-
-        runs.append({"run": name, "family": e["family"], "seed": e["seed"], "here": side(e), "main": side(m)})
+    runs = [{"run": name, "family": e["family"], "seed": e["seed"], "here": side(e), "main": side(main.get(name))}
+            for name, e in sorted(fin.items(), key=lambda kv: (kv[1]["seed"], kv[1]["family"] != "full", kv[0]))]
     fams = tuple(dict.fromkeys(e["family"] for e in sorted(fin.values(), key=lambda e: e["family"] != "full")))
     cands = tuple(f for f in fams if f not in BASELINES)
     judged, verdict_seeds = {}, {}
@@ -1071,15 +1067,11 @@ def plot(res: dict[str, Any]) -> bytes | None:
 def write_results(res: dict[str, Any]) -> Path:
     from forgetless.io import atomic_write_json
 
-    if res["bench"] == "frontier-pair":
-        stem = RESULTS / f"frontier-{res['scenario']}-{res['tag']}"
-        atomic_write_json(stem.with_suffix(".json"), res)
-        stem.with_suffix(".md").write_text(render_pair_md(res))
-        return stem
-    stem = RESULTS / f"frontier-{res['scenario']}"
+    pair = res["bench"] == "frontier-pair"  # another machine's runs: no plot of one or two seeds
+    stem = RESULTS / (f"frontier-{res['scenario']}-{res['tag']}" if pair else f"frontier-{res['scenario']}")
     atomic_write_json(stem.with_suffix(".json"), res)
     stem.with_suffix(".md").write_text(render_md(res))
-    png = plot(res)
+    png = None if pair else plot(res)
     if png:
         stem.with_suffix(".png").write_bytes(png)
     return stem
@@ -1159,7 +1151,7 @@ def main() -> None:
     if args.phase == "report":
         prov = provenance.finish(provenance.collect("not used: no compute"))
         res = summarize_pair(args.scenario, prov) if TAG else summarize(args.scenario, prov)
-        print(render_pair_md(res) if TAG else render_md(res))
+        print(render_md(res))
         write_results(res)
         return
     from forgetless.models import resolve_model
@@ -1200,7 +1192,7 @@ def main() -> None:
     if start:
         prov["started"] = fb.started(start)
     res = summarize_pair(args.scenario, prov) if TAG else summarize(args.scenario, prov)
-    print(render_pair_md(res) if TAG else render_md(res))
+    print(render_md(res))
     write_results(res)
 
 
