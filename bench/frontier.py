@@ -908,14 +908,29 @@ def summarize_pair(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]
             "main_machines": sorted({r["main"]["machine"] for r in runs if r["main"]}), "provenance": prov}
 
 
+def machines_text(lines: list[str]) -> str:
+    """Machine lines (provenance.machine_line) for a sentence: lines that differ only in their date (the runs of
+    one machine and commit, started a little apart) are written once, with their dates' range."""
+    groups: dict[str, list[str]] = {}
+    for line in lines:
+        head, _, date = line.rpartition(", ")
+        groups.setdefault(head or line, []).append(date if head else "")
+    out = []
+    for head, dates in groups.items():
+        dates = sorted(d for d in dates if d)
+        out.append(head if not dates else f"{head}, {dates[0]}" if len(dates) == 1 else
+                   f"{head}, {dates[0]} to {dates[-1]}")
+    return "; ".join(out) or "-"
+
+
 def render_pair_md(res: dict[str, Any]) -> str:
     """The pair's markdown, from its JSON alone."""
     sc = res["scale"]
     lines = [f"# forgetting frontier on another machine: {res['scenario']} ({res['tag']})", "",
              f"The main ledger's recipes at their chosen settings and its scale ({sc['steps']} steps of {sc['batch']} "
              f"examples, max {sc['max_length']} tokens), trained and scored as its final pass on this machine: "
-             f"{'; '.join(res['machines']) or '-'}. Beside each run, the main ledger's run of the same recipe and "
-             f"seed ({'; '.join(res['main_machines']) or 'none'}). Drops in points of `{REPORT_SUITE}` and of the "
+             f"{machines_text(res['machines'])}. Beside each run, the main ledger's run of the same recipe and "
+             f"seed ({machines_text(res['main_machines'])}). Drops in points of `{REPORT_SUITE}` and of the "
              "replication suite; 95% intervals over items.", "",
              "| run | task gain here | main ledger | retention drop here | main ledger | replication drop here | "
              "main ledger | train s here | main ledger |", "|---|---|---|---|---|---|---|---|---|"]
@@ -971,7 +986,7 @@ def render_md(res: dict[str, Any]) -> str:
              f"{res['scale']['max_length']} tokens); selection on {res['scale']['n_val']} validation items and the "
              f"`{PROBE}` probe (seed {SELECT_SEED}); final: seeds {', '.join(map(str, res['final_seeds']))}, "
              f"scored once on the test split, `{REPORT_SUITE}` and `frontier-replication`. Machines: "
-             f"{'; '.join(res['machines']) or '-'}.", ""]
+             f"{machines_text(res['machines'])}.", ""]
     fd = res["full_drop"]
     if fd:
         lines.append(f"Plain full FT's retention drop: {_ci(fd)} points over {fd['n_seeds']} seed(s): "
