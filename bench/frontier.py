@@ -419,7 +419,7 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
 
     steps = args.steps or SCALE[scenario]["steps"]
     done = read_ledger(scenario, phase)
-    stale(done, runs, seeds, steps)
+    stale(done, runs, seeds, steps, out_dir(scenario) / "ledger" / phase, runs_root(scenario, args) / phase / "runs")
     todo = [r for r in runs if any(f"{r['name']}-seed{s}" not in done for s in seeds)]
     for r in todo:  # one training at a time, into the ledger as soon as it is scored: hours are never lost
         for seed in seeds:
@@ -448,17 +448,26 @@ def localize(settings: dict[str, Any], data_root: Path) -> dict[str, Any]:
 
 
 def stale(done: dict[str, dict[str, Any]], runs: list[dict[str, Any]], seeds: list[int] | tuple[int, ...],
-          steps: int) -> None:
-    """Refuse to reuse a ledger entry whose settings or steps differ from the run's now (a committed result is not
-    overwritten silently: remove the entry to run it again)."""
+          steps: int, ledger_dir: Path, runs_dir: Path) -> None:
+    """Refuse to reuse a ledger entry (in `ledger_dir`) whose settings or steps differ from the run's now (a
+    committed result is not overwritten silently: the message names the entry and its run directory under
+    `runs_dir` to remove to run it again)."""
     for r in runs:
         for s in seeds:
             e = done.get(f"{r['name']}-seed{s}")
             if e is not None and (e["settings"] != json.loads(json.dumps(r["settings"])) or e.get("steps") != steps):
                 raise SystemExit(f"error: the ledger's {e['run']} was run with other settings or steps "
                                  f"({e.get('steps')} steps) than now ({steps}): to run it again, remove "
-                                 f"bench/results/frontier-<scenario>/ledger/{e['phase']}/{e['run']}.json and its run "
-                                 f"directory runs/frontier-<scenario>/{e['phase']}/runs/{e['run']}")
+                                 f"{_shown(ledger_dir / (e['run'] + '.json'))} and its run directory "
+                                 f"{_shown(runs_dir / e['run'])}")
+
+
+def _shown(path: Path) -> str:
+    """A path as a message shows it: relative to the repository when under it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def score_model(model_dir: Path, base_path: str, task_suite: Path, retention: str, args: Any,
@@ -497,9 +506,9 @@ def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: di
 
     done = read_ledger(scenario, phase)
     steps = args.steps or SCALE[scenario]["steps"]
-    stale(done, runs, sorted(sources), steps)
-    base_path = str(resolve_model(args.model).path)
     root = runs_root(scenario, args) / phase / "wise"
+    stale(done, runs, sorted(sources), steps, out_dir(scenario) / "ledger" / phase, root)
+    base_path = str(resolve_model(args.model).path)
     for r in runs:
         for seed, src in sorted(sources.items()):
             run = f"{r['name']}-seed{seed}"
@@ -894,8 +903,11 @@ def summarize_pair(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]
     runs = [{"run": name, "family": e["family"], "seed": e["seed"], "here": side(e), "main": side(main.get(name))}
             for name, e in sorted(fin.items(), key=lambda kv: (kv[1]["seed"], kv[1]["family"] != "full", kv[0]))]
     fams = tuple(dict.fromkeys(e["family"] for e in sorted(fin.values(), key=lambda e: e["family"] != "full")))
-    cands = tuple(f for f in fams if f not in BASELINES)
-    judged, verdict_seeds = {}, {}
+    # a verdict only for what the main ledger pre-registered: an extra measured here is shown, as it is there
+    cands = tuple(f for f in fams if f in FINAL_CANDIDATES[scenario])
+    judged: dict[str, Any] = {f: {"verdict": None, "why": "not pre-registered: measured, not judged"}
+                              for f in fams if f not in BASELINES and f not in cands}
+    verdict_seeds: dict[str, list[int]] = {}
     for c in cands:  # over the seeds full FT, LoRA and the candidate all have here (a run of one alone waits)
         seeds = set.intersection(*({e["seed"] for e in fin.values() if e["family"] == f} for f in ("full", "lora", c)))
         verdict_seeds[c] = sorted(seeds)

@@ -187,16 +187,23 @@ def test_a_selection_under_way_is_shown_from_the_ledger(fr):
     assert "+4.50 [+4.20, +4.80]" in md
 
 
-def test_a_ledger_entry_from_other_settings_or_steps_is_refused_not_reused(fr):
+def test_a_ledger_entry_from_other_settings_or_steps_is_refused_not_reused(fr, monkeypatch):
     runs = [{"name": "full-0", "family": "full", "settings": {"method": "full", "optim.lr": 2e-5}}]
     done = {"full-0-seed42": {"run": "full-0-seed42", "phase": "select", "settings": runs[0]["settings"],
                               "steps": 160}}
-    fr.stale(done, runs, [42], 160)  # the same: reused
+    where = (fr.out_dir("med") / "ledger" / "select", fr.ROOT / "runs" / "frontier-med" / "select" / "runs")
+    fr.stale(done, runs, [42], 160, *where)  # the same: reused
     with pytest.raises(SystemExit, match="other settings or steps"):
-        fr.stale(done, runs, [42], 200)
+        fr.stale(done, runs, [42], 200, *where)
     moved = [{**runs[0], "settings": {"method": "full", "optim.lr": 5e-5}}]
-    with pytest.raises(SystemExit, match="remove .*full-0-seed42.json"):
-        fr.stale(done, moved, [42], 160)
+    with pytest.raises(SystemExit, match="remove .*full-0-seed42.json") as e:
+        fr.stale(done, moved, [42], 160, *where)
+    # the message names the files to remove where they are: another machine's (a pair's tag) too
+    assert f"{where[0] / 'full-0-seed42.json'} and its run directory runs/frontier-med/select/runs/full-0-seed42" \
+        in str(e.value)
+    monkeypatch.setattr(fr, "TAG", "cuda-x")
+    with pytest.raises(SystemExit, match="frontier-med-cuda-x/ledger/select/full-0-seed42.json"):
+        fr.stale(done, moved, [42], 160, fr.out_dir("med") / "ledger" / "select", where[1])
 
 
 def test_no_verdict_where_full_ft_gained_nothing_or_lora_lacks_seeds(fr):
@@ -454,6 +461,14 @@ def test_pair_report_shows_each_run_beside_the_main_ledgers_and_its_own_verdict(
     assert len(res["verdicts"]["full-ewc"]["general"]["per_seed"]) == 3
     assert ("**full-ewc** on general, this machine's runs (seeds 43, 44, 45: those full FT, LoRA and it share): "
             "**MET**") in fr.render_pair_md(res)
+    # a family the main ledger did not pre-register is measured here but not judged, even over the same seeds
+    extra = next(f for f in fr.CANDIDATE_FAMILIES if f != "full-ewc" and "wise" not in fr.CANDIDATE_FAMILIES[f])
+    for seed in (43, 44, 45):
+        _entry(fr, extra, seed, base - rng.normal(0.1, 0.05, 200), base, -0.001, rep_change=-0.001)
+    res = fr.summarize_pair("med", None)
+    assert res["verdicts"][extra] == {"verdict": None, "why": "not pre-registered: measured, not judged"}
+    assert extra not in res["verdict_seeds"] and res["verdicts"]["full-ewc"]["general"]["verdict"] == "MET"
+    assert {r["recipe"]: r["role"] for r in res["rows"]}[extra] == "measured"
 
 
 def test_machine_lines_that_differ_only_in_date_are_written_once(fr):
