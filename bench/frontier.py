@@ -63,7 +63,8 @@ results go to bench/results/frontier-<scenario>-<tag>/ and frontier-<scenario>-<
 name>` unless given), never into the main ledger; each run is shown beside the main ledger's run of the same recipe
 and seed, and with full FT, LoRA and a pre-registered candidate over the same seeds that candidate gets its own
 verdict, marked as that machine's (another family measured there is shown, not judged, as the extras are). Runs
-may go in parallel, one process per recipe and seed with its own `--out`: each writes only its own ledger entry.
+may go in parallel, one process per recipe and seed with its own `--out`: each writes only its own ledger entry
+(`report --tag` then writes the table from the whole ledger).
 
 **Ledger and resuming.** Each finished run is recorded in bench/results/frontier-<scenario>/ledger/<phase>/<run>.json
 (its settings, provenance line, task items of the main metric, retention comparisons): committed, so a later
