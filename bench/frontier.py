@@ -80,6 +80,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,7 @@ RESULTS = ROOT / "bench" / "results"
 BUDGET = 0.01
 MIN_FULL_DROP = 4.0  # points: plain full FT must forget at least this much for the bench to mean anything
 TAG: str | None = None  # `pair` (and its report): ledger, provenance and results under frontier-<scenario>-<tag>
+SHARD: tuple[int, int] | None = None  # --shard I/N: this process trains the I-th of every N runs of a phase (1-based)
 RUN_PROVENANCE: dict[str, Any] = {}  # this invocation's forgetless.provenance block: each ledger entry names its commit
 SELECT_SEED = 42
 FINAL_SEEDS = (43, 44, 45)  # not the selection's seed: its runs chose the settings, they do not also judge them
@@ -330,9 +332,46 @@ def out_dir(scenario: str, tagged: bool = True) -> Path:
 def runs_root(scenario: str, args: Any) -> Path:
     """Where runs train: --out, else runs/; under it frontier-<scenario>/ is --out itself, another machine's
     frontier-<scenario>-<tag>/ (a pair given the main runs' --out must not reuse their trainings)."""
-    if TAG:
-        return (args.out or ROOT / "runs") / f"frontier-{scenario}-{TAG}"
-    return args.out or ROOT / "runs" / f"frontier-{scenario}"
+    root = (args.out or ROOT / "runs") / f"frontier-{scenario}-{TAG}" if TAG else args.out or ROOT / "runs" / \
+        f"frontier-{scenario}"
+    return root / f"shard-{SHARD[0]}of{SHARD[1]}" if SHARD else root
+
+
+class ShardWait(Exception):
+    """A shard (--shard) did its part of a stage whose other runs are other shards' and not in the ledger yet."""
+
+    def __init__(self, missing: list[str]) -> None:
+        super().__init__(f"{len(missing)} run(s) of this stage are other shards' and not in the ledger yet "
+                         f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+        self.missing = missing
+
+
+def mine(k: int) -> bool:
+    """Whether the k-th run of a phase's list is this process's (always, unless --shard splits the list)."""
+    return SHARD is None or k % SHARD[1] == SHARD[0] - 1
+
+
+def await_ledger(scenario: str, phase: str, runs: list[str]) -> None:
+    """Under --shard, raise ShardWait unless every run named is in the phase's ledger (what a stage's choice
+    reads); one process trains them all otherwise."""
+    if SHARD is None:
+        return
+    done = read_ledger(scenario, phase)
+    missing = [r for r in runs if r not in done]
+    if missing:
+        raise ShardWait(missing)
+
+
+def source_dir(scenario: str, args: Any, phase: str, run: str) -> Path:
+    """A finished run's directory (a WiSE-FT merge's source): this process's, or, under --shard, another shard's
+    of the same split where that one trained it; this process's path when no shard has it (trained again)."""
+    here = runs_root(scenario, args) / phase / "runs" / run
+    if SHARD is None or (here / "summary.json").is_file():
+        return here
+    for d in sorted(runs_root(scenario, args).parent.glob(f"shard-*of{SHARD[1]}/{phase}/runs/{run}")):
+        if (d / "summary.json").is_file():
+            return d
+    return here
 
 
 def ledger_path(scenario: str, phase: str, run: str) -> Path:
@@ -414,31 +453,33 @@ def train_run(scenario: str, phase: str, r: dict[str, Any], seed: int, task_suit
 
 def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list[int], task_suite: Path,
               retention: str, args: Any, files: dict[str, Path], prov_line: str,
-              replication: Path | None = None) -> dict[str, dict[str, Any]]:
+              replication: Path | None = None, wait: bool = True) -> dict[str, dict[str, Any]]:
     """Train and score `runs` (each {name, family, settings}) once per seed, skipping what the ledger holds; every
-    finished run goes into the ledger. Returns the phase's ledger."""
+    finished run goes into the ledger. Under --shard only this shard's runs (every N-th of the runs x seeds list),
+    then ShardWait while others' are missing (unless not `wait`). Returns the phase's ledger."""
     from forgetless.retention.api import eval_model
 
     steps = args.steps or SCALE[scenario]["steps"]
     done = read_ledger(scenario, phase)
     stale(done, runs, seeds, steps, out_dir(scenario) / "ledger" / phase, runs_root(scenario, args) / phase / "runs")
-    todo = [r for r in runs if any(f"{r['name']}-seed{s}" not in done for s in seeds)]
-    for r in todo:  # one training at a time, into the ledger as soon as it is scored: hours are never lost
-        for seed in seeds:
-            run = f"{r['name']}-seed{seed}"
-            if run in done:
-                continue
-            row = train_run(scenario, phase, r, seed, task_suite, retention, args, files)
-            d = Path(row["dir"])
-            extra = {}
-            if replication is not None:
-                rep_out = d / "eval-replication.json"
-                if not rep_out.is_file():
-                    eval_model(str(d), str(replication), baseline="auto", data_root=args.data_root,
-                               precision="auto", out=rep_out, progress=True, device=args.device)
-                extra["replication"] = rep_out
-            record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
-            done[run] = {}
+    units = [(r, seed) for r in runs for seed in seeds]
+    for k, (r, seed) in enumerate(units):  # one training at a time, into the ledger as soon as it is scored
+        run = f"{r['name']}-seed{seed}"
+        if run in done or not mine(k):
+            continue
+        row = train_run(scenario, phase, r, seed, task_suite, retention, args, files)
+        d = Path(row["dir"])
+        extra = {}
+        if replication is not None:
+            rep_out = d / "eval-replication.json"
+            if not rep_out.is_file():
+                eval_model(str(d), str(replication), baseline="auto", data_root=args.data_root,
+                           precision="auto", out=rep_out, progress=True, device=args.device)
+            extra["replication"] = rep_out
+        record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
+        done[run] = {}
+    if wait:
+        await_ledger(scenario, phase, [f"{r['name']}-seed{seed}" for r, seed in units])
     return read_ledger(scenario, phase)
 
 
@@ -498,11 +539,15 @@ def score_model(model_dir: Path, base_path: str, task_suite: Path, retention: st
 
 def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: dict[int, Path], task_suite: Path,
               retention: str, args: Any, prov_line: str, files: dict[str, Path],
-              replication: Path | None = None) -> None:
+              replication: Path | None = None, owner: Callable[[int], int] | None = None,
+              wait: bool = True) -> None:
     """WiSE-FT grid points / finals: each source run (by seed) merged at the run's alpha, scored, into the ledger.
     The source runs' wall time is the merge's training cost (it has none of its own). A source run that is in the
     ledger but whose weights are not here (runs/ does not travel with the ledger) is trained again with its
-    ledger settings and seed; whether it reproduced its ledger scores is recorded with each merge."""
+    ledger settings and seed; whether it reproduced its ledger scores is recorded with each merge. Under --shard
+    a merge is this shard's by `owner(seed)` (the index of its source's training in the phase's list: the shard
+    that trains it), else by its own place in the list; one whose source is in no ledger yet waits (ShardWait,
+    unless not `wait`)."""
     from forgetless.merge import merge
     from forgetless.models import resolve_model
 
@@ -511,24 +556,28 @@ def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: di
     root = runs_root(scenario, args) / phase / "wise"
     stale(done, runs, sorted(sources), steps, out_dir(scenario) / "ledger" / phase, root)
     base_path = str(resolve_model(args.model).path)
-    for r in runs:
-        for seed, src in sorted(sources.items()):
-            run = f"{r['name']}-seed{seed}"
-            if run in done:
-                continue
-            reproduced = None
-            if not (src / "summary.json").is_file():
-                reproduced = retrain_source(scenario, phase, src, seed, task_suite, retention, args, files)
-            d = root / run
-            if not (d / "forgetless_merge.json").is_file():
-                merge(base_path, str(src), r["settings"]["wise_alpha"], d, overwrite=True, full=True)
-            row, extra = score_model(d, base_path, task_suite, retention, args, replication)
-            row["wall_time_s"] = json.loads((src / "summary.json").read_text()).get("wall_time_s")
-            path = record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
-            if reproduced is not None:
-                from forgetless.io import atomic_write_json
+    units = [(r, seed, src) for r in runs for seed, src in sorted(sources.items())]
+    for k, (r, seed, src) in enumerate(units):
+        run = f"{r['name']}-seed{seed}"
+        if run in done or not mine(owner(seed) if owner else k):
+            continue
+        reproduced = None
+        if not (src / "summary.json").is_file():
+            if SHARD is not None and src.name not in read_ledger(scenario, phase):
+                continue  # its source is still training in another shard: this merge waits for it
+            reproduced = retrain_source(scenario, phase, src, seed, task_suite, retention, args, files)
+        d = root / run
+        if not (d / "forgetless_merge.json").is_file():
+            merge(base_path, str(src), r["settings"]["wise_alpha"], d, overwrite=True, full=True)
+        row, extra = score_model(d, base_path, task_suite, retention, args, replication)
+        row["wall_time_s"] = json.loads((src / "summary.json").read_text()).get("wall_time_s")
+        path = record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
+        if reproduced is not None:
+            from forgetless.io import atomic_write_json
 
-                atomic_write_json(path, {**json.loads(path.read_text()), "source_retrained": reproduced})
+            atomic_write_json(path, {**json.loads(path.read_text()), "source_retrained": reproduced})
+    if wait:
+        await_ledger(scenario, phase, [f"{r['name']}-seed{seed}" for r, seed, _ in units])
 
 
 def retrain_source(scenario: str, phase: str, src: Path, seed: int, task_suite: Path, retention: str, args: Any,
@@ -628,7 +677,6 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     for fam in BASELINES:
         pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in stage_a if g["family"] == fam]
         chosen[fam] = choose(pts, within_budget=False)
-    src = runs_root(scenario, args) / "select" / "runs"
     stage_b: list[dict[str, Any]] = []
     # stage B: families on a baseline's chosen rate; stage C: families on a stage-B family's chosen setting
     fams_here = families(scenario)
@@ -637,13 +685,15 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
         grid = [g for fam in fams for g in _grid(fam, CANDIDATE_FAMILIES[fam],
                                                  chosen[CANDIDATE_FAMILIES[fam]["on"]]["settings"])]
         run_phase(scenario, "select", [g for g in grid if "wise_alpha" not in g["settings"]], seeds, vsuite, PROBE,
-                  args, files, prov_line)
+                  args, files, prov_line, wait=False)
         for fam in fams:
             spec = CANDIDATE_FAMILIES[fam]
             if "wise" in spec:
+                on_run = f"{chosen[spec['on']]['name']}-seed{SELECT_SEED}"
                 wise_runs(scenario, "select", [g for g in grid if g["family"] == fam],
-                          {SELECT_SEED: src / f"{chosen[spec['on']]['name']}-seed{SELECT_SEED}"}, vsuite, PROBE,
-                          args, prov_line, files)
+                          {SELECT_SEED: source_dir(scenario, args, "select", on_run)}, vsuite, PROBE,
+                          args, prov_line, files, wait=False)
+        await_ledger(scenario, "select", [f"{g['name']}-seed{SELECT_SEED}" for g in grid])
         led = read_ledger(scenario, "select")
         for fam in fams:
             own = CANDIDATE_FAMILIES[fam].get("reuse", fam)
@@ -753,13 +803,19 @@ def final_runs(scenario: str, args: Any, files: dict[str, Path], prov_line: str,
     tsuite = fb.task_suite(scenario, files, SCALE[scenario]["n_exact"], data_dir(scenario))
     rep = replication_suite(data_dir(scenario))
     trained = [r for r in runs if "wise_alpha" not in r["settings"]]
-    run_phase(scenario, "final", trained, list(seeds), tsuite, REPORT_SUITE, args, files, prov_line, rep)
-    src = runs_root(scenario, args) / "final" / "runs"
+    run_phase(scenario, "final", trained, list(seeds), tsuite, REPORT_SUITE, args, files, prov_line, rep, wait=False)
+    names_trained = [r["name"] for r in trained]
+
+    def trainer_of(on: str) -> Callable[[int], int]:
+        """Under --shard a merge goes to the shard that trains its source (run_phase's runs x seeds order)."""
+        return lambda s: names_trained.index(on) * len(seeds) + list(seeds).index(s)
+
     for r in runs:
         if "wise_alpha" in r["settings"]:
             on = CANDIDATE_FAMILIES[r["family"]]["on"]
-            wise_runs(scenario, "final", [r], {s: src / f"{on}-seed{s}" for s in seeds}, tsuite, REPORT_SUITE,
-                      args, prov_line, files, rep)
+            wise_runs(scenario, "final", [r], {s: source_dir(scenario, args, "final", f"{on}-seed{s}") for s in seeds},
+                      tsuite, REPORT_SUITE, args, prov_line, files, rep, owner=trainer_of(on), wait=False)
+    await_ledger(scenario, "final", [f"{r['name']}-seed{s}" for r in runs for s in seeds])
     return read_ledger(scenario, "final")
 
 
@@ -1140,6 +1196,17 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
     return p
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """--shard I/N as (I, N), 1 <= I <= N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"error: --shard {text!r}: write I/N, for example 2/8") from None
+    if not 1 <= i <= n:
+        raise SystemExit(f"error: --shard {text!r}: I must be between 1 and N")
+    return i, n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["plan", "select", "final", "extras", "pair", "report"])
@@ -1154,6 +1221,9 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", metavar="FAMILY", help="pair: the recipes (default: full and the first "
                                                                       "of FINAL_CANDIDATES)")
     ap.add_argument("--seeds", nargs="+", type=int, help=f"pair: the seeds (default {FINAL_SEEDS[0]})")
+    ap.add_argument("--shard", metavar="I/N", help="select, final, extras, pair: train only the I-th of every N runs "
+                                                  "(1-based), N processes at once on one machine (a GPU); run again "
+                                                  "until the phase is done, then `report`")
     ap.add_argument("--tag", help="pair (and report): another machine's results folder, frontier-<scenario>-<tag> "
                                   "(pair's default: cuda-<GPU name>)")
     args = ap.parse_args()
@@ -1167,6 +1237,11 @@ def main() -> None:
         TAG = args.tag
     if (args.families or args.seeds) and args.phase != "pair":
         raise SystemExit("error: --families and --seeds are for pair")
+    global SHARD
+    if args.shard:
+        SHARD = parse_shard(args.shard)
+        if args.phase in ("plan", "report"):
+            raise SystemExit(f"error: --shard is for select, final, extras and pair, not {args.phase}")
     if args.steps and args.steps != SCALE[args.scenario]["steps"]:
         # a smoke run at other steps is not the bench's: its ledger and results stay out of bench/results
         global RESULTS
@@ -1208,14 +1283,22 @@ def main() -> None:
     start = fb.resume_guard(out_dir(args.scenario) / "provenance.json", prov, f"the {args.scenario} frontier ledger",
                             resuming=any_runs)
     t0 = time.perf_counter()
-    if args.phase == "select":
-        selection(args.scenario, args, files, line)
-    elif args.phase == "extras":
-        extras(args.scenario, args, files, line)
-    elif args.phase == "pair":
-        pair(args.scenario, args, files, line)
-    else:
-        final(args.scenario, args, files, line)
+    try:
+        if args.phase == "select":
+            selection(args.scenario, args, files, line)
+        elif args.phase == "extras":
+            extras(args.scenario, args, files, line)
+        elif args.phase == "pair":
+            pair(args.scenario, args, files, line)
+        else:
+            final(args.scenario, args, files, line)
+    except ShardWait as w:
+        print(f"shard {args.shard}: its part is done as far as it can go; {w}: run it again when they are",
+              file=sys.stderr)
+        return
+    if SHARD:  # the other shards may still be writing: the tables come from the whole ledger, by `report`
+        print(f"shard {args.shard}: {args.phase} is done; `report` writes the tables", file=sys.stderr)
+        return
     prov = provenance.finish(prov)
     prov["wall_s"] = round(time.perf_counter() - t0, 1)
     if start:

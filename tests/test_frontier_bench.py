@@ -479,3 +479,70 @@ def test_machine_lines_that_differ_only_in_date_are_written_once(fr):
     assert fr.machines_text(lines) == (f"{a}, 2026-12-04T17:50:26+00:00 to 2026-12-04T17:50:29+00:00; "
                                        f"{b}, 2026-12-03T09:53:29+00:00")
     assert fr.machines_text([]) == "-"
+
+
+def test_shards_split_a_phase_and_each_merge_goes_where_its_source_trains(fr, monkeypatch, tmp_path):
+    """--shard I/N: each process trains every N-th run of the phase's runs x seeds list into a folder of its own,
+    a WiSE-FT merge is done by the shard that trained its source, and a shard stops (ShardWait) while runs it does
+    not own are missing; run again, the last shard completes the phase."""
+    ewc = {"method": "full", "optim.lr": 1e-4, "mitigations": fr._ewc(1e4)}
+    chosen = {"full": {"settings": {"method": "full", "optim.lr": 1e-4}}, "lora": {"settings": {"method": fr.LORA}},
+              "full-ewc": {"settings": ewc}, "wise-ewc": {"settings": {**ewc, "wise_alpha": 0.75}}}
+    fr.out_dir("med").mkdir(parents=True)
+    (fr.out_dir("med") / "selection.json").write_text(json.dumps({"chosen": chosen, "steps": 160}))
+    fr.FINAL_CANDIDATES["med"] = ("wise-ewc",)
+    monkeypatch.setattr(fr.fb, "task_suite", lambda *a, **k: Path("t.yaml"))
+    monkeypatch.setattr(fr, "replication_suite", lambda d: Path("r.yaml"))
+    trained, merged = [], []
+
+    def train_run(sc, ph, r, seed, *a, **k):
+        d = fr.runs_root(sc, args) / ph / "runs" / f"{r['name']}-seed{seed}"
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({"wall_time_s": 1.0}))
+        (d / "eval-replication.json").write_text("{}")  # scored: run_phase does not score it again
+        trained.append((fr.SHARD, d.name))
+        return {"dir": str(d)}
+
+    def record_run(sc, ph, run, family, settings, seed, d, row, *a):
+        path = fr.ledger_path(sc, ph, run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"run": run, "phase": ph, "family": family, "settings": settings, "seed": seed,
+                                    "steps": 160}))
+        return path
+
+    monkeypatch.setattr(fr, "train_run", train_run)
+    monkeypatch.setattr(fr, "record_run", record_run)
+    monkeypatch.setattr(fr, "score_model", lambda d, *a: ({}, {}))
+    import forgetless.merge
+    import forgetless.models
+    monkeypatch.setattr(forgetless.models, "resolve_model", lambda m: SimpleNamespace(path="base"))
+    monkeypatch.setattr(forgetless.merge, "merge", lambda base, src, alpha, d, **k: merged.append(
+        (fr.SHARD, Path(src).relative_to(tmp_path / "runs").parts[0], Path(d).name)))
+    args = SimpleNamespace(steps=None, out=tmp_path / "runs", data_root=tmp_path, device="cpu", model="m")
+    monkeypatch.setattr(fr, "SHARD", (1, 2))
+    with pytest.raises(fr.ShardWait) as w:
+        fr.final("med", args, {}, "m")
+    # the runs x seeds list: full 43-45, lora 43-45, full-ewc 43-45; shard 1 of 2 takes places 0, 2, 4, 6, 8
+    assert [n for _, n in trained] == ["full-seed43", "full-seed45", "lora-seed44", "full-ewc-seed43",
+                                       "full-ewc-seed45"]
+    assert merged == [((1, 2), "shard-1of2", "wise-ewc-seed43"), ((1, 2), "shard-1of2", "wise-ewc-seed45")]
+    assert w.value.missing == ["full-seed44", "lora-seed43", "lora-seed45", "full-ewc-seed44", "wise-ewc-seed44"]
+    monkeypatch.setattr(fr, "SHARD", (2, 2))
+    assert set(fr.final("med", args, {}, "m")) == {f"{f}-seed{s}" for f in ("full", "lora", "full-ewc", "wise-ewc")
+                                                   for s in (43, 44, 45)}
+    assert [n for sh, n in trained if sh == (2, 2)] == ["full-seed44", "lora-seed43", "lora-seed45",
+                                                        "full-ewc-seed44"]
+    assert merged[-1] == ((2, 2), "shard-2of2", "wise-ewc-seed44")
+    # a source trained by another shard of the same split is found there, not trained again
+    monkeypatch.setattr(fr, "SHARD", (1, 2))
+    assert fr.source_dir("med", args, "final", "full-ewc-seed44") == \
+        tmp_path / "runs" / "shard-2of2" / "final" / "runs" / "full-ewc-seed44"
+    assert fr.source_dir("med", args, "final", "full-ewc-seed46").parent.parent.parent.name == "shard-1of2"
+    # run again once everything is in, a shard does nothing and completes
+    n = len(trained)
+    fr.final("med", args, {}, "m")
+    assert len(trained) == n
+    assert fr.parse_shard("2/8") == (2, 8)
+    for bad in ("0/2", "3/2", "2", "a/b"):
+        with pytest.raises(SystemExit, match="--shard"):
+            fr.parse_shard(bad)
