@@ -1196,6 +1196,19 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
     return p
 
 
+def pair_plan(scenario: str, args: Any) -> dict[str, Any]:
+    """What a pair trains here: its recipes x seeds, and how many of those runs its ledger (TAG's) holds."""
+    names = tuple(args.families or ("full", *FINAL_CANDIDATES[scenario][:1]))
+    seeds = tuple(args.seeds or FINAL_SEEDS[:1])
+    done = read_ledger(scenario, "final")
+    p = {"runs": len(names) * len(seeds), "done": sum(f"{f}-seed{s}" in done for f in names for s in seeds)}
+    print(f"frontier {scenario} pair on {TAG}: {', '.join(names)} x seeds {', '.join(map(str, seeds))}: "
+          f"{p['runs']} runs ({p['done']} in {out_dir(scenario).name}'s ledger)"
+          + (f"; this process (shard {SHARD[0]}/{SHARD[1]}) trains one run in {SHARD[1]}" if SHARD else ""),
+          file=sys.stderr)
+    return p
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """--shard I/N as (I, N), 1 <= I <= N."""
     try:
@@ -1247,7 +1260,8 @@ def main() -> None:
         global RESULTS
         RESULTS = ROOT / "runs" / f"frontier-smoke-steps{args.steps}" / "results"
         print(f"--steps {args.steps}: not the bench's scale; results go to {RESULTS}", file=sys.stderr)
-    plan(args.scenario, args)
+    if args.phase != "pair":  # a pair's plan follows once its machine (the tag) is known
+        plan(args.scenario, args)
     if args.phase == "plan":
         return
     from forgetless import provenance
@@ -1276,6 +1290,8 @@ def main() -> None:
         if gpu is None:
             raise SystemExit("error: pair runs on another machine than the main ledger's: on a CPU, name it with --tag")
         TAG = "cuda-" + "".join(c if c.isalnum() else "-" for c in gpu["name"].lower()).strip("-")
+    if args.phase == "pair":
+        pair_plan(args.scenario, args)
     line = provenance.machine_line(prov)
     RUN_PROVENANCE.update(prov)
     # a ledger resumed here must have been started on this CPU and precision path (its start's provenance is kept)

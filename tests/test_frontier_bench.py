@@ -401,6 +401,15 @@ def test_pair_runs_the_chosen_recipes_on_another_machine_into_its_own_ledger(fr,
     monkeypatch.setattr(fr, "run_phase", lambda sc, ph, runs, seeds, *a, **k: calls.append(
         (ph, [(r["name"], r["settings"]["tag"]) for r in runs], seeds)))
     args = SimpleNamespace(steps=None, out=None, families=None, seeds=None)
+    # its plan counts this machine's ledger, not the main one's (which has both runs)
+    main_ledger = fr.out_dir("med", tagged=False) / "ledger" / "final"
+    main_ledger.mkdir(parents=True)
+    for run in ("full-seed43", "full-ewc-seed43"):
+        (main_ledger / f"{run}.json").write_text("{}")
+    _entry(fr, "full", 43, np.full(10, 24.0), np.full(10, 25.0), -0.07)  # into the tagged ledger
+    assert fr.pair_plan("med", args) == {"runs": 2, "done": 1}
+    assert fr.pair_plan("med", SimpleNamespace(families=["full", "lora"], seeds=[43, 44])) == {"runs": 4, "done": 1}
+    fr.ledger_path("med", "final", "full-seed43").unlink()
     fr.pair("med", args, {}, "m")  # the selection is read from the main folder, not the tagged one
     assert calls == [("final", [("full", "full"), ("full-ewc", "full-ewc")], [43])]
     calls.clear()
