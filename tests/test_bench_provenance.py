@@ -126,6 +126,22 @@ def test_check_same_machine_refuses_another_cpu_or_precision(other, words):
     assert provenance.check_same_machine(_prov(), other, what="sweep runs/x", allow_mixed=True) is False
 
 
+def test_on_a_gpu_the_gpu_and_precision_are_compared_not_the_host_cpu():
+    def gpu(name: str, cpu: str = "Intel Xeon", dtype: str = "bf16") -> dict:
+        p = _prov(cpu=cpu, flags_sha=cpu[:4], dtype=dtype)
+        return {**p, "machine": {**p["machine"], "device": "cuda", "gpu": {"name": name}}}
+
+    assert provenance.check_same_machine(gpu("NVIDIA H200"), gpu("NVIDIA H200", cpu="AMD EPYC"), what="x") is True
+    for other, words in ((gpu("NVIDIA A100"), "GPU NVIDIA H200 vs NVIDIA A100"),
+                         (gpu("NVIDIA H200", dtype="fp32"), "precision bf16 vs fp32")):
+        with pytest.raises(ForgetlessError, match=words):
+            provenance.check_same_machine(gpu("NVIDIA H200"), other, what="x")
+    # a CPU run resumed on a GPU machine (or back) is compared as a CPU run: both differ
+    cpu_run = _prov(cpu="Intel Xeon", flags_sha="Inte")
+    with pytest.raises(ForgetlessError, match="GPU none vs NVIDIA H200"):
+        provenance.check_same_machine(cpu_run, gpu("NVIDIA H200", cpu="AMD EPYC"), what="x")
+
+
 def test_bench_resume_guard_saves_the_start_and_refuses_a_mixed_resume(tmp_path, capsys):
     fg = _bench_module("forgetting")
     path = tmp_path / "sweep.provenance.json"

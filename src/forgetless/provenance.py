@@ -134,13 +134,15 @@ def check_same_machine(saved: dict[str, Any] | None, current: dict[str, Any], *,
                        allow_mixed: bool = False) -> bool:
     """Before resuming `what` (a result file or bench directory) recorded under `saved`: True when the CPU
     (model and flags) and the precision path match; else raise, naming both, or with `allow_mixed` return False
-    (the caller marks the new rows with their own machine)."""
+    (the caller marks the new rows with their own machine). Where both computed on a GPU, the GPU model and the
+    precision path are the arithmetic; the host CPU that fed it is not compared."""
     if not saved:
         return True
     sm, cm = saved.get("machine", {}), current.get("machine", {})
     sp, cp = (saved.get("precision") or {}).get("dtype"), (current.get("precision") or {}).get("dtype")
     differences = []
-    if (sm.get("cpu"), sm.get("flags_sha")) != (cm.get("cpu"), cm.get("flags_sha")):
+    on_gpu = all(m.get("device") == "cuda" and m.get("gpu") for m in (sm, cm))
+    if not on_gpu and (sm.get("cpu"), sm.get("flags_sha")) != (cm.get("cpu"), cm.get("flags_sha")):
         differences.append(f"CPU {sm.get('cpu')} [flags {sm.get('flags_sha')}] vs {cm.get('cpu')} [flags "
                            f"{cm.get('flags_sha')}]")
     sg, cg = (sm.get("gpu") or {}).get("name"), (cm.get("gpu") or {}).get("name")
