@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import forgetless.train as train_mod
@@ -337,6 +338,27 @@ def test_an_interruption_while_the_base_is_scored_resumes(world, monkeypatch):
     assert (out / "sequence.yaml").is_file() and not (out / "continual.json").exists()
     monkeypatch.setattr(Evaluator, "base_row", real)
     assert run_continual(path, quiet=True, report=False)["complete"]
+
+
+def test_a_sequence_is_scored_where_its_steps_train(world, monkeypatch):
+    """The evaluator follows the recipe's train.device (auto: the GPU when there is one), the base and every step
+    loaded there; asking for CUDA where there is none is a clear error before anything trains."""
+    import forgetless.continual.evaluate as ev
+
+    asked, loaded = [], []
+    real_device, real_load = ev.eval_device, ev.load_for_eval
+    monkeypatch.setattr(ev, "eval_device", lambda setting: asked.append(setting) or real_device(setting))
+    monkeypatch.setattr(ev, "load_for_eval", lambda name, device: loaded.append(str(device)) or real_load(name, device))
+    spec = _sequence(world, "device", tasks=("copy",), retention_suite=None)
+    spec["tasks"][0]["set"] = {"optim.max_steps": 3, "train.device": "cpu"}
+    assert run_continual(_write(world, spec), quiet=True, report=False)["complete"]
+    assert asked == ["cpu"] and loaded and set(loaded) == {"cpu"}
+    if not torch.cuda.is_available():
+        spec = _sequence(world, "device-cuda", tasks=("copy",), retention_suite=None)
+        spec["tasks"][0]["set"] = {"optim.max_steps": 3, "train.device": "cuda"}
+        with pytest.raises(ForgetlessError, match="no CUDA device"):
+            run_continual(_write(world, spec), quiet=True, report=False)
+        assert not (world["dir"] / "device-cuda" / "steps").exists()
 
 
 def test_changed_sequence_or_foreign_directory_is_refused(plain, world):

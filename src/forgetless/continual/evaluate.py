@@ -10,7 +10,7 @@ from ..errors import ForgetlessError
 from ..fingerprint import fingerprint_path
 from ..io import atomic_write_json
 from ..results import RetentionChange
-from ..retention.api import eval_model, eval_precision, load_for_eval
+from ..retention.api import eval_device, eval_model, eval_precision, load_for_eval
 from ..retention.evaluate import compare, evaluate, evaluate_cached, save_items
 from ..retention.suite import Suite, load_suite
 from ..retention.tasks import resolve_data_root
@@ -45,28 +45,33 @@ def task_suite(cfg: ContinualConfig, steps: list[Step], folder: Path) -> Any:
 class Evaluator:
     """Scores models on the task suite (per-item results kept) and on the retention suite (eval_model)."""
 
-    def __init__(self, cfg: ContinualConfig, suite: Any, retention: Any, base_path: str, quiet: bool):
+    def __init__(self, cfg: ContinualConfig, suite: Any, retention: Any, base_path: str, quiet: bool,
+                 device: str = "cpu"):
         self.cfg, self.suite, self.retention, self.base_path, self.quiet = cfg, suite, retention, base_path, quiet
         self.base_fp = fingerprint_path(base_path)
         self._base: Any = None
-        # resolved once: every step and the base are scored at one precision (the cache keys on it)
-        self.precision = eval_precision(cfg.eval_setting(), base_path)
+        # scored where the steps train (`train.device`: auto is the GPU when there is one), at one precision
+        # resolved once for that device: every step and the base alike (the cache keys on both)
+        self.device = eval_device(device)
+        self.precision = eval_precision(cfg.eval_setting(), base_path, self.device)
         self.bf16 = self.precision.bf16
 
     def load_base(self) -> Any:
         if self._base is None:
-            m, t = load_model(self.base_path)
+            m, t = load_model(self.base_path, device=str(self.device))
             self._base = (m.eval(), t)
         return self._base
 
     def _run(self, model_dir: str) -> Any:
-        model, tok, path = load_for_eval(model_dir)
+        model, tok, path = load_for_eval(model_dir, device=self.device)
         return evaluate(model, tok, self.suite, data_root=self.cfg.data_root, bf16=self.bf16, reference=self.load_base,
                         reference_fingerprint=self.base_fp, progress=not self.quiet, model_name=path)
 
     def base_row(self, out: Path) -> Any:
         key = {"model": self.base_fp, "bf16": self.bf16, "max_length": None,
                "suite": self.suite.fingerprint(resolve_data_root(self.cfg.data_root))}
+        if self.device.type != "cpu":  # a GPU's scores are cached apart from a CPU's (as the baseline cache does)
+            key["device"] = self.device.type
         res, _ = evaluate_cached(key, self.suite, lambda: self._run(self.base_path))
         save_items(out / "base" / "eval-task.items.json", res)
         return res

@@ -101,7 +101,7 @@ def _run_continual(path_or_config: str | Path | ContinualConfig, *, folder: Path
 
     first = steps[0].recipe.model
     base_path = resolve_model(first.name, revision=first.revision, allow_pickle=first.allow_pickle).path
-    evaluator = Evaluator(cfg, suite, retention, base_path, quiet)
+    evaluator = Evaluator(cfg, suite, retention, base_path, quiet, device=steps[0].recipe.train.device)
     prior = json.loads(state_path.read_text()) if state_path.is_file() else {}
     done = {e["step"]: e for e in prior.get("steps", []) if e.get("complete")}
     T = len(steps)
