@@ -82,6 +82,27 @@ def test_auto_alpha_meets_the_budget_and_picks_the_best_task_score(organism, tun
     assert (tmp_path / "auto" / "alpha_curve.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "auto" / "forgetless_merge.json").read_text())
     assert saved["alpha"] == chosen["alpha"]
+    assert result["precision"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # auto: a GPU if any
+
+
+def test_auto_alpha_scores_on_the_device_asked(organism, tuned_full, monkeypatch):
+    """--device: the base's cached scores are asked for on that device; CUDA where there is none is a clear
+    error before anything is scored."""
+    import forgetless.merge as merge_mod
+
+    asked = []
+    real = merge_mod.baseline_result
+    monkeypatch.setattr(merge_mod, "baseline_result", lambda *a, **k: asked.append(str(k["device"])) or real(*a, **k))
+    suites = {"task_suite": _ppl_suite("task_b", organism["b_val"]),
+              "retention_suite": _ppl_suite("retain_a", organism["a_val"])}
+    res = auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=[0.0, 1.0], progress=False,
+                     precision="fp32", device="cpu", **suites)
+    assert asked == ["cpu", "cpu"] and res["precision"]["device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ForgetlessError, match="no CUDA device"):
+            auto_alpha(str(organism["model"]), str(tuned_full), budget=0.05, alphas=[0.0, 1.0], progress=False,
+                       precision="fp32", device="cuda", **suites)
+        assert len(asked) == 2
 
 
 def test_descending_search_stops_at_the_largest_alpha_within_budget_and_reuses_the_cached_base(

@@ -199,6 +199,8 @@ def merge(
         help="With --alpha auto: score the chosen alpha on this retention suite (the choice uses "
              "--retention-suite).")] = None,
     full: Annotated[bool, typer.Option(help="Write a full model even for a LoRA adapter.")] = False,
+    device: Annotated[str, typer.Option(help="With --alpha auto: where the alphas are scored, auto | cpu | cuda | "
+                                             "mps (auto: the GPU when there is one).")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -215,7 +217,7 @@ def merge(
                                       progress=not (json_out or quiet), search=search, decide_on=decide_on,
                                       precision=_precision_option(precision, None),
                                       report_task_suite=report_task_suite,
-                                      report_retention_suite=report_retention_suite, full=full)
+                                      report_retention_suite=report_retention_suite, full=full, device=device)
     else:
         try:
             a = float(alpha)

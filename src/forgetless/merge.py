@@ -24,7 +24,7 @@ from .fingerprint import fingerprint_dir, fingerprint_path
 from .io import atomic_dir, atomic_write_json
 from .methods.bottleneck import adapter_modules
 from .models import resolve_model
-from .retention.api import baseline_result, eval_precision, is_run_dir, merge_for_eval
+from .retention.api import baseline_result, eval_device, eval_precision, is_run_dir, merge_for_eval
 from .retention.evaluate import compare, evaluate
 from .retention.metrics import budget_check
 from .retention.suite import load_suite
@@ -179,6 +179,7 @@ def auto_alpha(
     report_task_suite: Any = None,
     report_retention_suite: Any = None,
     full: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Measure the interpolation curve and keep the best task score whose retention drop is within `budget`
     (a fraction: 0.01 = 1%). Task score: the task suite's retention score against the base (>1 = gained).
@@ -199,7 +200,9 @@ def auto_alpha(
     within the budget (the largest alpha that meets it: right when retention falls as alpha grows, WiSE-FT's
     usual curve; the returned curve then holds only the alphas scored). The base model's results come from the
     evaluation cache, like `forgetless eval`'s baseline. precision: auto | bf16 | fp32 evaluation compute,
-    resolved once (retention.api.eval_precision) so the base and every alpha are scored alike."""
+    resolved once (retention.api.eval_precision) so the base and every alpha are scored alike. device: where both
+    endpoints, the interpolations and the base's scores are computed (auto: the GPU when there is one; as
+    `forgetless eval --device`); the saved model is the same wherever it was chosen."""
     if search not in ("grid", "descending"):
         raise ForgetlessError(f"search must be 'grid' or 'descending', got {search!r}")
     if decide_on not in ("point", "confident"):
@@ -213,7 +216,11 @@ def auto_alpha(
     base_path = _model_path(base)
     ref_fp = fingerprint_path(base_path)
     root = resolve_data_root(data_root)
-    prec = eval_precision(precision, base_path)
+    dev = eval_device(device)
+    prec = eval_precision(precision, base_path, dev)
+    if dev.type != "cpu":  # the endpoints (fp32) where the alphas are scored: interpolation happens there too
+        ends.base.to(dev)
+        ends.tuned.to(dev)
 
     def reference():
         return ends.base, ends.tokenizer
@@ -222,8 +229,8 @@ def auto_alpha(
         return evaluate(model, ends.tokenizer, suite, data_root=root, reference=reference, reference_fingerprint=ref_fp,
                         progress=progress, bf16=prec.bf16)
 
-    base_task, base_ret = (baseline_result(base_path, s, root, progress=progress, loader=reference, bf16=prec.bf16)[0]
-                           for s in (ts, rs))
+    base_task, base_ret = (baseline_result(base_path, s, root, progress=progress, loader=reference, bf16=prec.bf16,
+                                           device=dev)[0] for s in (ts, rs))
     work = interpolate(ends, 0.0)
     curve: list[dict[str, Any]] = []
     comparisons: dict[float, dict[str, Any]] = {}
@@ -240,7 +247,7 @@ def auto_alpha(
     # the chosen alpha's full comparisons (every task's change with its interval), so no one re-scores it
     result: dict[str, Any] = {"base": base, "tuned": tuned, "budget": budget, "search": search, "decide_on": decide_on,
                               "curve": curve, "chosen": best, "comparison": comparisons[best["alpha"]],
-                              "precision": {"dtype": prec.dtype, "reason": prec.reason}}
+                              "precision": {"dtype": prec.dtype, "reason": prec.reason, "device": dev.type}}
     if report_task_suite is not None or report_retention_suite is not None:
         rts = ts if report_task_suite is None else load_suite(report_task_suite)
         rrs = rs if report_retention_suite is None else load_suite(report_retention_suite)
@@ -250,7 +257,8 @@ def auto_alpha(
             if suite is sel_suite:  # not asked apart: the selection's own comparison
                 reported[key] = comparisons[best["alpha"]][key]
                 continue
-            base_res = baseline_result(base_path, suite, root, progress=progress, loader=reference, bf16=prec.bf16)[0]
+            base_res = baseline_result(base_path, suite, root, progress=progress, loader=reference, bf16=prec.bf16,
+                                       device=dev)[0]
             reported[key] = compare(base_res, run(work, suite))
         result["selection"] = {"task_suite": ts.name, "retention_suite": rs.name,
                                "comparison": comparisons[best["alpha"]]}
