@@ -66,6 +66,10 @@ verdict, marked as that machine's (another family measured there is shown, not j
 may go in parallel, one process per recipe and seed with its own `--out`: each writes only its own ledger entry
 (`report --tag` then writes the table from the whole ledger).
 
+**Several runs at once** (a GPU): `--shard I/N` trains the I-th of every N runs of a phase into a folder of its own
+(a WiSE-FT merge goes to the shard that trained its source) and exits with status 3 where a stage's other runs are
+not in the ledger yet; `--jobs N` runs the N shards, round after round, then `report`.
+
 **Ledger and resuming.** Each finished run is recorded in bench/results/frontier-<scenario>/ledger/<phase>/<run>.json
 (its settings, provenance line, task items of the main metric, retention comparisons): committed, so a later
 session or another machine of the same precision path resumes where the last stopped (runs in the ledger are not
@@ -335,6 +339,9 @@ def runs_root(scenario: str, args: Any) -> Path:
     root = (args.out or ROOT / "runs") / f"frontier-{scenario}-{TAG}" if TAG else args.out or ROOT / "runs" / \
         f"frontier-{scenario}"
     return root / f"shard-{SHARD[0]}of{SHARD[1]}" if SHARD else root
+
+
+SHARD_WAITS = 3  # a shard's exit status when it stopped at a stage other shards have not finished
 
 
 class ShardWait(Exception):
@@ -1196,6 +1203,63 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
     return p
 
 
+def gpu_tag(name: str) -> str:
+    """A pair's default tag: cuda-<the GPU's name, lower case, runs of other characters as '-'>."""
+    return "cuda-" + "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def ledger_count(scenario: str) -> int:
+    """How many runs every ledger of `scenario` holds (the main one's and any machine's): a round's progress."""
+    return sum(1 for _ in RESULTS.glob(f"frontier-{scenario}*/ledger/*/*.json"))
+
+
+def drive_shards(args: Any, argv: list[str], launch: Callable[..., Any] | None = None) -> list[list[int]]:
+    """--jobs N: run the phase as N shard processes at once (`argv` again with --shard i/N, each logging to
+    <runs>/shard-logs/<phase>-<i>of<N>.log), round after round while shards wait for each other's stages, until
+    every shard finishes; then `report`. A round that adds nothing to the ledger, or a shard that fails, stops it
+    with the log to read. Returns each round's exit statuses."""
+    import subprocess
+
+    launch = launch or subprocess.Popen
+    n = args.jobs
+    cmd = [sys.executable, str(Path(__file__).resolve()), *strip_option(argv, "--jobs")]
+    logs = runs_root(args.scenario, args) / "shard-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    rounds: list[list[int]] = []
+    while True:
+        before = ledger_count(args.scenario)
+        print(f"round {len(rounds) + 1}: {n} shards of {args.phase} ({before} runs in the ledgers); logs in {logs}",
+              file=sys.stderr, flush=True)
+        procs = []
+        for i in range(1, n + 1):
+            with open(logs / f"{args.phase}-{i}of{n}.log", "a") as log:
+                procs.append(launch([*cmd, "--shard", f"{i}/{n}"], stdout=log, stderr=subprocess.STDOUT))
+        codes = [p.wait() for p in procs]
+        rounds.append(codes)
+        failed = [(i, c) for i, c in enumerate(codes, 1) if c not in (0, SHARD_WAITS)]
+        if failed:
+            i, c = failed[0]
+            raise SystemExit(f"error: shard {i}/{n} exited with status {c}: see {logs / f'{args.phase}-{i}of{n}.log'}")
+        if all(c == 0 for c in codes):
+            return rounds
+        if ledger_count(args.scenario) == before:
+            raise SystemExit(f"error: a round of {n} shards added no run to the ledger while some still wait: see "
+                             f"the logs in {logs}")
+
+
+def strip_option(argv: list[str], name: str) -> list[str]:
+    """`argv` without option `name` and its value (`--name V` or `--name=V`)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
 def pair_plan(scenario: str, args: Any) -> dict[str, Any]:
     """What a pair trains here: its recipes x seeds, and how many of those runs its ledger (TAG's) holds."""
     names = tuple(args.families or ("full", *FINAL_CANDIDATES[scenario][:1]))
@@ -1220,6 +1284,16 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def report(args: Any) -> None:
+    """The tables from the ledger alone (`report`, and after --jobs)."""
+    from forgetless import provenance
+
+    prov = provenance.finish(provenance.collect("not used: no compute"))
+    res = summarize_pair(args.scenario, prov) if TAG else summarize(args.scenario, prov)
+    print(render_md(res))
+    write_results(res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["plan", "select", "final", "extras", "pair", "report"])
@@ -1237,6 +1311,9 @@ def main() -> None:
     ap.add_argument("--shard", metavar="I/N", help="select, final, extras, pair: train only the I-th of every N runs "
                                                   "(1-based), N processes at once on one machine (a GPU); run again "
                                                   "until the phase is done, then `report`")
+    ap.add_argument("--jobs", type=int, default=None, metavar="N",
+                    help="select, final, extras, pair: run N shard processes at once (--shard i/N each), round "
+                         "after round until the phase is done, then report")
     ap.add_argument("--tag", help="pair (and report): another machine's results folder, frontier-<scenario>-<tag> "
                                   "(pair's default: cuda-<GPU name>)")
     args = ap.parse_args()
@@ -1255,6 +1332,8 @@ def main() -> None:
         SHARD = parse_shard(args.shard)
         if args.phase in ("plan", "report"):
             raise SystemExit(f"error: --shard is for select, final, extras and pair, not {args.phase}")
+    if args.jobs is not None and (args.jobs < 1 or args.shard or args.phase in ("plan", "report")):
+        raise SystemExit("error: --jobs N (N >= 1) is for select, final, extras and pair, without --shard")
     if args.steps and args.steps != SCALE[args.scenario]["steps"]:
         # a smoke run at other steps is not the bench's: its ledger and results stay out of bench/results
         global RESULTS
@@ -1264,14 +1343,21 @@ def main() -> None:
         plan(args.scenario, args)
     if args.phase == "plan":
         return
+    if args.jobs and args.jobs > 1:
+        if args.phase == "pair" and TAG is None:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise SystemExit("error: pair runs on another machine than the main ledger's: on a CPU, name it "
+                                 "with --tag")
+            TAG = gpu_tag(torch.cuda.get_device_name(0))
+        argv = sys.argv[1:] + (["--tag", TAG] if TAG and not args.tag else [])
+        drive_shards(args, argv)
+        return report(args)
     from forgetless import provenance
 
     if args.phase == "report":
-        prov = provenance.finish(provenance.collect("not used: no compute"))
-        res = summarize_pair(args.scenario, prov) if TAG else summarize(args.scenario, prov)
-        print(render_md(res))
-        write_results(res)
-        return
+        return report(args)
     from forgetless.models import resolve_model
     from forgetless.retention.suite import load_suite
     from forgetless.retention.tasks import resolve_data_root
@@ -1289,7 +1375,7 @@ def main() -> None:
         gpu = prov["machine"]["gpu"]
         if gpu is None:
             raise SystemExit("error: pair runs on another machine than the main ledger's: on a CPU, name it with --tag")
-        TAG = "cuda-" + "".join(c if c.isalnum() else "-" for c in gpu["name"].lower()).strip("-")
+        TAG = gpu_tag(gpu["name"])
     if args.phase == "pair":
         pair_plan(args.scenario, args)
     line = provenance.machine_line(prov)
@@ -1311,7 +1397,7 @@ def main() -> None:
     except ShardWait as w:
         print(f"shard {args.shard}: its part is done as far as it can go; {w}: run it again when they are",
               file=sys.stderr)
-        return
+        raise SystemExit(SHARD_WAITS) from None
     if SHARD:  # the other shards may still be writing: the tables come from the whole ledger, by `report`
         print(f"shard {args.shard}: {args.phase} is done; `report` writes the tables", file=sys.stderr)
         return

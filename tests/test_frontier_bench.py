@@ -555,3 +555,38 @@ def test_shards_split_a_phase_and_each_merge_goes_where_its_source_trains(fr, mo
     for bad in ("0/2", "3/2", "2", "a/b"):
         with pytest.raises(SystemExit, match="--shard"):
             fr.parse_shard(bad)
+
+
+def test_jobs_runs_shards_round_after_round_until_the_phase_is_done(fr, tmp_path):
+    """--jobs N: N shard processes a round (the same command with --shard i/N, --jobs dropped, each logging to its
+    own file), again while some wait for others' stages; a failed shard or a round that adds nothing stops it."""
+    led = fr.RESULTS / "frontier-med" / "ledger" / "select"
+    led.mkdir(parents=True)
+    launched = []
+
+    def script(plan):  # plan: per round, per shard, (exit status, ledger runs it adds)
+        def launch(cmd, stdout, stderr):
+            rnd = len(launched) // 2
+            i = int(cmd[-1].split("/")[0])
+            launched.append(cmd)
+            code, adds = plan[rnd][i - 1]
+            for run in adds:
+                (led / f"{run}.json").write_text("{}")
+            stdout.write(f"shard {i} round {rnd}\n")
+            return SimpleNamespace(wait=lambda: code)
+        return launch
+
+    args = SimpleNamespace(jobs=2, scenario="med", phase="select", out=tmp_path / "runs")
+    argv = ["select", "--scenario", "med", "--jobs", "2", "--out", str(tmp_path / "runs")]
+    rounds = fr.drive_shards(args, argv, script([[(0, ["a"]), (3, [])], [(0, []), (0, ["b"])]]))
+    assert rounds == [[0, 3], [0, 0]]
+    assert [c[2:] for c in launched[:2]] == [["select", "--scenario", "med", "--out", str(tmp_path / "runs"),
+                                               "--shard", f"{i}/2"] for i in (1, 2)]
+    assert "shard 2 round 1" in (tmp_path / "runs" / "shard-logs" / "select-2of2.log").read_text()
+    launched.clear()
+    with pytest.raises(SystemExit, match="shard 2/2 exited with status 1: see .*select-2of2.log"):
+        fr.drive_shards(args, argv, script([[(0, ["c"]), (1, [])]]))
+    launched.clear()
+    with pytest.raises(SystemExit, match="added no run to the ledger"):
+        fr.drive_shards(args, argv, script([[(3, []), (3, [])]]))
+    assert fr.strip_option(["x", "--jobs=4", "--jobs", "2", "y"], "--jobs") == ["x", "y"]
