@@ -206,3 +206,41 @@ def test_the_cache_key_changes_with_what_the_rewrites_depend_on(tiny_model, tmp_
     # the acceptance rule is not in the key: rewrites are judged again on reading, so a new rule reuses them
     assert sd_mod.cache_key("model-a", reqs, cfg.model_copy(update={"self_distill": cfg.self_distill.model_copy(
         update={"accept": SelfDistillAccept(kind="rouge_l", min=0.9)})}), True) == key
+
+
+def test_two_processes_rewriting_the_same_data_generate_it_once(tiny_model, toy_data, tmp_path, monkeypatch):
+    """The cache entry is locked while its rows are generated: a second writer (a parallel sweep run or bench
+    shard on the same model and data) waits, then reads them, instead of generating them again beside them."""
+    import threading
+    import time
+
+    calls: list[str] = []
+    fake = _fake_generate(calls)
+
+    def slow(*a, **kw):  # each batch takes a while: the two writers overlap unless one waits
+        time.sleep(0.05)
+        return fake(*a, **kw)
+
+    monkeypatch.setattr(sd_mod, "greedy_generate", slow)
+    path = toy_data["prompt_completion"]
+    cfg = DataConfig.model_validate({"train": str(path), "format": "prompt_completion",
+                                     "self_distill": {"accept": {"kind": "regex", "pattern": "^REWRITTEN "},
+                                                      "batch_size": 8}})
+    records, tok = load_records(str(path)), load_tokenizer(tiny_model)
+    stats: list[dict] = []
+
+    def run() -> None:
+        stats.append(sd_mod.self_distill(records, cfg, torch.nn.Linear(1, 1), tok, tmp_path / "cache", False,
+                                         quiet=True, model_key="m")[1])
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(s["generated"] for s in stats) == [0, len(records)]
+    assert sorted(s["from_cache"] for s in stats) == [0, len(records)]
+    assert len(calls) == len(records)  # generated once
+    cache = sd_mod.Path(stats[0]["cache"])
+    assert len(cache.read_text().splitlines()) == len(records)  # one row each, not two
+    assert stats[0]["accepted"] == stats[1]["accepted"] > 0

@@ -25,6 +25,7 @@ from typing import Any
 from ..config import DataConfig, SelfDistillAccept
 from ..errors import DataError
 from ..fingerprint import fingerprint_model
+from ..lock import DirLock
 from ..progress import bar
 from ..retention.lm import greedy_generate
 from .examples import IGNORE, plain_prompt_ids, prompt_completion, to_messages, uses_chat_template
@@ -215,20 +216,10 @@ def weights_tag(model: Any) -> str:
     return "|".join(tags)
 
 
-def self_distill(records: list[Record], cfg: DataConfig, model: Any, tokenizer: Any, cache_dir: Path, bf16: bool,
-                 quiet: bool = False, model_key: str | None = None) -> tuple[list[Record], dict[str, Any]]:
-    """The training records with accepted rewrites in place of their references, and the transform's statistics.
-
-    `model_key`: what identifies the model the rewrites come from in the cache key (the run passes its base
-    model's fingerprint: the rewrites do not depend on a fresh adapter's random weights, so every seed, rank and
-    method of a sweep shares them); default a hash of all of `model`'s weights."""
-    sd = cfg.self_distill
-    assert sd is not None
-    t0 = time.perf_counter()
-    requests = build_requests(records, cfg, tokenizer)
-    key = cache_key(model_key or fingerprint_model(model), requests, cfg, bf16)
-    path = cache_dir / "self_distill" / f"{key}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _generate_missing(path: Path, requests: list[Request], model: Any, tokenizer: Any, sd: Any, bf16: bool,
+                      quiet: bool) -> tuple[dict[int, dict[str, Any]], int, int]:
+    """The cache's rows, the missing ones generated (greedy) and appended batch by batch; how many were generated
+    and their tokens."""
     done = _read_cache(path)
     todo = [k for k in range(len(requests)) if k not in done]
     generated_tokens = 0
@@ -257,6 +248,27 @@ def self_distill(records: list[Record], cfg: DataConfig, model: Any, tokenizer: 
                     prog.advance(tid, len(batch))
         finally:
             model.train(was_training)
+    return done, len(todo), generated_tokens
+
+
+def self_distill(records: list[Record], cfg: DataConfig, model: Any, tokenizer: Any, cache_dir: Path, bf16: bool,
+                 quiet: bool = False, model_key: str | None = None) -> tuple[list[Record], dict[str, Any]]:
+    """The training records with accepted rewrites in place of their references, and the transform's statistics.
+
+    `model_key`: what identifies the model the rewrites come from in the cache key (the run passes its base
+    model's fingerprint: the rewrites do not depend on a fresh adapter's random weights, so every seed, rank and
+    method of a sweep shares them); default a hash of all of `model`'s weights."""
+    sd = cfg.self_distill
+    assert sd is not None
+    t0 = time.perf_counter()
+    requests = build_requests(records, cfg, tokenizer)
+    key = cache_key(model_key or fingerprint_model(model), requests, cfg, bf16)
+    path = cache_dir / "self_distill" / f"{key}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # one writer per cache entry: a second process (a parallel sweep or bench shard with the same model and data)
+    # waits, then reads what the first wrote instead of appending the same rows beside it
+    with DirLock(path, "self_distill cache entry", wait=True, quiet=quiet):
+        done, generated, generated_tokens = _generate_missing(path, requests, model, tokenizer, sd, bf16, quiet)
     reasons: dict[str, int] = {}
     accepted: dict[tuple[int, int | None], str] = {}
     for k, req in enumerate(requests):
@@ -272,6 +284,6 @@ def self_distill(records: list[Record], cfg: DataConfig, model: Any, tokenizer: 
     stats = {"responses": len(requests), "accepted": len(accepted), "kept_original": len(requests) - len(accepted),
              "acceptance_rate": round(len(accepted) / len(requests), 4) if requests else None,
              "rejected": dict(sorted(reasons.items())), "accept": sd.accept.model_dump(),
-             "generated": len(todo), "from_cache": len(requests) - len(todo), "generated_tokens": generated_tokens,
+             "generated": generated, "from_cache": len(requests) - generated, "generated_tokens": generated_tokens,
              "seconds": round(time.perf_counter() - t0, 2), "cache": str(path)}
     return out, stats
