@@ -547,6 +547,10 @@ def test_shards_split_a_phase_and_each_merge_goes_where_its_source_trains(fr, mo
     assert fr.source_dir("med", args, "final", "full-ewc-seed44") == \
         tmp_path / "runs" / "shard-2of2" / "final" / "runs" / "full-ewc-seed44"
     assert fr.source_dir("med", args, "final", "full-ewc-seed46").parent.parent.parent.name == "shard-1of2"
+    unsharded = tmp_path / "runs" / "final" / "runs" / "full-ewc-seed46"  # trained before the phase was split
+    unsharded.mkdir(parents=True)
+    (unsharded / "summary.json").write_text("{}")
+    assert fr.source_dir("med", args, "final", "full-ewc-seed46") == unsharded
     # run again once everything is in, a shard does nothing and completes
     n = len(trained)
     fr.final("med", args, {}, "m")
