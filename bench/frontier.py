@@ -370,13 +370,11 @@ def await_ledger(scenario: str, phase: str, runs: list[str]) -> None:
 
 
 def source_dir(scenario: str, args: Any, phase: str, run: str) -> Path:
-    """A finished run's directory (a WiSE-FT merge's source): this process's, or, under --shard, one trained
-    without shards or by another shard of the same split; this process's path when none has it (trained again)."""
+    """A finished run's directory (a WiSE-FT merge's source): this process's, else one trained without shards or
+    by any shard (--shard) under the same runs folder; this process's path when none has it (trained again)."""
     here = runs_root(scenario, args) / phase / "runs" / run
-    if SHARD is None or (here / "summary.json").is_file():
-        return here
-    root = runs_root(scenario, args).parent  # the unsharded folder: its own runs, then each shard's of this split
-    for d in [root / phase / "runs" / run, *sorted(root.glob(f"shard-*of{SHARD[1]}/{phase}/runs/{run}"))]:
+    root = runs_root(scenario, args).parent if SHARD else runs_root(scenario, args)
+    for d in [here, root / phase / "runs" / run, *sorted(root.glob(f"shard-*of*/{phase}/runs/{run}"))]:
         if (d / "summary.json").is_file():
             return d
     return here

@@ -551,6 +551,9 @@ def test_shards_split_a_phase_and_each_merge_goes_where_its_source_trains(fr, mo
     unsharded.mkdir(parents=True)
     (unsharded / "summary.json").write_text("{}")
     assert fr.source_dir("med", args, "final", "full-ewc-seed46") == unsharded
+    monkeypatch.setattr(fr, "SHARD", None)  # and a phase run without shards finds what the shards trained
+    assert fr.source_dir("med", args, "final", "full-ewc-seed44") == \
+        tmp_path / "runs" / "shard-2of2" / "final" / "runs" / "full-ewc-seed44"
     # run again once everything is in, a shard does nothing and completes
     n = len(trained)
     fr.final("med", args, {}, "m")
