@@ -272,13 +272,18 @@ def test_a_scenario_selects_its_families_and_measures_only_selected_ones(fr):
     assert r.data.self_distill.teacher == "base" and r.data.self_distill.max_new_tokens == 64
 
 
-def test_final_trains_the_runs_a_preregistered_wise_family_merges(fr, monkeypatch):
+def _wise_ewc_selection(fr) -> None:
+    """A med selection that chose full FT, LoRA, EWC and WiSE-FT of EWC, the last pre-registered."""
     ewc = {"method": "full", "optim.lr": 1e-4, "mitigations": fr._ewc(1e4)}
     chosen = {"full": {"settings": {"method": "full", "optim.lr": 1e-4}}, "lora": {"settings": {"method": fr.LORA}},
               "full-ewc": {"settings": ewc}, "wise-ewc": {"settings": {**ewc, "wise_alpha": 0.75}}}
     fr.out_dir("med").mkdir(parents=True)
     (fr.out_dir("med") / "selection.json").write_text(json.dumps({"chosen": chosen, "steps": 160}))
     fr.FINAL_CANDIDATES["med"] = ("wise-ewc",)
+
+
+def test_final_trains_the_runs_a_preregistered_wise_family_merges(fr, monkeypatch):
+    _wise_ewc_selection(fr)
     calls = []
     monkeypatch.setattr(fr.fb, "task_suite", lambda *a, **k: Path("t.yaml"))
     monkeypatch.setattr(fr, "replication_suite", lambda d: Path("r.yaml"))
@@ -494,12 +499,7 @@ def test_shards_split_a_phase_and_each_merge_goes_where_its_source_trains(fr, mo
     """--shard I/N: each process trains every N-th run of the phase's runs x seeds list into a folder of its own,
     a WiSE-FT merge is done by the shard that trained its source, and a shard stops (ShardWait) while runs it does
     not own are missing; run again, the last shard completes the phase."""
-    ewc = {"method": "full", "optim.lr": 1e-4, "mitigations": fr._ewc(1e4)}
-    chosen = {"full": {"settings": {"method": "full", "optim.lr": 1e-4}}, "lora": {"settings": {"method": fr.LORA}},
-              "full-ewc": {"settings": ewc}, "wise-ewc": {"settings": {**ewc, "wise_alpha": 0.75}}}
-    fr.out_dir("med").mkdir(parents=True)
-    (fr.out_dir("med") / "selection.json").write_text(json.dumps({"chosen": chosen, "steps": 160}))
-    fr.FINAL_CANDIDATES["med"] = ("wise-ewc",)
+    _wise_ewc_selection(fr)
     monkeypatch.setattr(fr.fb, "task_suite", lambda *a, **k: Path("t.yaml"))
     monkeypatch.setattr(fr, "replication_suite", lambda d: Path("r.yaml"))
     trained, merged = [], []
