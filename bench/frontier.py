@@ -336,8 +336,10 @@ def out_dir(scenario: str, tagged: bool = True) -> Path:
 def runs_root(scenario: str, args: Any) -> Path:
     """Where runs train: --out, else runs/; under it frontier-<scenario>/ is --out itself, another machine's
     frontier-<scenario>-<tag>/ (a pair given the main runs' --out must not reuse their trainings)."""
-    root = (args.out or ROOT / "runs") / f"frontier-{scenario}-{TAG}" if TAG else args.out or ROOT / "runs" / \
-        f"frontier-{scenario}"
+    if TAG:
+        root = (args.out or ROOT / "runs") / f"frontier-{scenario}-{TAG}"
+    else:
+        root = args.out or ROOT / "runs" / f"frontier-{scenario}"
     return root / f"shard-{SHARD[0]}of{SHARD[1]}" if SHARD else root
 
 
@@ -780,12 +782,19 @@ def pair(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> di
     candidate) over `--seeds` (default the first final seed), into that machine's final ledger."""
     if not FINAL_CANDIDATES[scenario] and not args.families:
         raise SystemExit(f"error: FINAL_CANDIDATES['{scenario}'] is empty: name the recipes with --families")
-    names = tuple(args.families or ("full", FINAL_CANDIDATES[scenario][0]))
+    names, seeds = pair_recipes(scenario, args)
     unknown = set(names) - set(CANDIDATE_FAMILIES) - set(BASELINES)
     if unknown:
         raise SystemExit(f"error: --families {' '.join(sorted(unknown))}: not among "
                          f"{', '.join([*BASELINES, *CANDIDATE_FAMILIES])}")
-    return final_runs(scenario, args, files, prov_line, names, seeds=tuple(args.seeds or FINAL_SEEDS[:1]))
+    return final_runs(scenario, args, files, prov_line, names, seeds=seeds)
+
+
+def pair_recipes(scenario: str, args: Any) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """A pair's recipes (`--families`, default full FT and the first pre-registered candidate) and seeds
+    (`--seeds`, default the first final seed)."""
+    return (tuple(args.families or ("full", *FINAL_CANDIDATES[scenario][:1])),
+            tuple(args.seeds or FINAL_SEEDS[:1]))
 
 
 def final_runs(scenario: str, args: Any, files: dict[str, Path], prov_line: str,
@@ -1261,8 +1270,7 @@ def strip_option(argv: list[str], name: str) -> list[str]:
 
 def pair_plan(scenario: str, args: Any) -> dict[str, Any]:
     """What a pair trains here: its recipes x seeds, and how many of those runs its ledger (TAG's) holds."""
-    names = tuple(args.families or ("full", *FINAL_CANDIDATES[scenario][:1]))
-    seeds = tuple(args.seeds or FINAL_SEEDS[:1])
+    names, seeds = pair_recipes(scenario, args)
     done = read_ledger(scenario, "final")
     p = {"runs": len(names) * len(seeds), "done": sum(f"{f}-seed{s}" in done for f in names for s in seeds)}
     print(f"frontier {scenario} pair on {TAG}: {', '.join(names)} x seeds {', '.join(map(str, seeds))}: "
