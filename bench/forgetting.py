@@ -258,10 +258,13 @@ def observed_precision(dirs: list[str | Path]) -> dict[str, dict[str, int]]:
     return seen
 
 
-def resume_guard(path: Path, current: dict[str, Any], what: str, resuming: bool) -> dict[str, Any] | None:
+def resume_guard(path: Path, current: dict[str, Any], what: str, resuming: bool,
+                 allow_other_cpu: bool = False) -> dict[str, Any] | None:
     """Before resuming `what`: the provenance saved at its start (`path`) must name the CPU (model and flags)
     and precision path of `current` (forgetless.provenance.check_same_machine), else exit with an error naming
-    both. A fresh start saves `current` there. Returns the start's provenance when resuming (None otherwise)."""
+    both; with `allow_other_cpu`, another CPU of the same device and precision path is let through with a warning
+    (the caller's rows carry their own machine). A fresh start saves `current` there. Returns the start's
+    provenance when resuming (None otherwise)."""
     from forgetless.errors import ForgetlessError
     from forgetless.io import atomic_write_json
     from forgetless.provenance import check_same_machine
@@ -276,7 +279,12 @@ def resume_guard(path: Path, current: dict[str, Any], what: str, resuming: bool)
         return None
     saved = json.loads(path.read_text())
     try:
-        check_same_machine(saved, current, what=what)
+        if not check_same_machine(saved, current, what=what, allow_other_cpu=allow_other_cpu):
+            sm, cm = saved.get("machine", {}), current.get("machine", {})
+            print(f"warning: resuming {what} on another CPU of the same precision path ({sm.get('cpu')} [flags "
+                  f"{sm.get('flags_sha')}] at its start, {cm.get('cpu')} [flags {cm.get('flags_sha')}] here, "
+                  f"{(current.get('precision') or {}).get('dtype')}): the new rows carry this machine",
+                  file=sys.stderr)
     except ForgetlessError as e:
         raise SystemExit(f"error: {e}\n(the start's provenance: {path}; pass --overwrite to start afresh, or --out for "
                          "another directory)") from None

@@ -73,7 +73,10 @@ not in the ledger yet; `--jobs N` runs the N shards, round after round, then `re
 **Ledger and resuming.** Each finished run is recorded in bench/results/frontier-<scenario>/ledger/<phase>/<run>.json
 (its settings, provenance line, task items of the main metric, retention comparisons): committed, so a later
 session or another machine of the same precision path resumes where the last stopped (runs in the ledger are not
-trained again; runs/ keeps the weights and per-run files while they exist). `report` regenerates
+trained again; runs/ keeps the weights and per-run files while they exist). The machine is the CPU model and flags
+(on a GPU, the GPU model) and the precision path; a CPU whose flags differ is refused unless `--allow-other-cpu`
+is given, after a `pair --tag` run there has reproduced a ledger run (the new runs then carry their own machine line,
+flags hash included, and the table lists each machine). `report` regenerates
 frontier-<scenario>.json/.md/.png from the ledger alone; hand-written remarks go in frontier-<scenario>.notes.md.
 """
 
@@ -1323,6 +1326,10 @@ def main() -> None:
                          "after round until the phase is done, then report")
     ap.add_argument("--tag", help="pair (and report): another machine's results folder, frontier-<scenario>-<tag> "
                                   "(pair's default: cuda-<GPU name>)")
+    ap.add_argument("--allow-other-cpu", action="store_true",
+                    help="resume a ledger started on another CPU (other flags) of the same device and precision "
+                         "path; its new runs carry this machine. Check first with `pair --tag` that this CPU "
+                         "reproduces a ledger run")
     args = ap.parse_args()
     os.chdir(ROOT)
     global TAG
@@ -1390,7 +1397,7 @@ def main() -> None:
     # a ledger resumed here must have been started on this CPU and precision path (its start's provenance is kept)
     any_runs = bool(read_ledger(args.scenario, "select") or read_ledger(args.scenario, "final"))
     start = fb.resume_guard(out_dir(args.scenario) / "provenance.json", prov, f"the {args.scenario} frontier ledger",
-                            resuming=any_runs)
+                            resuming=any_runs, allow_other_cpu=args.allow_other_cpu)
     t0 = time.perf_counter()
     try:
         if args.phase == "select":

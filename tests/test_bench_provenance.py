@@ -81,6 +81,7 @@ def test_collect_records_commit_versions_cpu_and_precision():
     assert "loadavg_end" in done
     line = provenance.machine_line(done)
     assert m["cpu"] in line and "precision bf16" in line and torch.__version__ in line
+    assert f"flags {m['flags_sha']}" in line  # two CPUs of one model name are told apart
 
 
 def test_collect_names_the_gpu_of_a_cuda_device(monkeypatch):
@@ -126,6 +127,20 @@ def test_check_same_machine_refuses_another_cpu_or_precision(other, words):
     assert provenance.check_same_machine(_prov(), other, what="sweep runs/x", allow_mixed=True) is False
 
 
+def test_allow_other_cpu_lets_only_a_cpu_difference_through():
+    """Another CPU (other flags or model) of the same device and precision path is reported as mixed (False), not
+    refused; anything else that differs (the precision path, a GPU) is still refused, alone or beside the CPU."""
+    for other in (_prov(flags_sha="0123456789ab"), _prov(cpu="Intel Xeon")):
+        assert provenance.check_same_machine(_prov(), other, what="x", allow_other_cpu=True) is False
+    assert provenance.check_same_machine(_prov(), _prov(), what="x", allow_other_cpu=True) is True
+    gpu = {**_prov(), "machine": {**_prov()["machine"], "gpu": {"name": "NVIDIA H200"}}}
+    for other, words in ((_prov(dtype="fp32"), "precision bf16 vs fp32"),
+                         (_prov(flags_sha="0123456789ab", dtype="fp32"), "precision bf16 vs fp32"),
+                         (gpu, "GPU none vs NVIDIA H200")):
+        with pytest.raises(ForgetlessError, match=words):
+            provenance.check_same_machine(_prov(), other, what="x", allow_other_cpu=True)
+
+
 def test_on_a_gpu_the_gpu_and_precision_are_compared_not_the_host_cpu():
     def gpu(name: str, cpu: str = "Intel Xeon", dtype: str = "bf16") -> dict:
         p = _prov(cpu=cpu, flags_sha=cpu[:4], dtype=dtype)
@@ -153,6 +168,14 @@ def test_bench_resume_guard_saves_the_start_and_refuses_a_mixed_resume(tmp_path,
             fg.resume_guard(path, other, "sweep runs/x", resuming=True)
         assert "another machine or precision path" in str(e.value) and str(path) in str(e.value)
     assert json.loads(path.read_text()) == _prov()  # the start's provenance is kept
+    # --allow-other-cpu: another CPU of the same precision path goes on, warned; another precision path does not
+    other_cpu = _prov(flags_sha="0123456789ab")
+    assert fg.resume_guard(path, other_cpu, "sweep runs/x", resuming=True, allow_other_cpu=True) == _prov()
+    err = capsys.readouterr().err
+    assert "another CPU of the same precision path" in err and "6a93d771884c" in err and "0123456789ab" in err
+    with pytest.raises(SystemExit, match="precision bf16 vs fp32"):
+        fg.resume_guard(path, _prov(dtype="fp32"), "sweep runs/x", resuming=True, allow_other_cpu=True)
+    assert json.loads(path.read_text()) == _prov()
     path.unlink()  # a result started before provenance was recorded: warned, then this machine's is saved
     assert fg.resume_guard(path, _prov(dtype="fp32"), "sweep runs/x", resuming=True) is None
     assert ("no saved provenance" in capsys.readouterr().err

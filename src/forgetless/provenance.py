@@ -102,14 +102,15 @@ def finish(prov: dict[str, Any]) -> dict[str, Any]:
 
 
 def machine_line(prov: dict[str, Any]) -> str:
-    """One line for a results table: CPU, ISA level, threads, precision, allocator, commit."""
+    """One line for a results table: CPU, ISA level, flags hash, threads, precision, allocator, commit."""
     m, p = prov.get("machine", {}), prov.get("precision") or {}
     commit = (prov.get("commit") or "unknown")[:10] + ("+dirty" if prov.get("dirty") else "")
     gpu = m.get("gpu")
     dev = f"device {m.get('device')}"
     if gpu:
         dev += f" ({gpu['name']}, {gpu['memory_gib']:g} GiB, CUDA {gpu['cuda']})"
-    return (f"{m.get('cpu')} ({m.get('capability')}, native bf16: {m.get('mkldnn_bf16')}), {m.get('threads')} "
+    flags = f", flags {m['flags_sha']}" if m.get("flags_sha") else ""
+    return (f"{m.get('cpu')} ({m.get('capability')}, native bf16: {m.get('mkldnn_bf16')}{flags}), {m.get('threads')} "
             f"threads, {dev}, precision {p.get('dtype', 'n/a')}, allocator {prov.get('allocator')}, "
             f"torch {prov.get('versions', {}).get('torch')}, commit {commit}, {prov.get('date')}")
 
@@ -131,11 +132,13 @@ def provenance_line(result: dict[str, Any]) -> str:
 
 
 def check_same_machine(saved: dict[str, Any] | None, current: dict[str, Any], *, what: str,
-                       allow_mixed: bool = False) -> bool:
+                       allow_mixed: bool = False, allow_other_cpu: bool = False) -> bool:
     """Before resuming `what` (a result file or bench directory) recorded under `saved`: True when the CPU
     (model and flags) and the precision path match; else raise, naming both, or with `allow_mixed` return False
-    (the caller marks the new rows with their own machine). Where both computed on a GPU, the GPU model and the
-    precision path are the arithmetic; the host CPU that fed it is not compared."""
+    (the caller marks the new rows with their own machine). `allow_other_cpu` is narrower: it returns False where
+    only the CPU differs (another CPU of the same device and precision path, checked by the caller to reproduce the
+    saved runs) and still raises for another precision path or GPU. Where both computed on a GPU, the GPU model
+    and the precision path are the arithmetic; the host CPU that fed it is not compared."""
     if not saved:
         return True
     sm, cm = saved.get("machine", {}), current.get("machine", {})
@@ -152,7 +155,7 @@ def check_same_machine(saved: dict[str, Any] | None, current: dict[str, Any], *,
         differences.append(f"precision {sp} vs {cp}")
     if not differences:
         return True
-    if allow_mixed:
+    if allow_mixed or (allow_other_cpu and len(differences) == 1 and differences[0].startswith("CPU ")):
         return False
     raise ForgetlessError(f"{what} was started on another machine or precision path ({'; '.join(differences)}): "
                           "resuming would mix them in one table; start it afresh (--overwrite) or rerun it there")
