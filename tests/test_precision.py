@@ -89,6 +89,15 @@ def test_explicit_bf16_where_it_is_slow_runs_but_warns_once_with_the_ratio(monke
     assert err.count("warning: bf16 compute was requested") == 1 and "68.0x slower than fp32" in err
 
 
+def test_device_keyed_adds_a_gpu_and_leaves_a_cpu_key_as_it_was():
+    """Cache keys: a CPU key is byte-for-byte what it was before devices were keyed (old caches are still found);
+    a GPU adds its device type (not its index: any CUDA device shares one cache)."""
+    key = {"model": "abc", "bf16": True}
+    assert P.device_keyed(dict(key), "cpu") == key and P.device_keyed(dict(key), torch.device("cpu")) == key
+    assert P.device_keyed(dict(key), "cuda:1") == {**key, "device": "cuda"}
+    assert json.dumps(P.device_keyed(dict(key), "cuda"), sort_keys=True) != json.dumps(key, sort_keys=True)
+
+
 def test_the_real_probe_is_quick_and_sane():
     threads = torch.get_num_threads()
     res = P.measure(torch.device("cpu"), (64, 128), budget_s=0.02)

@@ -66,6 +66,16 @@ class Precision:
         return f"precision: {self.dtype} compute ({self.reason})"
 
 
+def device_keyed(key: dict[str, Any], device: str | torch.device) -> dict[str, Any]:
+    """`key` (a cache key's fields, changed in place and returned) with the device's type added where it is not
+    the CPU: a GPU's scores and answers are its own (other kernels, other last digits), and a CPU key stays as it
+    was before devices were keyed, so caches written then are still found."""
+    kind = torch.device(device).type
+    if kind != "cpu":
+        key["device"] = kind
+    return key
+
+
 def normalize(setting: Any) -> str:
     """Accept auto | bf16 | fp32 and the booleans of the older `bf16: true/false` options."""
     if setting is True:

@@ -56,7 +56,7 @@ from .errors import ForgetlessError
 from .io import atomic_write_json, atomic_write_text
 from .models import resolve_model
 from .orchestration import claim_dir, locked, refuse_changed_recipes, safe_name, train_or_reuse
-from .precision import Precision
+from .precision import Precision, device_keyed
 from .recipe import Recipe, base_recipe_tree, load_config_file, recipe_from_dict
 from .report import write_report
 from .results import RetentionChange, TaskGain, ability_names, task_gain  # noqa: F401 (task_gain re-exported)
@@ -419,11 +419,10 @@ def _run_sweep(path_or_config: str | Path | SweepConfig, *, folder: Path | None,
     # (suites, their items, --limit, precision, the score's definition), every run is scored again; the
     # training is reused
     root = resolve_data_root(cfg.data_root)
-    eval_key = {"task_suite": task_suite.with_limit(cfg.limit).fingerprint(root),
-                "retention_suite": retention_suite.with_limit(cfg.limit).fingerprint(root),
-                "precision": prec.dtype, "score_definition": SCORE_VERSION}
-    if prec.device != "cpu":  # scored on a GPU: rescored when it moves to the CPU or back (CPU keys as before)
-        eval_key["device"] = prec.device
+    # scored on a GPU: rescored when it moves to the CPU or back
+    eval_key = device_keyed({"task_suite": task_suite.with_limit(cfg.limit).fingerprint(root),
+                             "retention_suite": retention_suite.with_limit(cfg.limit).fingerprint(root),
+                             "precision": prec.dtype, "score_definition": SCORE_VERSION}, prec.device)
     if done and prior.get("eval_key", eval_key) != eval_key:
         changed = ", ".join(k for k in {**prior["eval_key"], **eval_key}
                             if prior["eval_key"].get(k) != eval_key.get(k))

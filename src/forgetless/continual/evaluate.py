@@ -9,6 +9,7 @@ from typing import Any
 from ..errors import ForgetlessError
 from ..fingerprint import fingerprint_path
 from ..io import atomic_write_json
+from ..precision import device_keyed
 from ..results import RetentionChange
 from ..retention.api import eval_device, eval_model, eval_precision, load_for_eval
 from ..retention.evaluate import compare, evaluate, evaluate_cached, save_items
@@ -68,10 +69,8 @@ class Evaluator:
                         reference_fingerprint=self.base_fp, progress=not self.quiet, model_name=path)
 
     def base_row(self, out: Path) -> Any:
-        key = {"model": self.base_fp, "bf16": self.bf16, "max_length": None,
-               "suite": self.suite.fingerprint(resolve_data_root(self.cfg.data_root))}
-        if self.device.type != "cpu":  # a GPU's scores are cached apart from a CPU's (as the baseline cache does)
-            key["device"] = self.device.type
+        key = device_keyed({"model": self.base_fp, "bf16": self.bf16, "max_length": None,
+                            "suite": self.suite.fingerprint(resolve_data_root(self.cfg.data_root))}, self.device)
         res, _ = evaluate_cached(key, self.suite, lambda: self._run(self.base_path))
         save_items(out / "base" / "eval-task.items.json", res)
         return res

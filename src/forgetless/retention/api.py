@@ -16,7 +16,7 @@ from ..fingerprint import fingerprint_path
 from ..io import atomic_write_json, atomic_write_text
 from ..methods.bottleneck import adapter_modules, merge_adapters
 from ..models import resolve_model
-from ..precision import Precision, config_widths
+from ..precision import Precision, config_widths, device_keyed
 from ..precision import resolve as resolve_precision
 from ..recipe import load_recipe
 from ..train.model import load_model, pick_device
@@ -103,9 +103,7 @@ def baseline_result(
     kernels, other last digits), so a candidate is compared with a base scored where it is."""
     load_base = loader or _base_loader(base_path, device)
     ref_fp = fingerprint_path(base_path)
-    settings: dict[str, Any] = {"bf16": bf16, "max_length": max_length, "suite": suite.fingerprint(data_root)}
-    if torch.device(device).type != "cpu":  # CPU keys as before: caches written before devices were keyed stay valid
-        settings["device"] = torch.device(device).type
+    settings = device_keyed({"bf16": bf16, "max_length": max_length, "suite": suite.fingerprint(data_root)}, device)
     return evaluate_cached(
         {"model": ref_fp, **settings},
         suite,

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from ...errors import DataError
 from ...io import atomic_write_text, save_safetensors
 from ...lock import DirLock
+from ...precision import device_keyed
 from ..lm import EngineStats, Request, greedy_generate, score_requests, seeded
 from ..metrics import per_unit
 from ..tasks import TaskBase, TaskResult, as_array, load_rows, render, sample_rows
@@ -89,8 +90,7 @@ def _cache_key(task: SelfReferenceTask, reference_fingerprint: str | None, bf16:
     spec = task.model_dump(exclude={"name", "weight", "main_metric", "batch_size"})
     spec["reference"] = reference_fingerprint
     spec["bf16"] = bf16
-    if device != "cpu":
-        spec["device"] = device
+    device_keyed(spec, device)
     if prompts is not None:
         spec["prompts_sha256"] = hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
