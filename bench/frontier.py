@@ -385,12 +385,17 @@ def source_dir(scenario: str, args: Any, phase: str, run: str) -> Path:
     return here
 
 
+def ledger_dir(scenario: str, phase: str, tagged: bool = True) -> Path:
+    """Where a phase's finished runs are recorded (a tagged pair's own ledger unless not `tagged`)."""
+    return out_dir(scenario, tagged) / "ledger" / phase
+
+
 def ledger_path(scenario: str, phase: str, run: str) -> Path:
-    return out_dir(scenario) / "ledger" / phase / f"{run}.json"
+    return ledger_dir(scenario, phase) / f"{run}.json"
 
 
 def read_ledger(scenario: str, phase: str, tagged: bool = True) -> dict[str, dict[str, Any]]:
-    d = out_dir(scenario, tagged) / "ledger" / phase
+    d = ledger_dir(scenario, phase, tagged)
     return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
 
 
@@ -472,7 +477,7 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
 
     steps = args.steps or SCALE[scenario]["steps"]
     done = read_ledger(scenario, phase)
-    stale(done, runs, seeds, steps, out_dir(scenario) / "ledger" / phase, runs_root(scenario, args) / phase / "runs")
+    stale(done, runs, seeds, steps, ledger_dir(scenario, phase), runs_root(scenario, args) / phase / "runs")
     units = [(r, seed) for r in runs for seed in seeds]
     for k, (r, seed) in enumerate(units):  # one training at a time, into the ledger as soon as it is scored
         run = f"{r['name']}-seed{seed}"
@@ -565,7 +570,7 @@ def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: di
     done = read_ledger(scenario, phase)
     steps = args.steps or SCALE[scenario]["steps"]
     root = runs_root(scenario, args) / phase / "wise"
-    stale(done, runs, sorted(sources), steps, out_dir(scenario) / "ledger" / phase, root)
+    stale(done, runs, sorted(sources), steps, ledger_dir(scenario, phase), root)
     base_path = str(resolve_model(args.model).path)
     units = [(r, seed, src) for r in runs for seed, src in sorted(sources.items())]
     for k, (r, seed, src) in enumerate(units):
@@ -933,7 +938,7 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
             "scale": SCALE[scenario], "final_seeds": list(FINAL_SEEDS), "candidates": list(cands),
             "extras": list(extra),
             "selection": sel, "rows": rows, "full_drop": full_drop(fin), "verdicts": verdicts(fin, cands),
-            "provenance": prov, "machines": sorted({e["machine"] for e in fin.values()})}
+            "provenance": prov, "machines": sorted({machine_of(e) for e in fin.values()})}
 
 
 def family_rows(fin: dict[str, dict[str, Any]], fams: tuple[str, ...], cands: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -973,7 +978,7 @@ def summarize_pair(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]
             return None
         return {"gain": x["task"]["gain"], "gain_ci": x["task"]["ci"], "drop": _probe_drop(x), "drop_ci": _drop_ci(x),
                 "replication_drop": retention_drop(x["replication"]) if "replication" in x else None,
-                "wall_time_s": x.get("wall_time_s"), "tokens_per_s": x.get("tokens_per_s"), "machine": x["machine"]}
+                "wall_time_s": x.get("wall_time_s"), "tokens_per_s": x.get("tokens_per_s"), "machine": machine_of(x)}
 
     fin, main = read_ledger(scenario, "final"), read_ledger(scenario, "final", tagged=False)
     runs = [{"run": name, "family": e["family"], "seed": e["seed"], "here": side(e), "main": side(main.get(name))}
@@ -992,8 +997,18 @@ def summarize_pair(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]
                                                                       "full FT, LoRA and it"})
     return {"bench": "frontier-pair", "scenario": scenario, "tag": TAG, "scale": SCALE[scenario], "runs": runs,
             "rows": family_rows(fin, fams, cands) if fin else [], "verdicts": judged, "verdict_seeds": verdict_seeds,
-            "machines": sorted({e["machine"] for e in fin.values()}),
-            "main_machines": sorted({r["main"]["machine"] for r in runs if r["main"]}), "provenance": prov}
+            "machines": sorted({machine_of(e) for e in fin.values()}),
+            "main_machines": sorted({machine_of(r["main"]) for r in runs if r["main"]}), "provenance": prov}
+
+
+def machine_of(entry: dict[str, Any]) -> str:
+    """A ledger entry's machine line, with its CPU's flags hash where the line was written before machine lines
+    named it (the entry's `cpu` record has it): two CPUs of one model name are told apart in the table."""
+    line, cpu = entry["machine"], entry.get("cpu")
+    sha = cpu.get("flags_sha") if isinstance(cpu, dict) else None
+    if not sha or ", flags " in line or ")" not in line:
+        return line
+    return line.replace(")", f", flags {sha})", 1)
 
 
 def machines_text(lines: list[str]) -> str:

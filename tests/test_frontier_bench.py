@@ -495,6 +495,17 @@ def test_machine_lines_that_differ_only_in_date_are_written_once(fr):
     assert fr.machines_text([]) == "-"
 
 
+def test_a_ledger_entry_written_before_flags_were_named_gets_its_cpu_flags_in_the_table(fr):
+    """Two CPUs of one model name (a ledger resumed with --allow-other-cpu) are told apart: an entry whose line
+    predates the flags hash gets it from its own `cpu` record; a line that has it, or an entry without one, stays."""
+    old = "AMD EPYC (AVX512, native bf16: True), 2 threads, device cpu, commit 6d26caee9e, 2026-12-03T06:52:29+00:00"
+    entry = {"machine": old, "cpu": {"cpu": "AMD EPYC", "flags_sha": "25fc08b1fed3"}}
+    assert fr.machine_of(entry) == old.replace("True)", "True, flags 25fc08b1fed3)")
+    new = {"machine": fr.machine_of(entry), "cpu": {"flags_sha": "fb86c92f4654"}}  # already named: kept as written
+    assert fr.machine_of(new) == new["machine"]
+    assert fr.machine_of({"machine": old}) == old and fr.machine_of({"machine": old, "cpu": "{...}"}) == old
+
+
 def test_shards_split_a_phase_and_each_merge_goes_where_its_source_trains(fr, monkeypatch, tmp_path):
     """--shard I/N: each process trains every N-th run of the phase's runs x seeds list into a folder of its own,
     a WiSE-FT merge is done by the shard that trained its source, and a shard stops (ShardWait) while runs it does
