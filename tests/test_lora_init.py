@@ -36,7 +36,7 @@ def test_milora_takes_the_smallest_singular_components_by_hand():
 
 
 @pytest.mark.parametrize("init", INITS)
-def test_every_init_leaves_the_output_unchanged_at_step_0(init, tiny_model):
+def test_every_init_leaves_the_output_unchanged_at_step_0(init, tiny_model, capsys):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
@@ -61,6 +61,8 @@ def test_every_init_leaves_the_output_unchanged_at_step_0(init, tiny_model):
                           tokenizer=tok, calibration=calibration).eval()
     data_driven = init in ("corda_kpm", "corda_ipm", "eva")
     assert bool(seen) == data_driven and all(n == 32 for _, n in seen)
+    # the calibration (minutes on a real model) says it is running: a log's reader sees why no step has come yet
+    assert (f"method.init {init}: " in capsys.readouterr().err) == data_driven
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
     with torch.no_grad():
         want, got = base(ids).logits, model(ids).logits

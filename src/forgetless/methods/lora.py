@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import DataConfig
 from ..errors import ForgetlessError
+from ..progress import heartbeat
 from .base import TrainingMethod, WrapContext, register
 
 #: PEFT's init_lora_weights for each `init:` (milora: PEFT's default, then replaced by milora_init)
@@ -185,7 +186,9 @@ class LoraMethod(TrainingMethod):
                     model(input_ids=torch.tensor([ex["input_ids"]], device=device))
                 model.train(was_training)
 
-            preprocess_corda(model, config, run_model=run_model)
+            with heartbeat(f"method.init {self.init}: the covariance of {len(config.target_modules)} target module "
+                           f"kinds' inputs over {len(examples)} calibration examples, then each layer's decomposition"):
+                preprocess_corda(model, config, run_model=run_model)
             return get_peft_model(model, config)
         if self.init == "eva":
             from peft import get_peft_model
@@ -197,7 +200,8 @@ class LoraMethod(TrainingMethod):
             batches = [{"input_ids": torch.tensor([ex["input_ids"]], device=device),
                         "attention_mask": torch.ones(1, len(ex["input_ids"]), dtype=torch.long, device=device)}
                        for ex in examples]
-            initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+            with heartbeat(f"method.init eva: each layer's input directions over {len(examples)} calibration examples"):
+                initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
             return peft_model
         model = super().wrap(model, ctx)
         if self.init == "milora":
