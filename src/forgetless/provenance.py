@@ -145,7 +145,8 @@ def check_same_machine(saved: dict[str, Any] | None, current: dict[str, Any], *,
     sp, cp = (saved.get("precision") or {}).get("dtype"), (current.get("precision") or {}).get("dtype")
     differences = []
     on_gpu = all(m.get("device") == "cuda" and m.get("gpu") for m in (sm, cm))
-    if not on_gpu and (sm.get("cpu"), sm.get("flags_sha")) != (cm.get("cpu"), cm.get("flags_sha")):
+    cpu_differs = not on_gpu and (sm.get("cpu"), sm.get("flags_sha")) != (cm.get("cpu"), cm.get("flags_sha"))
+    if cpu_differs:
         differences.append(f"CPU {sm.get('cpu')} [flags {sm.get('flags_sha')}] vs {cm.get('cpu')} [flags "
                            f"{cm.get('flags_sha')}]")
     sg, cg = (sm.get("gpu") or {}).get("name"), (cm.get("gpu") or {}).get("name")
@@ -155,7 +156,7 @@ def check_same_machine(saved: dict[str, Any] | None, current: dict[str, Any], *,
         differences.append(f"precision {sp} vs {cp}")
     if not differences:
         return True
-    if allow_mixed or (allow_other_cpu and len(differences) == 1 and differences[0].startswith("CPU ")):
+    if allow_mixed or (allow_other_cpu and cpu_differs and len(differences) == 1):
         return False
     raise ForgetlessError(f"{what} was started on another machine or precision path ({'; '.join(differences)}): "
                           "resuming would mix them in one table; start it afresh (--overwrite) or rerun it there")
