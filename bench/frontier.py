@@ -998,7 +998,7 @@ def summarize_pair(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]
     return {"bench": "frontier-pair", "scenario": scenario, "tag": TAG, "scale": SCALE[scenario], "runs": runs,
             "rows": family_rows(fin, fams, cands) if fin else [], "verdicts": judged, "verdict_seeds": verdict_seeds,
             "machines": sorted({machine_of(e) for e in fin.values()}),
-            "main_machines": sorted({machine_of(r["main"]) for r in runs if r["main"]}), "provenance": prov}
+            "main_machines": sorted({r["main"]["machine"] for r in runs if r["main"]}), "provenance": prov}
 
 
 def machine_of(entry: dict[str, Any]) -> str:
