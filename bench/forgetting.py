@@ -267,7 +267,7 @@ def resume_guard(path: Path, current: dict[str, Any], what: str, resuming: bool,
     provenance when resuming (None otherwise)."""
     from forgetless.errors import ForgetlessError
     from forgetless.io import atomic_write_json
-    from forgetless.provenance import check_same_machine
+    from forgetless.provenance import check_same_machine, cpu_label
 
     if not resuming:
         atomic_write_json(path, current)
@@ -280,10 +280,9 @@ def resume_guard(path: Path, current: dict[str, Any], what: str, resuming: bool,
     saved = json.loads(path.read_text())
     try:
         if not check_same_machine(saved, current, what=what, allow_other_cpu=allow_other_cpu):
-            sm, cm = saved.get("machine", {}), current.get("machine", {})
-            print(f"warning: resuming {what} on another CPU of the same precision path ({sm.get('cpu')} [flags "
-                  f"{sm.get('flags_sha')}] at its start, {cm.get('cpu')} [flags {cm.get('flags_sha')}] here, "
-                  f"{(current.get('precision') or {}).get('dtype')}): the new rows carry this machine",
+            print(f"warning: resuming {what} on another CPU of the same precision path "
+                  f"({cpu_label(saved.get('machine', {}))} at its start, {cpu_label(current.get('machine', {}))} "
+                  f"here, {(current.get('precision') or {}).get('dtype')}): the new rows carry this machine",
                   file=sys.stderr)
     except ForgetlessError as e:
         raise SystemExit(f"error: {e}\n(the start's provenance: {path}; pass --overwrite to start afresh, or --out for "

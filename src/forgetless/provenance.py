@@ -131,6 +131,11 @@ def provenance_line(result: dict[str, Any]) -> str:
     return f"Provenance: {machine_line(prov)}."
 
 
+def cpu_label(machine: dict[str, Any]) -> str:
+    """A machine record's CPU as the guards name it: model and flags hash (two CPUs of one model name differ)."""
+    return f"{machine.get('cpu')} [flags {machine.get('flags_sha')}]"
+
+
 def check_same_machine(saved: dict[str, Any] | None, current: dict[str, Any], *, what: str,
                        allow_mixed: bool = False, allow_other_cpu: bool = False) -> bool:
     """Before resuming `what` (a result file or bench directory) recorded under `saved`: True when the CPU
@@ -147,8 +152,7 @@ def check_same_machine(saved: dict[str, Any] | None, current: dict[str, Any], *,
     on_gpu = all(m.get("device") == "cuda" and m.get("gpu") for m in (sm, cm))
     cpu_differs = not on_gpu and (sm.get("cpu"), sm.get("flags_sha")) != (cm.get("cpu"), cm.get("flags_sha"))
     if cpu_differs:
-        differences.append(f"CPU {sm.get('cpu')} [flags {sm.get('flags_sha')}] vs {cm.get('cpu')} [flags "
-                           f"{cm.get('flags_sha')}]")
+        differences.append(f"CPU {cpu_label(sm)} vs {cpu_label(cm)}")
     sg, cg = (sm.get("gpu") or {}).get("name"), (cm.get("gpu") or {}).get("name")
     if sg != cg:
         differences.append(f"GPU {sg or 'none'} vs {cg or 'none'}")
