@@ -927,8 +927,8 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
     extra = tuple(f for f in FINAL_EXTRAS[scenario] if f not in cands)
     rows = family_rows(fin, ("full", "lora", *cands, *extra), cands)
     progress = None
+    led = read_ledger(scenario, "select")
     if sel is None:  # the selection is under way: what the ledger holds so far
-        led = read_ledger(scenario, "select")
         progress = {"done": len(led), "planned": sum(len(_grid(f, s)) for f, s in
                                                      [*BASELINES.items(), *families(scenario).items()]),
                     "table": [_selection_row(e, run=e["run"], value=None, chosen=False, settings=e["settings"])
@@ -938,7 +938,8 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
             "scale": SCALE[scenario], "final_seeds": list(FINAL_SEEDS), "candidates": list(cands),
             "extras": list(extra),
             "selection": sel, "rows": rows, "full_drop": full_drop(fin), "verdicts": verdicts(fin, cands),
-            "provenance": prov, "machines": sorted({machine_of(e) for e in fin.values()})}
+            "provenance": prov, "machines": sorted({machine_of(e) for e in fin.values()}),
+            "selection_machines": sorted({machine_of(e) for e in led.values()})}
 
 
 def family_rows(fin: dict[str, dict[str, Any]], fams: tuple[str, ...], cands: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -1125,7 +1126,9 @@ def render_md(res: dict[str, Any]) -> str:
         lines += ["", f"Selection (seed {sel['seed']}, {sel.get('steps', '?')} steps, validation gain and "
                   f"`{sel['probe']}` drop; * = chosen). Full FT at its chosen rate: {sel['full_probe_drop']:.2f} "
                   f"points on the probe ({'at least' if sel['full_probe_drop'] >= MIN_FULL_DROP else '**under**'} "
-                  f"the {MIN_FULL_DROP:g} the bench is sized for).", "",
+                  f"the {MIN_FULL_DROP:g} the bench is sized for)."
+                  + (f" Machines: {machines_text(res['selection_machines'])}." if res.get("selection_machines")
+                     else ""), "",
                   "| run | family | setting | validation gain [95% CI] | probe drop, points [95% CI] |",
                   "|---|---|---|---|---|"]
         for t in sel["table"]:
@@ -1139,7 +1142,8 @@ def render_md(res: dict[str, Any]) -> str:
     prog = res.get("selection_progress")
     if prog and prog["table"]:
         lines += ["", f"Selection under way: {prog['done']} of {prog['planned']} runs in the ledger (nothing chosen "
-                  "yet).", "", "| run | family | settings | validation gain [95% CI] | probe drop, points [95% CI] |",
+                  f"yet). Machines: {machines_text(res.get('selection_machines') or [])}.", "",
+                  "| run | family | settings | validation gain [95% CI] | probe drop, points [95% CI] |",
                   "|---|---|---|---|---|"]
         for t in prog["table"]:
             shown = {k: v for k, v in t["settings"].items() if k in ("optim.lr", "wise_alpha")}

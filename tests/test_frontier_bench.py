@@ -183,6 +183,7 @@ def test_a_selection_under_way_is_shown_from_the_ledger(fr):
     assert res["selection_progress"]["planned"] == planned
     md = fr.render_md(res)
     assert f"Selection under way: 1 of {planned} runs" in md
+    assert res["selection_machines"] == ["test CPU"] and "(nothing chosen yet). Machines: test CPU." in md
     assert '| full-1-seed42 | full | {"optim.lr": 5e-05} | +0.100' in md
     assert "+4.50 [+4.20, +4.80]" in md
 
