@@ -87,4 +87,20 @@ def test_monitor_cost_is_judged_on_the_side_by_side_wall_ratio():
     assert got["wall_ratios"] == [1.157, 1.1] and got["wall_ratio_vs_plain"] == 1.129 and got["verdict"] == "PASS"
     assert got["probe_share"] == round((5 / 118 + 5 / 110) / 2, 4)
     runs["monitored-2"]["wall_time_s"] = 125.0  # 1.25: mean 1.2035 -> FAIL
-    assert mod.judge(runs, list(runs))["verdict"] == "FAIL"
+    assert mod.judge(runs, list(runs))["verdict"] == "FAIL" and got["ratio_on"] == "wall_time_s"
+    # each process timed from start to exit (the final probe runs after the training loop): judged on that
+    for name, t in zip(runs, (101.0, 140.0, 99.0, 112.0, 97.0), strict=True):
+        runs[name]["process_s"] = t
+    timed = mod.judge(runs, list(runs))
+    # 140 / 100 = 1.4, 112 / 98 = 1.143; mean 1.2715 -> FAIL, though the loops alone (1.157, 1.25) say 1.2035
+    assert timed["ratio_on"] == "process_s" and timed["wall_ratios"] == [1.4, 1.143]
+    assert timed["wall_ratio_vs_plain"] == 1.272 and timed["verdict"] == "FAIL"
+    for r in runs.values():
+        r["tokens_per_s"] = 1000.0
+    result = {"model": "m", "steps": 10, "batch": 8, "seq": 128, "machine": {"platform": "p", "loadavg_start": 0.1,
+              "loadavg_end": 0.2}, "monitor": "defaults", "runs": runs, "target_share": 0.15, **timed}
+    md = mod.render_md(result)
+    assert "| monitored-1 | 140.0 | 118.0 | 1000 | 5.0 | 4.2% |" in md
+    assert "Process time of each monitored run (start to exit)" in md and "1.400x, 1.143x; mean 1.272x -> FAIL" in md
+    del runs["plain-3"]["process_s"]  # one run without it: all judged on the loop's time, as saved before
+    assert mod.judge(runs, list(runs))["ratio_on"] == "wall_time_s"
