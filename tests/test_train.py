@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 
 import pytest
 import torch
@@ -125,9 +126,20 @@ def test_trainable_weights_start_from_the_checkpoint_not_its_bf16_rounding(metho
     assert seen >= len(ckpt) - 1  # every checkpoint tensor was compared (a tied lm_head is the embedding's)
 
 
-def test_run_directory_contents(tiny_model, toy_data, tmp_path):
+def test_run_directory_contents(tiny_model, toy_data, tmp_path, monkeypatch):
+    import forgetless.train.run as run_mod
+
+    save = run_mod._save_final
+
+    def slow_save(*a, **kw):  # the final save runs after the training loop: in run_time_s, not in wall_time_s
+        time.sleep(1.0)
+        return save(*a, **kw)
+
+    monkeypatch.setattr(run_mod, "_save_final", slow_save)
     r = recipe_from_dict(tiny_recipe(tiny_model, toy_data, tmp_path / "run", train__save_steps=10, optim__max_steps=20))
+    t0 = time.perf_counter()
     res = train(r)
+    elapsed = time.perf_counter() - t0
     d = res.run_dir
     assert {"recipe.yaml", "metrics.jsonl", "summary.json", "final", "checkpoints",
             "data_stats.json"} <= {p.name for p in d.iterdir()}
@@ -139,6 +151,7 @@ def test_run_directory_contents(tiny_model, toy_data, tmp_path):
                 "final_train_loss", "final_validation_loss"):
         assert s[key] is not None, key
     assert s["tokens_seen"] > 0 and s["steps"] == 20
+    assert s["wall_time_s"] + 1.0 <= s["run_time_s"] <= elapsed
     assert s["allocator"] == ("glibc" if platform.libc_ver()[0] == "glibc" else "system")  # in-process: no re-exec
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-20"]
     # what the run publishes has the modes plain open() / mkdir give here (atomic writes are not private)

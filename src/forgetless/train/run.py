@@ -291,18 +291,19 @@ def train(
     itself never imports the reports (they sit above it).
 
     The run directory is locked for the whole run (forgetless.lock): a second writer is refused."""
+    started = time.perf_counter()
     with contextlib.ExitStack() as locks:
         return _train(recipe, overwrite=overwrite, resume=resume, quiet=quiet, break_lock=break_lock, locks=locks,
-                      report=report)
+                      report=report, started=started)
 
 
 def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_lock: bool,
-           locks: contextlib.ExitStack, report: Callable[[Path], Any] | None) -> TrainResult:
+           locks: contextlib.ExitStack, report: Callable[[Path], Any] | None, started: float) -> TrainResult:
     run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet,
                  lock=lambda: locks.enter_context(run_lock(recipe, break_lock)))
     trainer, watch = make_trainer(run)
     loop = train_loop(run, trainer, watch)
-    return finish(run, trainer, watch, loop, report)
+    return finish(run, trainer, watch, loop, report, started)
 
 
 # ---------------------------------------------------------------- set-up
@@ -558,9 +559,10 @@ def train_loop(run: Run, trainer: Any, watch: Watch) -> Loop:
 # ---------------------------------------------------------------- finish
 
 
-def finish(run: Run, trainer: Any, watch: Watch, loop: Loop, report: Callable[[Path], Any] | None) -> TrainResult:
+def finish(run: Run, trainer: Any, watch: Watch, loop: Loop, report: Callable[[Path], Any] | None,
+           started: float) -> TrainResult:
     """Mitigations' state files, the guard's final probe and choice of weights, the final validation loss, the
-    final model, summary.json and the report."""
+    final model, summary.json and the report. `started`: when train() began (perf_counter), for `run_time_s`."""
     recipe, monitor = run.recipe, watch.monitor
     for m in run.mitigations:  # every rank (sharded state is gathered); rank 0 writes ewc_state, si_state
         m.finish(run.context)
@@ -580,6 +582,8 @@ def finish(run: Run, trainer: Any, watch: Watch, loop: Loop, report: Callable[[P
         kind = _save_final_sharded(recipe, trainer, run.tokenizer, run.dir)
 
     summary = _summary(run, trainer, watch, loop, final_eval, kind, selection)
+    # the whole of this session's run: set-up, training, the final probe and evaluation, the save (not the report)
+    summary["run_time_s"] = round(time.perf_counter() - started, 2)
     if run.main:
         faults.point("summary")
         atomic_write_json(run.dir / "summary.json", summary)
