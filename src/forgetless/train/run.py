@@ -291,14 +291,14 @@ def train(
     itself never imports the reports (they sit above it).
 
     The run directory is locked for the whole run (forgetless.lock): a second writer is refused."""
-    started = time.perf_counter()
     with contextlib.ExitStack() as locks:
         return _train(recipe, overwrite=overwrite, resume=resume, quiet=quiet, break_lock=break_lock, locks=locks,
-                      report=report, started=started)
+                      report=report)
 
 
 def _train(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, break_lock: bool,
-           locks: contextlib.ExitStack, report: Callable[[Path], Any] | None, started: float) -> TrainResult:
+           locks: contextlib.ExitStack, report: Callable[[Path], Any] | None) -> TrainResult:
+    started = time.perf_counter()
     run = set_up(recipe, overwrite=overwrite, resume=resume, quiet=quiet,
                  lock=lambda: locks.enter_context(run_lock(recipe, break_lock)))
     trainer, watch = make_trainer(run)
