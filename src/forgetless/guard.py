@@ -413,8 +413,8 @@ class MonitorCallback(TrainerCallback):
         n = auto_interval(self._last_probe_s, step_s, self.monitor.max_share)
         n = dist.broadcast_object(n)
         self.state.next_probe = step + n
-        record: dict[str, Any] = {"step": step, "every": n, "probe_s": round(self._last_probe_s, 2),
-                                  "step_s": round(step_s, 3)}
+        record: dict[str, Any] = {"step": step, "every": n, "probe_s": round(self._last_probe_s, 3),
+                                  "step_s": round(step_s, 4)}
         first = not self.state.intervals
         left = max_steps - step0
         n_fixed = 1 + self._reference_here  # the final probe, and the reference if this process scored it
