@@ -3,6 +3,7 @@ forgetting? Two phases on a real model, selection on validation only, a verdict 
 
     python bench/frontier.py --scenario med plan       # the compute plan (runs, steps, estimated hours); runs nothing
     python bench/frontier.py --scenario med select     # phase 1: grids on validation, one seed
+    python bench/frontier.py --scenario math scale     # a selection at reduced steps: does its ranking hold?
     python bench/frontier.py --scenario med final      # phase 2: the pre-registered recipes x 3 seeds, scored once
     python bench/frontier.py --scenario med extras     # FINAL_EXTRAS x 3 seeds, measured beside them (no verdict)
     python bench/frontier.py --scenario med extras --only lora-milora-lr   # some of them now, the rest later
@@ -36,6 +37,14 @@ is a family added to the bench after the scenario's pre-registration (LATE_FAMIL
 candidates' rule, so the verdict also says whether a recipe beats simply lowering the rate. A candidate whose
 runs score exactly as a baseline's (every task item, every retention task's score, every seed) is dropped as no
 candidate (a tie is not a win).
+
+**Selection at reduced steps** (`scale`): a scenario whose SCALE has `select_steps` selects at those steps and
+trains the final pass at `steps` (math: 160 and 320, see SCALE). Before the final pass may run, `scale` trains full
+FT, seed SELECT_SEED, at the final steps at its chosen rate and at the neighbouring rate of its grid, scored as the
+selection (validation and the probe): the check holds when the chosen rate still has the better validation gain
+and loses at least MIN_FULL_DROP points on the probe. It checks full FT's rate only (the baseline every ratio R
+divides by); the other families' settings are taken as chosen at the selection's steps, and their forgetting at the
+final steps is what the final pass measures.
 
 **Phase 2, final** (seeds FINAL_SEEDS): full FT and LoRA at their chosen rates and the pre-registered candidates at
 their chosen settings, trained at the scale's steps and scored once each: the task's test split, the `general`
@@ -112,15 +121,29 @@ REPORT_SUITE = "general"
 # most over the training split; batch and length as the forgetting bench's quick scale.
 SCALE: dict[str, dict[str, Any]] = {
     "med": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 300, "n_val": 200, "n_exact": 0},
-    # math: the first steps x batch training examples (one epoch of them): self_distill rewrites every training
+    # math: the first 1,280 training examples (train_limit; 974 once overlong ones are dropped, so about 1.3 passes
+    # over them at the selection's 160 steps and 2.6 at the final 320), not more: self_distill rewrites every training
     # example before training, and 7,273 GSM8K solutions at up to 256 new tokens would take hours on 2 cores.
     # Its test split is all 1,319 GSM8K test items (the training and validation splits come from GSM8K's train
     # file, so this moves nothing else): med's final pass (300 test items) left R's interval too wide to decide,
     # mostly from item noise (half-width 0.015 of 0.016 for EWC); about 4x the items halves that part. Set before
     # any math run. The exact-match generation stays on the first 50 (256 new tokens each).
-    "math": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 1319, "n_val": 200, "n_exact": 50,
-             "train_limit": 1280},
+    # Selected at 160 steps, finally trained at 320 (the same 1,280 examples, twice over): at 160 steps full FT at
+    # its chosen rate (1e-4, the best validation gain of its grid) lost 3.15 points [2.32, 3.98] on the probe, under
+    # MIN_FULL_DROP (med, the same scale: 8.53). The issue allows a selection at reduced steps where the ranking
+    # holds: the `scale` phase checks that at the final steps before the final pass may run.
+    "math": {"steps": 320, "select_steps": 160, "batch": 8, "max_length": 256, "n_test": 1319, "n_val": 200,
+             "n_exact": 50, "train_limit": 1280},
 }
+
+
+def steps_of(scenario: str, phase: str, args: Any = None) -> int:
+    """A phase's training steps: --steps where given (a smoke run), else the scale's `select_steps` for the selection
+    where it has them (a selection at reduced steps), else its `steps` (the final pass, extras, pair, scale)."""
+    if args is not None and getattr(args, "steps", None):
+        return int(args.steps)
+    sc = SCALE[scenario]
+    return int(sc.get("select_steps", sc["steps"]) if phase == "select" else sc["steps"])
 
 # For the plan: one training step at the scale's batch on a native-bf16 2-core AMD EPYC (med: 40 steps in 157 s;
 # math: GSM8K examples are about twice as long, an estimate) and one scoring of a run, validation + probe in the
@@ -455,7 +478,7 @@ def train_run(scenario: str, phase: str, r: dict[str, Any], seed: int, task_suit
     and score it (a one-run sweep; a finished one is not trained again). Returns the sweep's row."""
     from forgetless.sweep import SweepConfig, Variant, run_sweep
 
-    steps = args.steps or SCALE[scenario]["steps"]
+    steps = steps_of(scenario, phase, args)
     cfg = SweepConfig.model_validate({
         "name": f"frontier-{scenario}-{phase}", "base": base_recipe(args.model),
         "runs": [Variant(name=r["name"], set={**localize(r["settings"], args.data_root),
@@ -475,7 +498,7 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
     then ShardWait while others' are missing (unless not `wait`). Returns the phase's ledger."""
     from forgetless.retention.api import eval_model
 
-    steps = args.steps or SCALE[scenario]["steps"]
+    steps = steps_of(scenario, phase, args)
     done = read_ledger(scenario, phase)
     stale(done, runs, seeds, steps, ledger_dir(scenario, phase), runs_root(scenario, args) / phase / "runs")
     units = [(r, seed) for r in runs for seed in seeds]
@@ -568,7 +591,7 @@ def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: di
     from forgetless.models import resolve_model
 
     done = read_ledger(scenario, phase)
-    steps = args.steps or SCALE[scenario]["steps"]
+    steps = steps_of(scenario, phase, args)
     root = runs_root(scenario, args) / phase / "wise"
     stale(done, runs, sorted(sources), steps, ledger_dir(scenario, phase), root)
     base_path = str(resolve_model(args.model).path)
@@ -723,11 +746,11 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
                                     chosen=chosen[g["family"]]["name"] == g["name"]))
     full_drop_probe = _probe_drop(led[f"{chosen['full']['name']}-seed{SELECT_SEED}"])
     if full_drop_probe < MIN_FULL_DROP:
-        print(f"warning: full FT at its chosen rate loses {full_drop_probe:.2f} points on {PROBE}, under the "
-              f"{MIN_FULL_DROP:g} the bench is sized for: raise SCALE['{scenario}']['steps'] before the final pass",
-              file=sys.stderr)
+        print(f"warning: full FT at its chosen rate loses {full_drop_probe:.2f} points on {PROBE} at "
+              f"{steps_of(scenario, 'select', args)} steps, under the {MIN_FULL_DROP:g} the bench is sized for: "
+              f"the final pass needs more steps (SCALE['{scenario}']['steps'], checked by `scale`)", file=sys.stderr)
     sel = {"scenario": scenario, "seed": SELECT_SEED, "probe": PROBE, "chosen": chosen, "table": table,
-           "full_probe_drop": full_drop_probe, "steps": args.steps or SCALE[scenario]["steps"]}
+           "full_probe_drop": full_drop_probe, "steps": steps_of(scenario, "select", args)}
     from forgetless.io import atomic_write_json
 
     sel["preregister_rule"] = list(preregister(sel))
@@ -740,6 +763,69 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     print(f"pre-registration rule: FINAL_CANDIDATES['{scenario}'] = {tuple(sel['preregister_rule'])}",
           file=sys.stderr)
     return sel
+
+
+def scale_runs(scenario: str, args: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The scale check's runs: full FT at its chosen rate of stage A and at the grid's rate next below it (above it
+    where the chosen is the lowest), to be trained at the final steps; and the chosen grid point. Stage A's full FT
+    runs must be in the selection ledger."""
+    led = read_ledger(scenario, "select", tagged=False)
+    grid = _grid("full", BASELINES["full"])
+    missing = [g["name"] for g in grid if f"{g['name']}-seed{SELECT_SEED}" not in led]
+    if missing:
+        raise SystemExit(f"error: the selection ledger has no {missing[0]}-seed{SELECT_SEED}: run `select` first "
+                         "(the scale check needs its stage A, full FT's learning rates)")
+    chosen = choose([(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in grid], within_budget=False)
+    i = next(k for k, g in enumerate(grid) if g["name"] == chosen["name"])
+    return [grid[i], grid[i - 1 if i > 0 else i + 1]], chosen
+
+
+def scale_status(scenario: str, args: Any = None) -> dict[str, Any] | None:
+    """Where the selection runs at fewer steps than the final pass: does its ranking hold at the final steps? From
+    the ledgers alone (no compute). Full FT, the baseline every ratio divides by, is trained at the final steps at
+    its chosen rate and at the neighbouring rate of its grid (seed SELECT_SEED, scored as the selection: validation
+    and the probe). It holds when the chosen rate still has the better validation gain and full FT at it loses at
+    least MIN_FULL_DROP points on the probe. None where the selection runs at the final steps (or stage A is not
+    in the ledger yet)."""
+    sel_steps, steps = steps_of(scenario, "select", args), steps_of(scenario, "final", args)
+    if sel_steps == steps:
+        return None
+    try:
+        runs, chosen = scale_runs(scenario, args)
+    except SystemExit:
+        return None
+    led, sled = read_ledger(scenario, "select", tagged=False), read_ledger(scenario, "scale", tagged=False)
+    rows = []
+    for g in runs:
+        run = f"{g['name']}-seed{SELECT_SEED}"
+        rows.append({"run": g["name"], "lr": g["value"], "chosen": g["name"] == chosen["name"],
+                     "select": _selection_row(led[run]), "scale": _selection_row(sled[run]) if run in sled else None})
+    out: dict[str, Any] = {"select_steps": sel_steps, "steps": steps, "rows": rows,
+                           "missing": [r["run"] for r in rows if r["scale"] is None], "holds": None, "why": None}
+    if not out["missing"]:
+        at, other = rows[0]["scale"], rows[1]["scale"]
+        ranking = at["val_gain"] >= other["val_gain"]
+        drop = at["probe_drop"]
+        out.update(ranking_holds=ranking, full_probe_drop=drop, holds=ranking and drop >= MIN_FULL_DROP,
+                   machines=sorted({machine_of(sled[f"{r['run']}-seed{SELECT_SEED}"]) for r in rows}))
+        out["why"] = (f"at {steps} steps full FT at {rows[0]['lr']:g} has validation gain {at['val_gain']:+.3f} "
+                      f"against {other['val_gain']:+.3f} at {rows[1]['lr']:g} (the ranking "
+                      f"{'holds' if ranking else 'does not hold'}) and loses {drop:.2f} points on {PROBE} "
+                      f"({'at least' if drop >= MIN_FULL_DROP else 'under'} {MIN_FULL_DROP:g})")
+    return out
+
+
+def scale_check(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> dict[str, Any] | None:
+    """The `scale` phase: scale_runs at the final steps, scored as the selection, into the scale ledger."""
+    if steps_of(scenario, "select", args) == steps_of(scenario, "final", args):
+        raise SystemExit(f"error: {scenario} selects at its final steps ({steps_of(scenario, 'final', args)}): "
+                         "there is no reduced-step selection to check")
+    runs, _ = scale_runs(scenario, args)
+    run_phase(scenario, "scale", runs, [SELECT_SEED], val_suite(scenario, files), PROBE, args, files, prov_line)
+    st = scale_status(scenario, args)
+    if st is not None and st["why"]:
+        print(f"scale check: {'holds' if st['holds'] else 'DOES NOT HOLD'}: {st['why']}", file=sys.stderr)
+    return st
 
 
 def _selection_of(scenario: str) -> dict[str, Any]:
@@ -810,10 +896,18 @@ def final_runs(scenario: str, args: Any, files: dict[str, Path], prov_line: str,
     """Families `names` at the selection's chosen settings, trained (or merged) per seed (the final seeds unless
     given) and scored once on the test split, `general` and the replication suite, into the final ledger."""
     sel = _selection_of(scenario)
-    steps = args.steps or SCALE[scenario]["steps"]
-    if sel.get("steps") != steps:
-        raise SystemExit(f"error: the selection ran at {sel.get('steps')} steps, the final pass would run at {steps}: "
-                         "select again at the final scale")
+    sel_steps, steps = steps_of(scenario, "select", args), steps_of(scenario, "final", args)
+    if sel.get("steps") != sel_steps:
+        raise SystemExit(f"error: the selection ran at {sel.get('steps')} steps, the scale selects at {sel_steps}: "
+                         "select again at the scale's selection steps")
+    if sel_steps != steps:  # a selection at reduced steps: only where the scale check holds
+        st = scale_status(scenario, args)
+        if st is None or st["missing"]:
+            raise SystemExit(f"error: the selection ran at {sel_steps} steps, the final pass runs at {steps}: run "
+                             f"`scale` first (full FT at {steps} steps checks that the selection's ranking holds)")
+        if not st["holds"]:
+            raise SystemExit(f"error: the scale check at {steps} steps does not hold ({st['why']}): select again at "
+                             "the final steps (SCALE select_steps = steps), or change the scale")
     chosen = sel["chosen"]
     missing = [f for f in names if f not in chosen]
     if missing:
@@ -937,7 +1031,8 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
             "selection_progress": progress,
             "scale": SCALE[scenario], "final_seeds": list(FINAL_SEEDS), "candidates": list(cands),
             "extras": list(extra),
-            "selection": sel, "rows": rows, "full_drop": full_drop(fin), "verdicts": verdicts(fin, cands),
+            "selection": sel, "scale_check": scale_status(scenario),
+            "rows": rows, "full_drop": full_drop(fin), "verdicts": verdicts(fin, cands),
             "provenance": prov, "machines": sorted({machine_of(e) for e in fin.values()}),
             "selection_machines": sorted({machine_of(e) for e in led.values()})}
 
@@ -1080,6 +1175,32 @@ def _ci(x: dict[str, Any] | None, fmt: str = "{:+.2f}") -> str:
         " (1 seed)" if x.get("n_seeds") == 1 else "")
 
 
+def _scale_lines(st: dict[str, Any] | None) -> list[str]:
+    """The scale check's table (a selection at reduced steps), from the result JSON."""
+    if not st:
+        return []
+    verdict = ("not run yet: `scale`" if st["missing"] and all(r["scale"] is None for r in st["rows"])
+               else f"under way ({len(st['rows']) - len(st['missing'])} of {len(st['rows'])} runs)" if st["missing"]
+               else f"**{'holds' if st['holds'] else 'does not hold'}**: {st['why']}")
+    lines = ["", f"Scale check (the selection ran at {st['select_steps']} steps, the final pass at {st['steps']}; "
+             f"full FT, seed {SELECT_SEED}, at its chosen rate and the neighbouring one of its grid): {verdict}."
+             + (f" Machines: {machines_text(st['machines'])}." if st.get("machines") else ""), "",
+             f"| full FT rate | validation gain, {st['select_steps']} steps | validation gain, {st['steps']} steps | "
+             f"probe drop, {st['select_steps']} steps | probe drop, {st['steps']} steps |", "|---|---|---|---|---|"]
+
+    def cell(x: dict[str, Any] | None, key: str, fmt: str) -> str:
+        if x is None:
+            return "-"
+        lo, hi = x[key + "_ci"]
+        return f"{fmt.format(x[key])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+    for r in st["rows"]:
+        lines.append(f"| {r['lr']:g}{' *' if r['chosen'] else ''} | {cell(r['select'], 'val_gain', '{:+.3f}')} | "
+                     f"{cell(r['scale'], 'val_gain', '{:+.3f}')} | {cell(r['select'], 'probe_drop', '{:+.2f}')} | "
+                     f"{cell(r['scale'], 'probe_drop', '{:+.2f}')} |")
+    return lines
+
+
 def render_md(res: dict[str, Any]) -> str:
     """The markdown table, from the result JSON alone (another machine's pair: render_pair_md)."""
     if res.get("bench") == "frontier-pair":
@@ -1088,7 +1209,9 @@ def render_md(res: dict[str, Any]) -> str:
     lines = [f"# forgetting frontier, decided: {sc}", "",
              f"Scale: {res['scale']['steps']} steps of {res['scale']['batch']} examples (max "
              f"{res['scale']['max_length']} tokens); selection on {res['scale']['n_val']} validation items and the "
-             f"`{PROBE}` probe (seed {SELECT_SEED}); final: seeds {', '.join(map(str, res['final_seeds']))}, "
+             f"`{PROBE}` probe (seed {SELECT_SEED}"
+             + (f", at {res['scale']['select_steps']} steps" if res["scale"].get("select_steps") else "")
+             + f"); final: seeds {', '.join(map(str, res['final_seeds']))}, "
              f"scored once on the test split, `{REPORT_SUITE}` and `frontier-replication`. Machines: "
              f"{machines_text(res['machines'])}.", ""]
     fd = res["full_drop"]
@@ -1139,6 +1262,7 @@ def render_md(res: dict[str, Any]) -> str:
         lines += ["", "Chosen per family: " + "; ".join(f"{f}: {c['name']}" for f, c in sel["chosen"].items()) + "."]
         if "preregister_rule" in sel:
             lines.append(f"The pre-registration rule names: {', '.join(sel['preregister_rule']) or 'none'}.")
+    lines += _scale_lines(res.get("scale_check"))
     prog = res.get("selection_progress")
     if prog and prog["table"]:
         lines += ["", f"Selection under way: {prog['done']} of {prog['planned']} runs in the ledger (nothing chosen "
@@ -1205,31 +1329,38 @@ def write_results(res: dict[str, Any]) -> Path:
 def plan(scenario: str, args: Any) -> dict[str, Any]:
     """How many trainings and scorings each phase takes, and an estimate of its hours: from the ledger's own runs
     where it has some, else from the tokens per second this bench's runs reached on a native-bf16 2-core CPU."""
-    sc = SCALE[scenario]
-    steps = args.steps or sc["steps"]
+    steps, sel_steps = steps_of(scenario, "final", args), steps_of(scenario, "select", args)
     n_a = sum(len(s["grid"][1]) for s in BASELINES.values())
     n_b = sum(len(_grid(f, s)) for f, s in families(scenario).items() if "wise" not in s)
     n_wise = sum(len(_grid(f, s)) for f, s in families(scenario).items() if "wise" in s)
     n_final = (2 + (len(FINAL_CANDIDATES[scenario]) or 3)) * len(FINAL_SEEDS)
     n_extra = len(set(FINAL_EXTRAS[scenario]) - set(FINAL_CANDIDATES[scenario])) * len(FINAL_SEEDS)
-    led = {**read_ledger(scenario, "select"), **read_ledger(scenario, "final")}
-    walls = [e["wall_time_s"] for e in led.values() if e.get("wall_time_s")]
-    per_run = sum(walls) / len(walls) if walls else steps * SECONDS_PER_STEP[scenario]
-    p = {"scenario": scenario, "steps": steps, "select_runs": n_a + n_b + n_wise, "final_runs": n_final,
-         "done": {"select": len(read_ledger(scenario, "select")), "final": len(read_ledger(scenario, "final"))},
+    n_scale = 2 if sel_steps != steps else 0
+    led = [e for ph in ("select", "scale", "final") for e in read_ledger(scenario, ph).values()
+           if e.get("wall_time_s") and e.get("steps")]
+    # seconds per training step: the ledger's runs (wall time over their steps) where it has some
+    per_step = (sum(e["wall_time_s"] for e in led) / sum(e["steps"] for e in led) if led
+                else SECONDS_PER_STEP[scenario])
+    per_run, per_sel = per_step * steps, per_step * sel_steps
+    p = {"scenario": scenario, "steps": steps, "select_steps": sel_steps, "select_runs": n_a + n_b + n_wise,
+         "scale_runs": n_scale, "final_runs": n_final,
+         "done": {ph: len(read_ledger(scenario, ph)) for ph in ("select", "scale", "final")},
          "hours_per_run": round(per_run / 3600, 2),
-         "estimate_from": "the ledger's runs" if walls else f"{SECONDS_PER_STEP[scenario]} s per step",
-         "select_hours": round(((n_a + n_b) * (per_run + SCORING_S["select"]) + n_wise * SCORING_S["select"])
+         "estimate_from": "the ledger's runs" if led else "SECONDS_PER_STEP's estimate",
+         "select_hours": round(((n_a + n_b) * (per_sel + SCORING_S["select"]) + n_wise * SCORING_S["select"])
                                / 3600, 1),
+         "scale_hours": round(n_scale * (per_run + SCORING_S["select"]) / 3600, 1),
          "final_hours": round(n_final * (per_run + SCORING_S["final"]) / 3600, 1), "extra_runs": n_extra,
          "extra_hours": round(n_extra * (per_run + SCORING_S["final"]) / 3600, 1)}
     print(f"frontier {scenario}: selection {p['select_runs']} runs (stage A {n_a}: full FT and LoRA learning rates; "
           f"stage B {n_b + n_wise}: candidate settings, {n_wise} of them WiSE-FT merges), seed {SELECT_SEED}, "
-          f"validation + {PROBE}: about {p['select_hours']} h; "
-          f"final {n_final} runs ({len(FINAL_SEEDS)} seeds), test + {REPORT_SUITE} + replication: about "
+          f"validation + {PROBE}, {sel_steps} steps: about {p['select_hours']} h; "
+          + (f"scale check {n_scale} runs (full FT at {steps} steps): about {p['scale_hours']} h; " if n_scale else "")
+          + f"final {n_final} runs ({len(FINAL_SEEDS)} seeds), test + {REPORT_SUITE} + replication: about "
           f"{p['final_hours']} h; extras {n_extra} runs: about {p['extra_hours']} h; {steps} steps each,"
-          f" {p['hours_per_run']} h per run ({p['estimate_from']}); done: "
-          f"{p['done']['select']} selection, {p['done']['final']} final runs (ledger)", file=sys.stderr)
+          f" {p['hours_per_run']} h per run ({per_step:.1f} s per step, {p['estimate_from']}); done: "
+          f"{p['done']['select']} selection, " + (f"{p['done']['scale']} scale, " if n_scale else "")
+          + f"{p['done']['final']} final runs (ledger)", file=sys.stderr)
     return p
 
 
@@ -1325,7 +1456,7 @@ def report(args: Any) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["plan", "select", "final", "extras", "pair", "report"])
+    ap.add_argument("phase", choices=["plan", "select", "scale", "final", "extras", "pair", "report"])
     ap.add_argument("--scenario", choices=sorted(SCALE), required=True)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
@@ -1364,9 +1495,9 @@ def main() -> None:
     if args.shard:
         SHARD = parse_shard(args.shard)
         if args.phase in ("plan", "report"):
-            raise SystemExit(f"error: --shard is for select, final, extras and pair, not {args.phase}")
+            raise SystemExit(f"error: --shard is for select, scale, final, extras and pair, not {args.phase}")
     if args.jobs is not None and (args.jobs < 1 or args.shard or args.phase in ("plan", "report")):
-        raise SystemExit("error: --jobs N (N >= 1) is for select, final, extras and pair, without --shard")
+        raise SystemExit("error: --jobs N (N >= 1) is for select, scale, final, extras and pair, without --shard")
     if args.steps and args.steps != SCALE[args.scenario]["steps"]:
         # a smoke run at other steps is not the bench's: its ledger and results stay out of bench/results
         global RESULTS
@@ -1414,13 +1545,15 @@ def main() -> None:
     line = provenance.machine_line(prov)
     RUN_PROVENANCE.update(prov)
     # a ledger resumed here must have been started on this CPU and precision path (its start's provenance is kept)
-    any_runs = bool(read_ledger(args.scenario, "select") or read_ledger(args.scenario, "final"))
+    any_runs = any(read_ledger(args.scenario, ph) for ph in ("select", "scale", "final"))
     start = fb.resume_guard(out_dir(args.scenario) / "provenance.json", prov, f"the {args.scenario} frontier ledger",
                             resuming=any_runs, allow_other_cpu=args.allow_other_cpu)
     t0 = time.perf_counter()
     try:
         if args.phase == "select":
             selection(args.scenario, args, files, line)
+        elif args.phase == "scale":
+            scale_check(args.scenario, args, files, line)
         elif args.phase == "extras":
             extras(args.scenario, args, files, line)
         elif args.phase == "pair":

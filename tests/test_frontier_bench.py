@@ -380,11 +380,17 @@ def test_a_merge_source_missing_here_is_trained_again_from_its_ledger_entry(fr, 
         fr.retrain_source("med", "final", tmp_path / "full-seed45", 45, *args)
 
 
-def test_math_trains_on_one_epoch_of_its_first_examples(fr):
+def test_math_trains_on_its_first_examples_in_every_phase(fr):
+    """math's training split is its first 1,280 examples (one selection's steps x batch) in every phase; the final
+    pass trains on them at twice the selection's steps, med at the same steps in both."""
     files = {"train": Path("t.jsonl"), "val": Path("v.jsonl")}
     math, med = fr.common_set("math", files, "cpu", 160), fr.common_set("med", files, "cpu", 160)
-    assert math["data.limit"] == 160 * 8 == fr.SCALE["math"]["steps"] * fr.SCALE["math"]["batch"]
+    assert math["data.limit"] == 160 * 8 == fr.SCALE["math"]["select_steps"] * fr.SCALE["math"]["batch"]
+    assert fr.common_set("math", files, "cpu", 320)["data.limit"] == 1280
     assert "data.limit" not in med  # med's ledger was trained on its whole training split
+    assert [fr.steps_of("math", ph) for ph in ("select", "scale", "final", "extras")] == [160, 320, 320, 320]
+    assert [fr.steps_of("med", ph) for ph in ("select", "final")] == [160, 160]
+    assert fr.steps_of("math", "select", SimpleNamespace(steps=8)) == 8  # --steps (a smoke run) sets every phase
 
 
 def test_pair_runs_the_chosen_recipes_on_another_machine_into_its_own_ledger(fr, monkeypatch):
@@ -609,3 +615,71 @@ def test_jobs_runs_shards_round_after_round_until_the_phase_is_done(fr, tmp_path
     with pytest.raises(SystemExit, match="added no run to the ledger"):
         fr.drive_shards(args, argv, script([[(3, []), (3, [])]]))
     assert fr.strip_option(["x", "--jobs=4", "--jobs", "2", "y"], "--jobs") == ["x", "y"]
+
+
+def _scale_entry(fr, phase, name, lr, gain, drop, steps):
+    """A math ledger entry for full FT at `lr`: validation gain and probe drop (points) with intervals."""
+    e = {"run": f"{name}-seed42", "phase": phase, "family": "full", "settings": {"method": "full", "optim.lr": lr},
+         "seed": 42, "steps": steps, "machine": "test CPU", "task": {"gain": gain, "ci": [gain - 0.03, gain + 0.03]},
+         "retention": {"change": -drop / 100, "ci": [-(drop + 0.8) / 100, -(drop - 0.8) / 100]}}
+    path = fr.ledger_path("math", phase, e["run"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(e))
+
+
+def test_a_selection_at_reduced_steps_must_hold_at_the_final_steps_before_the_final_pass(fr, monkeypatch):
+    """math selects at 160 steps and trains the final pass at 320: `scale` trains full FT at its chosen rate and the
+    rate below it at 320 steps; `final` runs only where the chosen rate still has the better validation gain and
+    loses at least MIN_FULL_DROP points on the probe there, and the table shows the check."""
+    with pytest.raises(SystemExit, match="run `select` first"):
+        fr.scale_runs("math")
+    assert fr.scale_status("math") is None  # nothing to check yet
+    for i, (lr, gain, drop) in enumerate([(2e-5, 0.52, 0.7), (5e-5, 0.57, 1.4), (1e-4, 0.59, 3.2)]):
+        _scale_entry(fr, "select", f"full-{i}", lr, gain, drop, 160)
+    runs, chosen = fr.scale_runs("math")
+    assert chosen["name"] == "full-2" and [r["name"] for r in runs] == ["full-2", "full-1"]
+    assert [r["settings"]["optim.lr"] for r in runs] == [1e-4, 5e-5]
+    st = fr.scale_status("math")
+    assert st["missing"] == ["full-2", "full-1"] and st["holds"] is None
+    assert "Scale check (the selection ran at 160 steps, the final pass at 320" in "\n".join(fr._scale_lines(st))
+    assert "not run yet" in "\n".join(fr._scale_lines(st))
+    with pytest.raises(SystemExit, match="no reduced-step selection"):
+        fr.scale_check("med", SimpleNamespace(steps=None), {}, "m")
+
+    chosen_settings = {"full": {"settings": runs[0]["settings"]}, "lora": {"settings": {"method": fr.LORA}},
+                       "full-ewc": {"settings": {**runs[0]["settings"], "mitigations": fr._ewc(1e4)}}}
+    fr.out_dir("math").mkdir(parents=True, exist_ok=True)
+    (fr.out_dir("math") / "selection.json").write_text(json.dumps({"chosen": chosen_settings, "steps": 160}))
+    fr.FINAL_CANDIDATES["math"] = ("full-ewc",)
+    trained = []
+    monkeypatch.setattr(fr.fb, "task_suite", lambda *a, **k: Path("t.yaml"))
+    monkeypatch.setattr(fr, "replication_suite", lambda d: Path("r.yaml"))
+    monkeypatch.setattr(fr, "run_phase", lambda sc, ph, rs, *a, **k: trained.append([r["name"] for r in rs]))
+    args = SimpleNamespace(steps=None, out=Path("/o"))
+    with pytest.raises(SystemExit, match="run `scale` first"):
+        fr.final("math", args, {}, "m")
+    # at 320 steps the lower rate gains more: the ranking does not hold
+    _scale_entry(fr, "scale", "full-2", 1e-4, 0.60, 5.1, 320)
+    _scale_entry(fr, "scale", "full-1", 5e-5, 0.61, 2.9, 320)
+    with pytest.raises(SystemExit, match=r"does not hold \(.*\+0.600 against \+0.610 .*ranking does not hold"):
+        fr.final("math", args, {}, "m")
+    # the ranking holds but full FT forgets too little
+    _scale_entry(fr, "scale", "full-1", 5e-5, 0.58, 2.9, 320)
+    _scale_entry(fr, "scale", "full-2", 1e-4, 0.60, 3.6, 320)
+    with pytest.raises(SystemExit, match=r"loses 3.60 points on general-probe \(under 4\)"):
+        fr.final("math", args, {}, "m")
+    _scale_entry(fr, "scale", "full-2", 1e-4, 0.60, 5.1, 320)
+    fr.final("math", args, {}, "m")
+    assert trained == [["full", "lora", "full-ewc"]]
+    (fr.out_dir("math") / "selection.json").write_text(json.dumps({"chosen": chosen_settings, "steps": 320}))
+    with pytest.raises(SystemExit, match="ran at 320 steps, the scale selects at 160"):
+        fr.final("math", args, {}, "m")
+    # the table: the check and each rate at both step counts, from the result JSON alone
+    (fr.out_dir("math") / "selection.json").unlink()  # (a constructed selection.json has no table to show)
+    res = fr.summarize("math", None)
+    md = fr.render_md(json.loads(json.dumps(res)))
+    assert res["scale_check"]["holds"] and "Scale check (the selection ran at 160 steps" in md
+    assert "**holds**: at 320 steps full FT at 0.0001 has validation gain +0.600 against +0.580 at 5e-05" in md
+    assert "| 0.0001 * | +0.590 [+0.560, +0.620] | +0.600 [+0.570, +0.630] | +3.20 [+2.40, +4.00] | " \
+           "+5.10 [+4.30, +5.90] |" in md
+    assert "the `general-probe` probe (seed 42, at 160 steps)" in md
