@@ -1234,11 +1234,11 @@ def render_md(res: dict[str, Any]) -> str:
         lines.append("No candidates pre-registered yet (FINAL_CANDIDATES): the selection phase comes first.")
     if res.get("extras"):
         lines.append(f"Measured beside them, no verdict (not pre-registered): {', '.join(res['extras'])}.")
-    lines += ["", "| recipe | role | seeds | task gain [95% CI] | retention drop, points | "
-              + " | ".join(f"{a} change" for a in sorted({a for r in res["rows"] for a in r["abilities"]}))
-              + " | replication drop | train s |", "|---|---|---|---|---|" + "---|" * (len({a for r in res["rows"]
-                                                                                         for a in r["abilities"]}) + 2)]
     abil = sorted({a for r in res["rows"] for a in r["abilities"]})
+    if res["rows"]:  # (none before the final pass)
+        lines += ["", "| recipe | role | seeds | task gain [95% CI] | retention drop, points | "
+                  + " | ".join(f"{a} change" for a in abil) + " | replication drop | train s |",
+                  "|---|---|---|---|---|" + "---|" * (len(abil) + 2)]
     for r in res["rows"]:
         lines.append(f"| {r['recipe']} | {r.get('role', '-')} | {len(r['seeds'])} | {_ci(r['gain'], '{:+.3f}')} | "
                      f"{_ci(r['drop'])} | "

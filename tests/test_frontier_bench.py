@@ -683,3 +683,4 @@ def test_a_selection_at_reduced_steps_must_hold_at_the_final_steps_before_the_fi
     assert "| 0.0001 * | +0.590 [+0.560, +0.620] | +0.600 [+0.570, +0.630] | +3.20 [+2.40, +4.00] | " \
            "+5.10 [+4.30, +5.90] |" in md
     assert "the `general-probe` probe (seed 42, at 160 steps)" in md
+    assert not res["rows"] and "| recipe |" not in md  # no final table before the final pass (nor empty columns)
