@@ -380,13 +380,13 @@ def test_a_merge_source_missing_here_is_trained_again_from_its_ledger_entry(fr, 
         fr.retrain_source("med", "final", tmp_path / "full-seed45", 45, *args)
 
 
-def test_math_trains_on_its_first_examples_in_every_phase(fr):
-    """math's training split is its first 1,280 examples (one selection's steps x batch) in every phase; the final
-    pass trains on them at twice the selection's steps, med at the same steps in both."""
+def test_math_trains_one_pass_over_its_first_examples_in_every_phase(fr):
+    """math trains on its first steps x batch examples in each phase: 1,280 in the selection (160 steps), 2,560 in
+    the final pass (320); med on its whole training split at the same steps in both."""
     files = {"train": Path("t.jsonl"), "val": Path("v.jsonl")}
     math, med = fr.common_set("math", files, "cpu", 160), fr.common_set("med", files, "cpu", 160)
     assert math["data.limit"] == 160 * 8 == fr.SCALE["math"]["select_steps"] * fr.SCALE["math"]["batch"]
-    assert fr.common_set("math", files, "cpu", 320)["data.limit"] == 1280
+    assert fr.common_set("math", files, "cpu", 320)["data.limit"] == 2560 == fr.steps_of("math", "final") * 8
     assert "data.limit" not in med  # med's ledger was trained on its whole training split
     assert [fr.steps_of("math", ph) for ph in ("select", "scale", "final", "extras")] == [160, 320, 320, 320]
     assert [fr.steps_of("med", ph) for ph in ("select", "final")] == [160, 160]
