@@ -767,19 +767,29 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     return sel
 
 
+def _scale_points(scenario: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """scale_runs' answer, or None while stage A's full FT runs are not all in the selection ledger."""
+    led = read_ledger(scenario, "select", tagged=False)
+    grid = _grid("full", BASELINES["full"])
+    if any(f"{g['name']}-seed{SELECT_SEED}" not in led for g in grid):
+        return None
+    chosen = choose([(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in grid], within_budget=False)
+    i = next(k for k, g in enumerate(grid) if g["name"] == chosen["name"])
+    return [grid[i], grid[i - 1 if i > 0 else i + 1]], chosen
+
+
 def scale_runs(scenario: str, args: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The scale check's runs: full FT at its chosen rate of stage A and at the grid's rate next below it (above it
     where the chosen is the lowest), to be trained at the final steps; and the chosen grid point. Stage A's full FT
     runs must be in the selection ledger."""
-    led = read_ledger(scenario, "select", tagged=False)
-    grid = _grid("full", BASELINES["full"])
-    missing = [g["name"] for g in grid if f"{g['name']}-seed{SELECT_SEED}" not in led]
-    if missing:
-        raise SystemExit(f"error: the selection ledger has no {missing[0]}-seed{SELECT_SEED}: run `select` first "
+    points = _scale_points(scenario)
+    if points is None:
+        led = read_ledger(scenario, "select", tagged=False)
+        missing = next(g["name"] for g in _grid("full", BASELINES["full"])
+                       if f"{g['name']}-seed{SELECT_SEED}" not in led)
+        raise SystemExit(f"error: the selection ledger has no {missing}-seed{SELECT_SEED}: run `select` first "
                          "(the scale check needs its stage A, full FT's learning rates)")
-    chosen = choose([(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in grid], within_budget=False)
-    i = next(k for k, g in enumerate(grid) if g["name"] == chosen["name"])
-    return [grid[i], grid[i - 1 if i > 0 else i + 1]], chosen
+    return points
 
 
 def scale_status(scenario: str, args: Any = None) -> dict[str, Any] | None:
@@ -792,10 +802,10 @@ def scale_status(scenario: str, args: Any = None) -> dict[str, Any] | None:
     sel_steps, steps = steps_of(scenario, "select", args), steps_of(scenario, "final", args)
     if sel_steps == steps:
         return None
-    try:
-        runs, chosen = scale_runs(scenario, args)
-    except SystemExit:
+    points = _scale_points(scenario)
+    if points is None:
         return None
+    runs, chosen = points
     led, sled = read_ledger(scenario, "select", tagged=False), read_ledger(scenario, "scale", tagged=False)
     rows = []
     for g in runs:
