@@ -121,8 +121,9 @@ REPORT_SUITE = "general"
 # most over the training split; batch and length as the forgetting bench's quick scale.
 SCALE: dict[str, dict[str, Any]] = {
     "med": {"steps": 160, "batch": 8, "max_length": 256, "n_test": 300, "n_val": 200, "n_exact": 0},
-    # math: the first steps x batch training examples of a phase (`one_pass`: one pass over them, less the overlong
-    # ones dropped; 1,280 at the selection's 160 steps, 2,560 at the final 320), not the whole split: self_distill
+    # math: the first steps x batch training examples of a phase (`one_pass`: 1,280 at the selection's 160 steps,
+    # 2,560 at the final 320; about a quarter are over 256 tokens and dropped, so the steps make about 1.3 passes over
+    # the rest, 974 and 1,930, the same in both phases), not the whole split: self_distill
     # rewrites every training example before training, and 7,273 GSM8K solutions at up to 256 new tokens would take
     # hours on 2 cores.
     # Its test split is all 1,319 GSM8K test items (the training and validation splits come from GSM8K's train
