@@ -19,7 +19,11 @@ items disjoint from training and test (the preparation reserves 200; more would 
 suite). Every run is scored on the task's validation split (cross-entropy of the reference answers) and on
 retention with `general-probe`, the monitor's probe: the same abilities as `general` on items `general` does not
 score. Stage A tunes the baselines: full FT and LoRA r16 each over a learning-rate grid of at most 3 points (LoRA
-up to 20x full FT's top rate); each takes the rate with the best validation gain. Stage B tunes each candidate
+up to 20x full FT's top rate); each takes the rate with the best validation gain. A grid slides once where its
+optimum is not inside it (`slide_point`): where the best validation gain is at an edge of the grid and beats the
+next point by a paired 95% interval clear of zero, one more rate past that edge is trained (at the grid's ratio
+there) and the rate is chosen among the 3 consecutive points ending at it; the far point stays in the table,
+outside the choice (full-gentle still chooses among all of full FT's runs). Stage B tunes each candidate
 family (CANDIDATE_FAMILIES, less the scenario's SKIPPED) over at most 3 settings on top of the chosen rate; a
 setting is chosen by the best validation gain among those whose probe drop (point estimate) is within the 1%
 budget, else the smallest drop.
@@ -696,6 +700,55 @@ def choose(entries: list[tuple[dict[str, Any], dict[str, Any]]], within_budget: 
     return min(entries, key=lambda e: _probe_drop(e[1]))[0]
 
 
+def _val_result(entry: dict[str, Any]) -> Any:
+    """A ledger entry's validation task result (per-item columns), to compare two runs item by item."""
+    return _task_result(entry["task_items"]["candidate"], entry["task_items"]["task"])
+
+
+def edge_vs_next(edge: dict[str, Any], nxt: dict[str, Any]) -> Any:
+    """The paired comparison (metrics.Comparison, over the same validation items) of the run at a grid's edge
+    against the next point in: `delta` is the edge's validation metric minus the next point's."""
+    from forgetless.retention.metrics import paired_test
+
+    a, b = _val_result(nxt), _val_result(edge)
+    if a.item_ids != b.item_ids:
+        raise SystemExit(f"error: {edge['run']} and {nxt['run']} were scored on other validation items")
+    return paired_test(b.main_metric, a.columns, b.columns)
+
+
+def slide_point(fam: str, led: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The baseline's one extra rate (see the docstring, stage A) where its grid's best validation gain is at an
+    edge and clearly so (the paired interval of the edge against the next point clear of zero, the edge better):
+    the edge's rate times the grid's ratio there, named `<family>-<len(grid)>`. None where the best is inside the
+    grid, not clearly better, or the grid's runs are not all in the ledger `led` yet."""
+    grid = _grid(fam, BASELINES[fam])
+    entries = [led.get(f"{g['name']}-seed{SELECT_SEED}") for g in grid]
+    if len(grid) < 2 or any(e is None for e in entries):
+        return None
+    best = choose(list(zip(grid, entries, strict=True)), within_budget=False)  # type: ignore[arg-type]
+    i = next(k for k, g in enumerate(grid) if g["name"] == best["name"])
+    if 0 < i < len(grid) - 1:
+        return None
+    j = 1 if i == 0 else len(grid) - 2
+    c = edge_vs_next(entries[i], entries[j])  # type: ignore[arg-type]
+    if not c.significant or c.worse:
+        return None
+    key = BASELINES[fam]["grid"][0]
+    v = float(f"{grid[i]['value'] * grid[i]['value'] / grid[j]['value']:.3g}")
+    return {"name": f"{fam}-{len(grid)}", "family": fam, "settings": {**grid[i]["settings"], key: v}, "value": v,
+            "slid": "up" if i else "down"}
+
+
+def baseline_points(fam: str, led: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A baseline's stage A: (the grid points its rate is chosen among, every stage-A run of it). The grid as
+    BASELINES has it, or slid one point (slide_point) where the ledger `led` shows its optimum past an edge."""
+    grid = _grid(fam, BASELINES[fam])
+    p = slide_point(fam, led)
+    if p is None:
+        return grid, grid
+    return (grid[1:] + [p] if p["slid"] == "up" else [p] + grid[:-1]), grid + [p]
+
+
 def preregister(sel: dict[str, Any], k: int = 3) -> tuple[str, ...]:
     """The families to pre-register by the docstring's rule, from a selection (selection.json's `chosen` and
     `table`): those within the budget on the probe by validation gain, then the others by smallest probe drop."""
@@ -715,10 +768,25 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     seeds = [SELECT_SEED]
     stage_a = [g for fam, spec in BASELINES.items() for g in _grid(fam, {**spec, "set": spec["set"]})]
     led = run_phase(scenario, "select", stage_a, seeds, vsuite, PROBE, args, files, prov_line)
+    # a grid whose optimum lies past an edge slides one point that way (once)
+    slid = [p for fam in BASELINES if (p := slide_point(fam, led)) is not None]
+    if slid:
+        led = run_phase(scenario, "select", slid, seeds, vsuite, PROBE, args, files, prov_line)
     chosen: dict[str, Any] = {}
+    outside: set[str] = set()
     for fam in BASELINES:
-        pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in stage_a if g["family"] == fam]
+        kept, every = baseline_points(fam, led)
+        outside |= {g["name"] for g in every if g not in kept}
+        pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in kept]
         chosen[fam] = choose(pts, within_budget=False)
+        if any(p["family"] == fam for p in slid) and chosen[fam]["name"] in (kept[0]["name"], kept[-1]["name"]):
+            nxt = kept[1] if chosen[fam]["name"] == kept[0]["name"] else kept[-2]
+            c = edge_vs_next(led[f"{chosen[fam]['name']}-seed{SELECT_SEED}"], led[f"{nxt['name']}-seed{SELECT_SEED}"])
+            if c.significant and not c.worse:
+                print(f"warning: {fam}'s best rate is at an edge of its slid grid again, clearly (paired "
+                      f"validation difference {c.delta:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}]): the grid slides "
+                      f"once only; widen BASELINES['{fam}'] to search further", file=sys.stderr)
+    stage_a += slid
     stage_b: list[dict[str, Any]] = []
     # stage B: families on a baseline's chosen rate; stage C: families on a stage-B family's chosen setting
     fams_here = families(scenario)
@@ -746,7 +814,8 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     for g in stage_a + stage_b:
         e = led[f"{g['name']}-seed{SELECT_SEED}"]
         table.append(_selection_row(e, run=g["name"], value=g.get("value"),
-                                    chosen=chosen[g["family"]]["name"] == g["name"]))
+                                    chosen=chosen[g["family"]]["name"] == g["name"],
+                                    **({"outside": True} if g["name"] in outside else {})))
     full_drop_probe = _probe_drop(led[f"{chosen['full']['name']}-seed{SELECT_SEED}"])
     if full_drop_probe < MIN_FULL_DROP:
         print(f"warning: full FT at its chosen rate loses {full_drop_probe:.2f} points on {PROBE} at "
@@ -771,8 +840,11 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
 def _scale_points(scenario: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
     """scale_runs' answer, or None while stage A's full FT runs are not all in the selection ledger."""
     led = read_ledger(scenario, "select", tagged=False)
-    grid = _grid("full", BASELINES["full"])
-    if any(f"{g['name']}-seed{SELECT_SEED}" not in led for g in grid):
+    base = _grid("full", BASELINES["full"])
+    if any(f"{g['name']}-seed{SELECT_SEED}" not in led for g in base):
+        return None
+    grid, every = baseline_points("full", led)
+    if any(f"{g['name']}-seed{SELECT_SEED}" not in led for g in every):  # the slid point is not trained yet
         return None
     chosen = choose([(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in grid], within_budget=False)
     i = next(k for k, g in enumerate(grid) if g["name"] == chosen["name"])
@@ -782,12 +854,14 @@ def _scale_points(scenario: str) -> tuple[list[dict[str, Any]], dict[str, Any]] 
 def scale_runs(scenario: str, args: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The scale check's runs: full FT at its chosen rate of stage A and at the grid's rate next below it (above it
     where the chosen is the lowest), to be trained at the final steps; and the chosen grid point. Stage A's full FT
-    runs must be in the selection ledger."""
+    runs (a slid grid's extra rate too) must be in the selection ledger."""
     points = _scale_points(scenario)
     if points is None:
         led = read_ledger(scenario, "select", tagged=False)
-        missing = next(g["name"] for g in _grid("full", BASELINES["full"])
-                       if f"{g['name']}-seed{SELECT_SEED}" not in led)
+        base = _grid("full", BASELINES["full"])
+        every = base if any(f"{g['name']}-seed{SELECT_SEED}" not in led for g in base) else \
+            baseline_points("full", led)[1]
+        missing = next(g["name"] for g in every if f"{g['name']}-seed{SELECT_SEED}" not in led)
         raise SystemExit(f"error: the selection ledger has no {missing}-seed{SELECT_SEED}: run `select` first "
                          "(the scale check needs its stage A, full FT's learning rates)")
     return points
@@ -1036,8 +1110,8 @@ def summarize(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
     progress = None
     led = read_ledger(scenario, "select")
     if sel is None:  # the selection is under way: what the ledger holds so far
-        progress = {"done": len(led), "planned": sum(len(_grid(f, s)) for f, s in
-                                                     [*BASELINES.items(), *families(scenario).items()]),
+        progress = {"done": len(led), "planned": sum(len(baseline_points(f, led)[1]) for f in BASELINES)
+                    + sum(len(_grid(f, s)) for f, s in families(scenario).items()),
                     "table": [_selection_row(e, run=e["run"], value=None, chosen=False, settings=e["settings"])
                               for e in led.values()]}
     return {"bench": "frontier", "scenario": scenario, "budget_points": 100 * BUDGET, "min_full_drop": MIN_FULL_DROP,
@@ -1269,7 +1343,8 @@ def render_md(res: dict[str, Any]) -> str:
                   "|---|---|---|---|---|"]
         for t in sel["table"]:
             lines.append(f"| {t['run']}{' *' if t['chosen'] else ''} | {t['family']} | "
-                         f"{'-' if t['value'] is None else t['value']} | {t['val_gain']:+.3f} "
+                         f"{'-' if t['value'] is None else t['value']}"
+                         f"{' (outside the slid grid)' if t.get('outside') else ''} | {t['val_gain']:+.3f} "
                          f"[{t['val_gain_ci'][0]:+.3f}, {t['val_gain_ci'][1]:+.3f}] | {t['probe_drop']:+.2f} "
                          f"[{t['probe_drop_ci'][0]:+.2f}, {t['probe_drop_ci'][1]:+.2f}] |")
         lines += ["", "Chosen per family: " + "; ".join(f"{f}: {c['name']}" for f, c in sel["chosen"].items()) + "."]
@@ -1343,7 +1418,7 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
     """How many trainings and scorings each phase takes, and an estimate of its hours: from the ledger's own runs
     where it has some, else from the tokens per second this bench's runs reached on a native-bf16 2-core CPU."""
     steps, sel_steps = steps_of(scenario, "final", args), steps_of(scenario, "select", args)
-    n_a = sum(len(s["grid"][1]) for s in BASELINES.values())
+    n_a = sum(len(baseline_points(f, read_ledger(scenario, "select"))[1]) for f in BASELINES)  # a slid grid: +1
     n_b = sum(len(_grid(f, s)) for f, s in families(scenario).items() if "wise" not in s)
     n_wise = sum(len(_grid(f, s)) for f, s in families(scenario).items() if "wise" in s)
     n_final = (2 + (len(FINAL_CANDIDATES[scenario]) or 3)) * len(FINAL_SEEDS)

@@ -617,11 +617,25 @@ def test_jobs_runs_shards_round_after_round_until_the_phase_is_done(fr, tmp_path
     assert fr.strip_option(["x", "--jobs=4", "--jobs", "2", "y"], "--jobs") == ["x", "y"]
 
 
-def _scale_entry(fr, phase, name, lr, gain, drop, steps):
-    """A math ledger entry for full FT at `lr`: validation gain and probe drop (points) with intervals."""
-    e = {"run": f"{name}-seed42", "phase": phase, "family": "full", "settings": {"method": "full", "optim.lr": lr},
-         "seed": 42, "steps": steps, "machine": "test CPU", "task": {"gain": gain, "ci": [gain - 0.03, gain + 0.03]},
-         "retention": {"change": -drop / 100, "ci": [-(drop + 0.8) / 100, -(drop - 0.8) / 100]}}
+_ITEMS = np.random.default_rng(7).normal(0, 3, 200)  # the validation items' own difficulty, shared by every run
+
+
+def _val_items(gain, noise=0.0, seed=0):
+    """Validation columns of a run with this gain: 200 items of 10 tokens around a base ce of 1.3, each item's own
+    difficulty shared by every run (so two runs differ item by item only by their gains), plus `noise` nats of the
+    run's own per-item noise (which can hide a small difference)."""
+    own = np.random.default_rng(seed).normal(0, noise, 200) if noise else 0.0
+    return {"task": "math_val_ce", "candidate": _cols(10 * (1.3 - gain) + _ITEMS + own)}
+
+
+def _scale_entry(fr, phase, name, lr, gain, drop, steps, family="full", settings=None, noise=0.0, seed=0):
+    """A math ledger entry for full FT at `lr` (or `family` at `settings`): validation gain (and the per-item
+    columns behind it) and probe drop (points) with intervals."""
+    e = {"run": f"{name}-seed42", "phase": phase, "family": family,
+         "settings": settings or {"method": "full", "optim.lr": lr}, "seed": 42, "steps": steps,
+         "machine": "test CPU", "task": {"gain": gain, "ci": [gain - 0.03, gain + 0.03]},
+         "retention": {"change": -drop / 100, "ci": [-(drop + 0.8) / 100, -(drop - 0.8) / 100]},
+         "task_items": _val_items(gain, noise, seed)}
     path = fr.ledger_path("math", phase, e["run"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(e))
@@ -634,8 +648,9 @@ def test_a_selection_at_reduced_steps_must_hold_at_the_final_steps_before_the_fi
     with pytest.raises(SystemExit, match="run `select` first"):
         fr.scale_runs("math")
     assert fr.scale_status("math") is None  # nothing to check yet
+    # (each run's own item noise hides 1e-4's lead over 5e-5: the grid does not slide, see the test below)
     for i, (lr, gain, drop) in enumerate([(2e-5, 0.52, 0.7), (5e-5, 0.57, 1.4), (1e-4, 0.59, 3.2)]):
-        _scale_entry(fr, "select", f"full-{i}", lr, gain, drop, 160)
+        _scale_entry(fr, "select", f"full-{i}", lr, gain, drop, 160, noise=3.0, seed=i)
     runs, chosen = fr.scale_runs("math")
     assert chosen["name"] == "full-2" and [r["name"] for r in runs] == ["full-2", "full-1"]
     assert [r["settings"]["optim.lr"] for r in runs] == [1e-4, 5e-5]
@@ -684,3 +699,85 @@ def test_a_selection_at_reduced_steps_must_hold_at_the_final_steps_before_the_fi
            "+5.10 [+4.30, +5.90] |" in md
     assert "the `general-probe` probe (seed 42, at 160 steps)" in md
     assert not res["rows"] and "| recipe |" not in md  # no final table before the final pass (nor empty columns)
+
+
+def test_a_grid_whose_best_is_clearly_past_an_edge_slides_one_point_that_way(fr):
+    """Stage A's grid slides once where the best validation gain is at an edge and beats the next point by a paired
+    interval clear of zero: one more rate past the edge at the grid's ratio, the rate chosen among the 3 points
+    ending at it; the scale check then works on the slid grid."""
+    lrs = fr.BASELINES["full"]["grid"][1]
+    assert lrs == [2e-5, 5e-5, 1e-4]
+
+    def stage_a(gains, noise=0.0):
+        for i, (lr, g) in enumerate(zip(lrs, gains, strict=True)):
+            _scale_entry(fr, "select", f"full-{i}", lr, g, 1.0 + i, 160, noise=noise, seed=i)
+        return fr.read_ledger("math", "select")
+
+    # the best inside the grid: no slide
+    assert fr.slide_point("full", stage_a([0.52, 0.60, 0.59])) is None
+    # at the top edge, but within noise of the next point (each item's own noise of 3 nats hides 0.02 nats)
+    led = stage_a([0.52, 0.57, 0.59], noise=3.0)
+    c = fr.edge_vs_next(led["full-2-seed42"], led["full-1-seed42"])
+    assert c.ci[0] < 0 < c.ci[1] and fr.slide_point("full", led) is None
+    # clearly at the bottom edge: one point below it, at the grid's ratio there (2e-5 x 2e-5 / 5e-5)
+    p = fr.slide_point("full", stage_a([0.60, 0.55, 0.50]))
+    assert p["name"] == "full-3" and p["slid"] == "down" and p["settings"] == {"method": "full", "optim.lr": 8e-6}
+    # clearly at the top edge (0.02 nats on every item, as math's 1e-4 against 5e-5: +0.018 [+0.014, +0.022])
+    led = stage_a([0.52, 0.57, 0.59])
+    c = fr.edge_vs_next(led["full-2-seed42"], led["full-1-seed42"])
+    assert c.delta == pytest.approx(-0.02) and c.significant and not c.worse  # ce: the edge's is lower
+    p = fr.slide_point("full", led)
+    assert p == {"name": "full-3", "family": "full", "settings": {"method": "full", "optim.lr": 2e-4},
+                 "value": 2e-4, "slid": "up"}
+    kept, every = fr.baseline_points("full", led)
+    assert [g["name"] for g in kept] == ["full-1", "full-2", "full-3"] and len(every) == 4
+    assert fr.slide_point("lora", led) is None  # LoRA's grid is not in the ledger yet
+    # the scale check waits for the slid rate, then checks the chosen rate of the slid grid and its neighbour
+    assert fr._scale_points("math") is None
+    with pytest.raises(SystemExit, match="no full-3-seed42: run `select` first"):
+        fr.scale_runs("math")
+    _scale_entry(fr, "select", "full-3", 2e-4, 0.61, 6.0, 160)
+    runs, chosen = fr.scale_runs("math")
+    assert chosen["name"] == "full-3" and [r["settings"]["optim.lr"] for r in runs] == [2e-4, 1e-4]
+    _scale_entry(fr, "select", "full-3", 2e-4, 0.58, 6.0, 160)  # the slid rate gains less: 1e-4 stays chosen
+    runs, chosen = fr.scale_runs("math")
+    assert chosen["name"] == "full-2" and [r["settings"]["optim.lr"] for r in runs] == [1e-4, 5e-5]
+    plan = fr.plan("math", SimpleNamespace(steps=None))
+    assert plan["select_runs"] == 7 + sum(len(fr._grid(f, s)) for f, s in fr.families("math").items())
+
+
+def test_the_selection_trains_the_slid_rate_before_stage_b_and_shows_the_point_it_left(fr, monkeypatch):
+    """selection() on math with a fake trainer: full FT's best (1e-4) is clearly at the top of its grid, so 2e-4 is
+    trained after stage A and before any candidate; it wins and is chosen; 2e-5 is shown outside the slid grid, and
+    gentle optimisation still chooses among all 4 of full FT's rates (2e-5 is the only one within the budget)."""
+    lrs = {2e-5: (0.52, 0.7), 5e-5: (0.57, 1.4), 1e-4: (0.59, 3.2), 2e-4: (0.61, 6.0)}
+    batches = []
+
+    def run_phase(sc, ph, runs, seeds, *a, **k):
+        batches.append([r["name"] for r in runs])
+        for r in runs:
+            st = r["settings"]
+            if r["family"] == "full":
+                g, d = lrs[st["optim.lr"]]
+            else:  # every other run: a gain and drop of its own, from its name
+                g, d = 0.4 + 0.001 * len(batches), 0.5 + 0.1 * (len(r["name"]) % 7)
+            _scale_entry(fr, "select", r["name"], st.get("optim.lr"), g, d, 160, family=r["family"], settings=st)
+        return fr.read_ledger(sc, ph)
+
+    def wise_runs(sc, ph, runs, *a, **k):
+        for r in runs:
+            _scale_entry(fr, "select", r["name"], None, 0.5, 0.9, 160, family=r["family"], settings=r["settings"])
+
+    monkeypatch.setattr(fr, "run_phase", run_phase)
+    monkeypatch.setattr(fr, "wise_runs", wise_runs)
+    monkeypatch.setattr(fr, "val_suite", lambda *a: Path("v.yaml"))
+    sel = fr.selection("math", SimpleNamespace(steps=None, out=Path("/o")), {}, "m")
+    assert batches[0] == ["full-0", "full-1", "full-2", "lora-0", "lora-1", "lora-2"] and batches[1] == ["full-3"]
+    assert sel["chosen"]["full"]["name"] == "full-3" and sel["chosen"]["full"]["settings"]["optim.lr"] == 2e-4
+    assert sel["chosen"]["full-gentle"]["name"] == "full-0"  # within the 1% budget on the probe: 2e-5 only
+    rows = {t["run"]: t for t in sel["table"]}
+    assert rows["full-0"].get("outside") and not any(t.get("outside") for r, t in rows.items() if r != "full-0")
+    assert sel["full_probe_drop"] == pytest.approx(6.0)
+    md = fr.render_md(json.loads(json.dumps(fr.summarize("math", None))))
+    assert "| full-0 | full | 2e-05 (outside the slid grid) | +0.520" in md
+    assert "| full-3 * | full | 0.0002 | +0.610" in md
