@@ -766,12 +766,17 @@ def preregister(sel: dict[str, Any], k: int = 3) -> tuple[str, ...]:
 def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) -> dict[str, Any]:
     vsuite = val_suite(scenario, files)
     seeds = [SELECT_SEED]
-    stage_a = [g for fam, spec in BASELINES.items() for g in _grid(fam, {**spec, "set": spec["set"]})]
-    led = run_phase(scenario, "select", stage_a, seeds, vsuite, PROBE, args, files, prov_line)
-    # a grid whose optimum lies past an edge slides one point that way (once)
-    slid = [p for fam in BASELINES if (p := slide_point(fam, led)) is not None]
-    if slid:
-        led = run_phase(scenario, "select", slid, seeds, vsuite, PROBE, args, files, prov_line)
+    stage_a: list[dict[str, Any]] = []
+    slid: list[dict[str, Any]] = []
+    led: dict[str, dict[str, Any]] = {}
+    for fam, spec in BASELINES.items():  # each baseline's grid, then one point past an edge its optimum lies beyond
+        grid = _grid(fam, spec)
+        led = run_phase(scenario, "select", grid, seeds, vsuite, PROBE, args, files, prov_line)
+        p = slide_point(fam, led)
+        if p is not None:
+            led = run_phase(scenario, "select", [p], seeds, vsuite, PROBE, args, files, prov_line)
+            slid.append(p)
+        stage_a += grid + ([p] if p is not None else [])
     chosen: dict[str, Any] = {}
     outside: set[str] = set()
     for fam in BASELINES:
@@ -786,7 +791,6 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
                 print(f"warning: {fam}'s best rate is at an edge of its slid grid again, clearly (paired "
                       f"validation difference {c.delta:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}]): the grid slides "
                       f"once only; widen BASELINES['{fam}'] to search further", file=sys.stderr)
-    stage_a += slid
     stage_b: list[dict[str, Any]] = []
     # stage B: families on a baseline's chosen rate; stage C: families on a stage-B family's chosen setting
     fams_here = families(scenario)

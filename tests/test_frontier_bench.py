@@ -748,8 +748,9 @@ def test_a_grid_whose_best_is_clearly_past_an_edge_slides_one_point_that_way(fr)
 
 def test_the_selection_trains_the_slid_rate_before_stage_b_and_shows_the_point_it_left(fr, monkeypatch):
     """selection() on math with a fake trainer: full FT's best (1e-4) is clearly at the top of its grid, so 2e-4 is
-    trained after stage A and before any candidate; it wins and is chosen; 2e-5 is shown outside the slid grid, and
-    gentle optimisation still chooses among all 4 of full FT's rates (2e-5 is the only one within the budget)."""
+    trained right after full FT's grid (before LoRA's and any candidate); it wins and is chosen; 2e-5 is shown
+    outside the slid grid, and gentle optimisation still chooses among all 4 of full FT's rates (2e-5 is the only
+    one within the budget)."""
     lrs = {2e-5: (0.52, 0.7), 5e-5: (0.57, 1.4), 1e-4: (0.59, 3.2), 2e-4: (0.61, 6.0)}
     batches = []
 
@@ -772,9 +773,11 @@ def test_the_selection_trains_the_slid_rate_before_stage_b_and_shows_the_point_i
     monkeypatch.setattr(fr, "wise_runs", wise_runs)
     monkeypatch.setattr(fr, "val_suite", lambda *a: Path("v.yaml"))
     sel = fr.selection("math", SimpleNamespace(steps=None, out=Path("/o")), {}, "m")
-    assert batches[0] == ["full-0", "full-1", "full-2", "lora-0", "lora-1", "lora-2"] and batches[1] == ["full-3"]
+    assert batches[:3] == [["full-0", "full-1", "full-2"], ["full-3"], ["lora-0", "lora-1", "lora-2"]]
     assert sel["chosen"]["full"]["name"] == "full-3" and sel["chosen"]["full"]["settings"]["optim.lr"] == 2e-4
     assert sel["chosen"]["full-gentle"]["name"] == "full-0"  # within the 1% budget on the probe: 2e-5 only
+    assert [t["run"] for t in sel["table"]][:7] == ["full-0", "full-1", "full-2", "full-3", "lora-0", "lora-1",
+                                                    "lora-2"]
     rows = {t["run"]: t for t in sel["table"]}
     assert rows["full-0"].get("outside") and not any(t.get("outside") for r, t in rows.items() if r != "full-0")
     assert sel["full_probe_drop"] == pytest.approx(6.0)
