@@ -86,7 +86,10 @@ not in the ledger yet; `--jobs N` runs the N shards, round after round, then `re
 **Ledger and resuming.** Each finished run is recorded in bench/results/frontier-<scenario>/ledger/<phase>/<run>.json
 (its settings, provenance line, task items of the main metric, retention comparisons): committed, so a later
 session or another machine of the same precision path resumes where the last stopped (runs in the ledger are not
-trained again; runs/ keeps the weights and per-run files while they exist). The machine is the CPU model and flags
+trained again; runs/ keeps the weights and per-run files while they exist). A scenario with `save_steps` in SCALE
+(math) checkpoints its runs, so an interrupted run continues from its newest checkpoint (bit-identical); its
+ledger entry then estimates the whole wall time from the last session's (`wall_time_estimated`), and the
+checkpoints are deleted once the run is in the ledger. The machine is the CPU model and flags
 (on a GPU, the GPU model) and the precision path; a CPU whose flags differ is refused unless `--allow-other-cpu`
 is given, after a `pair --tag` run there has reproduced a ledger run (the new runs then carry their own machine line,
 flags hash included, and the table lists each machine). `report` regenerates
@@ -98,6 +101,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -141,8 +145,11 @@ SCALE: dict[str, dict[str, Any]] = {
     # 1,280 examples (2.6 passes) overfitted them (validation gain +0.557 against +0.587 at 160); 320 steps over
     # 2,560 lost only 3.82 [2.98, 4.59] (trials/, notes), so the final pass takes the most steps the training split
     # gives without repeating what the selection's proportion does: 880 steps, 7,040 examples.
+    # A run at 880 steps takes about 95 minutes here: it checkpoints every `save_steps` (about 12 minutes, each
+    # checkpoint about 10 s) so that a session's end loses little (a resumed run is bit-identical,
+    # tests/test_resume.py); the checkpoints are deleted once the run is in the ledger.
     "math": {"steps": 880, "select_steps": 160, "batch": 8, "max_length": 256, "n_test": 1319, "n_val": 200,
-             "n_exact": 50, "one_pass": True},
+             "n_exact": 50, "one_pass": True, "save_steps": 110},
 }
 
 
@@ -453,12 +460,30 @@ def record_run(scenario: str, phase: str, run: str, family: str, settings: dict[
         "wall_time_s": row.get("wall_time_s"), "tokens_per_s": row.get("tokens_per_s"),
         "trainable_parameters": row.get("trainable_parameters"), "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    entry.update(resumed_wall_time(run_dir, entry["wall_time_s"], steps))
     for key, path in (extra_eval or {}).items():
         rep = json.loads(path.read_text())
         entry[key] = {k: rep["comparison"][k] for k in ("retention_score", "retention_ci", "abilities")}
     path = ledger_path(scenario, phase, run)
     atomic_write_json(path, entry)
+    for ck in (run_dir / "checkpoints").glob("checkpoint-*"):  # in the ledger now: its final model is what is used
+        shutil.rmtree(ck)
     return path
+
+
+def resumed_wall_time(run_dir: Path, wall_s: float | None, steps: int | None) -> dict[str, Any]:
+    """For a run resumed from a checkpoint (summary.json's `resumed_from`, .../checkpoint-N): the trainer's wall
+    time covers its last session only, so the entry's `wall_time_s` becomes that session's time per step times all
+    the steps, marked as an estimate, with the session's own time and the step it resumed at. Empty otherwise."""
+    summary = run_dir / "summary.json"
+    resumed = json.loads(summary.read_text()).get("resumed_from") if summary.is_file() else None
+    if not resumed or not wall_s or not steps:
+        return {}
+    at = int(Path(resumed).name.split("-")[-1])
+    if at >= steps:
+        return {}
+    return {"wall_time_s": round(wall_s * steps / (steps - at), 2), "wall_time_estimated": True,
+            "wall_time_session_s": wall_s, "resumed_at_step": at}
 
 
 # ---------------------------------------------------------------- runs
@@ -474,6 +499,8 @@ def common_set(scenario: str, files: dict[str, Path], device: str, steps: int) -
         s["data.overlong"] = "drop"  # as the forgetting bench: a truncated GSM8K solution loses its "#### N"
     if sc.get("one_pass"):  # the first steps x batch examples: a phase at other steps trains on other data
         s["data.limit"] = steps * sc["batch"]
+    if sc.get("save_steps") and steps > sc["save_steps"]:  # long runs: resumable across sessions
+        s["train.save_steps"] = sc["save_steps"]
     return s
 
 

@@ -785,3 +785,29 @@ def test_the_selection_trains_the_slid_rate_before_stage_b_and_shows_the_point_i
     md = fr.render_md(json.loads(json.dumps(fr.summarize("math", None))))
     assert "| full-0 | full | 2e-05 (outside the slid grid) | +0.520" in md
     assert "| full-3 * | full | 0.0002 | +0.610" in md
+
+
+def test_long_math_runs_checkpoint_and_a_resumed_run_gets_its_whole_wall_time_and_no_checkpoints_left(fr, tmp_path):
+    """math checkpoints every SCALE['math']['save_steps'] steps (its final runs take about 95 minutes), med not; a
+    run resumed at checkpoint-330 of 880 has its last session's wall time scaled to all its steps, marked as an
+    estimate; once a run is in the ledger its checkpoints are deleted (its final model stays)."""
+    files = {"train": Path("t.jsonl"), "val": Path("v.jsonl")}
+    assert fr.common_set("math", files, "cpu", 880)["train.save_steps"] == 110 == fr.SCALE["math"]["save_steps"]
+    assert fr.common_set("med", files, "cpu", 160)["train.save_steps"] is None
+    assert fr.common_set("math", files, "cpu", 100)["train.save_steps"] is None  # a smoke run under one interval
+    d = tmp_path / "run"
+    for sub in ("checkpoints/checkpoint-220", "checkpoints/checkpoint-330", "final"):
+        (d / sub).mkdir(parents=True)
+    items = {"tasks": {"math_val_ce": _cols([5.0, 6.0])}, "base": {"tasks": {"math_val_ce": _cols([7.0, 8.0])}}}
+    (d / "eval-task.items.json").write_text(json.dumps(items))
+    (d / "summary.json").write_text(json.dumps({"resumed_from": str(d / "checkpoints" / "checkpoint-330")}))
+    row = {"task": {"gain": 0.2}, "retention": {"change": -0.05}, "wall_time_s": 3000.0, "tokens_per_s": 250.0}
+    path = fr.record_run("math", "scale", "full-2-seed42", "full", {"optim.lr": 1e-4}, 42, d, row, "m", steps=880)
+    e = json.loads(path.read_text())
+    assert e["wall_time_s"] == 4800.0 and e["wall_time_session_s"] == 3000.0  # 3000 s for 550 steps, x 880 / 550
+    assert e["wall_time_estimated"] and e["resumed_at_step"] == 330
+    assert not list((d / "checkpoints").iterdir()) and (d / "final").is_dir()
+    (d / "summary.json").write_text(json.dumps({"resumed_from": None}))  # trained in one go: as the trainer says
+    e = json.loads(fr.record_run("math", "scale", "full-2-seed42", "full", {}, 42, d, row, "m", steps=880)
+                   .read_text())
+    assert e["wall_time_s"] == 3000.0 and "wall_time_estimated" not in e
