@@ -729,8 +729,9 @@ def choose(entries: list[tuple[dict[str, Any], dict[str, Any]]], within_budget: 
     return min(entries, key=lambda e: _probe_drop(e[1]))[0]
 
 
-def _val_result(entry: dict[str, Any]) -> Any:
-    """A ledger entry's validation task result (per-item columns), to compare two runs item by item."""
+def _entry_task(entry: dict[str, Any]) -> Any:
+    """A ledger entry's task result (per-item columns of its main metric: validation in the selection, the test
+    split in the final pass), to compare runs item by item."""
     return _task_result(entry["task_items"]["candidate"], entry["task_items"]["task"])
 
 
@@ -739,7 +740,7 @@ def edge_vs_next(edge: dict[str, Any], nxt: dict[str, Any]) -> Any:
     against the next point in: `delta` is the edge's validation metric minus the next point's."""
     from forgetless.retention.metrics import paired_test
 
-    a, b = _val_result(nxt), _val_result(edge)
+    a, b = _entry_task(nxt), _entry_task(edge)
     if a.item_ids != b.item_ids:
         raise SystemExit(f"error: {edge['run']} and {nxt['run']} were scored on other validation items")
     return paired_test(b.main_metric, a.columns, b.columns)
@@ -796,7 +797,6 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     vsuite = val_suite(scenario, files)
     seeds = [SELECT_SEED]
     stage_a: list[dict[str, Any]] = []
-    slid: list[dict[str, Any]] = []
     led: dict[str, dict[str, Any]] = {}
     for fam, spec in BASELINES.items():  # each baseline's grid, then one point past an edge its optimum lies beyond
         grid = _grid(fam, spec)
@@ -804,7 +804,6 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
         p = slide_point(fam, led)
         if p is not None:
             led = run_phase(scenario, "select", [p], seeds, vsuite, PROBE, args, files, prov_line)
-            slid.append(p)
         stage_a += grid + ([p] if p is not None else [])
     chosen: dict[str, Any] = {}
     outside: set[str] = set()
@@ -813,7 +812,7 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
         outside |= {g["name"] for g in every if g not in kept}
         pts = [(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in kept]
         chosen[fam] = choose(pts, within_budget=False)
-        if any(p["family"] == fam for p in slid) and chosen[fam]["name"] in (kept[0]["name"], kept[-1]["name"]):
+        if len(every) > len(kept) and chosen[fam]["name"] in (kept[0]["name"], kept[-1]["name"]):  # slid, at an edge
             nxt = kept[1] if chosen[fam]["name"] == kept[0]["name"] else kept[-2]
             c = edge_vs_next(led[f"{chosen[fam]['name']}-seed{SELECT_SEED}"], led[f"{nxt['name']}-seed{SELECT_SEED}"])
             if c.significant and not c.worse:
@@ -1082,7 +1081,7 @@ def verdicts(ledger: dict[str, dict[str, Any]], candidates: tuple[str, ...]) -> 
         return {"error": "the final pass has not run yet (no final full-FT runs in the ledger)"}
 
     def tasks(rows: list[dict[str, Any]]) -> list[Any]:
-        return [_task_result(e["task_items"]["candidate"], e["task_items"]["task"]) for e in rows]
+        return [_entry_task(e) for e in rows]
 
     base = _task_result(full[0]["task_items"]["base"], full[0]["task_items"]["task"])
     for fam in candidates:
