@@ -869,15 +869,20 @@ def selection(scenario: str, args: Any, files: dict[str, Path], prov_line: str) 
     return sel
 
 
+def _missing_full_run(led: dict[str, dict[str, Any]]) -> str | None:
+    """The first of full FT's stage-A runs (a slid grid's extra rate too) that the selection ledger `led` lacks."""
+    base = _grid("full", BASELINES["full"])
+    every = base if any(f"{g['name']}-seed{SELECT_SEED}" not in led for g in base) else \
+        baseline_points("full", led)[1]
+    return next((g["name"] for g in every if f"{g['name']}-seed{SELECT_SEED}" not in led), None)
+
+
 def _scale_points(scenario: str) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
     """scale_runs' answer, or None while stage A's full FT runs are not all in the selection ledger."""
     led = read_ledger(scenario, "select", tagged=False)
-    base = _grid("full", BASELINES["full"])
-    if any(f"{g['name']}-seed{SELECT_SEED}" not in led for g in base):
+    if _missing_full_run(led) is not None:
         return None
-    grid, every = baseline_points("full", led)
-    if any(f"{g['name']}-seed{SELECT_SEED}" not in led for g in every):  # the slid point is not trained yet
-        return None
+    grid, _ = baseline_points("full", led)
     chosen = choose([(g, led[f"{g['name']}-seed{SELECT_SEED}"]) for g in grid], within_budget=False)
     i = next(k for k, g in enumerate(grid) if g["name"] == chosen["name"])
     return [grid[i], grid[i - 1 if i > 0 else i + 1]], chosen
@@ -889,11 +894,7 @@ def scale_runs(scenario: str, args: Any = None) -> tuple[list[dict[str, Any]], d
     runs (a slid grid's extra rate too) must be in the selection ledger."""
     points = _scale_points(scenario)
     if points is None:
-        led = read_ledger(scenario, "select", tagged=False)
-        base = _grid("full", BASELINES["full"])
-        every = base if any(f"{g['name']}-seed{SELECT_SEED}" not in led for g in base) else \
-            baseline_points("full", led)[1]
-        missing = next(g["name"] for g in every if f"{g['name']}-seed{SELECT_SEED}" not in led)
+        missing = _missing_full_run(read_ledger(scenario, "select", tagged=False))
         raise SystemExit(f"error: the selection ledger has no {missing}-seed{SELECT_SEED}: run `select` first "
                          "(the scale check needs its stage A, full FT's learning rates)")
     return points
@@ -1450,7 +1451,8 @@ def plan(scenario: str, args: Any) -> dict[str, Any]:
     """How many trainings and scorings each phase takes, and an estimate of its hours: from the ledger's own runs
     where it has some, else from the tokens per second this bench's runs reached on a native-bf16 2-core CPU."""
     steps, sel_steps = steps_of(scenario, "final", args), steps_of(scenario, "select", args)
-    n_a = sum(len(baseline_points(f, read_ledger(scenario, "select"))[1]) for f in BASELINES)  # a slid grid: +1
+    sled = read_ledger(scenario, "select")
+    n_a = sum(len(baseline_points(f, sled)[1]) for f in BASELINES)  # a slid grid: +1
     n_b = sum(len(_grid(f, s)) for f, s in families(scenario).items() if "wise" not in s)
     n_wise = sum(len(_grid(f, s)) for f, s in families(scenario).items() if "wise" in s)
     n_final = (2 + (len(FINAL_CANDIDATES[scenario]) or 3)) * len(FINAL_SEEDS)
