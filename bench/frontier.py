@@ -479,8 +479,10 @@ def resumed_wall_time(run_dir: Path, wall_s: float | None, steps: int | None) ->
     resumed = json.loads(summary.read_text()).get("resumed_from") if summary.is_file() else None
     if not resumed or not wall_s or not steps:
         return {}
-    at = int(Path(resumed).name.split("-")[-1])
-    if at >= steps:
+    from forgetless.train.callbacks import checkpoint_step
+
+    at = checkpoint_step(resumed)
+    if at is None or at >= steps:
         return {}
     return {"wall_time_s": round(wall_s * steps / (steps - at), 2), "wall_time_estimated": True,
             "wall_time_session_s": wall_s, "resumed_at_step": at}

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import tiny_recipe
 
-from forgetless.train.callbacks import COMPLETE_MARKER
+from forgetless.train.callbacks import COMPLETE_MARKER, checkpoint_step, latest_complete_checkpoint
 
 
 def _cmd(recipe_path, *extra):
@@ -29,6 +29,21 @@ def _write(tmp_path, name, tiny_model, toy_data):
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(r))
     return p
+
+
+def test_the_latest_complete_checkpoint_is_the_highest_step_not_the_last_name(tmp_path):
+    # checkpoint-1000 sorts before checkpoint-990 as text; a stray checkpoint-old or an unmarked (half-written)
+    # checkpoint is not picked
+    for name, complete in [("checkpoint-990", True), ("checkpoint-1000", True), ("checkpoint-1100", False),
+                           ("checkpoint-old", True), ("checkpoint-", True)]:
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / COMPLETE_MARKER).write_text("")
+    assert latest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-1000"
+    assert [checkpoint_step(tmp_path / n) for n in ("checkpoint-990", "checkpoint-old", "checkpoint-", "ckpt-3")] == [
+        990, None, None, None]
+    assert checkpoint_step("runs/a/checkpoints/checkpoint-550") == 550
+    assert latest_complete_checkpoint(tmp_path / "absent") is None
 
 
 @pytest.mark.slow  # subprocesses / torchrun: minutes of the default run; CI runs it (make test-slow)

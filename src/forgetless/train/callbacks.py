@@ -258,7 +258,8 @@ class DivergenceGuard(TrainerCallback):
         if self.event is None or not is_main():
             return
         for p in ckpt_root.glob("checkpoint-*"):
-            if int(p.name.split("-")[-1]) >= self.event["step"] - 1 and (p / COMPLETE_MARKER).is_file():
+            step = checkpoint_step(p)
+            if step is not None and step >= self.event["step"] - 1 and (p / COMPLETE_MARKER).is_file():
                 (p / DIVERGED_MARKER).write_text(json.dumps(self.event))
                 (p / COMPLETE_MARKER).unlink()
 
@@ -285,6 +286,17 @@ class FaultPoints(TrainerCallback):
         faults.point(f"checkpoint@{state.global_step}")
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The optimizer step of an HF Trainer checkpoint directory, `.../checkpoint-N` -> N; None for any other name
+    (a stray `checkpoint-old` beside the real ones is not a checkpoint)."""
+    name = Path(path).name
+    prefix = "checkpoint-"
+    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+        return None
+    return int(name[len(prefix):])
+
+
 def latest_complete_checkpoint(ckpt_root: Path) -> Path | None:
-    done = [p for p in ckpt_root.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    done = [(step, p) for p in ckpt_root.glob("checkpoint-*")
+            if (step := checkpoint_step(p)) is not None and (p / COMPLETE_MARKER).is_file()]
+    return max(done, key=lambda sp: sp[0], default=(None, None))[1]

@@ -51,6 +51,7 @@ from .callbacks import (
     FaultPoints,
     MetricsLogger,
     RichProgress,
+    checkpoint_step,
     first_logged_loss,
     latest_complete_checkpoint,
 )
@@ -218,7 +219,8 @@ def _trim_metrics(path: Path, checkpoint: Path | None) -> None:
     if count is not None and count.is_file():
         keep = lines[: int(count.read_text())]
     else:
-        up_to_step = int(checkpoint.name.split("-")[-1]) if checkpoint is not None else -1
+        step = checkpoint_step(checkpoint) if checkpoint is not None else None
+        up_to_step = step if step is not None else -1
         keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= up_to_step]
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
