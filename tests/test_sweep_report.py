@@ -353,3 +353,27 @@ def test_with_jobs_a_failed_run_starts_no_queued_run(tmp_path, tiny_model, toy_d
     assert len(started) < 4, started
     state = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert {r["run"] for r in state["runs"]} <= set(started)
+
+
+def test_a_changed_recipe_names_the_one_stale_run_folder_when_it_holds_nothing(tmp_path, tiny_model, toy_data):
+    """A run whose recipe changed is refused. If its folder holds no finished run and no complete checkpoint, the
+    error names that folder. --overwrite would also delete every finished run beside it."""
+    from forgetless.orchestration import refuse_changed_recipes
+    from forgetless.recipe import dump_recipe, recipe_from_dict
+    from forgetless.train.callbacks import COMPLETE_MARKER
+
+    run_dir = tmp_path / "runs" / "a"
+    old = recipe_from_dict(tiny_recipe(tiny_model, toy_data, run_dir))
+    new = recipe_from_dict(tiny_recipe(tiny_model, toy_data, run_dir, optim__lr=1e-3))
+    run_dir.mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text(dump_recipe(old))
+    refuse_changed_recipes([("sweep run a", run_dir, old)], "the sweep")  # unchanged: resumed
+    with pytest.raises(ForgetlessError, match=r"holds neither a finished run nor a complete checkpoint") as e:
+        refuse_changed_recipes([("sweep run a", run_dir, new)], "the sweep")
+    assert str(run_dir) in str(e.value)
+    # a complete checkpoint (or a finished run) is something to lose: only --overwrite is offered
+    (run_dir / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-10" / COMPLETE_MARKER).write_text("")
+    with pytest.raises(ForgetlessError, match=r"its recipe changed since .*; pass --overwrite") as e:
+        refuse_changed_recipes([("sweep run a", run_dir, new)], "the sweep")
+    assert "deleting" not in str(e.value)

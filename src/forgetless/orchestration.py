@@ -17,6 +17,7 @@ from .errors import ForgetlessError
 from .lock import DirLock
 from .recipe import Recipe, load_recipe
 from .report import write_report
+from .train.callbacks import latest_complete_checkpoint
 from .train.run import refuse_diverged
 
 T = TypeVar("T")
@@ -63,6 +64,12 @@ def refuse_changed_recipes(runs: Iterable[tuple[str, Path, Recipe]], again: str)
     for label, run_dir, recipe in runs:
         saved = run_dir / "recipe.yaml"
         if saved.is_file() and load_recipe(saved).resolved() != recipe.resolved():
+            if not (run_dir / "summary.json").is_file() and latest_complete_checkpoint(run_dir / "checkpoints") is None:
+                # --overwrite would also delete every finished run beside it: name the one folder instead
+                raise ForgetlessError(f"{label}: its recipe changed since {saved} was written; {run_dir} holds "
+                                      "neither a finished run nor a complete checkpoint, so deleting that folder "
+                                      "loses nothing and trains it afresh with the new recipe (or pass --overwrite "
+                                      f"to start {again} again)")
             raise ForgetlessError(f"{label}: its recipe changed since {saved} was written; pass --overwrite to start "
                                   f"{again} again")
 
