@@ -22,7 +22,7 @@ from conftest import cli_out, tiny_recipe
 from forgetless.errors import ForgetlessError
 from forgetless.lock import DirLock, lock_path
 from forgetless.testing import ForkedCli
-from forgetless.train.callbacks import COMPLETE_MARKER, DIVERGED_MARKER
+from forgetless.train.callbacks import COMPLETE_MARKER, DIVERGED_MARKER, TRAIN_SECONDS
 
 
 def _recipe(tmp_path: Path, name: str, tiny_model, toy_data, **over) -> Path:
@@ -204,6 +204,15 @@ def test_disk_full_inside_a_trainer_checkpoint_keeps_the_previous_one_and_resume
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 10 and summary["resumed_from"].endswith("checkpoint-5")
     _assert_same_weights(run_dir, tmp_path / "ref")
+    # the whole run's training time: checkpoint-5 recorded the first session's seconds up to it, the summary adds
+    # the second session's (wall_time_s); an uninterrupted run's total is its wall time
+    before = float((run_dir / "checkpoints" / "checkpoint-5" / TRAIN_SECONDS).read_text())
+    assert 0 < before and abs(summary["train_time_total_s"] - (before + summary["wall_time_s"])) <= 0.011
+    ref_summary = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert ref_summary["train_time_total_s"] == ref_summary["wall_time_s"]
+    assert 0 < float((tmp_path / "ref" / "checkpoints" / "checkpoint-5" / TRAIN_SECONDS).read_text()) < float(
+        (tmp_path / "ref" / "checkpoints" / "checkpoint-10" / TRAIN_SECONDS).read_text()) <= ref_summary[
+        "wall_time_s"]
 
 
 # ---------------------------------------------------------------- divergence
@@ -283,7 +292,16 @@ def test_a_sweep_stops_on_a_diverged_run_and_never_scores_it(capsys, tiny_model,
     assert code == 2 and "training diverged at step" in err, err
     code, err = cli(capsys, "sweep", str(spec), "--quiet")  # run again: the diverged run is not a finished one
     assert code == 2 and "sweep run hot diverged at step" in err and "--overwrite" in err, err
-    assert not (tmp_path / "sweep" / "runs" / "hot" / "final").exists()
+    hot = tmp_path / "sweep" / "runs" / "hot"
+    # rich wraps long lines, a long path too: compared without whitespace
+    assert f"delete{hot}totrainjustthisrunagain" in "".join(err.split()), err
+    assert not (hot / "final").exists()
+    # its recipe changed, as the message asks: the diverged folder holds nothing to keep, and the error says so
+    base["optim"]["lr"] = 1e-3
+    spec.write_text(yaml.safe_dump({"name": "s", "base": base, "output_dir": str(tmp_path / "sweep"),
+                                    "runs": [{"name": "hot"}], "retention_suite": "self", "limit": 2}))
+    code, err = cli(capsys, "sweep", str(spec), "--quiet")
+    assert code == 2 and "holds neither a finished run nor a complete checkpoint" in " ".join(err.split()), err
 
 
 def test_divergence_factor_is_a_recipe_option(capsys, tiny_model, toy_data, tmp_path):

@@ -13,7 +13,13 @@ import pytest
 import yaml
 from conftest import tiny_recipe
 
-from forgetless.train.callbacks import COMPLETE_MARKER, checkpoint_step, latest_complete_checkpoint
+from forgetless.train.callbacks import (
+    COMPLETE_MARKER,
+    TRAIN_SECONDS,
+    checkpoint_step,
+    latest_complete_checkpoint,
+    train_seconds_before,
+)
 
 
 def _cmd(recipe_path, *extra):
@@ -44,6 +50,11 @@ def test_the_latest_complete_checkpoint_is_the_highest_step_not_the_last_name(tm
         990, None, None, None]
     assert checkpoint_step("runs/a/checkpoints/checkpoint-550") == 550
     assert latest_complete_checkpoint(tmp_path / "absent") is None
+    assert checkpoint_step("checkpoint-\u00b2") is None  # str.isdigit() takes a superscript 2; int() refuses it
+    # the training seconds before a checkpoint: 0 for a fresh start, unknown for one written without them
+    assert train_seconds_before(None) == 0.0 and train_seconds_before(tmp_path / "checkpoint-990") is None
+    (tmp_path / "checkpoint-990" / TRAIN_SECONDS).write_text("123.456\n")
+    assert train_seconds_before(tmp_path / "checkpoint-990") == 123.456
 
 
 @pytest.mark.slow  # subprocesses / torchrun: minutes of the default run; CI runs it (make test-slow)

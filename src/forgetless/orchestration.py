@@ -64,7 +64,9 @@ def refuse_changed_recipes(runs: Iterable[tuple[str, Path, Recipe]], again: str)
     for label, run_dir, recipe in runs:
         saved = run_dir / "recipe.yaml"
         if saved.is_file() and load_recipe(saved).resolved() != recipe.resolved():
-            if not (run_dir / "summary.json").is_file() and latest_complete_checkpoint(run_dir / "checkpoints") is None:
+            summary = run_dir / "summary.json"
+            finished = summary.is_file() and json.loads(summary.read_text()).get("status") != "diverged"
+            if not finished and latest_complete_checkpoint(run_dir / "checkpoints") is None:
                 # --overwrite would also delete every finished run beside it: name the one folder instead
                 raise ForgetlessError(f"{label}: its recipe changed since {saved} was written; {run_dir} holds "
                                       "neither a finished run nor a complete checkpoint, so deleting that folder "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 COMPLETE_MARKER = "FORGETLESS_COMPLETE"
 #: in each checkpoint: how many lines metrics.jsonl had when it was written (a resume keeps those, no more)
 METRICS_LINES = "forgetless_metrics_lines"
+#: in each checkpoint: the training seconds up to it, over every session of the run (absent where a session resumed
+#: from a checkpoint written before this file existed: then the total is unknown)
+TRAIN_SECONDS = "forgetless_train_seconds"
 DIVERGED_MARKER = "FORGETLESS_DIVERGED"
 
 
@@ -286,14 +290,23 @@ class FaultPoints(TrainerCallback):
         faults.point(f"checkpoint@{state.global_step}")
 
 
+_CHECKPOINT_NAME = re.compile(r"checkpoint-([0-9]+)")  # ASCII digits: str.isdigit() also takes "²", which int() refuses
+
+
 def checkpoint_step(path: str | Path) -> int | None:
     """The optimizer step of an HF Trainer checkpoint directory, `.../checkpoint-N` -> N; None for any other name
     (a stray `checkpoint-old` beside the real ones is not a checkpoint)."""
-    name = Path(path).name
-    prefix = "checkpoint-"
-    if not name.startswith(prefix) or not name[len(prefix):].isdigit():
-        return None
-    return int(name[len(prefix):])
+    m = _CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def train_seconds_before(checkpoint: Path | None) -> float | None:
+    """The training seconds a run had spent before `checkpoint` (0.0 with none: a fresh start); None where the
+    checkpoint does not record them (written before TRAIN_SECONDS existed)."""
+    if checkpoint is None:
+        return 0.0
+    f = Path(checkpoint) / TRAIN_SECONDS
+    return float(f.read_text()) if f.is_file() else None
 
 
 def latest_complete_checkpoint(ckpt_root: Path) -> Path | None:

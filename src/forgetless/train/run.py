@@ -54,6 +54,7 @@ from .callbacks import (
     checkpoint_step,
     first_logged_loss,
     latest_complete_checkpoint,
+    train_seconds_before,
 )
 from .model import (
     INITIAL_ADAPTER,
@@ -529,6 +530,9 @@ class Loop:
     seconds: float
     initial_loss: float | None
     diverged: dict[str, Any] | None
+    #: the training seconds over every session of the run (`seconds` plus those before the checkpoint it resumed
+    #: from); None where that checkpoint does not record them
+    total_seconds: float | None = None
 
 
 def train_loop(run: Run, trainer: Any, watch: Watch) -> Loop:
@@ -542,7 +546,10 @@ def train_loop(run: Run, trainer: Any, watch: Watch) -> Loop:
     elif run.data.validation:
         step_zero = StepZeroValidation(lambda: _initial_validation_loss(trainer, run.metrics_path, resuming))
         trainer.add_callback(step_zero)
+    before = dist.on_main(lambda: train_seconds_before(run.resume_from))
     t0 = time.perf_counter()
+    if before is not None:  # each checkpoint records the training seconds up to it, over every session
+        trainer.train_clock = lambda: before + time.perf_counter() - t0
     out = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     seconds = time.perf_counter() - t0
     if step_zero is not None:
@@ -555,7 +562,7 @@ def train_loop(run: Run, trainer: Any, watch: Watch) -> Loop:
         if watch.monitor is None or run.recipe.guard is None:
             _stop_diverged(run.recipe, run.dir, diverged, trainer.state, watch.metrics.last, run.resume_from)
         diverged["rolled_back_to_step"] = watch.monitor.rollback_before(diverged["step"] - 1)
-    return Loop(out, seconds, initial_loss, diverged)
+    return Loop(out, seconds, initial_loss, diverged, before + seconds if before is not None else None)
 
 
 # ---------------------------------------------------------------- finish
@@ -630,6 +637,8 @@ def _summary(run: Run, trainer: Any, watch: Watch, loop: Loop, final_eval: dict[
         "epochs": state.epoch,
         "tokens_seen": state.num_input_tokens_seen,
         "wall_time_s": round(train_time, 2),
+        # a resumed run's wall_time_s is its last session's: this is all its sessions' (None: unknown)
+        "train_time_total_s": round(loop.total_seconds, 2) if loop.total_seconds is not None else None,
         "tokens_per_s": round((state.num_input_tokens_seen - watch.metrics.start_tokens) / train_time, 1)
         if train_time > 0
         else None,
@@ -710,7 +719,8 @@ def refuse_diverged(summary: dict[str, Any], path: Path, what: str) -> None:
     if summary.get("status") == "diverged" and not (summary.get("output") or {}).get("final"):
         ev = summary.get("diverged") or {}
         raise ForgetlessError(f"{what} diverged at step {ev.get('step')} ({ev.get('why')}; see {path}); change its "
-                              "recipe and start again with --overwrite. " + _DIVERGED_HINT)
+                              f"recipe and delete {path.parent} to train just this run again (--overwrite starts "
+                              "everything again). " + _DIVERGED_HINT)
 
 
 def _save_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_dir: Path, model_path: str, bf16: bool) -> str:

@@ -17,7 +17,7 @@ from .. import faults
 from ..io import atomic_write_text, plain_modes
 from ..mitigations import Mitigation, MitigationCallback, loss_term
 from ..mitigations.base import save_states
-from .callbacks import METRICS_LINES, CheckpointMarker
+from .callbacks import METRICS_LINES, TRAIN_SECONDS, CheckpointMarker
 
 # A loss term: (model, inputs, outputs) -> tensor to add to the task loss, or None.
 LossTerm = Callable[[torch.nn.Module, dict[str, Any], Any], "torch.Tensor | None"]
@@ -49,6 +49,7 @@ class ForgetlessTrainer(Trainer):
                  loss_terms: list[LossTerm] | None = None, **kwargs: Any):
         mitigations = list(mitigations or [])
         self.metrics_path: Path | None = None  # set by the run: checkpoints record its line count
+        self.train_clock: Callable[[], float] | None = None  # set by the run: the training seconds so far, all sessions
         self.monitor: Any = None  # set by the run: the retention monitor (guard.MonitorCallback), saved in checkpoints
         self.mitigation_hooks = MitigationCallback(mitigations) if mitigations else None
         if self.mitigation_hooks is not None:
@@ -123,6 +124,8 @@ class ForgetlessTrainer(Trainer):
             if self.metrics_path is not None and self.args.process_index == 0:
                 lines = self.metrics_path.read_text().count("\n") if self.metrics_path.is_file() else 0
                 atomic_write_text(folder / METRICS_LINES, f"{lines}\n")
+            if self.train_clock is not None and self.args.process_index == 0:
+                atomic_write_text(folder / TRAIN_SECONDS, f"{self.train_clock():.3f}\n")
             plain_modes(folder)  # the Trainer's safetensors are written 0600 (forgetless.io.plain_modes)
         faults.point(f"written@{self.state.global_step}")  # written, not yet marked complete
 
