@@ -88,11 +88,12 @@ not in the ledger yet; `--jobs N` runs the N shards, round after round, then `re
 session or another machine of the same precision path resumes where the last stopped (runs in the ledger are not
 trained again; runs/ keeps the weights and per-run files while they exist). A scenario with `save_steps` in SCALE
 (math) checkpoints its runs, so an interrupted run continues from its newest checkpoint (bit-identical); its
-ledger entry then estimates the whole wall time from the last session's (`wall_time_estimated`), and the
-checkpoints are deleted once the run is in the ledger. The machine is the CPU model and flags
-(on a GPU, the GPU model) and the precision path; a CPU whose flags differ is refused unless `--allow-other-cpu`
-is given, after a `pair --tag` run there has reproduced a ledger run (the new runs then carry their own machine line,
-flags hash included, and the table lists each machine). `report` regenerates
+ledger entry then takes the training time over all its sessions, which each checkpoint records (estimated from
+the last session's for a checkpoint written before that, `wall_time_estimated`), and names each session's commit
+and machine (`sessions`); the checkpoints are deleted once the run is finished and in the ledger. The machine is
+the CPU model and flags (on a GPU, the GPU model) and the precision path; a CPU whose flags differ is refused
+unless `--allow-other-cpu` is given, after a `pair --tag` run there has reproduced a ledger run (the new runs then
+carry their own machine line, flags hash included, and the table lists each machine). `report` regenerates
 frontier-<scenario>.json/.md/.png from the ledger alone; hand-written remarks go in frontier-<scenario>.notes.md.
 """
 
@@ -460,32 +461,72 @@ def record_run(scenario: str, phase: str, run: str, family: str, settings: dict[
         "wall_time_s": row.get("wall_time_s"), "tokens_per_s": row.get("tokens_per_s"),
         "trainable_parameters": row.get("trainable_parameters"), "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    entry.update({k: row[k] for k in ("wall_time_estimated", "wall_time_unknown") if k in row})  # a merge's source
     entry.update(resumed_wall_time(run_dir, entry["wall_time_s"], steps))
+    sessions = sessions_file(run_dir)
+    if sessions.is_file():  # every session that trained it (one unless resumed)
+        entry["sessions"] = [json.loads(x) for x in sessions.read_text().splitlines() if x.strip()]
     for key, path in (extra_eval or {}).items():
         rep = json.loads(path.read_text())
         entry[key] = {k: rep["comparison"][k] for k in ("retention_score", "retention_ci", "abilities")}
     path = ledger_path(scenario, phase, run)
     atomic_write_json(path, entry)
-    for ck in (run_dir / "checkpoints").glob("checkpoint-*"):  # in the ledger now: its final model is what is used
-        shutil.rmtree(ck)
+    drop_checkpoints(run_dir)
     return path
 
 
 def resumed_wall_time(run_dir: Path, wall_s: float | None, steps: int | None) -> dict[str, Any]:
     """For a run resumed from a checkpoint (summary.json's `resumed_from`, .../checkpoint-N): the trainer's wall
-    time covers its last session only, so the entry's `wall_time_s` becomes that session's time per step times all
-    the steps, marked as an estimate, with the session's own time and the step it resumed at. Empty otherwise."""
-    summary = run_dir / "summary.json"
-    resumed = json.loads(summary.read_text()).get("resumed_from") if summary.is_file() else None
-    if not resumed or not wall_s or not steps:
-        return {}
+    time covers its last session only. The entry's `wall_time_s` becomes the training time over all its sessions,
+    which each checkpoint records (summary.json's `train_time_total_s`), and `tokens_per_s` the whole run's rate;
+    from a checkpoint without it (written before forgetless recorded it), the last session's time per step times
+    all the steps, marked `wall_time_estimated`; resumed at its last step from such a checkpoint (the session
+    trained nothing), unknown: None, marked `wall_time_unknown`. With the session's own time and the step it
+    resumed at. Empty for a run trained in one session."""
     from forgetless.train.callbacks import checkpoint_step
 
-    at = checkpoint_step(resumed)
-    if at is None or at >= steps:
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    resumed = summary.get("resumed_from")
+    if not resumed:
         return {}
-    return {"wall_time_s": round(wall_s * steps / (steps - at), 2), "wall_time_estimated": True,
-            "wall_time_session_s": wall_s, "resumed_at_step": at}
+    at = checkpoint_step(resumed)
+    out: dict[str, Any] = {"wall_time_session_s": wall_s, "resumed_at_step": at}
+    total, tokens = summary.get("train_time_total_s"), summary.get("tokens_seen")
+    if total:
+        out.update(wall_time_s=total, tokens_per_s=round(tokens / total, 1) if tokens else None)
+    elif at is not None and wall_s and steps and at < steps:
+        out.update(wall_time_s=round(wall_s * steps / (steps - at), 2), wall_time_estimated=True)
+    else:
+        out.update(wall_time_s=None, tokens_per_s=None, wall_time_unknown=True)
+    return out
+
+
+def drop_checkpoints(run_dir: Path) -> None:
+    """A finished run's checkpoints (summary.json written: nothing resumes from them again; its final model is
+    what is used)."""
+    if (run_dir / "summary.json").is_file():
+        for ck in (run_dir / "checkpoints").glob("checkpoint-*"):
+            shutil.rmtree(ck)
+
+
+def note_session(run_dir: Path) -> None:
+    """Append this invocation's commit and machine to the run's sessions file (`sessions/<run>.jsonl` beside the
+    phase's runs): a run resumed across sessions names every commit and machine that trained it."""
+    if not RUN_PROVENANCE:
+        return
+    from forgetless import provenance
+    from forgetless.io import append_jsonl
+
+    sessions_file(run_dir).parent.mkdir(parents=True, exist_ok=True)
+    append_jsonl(sessions_file(run_dir), {"commit": RUN_PROVENANCE.get("commit"),
+                                          "dirty": RUN_PROVENANCE.get("dirty"),
+                                          "machine": provenance.machine_line(RUN_PROVENANCE),
+                                          "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def sessions_file(run_dir: Path) -> Path:
+    return run_dir.parent.parent / "sessions" / f"{run_dir.name}.jsonl"
 
 
 # ---------------------------------------------------------------- runs
@@ -524,6 +565,9 @@ def train_run(scenario: str, phase: str, r: dict[str, Any], seed: int, task_suit
         "task_suite": str(task_suite), "retention_suite": retention, "budget": BUDGET,
         "output_dir": str(runs_root(scenario, args) / phase),
         "data_root": str(args.data_root), "eval_precision": "auto"})
+    run_dir = runs_root(scenario, args) / phase / "runs" / f"{r['name']}-seed{seed}"
+    if not (run_dir / "summary.json").is_file():  # this session trains it (or resumes it)
+        note_session(run_dir)
     state = run_sweep(cfg, folder=ROOT, report=False)
     return next(x for x in state["seed_runs"] if x["run"] == f"{r['name']}-seed{seed}")
 
@@ -542,6 +586,8 @@ def run_phase(scenario: str, phase: str, runs: list[dict[str, Any]], seeds: list
     units = [(r, seed) for r in runs for seed in seeds]
     for k, (r, seed) in enumerate(units):  # one training at a time, into the ledger as soon as it is scored
         run = f"{r['name']}-seed{seed}"
+        if run in done:  # killed between its ledger entry and the deletion of its checkpoints: delete them now
+            drop_checkpoints(source_dir(scenario, args, phase, run))  # its folder, whichever shard trained it
         if run in done or not mine(k):
             continue
         row = train_run(scenario, phase, r, seed, task_suite, retention, args, files)
@@ -647,7 +693,15 @@ def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: di
         if not (d / "forgetless_merge.json").is_file():
             merge(base_path, str(src), r["settings"]["wise_alpha"], d, overwrite=True, full=True)
         row, extra = score_model(d, base_path, task_suite, retention, args, replication)
-        row["wall_time_s"] = json.loads((src / "summary.json").read_text()).get("wall_time_s")
+        # the source's whole training time: its ledger entry's (over all its sessions), else its summary's
+        src_entry = read_ledger(scenario, phase).get(src.name)
+        if src_entry is not None:
+            row["wall_time_s"] = src_entry.get("wall_time_s")
+            row.update({k: src_entry[k] for k in ("wall_time_estimated", "wall_time_unknown") if k in src_entry})
+        else:
+            row["wall_time_s"] = json.loads((src / "summary.json").read_text()).get("wall_time_s")
+            row.update({k: v for k, v in resumed_wall_time(src, row["wall_time_s"], steps).items()
+                        if k in ("wall_time_s", "wall_time_estimated", "wall_time_unknown")})
         path = record_run(scenario, phase, run, r["family"], r["settings"], seed, d, row, prov_line, extra, steps)
         if reproduced is not None:
             from forgetless.io import atomic_write_json
@@ -668,6 +722,7 @@ def retrain_source(scenario: str, phase: str, src: Path, seed: int, task_suite: 
     name = src.name.removesuffix(f"-seed{seed}")
     row = train_run(scenario, phase, {"name": name, "settings": entry["settings"]}, seed, task_suite, retention,
                     args, files)
+    drop_checkpoints(src)  # not recorded again (its ledger entry stands): its checkpoints go here
     out = {"task_gain": [entry["task"]["gain"], row["task"]["gain"]],
            "retention_change": [entry["retention"]["change"], row["retention"]["change"]]}
     out["identical"] = all(a == b for a, b in out.values())
@@ -1182,8 +1237,14 @@ def family_rows(fin: dict[str, dict[str, Any]], fams: tuple[str, ...], cands: tu
         role = "baseline" if fam in ("full", "lora") else "candidate" if fam in cands else "measured"
         rows.append({"recipe": fam, "role": role, "seeds": [e["seed"] for e in es], "settings": es[0]["settings"],
                      "gain": gain, "drop": drop, "abilities": abilities, "replication_drop": rep,
-                     "wall_time_s": sum(e["wall_time_s"] or 0 for e in es) / len(es)})
+                     "wall_time_s": _mean_known([e["wall_time_s"] for e in es])})
     return rows
+
+
+def _mean_known(xs: list[float | None]) -> float | None:
+    """The mean of the known values (a resumed run's wall time can be unknown), None if none is."""
+    known = [x for x in xs if x is not None]
+    return sum(known) / len(known) if known else None
 
 
 def summarize_pair(scenario: str, prov: dict[str, Any] | None) -> dict[str, Any]:
@@ -1365,7 +1426,8 @@ def render_md(res: dict[str, Any]) -> str:
         lines.append(f"| {r['recipe']} | {r.get('role', '-')} | {len(r['seeds'])} | {_ci(r['gain'], '{:+.3f}')} | "
                      f"{_ci(r['drop'])} | "
                      + " | ".join(f"{r['abilities'].get(a, float('nan')):+.2f}" for a in abil)
-                     + f" | {_ci(r['replication_drop'])} | {r['wall_time_s']:.0f} |")
+                     + f" | {_ci(r['replication_drop'])} | "
+                     + (f"{r['wall_time_s']:.0f} |" if r["wall_time_s"] is not None else "- |"))
     sel = res.get("selection")
     if sel:
         lines += ["", f"Selection (seed {sel['seed']}, {sel.get('steps', '?')} steps, validation gain and "

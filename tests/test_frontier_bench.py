@@ -572,10 +572,13 @@ def test_shards_split_a_phase_and_each_merge_goes_where_its_source_trains(fr, mo
     monkeypatch.setattr(fr, "SHARD", None)  # and a phase run without shards finds what the shards trained
     assert fr.source_dir("med", args, "final", "full-ewc-seed44") == \
         tmp_path / "runs" / "shard-2of2" / "final" / "runs" / "full-ewc-seed44"
-    # run again once everything is in, a shard does nothing and completes
+    # run again once everything is in, a shard does nothing and completes; checkpoints a kill left beside a
+    # recorded run (between its ledger entry and their deletion) are deleted, whichever shard trained it
     n = len(trained)
+    left = tmp_path / "runs" / "shard-2of2" / "final" / "runs" / "full-ewc-seed44" / "checkpoints" / "checkpoint-5"
+    left.mkdir(parents=True)
     fr.final("med", args, {}, "m")
-    assert len(trained) == n
+    assert len(trained) == n and not left.exists()
     assert fr.parse_shard("2/8") == (2, 8)
     for bad in ("0/2", "3/2", "2", "a/b"):
         with pytest.raises(SystemExit, match="--shard"):
@@ -811,3 +814,73 @@ def test_long_math_runs_checkpoint_and_a_resumed_run_gets_its_whole_wall_time_an
     e = json.loads(fr.record_run("math", "scale", "full-2-seed42", "full", {}, 42, d, row, "m", steps=880)
                    .read_text())
     assert e["wall_time_s"] == 3000.0 and "wall_time_estimated" not in e
+
+
+def test_a_resumed_run_takes_its_recorded_training_time_and_names_every_session(fr, monkeypatch, tmp_path):
+    """A run resumed from a checkpoint that records the training seconds before it: the entry's wall time is the
+    summary's total over all sessions (not estimated) and its tokens/s the whole run's; resumed at its last step
+    from a checkpoint without them, the wall time is unknown, never the few seconds the last session took. Each
+    session that trained it is named (commit, machine) in the entry."""
+    d = tmp_path / "runs" / "scale" / "runs" / "full-2-seed42"
+    (d / "checkpoints" / "checkpoint-880").mkdir(parents=True)
+    items = {"tasks": {"math_val_ce": _cols([5.0, 6.0])}, "base": {"tasks": {"math_val_ce": _cols([7.0, 8.0])}}}
+    (d / "eval-task.items.json").write_text(json.dumps(items))
+    row = {"task": {"gain": 0.2}, "retention": {"change": -0.05}, "wall_time_s": 2000.0, "tokens_per_s": 250.0}
+    (d / "summary.json").write_text(json.dumps({"resumed_from": str(d / "checkpoints" / "checkpoint-550"),
+                                                "train_time_total_s": 5500.0, "tokens_seen": 1_100_000}))
+    monkeypatch.setattr(fr, "RUN_PROVENANCE", {"commit": "abc", "dirty": False, "machine": {"cpu": "X"},
+                                               "precision": {}})
+    import forgetless.provenance
+
+    monkeypatch.setattr(forgetless.provenance, "machine_line", lambda prov: f"cpu {prov['machine']['cpu']}")
+    fr.note_session(d)
+    fr.RUN_PROVENANCE["commit"] = "def"
+    fr.note_session(d)
+    e = json.loads(fr.record_run("math", "scale", "full-2-seed42", "full", {}, 42, d, row, "m", steps=880)
+                   .read_text())
+    assert e["wall_time_s"] == 5500.0 and e["tokens_per_s"] == 200.0 and e["wall_time_session_s"] == 2000.0
+    assert e["resumed_at_step"] == 550 and "wall_time_estimated" not in e and "wall_time_unknown" not in e
+    assert [(s["commit"], s["machine"]) for s in e["sessions"]] == [("abc", "cpu X"), ("def", "cpu X")]
+    assert not (d / "checkpoints" / "checkpoint-880").exists()  # finished and recorded
+    # resumed at checkpoint-880 of 880 (killed during the final evaluation), the checkpoint without its seconds:
+    # the last session trained nothing, so its time says nothing of the run's
+    (d / "summary.json").write_text(json.dumps({"resumed_from": str(d / "checkpoints" / "checkpoint-880")}))
+    row["tokens_per_s"] = 0.0
+    e = json.loads(fr.record_run("math", "scale", "full-2-seed42", "full", {}, 42, d, row, "m", steps=880)
+                   .read_text())
+    assert e["wall_time_s"] is None and e["tokens_per_s"] is None and e["wall_time_unknown"]
+    # an unfinished run (no summary.json) keeps its checkpoints
+    u = tmp_path / "unfinished"
+    (u / "checkpoints" / "checkpoint-110").mkdir(parents=True)
+    fr.drop_checkpoints(u)
+    assert (u / "checkpoints" / "checkpoint-110").is_dir()
+    assert fr._mean_known([100.0, None, 300.0]) == 200.0 and fr._mean_known([None]) is None
+
+
+def test_a_wise_merge_costs_its_source_runs_whole_training_time(fr, monkeypatch, tmp_path):
+    """A merge has no training of its own: its wall time is its source's over all the source's sessions (the
+    source's ledger entry), not the source's last session's summary."""
+    import forgetless.merge
+    import forgetless.models
+
+    args = SimpleNamespace(steps=None, out=tmp_path / "runs", data_root=tmp_path, device="cpu", model="m")
+    src = fr.runs_root("math", args) / "select" / "runs" / "full-ewc-1-seed42"
+    src.mkdir(parents=True)
+    (src / "summary.json").write_text(json.dumps({"wall_time_s": 400.0,
+                                                  "resumed_from": str(src / "checkpoints" / "checkpoint-110")}))
+    led = fr.ledger_path("math", "select", "full-ewc-1-seed42")
+    led.parent.mkdir(parents=True)
+    led.write_text(json.dumps({"run": "full-ewc-1-seed42", "settings": {}, "steps": 160, "wall_time_s": 1280.0,
+                               "wall_time_estimated": True}))
+    monkeypatch.setattr(forgetless.models, "resolve_model", lambda m: SimpleNamespace(path="base"))
+    monkeypatch.setattr(forgetless.merge, "merge", lambda *a, **k: None)
+    monkeypatch.setattr(fr, "score_model", lambda d, *a: ({"wall_time_s": None}, {}))
+    rows = []
+    monkeypatch.setattr(fr, "record_run", lambda sc, ph, run, fam, settings, seed, d, row, *a: rows.append(row))
+    runs = [{"name": "wise-ewc-0", "family": "wise-ewc", "settings": {"wise_alpha": 0.75}}]
+    fr.wise_runs("math", "select", runs, {42: src}, Path("t.yaml"), "general-probe", args, "m", {})
+    assert rows == [{"wall_time_s": 1280.0, "wall_time_estimated": True}]
+    led.unlink()  # not in the ledger (yet): the source's summary, its whole time estimated (400 s x 160 / 50)
+    rows.clear()
+    fr.wise_runs("math", "select", runs, {42: src}, Path("t.yaml"), "general-probe", args, "m", {})
+    assert rows == [{"wall_time_s": 1280.0, "wall_time_estimated": True}]
