@@ -694,7 +694,7 @@ def wise_runs(scenario: str, phase: str, runs: list[dict[str, Any]], sources: di
             merge(base_path, str(src), r["settings"]["wise_alpha"], d, overwrite=True, full=True)
         row, extra = score_model(d, base_path, task_suite, retention, args, replication)
         # the source's whole training time: its ledger entry's (over all its sessions), else its summary's
-        src_entry = read_ledger(scenario, phase).get(src.name)
+        src_entry = done.get(src.name)
         if src_entry is not None:
             row["wall_time_s"] = src_entry.get("wall_time_s")
             row.update({k: src_entry[k] for k in ("wall_time_estimated", "wall_time_unknown") if k in src_entry})
