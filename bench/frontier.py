@@ -1237,8 +1237,19 @@ def family_rows(fin: dict[str, dict[str, Any]], fams: tuple[str, ...], cands: tu
         role = "baseline" if fam in ("full", "lora") else "candidate" if fam in cands else "measured"
         rows.append({"recipe": fam, "role": role, "seeds": [e["seed"] for e in es], "settings": es[0]["settings"],
                      "gain": gain, "drop": drop, "abilities": abilities, "replication_drop": rep,
-                     "wall_time_s": _mean_known([e["wall_time_s"] for e in es])})
+                     "wall_time_s": _mean_known([e["wall_time_s"] for e in es]),
+                     "wall_time_known": sum(e["wall_time_s"] is not None for e in es),
+                     "wall_time_estimated": any(e.get("wall_time_estimated") for e in es)})
     return rows
+
+
+def _train_s(row: dict[str, Any]) -> str:
+    """A row's mean training seconds for the table: "~" marks an estimate, "(k of n)" a mean over the known seeds."""
+    if row["wall_time_s"] is None:
+        return "-"
+    known, n = row.get("wall_time_known", len(row["seeds"])), len(row["seeds"])
+    return (f"{'~' if row.get('wall_time_estimated') else ''}{row['wall_time_s']:.0f}"
+            + (f" ({known} of {n})" if known < n else ""))
 
 
 def _mean_known(xs: list[float | None]) -> float | None:
@@ -1426,8 +1437,12 @@ def render_md(res: dict[str, Any]) -> str:
         lines.append(f"| {r['recipe']} | {r.get('role', '-')} | {len(r['seeds'])} | {_ci(r['gain'], '{:+.3f}')} | "
                      f"{_ci(r['drop'])} | "
                      + " | ".join(f"{r['abilities'].get(a, float('nan')):+.2f}" for a in abil)
-                     + f" | {_ci(r['replication_drop'])} | "
-                     + (f"{r['wall_time_s']:.0f} |" if r["wall_time_s"] is not None else "- |"))
+                     + f" | {_ci(r['replication_drop'])} | {_train_s(r)} |")
+    if any(r.get("wall_time_estimated") or r.get("wall_time_known", len(r["seeds"])) < len(r["seeds"])
+           for r in res["rows"]):
+        lines += ["", "train s: the training loop's seconds, mean over seeds; ~ = a resumed run's time estimated from "
+                  "its last session (its checkpoint predates the recorded training time); (k of n) = the mean of "
+                  "the k seeds whose time is known."]
     sel = res.get("selection")
     if sel:
         lines += ["", f"Selection (seed {sel['seed']}, {sel.get('steps', '?')} steps, validation gain and "

@@ -857,6 +857,21 @@ def test_a_resumed_run_takes_its_recorded_training_time_and_names_every_session(
     assert fr._mean_known([100.0, None, 300.0]) == 200.0 and fr._mean_known([None]) is None
 
 
+def test_the_final_table_marks_estimated_and_unknown_training_times(fr):
+    base = np.full(20, 25.0)
+    for seed, (wall, est) in zip((42, 43, 44), ((600.0, False), (900.0, True), (None, False))):
+        e = _entry(fr, "full", seed, base - 5, base, -0.05)
+        e.update(wall_time_s=wall, **({"wall_time_estimated": True} if est else {}))
+        fr.ledger_path("med", "final", e["run"]).write_text(json.dumps(e))
+    (row,) = fr.family_rows(fr.read_ledger("med", "final"), ("full",), ())
+    assert (row["wall_time_s"], row["wall_time_known"], row["wall_time_estimated"]) == (750.0, 2, True)
+    assert fr._train_s(row) == "~750 (2 of 3)"
+    assert fr._train_s({**row, "wall_time_known": 3, "wall_time_estimated": False}) == "750"
+    assert fr._train_s({**row, "wall_time_s": None}) == "-"
+    md = fr.render_md(json.loads(json.dumps(fr.summarize("med", None))))
+    assert "| ~750 (2 of 3) |" in md and "~ = a resumed run's time estimated" in md
+
+
 def test_a_wise_merge_costs_its_source_runs_whole_training_time(fr, monkeypatch, tmp_path):
     """A merge has no training of its own: its wall time is its source's over all the source's sessions (the
     source's ledger entry), not the source's last session's summary."""
