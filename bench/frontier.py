@@ -1243,6 +1243,21 @@ def family_rows(fin: dict[str, dict[str, Any]], fams: tuple[str, ...], cands: tu
     return rows
 
 
+def _settings_shown(settings: dict[str, Any]) -> dict[str, Any]:
+    """What tells a run's settings apart in a table: the rate, WiSE-FT's alpha, the adapter's init, and each
+    mitigation's and self-distillation's scalar settings (data paths left out)."""
+    scalar = (int, float, str, bool)
+    shown = {k: settings[k] for k in ("optim.lr", "wise_alpha") if k in settings}
+    if isinstance(settings.get("method"), dict) and "init" in settings["method"]:
+        shown["init"] = settings["method"]["init"]
+    for k, v in (settings.get("data.self_distill") or {}).items():
+        if isinstance(v, scalar):
+            shown[f"self_distill.{k}"] = v
+    for m in settings.get("mitigations") or []:
+        shown.update({f"{m['name']}.{k}": v for k, v in m.items() if k != "name" and isinstance(v, scalar)})
+    return shown
+
+
 def _train_s(row: dict[str, Any]) -> str:
     """A row's mean training seconds for the table: "~" marks an estimate, "(k of n)" a mean over the known seeds."""
     if row["wall_time_s"] is None:
@@ -1470,7 +1485,7 @@ def render_md(res: dict[str, Any]) -> str:
                   "| run | family | settings | validation gain [95% CI] | probe drop, points [95% CI] |",
                   "|---|---|---|---|---|"]
         for t in prog["table"]:
-            shown = {k: v for k, v in t["settings"].items() if k in ("optim.lr", "wise_alpha")}
+            shown = _settings_shown(t["settings"])
             lines.append(f"| {t['run']} | {t['family']} | {json.dumps(shown) if shown else '-'} | {t['val_gain']:+.3f} "
                          f"[{t['val_gain_ci'][0]:+.3f}, {t['val_gain_ci'][1]:+.3f}] | {t['probe_drop']:+.2f} "
                          f"[{t['probe_drop_ci'][0]:+.2f}, {t['probe_drop_ci'][1]:+.2f}] |")

@@ -186,6 +186,13 @@ def test_a_selection_under_way_is_shown_from_the_ledger(fr):
     assert res["selection_machines"] == ["test CPU"] and "(nothing chosen yet). Machines: test CPU." in md
     assert '| full-1-seed42 | full | {"optim.lr": 5e-05} | +0.100' in md
     assert "+4.50 [+4.20, +4.80]" in md
+    # what sets a candidate's runs apart is shown too (not the data paths)
+    assert fr._settings_shown({"method": {"name": "lora", "r": 16, "init": "milora"}, "optim.lr": 2e-3,
+                               "data.self_distill": {"mode": "on_policy", "accept": {"kind": "answer"}},
+                               "mitigations": [{"name": "replay", "ratio": 0.05, "data": {"train": "x.json"}},
+                                               {"name": "kl", "weight": 0.3}], "wise_alpha": 0.5}) == {
+        "optim.lr": 2e-3, "wise_alpha": 0.5, "init": "milora", "self_distill.mode": "on_policy",
+        "replay.ratio": 0.05, "kl.weight": 0.3}
 
 
 def test_a_ledger_entry_from_other_settings_or_steps_is_refused_not_reused(fr, monkeypatch):
