@@ -866,7 +866,7 @@ def test_a_resumed_run_takes_its_recorded_training_time_and_names_every_session(
 
 def test_the_final_table_marks_estimated_and_unknown_training_times(fr):
     base = np.full(20, 25.0)
-    for seed, (wall, est) in zip((42, 43, 44), ((600.0, False), (900.0, True), (None, False))):
+    for seed, (wall, est) in zip((42, 43, 44), ((600.0, False), (900.0, True), (None, False)), strict=True):
         e = _entry(fr, "full", seed, base - 5, base, -0.05)
         e.update(wall_time_s=wall, **({"wall_time_estimated": True} if est else {}))
         fr.ledger_path("med", "final", e["run"]).write_text(json.dumps(e))
