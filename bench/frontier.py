@@ -511,8 +511,9 @@ def drop_checkpoints(run_dir: Path) -> None:
 
 
 def note_session(run_dir: Path) -> None:
-    """Append this invocation's commit and machine to the run's sessions file (`sessions/<run>.jsonl` beside the
-    phase's runs): a run resumed across sessions names every commit and machine that trained it."""
+    """Append this invocation's commit and machine to the run's sessions file (`sessions/<phase>/<run>.jsonl`
+    beside the phases' folders, outside the phase's sweep folder: a file there would make a fresh runs folder's
+    sweep refuse it as not its own): a run resumed across sessions names every commit and machine that trained it."""
     if not RUN_PROVENANCE:
         return
     from forgetless import provenance
@@ -526,7 +527,12 @@ def note_session(run_dir: Path) -> None:
 
 
 def sessions_file(run_dir: Path) -> Path:
-    return run_dir.parent.parent / "sessions" / f"{run_dir.name}.jsonl"
+    """Where `note_session` writes (runs/<phase>/runs/<run> -> runs/sessions/<phase>/<run>.jsonl); a run begun
+    before 2026-12-05 kept it in the phase's folder (runs/<phase>/sessions/<run>.jsonl), which is read if there."""
+    phase = run_dir.parent.parent
+    new = phase.parent / "sessions" / phase.name / f"{run_dir.name}.jsonl"
+    old = phase / "sessions" / f"{run_dir.name}.jsonl"
+    return old if old.is_file() and not new.is_file() else new
 
 
 # ---------------------------------------------------------------- runs

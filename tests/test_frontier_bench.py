@@ -864,6 +864,35 @@ def test_a_resumed_run_takes_its_recorded_training_time_and_names_every_session(
     assert fr._mean_known([100.0, None, 300.0]) == 200.0 and fr._mean_known([None]) is None
 
 
+def test_a_first_session_on_a_fresh_runs_folder_leaves_the_phase_folder_to_its_sweep(fr, monkeypatch, tmp_path):
+    """On a machine without the runs folder (runs/ does not travel), the session note of the first run to train
+    is written before its sweep claims the phase's folder: it must not land there, or the sweep refuses the folder
+    as not its own. A run begun under the older layout keeps its notes where they are."""
+    from forgetless.errors import ForgetlessError
+    from forgetless.orchestration import claim_dir
+
+    monkeypatch.setattr(fr, "RUN_PROVENANCE", {"commit": "abc", "dirty": False, "machine": {"cpu": "X"},
+                                               "precision": {}})
+    import forgetless.provenance
+
+    monkeypatch.setattr(forgetless.provenance, "machine_line", lambda prov: "cpu X")
+    phase = tmp_path / "runs" / "select"
+    fr.note_session(phase / "runs" / "lora-1-seed42")
+    assert fr.sessions_file(phase / "runs" / "lora-1-seed42") == tmp_path / "runs" / "sessions" / "select" / \
+        "lora-1-seed42.jsonl"
+    assert not phase.exists()
+    assert claim_dir(phase, ("sweep.json", "sweep.yaml"), "sweep", False) is False  # claimed, not refused
+    (tmp_path / "other" / "sessions").mkdir(parents=True)  # what the older layout did to a fresh folder:
+    with pytest.raises(ForgetlessError, match="not a sweep directory"):
+        claim_dir(tmp_path / "other", ("sweep.json", "sweep.yaml"), "sweep", False)
+    legacy = tmp_path / "old" / "select"
+    (legacy / "sessions").mkdir(parents=True)
+    (legacy / "sessions" / "full-1-seed42.jsonl").write_text('{"commit": "zzz"}\n')
+    fr.note_session(legacy / "runs" / "full-1-seed42")
+    assert [json.loads(x)["commit"] for x in (legacy / "sessions" / "full-1-seed42.jsonl").read_text().splitlines()] \
+        == ["zzz", "abc"]
+
+
 def test_the_final_table_marks_estimated_and_unknown_training_times(fr):
     base = np.full(20, 25.0)
     for seed, (wall, est) in zip((42, 43, 44), ((600.0, False), (900.0, True), (None, False)), strict=True):
