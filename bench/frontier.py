@@ -528,7 +528,7 @@ def note_session(run_dir: Path) -> None:
 
 def sessions_file(run_dir: Path) -> Path:
     """Where `note_session` writes (runs/<phase>/runs/<run> -> runs/sessions/<phase>/<run>.jsonl); a run begun
-    before 2026-12-05 kept it in the phase's folder (runs/<phase>/sessions/<run>.jsonl), which is read if there."""
+    before commit 2c01834 kept it in the phase's folder (runs/<phase>/sessions/<run>.jsonl), which is read if there."""
     phase = run_dir.parent.parent
     new = phase.parent / "sessions" / phase.name / f"{run_dir.name}.jsonl"
     old = phase / "sessions" / f"{run_dir.name}.jsonl"
