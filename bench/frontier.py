@@ -1324,17 +1324,18 @@ def machine_of(entry: dict[str, Any]) -> str:
 
 def machines_text(lines: list[str]) -> str:
     """Machine lines (provenance.machine_line) for a sentence: lines that differ only in their date (the runs of
-    one machine and commit, started a little apart) are written once, with their dates' range."""
+    one machine and commit, started a little apart) are written once, with their dates' range, in the order of
+    their first date (the dates are ISO 8601 in UTC, so they sort as text)."""
     groups: dict[str, list[str]] = {}
     for line in lines:
         head, _, date = line.rpartition(", ")
         groups.setdefault(head or line, []).append(date if head else "")
-    out = []
+    spans = []
     for head, dates in groups.items():
         dates = sorted(d for d in dates if d)
-        out.append(head if not dates else f"{head}, {dates[0]}" if len(dates) == 1 else
-                   f"{head}, {dates[0]} to {dates[-1]}")
-    return "; ".join(out) or "-"
+        spans.append((dates[0] if dates else "", head if not dates else f"{head}, {dates[0]}" if len(dates) == 1
+                      else f"{head}, {dates[0]} to {dates[-1]}"))
+    return "; ".join(text for _, text in sorted(spans, key=lambda s: s[0])) or "-"
 
 
 def render_pair_md(res: dict[str, Any]) -> str:

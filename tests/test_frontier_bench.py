@@ -499,13 +499,14 @@ def test_pair_report_shows_each_run_beside_the_main_ledgers_and_its_own_verdict(
     assert {r["recipe"]: r["role"] for r in res["rows"]}[extra] == "measured"
 
 
-def test_machine_lines_that_differ_only_in_date_are_written_once(fr):
+def test_machine_lines_that_differ_only_in_date_are_written_once_in_time_order(fr):
     a = "Xeon (AVX512, native bf16: True), 2 threads, device cuda, commit 2ec33dda71"
     b = "EPYC (AVX2, native bf16: False), 2 threads, device cpu, commit 4611fe6adb"
     lines = [f"{a}, 2026-12-04T17:50:29+00:00", f"{a}, 2026-12-04T17:50:26+00:00", f"{b}, 2026-12-03T09:53:29+00:00",
              f"{a}, 2026-12-04T17:50:27+00:00"]
-    assert fr.machines_text(lines) == (f"{a}, 2026-12-04T17:50:26+00:00 to 2026-12-04T17:50:29+00:00; "
-                                       f"{b}, 2026-12-03T09:53:29+00:00")
+    # in time order: b's run came first, though a's line sorts first as text
+    assert fr.machines_text(lines) == (f"{b}, 2026-12-03T09:53:29+00:00; "
+                                       f"{a}, 2026-12-04T17:50:26+00:00 to 2026-12-04T17:50:29+00:00")
     assert fr.machines_text([]) == "-"
 
 
