@@ -238,7 +238,9 @@ CANDIDATE_FAMILIES: dict[str, dict[str, Any]] = {
 
 # Pre-registered after the selection phase, before the final pass (at most 3 names from CANDIDATE_FAMILIES).
 # med: named by the rule from bench/results/frontier-med/selection.json (seed 42, 160 steps), 2026-12-03.
-FINAL_CANDIDATES: dict[str, tuple[str, ...]] = {"med": ("full-ewc", "wise-ewc", "full-replay-ewc"), "math": ()}
+# math: named by the rule from bench/results/frontier-math/selection.json (seed 42, 160 steps), 2026-12-05.
+FINAL_CANDIDATES: dict[str, tuple[str, ...]] = {"med": ("full-ewc", "wise-ewc", "full-replay-ewc"),
+                                                "math": ("full-ewc", "full-replay-ewc", "wise-ewc")}
 
 # Measured over the final seeds beside the verdict, never judged: the new defences (self-distilled targets,
 # knowledge-preserving adapter inits) that the rule did not name, so their forgetting also rests on 3 seeds.

@@ -76,6 +76,18 @@ def test_grids_have_at_most_three_points_and_lora_rates_up_to_20x(fr):
     assert all(len(v) <= 3 for v in fr.FINAL_CANDIDATES.values())
 
 
+def test_the_preregistered_candidates_are_the_rules_choice_from_the_committed_selection(fr):
+    # the rule re-applied to each committed selection.json names what FINAL_CANDIDATES holds, in its order
+    checked = 0
+    for scenario, names in fr.FINAL_CANDIDATES.items():
+        path = REPO / "bench" / "results" / f"frontier-{scenario}" / "selection.json"
+        if names and path.is_file():
+            sel = json.loads(path.read_text())
+            assert fr.preregister(sel) == names == tuple(sel["preregister_rule"]), scenario
+            checked += 1
+    assert checked == 2  # med and math are both pre-registered
+
+
 def test_final_refuses_without_preregistered_candidates(fr, tmp_path):
     (fr.out_dir("med")).mkdir(parents=True)
     (fr.out_dir("med") / "selection.json").write_text(json.dumps({"chosen": {}}))
