@@ -1681,8 +1681,11 @@ def report(args: Any) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["plan", "select", "scale", "final", "extras", "pair", "report"])
-    ap.add_argument("--scenario", choices=sorted(SCALE), required=True)
+    ap.add_argument("phase", nargs="?", choices=["plan", "select", "scale", "final", "extras", "pair", "report"])
+    ap.add_argument("--scenario", choices=sorted(SCALE), default=None, help="required unless --render")
+    ap.add_argument("--render", type=Path, default=None, metavar="FILE",
+                    help="only re-render the markdown beside a saved result (FILE.json -> FILE.md) from the JSON "
+                         "alone, and exit")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -1706,6 +1709,15 @@ def main() -> None:
                          "path; its new runs carry this machine. Check first with `pair --tag` that this CPU "
                          "reproduces a ledger run")
     args = ap.parse_args()
+    if args.render:
+        if args.phase:
+            ap.error("--render re-renders a saved result: give no phase")
+        from forgetless.io import atomic_write_text
+
+        atomic_write_text(args.render.with_suffix(".md"), render_md(json.loads(args.render.read_text())))
+        return
+    if not args.phase or not args.scenario:
+        ap.error("a phase and --scenario are required (unless --render FILE)")
     os.chdir(ROOT)
     global TAG
     if args.tag:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -948,3 +950,18 @@ def test_a_wise_merge_costs_its_source_runs_whole_training_time(fr, monkeypatch,
     rows.clear()
     fr.wise_runs("math", "select", runs, {42: src}, Path("t.yaml"), "general-probe", args, "m", {})
     assert rows == [{"wall_time_s": 1280.0, "wall_time_estimated": True}]
+
+
+def test_render_rewrites_a_saved_results_markdown_from_its_json_alone(fr, tmp_path, monkeypatch, capsys):
+    saved = tmp_path / "frontier-med.json"
+    shutil.copy(REPO / "bench" / "results" / "frontier-med.json", saved)
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--render", str(saved)])
+    fr.main()
+    assert (tmp_path / "frontier-med.md").read_text() == fr.render_md(json.loads(saved.read_text()))
+    assert (tmp_path / "frontier-med.md").read_text() == (REPO / "bench" / "results" / "frontier-med.md").read_text()
+    for argv in (["plan", "--render", str(saved)], ["plan"], ["--scenario", "med"]):
+        monkeypatch.setattr(sys, "argv", ["frontier.py", *argv])
+        with pytest.raises(SystemExit):
+            fr.main()
+    err = capsys.readouterr().err
+    assert "give no phase" in err and err.count("a phase and --scenario are required") == 2
