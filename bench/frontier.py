@@ -1712,6 +1712,8 @@ def main() -> None:
     if args.render:
         if args.phase:
             ap.error("--render re-renders a saved result: give no phase")
+        if not args.render.is_file():
+            ap.error(f"--render {args.render}: no such file")
         from forgetless.io import atomic_write_text
 
         atomic_write_text(args.render.with_suffix(".md"), render_md(json.loads(args.render.read_text())))
