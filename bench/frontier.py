@@ -1332,11 +1332,13 @@ def machines_text(lines: list[str]) -> str:
     for line in lines:
         head, _, date = line.rpartition(", ")
         groups.setdefault(head or line, []).append(date if head else "")
-    spans = []
+    spans = []  # (first date, text)
     for head, dates in groups.items():
         dates = sorted(d for d in dates if d)
-        spans.append((dates[0] if dates else "", head if not dates else f"{head}, {dates[0]}" if len(dates) == 1
-                      else f"{head}, {dates[0]} to {dates[-1]}"))
+        if not dates:
+            spans.append(("", head))
+        else:
+            spans.append((dates[0], f"{head}, {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else "")))
     return "; ".join(text for _, text in sorted(spans, key=lambda s: s[0])) or "-"
 
 
