@@ -181,9 +181,9 @@ def main() -> None:
                     help="only re-render bench/results/continual.md from this saved JSON result and exit")
     args = ap.parse_args()
     if args.render:
-        from forgetless.io import atomic_write_text
+        from saved_result import rerender
 
-        atomic_write_text(RESULTS / "continual.md", render_md(json.loads(args.render.read_text())))
+        rerender(args.render, render_md)
         return
     os.chdir(ROOT)
     args.data_root = args.data_root.resolve()

@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from forgetless import precision, provenance  # noqa: E402
+from forgetless.io import atomic_write_text  # noqa: E402
 from forgetless.models import resolve_model  # noqa: E402
 from forgetless.retention.evaluate import evaluate  # noqa: E402
 from forgetless.retention.kinds import multiple_choice as mc  # noqa: E402
@@ -290,17 +291,21 @@ def main() -> None:
     ap.add_argument("--lm-eval-modes", default="fp32,bf16", help=f"lm-eval precision modes among {','.join(LM_MODES)}")
     ap.add_argument("--forgetless-modes", default="bf16,fp32")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=RESULTS / "eval_speed.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result JSON (default bench/results/eval_speed.json; with --render, the saved file itself)")
     ap.add_argument("--note", default=None, help="a remark stored in the JSON and shown in the markdown")
     ap.add_argument("--render", type=Path, default=None,
-                    help="re-render the markdown of a saved JSON result (to --out's .md) and exit")
+                    help="re-render the markdown of a saved JSON result (beside it, or beside --out) and exit")
     args = ap.parse_args()
     if args.render:
-        result = json.loads(args.render.read_text())
+        from saved_result import load
+
+        result = load(args.render)
         if args.note:
             result["note"] = args.note
-        write(result, args.out)
+        write(result, args.out or args.render)
         return
+    args.out = args.out or RESULTS / "eval_speed.json"
 
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -364,7 +369,7 @@ def main() -> None:
                    "machine": {**mach, "loadavg_end": list(os.getloadavg())}, "lm_eval_fp32_seconds": runs_by_b,
                    "fastest": batch, "provenance": provenance.finish(prov)}
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(out, indent=2) + "\n")
+            atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
             print(json.dumps(out, indent=2))
             return
     else:
@@ -541,8 +546,8 @@ def write(result: dict[str, Any], out: Path) -> None:
     md = render_md(result)
     print("\n" + md)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(md)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), md)
     log(f"wrote {out} and {out.with_suffix('.md')}")
 
 

@@ -469,7 +469,9 @@ def main() -> None:
                     help="only re-render the .md and .png beside this saved JSON result, and exit")
     args = ap.parse_args()
     if args.render:
-        render(json.loads(args.render.read_text()), args.render.with_suffix(""))
+        from saved_result import load
+
+        render(load(args.render), args.render.with_suffix(""))
         return
     if args.scenario is None:
         ap.error("--scenario is required (med or math)")

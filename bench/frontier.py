@@ -1714,11 +1714,9 @@ def main() -> None:
     if args.render:
         if args.phase:
             ap.error("--render re-renders a saved result: give no phase")
-        if not args.render.is_file():
-            ap.error(f"--render {args.render}: no such file")
-        from forgetless.io import atomic_write_text
+        from saved_result import rerender
 
-        atomic_write_text(args.render.with_suffix(".md"), render_md(json.loads(args.render.read_text())))
+        rerender(args.render, render_md)
         return
     if not args.phase or not args.scenario:
         ap.error("a phase and --scenario are required (unless --render FILE)")

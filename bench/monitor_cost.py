@@ -89,7 +89,9 @@ def main() -> None:
                     help="only re-render the markdown of this saved JSON result (beside it) and exit")
     args = ap.parse_args()
     if args.render:
-        atomic_write_text(args.render.with_suffix(".md"), render_md(json.loads(args.render.read_text())))
+        from saved_result import rerender
+
+        rerender(args.render, render_md)
         return
     model = resolve_model(args.model).path
     # both runs train at the resolved precision (recipe(): train.bf16): that is the path measured

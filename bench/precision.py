@@ -517,10 +517,12 @@ def render_md(res: dict[str, Any]) -> str:
 
 
 def write(res: dict[str, Any], out: Path) -> None:
+    from forgetless.io import atomic_write_text
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(res, indent=2) + "\n")
     md = render_md(res)
-    out.with_suffix(".md").write_text(md)
+    atomic_write_text(out.with_suffix(".md"), md)
     print(md)
     print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
 
@@ -545,9 +547,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.render is not None:
         for path in args.render or sorted(RESULTS.glob("precision-*.json")):
-            md = render_md(json.loads(path.read_text()))
-            path.with_suffix(".md").write_text(md)
-            print(md)
+            from saved_result import rerender
+
+            print(rerender(path, render_md).read_text())
         return
     if args.out is None:
         from forgetless.precision import cpu_identity

@@ -265,7 +265,9 @@ def main() -> None:
                     help="only re-render the markdown of this saved JSON result (beside it) and exit")
     args = ap.parse_args()
     if args.render:
-        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        from saved_result import rerender
+
+        rerender(args.render, markdown)
         return
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT / "bench"))

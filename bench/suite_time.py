@@ -21,7 +21,6 @@ times in a row (each judged against the target; the verdict is on the slowest).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -70,7 +69,9 @@ def main() -> None:
                     help="only re-render the markdown of this saved JSON result (beside it) and exit")
     args = ap.parse_args()
     if args.render:
-        atomic_write_text(args.render.with_suffix(".md"), render_md(json.loads(args.render.read_text())))
+        from saved_result import rerender
+
+        rerender(args.render, render_md)
         return
     torch.set_flush_denormal(True)
     path = resolve_model(args.model).path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -104,3 +105,33 @@ def test_monitor_cost_is_judged_on_the_side_by_side_wall_ratio():
     assert "Process time of each monitored run (start to exit)" in md and "1.400x, 1.143x; mean 1.272x -> FAIL" in md
     del runs["plain-3"]["process_s"]  # one run without it: all judged on the loop's time, as saved before
     assert mod.judge(runs, list(runs))["ratio_on"] == "wall_time_s"
+
+
+RENDER_SCRIPTS = [s for s, _ in CASES] + ["precision"]
+
+
+@pytest.mark.parametrize("script", RENDER_SCRIPTS)
+def test_render_flag_rewrites_the_markdown_beside_a_saved_json_and_names_a_bad_file(script, tmp_path, monkeypatch):
+    """`bench/<script>.py --render FILE` writes FILE.md from FILE.json alone (the committed markdown, for a copy of
+    a committed result), and a missing, non-JSON or non-object FILE stops it with one line naming the file."""
+    pattern = dict(CASES).get(script, "precision-*.json")
+    committed = sorted(RESULTS.glob(pattern))[0]
+    saved = tmp_path / committed.name
+    shutil.copy(committed, saved)
+    mod = _bench_module(script)
+    monkeypatch.syspath_prepend(str(BENCH))  # as `python bench/<script>.py` runs: its siblings importable
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--render", str(saved)])
+    mod.main()
+    assert saved.with_suffix(".md").read_text() == committed.with_suffix(".md").read_text()
+    assert json.loads(saved.read_text()) == json.loads(committed.read_text())  # the saved result is left as it was
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".png")) == [
+        saved.name, saved.with_suffix(".md").name]  # nothing else written (forgetting also redraws its .png)
+    (tmp_path / "array.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text('{"rows": [')
+    for name, message in (("missing.json", "no such file"), ("array.json", "not a bench result (the JSON holds a "
+                          "list"), ("broken.json", "not a JSON bench result (Expecting value")):
+        monkeypatch.setattr(sys, "argv", [f"{script}.py", "--render", str(tmp_path / name)])
+        with pytest.raises(SystemExit) as e:
+            mod.main()
+        assert str(e.value).startswith(f"error: --render {tmp_path / name}: {message}")
+        assert not (tmp_path / name).with_suffix(".md").exists()
