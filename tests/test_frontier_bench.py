@@ -952,13 +952,10 @@ def test_a_wise_merge_costs_its_source_runs_whole_training_time(fr, monkeypatch,
     assert rows == [{"wall_time_s": 1280.0, "wall_time_estimated": True}]
 
 
-def test_render_rewrites_a_saved_results_markdown_from_its_json_alone(fr, tmp_path, monkeypatch, capsys):
+def test_render_takes_no_phase_and_a_phase_needs_a_scenario(fr, tmp_path, monkeypatch, capsys):
+    """--render FILE itself is tested with every bench's (test_bench_render); here, frontier's own argument rules."""
     saved = tmp_path / "frontier-med.json"
     shutil.copy(REPO / "bench" / "results" / "frontier-med.json", saved)
-    monkeypatch.setattr(sys, "argv", ["frontier.py", "--render", str(saved)])
-    fr.main()
-    assert (tmp_path / "frontier-med.md").read_text() == fr.render_md(json.loads(saved.read_text()))
-    assert (tmp_path / "frontier-med.md").read_text() == (REPO / "bench" / "results" / "frontier-med.md").read_text()
     for argv in (["plan", "--render", str(saved)], ["plan"], ["--scenario", "med"]):
         monkeypatch.setattr(sys, "argv", ["frontier.py", *argv])
         with pytest.raises(SystemExit):
