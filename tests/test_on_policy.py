@@ -233,6 +233,9 @@ def test_on_policy_errors():
         recipe_from_dict({**base, "mitigations": ["kl"]})
     with pytest.raises(RecipeError, match="needs one prompt per example: not data.packing"):
         recipe_from_dict({**base, "data": {**base["data"], "packing": True}})
+    for mode in ("offline", "on_policy"):  # refused when the recipe is read, not after the model has loaded
+        with pytest.raises(RecipeError, match="self_distill needs prompt/answer data .* not format text"):
+            recipe_from_dict({**base, "data": {**base["data"], "format": "text", "self_distill": {"mode": mode}}})
 
 
 def test_sampled_generation_keeps_eos_and_ignores_the_models_sampling_defaults(tiny_model):

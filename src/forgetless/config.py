@@ -98,8 +98,8 @@ class SelfDistillAccept(Strict):
         "rewrite matches `pattern`.")
     min: float = Field(0.35, ge=0, le=1, description="rouge_l: the least ROUGE-L F1 against the reference.")
     pattern: str | None = Field(None, description="answer: a regex with a group, the answer (default "
-                                "'####\\s*(\\S+)'; with alternatives, the first group that matched); regex: what "
-                                "the rewrite must contain.")
+                                "'####\\s*(\\S+)', GSM8K's; option letters need a pattern of their own; with "
+                                "alternatives, the first group that matched); regex: what the rewrite must contain.")
 
     @model_validator(mode="before")
     @classmethod
@@ -142,8 +142,8 @@ class SelfDistillConfig(Strict):
         "sample a response to each training prompt at every step; the loss is the per-token KL from the model to "
         "the teacher (the same model given `template`, with the reference answer) over the sampled tokens.")
     template: str = Field(SELF_DISTILL_TEMPLATE, description="The rewrite request (offline), the teacher's prompt "
-                          "(on_policy): {prompt} and {answer} are replaced by the training prompt and its reference "
-                          "answer.")
+                          "(on_policy): {prompt} and {answer} (both required) are replaced by the training prompt and "
+                          "its reference answer; write any other brace doubled ({{ and }}).")
     accept: SelfDistillAccept = Field(default_factory=SelfDistillAccept, description="offline: when a rewrite "
                                       "replaces the reference.")
     max_new_tokens: int = Field(256, gt=0, description="Longest rewrite (offline: one that reaches it is truncated "
@@ -228,6 +228,9 @@ class DataConfig(Strict):
         if self.format == "chat" and self.chat_template is False:
             raise ValueError("chat_template: false with format chat: conversations are always rendered with the "
                              "tokenizer's chat template (remove chat_template, or use format prompt_completion)")
+        if self.self_distill is not None and self.format == "text":
+            raise ValueError("self_distill needs prompt/answer data (format chat, instruction or prompt_completion), "
+                             "not format text: plain text has no response to rewrite or to learn toward")
         return self
 
     @property

@@ -260,9 +260,8 @@ class Recipe(Strict):
             if "kl" in names:
                 raise ValueError("mitigations.kl: not combined with data.self_distill mode on_policy (the training "
                                  "examples are prompts only: the KL term would score no response)")
-            if self.data.packing or self.data.format == "text":
-                raise ValueError("data.self_distill mode on_policy needs one prompt per example: not "
-                                 + ("data.packing" if self.data.packing else "data.format text"))
+            if self.data.packing:  # (format text is refused by DataConfig, for both modes)
+                raise ValueError("data.self_distill mode on_policy needs one prompt per example: not data.packing")
         for m in self.mitigations:
             MITIGATIONS[m.name].check_recipe(m, self)
             for key in type(m).model_fields:  # type: ignore[attr-defined]  # each is a pydantic model

@@ -97,9 +97,10 @@ class LoraMethod(TrainingMethod):
     init: Literal["default", "gaussian", "pissa", "orthonormal", "milora", "corda_kpm", "corda_ipm", "eva"] = Field(
         "default", description="Adapter initialisation (see methods/lora.py): default, gaussian, pissa, orthonormal "
         "(PEFT's OLoRA), milora, corda_kpm, corda_ipm, eva; pissa, orthonormal, milora and corda move part of the "
-        "base into the adapter.")
+        "base into the adapter (method lora only); qlora takes default and gaussian only.")
     init_data: DataConfig | None = Field(None, description="corda_kpm (required: e.g. world-knowledge questions), "
-                                         "corda_ipm, eva: the calibration data; default the training data.")
+                                         "corda_ipm, eva: the calibration data; default the training data (refused "
+                                         "with the other inits, and with self_distill in it).")
     init_samples: int = Field(256, gt=0, description="Calibration examples for corda / eva.")
 
     @model_validator(mode="after")
