@@ -1436,7 +1436,10 @@ def render_md(res: dict[str, Any]) -> str:
              f"{machines_text(res['machines'])}.", ""]
     fd = res["full_drop"]
     if fd:
-        lines.append(f"Plain full FT's retention drop: {_ci(fd)} points over {fd['n_seeds']} seed(s): "
+        n, total = fd["n_seeds"], len(res["final_seeds"])
+        seeds = f"{n} seed{'s' * (n != 1)}" if n >= total else f"{n} of {total} seeds so far"
+        lines.append(f"Plain full FT's retention drop over {seeds}: "
+                     f"{_ci({k: v for k, v in fd.items() if k != 'n_seeds'})} points: "
                      + ("reaches" if fd["reaches_min"] else "**does not reach**")
                      + f" the {res['min_full_drop']:g} points the bench is sized for.")
         lines.append("")
