@@ -178,10 +178,10 @@ def main() -> None:
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--overwrite", action="store_true", help="start the named strategies' sequences afresh")
     ap.add_argument("--render", type=Path, default=None,
-                    help="only re-render bench/results/continual.md from this saved JSON result and exit")
+                    help="only re-render the markdown of this saved JSON result (beside it) and exit")
     args = ap.parse_args()
     if args.render:
-        from saved_result import rerender
+        from _saved_result import rerender
 
         rerender(args.render, render_md)
         return

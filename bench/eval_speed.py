@@ -298,7 +298,7 @@ def main() -> None:
                     help="re-render the markdown of a saved JSON result (beside it, or beside --out) and exit")
     args = ap.parse_args()
     if args.render:
-        from saved_result import load
+        from _saved_result import load
 
         result = load(args.render)
         if args.note:

@@ -469,7 +469,7 @@ def main() -> None:
                     help="only re-render the .md and .png beside this saved JSON result, and exit")
     args = ap.parse_args()
     if args.render:
-        from saved_result import load
+        from _saved_result import load
 
         render(load(args.render), args.render.with_suffix(""))
         return

@@ -1717,7 +1717,7 @@ def main() -> None:
     if args.render:
         if args.phase:
             ap.error("--render re-renders a saved result: give no phase")
-        from saved_result import rerender
+        from _saved_result import rerender
 
         rerender(args.render, render_md)
         return

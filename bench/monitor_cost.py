@@ -89,7 +89,7 @@ def main() -> None:
                     help="only re-render the markdown of this saved JSON result (beside it) and exit")
     args = ap.parse_args()
     if args.render:
-        from saved_result import rerender
+        from _saved_result import rerender
 
         rerender(args.render, render_md)
         return

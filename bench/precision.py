@@ -546,9 +546,9 @@ def main() -> None:
                     "and exit")
     args = ap.parse_args()
     if args.render is not None:
-        for path in args.render or sorted(RESULTS.glob("precision-*.json")):
-            from saved_result import rerender
+        from _saved_result import rerender
 
+        for path in args.render or sorted(RESULTS.glob("precision-*.json")):
             print(rerender(path, render_md).read_text())
         return
     if args.out is None:

@@ -22,7 +22,8 @@ from forgetless.precision import Precision
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py"))  # every bench script, a new one included
+# every bench script, a new one included (a module named _x is a helper the scripts share, not a bench)
+SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_"))
 
 
 def _cpuinfo() -> tuple[str | None, str | None]:
