@@ -297,14 +297,10 @@ def check_recipe(recipe: Any) -> str:
             f"method.name: {recipe.method.name} is not supported with {where} (supported: "
             f"{', '.join(recipe.shardable_names('methods'))}); use engine: ddp"
         )
-    if getattr(recipe.method, "moves_base", False):
-        raise RecipeError(f"method.init: {recipe.method.init} is not supported with {where} (its adapter is converted "
-                          "against the original base when saved, which the sharded save does not do); use engine: ddp "
-                          "or init default / gaussian")
-    if getattr(recipe.method, "init", None) == "eva":
-        raise RecipeError(f"method.init: eva is not supported with {where} (each process calibrates its own adapter, "
-                          "and a 2-process FSDP run's final adapter differed from one process's by 2% of a tensor's "
-                          "norm: not made correct yet); use engine: ddp or init default / gaussian")
+    init_why = getattr(recipe.method, "unsharded_init_why", None)  # LoRA-type methods: an init that cannot shard
+    if init_why:
+        raise RecipeError(f"method.init: {recipe.method.init} is not supported with {where} ({init_why}); use engine: "
+                          "ddp or init default / gaussian")
     for m, cls in zip(recipe.mitigations, recipe.mitigation_classes(), strict=True):
         why = cls.unsharded_why if not cls.shardable else cls.deepspeed_why if eng == "deepspeed" else ""
         if why:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DataConfig, SelfDistillAccept
-from ..errors import DataError
 from ..fingerprint import fingerprint_model
 from ..lock import DirLock
 from ..progress import bar
@@ -93,9 +92,6 @@ def build_requests(records: list[Record], cfg: DataConfig, tokenizer: Any) -> li
     """Every response to rewrite, with the prompt the model answers (chat template where training uses one)."""
     sd = cfg.self_distill
     assert sd is not None
-    if cfg.format == "text":
-        raise DataError("data.self_distill needs prompt/answer data (format chat, instruction or prompt_completion), "
-                        "not format text")
     chat = uses_chat_template(cfg, tokenizer)
     out: list[Request] = []
     for i, rec in enumerate(records):
