@@ -22,6 +22,7 @@ per-choice |log-likelihood difference| come from lm-eval's logged samples and fo
 
 The JSON's `provenance` block (forgetless.provenance) names the commit, versions, CPU, allocator and the precision
 paths measured (the headline forgetless mode as `dtype`, every mode under `modes`, and what `auto` resolves to).
+The JSON and its markdown hold only what the run measured; hand-written remarks go in eval_speed.notes.md.
 """
 
 from __future__ import annotations
@@ -293,17 +294,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None,
                     help="result JSON (default bench/results/eval_speed.json; with --render, the saved file itself)")
-    ap.add_argument("--note", default=None, help="a remark stored in the JSON and shown in the markdown")
     ap.add_argument("--render", type=Path, default=None,
                     help="re-render the markdown of a saved JSON result (beside it, or beside --out) and exit")
     args = ap.parse_args()
     if args.render:
         from _saved_result import load
 
-        result = load(args.render)
-        if args.note:
-            result["note"] = args.note
-        write(result, args.out or args.render)
+        write(load(args.render), args.out or args.render)
         return
     args.out = args.out or RESULTS / "eval_speed.json"
 
@@ -465,8 +462,6 @@ def main() -> None:
         "provenance": provenance.finish(prov),
     }
 
-    if args.note:
-        result["note"] = args.note
     write(result, args.out)
 
 
@@ -494,8 +489,6 @@ def render_md(result: dict[str, Any]) -> str:
              f"each, interleaved per task (order in the JSON). Headline: forgetless {fl_head} vs lm-eval {lm_head}.",
              ""]
     lines += [provenance.provenance_line(result), ""]
-    if result.get("note"):
-        lines += [f"Note: {result['note']}", ""]
     lines += ["## verdict", ""]
     for m, worst in result["worst_acc_diff_pts"].items():
         ok = worst <= tgt["max_acc_diff_pts"] + 1e-9
