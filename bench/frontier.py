@@ -1388,11 +1388,12 @@ def render_pair_md(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ci(x: dict[str, Any] | None, fmt: str = "{:+.2f}") -> str:
+def _ci(x: dict[str, Any] | None, fmt: str = "{:+.2f}", *, seeds: bool = True) -> str:
+    """`mean [low, high]`; with `seeds`, " (1 seed)" after an interval that rests on one seed."""
     if not x:
         return "-"
     return (fmt + " [" + fmt + ", " + fmt + "]").format(x["mean"], x["ci"][0], x["ci"][1]) + (
-        " (1 seed)" if x.get("n_seeds") == 1 else "")
+        " (1 seed)" if seeds and x.get("n_seeds") == 1 else "")
 
 
 def _scale_lines(st: dict[str, Any] | None) -> list[str]:
@@ -1439,7 +1440,7 @@ def render_md(res: dict[str, Any]) -> str:
         n, total = fd["n_seeds"], len(res["final_seeds"])
         seeds = f"{n} seed{'s' * (n != 1)}" if n >= total else f"{n} of {total} seeds so far"
         lines.append(f"Plain full FT's retention drop over {seeds}: "
-                     f"{_ci({k: v for k, v in fd.items() if k != 'n_seeds'})} points: "
+                     f"{_ci(fd, seeds=False)} points: "
                      + ("reaches" if fd["reaches_min"] else "**does not reach**")
                      + f" the {res['min_full_drop']:g} points the bench is sized for.")
         lines.append("")
