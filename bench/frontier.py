@@ -1266,13 +1266,21 @@ def _settings_shown(settings: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
+def _train_marks(row: dict[str, Any]) -> tuple[str, str]:
+    """What marks a row's training time in the table: "~" before an estimate, " (k of n)" after a mean over the k
+    seeds whose time is known; none for a row with no time."""
+    if row["wall_time_s"] is None:
+        return "", ""
+    known, n = row.get("wall_time_known", len(row["seeds"])), len(row["seeds"])
+    return "~" if row.get("wall_time_estimated") else "", f" ({known} of {n})" if known < n else ""
+
+
 def _train_s(row: dict[str, Any]) -> str:
-    """A row's mean training seconds for the table: "~" marks an estimate, "(k of n)" a mean over the known seeds."""
+    """A row's mean training seconds for the table, marked by `_train_marks`."""
     if row["wall_time_s"] is None:
         return "-"
-    known, n = row.get("wall_time_known", len(row["seeds"])), len(row["seeds"])
-    return (f"{'~' if row.get('wall_time_estimated') else ''}{row['wall_time_s']:.0f}"
-            + (f" ({known} of {n})" if known < n else ""))
+    before, after = _train_marks(row)
+    return f"{before}{row['wall_time_s']:.0f}{after}"
 
 
 def _mean_known(xs: list[float | None]) -> float | None:
@@ -1468,8 +1476,7 @@ def render_md(res: dict[str, Any]) -> str:
                      f"{_ci(r['drop'])} | "
                      + " | ".join(f"{r['abilities'].get(a, float('nan')):+.2f}" for a in abil)
                      + f" | {_ci(r['replication_drop'])} | {_train_s(r)} |")
-    if any(r.get("wall_time_estimated") or r.get("wall_time_known", len(r["seeds"])) < len(r["seeds"])
-           for r in res["rows"]):
+    if any(any(_train_marks(r)) for r in res["rows"]):
         lines += ["", "train s: the training loop's seconds, mean over seeds; ~ = a resumed run's time estimated from "
                   "its last session (its checkpoint predates the recorded training time); (k of n) = the mean of "
                   "the k seeds whose time is known."]

@@ -919,6 +919,7 @@ def test_the_final_table_marks_estimated_and_unknown_training_times(fr):
     assert fr._train_s(row) == "~750 (2 of 3)"
     assert fr._train_s({**row, "wall_time_known": 3, "wall_time_estimated": False}) == "750"
     assert fr._train_s({**row, "wall_time_s": None}) == "-"
+    assert fr._train_marks({**row, "wall_time_s": None}) == ("", "")  # no time, nothing for the legend to explain
     md = fr.render_md(json.loads(json.dumps(fr.summarize("med", None))))
     assert "| ~750 (2 of 3) |" in md and "~ = a resumed run's time estimated" in md
 
