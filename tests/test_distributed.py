@@ -538,9 +538,9 @@ def test_sharded_engines_refuse_what_they_cannot_run_naming_the_key():
         ({"guard": {"budget": 0.01}, "train": {"distributed": "zero3", "device": "cuda"}}, "guard"),
         ({"method": "qlora"}, "method.name"),
         ({"method": {"name": "lora", "init": "pissa"}}, "method.init: pissa"),
-        ({"method": {"name": "lora", "init": "eva"}}, "method.init: eva is not supported"),
     ]
     assert check(method={"name": "lora", "init": "gaussian"}) == "fsdp"
+    assert check(method={"name": "lora", "init": "eva"}) == "fsdp"  # calibrated alike in every process (test_fsdp.py)
     for over, words in cases:
         with pytest.raises(RecipeError, match=words.replace(".", r"\.")):
             check(**over)

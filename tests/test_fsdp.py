@@ -160,6 +160,8 @@ def runs(tiny_model, toy_data, tmp_path_factory):
         # LoRA (dropout off: each process would draw its own masks), KL through the sharded model's disabled
         # adapters, merged at the end
         "lora-kl": ([{"name": "kl", "weight": 1.0}], {"name": "lora", "r": 4, "dropout": 0.0}, {"merge": True}),
+        # EVA's data-driven init: every process calibrates on the same examples before sharding
+        "lora-eva": ([], {"name": "lora", "r": 4, "dropout": 0.0, "init": "eva", "init_samples": 16}, {}),
     }
     files = []
 
@@ -197,10 +199,10 @@ def runs(tiny_model, toy_data, tmp_path_factory):
             "plain_yaml": next(f for f in files if f.endswith("plain.yaml"))}
 
 
-@pytest.mark.parametrize("kind", ["plain", "l2sp", "ewc", "si", "kl", "replay", "freeze", "lora-kl"])
+@pytest.mark.parametrize("kind", ["plain", "l2sp", "ewc", "si", "kl", "replay", "freeze", "lora-kl", "lora-eva"])
 def test_a_sharded_run_matches_one_process_with_the_same_global_batch(runs, kind):
     a, b = runs["fsdp"] / kind, runs["one"] / kind
-    _assert_as_one_process(a, b, "adapter_model.safetensors" if kind == "lora-kl" else "model.safetensors")
+    _assert_as_one_process(a, b, "adapter_model.safetensors" if kind.startswith("lora") else "model.safetensors")
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sa["distributed"]["engine"] == "fsdp" and sa["distributed"]["world_size"] == 2
     assert sa["final_validation_loss"] == pytest.approx(sb["final_validation_loss"], rel=RTOL)

@@ -138,9 +138,6 @@ class LoraMethod(TrainingMethod):
         """Why this init cannot run under FSDP or DeepSpeed (distributed.check_recipe refuses it), or None."""
         if self.moves_base:
             return "its adapter is converted against the original base when saved, which the sharded save does not do"
-        if self.init == "eva":
-            return ("each process calibrates its own adapter, and a 2-process FSDP run's final adapter differed from "
-                    "one process's by 2% of a tensor's norm: not made correct yet")
         return None
 
     def peft_config(self, model_path: str) -> Any:
@@ -212,7 +209,11 @@ class LoraMethod(TrainingMethod):
                         "attention_mask": torch.ones(1, len(ex["input_ids"]), dtype=torch.long, device=device)}
                        for ex in examples]
             with heartbeat(f"method.init eva: each layer's input directions over {len(examples)} calibration examples"):
-                initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False)
+                # every process holds the same calibration examples (they are not sharded), so each computes one
+                # process's init itself; PEFT's default gathers every rank's layer inputs, which would feed the
+                # incremental SVD each input world_size times and change its path (a 2% different adapter, measured)
+                initialize_lora_eva_weights(peft_model, dataloader=batches, show_progress_bar=False,
+                                            gather_distributed_inputs=False)
             return peft_model
         model = super().wrap(model, ctx)
         if self.init == "milora":
