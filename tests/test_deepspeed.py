@@ -42,14 +42,19 @@ def zero(tiny_model, toy_data, tmp_path_factory):
     import forgetless.train as ft
     from forgetless.recipe import recipe_from_dict
 
-    kinds = {"plain": [], "replay": [{"name": "replay", "ratio": 0.2, "data": instr}]}
-    for kind, mit in kinds.items():
+    # LoRA with EVA's data-driven init: every process calibrates on the same examples before the engine wraps it.
+    # It trains last in each launch: after a ZeRO-3 run in the same process its model must still load whole
+    eva = {"name": "lora", "r": 4, "dropout": 0.0, "init": "eva", "init_samples": 16}
+    kinds = {"plain": ([], None), "replay": ([{"name": "replay", "ratio": 0.2, "data": instr}], None),
+             "lora-eva": ([], eva)}
+    for kind, (mit, method) in kinds.items():
         with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(base / "home1")}):
-            ft.train(recipe_from_dict(_recipe(kind, tiny_model, toy_data, base / "one", False, mit)), quiet=True)
+            ft.train(recipe_from_dict(_recipe(kind, tiny_model, toy_data, base / "one", False, mit, method)),
+                     quiet=True)
     for stage in (2, 3):
         files = []
-        for kind, mit in kinds.items():
-            spec = _recipe(kind, tiny_model, toy_data, base / f"zero{stage}", True, mit)
+        for kind, (mit, method) in kinds.items():
+            spec = _recipe(kind, tiny_model, toy_data, base / f"zero{stage}", True, mit, method)
             spec["train"]["distributed"] = f"zero{stage}"
             files.append(base / f"zero{stage}-{kind}.yaml")
             files[-1].write_text(yaml.safe_dump(spec))
@@ -58,7 +63,7 @@ def zero(tiny_model, toy_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("kind", ["plain", "replay"])
+@pytest.mark.parametrize("kind", ["plain", "replay", "lora-eva"])
 def test_zero_on_cpu_matches_one_process_with_the_same_global_batch(zero, stage, kind):
     a, b = zero / f"zero{stage}" / kind, zero / "one" / kind
     la, lb = _losses(a), _losses(b)
@@ -66,7 +71,8 @@ def test_zero_on_cpu_matches_one_process_with_the_same_global_batch(zero, stage,
     assert max(abs(la[s] - lb[s]) / abs(lb[s]) for s in lb) < RTOL, (la, lb)
     summary = json.loads((a / "summary.json").read_text())
     assert summary["distributed"]["engine"] == "deepspeed" and summary["distributed"]["world_size"] == 2
-    wa, wb = _load(a / "final" / "model.safetensors"), _load(b / "final" / "model.safetensors")
+    weights = "adapter_model.safetensors" if kind == "lora-eva" else "model.safetensors"
+    wa, wb = _load(a / "final" / weights), _load(b / "final" / weights)
     assert sorted(wa) == sorted(wb) and {str(t.dtype) for t in wa.values()} == {"torch.float32"}
     assert _whole_rel(wa, wb) < RTOL and _worst(wa, wb) < WORST_TENSOR
     assert (a / "checkpoints" / "checkpoint-3" / "global_step3").is_dir()  # DeepSpeed's own (partitioned) state

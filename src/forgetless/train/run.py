@@ -24,6 +24,7 @@ from typing import Any, NoReturn, cast
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from .. import distributed as dist
 from .. import faults
@@ -361,6 +362,10 @@ def set_up(recipe: Recipe, *, overwrite: bool, resume: bool, quiet: bool, lock: 
         dist.fsdp_on_cpu()  # accelerate would fall back to DDP on CPUs without a word
     # under torchrun / accelerate launch: start the process group now (rank 0 alone writes the run directory)
     dist.init(cpu=device.type == "cpu", use_deepspeed=engine == "deepspeed")
+    # a ZeRO-3 run earlier in this process leaves transformers' global DeepSpeed config alive, and the next model
+    # would load partitioned (zero.Init), where a fresh process loads it whole and the engine partitions it after the
+    # method wrapped it (EVA's calibration forward needs whole weights): every run loads as a fresh process does
+    unset_hf_deepspeed_config()
     device = dist.device(device)
     reset_peak_memory(device)
     main = dist.is_main()
