@@ -44,17 +44,18 @@ def zero(tiny_model, toy_data, tmp_path_factory):
 
     # LoRA with EVA's data-driven init: every process calibrates on the same examples before the engine wraps it.
     # It trains last in each launch: after a ZeRO-3 run in the same process its model must still load whole
+    # LoRA merged at the end: rank 0 loads the final adapter on its base while the ZeRO-3 Trainer is alive
     eva = {"name": "lora", "r": 4, "dropout": 0.0, "init": "eva", "init_samples": 16}
-    kinds = {"plain": ([], None), "replay": ([{"name": "replay", "ratio": 0.2, "data": instr}], None),
-             "lora-eva": ([], eva)}
-    for kind, (mit, method) in kinds.items():
+    kinds = {"plain": ([], None, {}), "replay": ([{"name": "replay", "ratio": 0.2, "data": instr}], None, {}),
+             "lora-eva": ([], eva, {}), "lora-merge": ([], {"name": "lora", "r": 4, "dropout": 0.0}, {"merge": True})}
+    for kind, (mit, method, train) in kinds.items():
         with mock.patch.dict(os.environ, {"FORGETLESS_HOME": str(base / "home1")}):
-            ft.train(recipe_from_dict(_recipe(kind, tiny_model, toy_data, base / "one", False, mit, method)),
+            ft.train(recipe_from_dict(_recipe(kind, tiny_model, toy_data, base / "one", False, mit, method, **train)),
                      quiet=True)
     for stage in (2, 3):
         files = []
-        for kind, (mit, method) in kinds.items():
-            spec = _recipe(kind, tiny_model, toy_data, base / f"zero{stage}", True, mit, method)
+        for kind, (mit, method, train) in kinds.items():
+            spec = _recipe(kind, tiny_model, toy_data, base / f"zero{stage}", True, mit, method, **train)
             spec["train"]["distributed"] = f"zero{stage}"
             files.append(base / f"zero{stage}-{kind}.yaml")
             files[-1].write_text(yaml.safe_dump(spec))
@@ -63,7 +64,7 @@ def zero(tiny_model, toy_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("kind", ["plain", "replay", "lora-eva"])
+@pytest.mark.parametrize("kind", ["plain", "replay", "lora-eva", "lora-merge"])
 def test_zero_on_cpu_matches_one_process_with_the_same_global_batch(zero, stage, kind):
     a, b = zero / f"zero{stage}" / kind, zero / "one" / kind
     la, lb = _losses(a), _losses(b)
@@ -71,11 +72,14 @@ def test_zero_on_cpu_matches_one_process_with_the_same_global_batch(zero, stage,
     assert max(abs(la[s] - lb[s]) / abs(lb[s]) for s in lb) < RTOL, (la, lb)
     summary = json.loads((a / "summary.json").read_text())
     assert summary["distributed"]["engine"] == "deepspeed" and summary["distributed"]["world_size"] == 2
-    weights = "adapter_model.safetensors" if kind == "lora-eva" else "model.safetensors"
+    weights = "adapter_model.safetensors" if kind.startswith("lora") else "model.safetensors"
     wa, wb = _load(a / "final" / weights), _load(b / "final" / weights)
     assert sorted(wa) == sorted(wb) and {str(t.dtype) for t in wa.values()} == {"torch.float32"}
     assert _whole_rel(wa, wb) < RTOL and _worst(wa, wb) < WORST_TENSOR
     assert (a / "checkpoints" / "checkpoint-3" / "global_step3").is_dir()  # DeepSpeed's own (partitioned) state
+    if kind == "lora-merge":
+        ma, mb = _load(a / "merged" / "model.safetensors"), _load(b / "merged" / "model.safetensors")
+        assert sorted(ma) == sorted(mb) and _whole_rel(ma, mb) < RTOL and _worst(ma, mb) < WORST_TENSOR
 
 
 def test_zero3_killed_mid_way_resumes_to_bit_identical_weights(zero):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,22 @@ def load_tokenizer(path: str, cfg: ModelConfig | None = None) -> Any:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+@contextlib.contextmanager
+def _loaded_whole() -> Iterator[None]:
+    """`from_pretrained` as in a fresh process: while a ZeRO-3 Trainer lives in this process (a run saving its merged
+    model), transformers keeps its DeepSpeed config, under which a load is partitioned by zero.Init, a collective
+    that rank 0 alone hangs in. The config is put back after, for the Trainer. (A new run instead drops the last
+    run's config for good before it loads its model: train/run.py.)"""
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def load_base_model(
@@ -219,13 +237,18 @@ def merge_for_export(model: nn.Module, method: Any, adapter_dir: Path | None = N
 def load_model(
     path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, full_precision_base: bool = False
 ) -> tuple[nn.Module, Any]:
-    """Load what `forgetless train` wrote: a run directory, a full model, a PEFT or a bottleneck adapter.
+    """Load what `forgetless train` wrote: a run directory, a full model, a PEFT or a bottleneck adapter, whole (in
+    one process, whatever DeepSpeed run is alive in this one).
 
     A QLoRA adapter is put back on the 4-bit base it was trained on, unless `full_precision_base`.
     """
+    with _loaded_whole():
+        return _load_model(Path(path), device, dtype, full_precision_base)
+
+
+def _load_model(path: Path, device: str, dtype: torch.dtype, full_precision_base: bool) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = Path(path)
     if (path / "summary.json").is_file() or (path / "recipe.yaml").is_file():
         path = path / "final"
     if not path.is_dir():
