@@ -297,10 +297,10 @@ def check_recipe(recipe: Any) -> str:
             f"method.name: {recipe.method.name} is not supported with {where} (supported: "
             f"{', '.join(recipe.shardable_names('methods'))}); use engine: ddp"
         )
-    init_why = getattr(recipe.method, "unsharded_init_why", None)  # LoRA-type methods: an init that cannot shard
-    if init_why:
-        raise RecipeError(f"method.init: {recipe.method.init} is not supported with {where} ({init_why}); use engine: "
-                          "ddp or init default / gaussian")
+    if getattr(recipe.method, "moves_base", False):
+        raise RecipeError(f"method.init: {recipe.method.init} is not supported with {where} (its adapter is converted "
+                          "against the original base when saved, which the sharded save does not do); use engine: ddp "
+                          "or init default / gaussian")
     for m, cls in zip(recipe.mitigations, recipe.mitigation_classes(), strict=True):
         why = cls.unsharded_why if not cls.shardable else cls.deepspeed_why if eng == "deepspeed" else ""
         if why:

@@ -133,13 +133,6 @@ class LoraMethod(TrainingMethod):
         """Part of the base weights lives in the adapter: disabling it does not give the base model."""
         return self.init in MOVES_BASE
 
-    @property
-    def unsharded_init_why(self) -> str | None:
-        """Why this init cannot run under FSDP or DeepSpeed (distributed.check_recipe refuses it), or None."""
-        if self.moves_base:
-            return "its adapter is converted against the original base when saved, which the sharded save does not do"
-        return None
-
     def peft_config(self, model_path: str) -> Any:
         from peft import LoraConfig
 
