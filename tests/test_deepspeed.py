@@ -43,8 +43,9 @@ def zero(tiny_model, toy_data, tmp_path_factory):
     from forgetless.recipe import recipe_from_dict
 
     # LoRA with EVA's data-driven init: every process calibrates on the same examples before the engine wraps it.
-    # It trains last in each launch: after a ZeRO-3 run in the same process its model must still load whole
-    # LoRA merged at the end: rank 0 loads the final adapter on its base while the ZeRO-3 Trainer is alive
+    # It trains after the full-model runs in each launch: after a ZeRO-3 run in the same process its model must
+    # still load whole. LoRA merged at the end: rank 0 loads the final adapter on its base while the ZeRO-3 Trainer
+    # is alive.
     eva = {"name": "lora", "r": 4, "dropout": 0.0, "init": "eva", "init_samples": 16}
     kinds = {"plain": ([], None, {}), "replay": ([{"name": "replay", "ratio": 0.2, "data": instr}], None, {}),
              "lora-eva": ([], eva, {}), "lora-merge": ([], {"name": "lora", "r": 4, "dropout": 0.0}, {"merge": True})}
